@@ -1,0 +1,217 @@
+//! The local HTTP/JSON API (loopback only), used by the CLI's client
+//! commands and by scripts.
+//!
+//! Every request needs `Authorization: Bearer <token>`, the token being the
+//! content of `api.token` in the data directory (mode 0600). Errors are
+//! `{"error": "..."}` with a fitting status code. Routes live under `/v1`;
+//! see docs/operator-guide.md for the list.
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_util::sync::CancellationToken;
+
+use crate::fsutil;
+use crate::metrics::NodeMetrics;
+use crate::node::{ConnectError, NodeHandle};
+use crate::types::{ApiError, ConnectRequest, NodeEvent};
+
+/// File holding the API token (mode 0600), created on first start and kept.
+pub const TOKEN_FILE: &str = "api.token";
+/// File holding where the running daemon's API listens, written atomically
+/// at start and removed at a clean shutdown.
+pub const ENDPOINT_FILE: &str = "api.json";
+
+/// The content of `api.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// `host:port` of the API.
+    pub addr: String,
+    /// The daemon's process id.
+    pub pid: u32,
+    /// The daemon's peer id.
+    pub peer_id: String,
+}
+
+/// Reads the token, or creates one (32 random bytes, hex) if there is none.
+pub fn load_or_create_token(data_dir: &Path) -> anyhow::Result<String> {
+    let p = data_dir.join(TOKEN_FILE);
+    match std::fs::read_to_string(&p) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_owned()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", p.display())),
+    }
+    let token = hex::encode(rand::random::<[u8; 32]>());
+    fsutil::write_atomic(&p, token.as_bytes(), true)
+        .with_context(|| format!("cannot write {}", p.display()))?;
+    Ok(token)
+}
+
+/// Writes `api.json` atomically.
+pub fn write_endpoint(data_dir: &Path, endpoint: &Endpoint) -> anyhow::Result<PathBuf> {
+    let p = data_dir.join(ENDPOINT_FILE);
+    let bytes = serde_json::to_vec_pretty(endpoint)?;
+    fsutil::write_atomic(&p, &bytes, true)
+        .with_context(|| format!("cannot write {}", p.display()))?;
+    Ok(p)
+}
+
+#[derive(Clone)]
+struct AppState {
+    node: NodeHandle,
+    token: Arc<str>,
+    api_addr: Arc<str>,
+    metrics: NodeMetrics,
+    shutdown: CancellationToken,
+}
+
+/// Serves the API on `listener` until `shutdown` is cancelled; open event
+/// streams end then too, so shutdown is not held up by them.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    node: NodeHandle,
+    token: String,
+    metrics: NodeMetrics,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let api_addr = listener.local_addr()?.to_string();
+    let state = AppState {
+        node,
+        token: token.into(),
+        api_addr: api_addr.into(),
+        metrics,
+        shutdown: shutdown.clone(),
+    };
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/status", get(status))
+        .route("/v1/peers", get(peers))
+        .route("/v1/connect", post(connect))
+        .route("/v1/events", get(events))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .with_state(state)
+}
+
+/// A JSON error response.
+pub fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(ApiError { error: msg.into() })).into_response()
+}
+
+async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(t) if constant_time_eq(t.as_bytes(), state.token.as_bytes()) => {
+            state.metrics.api_requests.inc();
+            next.run(req).await
+        }
+        _ => {
+            state.metrics.api_unauthorized.inc();
+            let mut resp = error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token (see api.token in the data directory)",
+            );
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            resp
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn stopped() -> Response {
+    error(StatusCode::SERVICE_UNAVAILABLE, "the node is shutting down")
+}
+
+async fn health() -> Response {
+    Json(serde_json::json!({ "status": "ok" })).into_response()
+}
+
+async fn status(State(state): State<AppState>) -> Response {
+    match state.node.status().await {
+        Ok(mut s) => {
+            s.api_addr = state.api_addr.to_string();
+            Json(s).into_response()
+        }
+        Err(_) => stopped(),
+    }
+}
+
+async fn peers(State(state): State<AppState>) -> Response {
+    match state.node.peers().await {
+        Ok(p) => Json(p).into_response(),
+        Err(_) => stopped(),
+    }
+}
+
+async fn connect(
+    State(state): State<AppState>,
+    body: Result<Json<ConnectRequest>, JsonRejection>,
+) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let addr: libp2p::Multiaddr = match req.addr.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("{:?} is not a multiaddr: {e}", req.addr),
+            );
+        }
+    };
+    match state.node.connect(addr).await {
+        Ok(r) => Json(r).into_response(),
+        Err(ConnectError::Stopped) => stopped(),
+        Err(e @ ConnectError::NoRoute) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
+    }
+}
+
+async fn events(
+    State(state): State<AppState>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let rx = state.node.subscribe();
+    let stream = BroadcastStream::new(rx)
+        .map(|item| {
+            let ev = match item {
+                Ok(ev) => ev,
+                Err(BroadcastStreamRecvError::Lagged(missed)) => NodeEvent::Lagged { missed },
+            };
+            let data = serde_json::to_string(&ev).unwrap_or_else(|_| "{}".into());
+            Ok(Event::default().data(data))
+        })
+        .take_until(state.shutdown.cancelled_owned());
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}

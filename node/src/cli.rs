@@ -1,0 +1,334 @@
+//! The `fogmesh` command line: `run` starts the daemon; every other command
+//! is a client of a running daemon's local API (except `id`, which reads the
+//! identity file).
+//!
+//! Exit codes: 0 success, 1 nothing found, 2 error or bad usage. Data goes to
+//! stdout, diagnostics to stderr.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use libp2p::Multiaddr;
+use tracing_subscriber::EnvFilter;
+
+use crate::client::Client;
+use crate::config::{self, FileConfig, LogFormat, Overrides, Settings};
+use crate::types::{ConnectRequest, ConnectResponse, NodeEvent, PeerInfo, Status};
+
+/// A peer-to-peer node for messaging and file sharing, with or without the
+/// internet.
+#[derive(Debug, Parser)]
+#[command(name = "fogmesh", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct GlobalArgs {
+    /// Data directory (identity, database, API token). Default: the
+    /// platform's data directory, e.g. ~/.local/share/fogmesh.
+    #[arg(long, global = true, env = "FOGMESH_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Print machine-readable JSON on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the node (the daemon).
+    Run(RunArgs),
+    /// Print this node's peer id (no daemon needed; creates the identity if
+    /// there is none).
+    Id,
+    /// Show the running node's status.
+    Status,
+    /// List connected peers (exit 1 when there are none).
+    Peers,
+    /// Connect to a peer.
+    Connect {
+        /// The peer's multiaddr, e.g. /ip4/192.0.2.1/tcp/7373/p2p/12D3Koo...
+        #[arg(value_name = "MULTIADDR")]
+        addr: Multiaddr,
+    },
+    /// Follow the node's events until interrupted.
+    Events,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Address to listen on (repeatable; port 0 picks a free port).
+    /// Default: TCP and QUIC on 0.0.0.0 port 7373.
+    #[arg(
+        long = "listen",
+        value_name = "MULTIADDR",
+        env = "FOGMESH_LISTEN",
+        value_delimiter = ','
+    )]
+    listen: Vec<Multiaddr>,
+    /// Peer to dial at start, ending with /p2p/<peer id> (repeatable).
+    #[arg(
+        long = "bootstrap",
+        value_name = "MULTIADDR",
+        env = "FOGMESH_BOOTSTRAP",
+        value_delimiter = ',',
+        value_parser = config::parse_bootstrap
+    )]
+    bootstrap: Vec<Multiaddr>,
+    /// Address of the local API; must be loopback. Default 127.0.0.1:7374.
+    #[arg(long, value_name = "HOST:PORT", env = "FOGMESH_API")]
+    api: Option<SocketAddr>,
+    /// Turn LAN discovery (mDNS) off.
+    #[arg(long, env = "FOGMESH_NO_MDNS")]
+    no_mdns: bool,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics.
+    #[arg(long, value_name = "HOST:PORT", env = "FOGMESH_METRICS")]
+    metrics: Option<SocketAddr>,
+    /// Log format on stderr (the filter comes from RUST_LOG, default info).
+    #[arg(long, value_name = "FORMAT", env = "FOGMESH_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+    /// Established connections allowed in total. Default 200.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<u32>,
+    /// Below this many connected peers, discovered peers are dialled.
+    /// Default 8.
+    #[arg(long, value_name = "N")]
+    min_peers: Option<usize>,
+    /// Seconds a connection with no open stream is kept. Default 300.
+    #[arg(long, value_name = "SECS")]
+    idle_timeout_secs: Option<u64>,
+}
+
+/// An error that means "nothing found" (exit code 1) rather than a failure.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NothingFound(pub String);
+
+/// Parses the command line and runs the command; the process's exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // clap prints help and version on stdout with exit 0, usage
+            // errors on stderr with exit 2.
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<NothingFound>() => {
+            eprintln!("{e:#}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let data_dir = match cli.global.data_dir {
+        Some(d) => d,
+        None => config::default_data_dir()?,
+    };
+    let json = cli.global.json;
+    match cli.command {
+        Command::Run(args) => {
+            let file = FileConfig::load(&data_dir)?;
+            let settings = Settings::resolve(
+                data_dir,
+                file,
+                Overrides {
+                    listen: args.listen,
+                    bootstrap: args.bootstrap,
+                    api: args.api,
+                    no_mdns: args.no_mdns,
+                    metrics: args.metrics,
+                    log_format: args.log_format,
+                    max_connections: args.max_connections,
+                    min_peers: args.min_peers,
+                    idle_timeout_secs: args.idle_timeout_secs,
+                },
+            )?;
+            init_logging(settings.log_format, "info");
+            runtime()?.block_on(crate::daemon::run(settings))
+        }
+        Command::Id => {
+            init_logging(LogFormat::Text, "warn");
+            let key = crate::identity::load_or_create(&data_dir)?;
+            let peer_id = key.public().to_peer_id().to_base58();
+            if json {
+                println!("{}", serde_json::json!({ "peer_id": peer_id }));
+            } else {
+                println!("{peer_id}");
+            }
+            Ok(())
+        }
+        cmd => {
+            init_logging(LogFormat::Text, "warn");
+            let client = Client::from_data_dir(&data_dir)?;
+            runtime()?.block_on(client_command(client, cmd, json))
+        }
+    }
+}
+
+async fn client_command(client: Client, cmd: Command, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        Command::Status => {
+            let s: Status = client.get("status").await?;
+            if json {
+                print_json(&s)?;
+            } else {
+                println!("peer_id:   {}", s.peer_id);
+                println!("version:   {}", s.version);
+                println!("api:       {}", s.api_addr);
+                println!(
+                    "peers:     {} connected, {} in routing table",
+                    s.connected_peers, s.routing_table_peers
+                );
+                println!("routes:    {}", s.routes.join(", "));
+                println!("uptime:    {} s", s.uptime_secs);
+                for a in &s.listen_addrs {
+                    println!("listen:    {a}");
+                }
+            }
+            Ok(())
+        }
+        Command::Peers => {
+            let peers: Vec<PeerInfo> = client.get("peers").await?;
+            if json {
+                print_json(&peers)?;
+            } else {
+                for p in &peers {
+                    let rtt = p
+                        .rtt_ms
+                        .map(|r| format!("{r:.1} ms"))
+                        .unwrap_or_else(|| "-".into());
+                    println!(
+                        "{}  {:<6} {:>9}  {}",
+                        p.peer_id,
+                        p.transport,
+                        rtt,
+                        p.addrs.join(" ")
+                    );
+                }
+            }
+            if peers.is_empty() {
+                return Err(NothingFound("no connected peers".into()).into());
+            }
+            Ok(())
+        }
+        Command::Connect { addr } => {
+            let r: ConnectResponse = client
+                .post(
+                    "connect",
+                    &ConnectRequest {
+                        addr: addr.to_string(),
+                    },
+                )
+                .await
+                .with_context(|| format!("cannot connect to {addr}"))?;
+            if json {
+                print_json(&r)?;
+            } else {
+                println!("connected to {} via {}", r.peer_id, r.route);
+            }
+            Ok(())
+        }
+        Command::Events => {
+            client
+                .follow_events(|ev| {
+                    if json {
+                        if let Ok(line) = serde_json::to_string(&ev) {
+                            println!("{line}");
+                        }
+                    } else {
+                        println!("{}", describe(&ev));
+                    }
+                })
+                .await
+        }
+        Command::Run(_) | Command::Id => unreachable!("handled before a client is made"),
+    }
+}
+
+fn describe(ev: &NodeEvent) -> String {
+    match ev {
+        NodeEvent::ListenAddr { addr } => format!("listening on {addr}"),
+        NodeEvent::PeerConnected {
+            peer_id,
+            addr,
+            transport,
+            direction,
+        } => format!("connected {peer_id} ({direction}, {transport}, {addr})"),
+        NodeEvent::PeerDisconnected { peer_id } => format!("disconnected {peer_id}"),
+        NodeEvent::PeerDiscovered { peer_id, via, .. } => format!("discovered {peer_id} via {via}"),
+        NodeEvent::Lagged { missed } => format!("(missed {missed} events)"),
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn init_logging(format: LogFormat, default_filter: &str) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_go_anywhere() {
+        let a = Cli::try_parse_from(["fogmesh", "--json", "status", "--data-dir", "/x"])
+            .expect("parse");
+        assert!(a.global.json);
+        assert_eq!(
+            a.global.data_dir.as_deref(),
+            Some(std::path::Path::new("/x"))
+        );
+    }
+
+    #[test]
+    fn bad_bootstrap_is_a_usage_error() {
+        let e = Cli::try_parse_from(["fogmesh", "run", "--bootstrap", "not-a-multiaddr"])
+            .expect_err("must fail");
+        assert!(e.to_string().contains("--bootstrap"));
+        assert!(e.use_stderr());
+    }
+}

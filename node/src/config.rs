@@ -1,0 +1,279 @@
+//! The daemon's settings, layered: built-in defaults, then the config file in
+//! the data directory (`config.toml`), then environment variables, then
+//! command-line flags; a later layer wins.
+//!
+//! Environment variables and flags are both handled by clap (each flag names
+//! its `FOGMESH_*` variable), so this module only has to merge what clap
+//! produced with the config file and the defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use libp2p::Multiaddr;
+use libp2p::multiaddr::Protocol;
+use serde::Deserialize;
+
+/// The config file's name inside the data directory.
+pub const CONFIG_FILE: &str = "config.toml";
+
+/// The default TCP (and UDP, for QUIC) port the node listens on.
+pub const DEFAULT_P2P_PORT: u16 = 7373;
+/// The default loopback port of the local API.
+pub const DEFAULT_API_PORT: u16 = 7374;
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The settings of a running daemon, after all layers are merged.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where identity, database and API files live.
+    pub data_dir: PathBuf,
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start (each ends with `/p2p/<id>`).
+    pub bootstrap: Vec<Multiaddr>,
+    /// Address of the local HTTP API (loopback).
+    pub api: SocketAddr,
+    /// Whether mDNS discovery runs.
+    pub mdns: bool,
+    /// Address to serve Prometheus metrics on, if any.
+    pub metrics: Option<SocketAddr>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Established connections allowed in total.
+    pub max_connections: u32,
+    /// Below this many connected peers, the node dials peers it discovers.
+    pub min_peers: usize,
+    /// How long a connection with no open stream is kept.
+    pub idle_timeout: Duration,
+}
+
+/// What the config file may hold. Every key is optional; unknown keys are an
+/// error so that a typo does not go unnoticed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `listen = ["/ip4/0.0.0.0/tcp/7373", ...]`
+    pub listen: Option<Vec<String>>,
+    /// `bootstrap = ["/ip4/.../tcp/.../p2p/12D3...", ...]`
+    pub bootstrap: Option<Vec<String>>,
+    /// `api = "127.0.0.1:7374"`
+    pub api: Option<SocketAddr>,
+    /// `mdns = false` turns mDNS off.
+    pub mdns: Option<bool>,
+    /// `metrics = "127.0.0.1:9100"`
+    pub metrics: Option<SocketAddr>,
+    /// `log_format = "json"`
+    pub log_format: Option<LogFormat>,
+    /// `max_connections = 200`
+    pub max_connections: Option<u32>,
+    /// `min_peers = 8`
+    pub min_peers: Option<usize>,
+    /// `idle_timeout_secs = 120`
+    pub idle_timeout_secs: Option<u64>,
+}
+
+impl FileConfig {
+    /// Reads `config.toml` from `data_dir`; an absent file is an empty
+    /// config.
+    pub fn load(data_dir: &Path) -> anyhow::Result<Self> {
+        let p = data_dir.join(CONFIG_FILE);
+        match std::fs::read_to_string(&p) {
+            Ok(text) => toml::from_str(&text)
+                .with_context(|| format!("invalid config file {}", p.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(e).with_context(|| format!("cannot read {}", p.display())),
+        }
+    }
+}
+
+/// What the command line and environment said (clap's output for `run`).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--listen` / `FOGMESH_LISTEN`.
+    pub listen: Vec<Multiaddr>,
+    /// `--bootstrap` / `FOGMESH_BOOTSTRAP`.
+    pub bootstrap: Vec<Multiaddr>,
+    /// `--api` / `FOGMESH_API`.
+    pub api: Option<SocketAddr>,
+    /// `--no-mdns` / `FOGMESH_NO_MDNS`.
+    pub no_mdns: bool,
+    /// `--metrics` / `FOGMESH_METRICS`.
+    pub metrics: Option<SocketAddr>,
+    /// `--log-format` / `FOGMESH_LOG_FORMAT`.
+    pub log_format: Option<LogFormat>,
+    /// `--max-connections`.
+    pub max_connections: Option<u32>,
+    /// `--min-peers`.
+    pub min_peers: Option<usize>,
+    /// `--idle-timeout-secs`.
+    pub idle_timeout_secs: Option<u64>,
+}
+
+impl Settings {
+    /// Merges the layers. `data_dir` is already resolved.
+    pub fn resolve(data_dir: PathBuf, file: FileConfig, over: Overrides) -> anyhow::Result<Self> {
+        let listen = if !over.listen.is_empty() {
+            over.listen
+        } else if let Some(list) = file.listen {
+            parse_list(&list, "listen", |_| Ok(()))?
+        } else {
+            default_listen()
+        };
+        let bootstrap = if !over.bootstrap.is_empty() {
+            over.bootstrap
+        } else if let Some(list) = file.bootstrap {
+            parse_list(&list, "bootstrap", check_bootstrap)?
+        } else {
+            Vec::new()
+        };
+        let api = over
+            .api
+            .or(file.api)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT)));
+        if !api.ip().is_loopback() {
+            bail!(
+                "the API address {api} is not a loopback address: the local API must not be reachable from the network"
+            );
+        }
+        Ok(Settings {
+            data_dir,
+            listen,
+            bootstrap,
+            api,
+            mdns: !over.no_mdns && file.mdns.unwrap_or(true),
+            metrics: over.metrics.or(file.metrics),
+            log_format: over.log_format.or(file.log_format).unwrap_or_default(),
+            max_connections: over.max_connections.or(file.max_connections).unwrap_or(200),
+            min_peers: over.min_peers.or(file.min_peers).unwrap_or(8),
+            idle_timeout: Duration::from_secs(
+                over.idle_timeout_secs
+                    .or(file.idle_timeout_secs)
+                    .unwrap_or(300),
+            ),
+        })
+    }
+}
+
+/// The listen addresses used when none are configured: TCP and QUIC on all
+/// IPv4 interfaces, on the default port.
+pub fn default_listen() -> Vec<Multiaddr> {
+    vec![
+        Multiaddr::empty()
+            .with(Protocol::Ip4([0, 0, 0, 0].into()))
+            .with(Protocol::Tcp(DEFAULT_P2P_PORT)),
+        Multiaddr::empty()
+            .with(Protocol::Ip4([0, 0, 0, 0].into()))
+            .with(Protocol::Udp(DEFAULT_P2P_PORT))
+            .with(Protocol::QuicV1),
+    ]
+}
+
+/// The default data directory of the platform (on Linux,
+/// `$XDG_DATA_HOME/fogmesh` or `~/.local/share/fogmesh`).
+pub fn default_data_dir() -> anyhow::Result<PathBuf> {
+    directories::ProjectDirs::from("", "", "fogmesh")
+        .map(|d| d.data_dir().to_path_buf())
+        .context("cannot determine a default data directory (no home directory?): pass --data-dir")
+}
+
+/// Checks that a bootstrap address names its peer (`/p2p/<id>` at the end).
+pub fn check_bootstrap(addr: &Multiaddr) -> Result<(), String> {
+    match addr.iter().last() {
+        Some(Protocol::P2p(_)) => Ok(()),
+        _ => Err(format!(
+            "bootstrap address {addr} does not end with /p2p/<peer id>"
+        )),
+    }
+}
+
+/// clap value parser for `--bootstrap`.
+pub fn parse_bootstrap(s: &str) -> Result<Multiaddr, String> {
+    let addr: Multiaddr = s.parse().map_err(|e| format!("not a multiaddr: {e}"))?;
+    check_bootstrap(&addr)?;
+    Ok(addr)
+}
+
+fn parse_list(
+    list: &[String],
+    key: &str,
+    check: impl Fn(&Multiaddr) -> Result<(), String>,
+) -> anyhow::Result<Vec<Multiaddr>> {
+    list.iter()
+        .map(|s| {
+            let addr: Multiaddr = s
+                .parse()
+                .with_context(|| format!("config key {key}: {s:?} is not a multiaddr"))?;
+            check(&addr).map_err(|e| anyhow::anyhow!("config key {key}: {e}"))?;
+            Ok(addr)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_file_beat_defaults() {
+        let file: FileConfig = toml::from_str(
+            r#"
+            api = "127.0.0.1:9000"
+            mdns = false
+            max_connections = 10
+            listen = ["/ip4/127.0.0.1/tcp/1"]
+            "#,
+        )
+        .expect("toml");
+        let over = Overrides {
+            api: Some("127.0.0.1:9001".parse().expect("addr")),
+            ..Default::default()
+        };
+        let s = Settings::resolve("/tmp/x".into(), file, over).expect("resolve");
+        assert_eq!(s.api.port(), 9001);
+        assert!(!s.mdns);
+        assert_eq!(s.max_connections, 10);
+        assert_eq!(
+            s.listen,
+            vec!["/ip4/127.0.0.1/tcp/1".parse::<Multiaddr>().expect("ma")]
+        );
+        assert_eq!(s.min_peers, 8);
+    }
+
+    #[test]
+    fn unknown_config_key_is_an_error() {
+        assert!(toml::from_str::<FileConfig>("mnds = false").is_err());
+    }
+
+    #[test]
+    fn bootstrap_needs_a_peer_id() {
+        assert!(parse_bootstrap("/ip4/127.0.0.1/tcp/1").is_err());
+        assert!(parse_bootstrap("not-a-multiaddr").is_err());
+        assert!(
+            parse_bootstrap(
+                "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn api_must_be_loopback() {
+        let over = Overrides {
+            api: Some("0.0.0.0:1".parse().expect("addr")),
+            ..Default::default()
+        };
+        assert!(Settings::resolve("/tmp/x".into(), FileConfig::default(), over).is_err());
+    }
+}

@@ -1,0 +1,114 @@
+//! Prometheus metrics: libp2p's own (bandwidth, swarm, identify, kad, ping)
+//! plus the node's counters, served as text on `--metrics HOST:PORT`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use libp2p::metrics::Registry;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio_util::sync::CancellationToken;
+
+/// The node's own counters, registered under the `fogmesh` prefix.
+#[derive(Debug, Clone, Default)]
+pub struct NodeMetrics {
+    /// Peers with at least one connection.
+    pub connected_peers: Gauge,
+    /// Dials that failed.
+    pub dial_failures: Counter,
+    /// Peers discovered through mDNS or Kademlia.
+    pub peers_discovered: Counter,
+    /// Peer records written to the database.
+    pub peer_records_written: Counter,
+    /// Requests served by the local API.
+    pub api_requests: Counter,
+    /// API requests refused for a missing or wrong token.
+    pub api_unauthorized: Counter,
+}
+
+impl NodeMetrics {
+    /// Creates the counters and registers them in `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = NodeMetrics::default();
+        let r = registry.sub_registry_with_prefix("fogmesh");
+        r.register(
+            "connected_peers",
+            "Peers with at least one connection",
+            m.connected_peers.clone(),
+        );
+        r.register(
+            "dial_failures",
+            "Outgoing dials that failed",
+            m.dial_failures.clone(),
+        );
+        r.register(
+            "peers_discovered",
+            "Peers discovered through mDNS or Kademlia",
+            m.peers_discovered.clone(),
+        );
+        r.register(
+            "peer_records_written",
+            "Peer records written to the database",
+            m.peer_records_written.clone(),
+        );
+        r.register(
+            "api_requests",
+            "Requests served by the local API",
+            m.api_requests.clone(),
+        );
+        r.register(
+            "api_unauthorized",
+            "API requests refused for a missing or wrong token",
+            m.api_unauthorized.clone(),
+        );
+        m
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let registry = registry.clone();
+            async move {
+                let mut body = String::new();
+                if encode(&mut body, &registry).is_err() {
+                    return (
+                        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                        "encoding failed",
+                    )
+                        .into_response();
+                }
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    body,
+                )
+                    .into_response()
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+/// Binds the metrics listener, with a clear error when the address is taken.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    use anyhow::Context;
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen for metrics on {addr}"))
+}

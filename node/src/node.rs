@@ -1,0 +1,736 @@
+//! The node's event loop: one task owns the Swarm.
+//!
+//! A cloneable [`NodeHandle`] sends [`Command`]s over a bounded channel; each
+//! command carries a oneshot for its reply, and replies that depend on the
+//! network wait in maps keyed by the id the swarm gave back (a dial's
+//! `ConnectionId`). What happens in the node leaves the loop as
+//! [`NodeEvent`]s on a broadcast channel.
+//!
+//! Slow work never runs inside the loop: database writes go to a writer task
+//! through a bounded channel.
+//!
+//! All outbound traffic the node starts (dials today; requests and messages
+//! as protocols arrive) asks the routing [`Policy`] first.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use fogmesh_protocols::policy::{Policy, Reachability, Requirements, Route};
+use futures::StreamExt;
+use libp2p::core::ConnectedPoint;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns, ping};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
+use crate::metrics::NodeMetrics;
+use crate::storage::Store;
+use crate::types::{ConnectResponse, NodeEvent, PeerInfo, Status};
+
+/// Capacity of the command channel: callers wait when the loop is busy.
+const COMMAND_QUEUE: usize = 256;
+/// Capacity of the event broadcast: slow subscribers miss events (and are
+/// told so) rather than hold memory.
+const EVENT_QUEUE: usize = 1024;
+/// Capacity of the queue of peer records waiting to be written.
+const STORE_QUEUE: usize = 1024;
+/// How often the node checks that it has enough peers.
+const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(15);
+/// How long `start` waits for the listeners to report their addresses.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the event loop needs besides the swarm.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Below this many connected peers, discovered peers are dialled.
+    pub min_peers: usize,
+    /// Which routes this node has (only the internet for now).
+    pub reachability: Reachability,
+}
+
+/// Why a connect failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The policy found no route that is up for this peer.
+    #[error("no route to the peer is up")]
+    NoRoute,
+    /// The dial failed.
+    #[error("dial failed: {0}")]
+    Dial(String),
+    /// The node is shutting down.
+    #[error("the node is shutting down")]
+    Stopped,
+}
+
+/// A request to the event loop.
+#[derive(Debug)]
+enum Command {
+    Status(oneshot::Sender<Status>),
+    Peers(oneshot::Sender<Vec<PeerInfo>>),
+    Connect {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<ConnectResponse, ConnectError>>,
+    },
+}
+
+/// A cloneable handle to a running node.
+#[derive(Debug, Clone)]
+pub struct NodeHandle {
+    peer_id: PeerId,
+    commands: mpsc::Sender<Command>,
+    events: broadcast::Sender<NodeEvent>,
+}
+
+impl NodeHandle {
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// The node's status. Cancel-safe.
+    pub async fn status(&self) -> Result<Status, ConnectError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Status(tx)).await?;
+        rx.await.map_err(|_| ConnectError::Stopped)
+    }
+
+    /// The connected peers. Cancel-safe.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, ConnectError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Peers(tx)).await?;
+        rx.await.map_err(|_| ConnectError::Stopped)
+    }
+
+    /// Dials `addr` and waits until the connection is up or has failed.
+    /// Cancelling the future does not cancel the dial.
+    pub async fn connect(&self, addr: Multiaddr) -> Result<ConnectResponse, ConnectError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Connect { addr, reply: tx }).await?;
+        rx.await.map_err(|_| ConnectError::Stopped)?
+    }
+
+    /// Subscribes to the node's events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
+        self.events.subscribe()
+    }
+
+    async fn send(&self, cmd: Command) -> Result<(), ConnectError> {
+        self.commands
+            .send(cmd)
+            .await
+            .map_err(|_| ConnectError::Stopped)
+    }
+}
+
+/// A node whose listeners are up, and the task that runs it.
+#[derive(Debug)]
+pub struct RunningNode {
+    /// Handle for the API and other clients.
+    pub handle: NodeHandle,
+    /// The addresses the node listens on (known when `start` returns).
+    pub listen_addrs: Vec<Multiaddr>,
+    /// The event loop; it ends after `shutdown` is cancelled, once its
+    /// pending database writes are flushed.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts listening, restores known peers, dials the bootstrap peers and
+/// spawns the event loop. Returns once every listener has reported an
+/// address.
+pub async fn start(
+    mut swarm: Swarm<Behaviour>,
+    store: Store,
+    cfg: NodeConfig,
+    metrics: NodeMetrics,
+    libp2p_metrics: libp2p::metrics::Metrics,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunningNode> {
+    let peer_id = *swarm.local_peer_id();
+    let mut listeners = HashSet::new();
+    for addr in &cfg.listen {
+        let id = swarm
+            .listen_on(addr.clone())
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        listeners.insert(id);
+    }
+
+    let (store_tx, store_rx) = mpsc::channel(STORE_QUEUE);
+    let writer = tokio::task::spawn_blocking({
+        let store = store.clone();
+        let metrics = metrics.clone();
+        move || store_writer(store, store_rx, metrics)
+    });
+
+    let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (events, _) = broadcast::channel(EVENT_QUEUE);
+    let mut el = EventLoop {
+        swarm,
+        commands: cmd_rx,
+        events: events.clone(),
+        store_tx,
+        pending_dials: HashMap::new(),
+        connections: HashMap::new(),
+        peer_meta: HashMap::new(),
+        metrics,
+        libp2p_metrics,
+        policy: Policy::default(),
+        reach: cfg.reachability,
+        min_peers: cfg.min_peers,
+        started: Instant::now(),
+    };
+
+    // Remembered peers first (most recent first), then the bootstrap list.
+    let remembered = tokio::task::spawn_blocking({
+        let store = store.clone();
+        move || {
+            if let Err(e) = store.prune_peers() {
+                tracing::warn!("cannot prune the peer table: {e}");
+            }
+            store.peers()
+        }
+    })
+    .await
+    .context("peer table task failed")??;
+    let mut to_dial: Vec<(PeerId, Vec<Multiaddr>)> = Vec::new();
+    for (peer, rec) in remembered {
+        if peer == peer_id || rec.addrs.is_empty() {
+            continue;
+        }
+        for a in &rec.addrs {
+            el.swarm.behaviour_mut().kad.add_address(&peer, a.clone());
+        }
+        to_dial.push((peer, rec.addrs));
+    }
+    let restored = to_dial.len();
+    to_dial.truncate(cfg.min_peers.max(1));
+    for addr in &cfg.bootstrap {
+        let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+            bail!("bootstrap address {addr} does not end with /p2p/<peer id>");
+        };
+        if peer == peer_id {
+            tracing::warn!(%addr, "ignoring a bootstrap address of this very node");
+            continue;
+        }
+        let transport = crate::storage::strip_p2p(addr);
+        el.swarm
+            .behaviour_mut()
+            .kad
+            .add_address(&peer, transport.clone());
+        to_dial.push((peer, vec![transport]));
+    }
+    tracing::info!(
+        restored,
+        bootstrap = cfg.bootstrap.len(),
+        "dialling known peers"
+    );
+
+    el.wait_listening(listeners).await?;
+    for (peer, addrs) in to_dial {
+        el.dial_known(peer, addrs);
+    }
+    let listen_addrs: Vec<Multiaddr> = el.swarm.listeners().cloned().collect();
+
+    let handle = NodeHandle {
+        peer_id,
+        commands: cmd_tx,
+        events,
+    };
+    let task = tokio::spawn(async move {
+        el.run(shutdown).await;
+        // Dropping the loop closes the store queue; wait for the writer to
+        // drain it so nothing queued is lost.
+        drop(el);
+        if writer.await.is_err() {
+            tracing::error!("the database writer task panicked");
+        }
+    });
+    Ok(RunningNode {
+        handle,
+        listen_addrs,
+        task,
+    })
+}
+
+/// A database write queued by the event loop.
+#[derive(Debug)]
+enum StoreOp {
+    Peer {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        agent: Option<String>,
+    },
+}
+
+fn store_writer(store: Store, mut rx: mpsc::Receiver<StoreOp>, metrics: NodeMetrics) {
+    while let Some(op) = rx.blocking_recv() {
+        match op {
+            StoreOp::Peer { peer, addrs, agent } => {
+                match store.upsert_peer(&peer, &addrs, agent.as_deref()) {
+                    Ok(()) => {
+                        metrics.peer_records_written.inc();
+                    }
+                    Err(e) => tracing::warn!(%peer, "cannot save peer: {e}"),
+                }
+            }
+        }
+    }
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: broadcast::Sender<NodeEvent>,
+    store_tx: mpsc::Sender<StoreOp>,
+    pending_dials: HashMap<ConnectionId, oneshot::Sender<Result<ConnectResponse, ConnectError>>>,
+    /// Open connections per peer, with their remote addresses.
+    connections: HashMap<PeerId, Vec<(ConnectionId, Multiaddr)>>,
+    peer_meta: HashMap<PeerId, PeerMeta>,
+    metrics: NodeMetrics,
+    libp2p_metrics: libp2p::metrics::Metrics,
+    policy: Policy,
+    reach: Reachability,
+    min_peers: usize,
+    started: Instant,
+}
+
+#[derive(Default)]
+struct PeerMeta {
+    agent: Option<String>,
+    rtt: Option<Duration>,
+}
+
+impl EventLoop {
+    async fn wait_listening(
+        &mut self,
+        mut waiting: HashSet<libp2p::core::transport::ListenerId>,
+    ) -> anyhow::Result<()> {
+        let deadline = tokio::time::sleep(LISTEN_TIMEOUT);
+        tokio::pin!(deadline);
+        while !waiting.is_empty() {
+            tokio::select! {
+                ev = self.swarm.select_next_some() => {
+                    match &ev {
+                        SwarmEvent::NewListenAddr { listener_id, .. } => {
+                            waiting.remove(listener_id);
+                        }
+                        SwarmEvent::ListenerClosed { addresses, reason: Err(e), .. } => {
+                            bail!("listener on {addresses:?} failed: {e}");
+                        }
+                        SwarmEvent::ListenerError { error, .. } => {
+                            bail!("listener failed: {error}");
+                        }
+                        _ => {}
+                    }
+                    self.on_swarm_event(ev);
+                }
+                _ = &mut deadline => bail!("listeners did not report an address within {LISTEN_TIMEOUT:?}"),
+            }
+        }
+        Ok(())
+    }
+
+    async fn run(&mut self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                // Local work before new remote work.
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd),
+                    None => break,
+                },
+                ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
+                _ = tick.tick() => self.maintain(),
+            }
+        }
+        tracing::debug!("event loop stopped");
+    }
+
+    fn emit(&self, ev: NodeEvent) {
+        // No subscriber is fine.
+        let _ = self.events.send(ev);
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Status(reply) => {
+                let routing_table_peers = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .kbuckets()
+                    .map(|b| b.num_entries())
+                    .sum();
+                let _ = reply.send(Status {
+                    peer_id: self.swarm.local_peer_id().to_base58(),
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                    listen_addrs: self.swarm.listeners().map(|a| a.to_string()).collect(),
+                    api_addr: String::new(),
+                    connected_peers: self.connections.len(),
+                    routing_table_peers,
+                    uptime_secs: self.started.elapsed().as_secs(),
+                    routes: Route::BY_SPEED
+                        .iter()
+                        .filter(|r| self.route_up(**r))
+                        .map(|r| r.to_string())
+                        .collect(),
+                });
+            }
+            Command::Peers(reply) => {
+                let mut peers: Vec<PeerInfo> = self
+                    .connections
+                    .iter()
+                    .map(|(peer, conns)| {
+                        let meta = self.peer_meta.get(peer);
+                        PeerInfo {
+                            peer_id: peer.to_base58(),
+                            addrs: conns.iter().map(|(_, a)| a.to_string()).collect(),
+                            transport: conns
+                                .first()
+                                .map(|(_, a)| transport_name(a))
+                                .unwrap_or("other")
+                                .to_owned(),
+                            agent: meta.and_then(|m| m.agent.clone()),
+                            rtt_ms: meta.and_then(|m| m.rtt).map(|d| d.as_secs_f64() * 1000.0),
+                        }
+                    })
+                    .collect();
+                peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+                let _ = reply.send(peers);
+            }
+            Command::Connect { addr, reply } => self.connect(addr, reply),
+        }
+    }
+
+    fn route_up(&self, route: Route) -> bool {
+        match route {
+            Route::Internet => self.reach.internet,
+            Route::Ble => self.reach.ble,
+            Route::Onion => self.reach.onion,
+            _ => false,
+        }
+    }
+
+    /// An explicit connect from the user: ask the policy, then dial.
+    fn connect(
+        &mut self,
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<ConnectResponse, ConnectError>>,
+    ) {
+        let plan = self.policy.plan(&Requirements::unicast(), &self.reach);
+        // Of the routes the policy allows, the first that can carry this
+        // address. Only internet addresses exist today.
+        let Some(route) = plan.routes.iter().copied().find(|r| *r == Route::Internet) else {
+            let _ = reply.send(Err(ConnectError::NoRoute));
+            return;
+        };
+        let peer = match addr.iter().last() {
+            Some(Protocol::P2p(p)) => Some(p),
+            _ => None,
+        };
+        if let Some(peer) = peer {
+            if peer == *self.swarm.local_peer_id() {
+                let _ = reply.send(Err(ConnectError::Dial(
+                    "that address is this node's own".into(),
+                )));
+                return;
+            }
+            if self.swarm.is_connected(&peer) {
+                let _ = reply.send(Ok(ConnectResponse {
+                    peer_id: peer.to_base58(),
+                    route: route.to_string(),
+                }));
+                return;
+            }
+        }
+        let opts = match peer {
+            Some(p) => DialOpts::peer_id(p)
+                .addresses(vec![addr.clone()])
+                .condition(PeerCondition::Always)
+                .build(),
+            None => DialOpts::unknown_peer_id().address(addr.clone()).build(),
+        };
+        let id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                self.pending_dials.insert(id, reply);
+            }
+            Err(e) => {
+                self.metrics.dial_failures.inc();
+                let _ = reply.send(Err(ConnectError::Dial(e.to_string())));
+            }
+        }
+    }
+
+    /// Dials a peer the node already knows, unless connected or dialling.
+    fn dial_known(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if self
+            .policy
+            .plan(&Requirements::unicast(), &self.reach)
+            .first()
+            .is_none()
+        {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, "not dialling: {e}");
+        }
+    }
+
+    /// Periodic: when short of peers, look for more.
+    fn maintain(&mut self) {
+        if self.connections.len() >= self.min_peers {
+            return;
+        }
+        // A bootstrap query walks the DHT towards our own id, connecting to
+        // the peers it meets; with no known peer it fails, which is fine.
+        if let Err(e) = self.swarm.behaviour_mut().kad.bootstrap() {
+            tracing::trace!("kad bootstrap not possible: {e:?}");
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        use libp2p::metrics::Recorder;
+        self.libp2p_metrics.record(&event);
+        match event {
+            SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                self.emit(NodeEvent::ListenAddr {
+                    addr: address.to_string(),
+                });
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                let (addr, direction) = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => (address.clone(), "outbound"),
+                    ConnectedPoint::Listener { send_back_addr, .. } => {
+                        (send_back_addr.clone(), "inbound")
+                    }
+                };
+                tracing::debug!(%peer_id, %addr, direction, "connection established");
+                if let Some(reply) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Ok(ConnectResponse {
+                        peer_id: peer_id.to_base58(),
+                        route: Route::Internet.to_string(),
+                    }));
+                }
+                // An address we dialled successfully is worth remembering.
+                if endpoint.is_dialer() {
+                    self.save_peer(peer_id, vec![addr.clone()], None);
+                }
+                let conns = self.connections.entry(peer_id).or_default();
+                let first = conns.is_empty();
+                conns.push((connection_id, addr.clone()));
+                if first {
+                    self.metrics
+                        .connected_peers
+                        .set(self.connections.len() as i64);
+                    self.emit(NodeEvent::PeerConnected {
+                        peer_id: peer_id.to_base58(),
+                        addr: addr.to_string(),
+                        transport: transport_name(&addr).to_owned(),
+                        direction: direction.to_owned(),
+                    });
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                ..
+            } => {
+                if let Some(conns) = self.connections.get_mut(&peer_id) {
+                    conns.retain(|(id, _)| *id != connection_id);
+                    if conns.is_empty() {
+                        self.connections.remove(&peer_id);
+                        self.peer_meta.remove(&peer_id);
+                        self.metrics
+                            .connected_peers
+                            .set(self.connections.len() as i64);
+                        self.emit(NodeEvent::PeerDisconnected {
+                            peer_id: peer_id.to_base58(),
+                        });
+                    }
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => {
+                self.metrics.dial_failures.inc();
+                tracing::debug!(?peer_id, "dial failed: {error}");
+                if let Some(reply) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Err(ConnectError::Dial(error.to_string())));
+                }
+            }
+            SwarmEvent::ListenerError { error, .. } => {
+                tracing::warn!("listener error: {error}");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        use libp2p::metrics::Recorder;
+        match event {
+            BehaviourEvent::Identify(ev) => {
+                self.libp2p_metrics.record(&ev);
+                if let identify::Event::Received { peer_id, info, .. } = ev {
+                    let addrs: Vec<Multiaddr> = info
+                        .listen_addrs
+                        .into_iter()
+                        .filter(is_dialable)
+                        .take(crate::storage::MAX_ADDRS_PER_PEER)
+                        .collect();
+                    // Feed Kademlia's routing table with peers that speak
+                    // our DHT protocol.
+                    if info.protocols.contains(&KAD_PROTOCOL) {
+                        for a in &addrs {
+                            self.swarm
+                                .behaviour_mut()
+                                .kad
+                                .add_address(&peer_id, a.clone());
+                        }
+                    }
+                    self.peer_meta.entry(peer_id).or_default().agent =
+                        Some(info.agent_version.clone());
+                    self.save_peer(peer_id, addrs, Some(info.agent_version));
+                }
+            }
+            BehaviourEvent::Ping(ev) => {
+                self.libp2p_metrics.record(&ev);
+                if let ping::Event {
+                    peer,
+                    result: Ok(rtt),
+                    ..
+                } = ev
+                {
+                    self.peer_meta.entry(peer).or_default().rtt = Some(rtt);
+                }
+            }
+            BehaviourEvent::Kad(ev) => {
+                self.libp2p_metrics.record(&ev);
+                if let kad::Event::RoutingUpdated {
+                    peer,
+                    is_new_peer: true,
+                    addresses,
+                    ..
+                } = ev
+                {
+                    let addrs: Vec<Multiaddr> = addresses.into_vec();
+                    self.metrics.peers_discovered.inc();
+                    self.emit(NodeEvent::PeerDiscovered {
+                        peer_id: peer.to_base58(),
+                        addrs: addrs.iter().map(|a| a.to_string()).collect(),
+                        via: "kad".into(),
+                    });
+                    if self.connections.len() < self.min_peers {
+                        self.dial_known(peer, addrs);
+                    }
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(list)) => {
+                let mut by_peer: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+                for (peer, addr) in list {
+                    by_peer.entry(peer).or_default().push(addr);
+                }
+                for (peer, addrs) in by_peer {
+                    self.metrics.peers_discovered.inc();
+                    for a in &addrs {
+                        self.swarm.behaviour_mut().kad.add_address(&peer, a.clone());
+                    }
+                    self.emit(NodeEvent::PeerDiscovered {
+                        peer_id: peer.to_base58(),
+                        addrs: addrs.iter().map(|a| a.to_string()).collect(),
+                        via: "mdns".into(),
+                    });
+                    if self.connections.len() < self.min_peers {
+                        self.dial_known(peer, addrs);
+                    }
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Expired(_)) => {}
+            BehaviourEvent::Limits(never) => match never {},
+        }
+    }
+
+    fn save_peer(&self, peer: PeerId, addrs: Vec<Multiaddr>, agent: Option<String>) {
+        if addrs.is_empty() && agent.is_none() {
+            return;
+        }
+        // Best effort: when the writer falls behind, an address update is
+        // dropped (it is learned again on the next connection).
+        if self
+            .store_tx
+            .try_send(StoreOp::Peer { peer, addrs, agent })
+            .is_err()
+        {
+            tracing::debug!(%peer, "peer store queue full; update dropped");
+        }
+    }
+}
+
+/// The transport a multiaddr uses, as reported in `peers` and events.
+pub fn transport_name(addr: &Multiaddr) -> &'static str {
+    let mut name = "other";
+    for p in addr.iter() {
+        match p {
+            Protocol::QuicV1 | Protocol::Quic => return "quic",
+            Protocol::Tcp(_) => name = "tcp",
+            Protocol::Memory(_) => return "memory",
+            _ => {}
+        }
+    }
+    name
+}
+
+/// Whether an address announced by a peer is worth dialling or storing
+/// (unspecified addresses such as 0.0.0.0 are not).
+fn is_dialable(addr: &Multiaddr) -> bool {
+    match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => !ip.is_unspecified(),
+        Some(Protocol::Ip6(ip)) => !ip.is_unspecified(),
+        Some(_) => true,
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_names() {
+        let t = |s: &str| transport_name(&s.parse::<Multiaddr>().expect("ma"));
+        assert_eq!(t("/ip4/1.2.3.4/tcp/1"), "tcp");
+        assert_eq!(t("/ip4/1.2.3.4/udp/1/quic-v1"), "quic");
+        assert_eq!(t("/memory/5"), "memory");
+        assert_eq!(t("/ip4/1.2.3.4/udp/1"), "other");
+    }
+
+    #[test]
+    fn unspecified_addresses_are_not_dialable() {
+        assert!(!is_dialable(&"/ip4/0.0.0.0/tcp/1".parse().expect("ma")));
+        assert!(is_dialable(&"/ip4/127.0.0.1/tcp/1".parse().expect("ma")));
+    }
+}

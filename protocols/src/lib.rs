@@ -1,0 +1,8 @@
+//! fogmesh's own wire protocols and behaviours.
+//!
+//! Today this crate holds the routing [`policy`]: the single place where the
+//! node decides how to reach a peer. Group messaging, sync, file transfer,
+//! onion relaying and the mailbox join it as their own modules.
+#![warn(missing_docs)]
+
+pub mod policy;

@@ -1,0 +1,6 @@
+#![allow(unreachable_pub)]
+//! End-to-end tests: real `fogmesh` processes on loopback, driven through
+//! the CLI and the local API the way an operator drives them.
+
+mod node;
+mod util;

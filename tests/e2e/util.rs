@@ -1,0 +1,316 @@
+//! Helpers to run real `fogmesh` processes on loopback, each with its own
+//! temporary data directory and random ports, and to drive them through the
+//! CLI.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_fogmesh")
+}
+
+/// A `fogmesh` command with a clean environment for the variables the node
+/// reads, so the developer's shell cannot change a test.
+pub fn fogmesh() -> Command {
+    let mut c = Command::new(bin());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("FOGMESH_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("RUST_LOG", "info,libp2p_mdns=off");
+    c
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A running daemon. Killed when dropped.
+pub struct Daemon {
+    child: Option<Child>,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    stderr_log: PathBuf,
+    /// Its peer id, from the ready lines.
+    pub peer_id: String,
+    /// Its listen addresses, from the ready lines.
+    pub listen: Vec<String>,
+    /// Its API address, from the ready lines.
+    pub api: String,
+    /// Other `key: value` lines printed before `ready`.
+    pub ready_lines: Vec<String>,
+}
+
+/// The arguments every test daemon gets: loopback, random ports, no mDNS
+/// (multicast would leave loopback and find other tests' nodes).
+pub fn loopback_args() -> Vec<String> {
+    [
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--listen",
+        "/ip4/127.0.0.1/udp/0/quic-v1",
+        "--api",
+        "127.0.0.1:0",
+        "--no-mdns",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+impl Daemon {
+    /// Starts `fogmesh run` on `data_dir` with the loopback arguments plus
+    /// `extra`, and waits for its `ready` line.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Daemon {
+        match Self::try_start(data_dir, extra) {
+            Ok(d) => d,
+            Err(msg) => panic!("daemon did not start: {msg}"),
+        }
+    }
+
+    /// Like `start`, but returns the daemon's exit status and stderr if it
+    /// exits before `ready`.
+    pub fn try_start(data_dir: &Path, extra: &[&str]) -> Result<Daemon, String> {
+        let stderr_log = data_dir.with_extension("stderr.log");
+        let stderr = std::fs::File::create(&stderr_log).expect("create stderr log");
+        let mut cmd = fogmesh();
+        cmd.arg("run")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(loopback_args())
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        let mut child = cmd.spawn().expect("spawn fogmesh");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut d = Daemon {
+            child: None,
+            data_dir: data_dir.to_path_buf(),
+            stderr_log,
+            peer_id: String::new(),
+            listen: Vec::new(),
+            api: String::new(),
+            ready_lines: Vec::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(line) if line == "ready" => break,
+                Ok(line) => {
+                    if let Some(v) = line.strip_prefix("peer_id: ") {
+                        d.peer_id = v.to_owned();
+                    } else if let Some(v) = line.strip_prefix("listen: ") {
+                        d.listen.push(v.to_owned());
+                    } else if let Some(v) = line.strip_prefix("api: ") {
+                        d.api = v.to_owned();
+                    }
+                    d.ready_lines.push(line);
+                }
+                Err(_) => {
+                    let _ = child.kill();
+                    let status = child.wait().expect("wait");
+                    let err = std::fs::read_to_string(&d.stderr_log).unwrap_or_default();
+                    return Err(format!("exit {status}; stderr:\n{err}"));
+                }
+            }
+        }
+        d.child = Some(child);
+        Ok(d)
+    }
+
+    /// The daemon's TCP address with its peer id, for `--bootstrap`.
+    pub fn tcp_addr(&self) -> String {
+        let a = self
+            .listen
+            .iter()
+            .find(|a| a.contains("/tcp/"))
+            .expect("a tcp listen address");
+        format!("{a}/p2p/{}", self.peer_id)
+    }
+
+    /// The daemon's QUIC address with its peer id.
+    pub fn quic_addr(&self) -> String {
+        let a = self
+            .listen
+            .iter()
+            .find(|a| a.contains("/quic-v1"))
+            .expect("a quic listen address");
+        format!("{a}/p2p/{}", self.peer_id)
+    }
+
+    /// Runs a client command against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        fogmesh()
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run fogmesh client")
+    }
+
+    /// Runs a client command with `--json` and parses stdout; panics unless
+    /// it exits 0.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.cli(&a);
+        assert!(
+            out.status.success(),
+            "fogmesh {args:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "fogmesh {args:?} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Peer ids of the connected peers, per `fogmesh peers --json`.
+    pub fn connected_peers(&self) -> Vec<String> {
+        let out = self.cli(&["peers", "--json"]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p["peer_id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits until this daemon is connected to `peer`.
+    pub fn wait_connected(&self, peer: &str, timeout: Duration) {
+        eventually(
+            timeout,
+            &format!("{} connected to {peer}", self.peer_id),
+            || {
+                self.connected_peers()
+                    .iter()
+                    .any(|p| p == peer)
+                    .then_some(())
+            },
+        );
+    }
+
+    /// The daemon's stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns the status and how
+    /// long it took.
+    pub fn terminate(&mut self) -> (ExitStatus, Duration) {
+        let mut child = self.child.take().expect("running");
+        let start = Instant::now();
+        let ok = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(ok.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return (status, start.elapsed());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("daemon ignored SIGTERM for 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the daemon with SIGKILL (no chance to clean up).
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- stderr of daemon {} ---\n{}",
+                self.peer_id,
+                self.stderr()
+            );
+        }
+    }
+}
+
+/// A raw HTTP/1.1 request to `addr`; returns (status code, body).
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to API");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            b.len()
+        ));
+    }
+    req.push_str("\r\n");
+    if let Some(b) = body {
+        req.push_str(b);
+    }
+    s.write_all(req.as_bytes()).expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    let status: u16 = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code");
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
