@@ -5,4 +5,5 @@
 //! onion relaying and the mailbox join it as their own modules.
 #![warn(missing_docs)]
 
+pub mod groups;
 pub mod policy;
