@@ -12,12 +12,13 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path as UrlPath, Query};
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -26,9 +27,10 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_util::sync::CancellationToken;
 
 use crate::fsutil;
+use crate::groups::{ApiCall, GroupsError};
 use crate::metrics::NodeMetrics;
 use crate::node::{ConnectError, NodeHandle};
-use crate::types::{ApiError, ConnectRequest, NodeEvent};
+use crate::types::{ApiError, ConnectRequest, CreateGroup, MemberRequest, NodeEvent, PostMessage};
 
 /// File holding the API token (mode 0600), created on first start and kept.
 pub const TOKEN_FILE: &str = "api.token";
@@ -109,6 +111,15 @@ fn router(state: AppState) -> Router {
         .route("/v1/peers", get(peers))
         .route("/v1/connect", post(connect))
         .route("/v1/events", get(events))
+        .route("/v1/groups", get(groups_list).post(groups_create))
+        .route("/v1/groups/{id}", get(groups_show))
+        .route("/v1/groups/{id}/members", post(groups_add))
+        .route("/v1/groups/{id}/members/{peer}", delete(groups_remove))
+        .route("/v1/groups/{id}/leave", post(groups_leave))
+        .route(
+            "/v1/groups/{id}/messages",
+            get(groups_messages).post(groups_post),
+        )
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state)
@@ -214,4 +225,103 @@ async fn events(
         })
         .take_until(state.shutdown.cancelled_owned());
     Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+fn groups_result<T: Serialize>(r: Result<T, GroupsError>) -> Response {
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => {
+            let status = match &e {
+                GroupsError::NotFound(_) => StatusCode::NOT_FOUND,
+                GroupsError::BadRequest(_) => StatusCode::BAD_REQUEST,
+                GroupsError::Forbidden(_) => StatusCode::FORBIDDEN,
+                GroupsError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            error(status, e.to_string())
+        }
+    }
+}
+
+/// Unwraps a JSON body or answers 400 with the parser's message.
+macro_rules! body {
+    ($b:expr) => {
+        match $b {
+            Ok(Json(v)) => v,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+        }
+    };
+}
+
+async fn groups_list(State(s): State<AppState>) -> Response {
+    groups_result(s.node.groups().call(ApiCall::List).await)
+}
+
+async fn groups_create(
+    State(s): State<AppState>,
+    b: Result<Json<CreateGroup>, JsonRejection>,
+) -> Response {
+    let req = body!(b);
+    groups_result(s.node.groups().call(|r| ApiCall::Create(req, r)).await)
+}
+
+async fn groups_show(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
+    groups_result(s.node.groups().call(|r| ApiCall::Show(id, r)).await)
+}
+
+async fn groups_add(
+    State(s): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    b: Result<Json<MemberRequest>, JsonRejection>,
+) -> Response {
+    let req = body!(b);
+    groups_result(
+        s.node
+            .groups()
+            .call(|r| ApiCall::Add(id, req.peer_id, r))
+            .await,
+    )
+}
+
+async fn groups_remove(
+    State(s): State<AppState>,
+    UrlPath((id, peer)): UrlPath<(String, String)>,
+) -> Response {
+    groups_result(s.node.groups().call(|r| ApiCall::Remove(id, peer, r)).await)
+}
+
+async fn groups_leave(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
+    groups_result(s.node.groups().call(|r| ApiCall::Leave(id, r)).await)
+}
+
+#[derive(Debug, Deserialize)]
+struct MessagesQuery {
+    limit: Option<usize>,
+}
+
+async fn groups_messages(
+    State(s): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    Query(q): Query<MessagesQuery>,
+) -> Response {
+    groups_result(
+        s.node
+            .groups()
+            .call(|r| ApiCall::Messages(id, q.limit, r))
+            .await,
+    )
+}
+
+async fn groups_post(
+    State(s): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    b: Result<Json<PostMessage>, JsonRejection>,
+) -> Response {
+    let req = body!(b);
+    groups_result(
+        s.node
+            .groups()
+            .call(|r| ApiCall::Send(id, req.text, r))
+            .await,
+    )
 }

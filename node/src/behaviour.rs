@@ -5,14 +5,36 @@
 
 use std::time::Duration;
 
+use fogmesh_protocols::groups::wire::{MAX_SYNC_REQUEST_SIZE, MAX_SYNC_RESPONSE_SIZE};
+use libp2p::gossipsub::{self, AllowAllSubscriptionFilter, MaxCountSubscriptionFilter};
 use libp2p::identity::Keypair;
+use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::{StreamProtocol, connection_limits, identify, kad, mdns, ping};
+use sha2::{Digest, Sha256};
 
 /// Our Kademlia protocol name: a private DHT of fogmesh nodes, not the IPFS
 /// one.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/fogmesh/kad/1.0.0");
 /// Our identify protocol version string.
 pub const IDENTIFY_PROTOCOL: &str = "/fogmesh/id/1.0.0";
+
+/// The group catch-up protocol.
+pub const GROUP_SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/fogmesh/group-sync/1");
+/// Largest gossip message: a membership op of a 1000-member group is about
+/// 172 KiB, a text message at most 64 KiB plus overhead.
+pub const MAX_GOSSIP_SIZE: usize = 512 * 1024;
+/// Topics a peer may be subscribed to, and may list in one SUBSCRIBE: one
+/// topic per group, so the gossipsub default of 100 is too low.
+pub const MAX_TOPICS: usize = 10_000;
+
+/// The subscription filter: any topic, but a bounded number of them.
+pub type SubscriptionFilter = MaxCountSubscriptionFilter<AllowAllSubscriptionFilter>;
+
+/// One frame of the group sync protocol: an encoded
+/// `fogmesh_protocols::groups::SyncRequest` or `SyncResponse`, decoded with
+/// that crate's size-checked decoders.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SyncFrame(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
 /// The agent version this node announces through identify.
 pub fn agent_version() -> String {
@@ -29,6 +51,10 @@ pub struct BehaviourConfig {
     pub max_connections: u32,
     /// How often Kademlia re-runs a bootstrap query.
     pub kad_bootstrap_interval: Duration,
+    /// Gossipsub heartbeat (mesh maintenance).
+    pub gossip_heartbeat: Duration,
+    /// Timeout of one group sync exchange.
+    pub sync_timeout: Duration,
 }
 
 impl Default for BehaviourConfig {
@@ -37,6 +63,8 @@ impl Default for BehaviourConfig {
             mdns: true,
             max_connections: 200,
             kad_bootstrap_interval: Duration::from_secs(300),
+            gossip_heartbeat: Duration::from_secs(1),
+            sync_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -49,7 +77,7 @@ pub use composed::{Behaviour, BehaviourEvent};
 mod composed {
     use libp2p::swarm::NetworkBehaviour;
     use libp2p::swarm::behaviour::toggle::Toggle;
-    use libp2p::{connection_limits, identify, kad, mdns, ping};
+    use libp2p::{connection_limits, gossipsub, identify, kad, mdns, ping, request_response};
 
     /// Every behaviour of a fogmesh node, composed. The order matters:
     /// connection limits are checked first.
@@ -66,6 +94,12 @@ mod composed {
         pub kad: kad::Behaviour<kad::store::MemoryStore>,
         /// LAN discovery, when enabled.
         pub mdns: Toggle<mdns::tokio::Behaviour>,
+        /// Group messages: one topic per group, messages validated by the
+        /// groups actor before they are forwarded.
+        pub gossipsub:
+            gossipsub::Behaviour<gossipsub::IdentityTransform, super::SubscriptionFilter>,
+        /// Group catch-up (anti-entropy): summaries and fetches.
+        pub group_sync: request_response::cbor::Behaviour<super::SyncFrame, super::SyncFrame>,
     }
 }
 
@@ -109,12 +143,86 @@ impl Behaviour {
             None
         };
 
+        let gossipsub = gossipsub_behaviour(key, cfg)?;
+        let group_sync = request_response::cbor::Behaviour::with_codec(
+            request_response::cbor::codec::Codec::default()
+                // Room for the CBOR byte-string header around the frame.
+                .set_request_size_maximum((MAX_SYNC_REQUEST_SIZE + 64) as u64)
+                .set_response_size_maximum((MAX_SYNC_RESPONSE_SIZE + 64) as u64),
+            [(GROUP_SYNC_PROTOCOL, ProtocolSupport::Full)],
+            request_response::Config::default()
+                .with_request_timeout(cfg.sync_timeout)
+                .with_max_concurrent_streams(64),
+        );
+
         Ok(Behaviour {
             limits: connection_limits::Behaviour::new(limits),
             identify,
             ping: ping::Behaviour::new(ping::Config::new()),
             kad,
             mdns: mdns.into(),
+            gossipsub,
+            group_sync,
         })
+    }
+}
+
+fn gossipsub_behaviour(
+    key: &Keypair,
+    cfg: &BehaviourConfig,
+) -> std::io::Result<gossipsub::Behaviour<gossipsub::IdentityTransform, SubscriptionFilter>> {
+    let config = gossipsub::ConfigBuilder::default()
+        .heartbeat_interval(cfg.gossip_heartbeat)
+        // Every message is signed by its publisher and checked by gossipsub;
+        // the content is then checked by the groups actor before it is
+        // forwarded (validate_messages).
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        // Our payloads are content-addressed: the same envelope relayed by
+        // two publishers is one message.
+        .message_id_fn(|m: &gossipsub::Message| gossipsub::MessageId::new(&Sha256::digest(&m.data)))
+        .max_transmit_size(MAX_GOSSIP_SIZE)
+        .build()
+        .map_err(|e| invalid(&e.to_string()))?;
+    let filter = MaxCountSubscriptionFilter {
+        filter: AllowAllSubscriptionFilter {},
+        max_subscribed_topics: MAX_TOPICS,
+        max_subscriptions_per_request: MAX_TOPICS,
+    };
+    let mut gs = gossipsub::Behaviour::new_with_subscription_filter(
+        gossipsub::MessageAuthenticity::Signed(key.clone()),
+        config,
+        filter,
+    )
+    .map_err(invalid)?;
+    let mut params = gossipsub::PeerScoreParams::default();
+    // Nodes on one host or LAN share an address; that is not a Sybil sign
+    // for loopback.
+    params
+        .ip_colocation_factor_whitelist
+        .insert([127, 0, 0, 1].into());
+    gs.with_peer_score(params, gossipsub::PeerScoreThresholds::default())
+        .map_err(|e| invalid(&e))?;
+    Ok(gs)
+}
+
+fn invalid(e: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_owned())
+}
+
+/// Score parameters for a group topic. Chat traffic is sparse, so the
+/// mesh-delivery penalties (P3, P3b) that suit busy topics are off; invalid
+/// messages (P4) cost a lot: one is enough to fall below the graylist
+/// threshold.
+pub fn group_topic_score_params() -> gossipsub::TopicScoreParams {
+    gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.01,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: -100.0,
+        invalid_message_deliveries_decay: 0.9,
+        ..gossipsub::TopicScoreParams::default()
     }
 }

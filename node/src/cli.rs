@@ -16,7 +16,10 @@ use tracing_subscriber::EnvFilter;
 
 use crate::client::Client;
 use crate::config::{self, FileConfig, LogFormat, Overrides, Settings};
-use crate::types::{ConnectRequest, ConnectResponse, NodeEvent, PeerInfo, Status};
+use crate::types::{
+    ConnectRequest, ConnectResponse, CreateGroup, GroupAck, GroupInfo, GroupMessage, MemberRequest,
+    NodeEvent, PeerInfo, PostMessage, Status,
+};
 
 /// A peer-to-peer node for messaging and file sharing, with or without the
 /// internet.
@@ -59,6 +62,68 @@ enum Command {
     },
     /// Follow the node's events until interrupted.
     Events,
+    /// Group chat: create groups, manage members, send and read messages.
+    #[command(subcommand)]
+    Group(GroupCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCommand {
+    /// Create a group; this node is its admin.
+    Create {
+        /// The group's name (at most 64 bytes; never sent in clear).
+        name: String,
+        /// A member to add (repeatable).
+        #[arg(long = "member", value_name = "PEER_ID")]
+        members: Vec<String>,
+        /// A description (at most 512 bytes).
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List the groups this node knows (exit 1 when none).
+    List,
+    /// Show one group.
+    Show {
+        /// The group id.
+        group_id: String,
+    },
+    /// Add a member (admin only).
+    Add {
+        /// The group id.
+        group_id: String,
+        /// The peer to add.
+        peer_id: String,
+    },
+    /// Remove a member and rotate the group key (admin only).
+    Remove {
+        /// The group id.
+        group_id: String,
+        /// The peer to remove.
+        peer_id: String,
+    },
+    /// Leave a group.
+    Leave {
+        /// The group id.
+        group_id: String,
+    },
+    /// Send a message; returns once it is durable locally.
+    Send {
+        /// The group id.
+        group_id: String,
+        /// The text (at most 64 KiB).
+        text: String,
+    },
+    /// Print delivered messages, in delivery (causal) order.
+    Messages {
+        /// The group id.
+        group_id: String,
+        /// Only the last N.
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+        /// Keep printing new messages as they arrive.
+        #[arg(long)]
+        follow: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -260,6 +325,7 @@ async fn client_command(client: Client, cmd: Command, json: bool) -> anyhow::Res
                 })
                 .await
         }
+        Command::Group(cmd) => group_command(client, cmd, json).await,
         Command::Run(_) | Command::Id => unreachable!("handled before a client is made"),
     }
 }
@@ -275,7 +341,171 @@ fn describe(ev: &NodeEvent) -> String {
         } => format!("connected {peer_id} ({direction}, {transport}, {addr})"),
         NodeEvent::PeerDisconnected { peer_id } => format!("disconnected {peer_id}"),
         NodeEvent::PeerDiscovered { peer_id, via, .. } => format!("discovered {peer_id} via {via}"),
+        NodeEvent::GroupMessage {
+            group_id,
+            sender,
+            text,
+            ..
+        } => format!("[{}] {sender}: {text}", short(group_id)),
+        NodeEvent::GroupUpdated { group_id, member } => {
+            format!("group {} updated (member: {member})", short(group_id))
+        }
         NodeEvent::Lagged { missed } => format!("(missed {missed} events)"),
+    }
+}
+
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+async fn group_command(client: Client, cmd: GroupCommand, json: bool) -> anyhow::Result<()> {
+    let ack = |a: GroupAck| -> anyhow::Result<()> {
+        if json {
+            print_json(&a)
+        } else {
+            println!("{}", a.id.as_deref().unwrap_or(&a.group_id));
+            Ok(())
+        }
+    };
+    match cmd {
+        GroupCommand::Create {
+            name,
+            members,
+            description,
+        } => {
+            let a: GroupAck = client
+                .post(
+                    "groups",
+                    &CreateGroup {
+                        name,
+                        description,
+                        members,
+                    },
+                )
+                .await?;
+            if json {
+                print_json(&serde_json::json!({ "group_id": a.group_id }))
+            } else {
+                println!("{}", a.group_id);
+                Ok(())
+            }
+        }
+        GroupCommand::List => {
+            let groups: Vec<GroupInfo> = client.get("groups").await?;
+            if json {
+                print_json(&groups)?;
+            } else {
+                for g in &groups {
+                    println!(
+                        "{}  {:<20} {} members, epoch {}",
+                        g.group_id,
+                        g.name,
+                        g.members.len(),
+                        g.epoch
+                    );
+                }
+            }
+            if groups.is_empty() {
+                return Err(NothingFound("no groups".into()).into());
+            }
+            Ok(())
+        }
+        GroupCommand::Show { group_id } => {
+            let g: GroupInfo = client.get(&format!("groups/{group_id}")).await?;
+            if json {
+                print_json(&g)
+            } else {
+                println!("group_id:    {}", g.group_id);
+                println!("name:        {}", g.name);
+                println!("description: {}", g.description);
+                println!("admin:       {}", g.admin);
+                println!("epoch:       {}", g.epoch);
+                println!("member:      {}", g.is_member);
+                for m in &g.members {
+                    println!("member:      {m}");
+                }
+                Ok(())
+            }
+        }
+        GroupCommand::Add { group_id, peer_id } => ack(client
+            .post(
+                &format!("groups/{group_id}/members"),
+                &MemberRequest { peer_id },
+            )
+            .await?),
+        GroupCommand::Remove { group_id, peer_id } => ack(client
+            .delete(&format!("groups/{group_id}/members/{peer_id}"))
+            .await?),
+        GroupCommand::Leave { group_id } => ack(client
+            .post(&format!("groups/{group_id}/leave"), &serde_json::json!({}))
+            .await?),
+        GroupCommand::Send { group_id, text } => ack(client
+            .post(
+                &format!("groups/{group_id}/messages"),
+                &PostMessage { text },
+            )
+            .await?),
+        GroupCommand::Messages {
+            group_id,
+            limit,
+            follow,
+        } => {
+            let print = |m: &GroupMessage| {
+                if json {
+                    if let Ok(line) = serde_json::to_string(m) {
+                        println!("{line}");
+                    }
+                } else {
+                    println!("{}  {}: {}", m.timestamp, m.sender, m.text);
+                }
+            };
+            let path = match limit {
+                Some(n) => format!("groups/{group_id}/messages?limit={n}"),
+                None => format!("groups/{group_id}/messages"),
+            };
+            if !follow {
+                let msgs: Vec<GroupMessage> = client.get(&path).await?;
+                if json {
+                    print_json(&msgs)?;
+                } else {
+                    msgs.iter().for_each(print);
+                }
+                return Ok(());
+            }
+            // Follow: subscribe first, then print the history, then new
+            // deliveries, skipping what the history already showed.
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let follower = client.clone();
+            let events = tokio::spawn(async move {
+                follower
+                    .follow_events(|ev| {
+                        let _ = tx.send(ev);
+                    })
+                    .await
+            });
+            let msgs: Vec<GroupMessage> = client.get(&path).await?;
+            let mut seen: std::collections::HashSet<String> =
+                msgs.iter().map(|m| m.id.clone()).collect();
+            msgs.iter().for_each(print);
+            while let Some(ev) = rx.recv().await {
+                if let NodeEvent::GroupMessage {
+                    group_id: g, id, ..
+                } = &ev
+                    && *g == group_id
+                    && seen.insert(id.clone())
+                {
+                    // Fetch the full record (sequence number, deps).
+                    let last: Vec<GroupMessage> = client
+                        .get(&format!("groups/{group_id}/messages?limit=64"))
+                        .await?;
+                    for m in last.iter().filter(|m| m.id == *id) {
+                        print(m);
+                    }
+                }
+            }
+            events.await.context("event stream task failed")??;
+            Ok(())
+        }
     }
 }
 

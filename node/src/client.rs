@@ -77,6 +77,12 @@ impl Client {
         decode(resp).await
     }
 
+    /// `DELETE /v1/{path}`, decoded as `T`.
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let resp = self.send(self.http.delete(self.url(path))).await?;
+        decode(resp).await
+    }
+
     /// Follows `/v1/events`, calling `f` for each event until the stream
     /// ends (the daemon stopped).
     pub async fn follow_events(&self, mut f: impl FnMut(NodeEvent)) -> anyhow::Result<()> {
@@ -138,6 +144,9 @@ async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> anyhow::Result<
         let msg = serde_json::from_slice::<ApiError>(&bytes)
             .map(|e| e.error)
             .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+        if status == reqwest::StatusCode::NOT_FOUND {
+            return Err(crate::cli::NothingFound(msg).into());
+        }
         bail!("{msg} (HTTP {})", status.as_u16());
     }
     serde_json::from_slice(&bytes).context("the daemon's answer is not what this client expects")

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, Endpoint};
 use crate::behaviour::{Behaviour, BehaviourConfig};
 use crate::config::Settings;
+use crate::groups::GroupsConfig;
 use crate::metrics::{self, NodeMetrics};
 use crate::node::{self, NodeConfig};
 use crate::storage::Store;
@@ -51,6 +52,7 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
     })
     .await??;
     let key = identity::load_or_create(&data_dir)?;
+    let node_key = key.clone();
     let peer_id = key.public().to_peer_id();
 
     let mut registry = libp2p::metrics::Registry::default();
@@ -81,6 +83,7 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
     let libp2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
 
     let running = node::start(
+        node_key,
         swarm,
         store,
         NodeConfig {
@@ -92,6 +95,7 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
                 ble: false,
                 onion: false,
             },
+            groups: GroupsConfig::default(),
         },
         node_metrics.clone(),
         libp2p_metrics,

@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod fsutil;
+pub mod groups;
 pub mod identity;
 pub mod metrics;
 pub mod node;

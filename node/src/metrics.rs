@@ -29,6 +29,17 @@ pub struct NodeMetrics {
     pub api_requests: Counter,
     /// API requests refused for a missing or wrong token.
     pub api_unauthorized: Counter,
+    /// Group messages delivered to the application.
+    pub group_messages_delivered: Counter,
+    /// Gossiped group messages or ops rejected as invalid (the forwarding
+    /// peer is penalized).
+    pub group_messages_rejected: Counter,
+    /// Gossiped group messages dropped by the per-sender rate limit.
+    pub group_messages_rate_limited: Counter,
+    /// Group messages received through sync (catch-up) rather than gossip.
+    pub group_messages_synced: Counter,
+    /// Group sync requests sent.
+    pub group_sync_requests: Counter,
 }
 
 impl NodeMetrics {
@@ -65,6 +76,31 @@ impl NodeMetrics {
             "api_unauthorized",
             "API requests refused for a missing or wrong token",
             m.api_unauthorized.clone(),
+        );
+        r.register(
+            "group_messages_delivered",
+            "Group messages delivered to the application",
+            m.group_messages_delivered.clone(),
+        );
+        r.register(
+            "group_messages_rejected",
+            "Gossiped group messages or ops rejected as invalid",
+            m.group_messages_rejected.clone(),
+        );
+        r.register(
+            "group_messages_rate_limited",
+            "Gossiped group messages dropped by the per-sender rate limit",
+            m.group_messages_rate_limited.clone(),
+        );
+        r.register(
+            "group_messages_synced",
+            "Group messages received through sync",
+            m.group_messages_synced.clone(),
+        );
+        r.register(
+            "group_sync_requests",
+            "Group sync requests sent",
+            m.group_sync_requests.clone(),
         );
         m
     }

@@ -19,14 +19,16 @@ use anyhow::{Context, bail};
 use fogmesh_protocols::policy::{Policy, Reachability, Requirements, Route};
 use futures::StreamExt;
 use libp2p::core::ConnectedPoint;
+use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, SwarmEvent};
-use libp2p::{Multiaddr, PeerId, Swarm, identify, kad, mdns, ping};
+use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, kad, mdns, ping, request_response};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL};
+use crate::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL, SyncFrame};
+use crate::groups::{self, GroupsConfig, GroupsHandle, Input, NetCommand};
 use crate::metrics::NodeMetrics;
 use crate::storage::Store;
 use crate::types::{ConnectResponse, NodeEvent, PeerInfo, Status};
@@ -54,6 +56,8 @@ pub struct NodeConfig {
     pub min_peers: usize,
     /// Which routes this node has (only the internet for now).
     pub reachability: Reachability,
+    /// Group chat settings.
+    pub groups: GroupsConfig,
 }
 
 /// Why a connect failed.
@@ -86,6 +90,7 @@ enum Command {
 #[derive(Debug, Clone)]
 pub struct NodeHandle {
     peer_id: PeerId,
+    groups: GroupsHandle,
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<NodeEvent>,
 }
@@ -118,6 +123,11 @@ impl NodeHandle {
         rx.await.map_err(|_| ConnectError::Stopped)?
     }
 
+    /// The group chat actor.
+    pub fn groups(&self) -> &GroupsHandle {
+        &self.groups
+    }
+
     /// Subscribes to the node's events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
         self.events.subscribe()
@@ -147,6 +157,7 @@ pub struct RunningNode {
 /// spawns the event loop. Returns once every listener has reported an
 /// address.
 pub async fn start(
+    key: Keypair,
     mut swarm: Swarm<Behaviour>,
     store: Store,
     cfg: NodeConfig,
@@ -172,7 +183,19 @@ pub async fn start(
 
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (events, _) = broadcast::channel(EVENT_QUEUE);
+    let (net_tx, net_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (groups, groups_thread) = groups::start(
+        key,
+        store.clone(),
+        net_tx,
+        events.clone(),
+        metrics.clone(),
+        cfg.groups.clone(),
+        shutdown.clone(),
+    )?;
     let mut el = EventLoop {
+        groups: groups.clone(),
+        net: net_rx,
         swarm,
         commands: cmd_rx,
         events: events.clone(),
@@ -241,6 +264,7 @@ pub async fn start(
 
     let handle = NodeHandle {
         peer_id,
+        groups,
         commands: cmd_tx,
         events,
     };
@@ -251,6 +275,12 @@ pub async fn start(
         drop(el);
         if writer.await.is_err() {
             tracing::error!("the database writer task panicked");
+        }
+        if tokio::task::spawn_blocking(move || groups_thread.join())
+            .await
+            .is_err()
+        {
+            tracing::error!("the groups actor panicked");
         }
     });
     Ok(RunningNode {
@@ -287,6 +317,8 @@ fn store_writer(store: Store, mut rx: mpsc::Receiver<StoreOp>, metrics: NodeMetr
 
 struct EventLoop {
     swarm: Swarm<Behaviour>,
+    groups: GroupsHandle,
+    net: mpsc::Receiver<NetCommand>,
     commands: mpsc::Receiver<Command>,
     events: broadcast::Sender<NodeEvent>,
     store_tx: mpsc::Sender<StoreOp>,
@@ -350,6 +382,7 @@ impl EventLoop {
                     Some(cmd) => self.on_command(cmd),
                     None => break,
                 },
+                Some(cmd) = self.net.recv() => self.on_net_command(cmd),
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
                 _ = tick.tick() => self.maintain(),
             }
@@ -403,6 +436,7 @@ impl EventLoop {
                                 .to_owned(),
                             agent: meta.and_then(|m| m.agent.clone()),
                             rtt_ms: meta.and_then(|m| m.rtt).map(|d| d.as_secs_f64() * 1000.0),
+                            gossip_score: self.swarm.behaviour().gossipsub.peer_score(peer),
                         }
                     })
                     .collect();
@@ -542,6 +576,7 @@ impl EventLoop {
                 let first = conns.is_empty();
                 conns.push((connection_id, addr.clone()));
                 if first {
+                    self.groups.offer(Input::PeerConnected(peer_id));
                     self.metrics
                         .connected_peers
                         .set(self.connections.len() as i64);
@@ -563,6 +598,7 @@ impl EventLoop {
                     if conns.is_empty() {
                         self.connections.remove(&peer_id);
                         self.peer_meta.remove(&peer_id);
+                        self.groups.offer(Input::PeerDisconnected(peer_id));
                         self.metrics
                             .connected_peers
                             .set(self.connections.len() as i64);
@@ -671,6 +707,138 @@ impl EventLoop {
             }
             BehaviourEvent::Mdns(mdns::Event::Expired(_)) => {}
             BehaviourEvent::Limits(never) => match never {},
+            BehaviourEvent::Gossipsub(ev) => {
+                self.libp2p_metrics.record(&ev);
+                if let gossipsub::Event::Message {
+                    propagation_source,
+                    message_id,
+                    message,
+                } = ev
+                {
+                    let input = Input::Gossip {
+                        source: propagation_source,
+                        message_id: message_id.clone(),
+                        data: message.data,
+                    };
+                    if !self.groups.offer(input) {
+                        // The actor is saturated: let the message go
+                        // without penalty; sync brings it back if it matters.
+                        self.swarm
+                            .behaviour_mut()
+                            .gossipsub
+                            .report_message_validation_result(
+                                &message_id,
+                                &propagation_source,
+                                gossipsub::MessageAcceptance::Ignore,
+                            );
+                    }
+                }
+            }
+            BehaviourEvent::GroupSync(ev) => match ev {
+                request_response::Event::Message { peer, message, .. } => match message {
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => {
+                        self.groups.offer(Input::SyncRequest {
+                            peer,
+                            frame: request.0,
+                            channel,
+                        });
+                    }
+                    request_response::Message::Response { response, .. } => {
+                        self.groups.offer(Input::SyncResponse {
+                            peer,
+                            frame: response.0,
+                        });
+                    }
+                },
+                request_response::Event::OutboundFailure { peer, error, .. } => {
+                    tracing::debug!(%peer, "group sync request failed: {error}");
+                }
+                request_response::Event::InboundFailure { peer, error, .. } => {
+                    tracing::debug!(%peer, "group sync response failed: {error}");
+                }
+                request_response::Event::ResponseSent { .. } => {}
+            },
+        }
+    }
+
+    fn on_net_command(&mut self, cmd: NetCommand) {
+        let gs = &mut self.swarm.behaviour_mut().gossipsub;
+        match cmd {
+            NetCommand::Subscribe(topic) => {
+                let topic = gossipsub::IdentTopic::new(topic);
+                if let Err(e) = gs.subscribe(&topic) {
+                    tracing::warn!(%topic, "cannot subscribe: {e}");
+                }
+                if let Err(e) =
+                    gs.set_topic_params(topic, crate::behaviour::group_topic_score_params())
+                {
+                    tracing::warn!("cannot set topic score parameters: {e}");
+                }
+            }
+            NetCommand::Unsubscribe(topic) => {
+                gs.unsubscribe(&gossipsub::IdentTopic::new(topic));
+            }
+            NetCommand::Publish {
+                topic,
+                data,
+                outbox,
+            } => {
+                // A broadcast: the policy says which routes may carry it,
+                // and store-and-forward (the outbox) covers none being up.
+                let plan = self.policy.plan(&Requirements::broadcast(), &self.reach);
+                let ok = if plan.first().is_some() {
+                    match self
+                        .swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .publish(gossipsub::IdentTopic::new(topic), data)
+                    {
+                        Ok(_) | Err(gossipsub::PublishError::Duplicate) => true,
+                        Err(e) => {
+                            tracing::debug!("publish deferred: {e}");
+                            false
+                        }
+                    }
+                } else {
+                    false
+                };
+                if let Some((group, id)) = outbox {
+                    self.groups.offer(Input::Published { group, id, ok });
+                }
+            }
+            NetCommand::Validation {
+                message_id,
+                source,
+                acceptance,
+            } => {
+                gs.report_message_validation_result(&message_id, &source, acceptance);
+            }
+            NetCommand::SyncRequest { peer, frame } => {
+                if self
+                    .policy
+                    .plan(&Requirements::unicast(), &self.reach)
+                    .first()
+                    .is_some()
+                {
+                    self.swarm
+                        .behaviour_mut()
+                        .group_sync
+                        .send_request(&peer, SyncFrame(frame));
+                }
+            }
+            NetCommand::SyncRespond { channel, frame } => {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .group_sync
+                    .send_response(channel, SyncFrame(frame))
+                    .is_err()
+                {
+                    tracing::debug!("sync response not sent: the requester went away");
+                }
+            }
         }
     }
 

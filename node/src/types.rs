@@ -40,6 +40,27 @@ pub enum NodeEvent {
         /// `mdns` or `kad`.
         via: String,
     },
+    /// A group message was delivered (in causal order).
+    GroupMessage {
+        /// The group (hex).
+        group_id: String,
+        /// The message id (hex).
+        id: String,
+        /// The sender's peer id.
+        sender: String,
+        /// The text.
+        text: String,
+        /// The sender's clock at sending, ms since the Unix epoch.
+        timestamp: u64,
+    },
+    /// This node learned of a group it is a member of, or of a change to
+    /// one's membership.
+    GroupUpdated {
+        /// The group (hex).
+        group_id: String,
+        /// Whether this node is (still) a member.
+        member: bool,
+    },
     /// Events were dropped because the consumer was too slow.
     Lagged {
         /// How many.
@@ -82,6 +103,9 @@ pub struct PeerInfo {
     pub agent: Option<String>,
     /// Last measured round-trip time, in milliseconds.
     pub rtt_ms: Option<f64>,
+    /// The peer's gossipsub score as this node sees it (negative after
+    /// invalid messages).
+    pub gossip_score: Option<f64>,
 }
 
 /// `POST /v1/connect` body.
@@ -105,4 +129,83 @@ pub struct ConnectResponse {
 pub struct ApiError {
     /// What went wrong, for a human.
     pub error: String,
+}
+
+/// A group, in `GET /v1/groups` and `fogmesh group list`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupInfo {
+    /// The group id (64 hex characters).
+    pub group_id: String,
+    /// Its name.
+    pub name: String,
+    /// Its description.
+    pub description: String,
+    /// The admin's peer id.
+    pub admin: String,
+    /// Current members' peer ids.
+    pub members: Vec<String>,
+    /// Current key epoch (advances when a member is removed or leaves).
+    pub epoch: u64,
+    /// Whether this node is a member now.
+    pub is_member: bool,
+    /// Messages delivered so far.
+    pub messages: u64,
+}
+
+/// A delivered group message, as stored and as the API returns it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupMessage {
+    /// Position in this node's delivery order (0-based).
+    pub index: u64,
+    /// The message id (hex SHA-256 of the signed envelope).
+    pub id: String,
+    /// The sender's peer id.
+    pub sender: String,
+    /// The sender's sequence number (from 1).
+    pub seq: u64,
+    /// The key epoch it was sent in.
+    pub epoch: u64,
+    /// The text.
+    pub text: String,
+    /// The sender's clock at sending, ms since the Unix epoch.
+    pub timestamp: u64,
+    /// Ids of the messages it causally follows.
+    pub deps: Vec<String>,
+}
+
+/// `POST /v1/groups` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CreateGroup {
+    /// The name (at most 64 bytes).
+    pub name: String,
+    /// A description (at most 512 bytes).
+    #[serde(default)]
+    pub description: String,
+    /// Members besides the creator.
+    #[serde(default)]
+    pub members: Vec<String>,
+}
+
+/// `POST /v1/groups/{id}/members` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MemberRequest {
+    /// The peer to add.
+    pub peer_id: String,
+}
+
+/// `POST /v1/groups/{id}/messages` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PostMessage {
+    /// The text (at most 64 KiB).
+    pub text: String,
+}
+
+/// Answer of a group operation: the group and, for a post, the message id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupAck {
+    /// The group.
+    pub group_id: String,
+    /// The message id, for a post.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub id: Option<String>,
 }

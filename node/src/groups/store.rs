@@ -1,0 +1,251 @@
+//! Group state in the node's redb database.
+//!
+//! What is stored is what the protocol needs to rebuild a group and what the
+//! user reads back:
+//! - `group_ops`: every membership op, by (group, index);
+//! - `group_envelopes`: every valid message envelope received or sent
+//!   (ciphertext, as on the wire), by (group, message id);
+//! - `group_history`: delivered messages in delivery order, by (group,
+//!   delivery index), as the JSON the API returns (plaintext);
+//! - `group_delivered`: (group, message id) to delivery index, to find
+//!   history entries and to avoid delivering twice;
+//! - `group_outbox`: gossip frames not yet handed to gossipsub.
+//!
+//! Every change that follows one input (a received op or message, a local
+//! send) is one write transaction, committed before anything is
+//! acknowledged, so `kill -9` at any point loses nothing acknowledged.
+
+use fogmesh_protocols::groups::{GroupId, MessageId};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::storage::{Store, StoreError};
+use crate::types::GroupMessage;
+
+type GroupIndexKey<'a> = (&'a [u8], u64);
+type GroupIdKey<'a> = (&'a [u8], &'a [u8]);
+
+const OPS: TableDefinition<GroupIndexKey, &[u8]> = TableDefinition::new("group_ops");
+const ENVELOPES: TableDefinition<GroupIdKey, &[u8]> = TableDefinition::new("group_envelopes");
+const HISTORY: TableDefinition<GroupIndexKey, &[u8]> = TableDefinition::new("group_history");
+const DELIVERED: TableDefinition<GroupIdKey, u64> = TableDefinition::new("group_delivered");
+const OUTBOX: TableDefinition<GroupIdKey, &[u8]> = TableDefinition::new("group_outbox");
+
+fn db_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Db(e.to_string())
+}
+
+/// One write transaction's worth of group changes.
+#[derive(Debug, Default)]
+pub(crate) struct Batch {
+    pub(crate) ops: Vec<(u64, Vec<u8>)>,
+    pub(crate) envelopes: Vec<(MessageId, Vec<u8>)>,
+    /// Delivered messages; their delivery index is assigned on commit.
+    pub(crate) delivered: Vec<GroupMessage>,
+    pub(crate) outbox_add: Vec<(MessageId, Vec<u8>)>,
+}
+
+impl Batch {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+            && self.envelopes.is_empty()
+            && self.delivered.is_empty()
+            && self.outbox_add.is_empty()
+    }
+}
+
+/// The group tables of a [`Store`].
+#[derive(Debug, Clone)]
+pub(crate) struct GroupStore {
+    store: Store,
+}
+
+impl GroupStore {
+    pub(crate) fn open(store: Store) -> Result<Self, StoreError> {
+        let tx = store.db().begin_write().map_err(db_err)?;
+        tx.open_table(OPS).map_err(db_err)?;
+        tx.open_table(ENVELOPES).map_err(db_err)?;
+        tx.open_table(HISTORY).map_err(db_err)?;
+        tx.open_table(DELIVERED).map_err(db_err)?;
+        tx.open_table(OUTBOX).map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        Ok(GroupStore { store })
+    }
+
+    /// Commits `batch` for `group`; returns the delivered messages with
+    /// their delivery index set, skipping any already delivered.
+    pub(crate) fn commit(
+        &self,
+        group: &GroupId,
+        batch: Batch,
+    ) -> Result<Vec<GroupMessage>, StoreError> {
+        let g: &[u8] = &group.0;
+        let tx = self.store.db().begin_write().map_err(db_err)?;
+        let mut delivered = Vec::with_capacity(batch.delivered.len());
+        {
+            let mut ops = tx.open_table(OPS).map_err(db_err)?;
+            for (index, bytes) in &batch.ops {
+                ops.insert((g, *index), bytes.as_slice()).map_err(db_err)?;
+            }
+            let mut envs = tx.open_table(ENVELOPES).map_err(db_err)?;
+            for (id, bytes) in &batch.envelopes {
+                envs.insert((g, id.0.as_slice()), bytes.as_slice())
+                    .map_err(db_err)?;
+            }
+            let mut history = tx.open_table(HISTORY).map_err(db_err)?;
+            let mut seen = tx.open_table(DELIVERED).map_err(db_err)?;
+            let mut next = match history
+                .range((g, 0)..=(g, u64::MAX))
+                .map_err(db_err)?
+                .next_back()
+            {
+                Some(entry) => entry.map_err(db_err)?.0.value().1 + 1,
+                None => 0,
+            };
+            for mut msg in batch.delivered {
+                let id = hex_id(&msg.id)?;
+                if seen.get((g, id.as_slice())).map_err(db_err)?.is_some() {
+                    continue;
+                }
+                msg.index = next;
+                let json = serde_json::to_vec(&msg).map_err(db_err)?;
+                history.insert((g, next), json.as_slice()).map_err(db_err)?;
+                seen.insert((g, id.as_slice()), next).map_err(db_err)?;
+                next += 1;
+                delivered.push(msg);
+            }
+            let mut outbox = tx.open_table(OUTBOX).map_err(db_err)?;
+            for (id, frame) in &batch.outbox_add {
+                outbox
+                    .insert((g, id.0.as_slice()), frame.as_slice())
+                    .map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)?;
+        Ok(delivered)
+    }
+
+    /// Removes a published frame from the outbox.
+    pub(crate) fn outbox_done(&self, group: &GroupId, id: &MessageId) -> Result<(), StoreError> {
+        let tx = self.store.db().begin_write().map_err(db_err)?;
+        tx.open_table(OUTBOX)
+            .map_err(db_err)?
+            .remove((group.0.as_slice(), id.0.as_slice()))
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    /// Every frame waiting in the outbox.
+    pub(crate) fn outbox(&self) -> Result<Vec<(GroupId, MessageId, Vec<u8>)>, StoreError> {
+        let tx = self.store.db().begin_read().map_err(db_err)?;
+        let table = tx.open_table(OUTBOX).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            let (g, id) = k.value();
+            if let (Ok(g), Ok(id)) = (<[u8; 32]>::try_from(g), <[u8; 32]>::try_from(id)) {
+                out.push((GroupId(g), MessageId(id), v.value().to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The ids of every stored group.
+    pub(crate) fn groups(&self) -> Result<Vec<GroupId>, StoreError> {
+        let tx = self.store.db().begin_read().map_err(db_err)?;
+        let table = tx.open_table(OPS).map_err(db_err)?;
+        let mut out: Vec<GroupId> = Vec::new();
+        for entry in table.iter().map_err(db_err)? {
+            let (k, _) = entry.map_err(db_err)?;
+            let (g, index) = k.value();
+            if index == 0
+                && let Ok(g) = <[u8; 32]>::try_from(g)
+            {
+                out.push(GroupId(g));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A group's ops, in index order.
+    pub(crate) fn ops(&self, group: &GroupId) -> Result<Vec<Vec<u8>>, StoreError> {
+        let g: &[u8] = &group.0;
+        let tx = self.store.db().begin_read().map_err(db_err)?;
+        let table = tx.open_table(OPS).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in table.range((g, 0)..=(g, u64::MAX)).map_err(db_err)? {
+            out.push(entry.map_err(db_err)?.1.value().to_vec());
+        }
+        Ok(out)
+    }
+
+    /// A group's stored envelopes: first the delivered ones in delivery
+    /// order, then the rest (held back, waiting for dependencies).
+    pub(crate) fn envelopes_for_replay(&self, group: &GroupId) -> Result<Vec<Vec<u8>>, StoreError> {
+        let g: &[u8] = &group.0;
+        let tx = self.store.db().begin_read().map_err(db_err)?;
+        let envs = tx.open_table(ENVELOPES).map_err(db_err)?;
+        let history = tx.open_table(HISTORY).map_err(db_err)?;
+        let mut out = Vec::new();
+        let mut done = std::collections::HashSet::new();
+        for entry in history.range((g, 0)..=(g, u64::MAX)).map_err(db_err)? {
+            let (_, v) = entry.map_err(db_err)?;
+            let Ok(msg) = serde_json::from_slice::<GroupMessage>(v.value()) else {
+                continue;
+            };
+            let id = hex_id(&msg.id)?;
+            if let Some(env) = envs.get((g, id.as_slice())).map_err(db_err)? {
+                out.push(env.value().to_vec());
+                done.insert(id);
+            }
+        }
+        let (lo, hi): (&[u8], &[u8]) = (&[], &[0xff; 33]);
+        for entry in envs.range((g, lo)..(g, hi)).map_err(db_err)? {
+            let (k, v) = entry.map_err(db_err)?;
+            if !done.contains(k.value().1) {
+                out.push(v.value().to_vec());
+            }
+        }
+        Ok(out)
+    }
+
+    /// One stored envelope.
+    pub(crate) fn envelope(
+        &self,
+        group: &GroupId,
+        id: &MessageId,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.store.db().begin_read().map_err(db_err)?;
+        let envs = tx.open_table(ENVELOPES).map_err(db_err)?;
+        Ok(envs
+            .get((group.0.as_slice(), id.0.as_slice()))
+            .map_err(db_err)?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// The last `limit` delivered messages (all with `None`), oldest first.
+    pub(crate) fn history(
+        &self,
+        group: &GroupId,
+        limit: Option<usize>,
+    ) -> Result<Vec<GroupMessage>, StoreError> {
+        let g: &[u8] = &group.0;
+        let tx = self.store.db().begin_read().map_err(db_err)?;
+        let table = tx.open_table(HISTORY).map_err(db_err)?;
+        let mut out = Vec::new();
+        let mut iter = table.range((g, 0)..=(g, u64::MAX)).map_err(db_err)?;
+        let limit = limit.unwrap_or(usize::MAX);
+        while out.len() < limit {
+            let Some(entry) = iter.next_back() else { break };
+            let (_, v) = entry.map_err(db_err)?;
+            if let Ok(m) = serde_json::from_slice::<GroupMessage>(v.value()) {
+                out.push(m);
+            }
+        }
+        out.reverse();
+        Ok(out)
+    }
+}
+
+fn hex_id(s: &str) -> Result<Vec<u8>, StoreError> {
+    hex::decode(s).map_err(|e| StoreError::Db(format!("bad message id {s:?}: {e}")))
+}
