@@ -197,6 +197,62 @@ impl Daemon {
         })
     }
 
+    /// Like `json`, but exit code 1 ("nothing found") is accepted too; an
+    /// exit 1 that printed nothing gives `Value::Null`.
+    pub fn json_or_nothing(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.cli(&a);
+        let code = out.status.code();
+        assert!(
+            code == Some(0) || code == Some(1),
+            "fogmesh {args:?} failed: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if code == Some(1) && out.stdout.iter().all(u8::is_ascii_whitespace) {
+            return Value::Null;
+        }
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "fogmesh {args:?} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Starts a long-running client command (`events`, `--follow`) against
+    /// this daemon; its stdout is read line by line.
+    pub fn spawn_cli(&self, args: &[&str]) -> Lines {
+        let mut child = fogmesh()
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn fogmesh client");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines { child, rx }
+    }
+
+    /// The metrics address from the `metrics: HOST:PORT` ready line.
+    pub fn metrics_addr(&self) -> Option<String> {
+        self.ready_lines
+            .iter()
+            .find_map(|l| l.strip_prefix("metrics: "))
+            .map(str::to_owned)
+    }
+
     /// Peer ids of the connected peers, per `fogmesh peers --json`.
     pub fn connected_peers(&self) -> Vec<String> {
         let out = self.cli(&["peers", "--json"]);
@@ -313,4 +369,100 @@ pub fn http(
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// A running client command's stdout, line by line. Killed when dropped.
+pub struct Lines {
+    child: Child,
+    rx: mpsc::Receiver<String>,
+}
+
+impl Lines {
+    /// The next line, or `None` if none came within `timeout` (or the
+    /// command exited).
+    pub fn next_line(&self, timeout: Duration) -> Option<String> {
+        self.rx.recv_timeout(timeout).ok()
+    }
+}
+
+impl Drop for Lines {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The regular files under `dir` (recursively) whose raw bytes contain
+/// `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = std::fs::read_dir(&d).unwrap_or_else(|e| panic!("read {}: {e}", d.display()));
+        for entry in entries {
+            let entry = entry.expect("directory entry");
+            let path = entry.path();
+            let kind = entry.file_type().expect("file type");
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file() {
+                let bytes =
+                    std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+                if !needle.is_empty() && bytes.windows(needle.len()).any(|w| w == needle) {
+                    found.push(path);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// The sum of all series of the metric `name` in a Prometheus text
+/// exposition (labels ignored), or `None` if it is absent.
+pub fn metric_sum(body: &str, name: &str) -> Option<f64> {
+    let mut sum = None;
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let rest = match rest.chars().next() {
+            Some('{') => match rest.rfind('}') {
+                Some(i) => &rest[i + 1..],
+                None => continue,
+            },
+            Some(' ') => rest,
+            _ => continue,
+        };
+        if let Some(v) = rest
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        {
+            sum = Some(sum.unwrap_or(0.0) + v);
+        }
+    }
+    sum
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock");
+    u64::try_from(d.as_millis()).expect("ms")
+}
+
+/// A string no other test run produces.
+pub fn unique() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock");
+    format!("{:x}-{:x}", t.as_nanos(), std::process::id())
+}
+
+/// Whether `s` is 64 lower-case hex characters (a SHA-256 in hex).
+pub fn is_hex64(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }

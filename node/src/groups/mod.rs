@@ -283,10 +283,16 @@ pub(crate) fn start(
         rng: rand::make_rng(),
         shutdown,
     };
-    actor.load()?;
+    // Restoring happens on the actor's thread: it commits and talks to the
+    // swarm with blocking calls, which must not run on the async runtime.
     let thread = std::thread::Builder::new()
         .name("fogmesh-groups".into())
-        .spawn(move || actor.run(rx))
+        .spawn(move || {
+            if let Err(e) = actor.load() {
+                tracing::error!("cannot restore groups: {e}");
+            }
+            actor.run(rx)
+        })
         .map_err(|e| StoreError::Db(format!("cannot start the groups thread: {e}")))?;
     Ok((GroupsHandle { tx }, thread))
 }
