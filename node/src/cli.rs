@@ -24,7 +24,7 @@ use crate::types::{
 /// A peer-to-peer node for messaging and file sharing, with or without the
 /// internet.
 #[derive(Debug, Parser)]
-#[command(name = "fogmesh", version, about, propagate_version = true)]
+#[command(name = "fogmesh", version, propagate_version = true)]
 pub struct Cli {
     #[command(flatten)]
     global: GlobalArgs,
@@ -168,6 +168,10 @@ struct RunArgs {
     /// Seconds a connection with no open stream is kept. Default 300.
     #[arg(long, value_name = "SECS")]
     idle_timeout_secs: Option<u64>,
+    /// Gossiped group messages per second accepted from one sender (bursts
+    /// of four times as many). Default 50.
+    #[arg(long, value_name = "MSGS")]
+    group_rate: Option<f64>,
 }
 
 /// An error that means "nothing found" (exit code 1) rather than a failure.
@@ -225,6 +229,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     max_connections: args.max_connections,
                     min_peers: args.min_peers,
                     idle_timeout_secs: args.idle_timeout_secs,
+                    group_rate: args.group_rate,
                 },
             )?;
             init_logging(settings.log_format, "info");

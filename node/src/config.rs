@@ -57,6 +57,8 @@ pub struct Settings {
     pub min_peers: usize,
     /// How long a connection with no open stream is kept.
     pub idle_timeout: Duration,
+    /// Gossiped group messages per second accepted from one sender.
+    pub group_rate: f64,
 }
 
 /// What the config file may hold. Every key is optional; unknown keys are an
@@ -82,6 +84,8 @@ pub struct FileConfig {
     pub min_peers: Option<usize>,
     /// `idle_timeout_secs = 120`
     pub idle_timeout_secs: Option<u64>,
+    /// `group_rate = 50`
+    pub group_rate: Option<f64>,
 }
 
 impl FileConfig {
@@ -119,6 +123,8 @@ pub struct Overrides {
     pub min_peers: Option<usize>,
     /// `--idle-timeout-secs`.
     pub idle_timeout_secs: Option<u64>,
+    /// `--group-rate`.
+    pub group_rate: Option<f64>,
 }
 
 impl Settings {
@@ -142,6 +148,10 @@ impl Settings {
             .api
             .or(file.api)
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT)));
+        let group_rate = over.group_rate.or(file.group_rate).unwrap_or(50.0);
+        if !(group_rate.is_finite() && group_rate > 0.0) {
+            bail!("the group rate must be a positive number of messages per second, not {group_rate}");
+        }
         if !api.ip().is_loopback() {
             bail!(
                 "the API address {api} is not a loopback address: the local API must not be reachable from the network"
@@ -162,6 +172,7 @@ impl Settings {
                     .or(file.idle_timeout_secs)
                     .unwrap_or(300),
             ),
+            group_rate,
         })
     }
 }

@@ -95,7 +95,10 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
                 ble: false,
                 onion: false,
             },
-            groups: GroupsConfig::default(),
+            groups: GroupsConfig {
+                sender_rate: settings.group_rate,
+                ..GroupsConfig::default()
+            },
         },
         node_metrics.clone(),
         libp2p_metrics,

@@ -1,0 +1,87 @@
+//! What the benchmarks share: starting and stopping real daemons.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A daemon started by a benchmark.
+pub struct Started {
+    pub child: Child,
+    /// From spawn to the `ready` line.
+    pub took: Duration,
+    /// Its TCP listen address (without /p2p).
+    pub tcp: String,
+    pub peer_id: String,
+    pub data_dir: PathBuf,
+}
+
+impl Started {
+    /// The TCP address with /p2p, for --bootstrap.
+    pub fn bootstrap_addr(&self) -> String {
+        format!("{}/p2p/{}", self.tcp, self.peer_id)
+    }
+}
+
+/// Starts `fogmesh run` on loopback with random ports and no mDNS.
+pub fn start(dir: &Path, extra: &[&str]) -> Started {
+    let t0 = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fogmesh"))
+        .args(["run", "--data-dir"])
+        .arg(dir)
+        .args([
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+            "--api",
+            "127.0.0.1:0",
+            "--no-mdns",
+        ])
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn fogmesh");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let (mut tcp, mut peer_id) = (String::new(), String::new());
+    for line in lines.by_ref() {
+        let line = line.expect("read");
+        if line == "ready" {
+            break;
+        }
+        if let Some(p) = line.strip_prefix("peer_id: ") {
+            peer_id = p.to_owned();
+        }
+        if let Some(a) = line
+            .strip_prefix("listen: ")
+            .filter(|a| a.contains("/tcp/"))
+        {
+            tcp = a.to_owned();
+        }
+    }
+    let took = t0.elapsed();
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Started {
+        child,
+        took,
+        tcp,
+        peer_id,
+        data_dir: dir.to_path_buf(),
+    }
+}
+
+/// Stops a daemon with SIGTERM and waits for it.
+pub fn stop(mut s: Started) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(s.child.id().to_string())
+        .status();
+    let _ = s.child.wait();
+}
+
