@@ -66,7 +66,11 @@ async fn run(a_dir: &std::path::Path, b_dir: &std::path::Path, b_id: &str) {
     let gid = g.group_id.clone();
     // Wait until B knows the group and the gossip mesh has formed.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while cb.get::<serde_json::Value>(&format!("groups/{gid}")).await.is_err() {
+    while cb
+        .get::<serde_json::Value>(&format!("groups/{gid}"))
+        .await
+        .is_err()
+    {
         assert!(Instant::now() < deadline, "B never learned the group");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -99,7 +103,12 @@ async fn run(a_dir: &std::path::Path, b_dir: &std::path::Path, b_id: &str) {
         let path = format!("groups/{gid}/messages");
         tasks.push(tokio::spawn(async move {
             let r: GroupAck = ca
-                .post(&path, &PostMessage { text: format!("throughput {i} {}", "x".repeat(100)) })
+                .post(
+                    &path,
+                    &PostMessage {
+                        text: format!("throughput {i} {}", "x".repeat(100)),
+                    },
+                )
                 .await
                 .expect("post");
             drop(permit);
@@ -146,7 +155,12 @@ async fn run(a_dir: &std::path::Path, b_dir: &std::path::Path, b_id: &str) {
     for i in 0..LAT_N {
         let sent = Instant::now();
         let r: GroupAck = ca
-            .post(&format!("groups/{gid}/messages"), &PostMessage { text: format!("latency {i}") })
+            .post(
+                &format!("groups/{gid}/messages"),
+                &PostMessage {
+                    text: format!("latency {i}"),
+                },
+            )
             .await
             .expect("post");
         let id = r.id.expect("id");

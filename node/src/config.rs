@@ -150,7 +150,9 @@ impl Settings {
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT)));
         let group_rate = over.group_rate.or(file.group_rate).unwrap_or(50.0);
         if !(group_rate.is_finite() && group_rate > 0.0) {
-            bail!("the group rate must be a positive number of messages per second, not {group_rate}");
+            bail!(
+                "the group rate must be a positive number of messages per second, not {group_rate}"
+            );
         }
         if !api.ip().is_loopback() {
             bail!(

@@ -699,3 +699,76 @@ fn kill_9_after_acknowledged_sends_loses_nothing() {
     let on_b = wait_messages(&b, &gid, &sent);
     assert_eq!(ids_from(&on_b, &a.peer_id), sent);
 }
+
+/// One topic per group: a node in more than 100 groups (gossipsub's default
+/// cap on topics in one SUBSCRIBE) still gets gossip in all of them, also
+/// after a reconnection, when its whole subscription list is sent at once.
+#[test]
+fn more_than_100_groups_all_get_gossip() {
+    const GROUPS: usize = 120;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start(&tmp.path().join("a"), &[]);
+    let b_dir = tmp.path().join("b");
+    let boot = a.tcp_addr();
+    let mut b = Daemon::start(&b_dir, &["--bootstrap", &boot]);
+    b.wait_connected(&a.peer_id, T);
+    let token = std::fs::read_to_string(a.data_dir.join("api.token")).expect("token");
+    let body = format!(r#"{{"name":"g","members":["{}"]}}"#, b.peer_id);
+    let gids: Vec<String> = (0..GROUPS)
+        .map(|_| {
+            let (code, resp) = http(
+                &a.api,
+                "POST",
+                "/v1/groups",
+                Some(token.trim()),
+                Some(&body),
+            );
+            assert_eq!(code, 200, "{resp}");
+            let v: Value = serde_json::from_str(&resp).expect("json");
+            v["group_id"].as_str().expect("group_id").to_owned()
+        })
+        .collect();
+    eventually(T, "B lists all groups", || {
+        let list = b.json_or_nothing(&["group", "list"]);
+        (list.as_array().map_or(0, Vec::len) == GROUPS).then_some(())
+    });
+
+    // Reconnect: B's first SUBSCRIBE to A now lists 120 topics.
+    assert!(b.terminate().0.success());
+    drop(b);
+    let b = Daemon::start(&b_dir, &["--metrics", "127.0.0.1:0"]);
+    b.wait_connected(&a.peer_id, T);
+    // Let the initial catch-up round (one summary per group) finish.
+    std::thread::sleep(Duration::from_secs(3));
+    let metrics = b.metrics_addr().expect("metrics address");
+    let synced = || {
+        let (_, body) = http(&metrics, "GET", "/metrics", None, None);
+        metric_sum(&body, "fogmesh_group_messages_synced_total").unwrap_or(0.0)
+    };
+    let before = synced();
+    // Every group: which topics a capped filter would drop depends on the
+    // order the subscriptions arrive in.
+    let sent: Vec<(String, String)> = gids
+        .iter()
+        .map(|gid| {
+            let (code, resp) = http(
+                &a.api,
+                "POST",
+                &format!("/v1/groups/{gid}/messages"),
+                Some(token.trim()),
+                Some(r#"{"text":"over gossip"}"#),
+            );
+            assert_eq!(code, 200, "{resp}");
+            let v: Value = serde_json::from_str(&resp).expect("json");
+            (gid.clone(), v["id"].as_str().expect("id").to_owned())
+        })
+        .collect();
+    for (gid, id) in &sent {
+        wait_messages(&b, gid, std::slice::from_ref(id));
+    }
+    assert_eq!(
+        synced(),
+        before,
+        "messages reached B through catch-up, not gossip: B's subscriptions were ignored"
+    );
+}

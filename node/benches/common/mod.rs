@@ -84,4 +84,3 @@ pub fn stop(mut s: Started) {
         .status();
     let _ = s.child.wait();
 }
-

@@ -52,8 +52,10 @@ const TAG_OP: u8 = 2;
 /// Inputs waiting for the actor; when full, gossip is dropped (and comes
 /// back through sync) and API calls get "busy".
 const INPUT_QUEUE: usize = 4096;
-/// Unknown-group fetches one peer may trigger per minute.
-const INVITE_FETCHES_PER_MIN: u32 = 10;
+/// Fetches of unknown groups' logs one peer may trigger: per second,
+/// sustained (bursts of four times as many: enough to learn of 128 groups at
+/// once, not enough for a stranger to keep this node busy).
+const INVITE_FETCH_RATE: f64 = 32.0;
 
 /// Encodes a message envelope for gossip.
 pub fn encode_gossip_message(env: &SignedEnvelope) -> Vec<u8> {
@@ -309,7 +311,7 @@ struct Actor {
     metrics: NodeMetrics,
     connected: HashSet<PeerId>,
     rates: HashMap<PeerId, TokenBucket>,
-    invite_fetches: HashMap<PeerId, (Instant, u32)>,
+    invite_fetches: HashMap<PeerId, TokenBucket>,
     cfg: GroupsConfig,
     rng: rand::rngs::StdRng,
     shutdown: tokio_util::sync::CancellationToken,
@@ -912,8 +914,8 @@ impl Actor {
         };
         let Some(group) = self.groups.get(&gid) else {
             // A member telling us of a group we do not know: we may have
-            // been added while away. Ask for its membership log (bounded per
-            // peer, as anyone can send this).
+            // been added while away. Ask for its membership log (rate-limited
+            // per peer, as anyone can send this).
             if remote.is_some() && self.allow_invite_fetch(peer) {
                 self.send_fetch(
                     peer,
@@ -994,13 +996,10 @@ impl Actor {
     }
 
     fn allow_invite_fetch(&mut self, peer: PeerId) -> bool {
-        let now = Instant::now();
-        let e = self.invite_fetches.entry(peer).or_insert((now, 0));
-        if now.duration_since(e.0) > Duration::from_secs(60) {
-            *e = (now, 0);
-        }
-        e.1 += 1;
-        e.1 <= INVITE_FETCHES_PER_MIN
+        self.invite_fetches
+            .entry(peer)
+            .or_insert_with(|| TokenBucket::new(INVITE_FETCH_RATE))
+            .take()
     }
 
     fn on_sync_response(&mut self, peer: PeerId, frame: &[u8]) {
@@ -1161,8 +1160,8 @@ impl TokenBucket {
     fn take(&mut self) -> bool {
         let now = Instant::now();
         // Refill for the time elapsed, capped at four seconds' worth.
-        self.tokens =
-            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.rate * 4.0);
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate)
+            .min(self.rate * 4.0);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
