@@ -772,3 +772,42 @@ fn more_than_100_groups_all_get_gossip() {
         "messages reached B through catch-up, not gossip: B's subscriptions were ignored"
     );
 }
+
+/// Limits and bad input get clear errors and change nothing.
+#[test]
+fn limits_and_bad_input_are_refused_clearly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start(&tmp.path().join("a"), &[]);
+    let gid = group_create(&a, "limits", &[]);
+    let code_and_err = |args: &[&str]| {
+        let out = a.cli(args);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (code, err) = code_and_err(&["group", "create", &"n".repeat(65)]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("name"), "{err}");
+
+    let big = "x".repeat(64 * 1024 + 1);
+    let (code, err) = code_and_err(&["group", "send", &gid, &big]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("65537 bytes exceeds 65536"), "{err}");
+    // Exactly at the limit is fine.
+    send(&a, &gid, &"y".repeat(64 * 1024));
+
+    let (code, err) = code_and_err(&["group", "send", &"ab".repeat(32), "hi"]);
+    assert_eq!(code, Some(1), "unknown group: {err}");
+    let (code, err) = code_and_err(&["group", "send", "not-a-group", "hi"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not a group id"), "{err}");
+    let (code, err) = code_and_err(&["group", "add", &gid, "not-a-peer"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not a peer id"), "{err}");
+
+    // Nothing of that changed the group.
+    assert_eq!(messages(&a, &gid).len(), 1);
+    assert_eq!(a.json(&["group", "list"]).as_array().map(Vec::len), Some(1));
+}

@@ -1185,6 +1185,22 @@ mod tests {
     }
 
     #[test]
+    fn in_sync_check_is_small() {
+        // The periodic check sends a brief summary: what it costs per group
+        // and interval when members agree.
+        let req = SyncRequest::Summary {
+            group_id: GroupId([7; 32]),
+            summary: fogmesh_protocols::groups::Summary {
+                membership_len: 12,
+                heads_hash: [9; 32],
+                per_sender: Vec::new(),
+            },
+        };
+        let len = encode_sync_request(&req).len();
+        assert!(len <= 160, "brief summary request is {len} bytes");
+    }
+
+    #[test]
     fn token_bucket_limits_bursts() {
         let mut b = TokenBucket::new(50.0);
         let passed = (0..1000).filter(|_| b.take()).count();
