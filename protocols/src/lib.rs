@@ -5,5 +5,6 @@
 //! onion relaying and the mailbox join it as their own modules.
 #![warn(missing_docs)]
 
+pub mod files;
 pub mod groups;
 pub mod policy;
