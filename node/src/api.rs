@@ -26,11 +26,15 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_util::sync::CancellationToken;
 
+use crate::files::{self, FilesError};
 use crate::fsutil;
 use crate::groups::{ApiCall, GroupsError};
 use crate::metrics::NodeMetrics;
 use crate::node::{ConnectError, NodeHandle};
-use crate::types::{ApiError, ConnectRequest, CreateGroup, MemberRequest, NodeEvent, PostMessage};
+use crate::types::{
+    ApiError, ConnectRequest, CreateGroup, GetFile, MemberRequest, NodeEvent, PostMessage,
+    ShareFile,
+};
 
 /// File holding the API token (mode 0600), created on first start and kept.
 pub const TOKEN_FILE: &str = "api.token";
@@ -111,6 +115,9 @@ fn router(state: AppState) -> Router {
         .route("/v1/peers", get(peers))
         .route("/v1/connect", post(connect))
         .route("/v1/events", get(events))
+        .route("/v1/files", get(files_list).post(files_share))
+        .route("/v1/files/{id}", get(files_status))
+        .route("/v1/files/{id}/get", post(files_get))
         .route("/v1/groups", get(groups_list).post(groups_create))
         .route("/v1/groups/{id}", get(groups_show))
         .route("/v1/groups/{id}/members", post(groups_add))
@@ -322,6 +329,78 @@ async fn groups_post(
         s.node
             .groups()
             .call(|r| ApiCall::Send(id, req.text, r))
+            .await,
+    )
+}
+
+fn files_result<T: Serialize>(r: Result<T, FilesError>) -> Response {
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => {
+            let status = match &e {
+                FilesError::NotFound(_) => StatusCode::NOT_FOUND,
+                FilesError::BadRequest(_) => StatusCode::BAD_REQUEST,
+                FilesError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            error(status, e.to_string())
+        }
+    }
+}
+
+/// Paths come from the CLI, which makes them absolute; a relative one would
+/// be relative to wherever the daemon was started.
+fn absolute(p: &str) -> Result<std::path::PathBuf, Response> {
+    let path = std::path::PathBuf::from(p);
+    if path.is_absolute() {
+        Ok(path)
+    } else {
+        Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("{p:?} is not an absolute path"),
+        ))
+    }
+}
+
+async fn files_list(State(s): State<AppState>) -> Response {
+    files_result(s.node.files().call(files::ApiCall::List).await)
+}
+
+async fn files_share(
+    State(s): State<AppState>,
+    b: Result<Json<ShareFile>, JsonRejection>,
+) -> Response {
+    let req = body!(b);
+    let path = match absolute(&req.path) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    files_result(
+        s.node
+            .files()
+            .call(|r| files::ApiCall::Share(path, r))
+            .await,
+    )
+}
+
+async fn files_status(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
+    files_result(s.node.files().call(|r| files::ApiCall::Status(id, r)).await)
+}
+
+async fn files_get(
+    State(s): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    b: Result<Json<GetFile>, JsonRejection>,
+) -> Response {
+    let req = body!(b);
+    let output = match absolute(&req.output) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    files_result(
+        s.node
+            .files()
+            .call(|r| files::ApiCall::Get(id, output, r))
             .await,
     )
 }

@@ -36,6 +36,15 @@ pub type SubscriptionFilter = MaxCountSubscriptionFilter<AllowAllSubscriptionFil
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SyncFrame(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
+/// One frame of the file protocol: an encoded
+/// `fogmesh_protocols::files::Request` or `Response`, decoded with that
+/// crate's size-checked decoders.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FileFrame(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+/// The file transfer protocol.
+pub const FILE_PROTOCOL: StreamProtocol = StreamProtocol::new(fogmesh_protocols::files::PROTOCOL);
+
 /// The agent version this node announces through identify.
 pub fn agent_version() -> String {
     format!("fogmesh/{}", env!("CARGO_PKG_VERSION"))
@@ -55,6 +64,8 @@ pub struct BehaviourConfig {
     pub gossip_heartbeat: Duration,
     /// Timeout of one group sync exchange.
     pub sync_timeout: Duration,
+    /// Backstop timeout of one file request.
+    pub file_request_timeout: Duration,
 }
 
 impl Default for BehaviourConfig {
@@ -65,6 +76,7 @@ impl Default for BehaviourConfig {
             kad_bootstrap_interval: Duration::from_secs(300),
             gossip_heartbeat: Duration::from_secs(1),
             sync_timeout: Duration::from_secs(60),
+            file_request_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -100,6 +112,8 @@ mod composed {
             gossipsub::Behaviour<gossipsub::IdentityTransform, super::SubscriptionFilter>,
         /// Group catch-up (anti-entropy): summaries and fetches.
         pub group_sync: request_response::cbor::Behaviour<super::SyncFrame, super::SyncFrame>,
+        /// File transfer: manifests, have-maps and chunks.
+        pub files: request_response::cbor::Behaviour<super::FileFrame, super::FileFrame>,
     }
 }
 
@@ -127,8 +141,18 @@ impl Behaviour {
         kad_cfg
             .set_query_timeout(Duration::from_secs(30))
             .set_periodic_bootstrap_interval(Some(cfg.kad_bootstrap_interval));
-        let mut kad =
-            kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_cfg);
+        // One provider record per shared file: the default cap of 1024
+        // provided keys would limit a node to 1024 shares.
+        let store_cfg = kad::store::MemoryStoreConfig {
+            max_provided_keys: 1 << 20,
+            max_providers_per_key: 64,
+            ..Default::default()
+        };
+        let mut kad = kad::Behaviour::with_config(
+            peer_id,
+            kad::store::MemoryStore::with_config(peer_id, store_cfg),
+            kad_cfg,
+        );
         // Every fogmesh node serves the DHT: without this, Kademlia waits for
         // a confirmed external address, which nodes on a LAN or loopback
         // never get.
@@ -155,6 +179,20 @@ impl Behaviour {
                 .with_max_concurrent_streams(64),
         );
 
+        let files = request_response::cbor::Behaviour::with_codec(
+            request_response::cbor::codec::Codec::default()
+                .set_request_size_maximum((fogmesh_protocols::files::MAX_REQUEST_SIZE + 64) as u64)
+                .set_response_size_maximum(
+                    (fogmesh_protocols::files::MAX_RESPONSE_SIZE + 64) as u64,
+                ),
+            [(FILE_PROTOCOL, ProtocolSupport::Full)],
+            // The scheduler times chunks out itself, from measured rates;
+            // this is only the backstop for a request that never ends.
+            request_response::Config::default()
+                .with_request_timeout(cfg.file_request_timeout)
+                .with_max_concurrent_streams(256),
+        );
+
         Ok(Behaviour {
             limits: connection_limits::Behaviour::new(limits),
             identify,
@@ -163,6 +201,7 @@ impl Behaviour {
             mdns: mdns.into(),
             gossipsub,
             group_sync,
+            files,
         })
     }
 }

@@ -16,9 +16,10 @@ use tracing_subscriber::EnvFilter;
 
 use crate::client::Client;
 use crate::config::{self, FileConfig, LogFormat, Overrides, Settings};
+use crate::files::FileStatus;
 use crate::types::{
-    ConnectRequest, ConnectResponse, CreateGroup, GroupAck, GroupInfo, GroupMessage, MemberRequest,
-    NodeEvent, PeerInfo, PostMessage, Status,
+    ConnectRequest, ConnectResponse, CreateGroup, GetFile, GroupAck, GroupInfo, GroupMessage,
+    MemberRequest, NodeEvent, PeerInfo, PostMessage, ShareFile, Status,
 };
 
 /// A peer-to-peer node for messaging and file sharing, with or without the
@@ -65,6 +66,40 @@ enum Command {
     /// Group chat: create groups, manage members, send and read messages.
     #[command(subcommand)]
     Group(GroupCommand),
+    /// File sharing: share files, fetch them from every peer that has them.
+    #[command(subcommand)]
+    File(FileCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum FileCommand {
+    /// Share a file: hash it, serve it, announce it in the DHT.
+    Share {
+        /// The file.
+        path: PathBuf,
+    },
+    /// Download a file, from every peer that has it; blocks until it is
+    /// complete and verified. Run it again to continue after any
+    /// interruption.
+    Get {
+        /// The file id.
+        file_id: String,
+        /// Where to write it. Default: its name (or id) in the current
+        /// directory.
+        #[arg(short, long, value_name = "PATH")]
+        output: Option<PathBuf>,
+        /// Give up (exit 1) when no peer with the file is found for this
+        /// many seconds. The daemon keeps looking.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        timeout: u64,
+    },
+    /// A share's or download's progress.
+    Status {
+        /// The file id.
+        file_id: String,
+    },
+    /// Every share and download (exit 1 when none).
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -172,6 +207,13 @@ struct RunArgs {
     /// of four times as many). Default 50.
     #[arg(long, value_name = "MSGS")]
     group_rate: Option<f64>,
+    /// Limit on file uploads, bytes per second, e.g. 20MiB (K, M, G are
+    /// powers of 1000; KiB, MiB, GiB powers of 1024). Default: none.
+    #[arg(long, value_name = "RATE", env = "FOGMESH_MAX_UPLOAD_RATE", value_parser = config::parse_rate)]
+    max_upload_rate: Option<u64>,
+    /// Limit on file downloads, bytes per second, e.g. 20MiB. Default: none.
+    #[arg(long, value_name = "RATE", env = "FOGMESH_MAX_DOWNLOAD_RATE", value_parser = config::parse_rate)]
+    max_download_rate: Option<u64>,
 }
 
 /// An error that means "nothing found" (exit code 1) rather than a failure.
@@ -230,6 +272,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     min_peers: args.min_peers,
                     idle_timeout_secs: args.idle_timeout_secs,
                     group_rate: args.group_rate,
+                    max_upload_rate: args.max_upload_rate,
+                    max_download_rate: args.max_download_rate,
                 },
             )?;
             init_logging(settings.log_format, "info");
@@ -331,6 +375,7 @@ async fn client_command(client: Client, cmd: Command, json: bool) -> anyhow::Res
                 .await
         }
         Command::Group(cmd) => group_command(client, cmd, json).await,
+        Command::File(cmd) => file_command(client, cmd, json).await,
         Command::Run(_) | Command::Id => unreachable!("handled before a client is made"),
     }
 }
@@ -357,6 +402,142 @@ fn describe(ev: &NodeEvent) -> String {
         }
         NodeEvent::Lagged { missed } => format!("(missed {missed} events)"),
     }
+}
+
+async fn file_command(client: Client, cmd: FileCommand, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        FileCommand::Share { path } => {
+            let abs = std::path::absolute(&path)
+                .with_context(|| format!("bad path {}", path.display()))?;
+            let st: FileStatus = client
+                .post(
+                    "files",
+                    &ShareFile {
+                        path: abs.display().to_string(),
+                    },
+                )
+                .await
+                .with_context(|| format!("cannot share {}", path.display()))?;
+            if json {
+                print_json(&serde_json::json!({
+                    "file_id": st.file_id,
+                    "size": st.bytes_total,
+                    "chunks": st.chunks_total,
+                    "name": st.name,
+                }))
+            } else {
+                println!("{}", st.file_id);
+                Ok(())
+            }
+        }
+        FileCommand::Get {
+            file_id,
+            output,
+            timeout,
+        } => get_file(&client, &file_id, output, timeout, json).await,
+        FileCommand::Status { file_id } => {
+            let st: FileStatus = client.get(&format!("files/{file_id}")).await?;
+            if json {
+                print_json(&st)
+            } else {
+                println!("file_id: {}", st.file_id);
+                println!("state:   {}", st.state);
+                if let Some(p) = &st.path {
+                    println!("path:    {p}");
+                }
+                println!(
+                    "have:    {} of {} bytes ({} of {} chunks)",
+                    st.bytes_have, st.bytes_total, st.chunks_have, st.chunks_total
+                );
+                println!("sources: {}", st.sources);
+                Ok(())
+            }
+        }
+        FileCommand::List => {
+            let list: Vec<FileStatus> = client.get("files").await?;
+            if json {
+                print_json(&list)?;
+            } else {
+                for st in &list {
+                    println!(
+                        "{}  {:<11} {:>12} B  {}",
+                        st.file_id,
+                        st.state,
+                        st.bytes_total,
+                        st.name.as_deref().unwrap_or("")
+                    );
+                }
+            }
+            if list.is_empty() {
+                return Err(NothingFound("no shares or downloads".into()).into());
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn get_file(
+    client: &Client,
+    file_id: &str,
+    output: Option<PathBuf>,
+    timeout: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    let output = output.unwrap_or_else(|| PathBuf::from(file_id));
+    let output =
+        std::path::absolute(&output).with_context(|| format!("bad path {}", output.display()))?;
+    let start = std::time::Instant::now();
+    let mut st: FileStatus = client
+        .post(
+            &format!("files/{file_id}/get"),
+            &GetFile {
+                output: output.display().to_string(),
+            },
+        )
+        .await?;
+    // indicatif draws only when stderr is a terminal.
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(st.bytes_total),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    loop {
+        match st.state.as_str() {
+            "complete" => break,
+            "failed" => {
+                bar.abandon();
+                anyhow::bail!(
+                    "download of {file_id} failed: {}",
+                    st.error.unwrap_or_default()
+                );
+            }
+            "searching" if start.elapsed() > std::time::Duration::from_secs(timeout) => {
+                bar.abandon();
+                return Err(NothingFound(format!(
+                    "no peer with file {file_id} found in {timeout} s (the node keeps looking; run this again to wait)"
+                ))
+                .into());
+            }
+            _ => {}
+        }
+        bar.set_length(st.bytes_total);
+        bar.set_position(st.bytes_have);
+        bar.set_message(format!("{} sources", st.sources));
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        st = client.get(&format!("files/{file_id}")).await?;
+    }
+    bar.finish_and_clear();
+    if json {
+        print_json(&st)?;
+    } else {
+        println!("{}", st.path.as_deref().unwrap_or(""));
+    }
+    Ok(())
 }
 
 fn short(id: &str) -> &str {

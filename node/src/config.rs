@@ -59,6 +59,10 @@ pub struct Settings {
     pub idle_timeout: Duration,
     /// Gossiped group messages per second accepted from one sender.
     pub group_rate: f64,
+    /// File upload limit, bytes per second.
+    pub max_upload_rate: Option<u64>,
+    /// File download limit, bytes per second.
+    pub max_download_rate: Option<u64>,
 }
 
 /// What the config file may hold. Every key is optional; unknown keys are an
@@ -86,6 +90,10 @@ pub struct FileConfig {
     pub idle_timeout_secs: Option<u64>,
     /// `group_rate = 50`
     pub group_rate: Option<f64>,
+    /// `max_upload_rate = "20MiB"`
+    pub max_upload_rate: Option<String>,
+    /// `max_download_rate = "20MiB"`
+    pub max_download_rate: Option<String>,
 }
 
 impl FileConfig {
@@ -125,6 +133,10 @@ pub struct Overrides {
     pub idle_timeout_secs: Option<u64>,
     /// `--group-rate`.
     pub group_rate: Option<f64>,
+    /// `--max-upload-rate`, bytes per second.
+    pub max_upload_rate: Option<u64>,
+    /// `--max-download-rate`, bytes per second.
+    pub max_download_rate: Option<u64>,
 }
 
 impl Settings {
@@ -154,6 +166,18 @@ impl Settings {
                 "the group rate must be a positive number of messages per second, not {group_rate}"
             );
         }
+        let rate = |key: &str, v: Option<String>| -> anyhow::Result<Option<u64>> {
+            v.map(|s| parse_rate(&s).map_err(|e| anyhow::anyhow!("config key {key}: {e}")))
+                .transpose()
+        };
+        let max_upload_rate = match over.max_upload_rate {
+            Some(r) => Some(r),
+            None => rate("max_upload_rate", file.max_upload_rate)?,
+        };
+        let max_download_rate = match over.max_download_rate {
+            Some(r) => Some(r),
+            None => rate("max_download_rate", file.max_download_rate)?,
+        };
         if !api.ip().is_loopback() {
             bail!(
                 "the API address {api} is not a loopback address: the local API must not be reachable from the network"
@@ -175,6 +199,8 @@ impl Settings {
                     .unwrap_or(300),
             ),
             group_rate,
+            max_upload_rate,
+            max_download_rate,
         })
     }
 }
@@ -208,6 +234,16 @@ pub fn check_bootstrap(addr: &Multiaddr) -> Result<(), String> {
         _ => Err(format!(
             "bootstrap address {addr} does not end with /p2p/<peer id>"
         )),
+    }
+}
+
+/// Parses a rate such as `20MiB` (bytes per second; suffixes K, M, G are
+/// powers of 1000, KiB, MiB, GiB powers of 1024); 0 is refused.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    match fogmesh_protocols::files::parse_rate(s) {
+        Ok(0) => Err("a rate of 0 would stop all transfers".into()),
+        Ok(r) => Ok(r),
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, Endpoint};
 use crate::behaviour::{Behaviour, BehaviourConfig};
 use crate::config::Settings;
+use crate::files::FilesConfig;
 use crate::groups::GroupsConfig;
 use crate::metrics::{self, NodeMetrics};
 use crate::node::{self, NodeConfig};
@@ -98,6 +99,11 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
             groups: GroupsConfig {
                 sender_rate: settings.group_rate,
                 ..GroupsConfig::default()
+            },
+            files: FilesConfig {
+                max_upload_rate: settings.max_upload_rate,
+                max_download_rate: settings.max_download_rate,
+                ..FilesConfig::default()
             },
         },
         node_metrics.clone(),

@@ -40,6 +40,12 @@ pub struct NodeMetrics {
     pub group_messages_synced: Counter,
     /// Group sync requests sent.
     pub group_sync_requests: Counter,
+    /// File chunk bytes sent to peers.
+    pub file_bytes_uploaded: Counter,
+    /// Verified new file chunk bytes received.
+    pub file_bytes_downloaded: Counter,
+    /// File chunks that failed verification (discarded, fetched again).
+    pub file_chunks_corrupt: Counter,
 }
 
 impl NodeMetrics {
@@ -101,6 +107,21 @@ impl NodeMetrics {
             "group_sync_requests",
             "Group sync requests sent",
             m.group_sync_requests.clone(),
+        );
+        r.register(
+            "file_bytes_uploaded",
+            "File chunk bytes sent to peers",
+            m.file_bytes_uploaded.clone(),
+        );
+        r.register(
+            "file_bytes_downloaded",
+            "Verified new file chunk bytes received",
+            m.file_bytes_downloaded.clone(),
+        );
+        r.register(
+            "file_chunks_corrupt",
+            "File chunks that failed verification",
+            m.file_chunks_corrupt.clone(),
         );
         m
     }

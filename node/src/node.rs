@@ -27,7 +27,8 @@ use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, kad, mdns, ping, req
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL, SyncFrame};
+use crate::behaviour::{Behaviour, BehaviourEvent, FileFrame, KAD_PROTOCOL, SyncFrame};
+use crate::files::{self, Asked, FileCommand, FilesConfig, FilesHandle};
 use crate::groups::{self, GroupsConfig, GroupsHandle, Input, NetCommand};
 use crate::metrics::NodeMetrics;
 use crate::storage::Store;
@@ -58,6 +59,8 @@ pub struct NodeConfig {
     pub reachability: Reachability,
     /// Group chat settings.
     pub groups: GroupsConfig,
+    /// File sharing settings.
+    pub files: FilesConfig,
 }
 
 /// Why a connect failed.
@@ -91,6 +94,7 @@ enum Command {
 pub struct NodeHandle {
     peer_id: PeerId,
     groups: GroupsHandle,
+    files: FilesHandle,
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<NodeEvent>,
 }
@@ -126,6 +130,11 @@ impl NodeHandle {
     /// The group chat actor.
     pub fn groups(&self) -> &GroupsHandle {
         &self.groups
+    }
+
+    /// The file sharing actor.
+    pub fn files(&self) -> &FilesHandle {
+        &self.files
     }
 
     /// Subscribes to the node's events from now on.
@@ -193,9 +202,22 @@ pub async fn start(
         cfg.groups.clone(),
         shutdown.clone(),
     )?;
+    let (file_tx, file_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (files, files_thread) = files::start(
+        peer_id,
+        store.clone(),
+        file_tx,
+        metrics.clone(),
+        cfg.files.clone(),
+        shutdown.clone(),
+    )?;
     let mut el = EventLoop {
         groups: groups.clone(),
         net: net_rx,
+        files: files.clone(),
+        file_net: file_rx,
+        file_requests: HashMap::new(),
+        provider_queries: HashMap::new(),
         swarm,
         commands: cmd_rx,
         events: events.clone(),
@@ -265,6 +287,7 @@ pub async fn start(
     let handle = NodeHandle {
         peer_id,
         groups,
+        files,
         commands: cmd_tx,
         events,
     };
@@ -276,11 +299,13 @@ pub async fn start(
         if writer.await.is_err() {
             tracing::error!("the database writer task panicked");
         }
-        if tokio::task::spawn_blocking(move || groups_thread.join())
-            .await
-            .is_err()
-        {
-            tracing::error!("the groups actor panicked");
+        for (name, t) in [("groups", groups_thread), ("files", files_thread)] {
+            if !matches!(
+                tokio::task::spawn_blocking(move || t.join()).await,
+                Ok(Ok(()))
+            ) {
+                tracing::error!("the {name} actor panicked");
+            }
         }
     });
     Ok(RunningNode {
@@ -319,6 +344,13 @@ struct EventLoop {
     swarm: Swarm<Behaviour>,
     groups: GroupsHandle,
     net: mpsc::Receiver<NetCommand>,
+    files: FilesHandle,
+    file_net: mpsc::Receiver<FileCommand>,
+    /// What each outstanding file request asked, by request id.
+    file_requests:
+        HashMap<request_response::OutboundRequestId, (fogmesh_protocols::files::FileId, Asked)>,
+    /// Provider lookups, by query id.
+    provider_queries: HashMap<kad::QueryId, fogmesh_protocols::files::FileId>,
     commands: mpsc::Receiver<Command>,
     events: broadcast::Sender<NodeEvent>,
     store_tx: mpsc::Sender<StoreOp>,
@@ -383,6 +415,7 @@ impl EventLoop {
                     None => break,
                 },
                 Some(cmd) = self.net.recv() => self.on_net_command(cmd),
+                Some(cmd) = self.file_net.recv() => self.on_file_command(cmd),
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
                 _ = tick.tick() => self.maintain(),
             }
@@ -577,6 +610,7 @@ impl EventLoop {
                 conns.push((connection_id, addr.clone()));
                 if first {
                     self.groups.offer(Input::PeerConnected(peer_id));
+                    self.files.offer(files::Input::PeerConnected(peer_id));
                     self.metrics
                         .connected_peers
                         .set(self.connections.len() as i64);
@@ -599,6 +633,7 @@ impl EventLoop {
                         self.connections.remove(&peer_id);
                         self.peer_meta.remove(&peer_id);
                         self.groups.offer(Input::PeerDisconnected(peer_id));
+                        self.files.offer(files::Input::PeerDisconnected(peer_id));
                         self.metrics
                             .connected_peers
                             .set(self.connections.len() as i64);
@@ -662,6 +697,25 @@ impl EventLoop {
                 } = ev
                 {
                     self.peer_meta.entry(peer).or_default().rtt = Some(rtt);
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetProviders(result),
+                step,
+                ..
+            }) => {
+                let Some(file) = self.provider_queries.get(&id).copied() else {
+                    return;
+                };
+                if step.last {
+                    self.provider_queries.remove(&id);
+                }
+                if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result {
+                    self.files.offer(files::Input::Providers {
+                        file,
+                        peers: providers.into_iter().collect(),
+                    });
                 }
             }
             BehaviourEvent::Kad(ev) => {
@@ -734,6 +788,51 @@ impl EventLoop {
                     }
                 }
             }
+            BehaviourEvent::Files(ev) => match ev {
+                request_response::Event::Message { peer, message, .. } => match message {
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => {
+                        self.files.offer(files::Input::Request {
+                            peer,
+                            frame: request.0,
+                            channel,
+                        });
+                    }
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    } => {
+                        if let Some((file, asked)) = self.file_requests.remove(&request_id) {
+                            self.files.offer(files::Input::Response {
+                                peer,
+                                file,
+                                asked,
+                                result: Ok(response.0),
+                            });
+                        }
+                    }
+                },
+                request_response::Event::OutboundFailure {
+                    peer,
+                    request_id,
+                    error,
+                    ..
+                } => {
+                    if let Some((file, asked)) = self.file_requests.remove(&request_id) {
+                        self.files.offer(files::Input::Response {
+                            peer,
+                            file,
+                            asked,
+                            result: Err(error.to_string()),
+                        });
+                    }
+                }
+                request_response::Event::InboundFailure { peer, error, .. } => {
+                    tracing::debug!(%peer, "file response failed: {error}");
+                }
+                request_response::Event::ResponseSent { .. } => {}
+            },
             BehaviourEvent::GroupSync(ev) => match ev {
                 request_response::Event::Message { peer, message, .. } => match message {
                     request_response::Message::Request {
@@ -838,6 +937,69 @@ impl EventLoop {
                 {
                     tracing::debug!("sync response not sent: the requester went away");
                 }
+            }
+        }
+    }
+
+    fn on_file_command(&mut self, cmd: FileCommand) {
+        match cmd {
+            FileCommand::Request {
+                peer,
+                file,
+                asked,
+                frame,
+            } => {
+                if self
+                    .policy
+                    .plan(&Requirements::unicast(), &self.reach)
+                    .first()
+                    .is_none()
+                {
+                    self.files.offer(files::Input::Response {
+                        peer,
+                        file,
+                        asked,
+                        result: Err("no route is up".into()),
+                    });
+                    return;
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .files
+                    .send_request(&peer, FileFrame(frame));
+                self.file_requests.insert(id, (file, asked));
+            }
+            FileCommand::Respond { channel, frame } => {
+                if self
+                    .swarm
+                    .behaviour_mut()
+                    .files
+                    .send_response(channel, FileFrame(frame))
+                    .is_err()
+                {
+                    tracing::debug!("file response not sent: the requester went away");
+                }
+            }
+            FileCommand::StartProviding(file) => {
+                let key = kad::RecordKey::new(&file.0);
+                if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(key) {
+                    tracing::warn!(%file, "cannot announce the file: {e}");
+                }
+            }
+            FileCommand::StopProviding(file) => {
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .stop_providing(&kad::RecordKey::new(&file.0));
+            }
+            FileCommand::FindProviders(file) => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_providers(kad::RecordKey::new(&file.0));
+                self.provider_queries.insert(id, file);
             }
         }
     }

@@ -209,3 +209,17 @@ pub struct GroupAck {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub id: Option<String>,
 }
+
+/// `POST /v1/files` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShareFile {
+    /// Absolute path of the file to share.
+    pub path: String,
+}
+
+/// `POST /v1/files/{id}/get` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GetFile {
+    /// Absolute path to write the file to.
+    pub output: String,
+}
