@@ -16,6 +16,8 @@ pub struct Started {
     pub tcp: String,
     pub peer_id: String,
     pub data_dir: PathBuf,
+    /// The metrics address, when started with `--metrics`.
+    pub metrics: Option<String>,
 }
 
 impl Started {
@@ -49,10 +51,14 @@ pub fn start(dir: &Path, extra: &[&str]) -> Started {
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let (mut tcp, mut peer_id) = (String::new(), String::new());
+    let mut metrics = None;
     for line in lines.by_ref() {
         let line = line.expect("read");
         if line == "ready" {
             break;
+        }
+        if let Some(m) = line.strip_prefix("metrics: ") {
+            metrics = Some(m.to_owned());
         }
         if let Some(p) = line.strip_prefix("peer_id: ") {
             peer_id = p.to_owned();
@@ -73,6 +79,7 @@ pub fn start(dir: &Path, extra: &[&str]) -> Started {
         tcp,
         peer_id,
         data_dir: dir.to_path_buf(),
+        metrics,
     }
 }
 

@@ -4,8 +4,8 @@
 //! it to libp2p request-response ([`wire::PROTOCOL`]), to Kademlia (one
 //! provider record per file, keyed by the [`FileId`], never one per chunk)
 //! and to files on disk; the simulator drives the same state machines. The
-//! format is specified in `FILES.md` next to this module (to become
-//! docs/protocols/files.md).
+//! format is specified in docs/protocols/files.md at the top of the
+//! workspace.
 //!
 //! # How a transfer goes
 //!
