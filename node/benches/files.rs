@@ -113,6 +113,7 @@ async fn share(c: &Client, path: &Path) -> String {
             "files",
             &ShareFile {
                 path: path.display().to_string(),
+                group: None,
             },
         )
         .await

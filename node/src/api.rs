@@ -375,12 +375,62 @@ async fn files_share(
         Ok(p) => p,
         Err(r) => return r,
     };
-    files_result(
-        s.node
-            .files()
-            .call(|r| files::ApiCall::Share(path, r))
-            .await,
-    )
+    let Some(group) = req.group else {
+        return files_result(
+            s.node
+                .files()
+                .call(|r| files::ApiCall::Share(path, false, r))
+                .await,
+        );
+    };
+    // Shared with a group: check the group first (this node must be able to
+    // post to it), then share encrypted, then post the link with its key.
+    if let Err(e) = s
+        .node
+        .groups()
+        .call(|r| ApiCall::Show(group.clone(), r))
+        .await
+    {
+        return groups_result::<()>(Err(e));
+    }
+    let mut st = match s
+        .node
+        .files()
+        .call(|r| files::ApiCall::Share(path, true, r))
+        .await
+    {
+        Ok(st) => st,
+        Err(e) => return files_result::<()>(Err(e)),
+    };
+    let name = req
+        .path
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .take(128)
+        .collect::<String>();
+    let text = format!(
+        "{} {} ({} bytes)",
+        st.link.as_deref().unwrap_or_default(),
+        name,
+        st.bytes_total
+    );
+    match s
+        .node
+        .groups()
+        .call(|r| ApiCall::Send(group, text, r))
+        .await
+    {
+        Ok(ack) => {
+            st.name = Some(name);
+            let mut v = serde_json::to_value(&st).unwrap_or_default();
+            v["message_id"] = serde_json::json!(ack.id);
+            Json(v).into_response()
+        }
+        Err(e) => groups_result::<()>(Err(e)),
+    }
 }
 
 async fn files_status(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {

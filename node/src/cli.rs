@@ -77,6 +77,11 @@ enum FileCommand {
     Share {
         /// The file.
         path: PathBuf,
+        /// Share it with this group only: it is encrypted under a new key
+        /// that only the group's members receive (in a group message with
+        /// the file's link).
+        #[arg(long, value_name = "GROUP_ID")]
+        group: Option<String>,
     },
     /// Download a file, from every peer that has it; blocks until it is
     /// complete and verified. Run it again to continue after any
@@ -406,25 +411,31 @@ fn describe(ev: &NodeEvent) -> String {
 
 async fn file_command(client: Client, cmd: FileCommand, json: bool) -> anyhow::Result<()> {
     match cmd {
-        FileCommand::Share { path } => {
+        FileCommand::Share { path, group } => {
             let abs = std::path::absolute(&path)
                 .with_context(|| format!("bad path {}", path.display()))?;
-            let st: FileStatus = client
+            let v: serde_json::Value = client
                 .post(
                     "files",
                     &ShareFile {
                         path: abs.display().to_string(),
+                        group,
                     },
                 )
                 .await
                 .with_context(|| format!("cannot share {}", path.display()))?;
+            let st: FileStatus = serde_json::from_value(v.clone()).context("unexpected answer")?;
             if json {
-                print_json(&serde_json::json!({
+                let mut out = serde_json::json!({
                     "file_id": st.file_id,
                     "size": st.bytes_total,
                     "chunks": st.chunks_total,
                     "name": st.name,
-                }))
+                });
+                if let Some(m) = v.get("message_id") {
+                    out["message_id"] = m.clone();
+                }
+                print_json(&out)
             } else {
                 println!("{}", st.file_id);
                 Ok(())

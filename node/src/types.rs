@@ -215,6 +215,10 @@ pub struct GroupAck {
 pub struct ShareFile {
     /// Absolute path of the file to share.
     pub path: String,
+    /// Share with this group only: the file is encrypted under a new key,
+    /// and a message with its link and key is posted to the group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 /// `POST /v1/files/{id}/get` body.

@@ -34,8 +34,8 @@ use fogmesh_protocols::files::wire::{
     encode_request, encode_response, max_chunk_response_size,
 };
 use fogmesh_protocols::files::{
-    Bitfield, ChunkOutcome, FileId, MAX_MANIFEST_SIZE, Manifest, ManifestBuilder, Scheduler,
-    SchedulerConfig, TokenBucket, chunk_size_for,
+    Bitfield, ChunkOutcome, FileId, FileKey, FileLink, MAX_MANIFEST_SIZE, Manifest,
+    ManifestBuilder, Scheduler, SchedulerConfig, TokenBucket, chunk_size_for,
 };
 use libp2p::PeerId;
 use libp2p::request_response::ResponseChannel;
@@ -87,8 +87,9 @@ type Reply<T> = oneshot::Sender<Result<T, FilesError>>;
 /// A call from the API.
 #[derive(Debug)]
 pub enum ApiCall {
-    /// Share the file at this absolute path.
-    Share(PathBuf, Reply<FileStatus>),
+    /// Share the file at this absolute path; with `true`, encrypted under a
+    /// new key (for a group: the status then carries the link with the key).
+    Share(PathBuf, bool, Reply<FileStatus>),
     /// Start (or continue) downloading a file to this absolute path.
     Get(String, PathBuf, Reply<FileStatus>),
     /// One file's status.
@@ -125,6 +126,10 @@ pub struct FileStatus {
     pub rate_bps: u64,
     /// Why it failed.
     pub error: Option<String>,
+    /// The file's link (`fogmesh-file:<id>[#<key>]`), in the answer to a
+    /// share only: for an encrypted file it holds the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
 }
 
 /// One source of a download.
@@ -170,6 +175,7 @@ pub(crate) enum Input {
     },
     Hashed {
         path: PathBuf,
+        key: Option<FileKey>,
         result: Result<Manifest, String>,
         reply: Reply<FileStatus>,
     },
@@ -291,6 +297,9 @@ pub(crate) fn start(
 
 struct Share {
     path: PathBuf,
+    /// For a group file: the plaintext is on disk, chunks are encrypted
+    /// with this key when served.
+    key: Option<FileKey>,
     manifest: Manifest,
     file: Option<File>,
     /// The file changed on disk since it was shared: no longer served.
@@ -298,6 +307,8 @@ struct Share {
 }
 
 struct Download {
+    /// For a group file: decrypt with this key once complete.
+    key: Option<FileKey>,
     output: PathBuf,
     part: PathBuf,
     manifest: Option<Manifest>,
@@ -352,10 +363,12 @@ impl Actor {
             let Some(manifest) = self.store.manifest(&id)? else {
                 continue;
             };
+            let key = self.store.key(&id)?;
             self.shares.insert(
                 id,
                 Share {
                     path: PathBuf::from(path),
+                    key,
                     manifest,
                     file: None,
                     stale: false,
@@ -369,6 +382,7 @@ impl Actor {
             }
             let output = PathBuf::from(&rec.output);
             let mut dl = Download::new(output);
+            dl.key = self.store.key(&id)?;
             if let Some(m) = self.store.manifest(&id)? {
                 let have = self.store.have(&id)?;
                 if let Err(e) = self.open_download(&mut dl, m, have) {
@@ -440,10 +454,11 @@ impl Actor {
             }
             Input::Hashed {
                 path,
+                key,
                 result,
                 reply,
             } => {
-                let _ = reply.send(self.finish_share(path, result));
+                let _ = reply.send(self.finish_share(path, key, result));
             }
             Input::PeerConnected(p) => {
                 self.connected.insert(p);
@@ -473,7 +488,7 @@ impl Actor {
 
     fn on_api(&mut self, call: ApiCall) {
         match call {
-            ApiCall::Share(path, reply) => self.share(path, reply),
+            ApiCall::Share(path, encrypt, reply) => self.share(path, encrypt, reply),
             ApiCall::Get(id, output, reply) => {
                 let _ = reply.send(self.get(&id, output));
             }
@@ -499,15 +514,17 @@ impl Actor {
         }
     }
 
-    fn share(&mut self, path: PathBuf, reply: Reply<FileStatus>) {
+    fn share(&mut self, path: PathBuf, encrypt: bool, reply: Reply<FileStatus>) {
+        let key = encrypt.then(|| FileKey::generate(&mut rand::rng()));
         // Hashing a large file takes seconds: do it off the actor thread.
         let handle = self.self_handle.clone();
         let spawned = std::thread::Builder::new()
             .name("fogmesh-hash".into())
             .spawn(move || {
-                let result = hash_file(&path);
+                let result = hash_file(&path, key.as_ref());
                 let _ = handle.tx.send(Input::Hashed {
                     path,
+                    key,
                     result,
                     reply,
                 });
@@ -520,6 +537,7 @@ impl Actor {
     fn finish_share(
         &mut self,
         path: PathBuf,
+        key: Option<FileKey>,
         result: Result<Manifest, String>,
     ) -> Result<FileStatus, FilesError> {
         let manifest = result.map_err(FilesError::BadRequest)?;
@@ -531,11 +549,20 @@ impl Actor {
             })?
             .to_owned();
         self.store.put_manifest(&manifest)?;
+        if let Some(k) = &key {
+            self.store.put_key(&id, k)?;
+        }
         self.store.put_share(&id, &path_str)?;
+        let link = FileLink {
+            id,
+            key: key.clone(),
+        }
+        .to_string();
         self.shares.insert(
             id,
             Share {
                 path,
+                key,
                 manifest,
                 file: None,
                 stale: false,
@@ -543,8 +570,11 @@ impl Actor {
         );
         self.net_send(FileCommand::StartProviding(id));
         tracing::info!(file = %id, path = %path_str, "sharing");
-        self.status(&id)
-            .ok_or_else(|| FilesError::Internal("share vanished".into()))
+        let mut st = self
+            .status(&id)
+            .ok_or_else(|| FilesError::Internal("share vanished".into()))?;
+        st.link = Some(link);
+        Ok(st)
     }
 
     fn get(&mut self, id: &str, output: PathBuf) -> Result<FileStatus, FilesError> {
@@ -595,8 +625,10 @@ impl Actor {
                 error: None,
             },
         )?;
-        self.downloads.insert(id, Download::new(output));
-        tracing::info!(file = %id, "download started");
+        let mut dl = Download::new(output);
+        dl.key = self.store.key(&id)?;
+        self.downloads.insert(id, dl);
+        tracing::info!(file = %id, encrypted = self.downloads[&id].key.is_some(), "download started");
         self.search(id);
         self.status(&id)
             .ok_or_else(|| FilesError::Internal("download vanished".into()))
@@ -656,6 +688,7 @@ impl Actor {
                     .collect(),
                 rate_bps: recent / 2,
                 error: dl.error.clone(),
+                link: None,
             });
         }
         let share = self.shares.get(id)?;
@@ -675,6 +708,7 @@ impl Actor {
             error: share
                 .stale
                 .then(|| "the file changed on disk since it was shared".to_owned()),
+            link: None,
         })
     }
 
@@ -765,6 +799,9 @@ impl Actor {
                 .file
                 .as_ref()
                 .is_some_and(|f| f.read_exact_at(&mut buf, offset).is_ok());
+            if let Some(k) = &share.key {
+                k.apply(offset, &mut buf);
+            }
             // Serve only what still matches the manifest: a file changed
             // after sharing must not reach anybody as this file.
             if ok && share.manifest.verify_chunk(index, &buf) {
@@ -1115,7 +1152,15 @@ impl Actor {
             return;
         }
         dl.file = None;
-        if let Err(e) = std::fs::rename(&dl.part, &dl.output) {
+        let moved = match &dl.key {
+            // A group file: decrypt into a new file, so a crash half-way
+            // leaves the verified ciphertext intact to start again from.
+            Some(k) => {
+                decrypt_to(&dl.part, &dl.output, k).and_then(|()| std::fs::remove_file(&dl.part))
+            }
+            None => std::fs::rename(&dl.part, &dl.output),
+        };
+        if let Err(e) = moved {
             dl.fail(format!(
                 "cannot move the file to {}: {e}",
                 dl.output.display()
@@ -1149,6 +1194,7 @@ impl Actor {
             id,
             Share {
                 path: dl.output.clone(),
+                key: dl.key.clone(),
                 manifest,
                 file: None,
                 stale: false,
@@ -1235,6 +1281,7 @@ impl Download {
         let mut part = output.clone().into_os_string();
         part.push(PART_SUFFIX);
         Download {
+            key: None,
             output,
             part: PathBuf::from(part),
             manifest: None,
@@ -1262,8 +1309,9 @@ fn parse_id(s: &str) -> Result<FileId, FilesError> {
         .map_err(|_| FilesError::BadRequest(format!("{s:?} is not a file id (64 hex characters)")))
 }
 
-/// Streams a file through the manifest builder (1 MiB at a time).
-fn hash_file(path: &Path) -> Result<Manifest, String> {
+/// Streams a file through the manifest builder (1 MiB at a time); with a
+/// key, the manifest is of the encrypted content.
+fn hash_file(path: &Path, key: Option<&FileKey>) -> Result<Manifest, String> {
     use std::io::Read;
     let mut f = File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let md = f
@@ -1274,6 +1322,7 @@ fn hash_file(path: &Path) -> Result<Manifest, String> {
     }
     let mut b = ManifestBuilder::new(chunk_size_for(md.len())).map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; 1 << 20];
+    let mut offset = 0u64;
     loop {
         let n = f
             .read(&mut buf)
@@ -1281,7 +1330,16 @@ fn hash_file(path: &Path) -> Result<Manifest, String> {
         if n == 0 {
             break;
         }
+        if let Some(k) = key {
+            k.apply(offset, &mut buf[..n]);
+        }
+        offset += n as u64;
         b.update(&buf[..n]);
+    }
+    // A group file's name would reveal what members share: it travels in
+    // the (encrypted) group message instead.
+    if key.is_some() {
+        return b.finish(None).map_err(|e| e.to_string());
     }
     let name = path
         .file_name()
@@ -1289,6 +1347,29 @@ fn hash_file(path: &Path) -> Result<Manifest, String> {
         .map(|n| n.chars().take(255).collect::<String>())
         .filter(|n| n.len() <= 255);
     b.finish(name).map_err(|e| e.to_string())
+}
+
+/// Decrypts `src` into `dst` through a temporary file, synced, then renamed.
+fn decrypt_to(src: &Path, dst: &Path, key: &FileKey) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut tmp = dst.as_os_str().to_owned();
+    tmp.push(".fogmesh-dec");
+    let tmp = PathBuf::from(tmp);
+    let mut input = File::open(src)?;
+    let mut out = std::io::BufWriter::new(File::create(&tmp)?);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut offset = 0u64;
+    loop {
+        let n = input.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        key.apply(offset, &mut buf[..n]);
+        out.write_all(&buf[..n])?;
+        offset += n as u64;
+    }
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    std::fs::rename(&tmp, dst)
 }
 
 /// Copies `src` to `dst` through a temporary file and a rename.
@@ -1311,12 +1392,27 @@ mod tests {
         let p = dir.path().join("f.bin");
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(&p, &data).expect("write");
-        let m = hash_file(&p).expect("hash");
+        let m = hash_file(&p, None).expect("hash");
         let expected = fogmesh_protocols::files::manifest::manifest_of(&data, Some("f.bin".into()))
             .expect("manifest");
         assert_eq!(m.id(), expected.id());
         assert_eq!(m.size(), 3_000_000);
-        assert!(hash_file(&dir.path().join("missing")).is_err());
-        assert!(hash_file(dir.path()).is_err());
+        assert!(hash_file(&dir.path().join("missing"), None).is_err());
+        assert!(hash_file(dir.path(), None).is_err());
+        // Encrypted: the manifest is of the ciphertext, without a name, and
+        // decrypting gives the plaintext back.
+        let key = FileKey([3; 32]);
+        let mut ct = data.clone();
+        key.apply(0, &mut ct);
+        let enc = hash_file(&p, Some(&key)).expect("hash");
+        let expected =
+            fogmesh_protocols::files::manifest::manifest_of(&ct, None).expect("manifest");
+        assert_eq!(enc.id(), expected.id());
+        assert_eq!(enc.name(), None);
+        let ctp = dir.path().join("ct");
+        std::fs::write(&ctp, &ct).expect("write");
+        let back = dir.path().join("back");
+        decrypt_to(&ctp, &back, &key).expect("decrypt");
+        assert_eq!(std::fs::read(&back).expect("read"), data);
     }
 }

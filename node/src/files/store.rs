@@ -10,7 +10,7 @@
 //!   restart by hashing them (see `files::Actor::resume`).
 
 use fogmesh_protocols::files::wire::{Response, decode_response_with_limit, encode_response};
-use fogmesh_protocols::files::{Bitfield, FileId, MAX_MANIFEST_SIZE, Manifest};
+use fogmesh_protocols::files::{Bitfield, FileId, FileKey, MAX_MANIFEST_SIZE, Manifest};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +20,9 @@ const MANIFESTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("file_mani
 const SHARES: TableDefinition<&[u8], &str> = TableDefinition::new("file_shares");
 const DOWNLOADS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("file_downloads");
 const HAVE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("file_have");
+/// File id to the content key of a group file (learned from a group
+/// message, or made when sharing with a group).
+pub(crate) const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("file_keys");
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
@@ -49,6 +52,7 @@ impl FileStore {
         tx.open_table(SHARES).map_err(db_err)?;
         tx.open_table(DOWNLOADS).map_err(db_err)?;
         tx.open_table(HAVE).map_err(db_err)?;
+        tx.open_table(KEYS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(FileStore { store })
     }
@@ -132,6 +136,24 @@ impl FileStore {
             }
         }
         Ok(out)
+    }
+
+    pub(crate) fn put_key(&self, id: &FileId, key: &FileKey) -> Result<(), StoreError> {
+        let tx = self.store.db().begin_write().map_err(db_err)?;
+        tx.open_table(KEYS)
+            .map_err(db_err)?
+            .insert(id.0.as_slice(), key.0.as_slice())
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    pub(crate) fn key(&self, id: &FileId) -> Result<Option<FileKey>, StoreError> {
+        let tx = self.store.db().begin_read().map_err(db_err)?;
+        let t = tx.open_table(KEYS).map_err(db_err)?;
+        Ok(t.get(id.0.as_slice())
+            .map_err(db_err)?
+            .and_then(|v| <[u8; 32]>::try_from(v.value()).ok())
+            .map(FileKey))
     }
 
     pub(crate) fn put_have(&self, id: &FileId, bits: &Bitfield) -> Result<(), StoreError> {

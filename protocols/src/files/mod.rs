@@ -43,12 +43,14 @@
 //!   [`Scheduler::request_timeout`] were added for the node's event loop.
 
 pub mod bitfield;
+pub mod crypt;
 pub mod manifest;
 pub mod rate;
 pub mod scheduler;
 pub mod wire;
 
 pub use bitfield::{Bitfield, BitfieldError};
+pub use crypt::{FileKey, FileLink, find_links};
 pub use libp2p_identity::PeerId;
 pub use manifest::{
     CHUNK_SIZE, FileId, MAX_CHUNK_SIZE, MAX_CHUNKS, MAX_MANIFEST_SIZE, Manifest, ManifestBuilder,
