@@ -811,3 +811,72 @@ fn limits_and_bad_input_are_refused_clearly() {
     assert_eq!(messages(&a, &gid).len(), 1);
     assert_eq!(a.json(&["group", "list"]).as_array().map(Vec::len), Some(1));
 }
+
+/// A file shared with a group: members fetch the plaintext; a non-member
+/// with the id gets only ciphertext, and the name is in no manifest.
+#[test]
+fn file_shared_with_a_group_is_readable_by_members_only() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, b, c) = three(tmp.path());
+    let gid = group_create(&a, "files", &[&b.peer_id]);
+    wait_group(&b, &gid);
+    let secret: Vec<u8> = (0..1_500_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let src = tmp.path().join("holiday-plans.bin");
+    std::fs::write(&src, &secret).expect("write");
+    let shared = a.json(&[
+        "file",
+        "share",
+        src.to_str().expect("utf8"),
+        "--group",
+        &gid,
+    ]);
+    let fid = shared["file_id"].as_str().expect("file_id").to_owned();
+    let mid = shared["message_id"]
+        .as_str()
+        .expect("message_id")
+        .to_owned();
+
+    // B sees the post (with the link) and can fetch the file.
+    let on_b = wait_messages(&b, &gid, std::slice::from_ref(&mid));
+    let post = on_b.iter().find(|m| m["id"] == mid.as_str()).expect("post");
+    assert!(
+        post["text"]
+            .as_str()
+            .expect("text")
+            .contains(&format!("fogmesh-file:{fid}#"))
+    );
+    let out_b = tmp.path().join("b-copy");
+    b.json(&["file", "get", &fid, "-o", out_b.to_str().expect("utf8")]);
+    assert_eq!(std::fs::read(&out_b).expect("read"), secret);
+
+    // C, not a member, fetches the same id: ciphertext only.
+    let out_c = tmp.path().join("c-copy");
+    c.json(&["file", "get", &fid, "-o", out_c.to_str().expect("utf8")]);
+    let got = std::fs::read(&out_c).expect("read");
+    assert_eq!(got.len(), secret.len());
+    assert_ne!(got, secret);
+    let same = got.iter().zip(&secret).filter(|(x, y)| x == y).count();
+    assert!(
+        same < secret.len() / 100,
+        "{same} bytes equal: not encrypted?"
+    );
+    // The name is not in the public manifest.
+    let st = c.json(&["file", "status", &fid]);
+    assert!(st["name"].is_null(), "{st}");
+    // Sending to a group this node is not in fails without sharing.
+    let out = c.cli(&[
+        "file",
+        "share",
+        src.to_str().expect("utf8"),
+        "--group",
+        &gid,
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
