@@ -263,9 +263,16 @@ pub(crate) fn start(
     let (tx, rx) = std_mpsc::sync_channel(INPUT_QUEUE);
     let handle = FilesHandle { tx };
     let bucket = |rate: Option<u64>| {
-        // A burst of a quarter second (at least one large chunk) keeps the
-        // limit smooth without starving a single request.
-        rate.map(|r| TokenBucket::new(r, (r / 4).max(4 * 1024 * 1024)))
+        // A burst of a quarter second keeps the limit smooth; one default
+        // chunk at least, so a slow limit does not split every chunk's
+        // wait. (A larger chunk waits for a full bucket and goes into debt,
+        // so the long-run rate holds either way.)
+        rate.map(|r| {
+            TokenBucket::new(
+                r,
+                (r / 4).max(u64::from(fogmesh_protocols::files::CHUNK_SIZE)),
+            )
+        })
     };
     let mut actor = Actor {
         local,
@@ -344,7 +351,9 @@ struct Actor {
     download_bucket: Option<TokenBucket>,
     shares: HashMap<FileId, Share>,
     downloads: HashMap<FileId, Download>,
-    deferred_uploads: VecDeque<(ResponseChannel<FileFrame>, Vec<u8>, u64)>,
+    /// Chunk responses held back by the upload limit: requester, channel,
+    /// frame, chunk bytes.
+    deferred_uploads: VecDeque<(PeerId, ResponseChannel<FileFrame>, Vec<u8>, u64)>,
     deferred_requests: VecDeque<(FileId, PeerId, u64)>,
     connected: HashSet<PeerId>,
     self_handle: FilesHandle,
@@ -474,6 +483,9 @@ impl Actor {
             }
             Input::PeerDisconnected(p) => {
                 self.connected.remove(&p);
+                // Answers waiting for the upload limit would go nowhere and
+                // spend the limit for others.
+                self.deferred_uploads.retain(|(peer, ..)| *peer != p);
                 for dl in self.downloads.values_mut() {
                     dl.probed.remove(&p);
                     if let Some(s) = dl.sched.as_mut() {
@@ -738,7 +750,7 @@ impl Actor {
                     frame: busy,
                 });
             } else {
-                self.deferred_uploads.push_back((channel, frame, len));
+                self.deferred_uploads.push_back((peer, channel, frame, len));
             }
             return;
         }
@@ -1234,14 +1246,14 @@ impl Actor {
     fn on_timers(&mut self) {
         let now = Instant::now();
         // Uploads held back by the rate limit.
-        while let Some((_, _, len)) = self.deferred_uploads.front() {
+        while let Some((_, _, _, len)) = self.deferred_uploads.front() {
             let len = *len;
             if let Some(b) = self.upload_bucket.as_mut()
                 && b.try_take(len, now).is_err()
             {
                 break;
             }
-            if let Some((channel, frame, len)) = self.deferred_uploads.pop_front() {
+            if let Some((_, channel, frame, len)) = self.deferred_uploads.pop_front() {
                 self.metrics.file_bytes_uploaded.inc_by(len);
                 self.net_send(FileCommand::Respond { channel, frame });
             }

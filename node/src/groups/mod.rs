@@ -1055,8 +1055,11 @@ impl Actor {
                 group_id: gid.to_hex(),
                 member: true,
             });
-            // Now fetch its messages.
-            self.send_summary(peer, gid, true);
+            // Now fetch its messages from every connected member (the peer
+            // that answered among them), which also tells them of the group:
+            // they may not know of it either, so an invitation spreads
+            // through the members, not only from its admin.
+            self.push_to_members(gid);
         } else {
             let rest: Vec<Op> = ops.collect();
             if !rest.is_empty() {
