@@ -62,6 +62,9 @@ fn main() {
     );
     let _ = std::fs::remove_file(&src);
 
+    if std::env::var("FOGMESH_BENCH_ONLY").is_ok_and(|v| v == "single") {
+        return;
+    }
     println!("== throttled sources (each --max-upload-rate 2MiB), 32 MiB ==");
     let src = tmp.path().join("throttled.bin");
     write_random(&src, 32 * MIB, 2);

@@ -36,6 +36,88 @@ pub type SubscriptionFilter = MaxCountSubscriptionFilter<AllowAllSubscriptionFil
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SyncFrame(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
+/// Gossipsub's mesh parameters (the names are the gossipsub spec's).
+#[derive(Debug, Clone)]
+pub struct GossipParams {
+    /// D: the mesh degree aimed at.
+    pub mesh_n: usize,
+    /// D_low: below this, the mesh grafts.
+    pub mesh_n_low: usize,
+    /// D_high: above this, the mesh prunes.
+    pub mesh_n_high: usize,
+    /// D_out: outbound peers kept in the mesh.
+    pub mesh_outbound_min: usize,
+    /// D_lazy: peers told of messages (IHAVE) outside the mesh.
+    pub gossip_lazy: usize,
+    /// Mesh maintenance interval.
+    pub heartbeat: Duration,
+    /// Delay before the first heartbeat.
+    pub heartbeat_initial_delay: Duration,
+    /// Publish own messages to every subscribed peer, not only the mesh.
+    pub flood_publish: bool,
+}
+
+impl Default for GossipParams {
+    /// Gossipsub's defaults, except a shorter initial delay (1 s, not 5 s):
+    /// a node should be ready to carry group messages soon after start.
+    fn default() -> Self {
+        GossipParams {
+            mesh_n: 6,
+            mesh_n_low: 5,
+            mesh_n_high: 12,
+            mesh_outbound_min: 2,
+            gossip_lazy: 6,
+            heartbeat: Duration::from_secs(1),
+            heartbeat_initial_delay: Duration::from_secs(1),
+            flood_publish: true,
+        }
+    }
+}
+
+/// See [`BehaviourConfig::gossip_observer`].
+pub type GossipObserver = std::sync::Arc<dyn Fn(&[u8]) + Send + Sync>;
+
+/// Gossipsub's data transform: no transformation, but every message
+/// received on the wire is shown to the observer first. Gossipsub calls it
+/// before its duplicate check, so duplicates are seen too.
+#[derive(Clone, Default)]
+pub struct ObservingTransform {
+    observer: Option<GossipObserver>,
+}
+
+impl std::fmt::Debug for ObservingTransform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObservingTransform")
+            .field("observer", &self.observer.is_some())
+            .finish()
+    }
+}
+
+impl gossipsub::DataTransform for ObservingTransform {
+    fn inbound_transform(
+        &self,
+        raw: gossipsub::RawMessage,
+    ) -> Result<gossipsub::Message, std::io::Error> {
+        if let Some(o) = &self.observer {
+            o(&raw.data);
+        }
+        Ok(gossipsub::Message {
+            source: raw.source,
+            data: raw.data,
+            sequence_number: raw.sequence_number,
+            topic: raw.topic,
+        })
+    }
+
+    fn outbound_transform(
+        &self,
+        _topic: &gossipsub::TopicHash,
+        data: Vec<u8>,
+    ) -> Result<Vec<u8>, std::io::Error> {
+        Ok(data)
+    }
+}
+
 /// One frame of the file protocol: an encoded
 /// `fogmesh_protocols::files::Request` or `Response`, decoded with that
 /// crate's size-checked decoders.
@@ -52,20 +134,38 @@ pub fn agent_version() -> String {
 
 /// Knobs of the behaviour that differ between the daemon, tests and the
 /// simulator.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct BehaviourConfig {
     /// Run mDNS discovery.
     pub mdns: bool,
     /// Established connections allowed in total.
     pub max_connections: u32,
     /// How often Kademlia re-runs a bootstrap query.
-    pub kad_bootstrap_interval: Duration,
-    /// Gossipsub heartbeat (mesh maintenance).
-    pub gossip_heartbeat: Duration,
+    /// How often Kademlia re-runs a bootstrap query; `None` turns the
+    /// periodic walk off (Kademlia still walks when its routing table is
+    /// small and a peer is added).
+    pub kad_bootstrap_interval: Option<Duration>,
+    /// Gossipsub parameters.
+    pub gossip: GossipParams,
+    /// Called with the data of every gossip message received on the wire,
+    /// duplicates included (the simulator's and `--event-log`'s "Received
+    /// Message").
+    pub gossip_observer: Option<GossipObserver>,
     /// Timeout of one group sync exchange.
     pub sync_timeout: Duration,
     /// Backstop timeout of one file request.
     pub file_request_timeout: Duration,
+}
+
+impl std::fmt::Debug for BehaviourConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BehaviourConfig")
+            .field("mdns", &self.mdns)
+            .field("max_connections", &self.max_connections)
+            .field("gossip", &self.gossip)
+            .field("gossip_observer", &self.gossip_observer.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for BehaviourConfig {
@@ -73,8 +173,9 @@ impl Default for BehaviourConfig {
         BehaviourConfig {
             mdns: true,
             max_connections: 200,
-            kad_bootstrap_interval: Duration::from_secs(300),
-            gossip_heartbeat: Duration::from_secs(1),
+            kad_bootstrap_interval: Some(Duration::from_secs(300)),
+            gossip: GossipParams::default(),
+            gossip_observer: None,
             sync_timeout: Duration::from_secs(60),
             file_request_timeout: Duration::from_secs(300),
         }
@@ -108,8 +209,7 @@ mod composed {
         pub mdns: Toggle<mdns::tokio::Behaviour>,
         /// Group messages: one topic per group, messages validated by the
         /// groups actor before they are forwarded.
-        pub gossipsub:
-            gossipsub::Behaviour<gossipsub::IdentityTransform, super::SubscriptionFilter>,
+        pub gossipsub: gossipsub::Behaviour<super::ObservingTransform, super::SubscriptionFilter>,
         /// Group catch-up (anti-entropy): summaries and fetches.
         pub group_sync: request_response::cbor::Behaviour<super::SyncFrame, super::SyncFrame>,
         /// File transfer: manifests, have-maps and chunks.
@@ -140,7 +240,8 @@ impl Behaviour {
         let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
         kad_cfg
             .set_query_timeout(Duration::from_secs(30))
-            .set_periodic_bootstrap_interval(Some(cfg.kad_bootstrap_interval));
+            .set_periodic_bootstrap_interval(cfg.kad_bootstrap_interval);
+
         // One provider record per shared file: the default cap of 1024
         // provided keys would limit a node to 1024 shares.
         let store_cfg = kad::store::MemoryStoreConfig {
@@ -209,9 +310,16 @@ impl Behaviour {
 fn gossipsub_behaviour(
     key: &Keypair,
     cfg: &BehaviourConfig,
-) -> std::io::Result<gossipsub::Behaviour<gossipsub::IdentityTransform, SubscriptionFilter>> {
+) -> std::io::Result<gossipsub::Behaviour<ObservingTransform, SubscriptionFilter>> {
     let config = gossipsub::ConfigBuilder::default()
-        .heartbeat_interval(cfg.gossip_heartbeat)
+        .heartbeat_interval(cfg.gossip.heartbeat)
+        .heartbeat_initial_delay(cfg.gossip.heartbeat_initial_delay)
+        .mesh_n(cfg.gossip.mesh_n)
+        .mesh_n_low(cfg.gossip.mesh_n_low)
+        .mesh_n_high(cfg.gossip.mesh_n_high)
+        .mesh_outbound_min(cfg.gossip.mesh_outbound_min)
+        .gossip_lazy(cfg.gossip.gossip_lazy)
+        .flood_publish(cfg.gossip.flood_publish)
         // Every message is signed by its publisher and checked by gossipsub;
         // the content is then checked by the groups actor before it is
         // forwarded (validate_messages).
@@ -228,10 +336,13 @@ fn gossipsub_behaviour(
         max_subscribed_topics: MAX_TOPICS,
         max_subscriptions_per_request: MAX_TOPICS,
     };
-    let mut gs = gossipsub::Behaviour::new_with_subscription_filter(
+    let mut gs = gossipsub::Behaviour::new_with_subscription_filter_and_transform(
         gossipsub::MessageAuthenticity::Signed(key.clone()),
         config,
         filter,
+        ObservingTransform {
+            observer: cfg.gossip_observer.clone(),
+        },
     )
     .map_err(invalid)?;
     let mut params = gossipsub::PeerScoreParams::default();

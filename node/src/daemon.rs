@@ -105,6 +105,7 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
                 max_download_rate: settings.max_download_rate,
                 ..FilesConfig::default()
             },
+            maintenance_interval: node::MAINTENANCE_INTERVAL,
         },
         node_metrics.clone(),
         libp2p_metrics,

@@ -41,8 +41,8 @@ const COMMAND_QUEUE: usize = 256;
 const EVENT_QUEUE: usize = 1024;
 /// Capacity of the queue of peer records waiting to be written.
 const STORE_QUEUE: usize = 1024;
-/// How often the node checks that it has enough peers.
-const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(15);
+/// How often the node checks, by default, that it has enough peers.
+pub const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(15);
 /// How long `start` waits for the listeners to report their addresses.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -61,6 +61,9 @@ pub struct NodeConfig {
     pub groups: GroupsConfig,
     /// File sharing settings.
     pub files: FilesConfig,
+    /// How often the node checks that it has enough peers
+    /// ([`MAINTENANCE_INTERVAL`] by default).
+    pub maintenance_interval: Duration,
 }
 
 /// Why a connect failed.
@@ -230,6 +233,7 @@ pub async fn start(
         policy: Policy::default(),
         reach: cfg.reachability,
         min_peers: cfg.min_peers,
+        maintenance_interval: cfg.maintenance_interval,
         started: Instant::now(),
     };
 
@@ -363,6 +367,7 @@ struct EventLoop {
     policy: Policy,
     reach: Reachability,
     min_peers: usize,
+    maintenance_interval: Duration,
     started: Instant,
 }
 
@@ -403,7 +408,7 @@ impl EventLoop {
     }
 
     async fn run(&mut self, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(MAINTENANCE_INTERVAL);
+        let mut tick = tokio::time::interval(self.maintenance_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

@@ -45,7 +45,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::behaviour::FileFrame;
 use crate::metrics::NodeMetrics;
 use crate::storage::{Store, StoreError};
-use store::{DownloadRecord, FileStore};
+use store::{DownloadRecord, FileStore, Stamp};
 
 /// Inputs waiting for the actor.
 const INPUT_QUEUE: usize = 8192;
@@ -176,7 +176,7 @@ pub(crate) enum Input {
     Hashed {
         path: PathBuf,
         key: Option<FileKey>,
-        result: Result<Manifest, String>,
+        result: Result<(Manifest, Stamp), String>,
         reply: Reply<FileStatus>,
     },
     PeerConnected(PeerId),
@@ -309,6 +309,9 @@ struct Share {
     key: Option<FileKey>,
     manifest: Manifest,
     file: Option<File>,
+    /// Size and modification time when hashed: a file whose stamp differs
+    /// has changed and is no longer served.
+    stamp: Option<Stamp>,
     /// The file changed on disk since it was shared: no longer served.
     stale: bool,
 }
@@ -368,7 +371,7 @@ impl Actor {
     }
 
     fn load(&mut self) -> Result<(), StoreError> {
-        for (id, path) in self.store.shares()? {
+        for (id, path, stamp) in self.store.shares()? {
             let Some(manifest) = self.store.manifest(&id)? else {
                 continue;
             };
@@ -380,6 +383,7 @@ impl Actor {
                     key,
                     manifest,
                     file: None,
+                    stamp,
                     stale: false,
                 },
             );
@@ -550,9 +554,9 @@ impl Actor {
         &mut self,
         path: PathBuf,
         key: Option<FileKey>,
-        result: Result<Manifest, String>,
+        result: Result<(Manifest, Stamp), String>,
     ) -> Result<FileStatus, FilesError> {
-        let manifest = result.map_err(FilesError::BadRequest)?;
+        let (manifest, stamp) = result.map_err(FilesError::BadRequest)?;
         let id = manifest.id();
         let path_str = path
             .to_str()
@@ -564,7 +568,7 @@ impl Actor {
         if let Some(k) = &key {
             self.store.put_key(&id, k)?;
         }
-        self.store.put_share(&id, &path_str)?;
+        self.store.put_share(&id, &path_str, Some(stamp))?;
         let link = FileLink {
             id,
             key: key.clone(),
@@ -577,6 +581,7 @@ impl Actor {
                 key,
                 manifest,
                 file: None,
+                stamp: Some(stamp),
                 stale: false,
             },
         );
@@ -807,16 +812,21 @@ impl Actor {
                 share.file = File::open(&share.path).ok();
             }
             let mut buf = vec![0u8; len as usize];
-            let ok = share
-                .file
-                .as_ref()
-                .is_some_and(|f| f.read_exact_at(&mut buf, offset).is_ok());
+            // Serve only while the file is the one hashed: a file changed
+            // after sharing must not reach anybody as this file. Receivers
+            // verify every chunk anyway; this check (an fstat of the open
+            // file, not a hash, which would cost an eighth of the
+            // throughput) keeps an honest sharer from being banned for it.
+            let ok = share.file.as_ref().is_some_and(|f| {
+                share
+                    .stamp
+                    .is_none_or(|st| stamp_of(f).is_some_and(|now| now == st))
+                    && f.read_exact_at(&mut buf, offset).is_ok()
+            });
             if let Some(k) = &share.key {
                 k.apply(offset, &mut buf);
             }
-            // Serve only what still matches the manifest: a file changed
-            // after sharing must not reach anybody as this file.
-            if ok && share.manifest.verify_chunk(index, &buf) {
+            if ok {
                 return Response::Chunk { index, data: buf };
             }
             tracing::warn!(file = %id, path = %share.path.display(), "shared file changed on disk or became unreadable; no longer serving it");
@@ -1189,7 +1199,9 @@ impl Actor {
         let Some(manifest) = dl.manifest.clone() else {
             return;
         };
-        // The finished copy is served like any share.
+        // The finished copy is served like any share; it was verified chunk
+        // by chunk, so its stamp now is its stamp as shared.
+        let stamp = File::open(&dl.output).ok().as_ref().and_then(stamp_of);
         let rec = DownloadRecord {
             output: output.clone(),
             state: "complete".into(),
@@ -1197,7 +1209,7 @@ impl Actor {
         };
         if let Err(e) = self
             .store
-            .put_share(&id, &output)
+            .put_share(&id, &output, stamp)
             .and_then(|()| self.store.put_download(&id, &rec))
         {
             tracing::error!("cannot record a finished download: {e}");
@@ -1209,6 +1221,7 @@ impl Actor {
                 key: dl.key.clone(),
                 manifest,
                 file: None,
+                stamp,
                 stale: false,
             },
         );
@@ -1323,7 +1336,7 @@ fn parse_id(s: &str) -> Result<FileId, FilesError> {
 
 /// Streams a file through the manifest builder (1 MiB at a time); with a
 /// key, the manifest is of the encrypted content.
-fn hash_file(path: &Path, key: Option<&FileKey>) -> Result<Manifest, String> {
+fn hash_file(path: &Path, key: Option<&FileKey>) -> Result<(Manifest, Stamp), String> {
     use std::io::Read;
     let mut f = File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let md = f
@@ -1332,6 +1345,7 @@ fn hash_file(path: &Path, key: Option<&FileKey>) -> Result<Manifest, String> {
     if !md.is_file() {
         return Err(format!("{} is not a regular file", path.display()));
     }
+    let before = stamp_of(&f);
     let mut b = ManifestBuilder::new(chunk_size_for(md.len())).map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; 1 << 20];
     let mut offset = 0u64;
@@ -1348,17 +1362,42 @@ fn hash_file(path: &Path, key: Option<&FileKey>) -> Result<Manifest, String> {
         offset += n as u64;
         b.update(&buf[..n]);
     }
+    // A file that changed while it was read has no one content to share.
+    let stamp = match (before, stamp_of(&f)) {
+        (Some(a), Some(b)) if a == b => a,
+        _ => {
+            return Err(format!(
+                "{} changed while it was being read; try again",
+                path.display()
+            ));
+        }
+    };
     // A group file's name would reveal what members share: it travels in
     // the (encrypted) group message instead.
     if key.is_some() {
-        return b.finish(None).map_err(|e| e.to_string());
+        return b
+            .finish(None)
+            .map(|m| (m, stamp))
+            .map_err(|e| e.to_string());
     }
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .map(|n| n.chars().take(255).collect::<String>())
         .filter(|n| n.len() <= 255);
-    b.finish(name).map_err(|e| e.to_string())
+    b.finish(name)
+        .map(|m| (m, stamp))
+        .map_err(|e| e.to_string())
+}
+
+/// Size and modification time of an open file.
+fn stamp_of(f: &File) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let md = f.metadata().ok()?;
+    Some(Stamp {
+        len: md.len(),
+        mtime_ns: i128::from(md.mtime()) * 1_000_000_000 + i128::from(md.mtime_nsec()),
+    })
 }
 
 /// Decrypts `src` into `dst` through a temporary file, synced, then renamed.
@@ -1404,7 +1443,7 @@ mod tests {
         let p = dir.path().join("f.bin");
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(&p, &data).expect("write");
-        let m = hash_file(&p, None).expect("hash");
+        let (m, _) = hash_file(&p, None).expect("hash");
         let expected = fogmesh_protocols::files::manifest::manifest_of(&data, Some("f.bin".into()))
             .expect("manifest");
         assert_eq!(m.id(), expected.id());
@@ -1416,7 +1455,7 @@ mod tests {
         let key = FileKey([3; 32]);
         let mut ct = data.clone();
         key.apply(0, &mut ct);
-        let enc = hash_file(&p, Some(&key)).expect("hash");
+        let (enc, _) = hash_file(&p, Some(&key)).expect("hash");
         let expected =
             fogmesh_protocols::files::manifest::manifest_of(&ct, None).expect("manifest");
         assert_eq!(enc.id(), expected.id());

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::storage::{Store, StoreError};
 
 const MANIFESTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("file_manifests");
-const SHARES: TableDefinition<&[u8], &str> = TableDefinition::new("file_shares");
+const SHARES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("file_shares");
 const DOWNLOADS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("file_downloads");
 const HAVE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("file_have");
 /// File id to the content key of a group file (learned from a group
@@ -26,6 +26,20 @@ pub(crate) const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("fil
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
+}
+
+/// A share as stored: where the file is, and its size and modification
+/// time when it was hashed (a file whose stamp differs has changed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Stamp {
+    pub(crate) len: u64,
+    pub(crate) mtime_ns: i128,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ShareRecord {
+    path: String,
+    stamp: Option<Stamp>,
 }
 
 /// A download as stored.
@@ -82,23 +96,36 @@ impl FileStore {
         }
     }
 
-    pub(crate) fn put_share(&self, id: &FileId, path: &str) -> Result<(), StoreError> {
+    pub(crate) fn put_share(
+        &self,
+        id: &FileId,
+        path: &str,
+        stamp: Option<Stamp>,
+    ) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(&ShareRecord {
+            path: path.to_owned(),
+            stamp,
+        })
+        .map_err(db_err)?;
         let tx = self.store.db().begin_write().map_err(db_err)?;
         tx.open_table(SHARES)
             .map_err(db_err)?
-            .insert(id.0.as_slice(), path)
+            .insert(id.0.as_slice(), json.as_slice())
             .map_err(db_err)?;
         tx.commit().map_err(db_err)
     }
 
-    pub(crate) fn shares(&self) -> Result<Vec<(FileId, String)>, StoreError> {
+    pub(crate) fn shares(&self) -> Result<Vec<(FileId, String, Option<Stamp>)>, StoreError> {
         let tx = self.store.db().begin_read().map_err(db_err)?;
         let t = tx.open_table(SHARES).map_err(db_err)?;
         let mut out = Vec::new();
         for e in t.iter().map_err(db_err)? {
             let (k, v) = e.map_err(db_err)?;
-            if let Ok(id) = <[u8; 32]>::try_from(k.value()) {
-                out.push((FileId(id), v.value().to_owned()));
+            if let (Ok(id), Ok(rec)) = (
+                <[u8; 32]>::try_from(k.value()),
+                serde_json::from_slice::<ShareRecord>(v.value()),
+            ) {
+                out.push((FileId(id), rec.path, rec.stamp));
             }
         }
         Ok(out)

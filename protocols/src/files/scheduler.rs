@@ -92,7 +92,7 @@ pub struct SchedulerConfig {
 impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
-            initial_window: 4,
+            initial_window: 8,
             max_window: 64,
             max_in_flight_bytes: 32 * 1024 * 1024,
             min_timeout: Duration::from_secs(10),
@@ -375,7 +375,12 @@ impl Source {
             let bdp = (rate * lat.as_secs_f64() / f64::from(chunk_size.max(1))).ceil();
             // Float-to-int casts saturate (NaN becomes 0), so this is safe.
             let needed = (bdp as u32).saturating_add(1);
-            self.window = self.window.min(needed.saturating_mul(2).max(2));
+            // The fastest round trip understates the pipeline's depth when
+            // the link is fast (loopback, LAN): every hop through the two
+            // nodes' tasks adds queueing the minimum never shows. Keep at
+            // least twice the initial window.
+            let floor = cfg.initial_window.saturating_mul(2).max(2);
+            self.window = self.window.min(needed.saturating_mul(2).max(floor));
         }
         self.window = self.window.clamp(1, max);
     }

@@ -1,0 +1,94 @@
+//! What a run records, in memory, before it is written out: the input of
+//! the report (summary, CSV, plots). Times are milliseconds of *model* time
+//! since the start of the run (wall time divided by the time-dilation
+//! factor).
+
+use serde::{Deserialize, Serialize};
+
+/// One published group message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Published {
+    /// The message id (hex), as in `events.ndjson`.
+    pub id: String,
+    /// Index of the publishing node.
+    pub publisher: usize,
+    /// When `group send` was called.
+    pub t_ms: f64,
+    /// Plaintext size in bytes.
+    pub size: usize,
+    /// Size of the gossip frame on the wire (encrypted, signed envelope).
+    pub wire_size: usize,
+    /// Indices of the nodes that should deliver it (the group's members
+    /// other than the publisher).
+    pub recipients: Vec<usize>,
+}
+
+/// What a node saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReceiptKind {
+    /// A copy of a gossip message arrived on the wire (duplicates included).
+    Wire,
+    /// The node delivered the message to the application (first time).
+    Delivered,
+    /// The node delivered a message it had already delivered (must not
+    /// happen).
+    DuplicateDelivery,
+}
+
+/// One receipt at one node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Receipt {
+    /// Model time of the receipt.
+    pub t_ms: f64,
+    /// The receiving node.
+    pub node: usize,
+    /// The message id (hex).
+    pub id: String,
+    /// What kind of receipt.
+    pub kind: ReceiptKind,
+}
+
+/// A fault window, for the report (catch-up time after a partition heals).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FaultWindow {
+    /// `partition` or `churn`.
+    pub kind: String,
+    /// Model time it started.
+    pub start_ms: f64,
+    /// Model time it ended (healed, or nodes back).
+    pub end_ms: f64,
+}
+
+/// Everything the report needs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Scenario name.
+    pub scenario: String,
+    /// The seed used.
+    pub seed: u64,
+    /// Number of nodes.
+    pub nodes: usize,
+    /// The time-dilation factor (1 = real time).
+    pub time_dilation: f64,
+    /// Model duration of the run.
+    pub duration_ms: f64,
+    /// Wall-clock duration of the run, seconds.
+    pub wall_secs: f64,
+    /// Peak resident memory of the simulator process, KiB (VmHWM).
+    pub peak_rss_kib: u64,
+    /// Published messages.
+    pub published: Vec<Published>,
+    /// Receipts at every node.
+    pub receipts: Vec<Receipt>,
+    /// Bytes each node sent at the transport level (after Noise and Yamux
+    /// framing; everything: gossip, control, identify, Kademlia, sync).
+    pub bytes_sent: Vec<u64>,
+    /// Scheduling lag samples of the simulator's runtime, ms: how late a
+    /// 10 ms timer fired.
+    pub lag_ms: Vec<f64>,
+    /// Fault windows.
+    pub faults: Vec<FaultWindow>,
+    /// The median one-way latency of the link model, ms (model time): the
+    /// scale against which host lag is judged.
+    pub median_link_latency_ms: f64,
+}

@@ -1,0 +1,297 @@
+//! Scenario files (TOML): what to simulate. Every section and key is
+//! documented in docs/simulator-guide.md; unknown keys are errors.
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+/// A whole scenario.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    /// A name for reports.
+    pub name: String,
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Model seconds from the start of the workload to the end of the run
+    /// (after warm-up).
+    pub duration_secs: f64,
+    /// Seed, unless `--seed` overrides it.
+    #[serde(default = "one")]
+    pub seed: u64,
+    /// Slow the model down by this factor (see the guide); `--time-dilation`
+    /// overrides it.
+    #[serde(default = "one_f")]
+    pub time_dilation: f64,
+    /// How nodes are connected at start.
+    #[serde(default)]
+    pub topology: Topology,
+    /// The link model.
+    #[serde(default)]
+    pub link: Link,
+    /// Gossipsub's parameters.
+    #[serde(default)]
+    pub gossip: Gossip,
+    /// What the nodes do.
+    #[serde(default)]
+    pub workload: Workload,
+    /// Faults.
+    #[serde(default)]
+    pub faults: Faults,
+}
+
+fn one() -> u64 {
+    1
+}
+fn one_f() -> f64 {
+    1.0
+}
+
+/// How nodes are connected at start: each node dials the peers this gives
+/// it; later connections come only from the protocols (Kademlia walks are
+/// off in the simulator so that the topology is the scenario's).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Topology {
+    /// `random` (each node dials `degree` random others), `ring`, `line` or
+    /// `full`.
+    pub kind: String,
+    /// Dials per node for `random`.
+    pub degree: usize,
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Topology {
+            kind: "random".into(),
+            degree: 8,
+        }
+    }
+}
+
+/// The link model.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Link {
+    /// `world` (8 regions, one-way latencies 2 to 220 ms, as in the
+    /// gossipsub-interop model) or `uniform` (`latency_ms` everywhere).
+    pub model: String,
+    /// One-way latency for `uniform`, ms.
+    pub latency_ms: f64,
+    /// Uplink of most nodes, Mbit/s.
+    pub bandwidth_mbps: f64,
+    /// Fraction of nodes with the fast uplink.
+    pub fast_fraction: f64,
+    /// Uplink of the fast nodes, Mbit/s.
+    pub fast_bandwidth_mbps: f64,
+    /// Probability that a frame is lost (and retransmitted after a timeout).
+    pub loss: f64,
+}
+
+impl Default for Link {
+    fn default() -> Self {
+        Link {
+            model: "world".into(),
+            latency_ms: 50.0,
+            bandwidth_mbps: 50.0,
+            fast_fraction: 0.2,
+            fast_bandwidth_mbps: 1000.0,
+            loss: 0.0,
+        }
+    }
+}
+
+/// Gossipsub's parameters (see fogmesh's `GossipParams`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Gossip {
+    /// D.
+    pub mesh_n: usize,
+    /// D_low.
+    pub mesh_n_low: usize,
+    /// D_high.
+    pub mesh_n_high: usize,
+    /// D_out.
+    pub mesh_outbound_min: usize,
+    /// D_lazy.
+    pub gossip_lazy: usize,
+    /// Heartbeat, model ms.
+    pub heartbeat_ms: f64,
+    /// Flood own messages to all subscribed peers.
+    pub flood_publish: bool,
+}
+
+impl Default for Gossip {
+    fn default() -> Self {
+        Gossip {
+            mesh_n: 6,
+            mesh_n_low: 5,
+            mesh_n_high: 12,
+            mesh_outbound_min: 2,
+            gossip_lazy: 6,
+            heartbeat_ms: 1000.0,
+            flood_publish: true,
+        }
+    }
+}
+
+/// What the nodes do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Workload {
+    /// Members of the one group (node 0 creates it); 0 means every node.
+    pub members: usize,
+    /// How many members publish (chosen with the seed).
+    pub publishers: usize,
+    /// Messages in all.
+    pub messages: usize,
+    /// Messages per second over all publishers (model time).
+    pub rate_per_sec: f64,
+    /// Message size, bytes of text.
+    pub message_size: usize,
+    /// Model seconds after every member knows the group before the first
+    /// message (lets the gossip mesh form).
+    pub warmup_secs: f64,
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Workload {
+            members: 0,
+            publishers: 10,
+            messages: 100,
+            rate_per_sec: 10.0,
+            message_size: 256,
+            warmup_secs: 5.0,
+        }
+    }
+}
+
+/// Faults.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Faults {
+    /// Network partitions.
+    #[serde(default)]
+    pub partition: Vec<Partition>,
+    /// Nodes going down and coming back.
+    #[serde(default)]
+    pub churn: Vec<Churn>,
+}
+
+/// A partition: a `fraction` of the nodes (chosen with the seed; never node
+/// 0's side alone) is cut off from the rest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Partition {
+    /// Model seconds after the workload starts.
+    pub at_secs: f64,
+    /// How long.
+    pub duration_secs: f64,
+    /// Fraction of nodes on the small side.
+    pub fraction: f64,
+}
+
+/// Churn: a `fraction` of the nodes (not publishers) stop and restart with
+/// their data.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Churn {
+    /// Model seconds after the workload starts.
+    pub at_secs: f64,
+    /// How long they stay down.
+    pub down_secs: f64,
+    /// Fraction of nodes.
+    pub fraction: f64,
+}
+
+impl Scenario {
+    /// Reads and checks a scenario file.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let s: Scenario = toml::from_str(&text)
+            .with_context(|| format!("invalid scenario {}", path.display()))?;
+        s.check()?;
+        Ok(s)
+    }
+
+    /// Checks ranges.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if self.nodes < 2 {
+            bail!("nodes must be at least 2");
+        }
+        if !(self.time_dilation >= 1.0 && self.time_dilation.is_finite()) {
+            bail!("time_dilation must be 1 or more");
+        }
+        if !["random", "ring", "line", "full"].contains(&self.topology.kind.as_str()) {
+            bail!("topology.kind must be random, ring, line or full");
+        }
+        if !["world", "uniform"].contains(&self.link.model.as_str()) {
+            bail!("link.model must be world or uniform");
+        }
+        if self.link.bandwidth_mbps <= 0.0 || self.link.fast_bandwidth_mbps <= 0.0 {
+            bail!("bandwidths must be positive");
+        }
+        if !(0.0..1.0).contains(&self.link.loss) {
+            bail!("link.loss must be in [0, 1)");
+        }
+        if self.workload.members > self.nodes {
+            bail!("workload.members is more than nodes");
+        }
+        if self.workload.rate_per_sec <= 0.0 {
+            bail!("workload.rate_per_sec must be positive");
+        }
+        if self.workload.message_size > 64 * 1024 {
+            bail!("workload.message_size is over the 64 KiB message limit");
+        }
+        for p in &self.faults.partition {
+            if !(0.0..1.0).contains(&p.fraction) || p.fraction == 0.0 {
+                bail!("a partition's fraction must be in (0, 1)");
+            }
+        }
+        for c in &self.faults.churn {
+            if !(0.0..1.0).contains(&c.fraction) {
+                bail!("a churn fraction must be in [0, 1)");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The world model's regions and one-way latencies (ms), after the
+/// gossipsub-interop harness: 8 regions, 2 ms within a region, up to 220 ms
+/// between the farthest.
+pub const REGIONS: [&str; 8] = [
+    "us-east",
+    "us-west",
+    "south-america",
+    "europe",
+    "africa",
+    "middle-east",
+    "asia",
+    "oceania",
+];
+
+/// One-way latency between world regions, ms.
+pub fn world_latency() -> Vec<Vec<f64>> {
+    // Symmetric; the diagonal is the intra-region latency.
+    let upper: [[f64; 8]; 8] = [
+        [2.0, 35.0, 60.0, 40.0, 110.0, 95.0, 110.0, 100.0],
+        [0.0, 2.0, 85.0, 75.0, 145.0, 125.0, 80.0, 70.0],
+        [0.0, 0.0, 2.0, 95.0, 160.0, 150.0, 170.0, 160.0],
+        [0.0, 0.0, 0.0, 2.0, 75.0, 45.0, 120.0, 140.0],
+        [0.0, 0.0, 0.0, 0.0, 2.0, 80.0, 170.0, 220.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 80.0, 150.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 60.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0],
+    ];
+    (0..8)
+        .map(|i| {
+            (0..8)
+                .map(|j| if i <= j { upper[i][j] } else { upper[j][i] })
+                .collect()
+        })
+        .collect()
+}
