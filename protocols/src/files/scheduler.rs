@@ -92,7 +92,7 @@ pub struct SchedulerConfig {
 impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig {
-            initial_window: 8,
+            initial_window: 4,
             max_window: 64,
             max_in_flight_bytes: 32 * 1024 * 1024,
             min_timeout: Duration::from_secs(10),
