@@ -58,6 +58,9 @@ pub struct SimNet {
     dilation: f64,
     /// Partition side of each node while a partition is active.
     partition: Mutex<Option<Vec<u8>>>,
+    /// Bumped at every partition change, so that forwarders check at once
+    /// rather than polling.
+    changes: tokio::sync::watch::Sender<u64>,
     /// Bytes each node sent.
     sent: Vec<AtomicU64>,
     seed: u64,
@@ -88,6 +91,7 @@ impl SimNet {
             loss,
             dilation,
             partition: Mutex::new(None),
+            changes: tokio::sync::watch::Sender::new(0),
             sent: (0..n).map(|_| AtomicU64::new(0)).collect(),
             seed,
         })
@@ -108,6 +112,7 @@ impl SimNet {
         if let Ok(mut p) = self.partition.lock() {
             *p = Some(sides);
         }
+        self.changes.send_modify(|v| *v += 1);
     }
 
     /// Heals the partition.
@@ -115,6 +120,7 @@ impl SimNet {
         if let Ok(mut p) = self.partition.lock() {
             *p = None;
         }
+        self.changes.send_modify(|v| *v += 1);
     }
 
     /// Whether `a` and `b` are on different sides of a partition.
@@ -341,17 +347,17 @@ fn shape(channel: Channel<Vec<u8>>, net: Arc<SimNet>, local: usize, remote: usiz
     ));
     // Inbound: bytes from the remote, as frames, through its uplink and the
     // latency remote -> local.
-    let frames = futures::stream::poll_fn(move |cx| {
-        let mut buf = vec![0u8; 64 * 1024];
-        match Pin::new(&mut inner_rd).poll_read(cx, &mut buf) {
-            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(None),
-            Poll::Ready(Ok(n)) => {
-                buf.truncate(n);
-                Poll::Ready(Some(buf))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    });
+    // One read buffer per connection, reused: allocating it on every poll
+    // was most of the simulator's CPU.
+    let mut buf = vec![0u8; 64 * 1024];
+    let frames =
+        futures::stream::poll_fn(
+            move |cx| match Pin::new(&mut inner_rd).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(None),
+                Poll::Ready(Ok(n)) => Poll::Ready(Some(buf[..n].to_vec())),
+                Poll::Pending => Poll::Pending,
+            },
+        );
     tokio::spawn(forward(frames, Frames(in_tx), net, remote, local));
     SimStream::Shaped(RwStreamSink::new(ShapedChan {
         tx: app_tx,
@@ -402,15 +408,15 @@ where
     let bps = net.uplink_bps[src] / f;
     let mut rng = rand::rngs::StdRng::seed_from_u64(net.seed ^ ((src as u64) << 32) ^ dst as u64);
     let mut uplink_free = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut changes = net.changes.subscribe();
     loop {
         let frame = tokio::select! {
             f = from.next() => match f {
                 Some(f) => f,
                 None => break,
             },
-            _ = tick.tick() => {
-                if net.blocked(src, dst) { break; }
+            r = changes.changed() => {
+                if r.is_err() || net.blocked(src, dst) { break; }
                 continue;
             }
         };

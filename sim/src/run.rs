@@ -498,7 +498,16 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
         });
     }
 
-    let dirs = tempfile::tempdir().context("cannot create the nodes' data directories")?;
+    // Node databases in memory where possible: every delivery is an fsync'd
+    // commit, and a hundred nodes' fsyncs on one disk would make the host,
+    // not the model, set the latencies.
+    let shm = Path::new("/dev/shm");
+    let dirs = if shm.is_dir() {
+        tempfile::tempdir_in(shm)
+    } else {
+        tempfile::tempdir()
+    }
+    .context("cannot create the nodes' data directories")?;
     let mut nodes: Vec<SimNode> = p
         .keys
         .iter()

@@ -55,6 +55,8 @@ const MAX_DEFERRED_UPLOADS: usize = 1024;
 const MAX_PROBES: usize = 32;
 /// How long the actor sleeps when nothing is due.
 const TICK: Duration = Duration::from_millis(100);
+/// How long it sleeps when it has no transfer at all.
+const IDLE_TICK: Duration = Duration::from_secs(1);
 /// Suffix of partial files, next to the output.
 pub const PART_SUFFIX: &str = ".fogmesh-part";
 
@@ -410,10 +412,7 @@ impl Actor {
 
     fn run(&mut self, rx: std_mpsc::Receiver<Input>) {
         while !self.shutdown.is_cancelled() {
-            let wait = self
-                .next_wake()
-                .saturating_duration_since(Instant::now())
-                .min(TICK);
+            let wait = self.next_wake().saturating_duration_since(Instant::now());
             match rx.recv_timeout(wait) {
                 Ok(input) => {
                     self.on_input(input);
@@ -437,6 +436,17 @@ impl Actor {
     }
 
     fn next_wake(&self) -> Instant {
+        // Idle (nothing to download, nothing held back): sleep longer; an
+        // input wakes the actor anyway.
+        if self
+            .downloads
+            .values()
+            .all(|d| !matches!(d.state, DlState::Searching | DlState::Downloading))
+            && self.deferred_uploads.is_empty()
+            && self.deferred_requests.is_empty()
+        {
+            return Instant::now() + IDLE_TICK;
+        }
         let mut next = Instant::now() + TICK;
         for dl in self.downloads.values() {
             if let Some(d) = dl.sched.as_ref().and_then(Scheduler::next_deadline) {

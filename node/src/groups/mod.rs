@@ -283,6 +283,7 @@ pub(crate) fn start(
         connected: HashSet::new(),
         rates: HashMap::new(),
         invite_fetches: HashMap::new(),
+        publishing: HashMap::new(),
         cfg,
         rng: rand::make_rng(),
         shutdown,
@@ -312,6 +313,9 @@ struct Actor {
     connected: HashSet<PeerId>,
     rates: HashMap<PeerId, TokenBucket>,
     invite_fetches: HashMap<PeerId, TokenBucket>,
+    /// Outbox entries handed to the swarm and not answered yet, with when
+    /// (an answer lost to a full queue must not block an entry for ever).
+    publishing: HashMap<MessageId, Instant>,
     cfg: GroupsConfig,
     rng: rand::rngs::StdRng,
     shutdown: tokio_util::sync::CancellationToken,
@@ -431,6 +435,7 @@ impl Actor {
             }
             Input::SyncResponse { peer, frame } => self.on_sync_response(peer, &frame),
             Input::Published { group, id, ok } => {
+                self.publishing.remove(&id);
                 if ok && let Err(e) = self.store.outbox_done(&group, &id) {
                     tracing::warn!("cannot clear the outbox: {e}");
                 }
@@ -626,6 +631,7 @@ impl Actor {
         // Durable before acknowledged.
         let delivered = self.store.commit(&id, batch)?;
         self.announce(&id, delivered);
+        self.publishing.insert(mid, Instant::now());
         self.net_send(NetCommand::Publish {
             topic,
             data: frame,
@@ -1100,6 +1106,15 @@ impl Actor {
             let Some(group) = self.groups.get(&gid) else {
                 continue;
             };
+            // Handed to the swarm already; its answer is on its way.
+            if self
+                .publishing
+                .get(&mid)
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(30))
+            {
+                continue;
+            }
+            self.publishing.insert(mid, Instant::now());
             self.net_send(NetCommand::Publish {
                 topic: group.topic(),
                 data: frame,

@@ -1,0 +1,170 @@
+//! End-to-end tests of `fogmesh-sim`: the real binary runs the shipped
+//! 10-node scenario, and its outputs are checked the way a researcher would.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn scenario() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/smoke-10.toml")
+}
+
+fn run(out: &Path, seed: u64) -> Value {
+    let o = Command::new(env!("CARGO_BIN_EXE_fogmesh-sim"))
+        .arg("run")
+        .arg(scenario())
+        .args(["--seed", &seed.to_string(), "--out"])
+        .arg(out)
+        .output()
+        .expect("run fogmesh-sim");
+    assert!(
+        o.status.success(),
+        "fogmesh-sim failed: {}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let text = std::fs::read_to_string(out.join("summary.json")).expect("summary.json");
+    serde_json::from_str(&text).expect("summary is JSON")
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json")
+}
+
+/// Ten nodes deliver every message to every member, never twice, and the
+/// summary's figures are what the event log says.
+#[test]
+fn ten_nodes_deliver_everything_and_the_summary_matches_the_log() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("a");
+    let s = run(&out, 11);
+    for f in [
+        "scenario.toml",
+        "run.json",
+        "topology.json",
+        "workload.json",
+        "events.ndjson",
+        "summary.json",
+        "summary.csv",
+        "latency_cdf.svg",
+        "duplicates_per_node.svg",
+        "reliability_over_time.svg",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    assert_eq!(s["nodes"], 10);
+    assert_eq!(s["messages"], 20);
+    assert_eq!(s["reliability"], 1.0, "{s}");
+    assert_eq!(s["app_duplicates"], 0);
+    assert_eq!(json(&out.join("run.json"))["seed"], 11);
+
+    // Recount from events.ndjson alone.
+    let workload = json(&out.join("workload.json"));
+    let members: Vec<u64> = workload["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    let log = std::fs::read_to_string(out.join("events.ndjson")).expect("events");
+    let mut published: HashMap<String, (u64, f64)> = HashMap::new();
+    let mut delivered: HashMap<(String, u64), f64> = HashMap::new();
+    let mut wire = 0u64;
+    let mut first_wire = HashSet::new();
+    for line in log.lines() {
+        let e: Value = serde_json::from_str(line).expect("event line is JSON");
+        assert!(e["time"].is_string() && e["msg"].is_string(), "{e}");
+        let id = e["id"].as_str().expect("id").to_owned();
+        let node = e["node"].as_u64().expect("node");
+        let t = e["t_ms"].as_f64().expect("t_ms");
+        match e["msg"].as_str() {
+            Some("Published Message") => {
+                published.insert(id, (node, t));
+            }
+            Some("Delivered Message") => {
+                delivered.entry((id, node)).or_insert(t);
+            }
+            Some("Received Message") => {
+                wire += 1;
+                first_wire.insert((id, node));
+            }
+            Some("Duplicate Delivery") => panic!("a duplicate delivery: {e}"),
+            _ => {}
+        }
+    }
+    assert_eq!(published.len(), 20);
+    let mut pairs = 0;
+    let mut got = 0;
+    let mut latencies = Vec::new();
+    for (id, (publisher, t0)) in &published {
+        for m in members.iter().filter(|m| *m != publisher) {
+            pairs += 1;
+            if let Some(t) = delivered.get(&(id.clone(), *m)) {
+                got += 1;
+                latencies.push(t - t0);
+            }
+        }
+    }
+    assert_eq!(s["pairs"], pairs);
+    assert_eq!(s["delivered_pairs"], got);
+    assert_eq!(s["wire_copies"], wire);
+    latencies.sort_by(f64::total_cmp);
+    let max = latencies.last().copied().expect("some latency");
+    assert!((s["latency_ms"]["max"].as_f64().expect("max") - max).abs() < 1e-6);
+    let dup = (wire - first_wire.len() as u64) as f64 / wire as f64;
+    assert!((s["duplicate_fraction_wire"].as_f64().expect("dup") - dup).abs() < 1e-9);
+    // The CSV carries the same figures.
+    let csv = std::fs::read_to_string(out.join("summary.csv")).expect("csv");
+    assert!(
+        csv.lines().any(|l| l == format!("wire_copies,{wire}")),
+        "{csv}"
+    );
+}
+
+/// The same seed gives the same topology and workload; another seed does
+/// not.
+#[test]
+fn same_seed_same_topology_and_workload() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    run(&a, 5);
+    run(&b, 5);
+    for f in ["topology.json", "workload.json"] {
+        assert_eq!(
+            std::fs::read(a.join(f)).expect("a"),
+            std::fs::read(b.join(f)).expect("b"),
+            "{f} differs between two runs with seed 5"
+        );
+    }
+    let topo = json(&a.join("topology.json"));
+    assert_eq!(topo["nodes"].as_array().map(Vec::len), Some(10));
+}
+
+/// A malformed scenario is refused with a clear message and exit 2.
+#[test]
+fn bad_scenario_is_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let p = tmp.path().join("bad.toml");
+    std::fs::write(&p, "name = \"x\"\nnodes = 1\nduration_secs = 1\n").expect("write");
+    let o = Command::new(env!("CARGO_BIN_EXE_fogmesh-sim"))
+        .args(["run"])
+        .arg(&p)
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nodes must be at least 2"));
+    std::fs::write(
+        &p,
+        "name = \"x\"\nnodes = 3\nduration_secs = 1\nfanout = 3\n",
+    )
+    .expect("write");
+    let o = Command::new(env!("CARGO_BIN_EXE_fogmesh-sim"))
+        .args(["run"])
+        .arg(&p)
+        .output()
+        .expect("run");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("fanout"));
+}
