@@ -219,6 +219,11 @@ struct RunArgs {
     /// Limit on file downloads, bytes per second, e.g. 20MiB. Default: none.
     #[arg(long, value_name = "RATE", env = "FOGMESH_MAX_DOWNLOAD_RATE", value_parser = config::parse_rate)]
     max_download_rate: Option<u64>,
+    /// Write every gossip message received on the wire (duplicates
+    /// included), every delivery and every publish as NDJSON to this file,
+    /// in the gossipsub-interop style (for studies under Shadow).
+    #[arg(long, value_name = "PATH", env = "FOGMESH_EVENT_LOG")]
+    event_log: Option<PathBuf>,
 }
 
 /// An error that means "nothing found" (exit code 1) rather than a failure.
@@ -279,6 +284,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     group_rate: args.group_rate,
                     max_upload_rate: args.max_upload_rate,
                     max_download_rate: args.max_download_rate,
+                    event_log: args.event_log,
                 },
             )?;
             init_logging(settings.log_format, "info");

@@ -63,6 +63,8 @@ pub struct Settings {
     pub max_upload_rate: Option<u64>,
     /// File download limit, bytes per second.
     pub max_download_rate: Option<u64>,
+    /// Where to write the NDJSON event log, if anywhere.
+    pub event_log: Option<PathBuf>,
 }
 
 /// What the config file may hold. Every key is optional; unknown keys are an
@@ -94,6 +96,8 @@ pub struct FileConfig {
     pub max_upload_rate: Option<String>,
     /// `max_download_rate = "20MiB"`
     pub max_download_rate: Option<String>,
+    /// `event_log = "/path/events.ndjson"`
+    pub event_log: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -137,6 +141,8 @@ pub struct Overrides {
     pub max_upload_rate: Option<u64>,
     /// `--max-download-rate`, bytes per second.
     pub max_download_rate: Option<u64>,
+    /// `--event-log`.
+    pub event_log: Option<PathBuf>,
 }
 
 impl Settings {
@@ -201,6 +207,7 @@ impl Settings {
             group_rate,
             max_upload_rate,
             max_download_rate,
+            event_log: over.event_log.or(file.event_log),
         })
     }
 }

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, Endpoint};
 use crate::behaviour::{Behaviour, BehaviourConfig};
 use crate::config::Settings;
+use crate::eventlog::EventLog;
 use crate::files::FilesConfig;
 use crate::groups::GroupsConfig;
 use crate::metrics::{self, NodeMetrics};
@@ -58,9 +59,14 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
 
     let mut registry = libp2p::metrics::Registry::default();
     let node_metrics = NodeMetrics::register(&mut registry);
+    let event_log = match &settings.event_log {
+        Some(path) => Some(EventLog::open(path, &peer_id)?),
+        None => None,
+    };
     let bcfg = BehaviourConfig {
         mdns: settings.mdns,
         max_connections: settings.max_connections,
+        gossip_observer: event_log.as_ref().map(EventLog::observer),
         ..BehaviourConfig::default()
     };
     let idle = settings.idle_timeout;
@@ -112,6 +118,10 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
         shutdown.clone(),
     )
     .await?;
+
+    if let Some(log) = event_log {
+        tokio::spawn(log.follow(running.handle.subscribe(), peer_id));
+    }
 
     let api_listener = tokio::net::TcpListener::bind(settings.api)
         .await

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod eventlog;
 pub mod files;
 pub mod fsutil;
 pub mod groups;

@@ -67,8 +67,19 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the database in `data_dir`.
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(data_dir, None)
+    }
+
+    /// Like [`open`](Self::open), with a page cache of at most
+    /// `cache_bytes` (redb's default when `None`): the simulator runs a
+    /// thousand nodes in one process and keeps their caches small.
+    pub fn open_with_cache(data_dir: &Path, cache_bytes: Option<usize>) -> Result<Self, StoreError> {
         let path = data_dir.join(DB_FILE);
-        let db = match Database::create(&path) {
+        let mut builder = redb::Builder::new();
+        if let Some(bytes) = cache_bytes {
+            builder.set_cache_size(bytes);
+        }
+        let db = match builder.create(&path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(StoreError::InUse(data_dir.to_path_buf()));
