@@ -74,7 +74,11 @@ impl EventLog {
         loop {
             match events.recv().await {
                 Ok(NodeEvent::GroupMessage { id, sender, .. }) => {
-                    let msg = if sender == local { "Published Message" } else { "Delivered Message" };
+                    let msg = if sender == local {
+                        "Published Message"
+                    } else {
+                        "Delivered Message"
+                    };
                     self.write(msg, &id);
                 }
                 Ok(_) => {}

@@ -235,6 +235,7 @@ pub async fn start(
         min_peers: cfg.min_peers,
         maintenance_interval: cfg.maintenance_interval,
         started: Instant::now(),
+        listener_ids: Vec::new(),
     };
 
     // Remembered peers first (most recent first), then the bootstrap list.
@@ -282,6 +283,7 @@ pub async fn start(
         "dialling known peers"
     );
 
+    el.listener_ids = listeners.iter().copied().collect();
     el.wait_listening(listeners).await?;
     for (peer, addrs) in to_dial {
         el.dial_known(peer, addrs);
@@ -369,6 +371,7 @@ struct EventLoop {
     min_peers: usize,
     maintenance_interval: Duration,
     started: Instant,
+    listener_ids: Vec<libp2p::core::transport::ListenerId>,
 }
 
 #[derive(Default)]
@@ -424,6 +427,11 @@ impl EventLoop {
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
                 _ = tick.tick() => self.maintain(),
             }
+        }
+        // Stop accepting first. (Dropping a listener is not enough for
+        // every transport: the memory transport frees its port only here.)
+        for id in std::mem::take(&mut self.listener_ids) {
+            self.swarm.remove_listener(id);
         }
         tracing::debug!("event loop stopped");
     }

@@ -73,7 +73,10 @@ impl Store {
     /// Like [`open`](Self::open), with a page cache of at most
     /// `cache_bytes` (redb's default when `None`): the simulator runs a
     /// thousand nodes in one process and keeps their caches small.
-    pub fn open_with_cache(data_dir: &Path, cache_bytes: Option<usize>) -> Result<Self, StoreError> {
+    pub fn open_with_cache(
+        data_dir: &Path,
+        cache_bytes: Option<usize>,
+    ) -> Result<Self, StoreError> {
         let path = data_dir.join(DB_FILE);
         let mut builder = redb::Builder::new();
         if let Some(bytes) = cache_bytes {

@@ -271,12 +271,15 @@ struct World {
     seen: mpsc::UnboundedSender<Seen>,
     wire_size: Arc<Mutex<HashMap<String, usize>>>,
     min_peers: usize,
+    /// Nodes whose event stream said they are in a group (any group: the
+    /// simulator has one).
+    joined: Arc<Mutex<HashSet<usize>>>,
 }
 
 async fn start_node(world: &World, node: &mut SimNode) -> anyhow::Result<()> {
     let store = {
         let dir = node.data_dir.clone();
-        tokio::task::spawn_blocking(move || Store::open(&dir)).await??
+        tokio::task::spawn_blocking(move || Store::open_with_cache(&dir, Some(1 << 20))).await??
     };
     let idx = node.index;
     let seen = world.seen.clone();
@@ -364,6 +367,7 @@ async fn start_node(world: &World, node: &mut SimNode) -> anyhow::Result<()> {
     // already delivered.
     let mut events = running.handle.subscribe();
     let seen = world.seen.clone();
+    let joined = world.joined.clone();
     tokio::spawn(async move {
         let mut delivered = HashSet::new();
         loop {
@@ -380,6 +384,11 @@ async fn start_node(world: &World, node: &mut SimNode) -> anyhow::Result<()> {
                         id,
                         kind,
                     });
+                }
+                Ok(NodeEvent::GroupUpdated { member: true, .. }) => {
+                    if let Ok(mut j) = joined.lock() {
+                        j.insert(idx);
+                    }
                 }
                 Ok(_) => {}
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
@@ -475,6 +484,7 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
         seen: seen_tx,
         wire_size: Arc::default(),
         min_peers: degree,
+        joined: Arc::default(),
     };
 
     // Scheduling lag of this runtime, sampled every 10 ms.
@@ -570,23 +580,31 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
         .await
         .map_err(|e| anyhow!("cannot create the group: {e}"))?;
     let gid = ack.group_id;
-    let deadline = Instant::now() + Duration::from_secs(120).mul_f64(f);
+    // Members report joining on their event streams; asking each node
+    // directly (a call through its actor) is only the fallback, every 5 s.
+    let deadline = Instant::now() + Duration::from_secs(300).mul_f64(f);
     let mut waiting: Vec<usize> = members.clone();
+    let mut last_ask = Instant::now();
     while !waiting.is_empty() {
-        let mut still = Vec::new();
-        for &i in &waiting {
-            let Some(h) = nodes[i].handle.clone() else {
-                continue;
-            };
-            if h.groups()
-                .call(|r| ApiCall::Show(gid.clone(), r))
-                .await
-                .is_err()
-            {
-                still.push(i);
+        let joined = world.joined.lock().map(|j| j.clone()).unwrap_or_default();
+        waiting.retain(|i| *i != 0 && !joined.contains(i));
+        if last_ask.elapsed() >= Duration::from_secs(5) {
+            last_ask = Instant::now();
+            let mut still = Vec::new();
+            for &i in &waiting {
+                let Some(h) = nodes[i].handle.clone() else {
+                    continue;
+                };
+                if h.groups()
+                    .call(|r| ApiCall::Show(gid.clone(), r))
+                    .await
+                    .is_err()
+                {
+                    still.push(i);
+                }
             }
+            waiting = still;
         }
-        waiting = still;
         if waiting.is_empty() {
             break;
         }
@@ -597,7 +615,7 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
                 &waiting[..waiting.len().min(10)]
             );
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tracing::info!("every member knows the group");
     tokio::time::sleep(Duration::from_secs_f64(s.workload.warmup_secs * f)).await;
