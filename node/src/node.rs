@@ -187,11 +187,17 @@ pub async fn start(
     }
 
     let (store_tx, store_rx) = mpsc::channel(STORE_QUEUE);
-    let writer = tokio::task::spawn_blocking({
-        let store = store.clone();
-        let metrics = metrics.clone();
-        move || store_writer(store, store_rx, metrics)
-    });
+    // A thread of its own, not tokio's blocking pool: it lives as long as
+    // the node, and a process with many nodes (the simulator) would
+    // otherwise exhaust the pool's 512 threads with writers.
+    let writer = std::thread::Builder::new()
+        .name("fogmesh-peers".into())
+        .spawn({
+            let store = store.clone();
+            let metrics = metrics.clone();
+            move || store_writer(store, store_rx, metrics)
+        })
+        .context("cannot start the peer writer thread")?;
 
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (events, _) = broadcast::channel(EVENT_QUEUE);
@@ -302,10 +308,11 @@ pub async fn start(
         // Dropping the loop closes the store queue; wait for the writer to
         // drain it so nothing queued is lost.
         drop(el);
-        if writer.await.is_err() {
-            tracing::error!("the database writer task panicked");
-        }
-        for (name, t) in [("groups", groups_thread), ("files", files_thread)] {
+        for (name, t) in [
+            ("peer writer", writer),
+            ("groups", groups_thread),
+            ("files", files_thread),
+        ] {
             if !matches!(
                 tokio::task::spawn_blocking(move || t.join()).await,
                 Ok(Ok(()))
