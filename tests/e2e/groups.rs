@@ -888,11 +888,19 @@ fn event_log_records_wire_copies_deliveries_and_publishes() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let a_log = tmp.path().join("a.ndjson");
     let b_log = tmp.path().join("b.ndjson");
-    let a = Daemon::start(&tmp.path().join("a"), &["--event-log", a_log.to_str().expect("utf8")]);
+    let a = Daemon::start(
+        &tmp.path().join("a"),
+        &["--event-log", a_log.to_str().expect("utf8")],
+    );
     let boot = a.tcp_addr();
     let b = Daemon::start(
         &tmp.path().join("b"),
-        &["--bootstrap", &boot, "--event-log", b_log.to_str().expect("utf8")],
+        &[
+            "--bootstrap",
+            &boot,
+            "--event-log",
+            b_log.to_str().expect("utf8"),
+        ],
     );
     b.wait_connected(&a.peer_id, T);
     let gid = group_create(&a, "logged", &[&b.peer_id]);
@@ -910,7 +918,8 @@ fn event_log_records_wire_copies_deliveries_and_publishes() {
             .collect()
     };
     let has = |log: &[Value], msg: &str, id: &str| {
-        log.iter().any(|e| e["msg"] == msg && e["id"] == id && e["time"].is_string())
+        log.iter()
+            .any(|e| e["msg"] == msg && e["id"] == id && e["time"].is_string())
     };
     eventually(T, "B's log has the receipt and the delivery", || {
         let log = read(&b_log);
@@ -919,5 +928,8 @@ fn event_log_records_wire_copies_deliveries_and_publishes() {
     let a_events = read(&a_log);
     assert!(has(&a_events, "PeerID", &a.peer_id), "{a_events:?}");
     assert!(has(&a_events, "Published Message", &id), "{a_events:?}");
-    assert!(!has(&a_events, "Delivered Message", &id), "own message logged as delivered");
+    assert!(
+        !has(&a_events, "Delivered Message", &id),
+        "own message logged as delivered"
+    );
 }
