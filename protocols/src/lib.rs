@@ -6,5 +6,6 @@
 #![warn(missing_docs)]
 
 pub mod files;
+mod frame;
 pub mod groups;
 pub mod policy;

@@ -47,28 +47,7 @@ pub const fn max_chunk_response_size(chunk_size: u32) -> usize {
     chunk_size as usize + RESPONSE_OVERHEAD
 }
 
-/// Decoding failures.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum WireError {
-    /// The input exceeds the limit for its message type.
-    #[error("message of {len} bytes exceeds the limit of {max}")]
-    TooLarge {
-        /// Input length.
-        len: usize,
-        /// The limit.
-        max: usize,
-    },
-    /// The frame's version is not one this code speaks.
-    #[error("unsupported wire version {0} (this node speaks {WIRE_VERSION})")]
-    UnsupportedVersion(u64),
-    /// The input is not a valid encoding of the expected message.
-    #[error("malformed message: {0}")]
-    Malformed(String),
-    /// Bytes follow the message.
-    #[error("trailing bytes after the message")]
-    TrailingBytes,
-}
+pub use crate::frame::WireError;
 
 /// What a downloader asks a provider.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,61 +176,12 @@ impl Response {
     }
 }
 
-#[derive(Serialize)]
-struct FrameRef<'a, T> {
-    v: u64,
-    m: &'a T,
-}
-
-#[derive(Deserialize)]
-struct Frame<T> {
-    #[allow(dead_code)] // checked through `Probe` first
-    v: u64,
-    m: T,
-}
-
-/// Reads only the version; serde skips the other fields.
-#[derive(Deserialize)]
-struct Probe {
-    v: u64,
-}
-
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = Vec::new();
-    // Writing into a Vec cannot fail and our Serialize impls return no
-    // custom errors; the `if let` keeps that assumption from becoming a panic.
-    if let Err(e) = ciborium::into_writer(
-        &FrameRef {
-            v: WIRE_VERSION,
-            m: value,
-        },
-        &mut out,
-    ) {
-        tracing::error!(error = %e, "CBOR encoding failed");
-        out.clear();
-    }
-    out
+    crate::frame::encode(WIRE_VERSION, value)
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, WireError> {
-    if bytes.len() > max {
-        return Err(WireError::TooLarge {
-            len: bytes.len(),
-            max,
-        });
-    }
-    let probe: Probe =
-        ciborium::from_reader(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
-    if probe.v != WIRE_VERSION {
-        return Err(WireError::UnsupportedVersion(probe.v));
-    }
-    let mut reader = bytes;
-    let frame: Frame<T> =
-        ciborium::from_reader(&mut reader).map_err(|e| WireError::Malformed(e.to_string()))?;
-    if !reader.is_empty() {
-        return Err(WireError::TrailingBytes);
-    }
-    Ok(frame.m)
+    crate::frame::decode(bytes, max, WIRE_VERSION)
 }
 
 /// Encodes a request.
@@ -422,8 +352,7 @@ mod tests {
     #[test]
     fn version_oversize_and_trailing_bytes_are_rejected() {
         let (reqs, _) = samples();
-        let mut v2 = Vec::new();
-        assert!(ciborium::into_writer(&FrameRef { v: 2, m: &reqs[0] }, &mut v2).is_ok());
+        let v2 = crate::frame::encode(2, &reqs[0]);
         assert!(matches!(
             decode_request(&v2),
             Err(WireError::UnsupportedVersion(2))

@@ -36,28 +36,7 @@ pub const MAX_SYNC_REQUEST_SIZE: usize = MAX_SUMMARY_SIZE + 4096;
 /// Maximum encoded sync response.
 pub const MAX_SYNC_RESPONSE_SIZE: usize = 4 * 1024 * 1024;
 
-/// Decoding failures.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum WireError {
-    /// The input exceeds the limit for its message type.
-    #[error("message of {len} bytes exceeds the limit of {max}")]
-    TooLarge {
-        /// Input length.
-        len: usize,
-        /// The limit.
-        max: usize,
-    },
-    /// The frame's version is not one this code speaks.
-    #[error("unsupported wire version {0} (this node speaks {WIRE_VERSION})")]
-    UnsupportedVersion(u64),
-    /// The input is not a valid encoding of the expected message.
-    #[error("malformed message: {0}")]
-    Malformed(String),
-    /// Bytes follow the message.
-    #[error("trailing bytes after the message")]
-    TrailingBytes,
-}
+pub use crate::frame::WireError;
 
 /// The signed part of a message envelope.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,65 +92,15 @@ impl SignedEnvelope {
     }
 }
 
-#[derive(Serialize)]
-struct FrameRef<'a, T> {
-    v: u64,
-    m: &'a T,
-}
-
-#[derive(Deserialize)]
-struct Frame<T> {
-    #[allow(dead_code)] // checked through `Probe` first
-    v: u64,
-    m: T,
-}
-
-/// Reads only the version; serde skips the other fields.
-#[derive(Deserialize)]
-struct Probe {
-    v: u64,
-}
-
-/// Canonical CBOR of a value, used for signing and hashing.
-pub(crate) fn cbor<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = Vec::new();
-    // Writing into a Vec cannot fail, and none of our types' Serialize impls
-    // return custom errors, so this is infallible; the `if let` keeps that
-    // assumption from ever becoming a panic.
-    if let Err(e) = ciborium::into_writer(value, &mut out) {
-        tracing::error!(error = %e, "CBOR encoding failed");
-        out.clear();
-    }
-    out
-}
-
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    cbor(&FrameRef {
-        v: WIRE_VERSION,
-        m: value,
-    })
+    crate::frame::encode(WIRE_VERSION, value)
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, WireError> {
-    if bytes.len() > max {
-        return Err(WireError::TooLarge {
-            len: bytes.len(),
-            max,
-        });
-    }
-    let probe: Probe =
-        ciborium::from_reader(bytes).map_err(|e| WireError::Malformed(e.to_string()))?;
-    if probe.v != WIRE_VERSION {
-        return Err(WireError::UnsupportedVersion(probe.v));
-    }
-    let mut reader = bytes;
-    let frame: Frame<T> =
-        ciborium::from_reader(&mut reader).map_err(|e| WireError::Malformed(e.to_string()))?;
-    if !reader.is_empty() {
-        return Err(WireError::TrailingBytes);
-    }
-    Ok(frame.m)
+    crate::frame::decode(bytes, max, WIRE_VERSION)
 }
+
+pub(crate) use crate::frame::cbor;
 
 /// Encodes a membership op.
 pub fn encode_op(op: &Op) -> Vec<u8> {
@@ -306,7 +235,7 @@ mod tests {
     #[test]
     fn unknown_version_oversize_and_trailing_bytes_are_rejected() {
         let (_, env) = sample();
-        let v2 = cbor(&FrameRef { v: 2, m: &env });
+        let v2 = crate::frame::encode(2, &env);
         assert!(matches!(
             decode_envelope(&v2),
             Err(WireError::UnsupportedVersion(2))
