@@ -500,6 +500,14 @@ impl EventLoop {
         }
     }
 
+    /// The first route the policy gives a plain unicast message, if any is
+    /// up: what dials, sync and file requests use.
+    fn unicast_route(&self) -> Option<Route> {
+        self.policy
+            .plan(&Requirements::unicast(), &self.reach)
+            .first()
+    }
+
     fn route_up(&self, route: Route) -> bool {
         match route {
             Route::Internet => self.reach.internet,
@@ -562,12 +570,7 @@ impl EventLoop {
 
     /// Dials a peer the node already knows, unless connected or dialling.
     fn dial_known(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
-        if self
-            .policy
-            .plan(&Requirements::unicast(), &self.reach)
-            .first()
-            .is_none()
-        {
+        if self.unicast_route().is_none() {
             return;
         }
         let opts = DialOpts::peer_id(peer)
@@ -935,12 +938,7 @@ impl EventLoop {
                 gs.report_message_validation_result(&message_id, &source, acceptance);
             }
             NetCommand::SyncRequest { peer, frame } => {
-                if self
-                    .policy
-                    .plan(&Requirements::unicast(), &self.reach)
-                    .first()
-                    .is_some()
-                {
+                if self.unicast_route().is_some() {
                     self.swarm
                         .behaviour_mut()
                         .group_sync
@@ -969,12 +967,7 @@ impl EventLoop {
                 asked,
                 frame,
             } => {
-                if self
-                    .policy
-                    .plan(&Requirements::unicast(), &self.reach)
-                    .first()
-                    .is_none()
-                {
+                if self.unicast_route().is_none() {
                     self.files.offer(files::Input::Response {
                         peer,
                         file,
