@@ -543,15 +543,7 @@ impl Actor {
         )
         .map_err(group_error)?;
         let gid = group.id();
-        let batch = Batch {
-            ops: ops
-                .iter()
-                .enumerate()
-                .map(|(i, op)| (i as u64, wire::encode_op(op)))
-                .collect(),
-            ..Batch::default()
-        };
-        self.store.commit(&gid, batch)?;
+        self.store.commit(&gid, Batch::of_ops(0, &ops))?;
         self.net_send(NetCommand::Subscribe(group.topic()));
         self.groups.insert(gid, group);
         self.emit(NodeEvent::GroupUpdated {
@@ -657,13 +649,8 @@ impl Actor {
         let len = group.membership().len();
         let first = len - ops.len() as u64;
         let batch = Batch {
-            ops: ops
-                .iter()
-                .enumerate()
-                .map(|(i, op)| (first + i as u64, wire::encode_op(op)))
-                .collect(),
             delivered: delivered.iter().map(to_message).collect(),
-            ..Batch::default()
+            ..Batch::of_ops(first, &ops)
         };
         let delivered = self.store.commit(&id, batch)?;
         self.announce(&id, delivered);
@@ -1040,17 +1027,7 @@ impl Actor {
                 return;
             }
             let all: Vec<Op> = self.groups[&gid].membership().ops_since(0).to_vec();
-            if let Err(e) = self.store.commit(
-                &gid,
-                Batch {
-                    ops: all
-                        .iter()
-                        .enumerate()
-                        .map(|(i, op)| (i as u64, wire::encode_op(op)))
-                        .collect(),
-                    ..Batch::default()
-                },
-            ) {
+            if let Err(e) = self.store.commit(&gid, Batch::of_ops(0, &all)) {
                 tracing::error!("cannot store a new group: {e}");
                 self.groups.remove(&gid);
                 return;

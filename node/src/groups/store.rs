@@ -15,7 +15,8 @@
 //! send) is one write transaction, committed before anything is
 //! acknowledged, so `kill -9` at any point loses nothing acknowledged.
 
-use fogmesh_protocols::groups::{GroupId, MessageId};
+use fogmesh_protocols::groups::wire;
+use fogmesh_protocols::groups::{GroupId, MessageId, Op};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::storage::{Store, StoreError};
@@ -45,6 +46,18 @@ pub(crate) struct Batch {
 }
 
 impl Batch {
+    /// A batch of consecutive ops, the first at log index `first`.
+    pub(crate) fn of_ops(first: u64, ops: &[Op]) -> Self {
+        Batch {
+            ops: ops
+                .iter()
+                .enumerate()
+                .map(|(i, op)| (first + i as u64, wire::encode_op(op)))
+                .collect(),
+            ..Batch::default()
+        }
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.ops.is_empty()
             && self.envelopes.is_empty()
