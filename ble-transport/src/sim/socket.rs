@@ -1,0 +1,648 @@
+//! The simulated medium across processes, over a unix socket.
+//!
+//! `fogmesh radio serve SOCKET` runs a [`Medium`] and [`serve`]s it; each
+//! daemon started with `--ble sim:SOCKET` joins it through a
+//! [`SocketRadio`]. The medium process does all the modelling (range,
+//! pacing, latency, drops); clients are thin.
+//!
+//! Protocol: every connection starts with one JSON line.
+//! - `{"hello":{"position":{"x":..,"y":..}}}` opens a control session: the
+//!   server answers `{"welcome":{"device":..,"model":{..}}}` and from then on
+//!   both sides exchange JSON lines (requests carry a `req` number that the
+//!   answer repeats; the server pushes `found`, `lost` and `incoming`).
+//! - `{"attach":{"link":N,"token":T}}` turns the connection into the byte
+//!   pipe of link N (announced to its owner by `connected` or `incoming`,
+//!   with the token, which proves it is the owner).
+//! - `{"admin":{..}}` asks one question (`list`, `move`, `drop`) and gets
+//!   one JSON answer.
+//!
+//! Lines are capped at [`MAX_LINE`] bytes.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use futures::channel::{mpsc, oneshot};
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::{FutureExt, SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::codec::{FramedRead, LinesCodec};
+use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+use tokio_util::sync::CancellationToken;
+
+use super::medium::{LinkModel, Medium, Position};
+use crate::addr::DeviceAddr;
+use crate::advert::Advert;
+use crate::radio::{DataPath, Incoming, Link, LinkLimits, Neighbour, Radio};
+
+/// Longest JSON line either side accepts.
+pub const MAX_LINE: usize = 64 * 1024;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum Opening {
+    Hello { position: Position },
+    Attach { link: u64, token: u64 },
+    Admin(AdminRequest),
+}
+
+/// A one-shot question to the medium, as `fogmesh radio` asks it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum AdminRequest {
+    /// Every device, its position and links.
+    List,
+    /// Move a device.
+    Move {
+        /// Which.
+        device: String,
+        /// Where to.
+        position: Position,
+    },
+    /// Drop every link of a device.
+    Drop {
+        /// Which.
+        device: String,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum ClientMsg {
+    Listen { req: u64, advert: String },
+    Connect { req: u64, to: String },
+    Move { position: Position },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum ServerMsg {
+    Welcome { device: String, model: LinkModel },
+    Ok { req: u64 },
+    Failed { req: u64, error: String },
+    Connected { req: u64, link: u64, token: u64 },
+    Incoming { link: u64, token: u64, from: String },
+    Found { device: String, advert: String },
+    Lost { device: String },
+}
+
+fn bad(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+fn to_line<T: Serialize>(v: &T) -> String {
+    // Serialising these plain types cannot fail.
+    serde_json::to_string(v).unwrap_or_else(|_| "{}".into())
+}
+
+type Pending = Arc<Mutex<HashMap<u64, (u64, Link)>>>;
+
+/// Serves `medium` on `listener` until `shutdown`.
+pub async fn serve(listener: UnixListener, medium: Medium, shutdown: CancellationToken) {
+    let pending: Pending = Arc::default();
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(1));
+    loop {
+        let conn = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            c = listener.accept() => match c {
+                Ok((c, _)) => c,
+                Err(e) => {
+                    tracing::warn!("radio medium: accept failed: {e}");
+                    continue;
+                }
+            },
+        };
+        let (medium, pending, next, shutdown) =
+            (medium.clone(), pending.clone(), next.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = handle(conn, medium, pending, next, shutdown).await {
+                tracing::debug!("radio medium: client: {e}");
+            }
+        });
+    }
+}
+
+async fn handle(
+    conn: UnixStream,
+    medium: Medium,
+    pending: Pending,
+    next: Arc<std::sync::atomic::AtomicU64>,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    let (rd, mut wr) = conn.into_split();
+    let mut lines = FramedRead::new(rd, LinesCodec::new_with_max_length(MAX_LINE));
+    let first = lines
+        .next()
+        .await
+        .ok_or_else(|| bad("closed before its first line"))?
+        .map_err(|e| bad(e.to_string()))?;
+    let opening: Opening =
+        serde_json::from_str(&first).map_err(|e| bad(format!("bad opening line: {e}")))?;
+    match opening {
+        Opening::Admin(req) => {
+            let answer = admin_answer(&medium, req);
+            wr.write_all(format!("{answer}\n").as_bytes()).await?;
+            wr.shutdown().await
+        }
+        Opening::Attach { link, token } => {
+            let found = {
+                let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+                match p.get(&link) {
+                    Some((t, _)) if *t == token => p.remove(&link).map(|(_, l)| l),
+                    _ => None,
+                }
+            };
+            let Some(l) = found else {
+                return Err(bad("attach to an unknown link"));
+            };
+            // Whatever the client sent after its line is already buffered.
+            let buffered = lines.read_buffer().clone();
+            let rd = lines.into_inner();
+            let mut conn = rd.reunite(wr).map_err(|_| bad("socket halves"))?;
+            let mut link = l.io.compat();
+            if !buffered.is_empty() {
+                tokio::io::AsyncWriteExt::write_all(&mut link, &buffered).await?;
+            }
+            let _ = tokio::io::copy_bidirectional(&mut conn, &mut link).await;
+            Ok(())
+        }
+        Opening::Hello { position } => {
+            let radio = medium.join(position);
+            let (out_tx, mut out_rx) = mpsc::unbounded::<String>();
+            let send = |m: ServerMsg| {
+                let _ = out_tx.unbounded_send(to_line(&m));
+            };
+            send(ServerMsg::Welcome {
+                device: radio.address().to_string(),
+                model: medium.model().clone(),
+            });
+            let writer = async move {
+                while let Some(line) = out_rx.next().await {
+                    if wr.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let session = CancellationToken::new();
+            let session_guard = session.clone().drop_guard();
+            // Scanning on behalf of the client, for the whole session.
+            {
+                let mut scan = radio.scan();
+                let out = out_tx.clone();
+                let s = session.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let n = tokio::select! {
+                            _ = s.cancelled() => return,
+                            n = scan.next() => match n { Some(n) => n, None => return },
+                        };
+                        let m = match n {
+                            Neighbour::Found { device, advert, .. } => ServerMsg::Found {
+                                device: device.to_string(),
+                                advert: hex::encode(advert.encode()),
+                            },
+                            Neighbour::Lost { device } => ServerMsg::Lost {
+                                device: device.to_string(),
+                            },
+                        };
+                        if out.unbounded_send(to_line(&m)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            let reader = async {
+                while let Some(line) = lines.next().await {
+                    let line = line.map_err(|e| bad(e.to_string()))?;
+                    let msg: ClientMsg = match serde_json::from_str(&line) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            tracing::debug!("radio medium: bad client line: {e}");
+                            continue;
+                        }
+                    };
+                    match msg {
+                        ClientMsg::Move { position } => {
+                            medium.set_position(radio.address(), position);
+                        }
+                        ClientMsg::Listen { req, advert } => {
+                            let parsed = hex::decode(&advert)
+                                .ok()
+                                .and_then(|b| Advert::decode(&b).ok());
+                            let Some(advert) = parsed else {
+                                send(ServerMsg::Failed {
+                                    req,
+                                    error: "bad advertisement".into(),
+                                });
+                                continue;
+                            };
+                            match radio.listen(advert).await {
+                                Ok(mut incoming) => {
+                                    send(ServerMsg::Ok { req });
+                                    let out = out_tx.clone();
+                                    let s = session.clone();
+                                    let pending = pending.clone();
+                                    let next = next.clone();
+                                    tokio::spawn(async move {
+                                        loop {
+                                            let l = tokio::select! {
+                                                _ = s.cancelled() => return,
+                                                l = incoming.next() => match l {
+                                                    Some(Ok(l)) => l,
+                                                    _ => return,
+                                                },
+                                            };
+                                            let from = l.remote.to_string();
+                                            let (id, token) = register(&pending, &next, l);
+                                            let m = ServerMsg::Incoming { link: id, token, from };
+                                            if out.unbounded_send(to_line(&m)).is_err() {
+                                                return;
+                                            }
+                                        }
+                                    });
+                                }
+                                Err(e) => send(ServerMsg::Failed {
+                                    req,
+                                    error: e.to_string(),
+                                }),
+                            }
+                        }
+                        ClientMsg::Connect { req, to } => {
+                            let Ok(to) = to.parse::<DeviceAddr>() else {
+                                send(ServerMsg::Failed {
+                                    req,
+                                    error: "bad device address".into(),
+                                });
+                                continue;
+                            };
+                            let fut = radio.connect(to);
+                            let out = out_tx.clone();
+                            let (pending, next) = (pending.clone(), next.clone());
+                            tokio::spawn(async move {
+                                let m = match fut.await {
+                                    Ok(l) => {
+                                        let (link, token) = register(&pending, &next, l);
+                                        ServerMsg::Connected { req, link, token }
+                                    }
+                                    Err(e) => ServerMsg::Failed {
+                                        req,
+                                        error: e.to_string(),
+                                    },
+                                };
+                                let _ = out.unbounded_send(to_line(&m));
+                            });
+                        }
+                    }
+                }
+                Ok::<(), io::Error>(())
+            };
+            let r = tokio::select! {
+                _ = shutdown.cancelled() => Ok(()),
+                r = reader => r,
+                _ = writer => Ok(()),
+            };
+            drop(session_guard);
+            drop(radio);
+            r
+        }
+    }
+}
+
+/// Keeps a link until its owner attaches to it.
+fn register(pending: &Pending, next: &std::sync::atomic::AtomicU64, l: Link) -> (u64, u64) {
+    let id = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let token: u64 = rand::random();
+    pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(id, (token, l));
+    (id, token)
+}
+
+fn admin_answer(medium: &Medium, req: AdminRequest) -> serde_json::Value {
+    let dev = |s: &str| s.parse::<DeviceAddr>().map_err(|e| e.to_string());
+    let r: Result<serde_json::Value, String> = match req {
+        AdminRequest::List => Ok(serde_json::json!({
+            "model": medium.model(),
+            "devices": medium.devices(),
+        })),
+        AdminRequest::Move { device, position } => dev(&device).and_then(|d| {
+            if medium.set_position(d, position) {
+                Ok(serde_json::json!({ "moved": d.to_string() }))
+            } else {
+                Err(format!("no device {d} on this medium"))
+            }
+        }),
+        AdminRequest::Drop { device } => dev(&device).map(|d| {
+            serde_json::json!({ "dropped_links": medium.drop_links(d) })
+        }),
+    };
+    match r {
+        Ok(v) => serde_json::json!({ "ok": v }),
+        Err(e) => serde_json::json!({ "error": e }),
+    }
+}
+
+/// Asks a medium one admin question.
+pub async fn admin(socket: &Path, req: AdminRequest) -> io::Result<serde_json::Value> {
+    let conn = UnixStream::connect(socket).await.map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot reach the radio medium at {}: {e}", socket.display()),
+        )
+    })?;
+    let (rd, mut wr) = conn.into_split();
+    wr.write_all(format!("{}\n", to_line(&Opening::Admin(req))).as_bytes())
+        .await?;
+    let mut lines = FramedRead::new(rd, LinesCodec::new_with_max_length(16 * MAX_LINE));
+    let line = lines
+        .next()
+        .await
+        .ok_or_else(|| bad("the medium closed without answering"))?
+        .map_err(|e| bad(e.to_string()))?;
+    let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
+    if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+        return Err(io::Error::other(e.to_owned()));
+    }
+    Ok(v.get("ok").cloned().unwrap_or(serde_json::Value::Null))
+}
+
+#[derive(Default)]
+struct ClientState {
+    next_req: u64,
+    waiting: HashMap<u64, oneshot::Sender<Result<Option<(u64, u64)>, String>>>,
+    incoming: Option<mpsc::Sender<io::Result<Link>>>,
+    scanners: Vec<mpsc::UnboundedSender<Neighbour>>,
+    heard: HashMap<DeviceAddr, Advert>,
+    closed: bool,
+}
+
+/// A radio on a medium served by another process.
+pub struct SocketRadio {
+    addr: DeviceAddr,
+    limits: LinkLimits,
+    socket: PathBuf,
+    out: mpsc::UnboundedSender<String>,
+    state: Arc<Mutex<ClientState>>,
+    _session: tokio_util::sync::DropGuard,
+}
+
+impl std::fmt::Debug for SocketRadio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SocketRadio")
+            .field("addr", &self.addr)
+            .field("socket", &self.socket)
+            .finish()
+    }
+}
+
+impl SocketRadio {
+    /// Joins the medium at `socket`, at `position`.
+    pub async fn connect(socket: &Path, position: Position) -> io::Result<SocketRadio> {
+        let conn = UnixStream::connect(socket).await.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot reach the radio medium at {} (is `fogmesh radio serve` running?): {e}",
+                    socket.display()
+                ),
+            )
+        })?;
+        let (rd, mut wr) = conn.into_split();
+        wr.write_all(format!("{}\n", to_line(&Opening::Hello { position })).as_bytes())
+            .await?;
+        let mut lines = FramedRead::new(rd, LinesCodec::new_with_max_length(MAX_LINE));
+        let first = lines
+            .next()
+            .await
+            .ok_or_else(|| bad("the medium closed the connection"))?
+            .map_err(|e| bad(e.to_string()))?;
+        let (addr, model) = match serde_json::from_str(&first) {
+            Ok(ServerMsg::Welcome { device, model }) => (
+                device.parse::<DeviceAddr>().map_err(|e| bad(e.to_string()))?,
+                model,
+            ),
+            _ => return Err(bad("the medium did not welcome us")),
+        };
+        let (out, mut out_rx) = mpsc::unbounded::<String>();
+        let state: Arc<Mutex<ClientState>> = Arc::default();
+        let session = CancellationToken::new();
+        let s = session.clone();
+        tokio::spawn(async move {
+            loop {
+                let line = tokio::select! {
+                    _ = s.cancelled() => break,
+                    l = out_rx.next() => match l { Some(l) => l, None => break },
+                };
+                if wr.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let st = state.clone();
+        let s = session.clone();
+        let sock = socket.to_path_buf();
+        tokio::spawn(async move {
+            loop {
+                let line = tokio::select! {
+                    _ = s.cancelled() => break,
+                    l = lines.next() => match l { Some(Ok(l)) => l, _ => break },
+                };
+                match serde_json::from_str::<ServerMsg>(&line) {
+                    Ok(m) => on_server_msg(&st, &sock, m),
+                    Err(e) => tracing::debug!("radio medium sent a bad line: {e}"),
+                }
+            }
+            // The medium is gone: every neighbour with it.
+            let mut g = st.lock().unwrap_or_else(|e| e.into_inner());
+            g.closed = true;
+            let heard: Vec<DeviceAddr> = g.heard.drain().map(|(d, _)| d).collect();
+            for d in heard {
+                g.scanners
+                    .retain(|tx| tx.unbounded_send(Neighbour::Lost { device: d }).is_ok());
+            }
+            g.scanners.clear();
+            g.incoming = None;
+            for (_, w) in g.waiting.drain() {
+                let _ = w.send(Err("the radio medium closed".into()));
+            }
+            tracing::warn!("lost the connection to the radio medium");
+        });
+        Ok(SocketRadio {
+            addr,
+            limits: model.limits(),
+            socket: socket.to_path_buf(),
+            out,
+            state,
+            _session: session.drop_guard(),
+        })
+    }
+
+    /// Moves this radio.
+    pub fn set_position(&self, position: Position) {
+        let _ = self.out.unbounded_send(to_line(&ClientMsg::Move { position }));
+    }
+
+    fn request(
+        &self,
+        make: impl FnOnce(u64) -> ClientMsg,
+    ) -> oneshot::Receiver<Result<Option<(u64, u64)>, String>> {
+        let (tx, rx) = oneshot::channel();
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if g.closed {
+            let _ = tx.send(Err("the radio medium closed".into()));
+            return rx;
+        }
+        g.next_req += 1;
+        let req = g.next_req;
+        g.waiting.insert(req, tx);
+        let _ = self.out.unbounded_send(to_line(&make(req)));
+        rx
+    }
+}
+
+fn on_server_msg(st: &Arc<Mutex<ClientState>>, socket: &Path, m: ServerMsg) {
+    let mut g = st.lock().unwrap_or_else(|e| e.into_inner());
+    match m {
+        ServerMsg::Welcome { .. } => {}
+        ServerMsg::Ok { req } => {
+            if let Some(w) = g.waiting.remove(&req) {
+                let _ = w.send(Ok(None));
+            }
+        }
+        ServerMsg::Failed { req, error } => {
+            if let Some(w) = g.waiting.remove(&req) {
+                let _ = w.send(Err(error));
+            }
+        }
+        ServerMsg::Connected { req, link, token } => {
+            if let Some(w) = g.waiting.remove(&req) {
+                let _ = w.send(Ok(Some((link, token))));
+            }
+        }
+        ServerMsg::Incoming { link, token, from } => {
+            let (Some(tx), Ok(from)) = (g.incoming.clone(), from.parse::<DeviceAddr>()) else {
+                return;
+            };
+            let socket = socket.to_path_buf();
+            tokio::spawn(async move {
+                let r = attach(&socket, link, token).await.map(|io| Link {
+                    remote: from,
+                    path: DataPath::Simulated,
+                    io: Box::new(io),
+                });
+                let mut tx = tx;
+                let _ = tx.send(r).await;
+            });
+        }
+        ServerMsg::Found { device, advert } => {
+            let (Ok(device), Some(advert)) = (
+                device.parse::<DeviceAddr>(),
+                hex::decode(&advert)
+                    .ok()
+                    .and_then(|b| Advert::decode(&b).ok()),
+            ) else {
+                return;
+            };
+            g.heard.insert(device, advert);
+            g.scanners.retain(|tx| {
+                tx.unbounded_send(Neighbour::Found {
+                    device,
+                    advert,
+                    rssi: None,
+                })
+                .is_ok()
+            });
+        }
+        ServerMsg::Lost { device } => {
+            let Ok(device) = device.parse::<DeviceAddr>() else {
+                return;
+            };
+            g.heard.remove(&device);
+            g.scanners
+                .retain(|tx| tx.unbounded_send(Neighbour::Lost { device }).is_ok());
+        }
+    }
+}
+
+async fn attach(
+    socket: &Path,
+    link: u64,
+    token: u64,
+) -> io::Result<tokio_util::compat::Compat<UnixStream>> {
+    let mut conn = UnixStream::connect(socket).await?;
+    conn.write_all(format!("{}\n", to_line(&Opening::Attach { link, token })).as_bytes())
+        .await?;
+    Ok(conn.compat())
+}
+
+impl Radio for SocketRadio {
+    fn address(&self) -> DeviceAddr {
+        self.addr
+    }
+
+    fn limits(&self) -> LinkLimits {
+        self.limits
+    }
+
+    fn listen(&self, advert: Advert) -> BoxFuture<'static, io::Result<Incoming>> {
+        let (tx, rx) = mpsc::channel(16);
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .incoming = Some(tx);
+        let answer = self.request(|req| ClientMsg::Listen {
+            req,
+            advert: hex::encode(advert.encode()),
+        });
+        async move {
+            match answer.await {
+                Ok(Ok(_)) => Ok(rx.boxed()),
+                Ok(Err(e)) => Err(io::Error::other(e)),
+                Err(_) => Err(io::Error::other("the radio medium closed")),
+            }
+        }
+        .boxed()
+    }
+
+    fn scan(&self) -> BoxStream<'static, Neighbour> {
+        let (tx, rx) = mpsc::unbounded();
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for (device, advert) in &g.heard {
+            let _ = tx.unbounded_send(Neighbour::Found {
+                device: *device,
+                advert: *advert,
+                rssi: None,
+            });
+        }
+        g.scanners.push(tx);
+        rx.boxed()
+    }
+
+    fn connect(&self, to: DeviceAddr) -> BoxFuture<'static, io::Result<Link>> {
+        let answer = self.request(|req| ClientMsg::Connect {
+            req,
+            to: to.to_string(),
+        });
+        let socket = self.socket.clone();
+        async move {
+            let (link, token) = match answer.await {
+                Ok(Ok(Some(lt))) => lt,
+                Ok(Ok(None)) => return Err(bad("the medium answered a connect without a link")),
+                Ok(Err(e)) => return Err(io::Error::new(io::ErrorKind::ConnectionRefused, e)),
+                Err(_) => return Err(io::Error::other("the radio medium closed")),
+            };
+            let io = attach(&socket, link, token).await?;
+            Ok(Link {
+                remote: to,
+                path: DataPath::Simulated,
+                io: Box::new(io),
+            })
+        }
+        .boxed()
+    }
+}
