@@ -155,6 +155,23 @@ pub struct BehaviourConfig {
     pub sync_timeout: Duration,
     /// Backstop timeout of one file request.
     pub file_request_timeout: Duration,
+    /// Identify tells peers only the node's external addresses, not its
+    /// listen addresses: on with BLE, whose addresses must never reach
+    /// internet peers (the node marks its IP listen addresses external).
+    pub hide_listen_addrs: bool,
+}
+
+/// Stretches the timeouts of a configuration to a BLE link's speed: a full
+/// group sync response or file request must fit in one timeout over one
+/// link.
+pub fn scale_for_ble(cfg: BehaviourConfig, link: fogmesh_ble::LinkLimits) -> BehaviourConfig {
+    let sync = link.timeout_for(fogmesh_protocols::groups::wire::MAX_SYNC_RESPONSE_SIZE as u64);
+    BehaviourConfig {
+        sync_timeout: cfg.sync_timeout.max(sync),
+        file_request_timeout: cfg.file_request_timeout.max(sync * 2),
+        hide_listen_addrs: true,
+        ..cfg
+    }
 }
 
 impl std::fmt::Debug for BehaviourConfig {
@@ -178,6 +195,7 @@ impl Default for BehaviourConfig {
             gossip_observer: None,
             sync_timeout: Duration::from_secs(60),
             file_request_timeout: Duration::from_secs(300),
+            hide_listen_addrs: false,
         }
     }
 }
@@ -234,7 +252,8 @@ impl Behaviour {
         let identify = identify::Behaviour::new(
             identify::Config::new(IDENTIFY_PROTOCOL.to_owned(), key.public())
                 .with_agent_version(agent_version())
-                .with_push_listen_addr_updates(true),
+                .with_push_listen_addr_updates(true)
+                .with_hide_listen_addrs(cfg.hide_listen_addrs),
         );
 
         let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);

@@ -63,6 +63,9 @@ enum Command {
     },
     /// Follow the node's events until interrupted.
     Events,
+    /// The simulated BLE medium: serve one, or inspect and change it.
+    #[command(subcommand)]
+    Radio(RadioCommand),
     /// Group chat: create groups, manage members, send and read messages.
     #[command(subcommand)]
     Group(GroupCommand),
@@ -224,6 +227,77 @@ struct RunArgs {
     /// in the gossipsub-interop style (for studies under Shadow).
     #[arg(long, value_name = "PATH", env = "FOGMESH_EVENT_LOG")]
     event_log: Option<PathBuf>,
+    /// Turn BLE on: an adapter name such as hci0 (BlueZ; needs a build with
+    /// the `bluez` feature), or sim:SOCKET to join a simulated medium run
+    /// by `fogmesh radio serve`.
+    #[arg(long, value_name = "hci0|sim:SOCKET", env = "FOGMESH_BLE", value_parser = config::parse_ble)]
+    ble: Option<config::BleRadio>,
+    /// This node's position on a simulated medium, metres. Default 0,0.
+    #[arg(long, value_name = "X,Y", env = "FOGMESH_BLE_POSITION", value_parser = config::parse_position, allow_hyphen_values = true)]
+    ble_position: Option<fogmesh_ble::sim::Position>,
+    /// Turn the IP transports (TCP, QUIC, mDNS) off: an offline peer that
+    /// only talks over BLE.
+    #[arg(long, env = "FOGMESH_NO_INTERNET")]
+    no_internet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum RadioCommand {
+    /// Run a simulated BLE medium on a unix socket, for nodes started with
+    /// --ble sim:SOCKET (until interrupted).
+    Serve {
+        /// Path of the unix socket to create.
+        #[arg(value_name = "SOCKET")]
+        socket: PathBuf,
+        /// Radio range, metres.
+        #[arg(long, value_name = "METERS", default_value_t = 30.0)]
+        range: f64,
+        /// Payload throughput of one link, bytes per second.
+        #[arg(long, value_name = "BYTES_PER_SEC", default_value_t = 20_000)]
+        bandwidth: u64,
+        /// One-way latency of a packet, milliseconds.
+        #[arg(long, value_name = "MS", default_value_t = 15.0)]
+        latency_ms: f64,
+        /// Largest payload per radio packet, bytes.
+        #[arg(long, value_name = "BYTES", default_value_t = 244)]
+        mtu: usize,
+        /// Probability that a packet must be sent again.
+        #[arg(long, value_name = "P", default_value_t = 0.0)]
+        loss: f64,
+        /// Mean seconds between random link drops (none by default).
+        #[arg(long, value_name = "SECS")]
+        drop_mean_secs: Option<f64>,
+        /// Most simultaneous links per device.
+        #[arg(long, value_name = "N", default_value_t = 8)]
+        max_links: usize,
+    },
+    /// List the devices on a medium, their positions and links.
+    List {
+        /// The medium's socket.
+        #[arg(value_name = "SOCKET")]
+        socket: PathBuf,
+    },
+    /// Move a device on a medium (links to devices now out of range drop).
+    Move {
+        /// The medium's socket.
+        #[arg(value_name = "SOCKET")]
+        socket: PathBuf,
+        /// The device address, as `fogmesh status` or `radio list` shows it.
+        #[arg(value_name = "DEVICE")]
+        device: String,
+        /// The new position, metres.
+        #[arg(value_name = "X,Y", value_parser = config::parse_position, allow_hyphen_values = true)]
+        position: fogmesh_ble::sim::Position,
+    },
+    /// Drop every link of a device on a medium, as a radio reset would.
+    Drop {
+        /// The medium's socket.
+        #[arg(value_name = "SOCKET")]
+        socket: PathBuf,
+        /// The device address.
+        #[arg(value_name = "DEVICE")]
+        device: String,
+    },
 }
 
 /// An error that means "nothing found" (exit code 1) rather than a failure.
@@ -285,10 +359,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     max_upload_rate: args.max_upload_rate,
                     max_download_rate: args.max_download_rate,
                     event_log: args.event_log,
+                    ble: args.ble,
+                    ble_position: args.ble_position,
+                    no_internet: args.no_internet,
                 },
             )?;
             init_logging(settings.log_format, "info");
             runtime()?.block_on(crate::daemon::run(settings))
+        }
+        Command::Radio(cmd) => {
+            init_logging(LogFormat::Text, "info");
+            runtime()?.block_on(radio_command(cmd, json))
         }
         Command::Id => {
             init_logging(LogFormat::Text, "warn");
@@ -324,6 +405,12 @@ async fn client_command(client: Client, cmd: Command, json: bool) -> anyhow::Res
                     s.connected_peers, s.routing_table_peers
                 );
                 println!("routes:    {}", s.routes.join(", "));
+                if let Some(b) = &s.ble {
+                    println!(
+                        "ble:       device {}, {} neighbours heard, {} links",
+                        b.device, b.neighbours, b.links
+                    );
+                }
                 println!("uptime:    {} s", s.uptime_secs);
                 for a in &s.listen_addrs {
                     println!("listen:    {a}");
@@ -387,7 +474,7 @@ async fn client_command(client: Client, cmd: Command, json: bool) -> anyhow::Res
         }
         Command::Group(cmd) => group_command(client, cmd, json).await,
         Command::File(cmd) => file_command(client, cmd, json).await,
-        Command::Run(_) | Command::Id => unreachable!("handled before a client is made"),
+        Command::Run(_) | Command::Id | Command::Radio(_) => unreachable!("handled before a client is made"),
     }
 }
 
@@ -714,6 +801,86 @@ async fn group_command(client: Client, cmd: GroupCommand, json: bool) -> anyhow:
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+async fn radio_command(cmd: RadioCommand, json: bool) -> anyhow::Result<()> {
+    use fogmesh_ble::sim::{self, AdminRequest, LinkModel, Medium};
+    let (socket, req) = match cmd {
+        RadioCommand::Serve {
+            socket,
+            range,
+            bandwidth,
+            latency_ms,
+            mtu,
+            loss,
+            drop_mean_secs,
+            max_links,
+        } => {
+            let model = LinkModel {
+                range_m: range,
+                mtu,
+                bandwidth,
+                latency_ms,
+                loss,
+                drop_mean_secs,
+                max_links,
+                seed: rand::random(),
+            };
+            model
+                .validate()
+                .map_err(|e| anyhow::anyhow!("invalid radio model: {e}"))?;
+            // A socket left by a medium that died is in the way; a live one
+            // is not ours to take.
+            if socket.exists() {
+                if tokio::net::UnixStream::connect(&socket).await.is_ok() {
+                    anyhow::bail!("a radio medium is already serving {}", socket.display());
+                }
+                std::fs::remove_file(&socket)
+                    .with_context(|| format!("cannot replace {}", socket.display()))?;
+            }
+            let listener = tokio::net::UnixListener::bind(&socket)
+                .with_context(|| format!("cannot listen on {}", socket.display()))?;
+            println!("radio medium: {}", socket.display());
+            println!("range: {range} m, bandwidth: {bandwidth} B/s, latency: {latency_ms} ms");
+            println!("ready");
+            let stop = tokio_util::sync::CancellationToken::new();
+            let serving = tokio::spawn(sim::serve(listener, Medium::new(model), stop.clone()));
+            crate::daemon::wait_for_signal(stop.clone()).await;
+            let _ = serving.await;
+            let _ = std::fs::remove_file(&socket);
+            return Ok(());
+        }
+        RadioCommand::List { socket } => (socket, AdminRequest::List),
+        RadioCommand::Move {
+            socket,
+            device,
+            position,
+        } => (socket, AdminRequest::Move { device, position }),
+        RadioCommand::Drop { socket, device } => (socket, AdminRequest::Drop { device }),
+    };
+    let is_list = matches!(req, AdminRequest::List);
+    let answer = sim::admin(&socket, req).await?;
+    if json || !is_list {
+        println!("{answer}");
+        return Ok(());
+    }
+    let devices: Vec<sim::DeviceInfo> =
+        serde_json::from_value(answer["devices"].clone()).context("unexpected answer")?;
+    for d in &devices {
+        let links: Vec<String> = d.links.iter().map(|l| l.to_string()).collect();
+        println!(
+            "{}  at {:.1},{:.1}  {}  links: {}",
+            d.device,
+            d.position.x,
+            d.position.y,
+            if d.advertising { "advertising" } else { "silent     " },
+            if links.is_empty() { "-".into() } else { links.join(" ") }
+        );
+    }
+    if devices.is_empty() {
+        return Err(NothingFound("no devices on this medium".into()).into());
+    }
     Ok(())
 }
 

@@ -65,6 +65,44 @@ pub struct Settings {
     pub max_download_rate: Option<u64>,
     /// Where to write the NDJSON event log, if anywhere.
     pub event_log: Option<PathBuf>,
+    /// The BLE radio, when BLE is on.
+    pub ble: Option<BleRadio>,
+    /// Where this node stands on a simulated medium.
+    pub ble_position: fogmesh_ble::sim::Position,
+    /// Whether the IP transports (TCP, QUIC) are on.
+    pub internet: bool,
+}
+
+/// Which BLE radio `--ble` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BleRadio {
+    /// A simulated medium served by `fogmesh radio serve` on this socket.
+    Sim(PathBuf),
+    /// A BlueZ adapter, such as `hci0`.
+    Adapter(String),
+}
+
+/// Parses `--ble`: `sim:SOCKET` or an adapter name like `hci0`.
+pub fn parse_ble(s: &str) -> Result<BleRadio, String> {
+    if let Some(path) = s.strip_prefix("sim:") {
+        if path.is_empty() {
+            return Err(
+                "--ble sim: needs the medium's socket path, as in sim:/tmp/radio.sock".into(),
+            );
+        }
+        return Ok(BleRadio::Sim(PathBuf::from(path)));
+    }
+    if !s.is_empty() && s.len() <= 16 && s.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Ok(BleRadio::Adapter(s.to_owned()));
+    }
+    Err(format!(
+        "--ble {s:?}: expected an adapter name such as hci0, or sim:SOCKET for a simulated medium"
+    ))
+}
+
+/// Parses `--ble-position X,Y` (metres).
+pub fn parse_position(s: &str) -> Result<fogmesh_ble::sim::Position, String> {
+    s.parse()
 }
 
 /// What the config file may hold. Every key is optional; unknown keys are an
@@ -98,6 +136,12 @@ pub struct FileConfig {
     pub max_download_rate: Option<String>,
     /// `event_log = "/path/events.ndjson"`
     pub event_log: Option<PathBuf>,
+    /// `ble = "hci0"` or `ble = "sim:/path/to/medium.sock"`
+    pub ble: Option<String>,
+    /// `ble_position = "10,5"` (metres, on a simulated medium)
+    pub ble_position: Option<String>,
+    /// `internet = false` turns TCP, QUIC and mDNS off
+    pub internet: Option<bool>,
 }
 
 impl FileConfig {
@@ -143,18 +187,52 @@ pub struct Overrides {
     pub max_download_rate: Option<u64>,
     /// `--event-log`.
     pub event_log: Option<PathBuf>,
+    /// `--ble`.
+    pub ble: Option<BleRadio>,
+    /// `--ble-position`.
+    pub ble_position: Option<fogmesh_ble::sim::Position>,
+    /// `--no-internet`.
+    pub no_internet: bool,
 }
 
 impl Settings {
     /// Merges the layers. `data_dir` is already resolved.
     pub fn resolve(data_dir: PathBuf, file: FileConfig, over: Overrides) -> anyhow::Result<Self> {
+        let ble = match over.ble {
+            Some(b) => Some(b),
+            None => file
+                .ble
+                .as_deref()
+                .map(parse_ble)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("config key ble: {e}"))?,
+        };
+        let ble_position = match over.ble_position {
+            Some(p) => p,
+            None => file
+                .ble_position
+                .as_deref()
+                .map(parse_position)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("config key ble_position: {e}"))?
+                .unwrap_or_default(),
+        };
+        let internet = !over.no_internet && file.internet.unwrap_or(true);
+        if !internet && ble.is_none() {
+            bail!("--no-internet leaves no transport: turn BLE on with --ble hci0 or --ble sim:SOCKET");
+        }
         let listen = if !over.listen.is_empty() {
             over.listen
         } else if let Some(list) = file.listen {
             parse_list(&list, "listen", |_| Ok(()))?
-        } else {
+        } else if internet {
             default_listen()
+        } else {
+            Vec::new()
         };
+        if !internet && !listen.is_empty() {
+            bail!("--no-internet turns the IP transports off, so --listen addresses cannot be used with it");
+        }
         let bootstrap = if !over.bootstrap.is_empty() {
             over.bootstrap
         } else if let Some(list) = file.bootstrap {
@@ -194,7 +272,7 @@ impl Settings {
             listen,
             bootstrap,
             api,
-            mdns: !over.no_mdns && file.mdns.unwrap_or(true),
+            mdns: internet && !over.no_mdns && file.mdns.unwrap_or(true),
             metrics: over.metrics.or(file.metrics),
             log_format: over.log_format.or(file.log_format).unwrap_or_default(),
             max_connections: over.max_connections.or(file.max_connections).unwrap_or(200),
@@ -208,6 +286,9 @@ impl Settings {
             max_upload_rate,
             max_download_rate,
             event_log: over.event_log.or(file.event_log),
+            ble,
+            ble_position,
+            internet,
         })
     }
 }
@@ -322,6 +403,35 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn ble_settings() {
+        assert_eq!(parse_ble("hci0"), Ok(BleRadio::Adapter("hci0".into())));
+        assert_eq!(
+            parse_ble("sim:/tmp/r.sock"),
+            Ok(BleRadio::Sim("/tmp/r.sock".into()))
+        );
+        assert!(parse_ble("sim:").is_err());
+        assert!(parse_ble("../etc").is_err());
+        let offline = |ble| Overrides {
+            no_internet: true,
+            ble,
+            ..Default::default()
+        };
+        assert!(Settings::resolve("/tmp/x".into(), FileConfig::default(), offline(None)).is_err());
+        let s = Settings::resolve(
+            "/tmp/x".into(),
+            FileConfig::default(),
+            offline(Some(BleRadio::Adapter("hci0".into()))),
+        )
+        .expect("offline with BLE");
+        assert!(s.listen.is_empty() && !s.mdns && !s.internet);
+        let file: FileConfig =
+            toml::from_str("ble = \"sim:/tmp/m\"\nble_position = \"3,4\"").expect("toml");
+        let s = Settings::resolve("/tmp/x".into(), file, Overrides::default()).expect("file");
+        assert_eq!(s.ble, Some(BleRadio::Sim("/tmp/m".into())));
+        assert_eq!(s.ble_position.x, 3.0);
     }
 
     #[test]

@@ -13,13 +13,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use fogmesh_ble::sim::SocketRadio;
+use fogmesh_ble::{BleTransport, Radio};
 use fogmesh_protocols::policy::Reachability;
 use libp2p::{SwarmBuilder, noise, tcp, yamux};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, Endpoint};
 use crate::behaviour::{Behaviour, BehaviourConfig};
-use crate::config::Settings;
+use crate::config::{BleRadio, Settings};
 use crate::eventlog::EventLog;
 use crate::files::FilesConfig;
 use crate::groups::GroupsConfig;
@@ -70,23 +72,54 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
         ..BehaviourConfig::default()
     };
     let idle = settings.idle_timeout;
-    let swarm = SwarmBuilder::with_existing_identity(key)
-        .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )?
-        .with_quic()
-        .with_dns()?
-        .with_bandwidth_metrics(&mut registry)
-        .with_behaviour(|key| {
-            Behaviour::new(key, &bcfg)
-                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-        })
-        .map_err(|e| anyhow::anyhow!("cannot build the node's behaviours: {e}"))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
-        .build();
+    let radio = open_radio(&settings).await?;
+    let bcfg = match &radio {
+        Some(r) => crate::behaviour::scale_for_ble(bcfg, r.limits()),
+        None => bcfg,
+    };
+    // The same tail for every combination of transports (the builder's
+    // phases are distinct types, hence a macro rather than a function).
+    macro_rules! finish {
+        ($builder:expr) => {
+            $builder
+                .with_bandwidth_metrics(&mut registry)
+                .with_behaviour(|key| {
+                    Behaviour::new(key, &bcfg)
+                        .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                })
+                .map_err(|e| anyhow::anyhow!("cannot build the node's behaviours: {e}"))?
+                .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+                .build()
+        };
+    }
+    let builder = SwarmBuilder::with_existing_identity(key).with_tokio();
+    let swarm = match (settings.internet, radio.clone()) {
+        (true, None) => finish!(
+            builder
+                .with_tcp(
+                    tcp::Config::default().nodelay(true),
+                    noise::Config::new,
+                    yamux::Config::default,
+                )?
+                .with_quic()
+                .with_dns()?
+        ),
+        (true, Some(radio)) => finish!(
+            builder
+                .with_tcp(
+                    tcp::Config::default().nodelay(true),
+                    noise::Config::new,
+                    yamux::Config::default,
+                )?
+                .with_quic()
+                .with_other_transport(|key| ble_transport(key, radio).map_err(Box::from))?
+                .with_dns()?
+        ),
+        (false, Some(radio)) => {
+            finish!(builder.with_other_transport(|key| ble_transport(key, radio).map_err(Box::from))?)
+        }
+        (false, None) => anyhow::bail!("no transport is on (--no-internet without --ble)"),
+    };
     let libp2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
 
     let running = node::start(
@@ -98,18 +131,25 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
             bootstrap: settings.bootstrap.clone(),
             min_peers: settings.min_peers,
             reachability: Reachability {
-                internet: true,
-                ble: false,
+                internet: settings.internet,
+                ble: radio.is_some(),
                 onion: false,
             },
+            ble: radio.clone(),
             groups: GroupsConfig {
                 sender_rate: settings.group_rate,
                 ..GroupsConfig::default()
             },
-            files: FilesConfig {
-                max_upload_rate: settings.max_upload_rate,
-                max_download_rate: settings.max_download_rate,
-                ..FilesConfig::default()
+            files: {
+                let f = FilesConfig {
+                    max_upload_rate: settings.max_upload_rate,
+                    max_download_rate: settings.max_download_rate,
+                    ..FilesConfig::default()
+                };
+                match &radio {
+                    Some(r) => f.scaled_for_ble(r.limits()),
+                    None => f,
+                }
             },
             maintenance_interval: node::MAINTENANCE_INTERVAL,
         },
@@ -204,7 +244,56 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
     Ok(())
 }
 
-async fn wait_for_signal(shutdown: CancellationToken) {
+/// Longest a BLE connection's Noise and Yamux upgrade may take.
+const BLE_UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The BLE transport, upgraded like any other: Noise, then Yamux.
+fn ble_transport(
+    key: &libp2p::identity::Keypair,
+    radio: Arc<dyn Radio>,
+) -> Result<
+    libp2p::core::transport::Boxed<(libp2p::PeerId, libp2p::core::muxing::StreamMuxerBox)>,
+    noise::Error,
+> {
+    use libp2p::core::Transport as _;
+    use libp2p::core::muxing::StreamMuxerBox;
+    let local = key.public().to_peer_id();
+    Ok(BleTransport::new(radio, &local)
+        .upgrade(libp2p::core::upgrade::Version::V1)
+        .authenticate(noise::Config::new(key)?)
+        .multiplex(yamux::Config::default())
+        .timeout(BLE_UPGRADE_TIMEOUT)
+        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+        .boxed())
+}
+
+/// Opens the radio `--ble` names, if any.
+async fn open_radio(settings: &Settings) -> anyhow::Result<Option<Arc<dyn Radio>>> {
+    match &settings.ble {
+        None => Ok(None),
+        Some(BleRadio::Sim(path)) => {
+            let r = SocketRadio::connect(path, settings.ble_position)
+                .await
+                .with_context(|| format!("--ble sim:{}", path.display()))?;
+            tracing::info!(device = %r.address(), medium = %path.display(), "joined the simulated BLE medium");
+            Ok(Some(Arc::new(r)))
+        }
+        #[cfg(feature = "bluez")]
+        Some(BleRadio::Adapter(name)) => {
+            let r = fogmesh_ble::bluez::BluezRadio::open(Some(name))
+                .await
+                .with_context(|| format!("--ble {name}: cannot open the BlueZ adapter"))?;
+            tracing::info!(device = %r.address(), adapter = %name, "BLE radio on");
+            Ok(Some(Arc::new(r)))
+        }
+        #[cfg(not(feature = "bluez"))]
+        Some(BleRadio::Adapter(name)) => anyhow::bail!(
+            "--ble {name}: this fogmesh was built without BlueZ support; build it with `cargo build --release --features bluez` (or use --ble sim:SOCKET)"
+        ),
+    }
+}
+
+pub(crate) async fn wait_for_signal(shutdown: CancellationToken) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -13,11 +13,14 @@
 //! as protocols arrive) asks the routing [`Policy`] first.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use fogmesh_protocols::policy::{Policy, Reachability, Requirements, Route};
+use fogmesh_ble::{DeviceAddr, Neighbour, Radio};
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use libp2p::core::ConnectedPoint;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
@@ -32,7 +35,7 @@ use crate::files::{self, Asked, FileCommand, FilesConfig, FilesHandle};
 use crate::groups::{self, GroupsConfig, GroupsHandle, Input, NetCommand};
 use crate::metrics::NodeMetrics;
 use crate::storage::Store;
-use crate::types::{ConnectResponse, NodeEvent, PeerInfo, Status};
+use crate::types::{BleStatus, ConnectResponse, NodeEvent, PeerInfo, Status};
 
 /// Capacity of the command channel: callers wait when the loop is busy.
 const COMMAND_QUEUE: usize = 256;
@@ -64,7 +67,20 @@ pub struct NodeConfig {
     /// How often the node checks that it has enough peers
     /// ([`MAINTENANCE_INTERVAL`] by default).
     pub maintenance_interval: Duration,
+    /// The BLE radio, when BLE is on: the node listens on it, scans for
+    /// neighbours and dials them.
+    pub ble: Option<Arc<dyn Radio>>,
 }
+
+/// Most BLE connections a node keeps (phones keep 6 to 8 links).
+pub const BLE_MAX_LINKS: usize = 7;
+/// How often the node retries BLE neighbours it is not linked to.
+const BLE_TICK: Duration = Duration::from_secs(2);
+/// Of two neighbours, the one with the lower peer hint dials; the other
+/// dials too if no link came up after this long.
+const BLE_DIAL_GRACE: Duration = Duration::from_secs(8);
+/// Least time between two dials of one neighbour.
+const BLE_REDIAL: Duration = Duration::from_secs(5);
 
 /// Why a connect failed.
 #[derive(Debug, thiserror::Error)]
@@ -179,7 +195,11 @@ pub async fn start(
 ) -> anyhow::Result<RunningNode> {
     let peer_id = *swarm.local_peer_id();
     let mut listeners = HashSet::new();
-    for addr in &cfg.listen {
+    let mut listen = cfg.listen.clone();
+    if cfg.ble.is_some() {
+        listen.push(fogmesh_ble::listen_addr());
+    }
+    for addr in &listen {
         let id = swarm
             .listen_on(addr.clone())
             .with_context(|| format!("cannot listen on {addr}"))?;
@@ -242,6 +262,12 @@ pub async fn start(
         maintenance_interval: cfg.maintenance_interval,
         started: Instant::now(),
         listener_ids: Vec::new(),
+        ble: cfg.ble.as_ref().map(|radio| BleState {
+            radio: radio.clone(),
+            hint: fogmesh_ble::peer_hint(&peer_id),
+            neighbours: HashMap::new(),
+        }),
+        ble_scan: cfg.ble.as_ref().map(|r| r.scan()),
     };
 
     // Remembered peers first (most recent first), then the bootstrap list.
@@ -379,6 +405,30 @@ struct EventLoop {
     maintenance_interval: Duration,
     started: Instant,
     listener_ids: Vec<libp2p::core::transport::ListenerId>,
+    ble: Option<BleState>,
+    ble_scan: Option<BoxStream<'static, Neighbour>>,
+}
+
+/// What the node knows of its BLE surroundings.
+struct BleState {
+    radio: Arc<dyn Radio>,
+    /// Our own peer hint, as advertised.
+    hint: [u8; 6],
+    /// fogmesh nodes heard now.
+    neighbours: HashMap<DeviceAddr, HeardNeighbour>,
+}
+
+struct HeardNeighbour {
+    advert: fogmesh_ble::Advert,
+    since: Instant,
+    last_dial: Option<Instant>,
+}
+
+async fn next_neighbour(scan: &mut Option<BoxStream<'static, Neighbour>>) -> Option<Neighbour> {
+    match scan {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
 }
 
 #[derive(Default)]
@@ -420,6 +470,8 @@ impl EventLoop {
     async fn run(&mut self, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(self.maintenance_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ble_tick = tokio::time::interval(BLE_TICK);
+        ble_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -433,6 +485,14 @@ impl EventLoop {
                 Some(cmd) = self.file_net.recv() => self.on_file_command(cmd),
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
                 _ = tick.tick() => self.maintain(),
+                n = next_neighbour(&mut self.ble_scan) => match n {
+                    Some(n) => self.on_neighbour(n),
+                    None => {
+                        tracing::warn!("the BLE radio stopped scanning");
+                        self.ble_scan = None;
+                    }
+                },
+                _ = ble_tick.tick(), if self.ble.is_some() => self.ble_maintain(),
             }
         }
         // Stop accepting first. (Dropping a listener is not enough for
@@ -471,6 +531,12 @@ impl EventLoop {
                         .filter(|r| self.route_up(**r))
                         .map(|r| r.to_string())
                         .collect(),
+                    ble: self.ble.as_ref().map(|b| BleStatus {
+                        device: b.radio.address().to_string(),
+                        neighbours: b.neighbours.len(),
+                        links: self.ble_links(),
+                        link_bandwidth: b.radio.limits().bandwidth,
+                    }),
                 });
             }
             Command::Peers(reply) => {
@@ -525,8 +591,13 @@ impl EventLoop {
     ) {
         let plan = self.policy.plan(&Requirements::unicast(), &self.reach);
         // Of the routes the policy allows, the first that can carry this
-        // address. Only internet addresses exist today.
-        let Some(route) = plan.routes.iter().copied().find(|r| *r == Route::Internet) else {
+        // address.
+        let wanted = if fogmesh_ble::is_ble(&addr) {
+            Route::Ble
+        } else {
+            Route::Internet
+        };
+        let Some(route) = plan.routes.iter().copied().find(|r| *r == wanted) else {
             let _ = reply.send(Err(ConnectError::NoRoute));
             return;
         };
@@ -594,6 +665,95 @@ impl EventLoop {
         }
     }
 
+    /// BLE connections open now.
+    fn ble_links(&self) -> usize {
+        self.connections
+            .values()
+            .flatten()
+            .filter(|(_, a)| fogmesh_ble::is_ble(a))
+            .count()
+    }
+
+    fn on_neighbour(&mut self, n: Neighbour) {
+        let Some(ble) = self.ble.as_mut() else { return };
+        match n {
+            Neighbour::Found { device, advert, .. } => {
+                let fresh = !ble.neighbours.contains_key(&device);
+                let e = ble.neighbours.entry(device).or_insert(HeardNeighbour {
+                    advert,
+                    since: Instant::now(),
+                    last_dial: None,
+                });
+                e.advert = advert;
+                if fresh {
+                    tracing::debug!(%device, "BLE neighbour heard");
+                }
+                self.ble_dial(device);
+            }
+            Neighbour::Lost { device } => {
+                tracing::debug!(%device, "BLE neighbour lost");
+                ble.neighbours.remove(&device);
+            }
+        }
+    }
+
+    /// Periodic: dial BLE neighbours we have no link with.
+    fn ble_maintain(&mut self) {
+        let devices: Vec<DeviceAddr> = self
+            .ble
+            .as_ref()
+            .map(|b| b.neighbours.keys().copied().collect())
+            .unwrap_or_default();
+        for d in devices {
+            self.ble_dial(d);
+        }
+    }
+
+    /// Dials a BLE neighbour if the policy allows it, we are not linked to
+    /// it (over BLE or otherwise), we are below the link limit, and it is
+    /// our turn (the lower peer hint dials first).
+    fn ble_dial(&mut self, device: DeviceAddr) {
+        let plan = self.policy.plan(&Requirements::unicast(), &self.reach);
+        if !plan.routes.contains(&Route::Ble) {
+            return;
+        }
+        let linked = self.connections.values().flatten().any(|(_, a)| {
+            fogmesh_ble::addr::parse(a) == Some(fogmesh_ble::addr::BleAddr::Device(device))
+        });
+        if linked || self.ble_links() >= BLE_MAX_LINKS {
+            return;
+        }
+        let Some(ble) = self.ble.as_mut() else { return };
+        let Some(n) = ble.neighbours.get_mut(&device) else {
+            return;
+        };
+        let theirs = n.advert.peer_hint;
+        if theirs == ble.hint {
+            return; // Ourselves, heard through another radio.
+        }
+        if self
+            .connections
+            .keys()
+            .any(|p| fogmesh_ble::peer_hint(p) == theirs)
+        {
+            return; // Already connected to that node over another route.
+        }
+        if ble.hint > theirs && n.since.elapsed() < BLE_DIAL_GRACE {
+            return; // Their turn to dial.
+        }
+        if n.last_dial.is_some_and(|t| t.elapsed() < BLE_REDIAL) {
+            return;
+        }
+        n.last_dial = Some(Instant::now());
+        let opts = DialOpts::unknown_peer_id()
+            .address(fogmesh_ble::device_multiaddr(device))
+            .build();
+        tracing::debug!(%device, "dialling a BLE neighbour");
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%device, "BLE dial refused: {e}");
+        }
+    }
+
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         use libp2p::metrics::Recorder;
         self.libp2p_metrics.record(&event);
@@ -601,6 +761,12 @@ impl EventLoop {
             SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
+                // With BLE on, identify tells peers only external addresses
+                // (BLE addresses must never reach internet peers): the IP
+                // listen addresses are those.
+                if self.ble.is_some() && !fogmesh_ble::is_ble(&address) && is_dialable(&address) {
+                    self.swarm.add_external_address(address.clone());
+                }
                 self.emit(NodeEvent::ListenAddr {
                     addr: address.to_string(),
                 });
@@ -618,14 +784,20 @@ impl EventLoop {
                     }
                 };
                 tracing::debug!(%peer_id, %addr, direction, "connection established");
+                let route = if fogmesh_ble::is_ble(&addr) {
+                    Route::Ble
+                } else {
+                    Route::Internet
+                };
                 if let Some(reply) = self.pending_dials.remove(&connection_id) {
                     let _ = reply.send(Ok(ConnectResponse {
                         peer_id: peer_id.to_base58(),
-                        route: Route::Internet.to_string(),
+                        route: route.to_string(),
                     }));
                 }
-                // An address we dialled successfully is worth remembering.
-                if endpoint.is_dialer() {
+                // An address we dialled successfully is worth remembering
+                // (not a BLE one: neighbours are found again by scanning).
+                if endpoint.is_dialer() && route == Route::Internet {
                     self.save_peer(peer_id, vec![addr.clone()], None);
                 }
                 let conns = self.connections.entry(peer_id).or_default();
@@ -677,6 +849,9 @@ impl EventLoop {
                     let _ = reply.send(Err(ConnectError::Dial(error.to_string())));
                 }
             }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.swarm.remove_external_address(&address);
+            }
             SwarmEvent::ListenerError { error, .. } => {
                 tracing::warn!("listener error: {error}");
             }
@@ -693,7 +868,7 @@ impl EventLoop {
                     let addrs: Vec<Multiaddr> = info
                         .listen_addrs
                         .into_iter()
-                        .filter(is_dialable)
+                        .filter(|a| is_dialable(a) && !fogmesh_ble::is_ble(a))
                         .take(crate::storage::MAX_ADDRS_PER_PEER)
                         .collect();
                     // Feed Kademlia's routing table with peers that speak
@@ -743,6 +918,17 @@ impl EventLoop {
             }
             BehaviourEvent::Kad(ev) => {
                 self.libp2p_metrics.record(&ev);
+                // Kademlia adds the address of every connection it sees;
+                // a BLE address must never be handed to internet peers in
+                // answers, so it never stays in the routing table.
+                if let kad::Event::RoutingUpdated {
+                    peer, addresses, ..
+                } = &ev
+                {
+                    for a in addresses.iter().filter(|a| fogmesh_ble::is_ble(a)) {
+                        self.swarm.behaviour_mut().kad.remove_address(peer, a);
+                    }
+                }
                 if let kad::Event::RoutingUpdated {
                     peer,
                     is_new_peer: true,
@@ -1041,6 +1227,7 @@ pub fn transport_name(addr: &Multiaddr) -> &'static str {
             Protocol::QuicV1 | Protocol::Quic => return "quic",
             Protocol::Tcp(_) => name = "tcp",
             Protocol::Memory(_) => return "memory",
+            Protocol::Ip6zone(_) if fogmesh_ble::is_ble(addr) => return "ble",
             _ => {}
         }
     }

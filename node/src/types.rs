@@ -87,6 +87,22 @@ pub struct Status {
     pub uptime_secs: u64,
     /// Routes the node can use now (see the routing policy).
     pub routes: Vec<String>,
+    /// The BLE radio, when BLE is on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ble: Option<BleStatus>,
+}
+
+/// The BLE side of a node, in `GET /v1/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BleStatus {
+    /// This radio's device address.
+    pub device: String,
+    /// fogmesh nodes heard advertising now.
+    pub neighbours: usize,
+    /// Open BLE connections.
+    pub links: usize,
+    /// Expected payload throughput of one link, bytes per second.
+    pub link_bandwidth: u64,
 }
 
 /// One connected peer, in `GET /v1/peers`.

@@ -357,6 +357,7 @@ async fn start_node(world: &World, node: &mut SimNode) -> anyhow::Result<()> {
             },
             files: FilesConfig::default(),
             maintenance_interval: scale(Duration::from_secs(2)),
+            ble: None,
         },
         metrics,
         libp2p_metrics,

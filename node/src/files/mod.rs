@@ -252,6 +252,22 @@ impl Default for FilesConfig {
     }
 }
 
+impl FilesConfig {
+    /// Stretches the scheduler's timeouts to a BLE link: a first window of
+    /// chunks must cross one link within the initial timeout.
+    pub fn scaled_for_ble(self, link: fogmesh_ble::LinkLimits) -> Self {
+        let s = &self.scheduler;
+        let window = u64::from(chunk_size_for(0)) * s.initial_window as u64;
+        let initial = s.initial_timeout.max(link.timeout_for(window));
+        let min = s.min_timeout.max(link.timeout_for(0) * 3);
+        let max = s.max_timeout.max(initial * 2);
+        FilesConfig {
+            scheduler: s.clone().with_timeouts(min, initial, max),
+            ..self
+        }
+    }
+}
+
 /// Starts the actor thread.
 pub(crate) fn start(
     local: PeerId,
