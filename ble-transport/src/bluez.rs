@@ -263,7 +263,10 @@ impl BluezRadio {
         })?;
         let adapter = match name {
             Some(n) => {
-                let names = session.adapter_names().await.map_err(|e| open_err(name, e))?;
+                let names = session
+                    .adapter_names()
+                    .await
+                    .map_err(|e| open_err(name, e))?;
                 if !names.iter().any(|x| x == n) {
                     return Err(io::Error::new(
                         io::ErrorKind::NotFound,
@@ -279,7 +282,10 @@ impl BluezRadio {
                 }
                 session.adapter(n).map_err(|e| open_err(name, e))?
             }
-            None => session.default_adapter().await.map_err(|e| open_err(name, e))?,
+            None => session
+                .default_adapter()
+                .await
+                .map_err(|e| open_err(name, e))?,
         };
         let what = format!("adapter {}", adapter.name());
         if !adapter.is_powered().await.map_err(|e| bt_err(&what, e))? {
@@ -550,7 +556,12 @@ impl Inner {
     }
 
     /// A write to our DATA characteristic from `remote`.
-    async fn on_write(self: Arc<Self>, remote: DeviceAddr, mtu: usize, value: &[u8]) -> ReqResult<()> {
+    async fn on_write(
+        self: Arc<Self>,
+        remote: DeviceAddr,
+        mtu: usize,
+        value: &[u8],
+    ) -> ReqResult<()> {
         let f = match Frame::decode(value) {
             Ok(f) => f,
             Err(e) => {

@@ -140,8 +140,12 @@ mod tests {
         let (mut io, got) = futures::join!(writer, reader);
         assert_eq!(got, data);
         use futures::SinkExt;
-        inj.send(Ok(Bytes::from_static(b"hello "))).await.expect("inject");
-        inj.send(Ok(Bytes::from_static(b"world"))).await.expect("inject");
+        inj.send(Ok(Bytes::from_static(b"hello ")))
+            .await
+            .expect("inject");
+        inj.send(Ok(Bytes::from_static(b"world")))
+            .await
+            .expect("inject");
         inj.send(Err(io::ErrorKind::ConnectionReset.into()))
             .await
             .expect("inject");

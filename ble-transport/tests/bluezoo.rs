@@ -128,9 +128,7 @@ fn bluezoo_two_nodes() {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot run dbus-daemon ({e}): run scripts/install-test-deps")
-        });
+        .unwrap_or_else(|e| panic!("cannot run dbus-daemon ({e}): run scripts/install-test-deps"));
     let dbus_out = dbus.stdout.take().expect("dbus-daemon stdout");
     procs.add("dbus-daemon", dbus);
     let mut bus = String::new();
@@ -146,7 +144,7 @@ fn bluezoo_two_nodes() {
     // BlueZoo, with two adapters; scanning every second keeps the test short.
     let (bz_log, bz_file) = log_file(dir.path(), "bluezoo.log");
     let bz = Command::new(&bluezoo)
-        .args(["--auto-enable", "--scan-interval", "1"])
+        .args(["-v", "--auto-enable", "--scan-interval", "1"])
         .args(["-a", A_ADDR, "-a", B_ADDR])
         .env("DBUS_SYSTEM_BUS_ADDRESS", &bus)
         .stdin(Stdio::null())
@@ -178,7 +176,12 @@ fn bluezoo_two_nodes() {
     let spawn_node = |procs: &mut Procs, role: &'static str| {
         let (path, f) = log_file(dir.path(), &format!("node-{role}.log"));
         let child = Command::new(&exe)
-            .args(["--exact", "bluezoo_child", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "bluezoo_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(ROLE_VAR, role)
             .env("DBUS_SYSTEM_BUS_ADDRESS", &bus)
             .stdin(Stdio::piped())
@@ -209,7 +212,14 @@ fn bluezoo_two_nodes() {
         Some(s) => fail(format!("node A failed ({s})")),
         None => fail("node A hung".to_string()),
     }
-    eprintln!("BlueZoo scenario took {:.1} s", start.elapsed().as_secs_f64());
+    // Shown with --nocapture.
+    for p in [&a_log, &b_log, &bz_log] {
+        dump(p);
+    }
+    eprintln!(
+        "BlueZoo scenario took {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
 }
 
 /// One node of [`bluezoo_two_nodes`]; does nothing when run on its own.

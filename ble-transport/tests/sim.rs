@@ -63,7 +63,10 @@ async fn neighbours_in_range_link_and_drop_when_apart() {
     );
     // Coming back: heard again, and a new link works.
     medium.set_position(b.address(), Position { x: 5.0, y: 0.0 });
-    assert!(matches!(next_found(&mut scan).await, Neighbour::Found { .. }));
+    assert!(matches!(
+        next_found(&mut scan).await,
+        Neighbour::Found { .. }
+    ));
     let mut out = b.connect(a.address()).await.expect("reconnect");
     let mut inn = incoming.next().await.expect("incoming").expect("link");
     out.io.write_all(b"back").await.expect("write");
@@ -121,7 +124,11 @@ async fn the_medium_over_a_unix_socket() {
     });
     let listener = tokio::net::UnixListener::bind(&sock).expect("bind");
     let stop = tokio_util::sync::CancellationToken::new();
-    tokio::spawn(fogmesh_ble::sim::serve(listener, medium.clone(), stop.clone()));
+    tokio::spawn(fogmesh_ble::sim::serve(
+        listener,
+        medium.clone(),
+        stop.clone(),
+    ));
 
     let a = SocketRadio::connect(&sock, Position { x: 0.0, y: 0.0 })
         .await
@@ -153,7 +160,11 @@ async fn the_medium_over_a_unix_socket() {
         .expect("list");
     let devices = list["devices"].as_array().expect("devices");
     assert_eq!(devices.len(), 2);
-    assert!(devices.iter().all(|d| d["links"].as_array().map(Vec::len) == Some(1)));
+    assert!(
+        devices
+            .iter()
+            .all(|d| d["links"].as_array().map(Vec::len) == Some(1))
+    );
 
     // Moving b out of range through the admin call drops the link.
     fogmesh_ble::sim::admin(
@@ -169,7 +180,10 @@ async fn the_medium_over_a_unix_socket() {
         .await
         .expect("drop noticed");
     assert!(matches!(n, Ok(0) | Err(_)), "link ends: {n:?}");
-    assert!(matches!(next_found(&mut scan).await, Neighbour::Lost { .. }));
+    assert!(matches!(
+        next_found(&mut scan).await,
+        Neighbour::Lost { .. }
+    ));
     let bad = fogmesh_ble::sim::admin(
         &sock,
         AdminRequest::Move {

@@ -474,7 +474,9 @@ async fn client_command(client: Client, cmd: Command, json: bool) -> anyhow::Res
         }
         Command::Group(cmd) => group_command(client, cmd, json).await,
         Command::File(cmd) => file_command(client, cmd, json).await,
-        Command::Run(_) | Command::Id | Command::Radio(_) => unreachable!("handled before a client is made"),
+        Command::Run(_) | Command::Id | Command::Radio(_) => {
+            unreachable!("handled before a client is made")
+        }
     }
 }
 
@@ -874,8 +876,16 @@ async fn radio_command(cmd: RadioCommand, json: bool) -> anyhow::Result<()> {
             d.device,
             d.position.x,
             d.position.y,
-            if d.advertising { "advertising" } else { "silent     " },
-            if links.is_empty() { "-".into() } else { links.join(" ") }
+            if d.advertising {
+                "advertising"
+            } else {
+                "silent     "
+            },
+            if links.is_empty() {
+                "-".into()
+            } else {
+                links.join(" ")
+            }
         );
     }
     if devices.is_empty() {

@@ -219,7 +219,9 @@ impl Settings {
         };
         let internet = !over.no_internet && file.internet.unwrap_or(true);
         if !internet && ble.is_none() {
-            bail!("--no-internet leaves no transport: turn BLE on with --ble hci0 or --ble sim:SOCKET");
+            bail!(
+                "--no-internet leaves no transport: turn BLE on with --ble hci0 or --ble sim:SOCKET"
+            );
         }
         let listen = if !over.listen.is_empty() {
             over.listen
@@ -231,7 +233,9 @@ impl Settings {
             Vec::new()
         };
         if !internet && !listen.is_empty() {
-            bail!("--no-internet turns the IP transports off, so --listen addresses cannot be used with it");
+            bail!(
+                "--no-internet turns the IP transports off, so --listen addresses cannot be used with it"
+            );
         }
         let bootstrap = if !over.bootstrap.is_empty() {
             over.bootstrap

@@ -116,7 +116,9 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
                 .with_dns()?
         ),
         (false, Some(radio)) => {
-            finish!(builder.with_other_transport(|key| ble_transport(key, radio).map_err(Box::from))?)
+            finish!(
+                builder.with_other_transport(|key| ble_transport(key, radio).map_err(Box::from))?
+            )
         }
         (false, None) => anyhow::bail!("no transport is on (--no-internet without --ble)"),
     };

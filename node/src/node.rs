@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use fogmesh_protocols::policy::{Policy, Reachability, Requirements, Route};
 use fogmesh_ble::{DeviceAddr, Neighbour, Radio};
+use fogmesh_protocols::policy::{Policy, Reachability, Requirements, Route};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use libp2p::core::ConnectedPoint;
@@ -925,8 +925,15 @@ impl EventLoop {
                     peer, addresses, ..
                 } = &ev
                 {
-                    for a in addresses.iter().filter(|a| fogmesh_ble::is_ble(a)) {
-                        self.swarm.behaviour_mut().kad.remove_address(peer, a);
+                    if addresses.iter().any(|a| fogmesh_ble::is_ble(a)) {
+                        // (`remove_address` matches addresses with a /p2p
+                        // suffix only, which kad does not store for dialled
+                        // ones: take the peer out, put the rest back.)
+                        let kad = &mut self.swarm.behaviour_mut().kad;
+                        kad.remove_peer(peer);
+                        for a in addresses.iter().filter(|a| !fogmesh_ble::is_ble(a)) {
+                            kad.add_address(peer, a.clone());
+                        }
                     }
                 }
                 if let kad::Event::RoutingUpdated {

@@ -2,6 +2,7 @@
 //! End-to-end tests: real `fogmesh` processes on loopback, driven through
 //! the CLI and the local API the way an operator drives them.
 
+mod ble;
 mod files;
 mod groups;
 mod node;

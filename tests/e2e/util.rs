@@ -88,14 +88,28 @@ impl Daemon {
     /// Like `start`, but returns the daemon's exit status and stderr if it
     /// exits before `ready`.
     pub fn try_start(data_dir: &Path, extra: &[&str]) -> Result<Daemon, String> {
+        let mut args = loopback_args();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::try_start_with(data_dir, &args)
+    }
+
+    /// Starts `fogmesh run` on `data_dir` with exactly `args` (no loopback
+    /// defaults: for offline nodes).
+    pub fn start_with(data_dir: &Path, args: &[String]) -> Daemon {
+        match Self::try_start_with(data_dir, args) {
+            Ok(d) => d,
+            Err(msg) => panic!("daemon did not start: {msg}"),
+        }
+    }
+
+    fn try_start_with(data_dir: &Path, args: &[String]) -> Result<Daemon, String> {
         let stderr_log = data_dir.with_extension("stderr.log");
         let stderr = std::fs::File::create(&stderr_log).expect("create stderr log");
         let mut cmd = fogmesh();
         cmd.arg("run")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(loopback_args())
-            .args(extra)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(stderr);

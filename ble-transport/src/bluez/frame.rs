@@ -172,7 +172,10 @@ mod tests {
         assert_eq!(Frame::decode(&[]), Err(FrameError::TooShort(0)));
         assert_eq!(Frame::decode(&[2, 0, 0]), Err(FrameError::TooShort(3)));
         assert_eq!(Frame::decode(&[0, 0, 0, 0, 1]), Err(FrameError::Kind(0)));
-        assert_eq!(Frame::decode(&[0x7f, 0, 0, 0, 1]), Err(FrameError::Kind(0x7f)));
+        assert_eq!(
+            Frame::decode(&[0x7f, 0, 0, 0, 1]),
+            Err(FrameError::Kind(0x7f))
+        );
         assert_eq!(
             Frame::decode(&[0x81, 0, 0, 0, 1]),
             Err(FrameError::OpenFromAcceptor)

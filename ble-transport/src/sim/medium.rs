@@ -82,10 +82,16 @@ impl LinkModel {
             return Err(format!("mtu must be 20 to 65535 bytes, not {}", self.mtu));
         }
         if self.bandwidth < 100 {
-            return Err(format!("bandwidth must be at least 100 B/s, not {}", self.bandwidth));
+            return Err(format!(
+                "bandwidth must be at least 100 B/s, not {}",
+                self.bandwidth
+            ));
         }
         if !(self.latency_ms.is_finite() && (0.0..=10_000.0).contains(&self.latency_ms)) {
-            return Err(format!("latency must be 0 to 10000 ms, not {}", self.latency_ms));
+            return Err(format!(
+                "latency must be 0 to 10000 ms, not {}",
+                self.latency_ms
+            ));
         }
         if !(0.0..0.95).contains(&self.loss) {
             return Err(format!("loss must be in [0, 0.95), not {}", self.loss));
@@ -351,7 +357,10 @@ impl Medium {
         let (tx, rx) = mpsc::channel(16);
         let mut st = self.state();
         let Some(d) = st.devices.get_mut(&dev) else {
-            return Err(io::Error::new(io::ErrorKind::NotConnected, "radio left the medium"));
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "radio left the medium",
+            ));
         };
         if d.acceptor.is_some() {
             return Err(io::Error::new(
@@ -364,11 +373,15 @@ impl Medium {
         let others: Vec<DeviceAddr> = st.devices.keys().filter(|a| **a != dev).copied().collect();
         for o in others {
             if self.in_range(&st, dev, o) {
-                tell(&mut st, o, Neighbour::Found {
-                    device: dev,
-                    advert,
-                    rssi: None,
-                });
+                tell(
+                    &mut st,
+                    o,
+                    Neighbour::Found {
+                        device: dev,
+                        advert,
+                        rssi: None,
+                    },
+                );
             }
         }
         Ok(Box::pin(AcceptStream {
@@ -423,7 +436,10 @@ impl Medium {
         let model = &self.inner.model;
         let mut st = self.state();
         if !st.devices.contains_key(&from) {
-            return Err(io::Error::new(io::ErrorKind::NotConnected, "radio left the medium"));
+            return Err(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "radio left the medium",
+            ));
         }
         if !self.in_range(&st, from, to) {
             return Err(io::Error::new(
@@ -431,9 +447,8 @@ impl Medium {
                 format!("{to} is not in range"),
             ));
         }
-        let count = |st: &State, d: DeviceAddr| {
-            st.links.values().filter(|l| l.a == d || l.b == d).count()
-        };
+        let count =
+            |st: &State, d: DeviceAddr| st.links.values().filter(|l| l.a == d || l.b == d).count();
         if count(&st, from) >= model.max_links || count(&st, to) >= model.max_links {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionRefused,
@@ -476,7 +491,14 @@ impl Medium {
                 }
             });
         }
-        st.links.insert(id, LinkRec { a: from, b: to, kill });
+        st.links.insert(
+            id,
+            LinkRec {
+                a: from,
+                b: to,
+                kill,
+            },
+        );
         Ok(Link {
             remote: to,
             path: DataPath::Simulated,
@@ -532,7 +554,14 @@ fn link_pair(model: &LinkModel, kill: CancellationToken, seed: u64) -> (PacketIo
     let (b_tx, b_out) = mpsc::channel::<Bytes>(SEND_QUEUE);
     let (a_in, a_rx) = mpsc::channel::<io::Result<Bytes>>(RECV_QUEUE);
     let ab = carry(a_out, b_in, air.clone(), model.clone(), kill.clone(), seed);
-    let ba = carry(b_out, a_in, air, model.clone(), kill.clone(), seed.rotate_left(17) ^ 1);
+    let ba = carry(
+        b_out,
+        a_in,
+        air,
+        model.clone(),
+        kill.clone(),
+        seed.rotate_left(17) ^ 1,
+    );
     tokio::spawn(async move {
         futures::join!(ab, ba);
         // Both directions ended: the link is gone (reaped on the next dial).
@@ -637,7 +666,9 @@ pub struct SimRadio {
 
 impl std::fmt::Debug for SimRadio {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SimRadio").field("addr", &self.addr).finish()
+        f.debug_struct("SimRadio")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 

@@ -116,8 +116,12 @@ pub async fn serve(listener: UnixListener, medium: Medium, shutdown: Cancellatio
                 }
             },
         };
-        let (medium, pending, next, shutdown) =
-            (medium.clone(), pending.clone(), next.clone(), shutdown.clone());
+        let (medium, pending, next, shutdown) = (
+            medium.clone(),
+            pending.clone(),
+            next.clone(),
+            shutdown.clone(),
+        );
         tokio::spawn(async move {
             if let Err(e) = handle(conn, medium, pending, next, shutdown).await {
                 tracing::debug!("radio medium: client: {e}");
@@ -258,7 +262,11 @@ async fn handle(
                                             };
                                             let from = l.remote.to_string();
                                             let (id, token) = register(&pending, &next, l);
-                                            let m = ServerMsg::Incoming { link: id, token, from };
+                                            let m = ServerMsg::Incoming {
+                                                link: id,
+                                                token,
+                                                from,
+                                            };
                                             if out.unbounded_send(to_line(&m)).is_err() {
                                                 return;
                                             }
@@ -337,9 +345,9 @@ fn admin_answer(medium: &Medium, req: AdminRequest) -> serde_json::Value {
                 Err(format!("no device {d} on this medium"))
             }
         }),
-        AdminRequest::Drop { device } => dev(&device).map(|d| {
-            serde_json::json!({ "dropped_links": medium.drop_links(d) })
-        }),
+        AdminRequest::Drop { device } => {
+            dev(&device).map(|d| serde_json::json!({ "dropped_links": medium.drop_links(d) }))
+        }
     };
     match r {
         Ok(v) => serde_json::json!({ "ok": v }),
@@ -423,7 +431,9 @@ impl SocketRadio {
             .map_err(|e| bad(e.to_string()))?;
         let (addr, model) = match serde_json::from_str(&first) {
             Ok(ServerMsg::Welcome { device, model }) => (
-                device.parse::<DeviceAddr>().map_err(|e| bad(e.to_string()))?,
+                device
+                    .parse::<DeviceAddr>()
+                    .map_err(|e| bad(e.to_string()))?,
                 model,
             ),
             _ => return Err(bad("the medium did not welcome us")),
@@ -484,7 +494,9 @@ impl SocketRadio {
 
     /// Moves this radio.
     pub fn set_position(&self, position: Position) {
-        let _ = self.out.unbounded_send(to_line(&ClientMsg::Move { position }));
+        let _ = self
+            .out
+            .unbounded_send(to_line(&ClientMsg::Move { position }));
     }
 
     fn request(
