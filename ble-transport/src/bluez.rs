@@ -773,7 +773,9 @@ impl Inner {
             .cloned()
     }
 
-    async fn connect_gatt(self: &Arc<Self>, remote: DeviceAddr) -> io::Result<Arc<Peer>> {
+    /// A device BlueZ knows (has heard or is connected to), and whether it
+    /// is connected.
+    async fn known_device(&self, remote: DeviceAddr) -> io::Result<(bluer::Device, bool)> {
         let device = self
             .adapter
             .device(to_bt(remote))
@@ -785,6 +787,11 @@ impl Inner {
             ),
             _ => bt_err(format!("device {remote}"), e),
         })?;
+        Ok((device, connected))
+    }
+
+    async fn connect_gatt(self: &Arc<Self>, remote: DeviceAddr) -> io::Result<Arc<Peer>> {
+        let (device, connected) = self.known_device(remote).await?;
         let mut data = None;
         if connected {
             // Already connected (it connected to us, or an earlier link):
@@ -856,7 +863,10 @@ impl Inner {
                 Err(e) => tracing::debug!(%to, psm, "L2CAP failed, trying GATT: {e}"),
             }
         }
-        // The peer answers by writing to our DATA characteristic.
+        // Fail fast for a device BlueZ never heard of.
+        self.known_device(to).await?;
+        // The peer answers by writing to our DATA characteristic, which must
+        // exist before we connect (so that its GATT client finds it).
         let app = self.ensure_app().await?;
         let peer = self.peer(to).await?;
         let id = self.next_link.fetch_add(1, Ordering::Relaxed);

@@ -122,11 +122,12 @@ fn bluezoo_two_nodes() {
     let mut procs = Procs::default();
 
     // A private bus, owned by us (no --fork, so Drop can kill it).
+    let (_, dbus_log) = log_file(dir.path(), "dbus-daemon.log");
     let mut dbus = Command::new("dbus-daemon")
         .args(["--session", "--nofork", "--nopidfile", "--print-address=1"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(dbus_log)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot run dbus-daemon ({e}): run scripts/install-test-deps"));
     let dbus_out = dbus.stdout.take().expect("dbus-daemon stdout");

@@ -249,8 +249,9 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
 /// Longest a BLE connection's Noise and Yamux upgrade may take.
 const BLE_UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The BLE transport, upgraded like any other: Noise, then Yamux.
-fn ble_transport(
+/// The BLE transport, upgraded like any other: Noise, then Yamux (the
+/// simulator builds its radio nodes with it too).
+pub fn ble_transport(
     key: &libp2p::identity::Keypair,
     radio: Arc<dyn Radio>,
 ) -> Result<

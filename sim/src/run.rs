@@ -33,6 +33,9 @@ use tokio_util::sync::CancellationToken;
 use crate::net::{SimNet, SimTransport};
 use crate::record::{FaultWindow, Published, Receipt, ReceiptKind, RunRecord};
 use crate::scenario::{Scenario, world_latency};
+use fogmesh_ble::Radio;
+use fogmesh_ble::sim::{LinkModel, Medium, Position};
+use libp2p::core::muxing::StreamMuxerBox;
 
 /// How a run is asked for.
 #[derive(Debug, Clone)]
@@ -65,6 +68,11 @@ pub struct NodeOut {
     pub region: String,
     /// Uplink, bytes per second.
     pub uplink_bps: f64,
+    /// `internet`, `ble` or `internet+ble`.
+    pub transports: String,
+    /// Position on the radio medium, metres (BLE nodes only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<[f64; 2]>,
 }
 
 /// The generated workload, as written to `workload.json`.
@@ -143,7 +151,12 @@ pub fn plan(s: &Scenario, seed: u64) -> Plan {
         })
         .collect();
     let mut edges = Vec::new();
+    // Internet links join the nodes that have the internet: a prefix of
+    // the indices (see `Scenario::internet_nodes`).
+    let n_all = n;
+    let n = s.internet_nodes();
     match s.topology.kind.as_str() {
+        _ if n < 2 => {}
         "ring" => (0..n).for_each(|i| edges.push([i, (i + 1) % n])),
         "line" => (0..n - 1).for_each(|i| edges.push([i, i + 1])),
         "full" => (0..n).for_each(|i| (i + 1..n).for_each(|j| edges.push([i, j]))),
@@ -160,6 +173,7 @@ pub fn plan(s: &Scenario, seed: u64) -> Plan {
             }
         }
     }
+    let n = n_all;
     let region_name = |r: usize| match s.link.model.as_str() {
         "world" => crate::scenario::REGIONS[r].to_owned(),
         _ => "uniform".to_owned(),
@@ -171,10 +185,18 @@ pub fn plan(s: &Scenario, seed: u64) -> Plan {
                 peer_id: keys[i].public().to_peer_id().to_base58(),
                 region: region_name(region[i]),
                 uplink_bps: uplink[i],
+                transports: match (i < s.internet_nodes(), i >= s.first_ble_node()) {
+                    (true, true) => "internet+ble",
+                    (false, true) => "ble",
+                    _ => "internet",
+                }
+                .into(),
+                position: None,
             })
             .collect(),
         edges,
     };
+    let mut topology = topology;
     let w = &s.workload;
     let m = if w.members == 0 { n } else { w.members };
     let mut others: Vec<usize> = (1..n).collect();
@@ -229,6 +251,26 @@ pub fn plan(s: &Scenario, seed: u64) -> Plan {
             (c.at_secs * 1000.0, (c.at_secs + c.down_secs) * 1000.0, down)
         })
         .collect();
+    // BLE nodes' places, drawn last so that adding radios leaves the rest
+    // of a plan as it was.
+    if let Some(b) = &s.ble {
+        let first = s.first_ble_node();
+        let side = (b.nodes as f64).sqrt().ceil().max(1.0) as usize;
+        for k in 0..b.nodes {
+            let pos = match b.layout.as_str() {
+                "grid" => [
+                    (k % side) as f64 * b.spacing_m,
+                    (k / side) as f64 * b.spacing_m,
+                ],
+                "crowd" => [
+                    rng.random::<f64>() * b.area_m,
+                    rng.random::<f64>() * b.area_m,
+                ],
+                _ => [k as f64 * b.spacing_m, 0.0],
+            };
+            topology.nodes[first + k].position = Some(pos);
+        }
+    }
     Plan {
         keys,
         region,
@@ -261,6 +303,12 @@ struct SimNode {
     handle: Option<NodeHandle>,
     task: Option<tokio::task::JoinHandle<()>>,
     stop: CancellationToken,
+    /// Whether it has the internet.
+    internet: bool,
+    /// Where its radio stands, if it has one.
+    position: Option<Position>,
+    /// Bytes its radio sent, over every restart.
+    radio_sent: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What every node shares.
@@ -274,6 +322,8 @@ struct World {
     /// Nodes whose event stream said they are in a group (any group: the
     /// simulator has one).
     joined: Arc<Mutex<HashSet<usize>>>,
+    /// The radio medium, when the scenario has BLE nodes.
+    medium: Option<Medium>,
 }
 
 async fn start_node(world: &World, node: &mut SimNode) -> anyhow::Result<()> {
@@ -314,17 +364,47 @@ async fn start_node(world: &World, node: &mut SimNode) -> anyhow::Result<()> {
         sync_timeout: scale(Duration::from_secs(60)),
         ..BehaviourConfig::default()
     };
+    // A radio joins the medium now and leaves it when the node stops
+    // (dropped with the swarm).
+    let radio: Option<Arc<dyn Radio>> = match (&world.medium, node.position) {
+        (Some(m), Some(pos)) => Some(Arc::new(m.join_counted(pos, node.radio_sent.clone()))),
+        _ => None,
+    };
+    let bcfg = match &radio {
+        Some(r) => fogmesh::behaviour::scale_for_ble(bcfg, r.limits()),
+        None => bcfg,
+    };
     let mut registry = libp2p::metrics::Registry::default();
     let metrics = NodeMetrics::register(&mut registry);
     let net = world.net.clone();
+    let internet = node.internet;
+    let node_radio = radio.clone();
     let swarm = SwarmBuilder::with_existing_identity(node.key.clone())
         .with_tokio()
         .with_other_transport(
             |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-                Ok(SimTransport::new(net, idx)
-                    .upgrade(Version::V1)
-                    .authenticate(noise::Config::new(key)?)
-                    .multiplex(yamux::Config::default()))
+                let ip = if internet {
+                    Some(
+                        SimTransport::new(net, idx)
+                            .upgrade(Version::V1)
+                            .authenticate(noise::Config::new(key)?)
+                            .multiplex(yamux::Config::default())
+                            .map(|(p, m), _| (p, StreamMuxerBox::new(m)))
+                            .boxed(),
+                    )
+                } else {
+                    None
+                };
+                let ble = match node_radio {
+                    Some(r) => Some(fogmesh::daemon::ble_transport(key, r)?),
+                    None => None,
+                };
+                Ok(match (ip, ble) {
+                    (Some(a), Some(b)) => a.or_transport(b).map(|e, _| e.into_inner()).boxed(),
+                    (Some(a), None) => a,
+                    (None, Some(b)) => b,
+                    (None, None) => return Err("a node with neither internet nor radio".into()),
+                })
             },
         )?
         .with_behaviour(|key| {
@@ -341,12 +421,16 @@ async fn start_node(world: &World, node: &mut SimNode) -> anyhow::Result<()> {
         swarm,
         store,
         NodeConfig {
-            listen: vec![world.net.addr(idx)],
+            listen: if internet {
+                vec![world.net.addr(idx)]
+            } else {
+                Vec::new()
+            },
             bootstrap: Vec::new(),
             min_peers: world.min_peers,
             reachability: Reachability {
-                internet: true,
-                ble: false,
+                internet,
+                ble: radio.is_some(),
                 onion: false,
             },
             groups: GroupsConfig {
@@ -357,7 +441,7 @@ async fn start_node(world: &World, node: &mut SimNode) -> anyhow::Result<()> {
             },
             files: FilesConfig::default(),
             maintenance_interval: scale(Duration::from_secs(2)),
-            ble: None,
+            ble: radio,
         },
         metrics,
         libp2p_metrics,
@@ -486,6 +570,17 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
         wire_size: Arc::default(),
         min_peers: degree,
         joined: Arc::default(),
+        // The radio model slowed down like the network: latencies longer,
+        // links slower, by the dilation factor.
+        medium: s.ble.as_ref().map(|b| {
+            Medium::new(LinkModel {
+                latency_ms: b.link.latency_ms * f,
+                bandwidth: ((b.link.bandwidth as f64 / f) as u64).max(100),
+                drop_mean_secs: b.link.drop_mean_secs.map(|d| d * f),
+                seed: opts.seed,
+                ..b.link.clone()
+            })
+        }),
     };
 
     // Scheduling lag of this runtime, sampled every 10 ms.
@@ -530,6 +625,9 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
             handle: None,
             task: None,
             stop: CancellationToken::new(),
+            internet: i < s.internet_nodes(),
+            position: p.topology.nodes[i].position.map(|[x, y]| Position { x, y }),
+            radio_sent: Arc::default(),
         })
         .collect();
     for node in nodes.iter_mut() {
@@ -759,7 +857,13 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
             }
         }
     }
-    let bytes_sent = net.bytes_sent();
+    // Bytes on the internet links plus bytes over the radio.
+    let bytes_sent: Vec<u64> = net
+        .bytes_sent()
+        .into_iter()
+        .zip(&nodes)
+        .map(|(b, n)| b + n.radio_sent.load(std::sync::atomic::Ordering::Relaxed))
+        .collect();
     lag_stop.cancel();
     for node in nodes.iter_mut() {
         stop_node(node).await;

@@ -39,6 +39,60 @@ pub struct Scenario {
     /// Faults.
     #[serde(default)]
     pub faults: Faults,
+    /// Nodes on a simulated BLE radio, placed in space (none when absent).
+    #[serde(default)]
+    pub ble: Option<Ble>,
+}
+
+/// Nodes on the radio. Node indices are laid out as: internet-only nodes
+/// first, then the BLE nodes, of which the first `gateways` also have the
+/// internet. (With `nodes` equal to the scenario's, node 0, the group's
+/// admin, is the first BLE node.)
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ble {
+    /// How many nodes have a BLE radio (the last ones).
+    pub nodes: usize,
+    /// How many of them also have the internet.
+    pub gateways: usize,
+    /// `line`, `grid` or `crowd` (uniformly at random in a square).
+    pub layout: String,
+    /// Metres between neighbours, for `line` and `grid`.
+    pub spacing_m: f64,
+    /// Side of the crowd's square, metres.
+    pub area_m: f64,
+    /// The radio link model: `range_m`, `mtu`, `bandwidth` (B/s per link),
+    /// `latency_ms`, `loss`, `drop_mean_secs`, `max_links`.
+    pub link: fogmesh_ble::sim::LinkModel,
+}
+
+impl Default for Ble {
+    fn default() -> Self {
+        Ble {
+            nodes: 0,
+            gateways: 0,
+            layout: "line".into(),
+            spacing_m: 10.0,
+            area_m: 50.0,
+            link: fogmesh_ble::sim::LinkModel::default(),
+        }
+    }
+}
+
+impl Scenario {
+    /// Nodes with the internet: a prefix `0..internet_nodes()` of the
+    /// indices.
+    pub fn internet_nodes(&self) -> usize {
+        match &self.ble {
+            Some(b) => self.nodes - b.nodes + b.gateways,
+            None => self.nodes,
+        }
+    }
+
+    /// The index of the first BLE node.
+    pub fn first_ble_node(&self) -> usize {
+        self.nodes - self.ble.as_ref().map_or(0, |b| b.nodes)
+    }
 }
 
 fn one() -> u64 {
@@ -250,6 +304,23 @@ impl Scenario {
             if !(0.0..1.0).contains(&p.fraction) || p.fraction == 0.0 {
                 bail!("a partition's fraction must be in (0, 1)");
             }
+        }
+        if let Some(b) = &self.ble {
+            if b.nodes > self.nodes {
+                bail!("ble.nodes is more than nodes");
+            }
+            if b.gateways > b.nodes {
+                bail!("ble.gateways is more than ble.nodes");
+            }
+            if !["line", "grid", "crowd"].contains(&b.layout.as_str()) {
+                bail!("ble.layout must be line, grid or crowd");
+            }
+            if !(b.spacing_m > 0.0 && b.area_m > 0.0) {
+                bail!("ble.spacing_m and ble.area_m must be positive");
+            }
+            b.link
+                .validate()
+                .map_err(|e| anyhow::anyhow!("ble.link: {e}"))?;
         }
         for c in &self.faults.churn {
             if !(0.0..1.0).contains(&c.fraction) {

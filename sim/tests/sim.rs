@@ -12,9 +12,13 @@ fn scenario() -> PathBuf {
 }
 
 fn run(out: &Path, seed: u64) -> Value {
+    run_scenario(&scenario(), out, seed)
+}
+
+fn run_scenario(scenario: &Path, out: &Path, seed: u64) -> Value {
     let o = Command::new(env!("CARGO_BIN_EXE_fogmesh-sim"))
         .arg("run")
-        .arg(scenario())
+        .arg(scenario)
         .args(["--seed", &seed.to_string(), "--out"])
         .arg(out)
         .output()
@@ -167,4 +171,40 @@ fn bad_scenario_is_refused() {
         .expect("run");
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("fanout"));
+}
+
+/// A mixed world: internet nodes, a gateway with both, and offline nodes on
+/// the radio behind it, up to three BLE hops away. Everything arrives.
+#[test]
+fn ble_nodes_behind_a_gateway_get_everything() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = tmp.path().join("ble");
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios/ble-smoke-6.toml");
+    let s = run_scenario(&scenario, &out, 4);
+    assert_eq!(s["reliability"], 1.0, "{s}");
+    assert_eq!(s["app_duplicates"], 0);
+    let topo = json(&out.join("topology.json"));
+    let nodes = topo["nodes"].as_array().expect("nodes");
+    let kinds: Vec<&str> = nodes
+        .iter()
+        .map(|n| n["transports"].as_str().expect("transports"))
+        .collect();
+    assert_eq!(
+        kinds,
+        ["internet", "internet", "internet+ble", "ble", "ble", "ble"]
+    );
+    // Radio nodes have places; internet links never touch offline nodes.
+    for n in &nodes[2..] {
+        assert!(n["position"].is_array(), "{n}");
+    }
+    for e in topo["edges"].as_array().expect("edges") {
+        let [a, b] = [e[0].as_u64().expect("a"), e[1].as_u64().expect("b")];
+        assert!(a < 3 && b < 3, "an internet edge to an offline node: {e}");
+    }
+    // Radio traffic is counted: the three offline nodes sent bytes too (if
+    // they counted 0, the median of six would be 0).
+    assert!(
+        s["bytes_sent_per_node"]["p50"].as_f64().expect("p50") > 0.0,
+        "{s}"
+    );
 }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -152,6 +153,8 @@ pub struct DeviceInfo {
 
 struct Dev {
     pos: Position,
+    /// Bytes this device has sent over all its links.
+    sent: Arc<AtomicU64>,
     advert: Option<Advert>,
     acceptor: Option<mpsc::Sender<io::Result<Link>>>,
     scanners: Vec<mpsc::UnboundedSender<Neighbour>>,
@@ -229,6 +232,13 @@ impl Medium {
 
     /// Adds a device at `pos`, with the next free address.
     pub fn join(&self, pos: Position) -> SimRadio {
+        self.join_counted(pos, Arc::default())
+    }
+
+    /// Like [`join`](Self::join), adding every byte the device sends over
+    /// its links to `sent` (the simulator keeps one counter per node
+    /// across restarts).
+    pub fn join_counted(&self, pos: Position, sent: Arc<AtomicU64>) -> SimRadio {
         let mut st = self.state();
         let n = st.next_device;
         st.next_device += 1;
@@ -239,6 +249,7 @@ impl Medium {
             addr,
             Dev {
                 pos,
+                sent,
                 advert: None,
                 acceptor: None,
                 scanners: Vec::new(),
@@ -459,7 +470,8 @@ impl Medium {
         let id = st.next_link;
         st.next_link += 1;
         let kill = CancellationToken::new();
-        let (here, there) = link_pair(model, kill.clone(), seed);
+        let counters = (st.devices[&from].sent.clone(), st.devices[&to].sent.clone());
+        let (here, there) = link_pair(model, kill.clone(), seed, counters);
         let Some(acceptor) = st.devices.get_mut(&to).and_then(|d| d.acceptor.as_mut()) else {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionRefused,
@@ -547,13 +559,26 @@ fn kill_links_between(st: &mut State, a: DeviceAddr, b: DeviceAddr) {
 }
 
 /// Builds the two ends of a link and the tasks that carry its packets.
-fn link_pair(model: &LinkModel, kill: CancellationToken, seed: u64) -> (PacketIo, PacketIo) {
+fn link_pair(
+    model: &LinkModel,
+    kill: CancellationToken,
+    seed: u64,
+    (a_sent, b_sent): (Arc<AtomicU64>, Arc<AtomicU64>),
+) -> (PacketIo, PacketIo) {
     let air = Arc::new(Mutex::new(Instant::now()));
     let (a_tx, a_out) = mpsc::channel::<Bytes>(SEND_QUEUE);
     let (b_in, b_rx) = mpsc::channel::<io::Result<Bytes>>(RECV_QUEUE);
     let (b_tx, b_out) = mpsc::channel::<Bytes>(SEND_QUEUE);
     let (a_in, a_rx) = mpsc::channel::<io::Result<Bytes>>(RECV_QUEUE);
-    let ab = carry(a_out, b_in, air.clone(), model.clone(), kill.clone(), seed);
+    let ab = carry(
+        a_out,
+        b_in,
+        air.clone(),
+        model.clone(),
+        kill.clone(),
+        seed,
+        a_sent,
+    );
     let ba = carry(
         b_out,
         a_in,
@@ -561,6 +586,7 @@ fn link_pair(model: &LinkModel, kill: CancellationToken, seed: u64) -> (PacketIo
         model.clone(),
         kill.clone(),
         seed.rotate_left(17) ^ 1,
+        b_sent,
     );
     tokio::spawn(async move {
         futures::join!(ab, ba);
@@ -583,6 +609,7 @@ async fn carry(
     model: LinkModel,
     kill: CancellationToken,
     seed: u64,
+    sent: Arc<AtomicU64>,
 ) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let latency = model.limits().latency;
@@ -630,6 +657,7 @@ async fn carry(
                 _ = kill.cancelled() => return,
                 _ = tokio::time::sleep_until(done) => {}
             }
+            sent.fetch_add(pkt.len() as u64, Ordering::Relaxed);
             if dtx.send((done + latency, pkt)).await.is_err() {
                 return;
             }

@@ -18,6 +18,8 @@ pub struct Started {
     pub data_dir: PathBuf,
     /// The metrics address, when started with `--metrics`.
     pub metrics: Option<String>,
+    /// The local API address (`host:port`), from the `api:` line.
+    pub api: Option<String>,
 }
 
 impl Started {
@@ -29,20 +31,27 @@ impl Started {
 
 /// Starts `fogmesh run` on loopback with random ports and no mDNS.
 pub fn start(dir: &Path, extra: &[&str]) -> Started {
+    let mut args = vec![
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--listen",
+        "/ip4/127.0.0.1/udp/0/quic-v1",
+        "--api",
+        "127.0.0.1:0",
+        "--no-mdns",
+    ];
+    args.extend_from_slice(extra);
+    start_args(dir, &args)
+}
+
+/// Starts `fogmesh run --data-dir DIR` with exactly `args` after it (no
+/// default listen addresses), and waits for its `ready` line.
+pub fn start_args(dir: &Path, args: &[&str]) -> Started {
     let t0 = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_fogmesh"))
         .args(["run", "--data-dir"])
         .arg(dir)
-        .args([
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-            "--listen",
-            "/ip4/127.0.0.1/udp/0/quic-v1",
-            "--api",
-            "127.0.0.1:0",
-            "--no-mdns",
-        ])
-        .args(extra)
+        .args(args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -51,14 +60,19 @@ pub fn start(dir: &Path, extra: &[&str]) -> Started {
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let (mut tcp, mut peer_id) = (String::new(), String::new());
-    let mut metrics = None;
+    let (mut metrics, mut api) = (None, None);
+    let mut ready = false;
     for line in lines.by_ref() {
         let line = line.expect("read");
         if line == "ready" {
+            ready = true;
             break;
         }
         if let Some(m) = line.strip_prefix("metrics: ") {
             metrics = Some(m.to_owned());
+        }
+        if let Some(a) = line.strip_prefix("api: ") {
+            api = Some(a.to_owned());
         }
         if let Some(p) = line.strip_prefix("peer_id: ") {
             peer_id = p.to_owned();
@@ -70,6 +84,7 @@ pub fn start(dir: &Path, extra: &[&str]) -> Started {
             tcp = a.to_owned();
         }
     }
+    assert!(ready, "fogmesh run exited before printing ready: {args:?}");
     let took = t0.elapsed();
     // Keep draining stdout so the child never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
@@ -80,6 +95,7 @@ pub fn start(dir: &Path, extra: &[&str]) -> Started {
         peer_id,
         data_dir: dir.to_path_buf(),
         metrics,
+        api,
     }
 }
 
