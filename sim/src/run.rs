@@ -583,12 +583,16 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
         }),
     };
 
-    // Scheduling lag of this runtime, sampled every 10 ms.
+    // Scheduling lag of this runtime, sampled every 10 ms, from the first
+    // message of the workload on (set-up, with its key generation and
+    // handshakes, shapes no measured latency).
     let lag: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let measuring = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let lag_stop = CancellationToken::new();
     {
         let lag = lag.clone();
         let stop = lag_stop.clone();
+        let measuring = measuring.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(10));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -597,7 +601,11 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
                     _ = stop.cancelled() => break,
                     t = tick.tick() => {
                         let late = Instant::now().duration_since(t).as_secs_f64() * 1000.0;
-                        if let Ok(mut l) = lag.lock() { l.push(late / f); }
+                        if measuring.load(std::sync::atomic::Ordering::Relaxed)
+                            && let Ok(mut l) = lag.lock()
+                        {
+                            l.push(late / f);
+                        }
                     }
                 }
             }
@@ -643,12 +651,15 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
         .iter()
         .filter_map(|[a, b]| Some((nodes[*a].handle.clone()?, peer_addr(&net, &p.keys, *b))))
         .collect();
-    let mut failed = 0usize;
-    for chunk in dials.chunks(64) {
-        let results =
-            futures::future::join_all(chunk.iter().map(|(h, a)| h.connect(a.clone()))).await;
-        failed += results.iter().filter(|r| r.is_err()).count();
-    }
+    // Many at once, but bounded: a barrier per batch would make every batch
+    // wait for its slowest (farthest) dial.
+    use futures::StreamExt as _;
+    let failed = futures::stream::iter(dials)
+        .map(|(h, a)| async move { h.connect(a).await.is_err() })
+        .buffer_unordered(256)
+        .filter(|failed| futures::future::ready(*failed))
+        .count()
+        .await;
     if failed > 0 {
         tracing::warn!(failed, "some topology dials failed");
     }
@@ -721,6 +732,7 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
 
     // The workload, faults, and the collector, all timed from t0.
     let t0 = Instant::now();
+    measuring.store(true, std::sync::atomic::Ordering::Relaxed);
     let model_ms = move |at: Instant| {
         if at >= t0 {
             at.duration_since(t0).as_secs_f64() * 1000.0 / f
@@ -865,9 +877,11 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
         .map(|(b, n)| b + n.radio_sent.load(std::sync::atomic::Ordering::Relaxed))
         .collect();
     lag_stop.cancel();
-    for node in nodes.iter_mut() {
-        stop_node(node).await;
+    // Every node stops at once (each waits for its own actors).
+    for node in &nodes {
+        node.stop.cancel();
     }
+    futures::future::join_all(nodes.iter_mut().map(stop_node)).await;
     // Receipts still queued.
     while let Ok(seen) = seen_rx.try_recv() {
         let t_ms = model_ms(seen.at);
