@@ -56,7 +56,7 @@ impl FromStr for DeviceAddr {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = || InvalidDeviceAddr(s.chars().take(64).collect());
         let mut out = [0u8; 6];
-        let mut parts = s.split(|c| c == ':' || c == '-');
+        let mut parts = s.split([':', '-']);
         for b in &mut out {
             let p = parts.next().ok_or_else(err)?;
             if p.len() != 2 {

@@ -19,6 +19,13 @@
 //!   directions, so both ends act as GATT server and as GATT client.
 //!   Writes use write-with-response, one at a time per link: order holds,
 //!   and a slow receiver slows the sender down.
+//!
+//! A GATT link opens with an OPEN write (refused with an ATT error when the
+//! other side is not listening) and ends once each side has sent CLOSE,
+//! which the reader sees as the end of the stream; a failed write, a
+//! receiver that stalls for 10 s or the device disconnecting fails
+//! it with an error. The GATT application stays registered while the
+//! listener or any GATT link is alive.
 
 pub mod frame;
 
@@ -88,8 +95,11 @@ const SEND_QUEUE: usize = 4;
 const RECV_QUEUE: usize = 256;
 /// Links accepted and not yet taken from the [`Incoming`] stream.
 const ACCEPT_QUEUE: usize = 16;
-/// Pause before discovery is started again after it stopped or failed.
+/// Pause before discovery is started again after it stopped or failed;
+/// doubled after each failure up to [`RESCAN_MAX_DELAY`].
 const RESCAN_DELAY: Duration = Duration::from_secs(2);
+/// Longest pause between attempts to start discovery.
+const RESCAN_MAX_DELAY: Duration = Duration::from_secs(30);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Nothing here leaves the state half-updated across a panic.
@@ -123,6 +133,9 @@ struct LinkEntry {
     rx: Option<mpsc::Sender<io::Result<Bytes>>>,
     /// Whether this side has sent CLOSE.
     closed_here: bool,
+    /// The GATT application stays registered while a link may still
+    /// receive, even after this side closed its half.
+    _app: Arc<AppGuard>,
 }
 
 #[derive(Default)]
@@ -321,7 +334,14 @@ impl BluezRadio {
                 app: Mutex::new(Weak::new()),
                 app_register: tokio::sync::Mutex::new(()),
                 peers: Mutex::new(HashMap::new()),
-                next_link: AtomicU32::new(1),
+                // Link ids differ across restarts, so that a peer that kept
+                // a link of our previous run does not confuse it with a new one.
+                next_link: AtomicU32::new(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.subsec_nanos() ^ (d.as_secs() as u32))
+                        .unwrap_or(1),
+                ),
             }),
         })
     }
@@ -604,13 +624,19 @@ impl Inner {
                 }
             }
             Kind::Close => {
-                let mut st = lock(&self.state);
-                if let Some(e) = st.links.get_mut(&key) {
-                    e.rx = None;
-                    if e.closed_here {
-                        st.links.remove(&key);
+                let done = {
+                    let mut st = lock(&self.state);
+                    match st.links.get_mut(&key) {
+                        Some(e) => {
+                            // Dropping the sender ends the reader's stream.
+                            e.rx = None;
+                            let closed_here = e.closed_here;
+                            closed_here.then(|| st.links.remove(&key))
+                        }
+                        None => None,
                     }
-                }
+                };
+                drop(done);
                 Ok(())
             }
         }
@@ -624,15 +650,12 @@ impl Inner {
         let (out_tx, out_rx) = mpsc::channel(SEND_QUEUE);
         let max = frame::max_payload((mtu > 3).then(|| mtu - 3));
         let io = PacketIo::new(out_tx, in_rx, max);
-        {
+        let stale = {
             let mut st = lock(&self.state);
             let Some(acceptor) = st.acceptor.clone() else {
                 tracing::debug!(remote = %key.remote, "link refused: not listening");
                 return Err(ReqError::NotPermitted);
             };
-            if st.links.contains_key(&key) {
-                return Err(ReqError::Failed);
-            }
             let link = Link {
                 remote: key.remote,
                 path: DataPath::Gatt,
@@ -642,16 +665,25 @@ impl Inner {
                 tracing::debug!(remote = %key.remote, "link refused: accept queue full");
                 return Err(ReqError::Failed);
             }
+            // A peer reuses an id only after it lost the link (it restarted,
+            // say): the old one is dead.
             st.links.insert(
                 key,
                 LinkEntry {
                     rx: Some(in_tx),
                     closed_here: false,
+                    _app: app,
                 },
-            );
+            )
+        };
+        if let Some(mut tx) = stale.and_then(|e| e.rx) {
+            let _ = tx.try_send(Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "the peer opened a new link with the same id",
+            )));
         }
         tracing::debug!(remote = %key.remote, id = key.id, "accepted GATT link");
-        tokio::spawn(self.write_task(key, None, out_rx, app));
+        tokio::spawn(self.write_task(key, None, out_rx));
         Ok(())
     }
 
@@ -691,7 +723,6 @@ impl Inner {
         key: LinkKey,
         peer: Option<Arc<Peer>>,
         mut out: mpsc::Receiver<Bytes>,
-        _app: Arc<AppGuard>,
     ) {
         let peer = match peer {
             Some(p) => p,
@@ -742,13 +773,21 @@ impl Inner {
         if let Err(e) = peer.write(&close).await {
             tracing::debug!(remote = %key.remote, id = key.id, "CLOSE not delivered: {e}");
         }
-        let mut st = lock(&self.state);
-        if let Some(e) = st.links.get_mut(&key) {
-            e.closed_here = true;
-            if e.rx.is_none() {
-                st.links.remove(&key);
+        // Forget the link once both sides closed, or once nobody here
+        // reads it any more (the whole pipe was dropped).
+        let done = {
+            let mut st = lock(&self.state);
+            match st.links.get_mut(&key) {
+                Some(e) => {
+                    e.closed_here = true;
+                    let done = e.rx.as_ref().is_none_or(|rx| rx.is_closed());
+                    done.then(|| st.links.remove(&key))
+                }
+                None => None,
             }
-        }
+        };
+        // Dropped outside the lock: it may release the GATT application.
+        drop(done);
     }
 
     /// Drops a cached peer after a failed write, so the next link connects
@@ -868,7 +907,8 @@ impl Inner {
         // The peer answers by writing to our DATA characteristic, which must
         // exist before we connect (so that its GATT client finds it).
         let app = self.ensure_app().await?;
-        let peer = self.peer(to).await?;
+        let cached = lock(&self.peers).get(&to).is_some_and(|c| c.initialized());
+        let mut peer = self.peer(to).await?;
         let id = self.next_link.fetch_add(1, Ordering::Relaxed);
         let key = LinkKey {
             remote: to,
@@ -882,6 +922,7 @@ impl Inner {
             LinkEntry {
                 rx: Some(in_tx),
                 closed_here: false,
+                _app: app,
             },
         );
         let open = Frame {
@@ -891,9 +932,22 @@ impl Inner {
             payload: &[],
         }
         .encode();
-        if let Err(e) = peer.write(&open).await {
-            lock(&self.state).links.remove(&key);
+        let mut retried = false;
+        while let Err(e) = peer.write(&open).await {
             self.forget_peer(to, &peer);
+            // A client kept from an earlier link may be stale (the peer
+            // registered its service again): retry once with a fresh one.
+            if cached && !retried {
+                retried = true;
+                match self.peer(to).await {
+                    Ok(p) => {
+                        peer = p;
+                        continue;
+                    }
+                    Err(e) => tracing::debug!(%to, "reconnecting failed: {e}"),
+                }
+            }
+            lock(&self.state).links.remove(&key);
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionRefused,
                 format!("{to} refused the link: {e}"),
@@ -901,7 +955,7 @@ impl Inner {
         }
         let max = peer.max_payload;
         tracing::debug!(%to, id, max, "opened GATT link");
-        tokio::spawn(self.write_task(key, Some(peer), out_rx, app));
+        tokio::spawn(self.write_task(key, Some(peer), out_rx));
         Ok(Link {
             remote: to,
             path: DataPath::Gatt,
@@ -979,9 +1033,11 @@ async fn accept_l2cap(
 /// Runs discovery for one [`Radio::scan`] stream, until it is dropped.
 async fn scan_task(inner: Arc<Inner>, tx: tokio::sync::mpsc::UnboundedSender<Neighbour>) {
     let mut reported: HashMap<DeviceAddr, Advert> = HashMap::new();
+    let mut delay = RESCAN_DELAY;
     loop {
         match inner.adapter.discover_devices_with_changes().await {
             Ok(events) => {
+                delay = RESCAN_DELAY;
                 let mut events = std::pin::pin!(events);
                 loop {
                     let ev = tokio::select! {
@@ -1027,13 +1083,18 @@ async fn scan_task(inner: Arc<Inner>, tx: tokio::sync::mpsc::UnboundedSender<Nei
                 tracing::debug!(adapter = %inner.adapter.name(), "discovery stopped; restarting");
             }
             Err(e) => {
-                tracing::warn!(adapter = %inner.adapter.name(), "cannot start discovery: {e}");
+                tracing::warn!(
+                    adapter = %inner.adapter.name(),
+                    "cannot start discovery (retrying in {} s): {e}",
+                    delay.as_secs()
+                );
             }
         }
         tokio::select! {
             () = tx.closed() => return,
-            () = tokio::time::sleep(RESCAN_DELAY) => {}
+            () = tokio::time::sleep(delay) => {}
         }
+        delay = (delay * 2).min(RESCAN_MAX_DELAY);
     }
 }
 

@@ -220,60 +220,56 @@ impl Transport for BleTransport {
             return Poll::Pending;
         };
         let id = listener.id;
-        loop {
-            match &mut listener.state {
-                ListenerState::Starting(fut) => match fut.poll_unpin(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(incoming)) => {
-                        listener.state = ListenerState::Active(incoming);
-                        return Poll::Ready(TransportEvent::NewAddress {
-                            listener_id: id,
-                            listen_addr: local,
-                        });
-                    }
-                    Poll::Ready(Err(e)) => {
-                        self.listener = None;
-                        return Poll::Ready(TransportEvent::ListenerClosed {
-                            listener_id: id,
-                            reason: Err(e),
-                        });
-                    }
-                },
-                ListenerState::Active(incoming) => match incoming.poll_next_unpin(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Some(Ok(link))) => {
-                        let send_back_addr = addr::device_multiaddr(link.remote);
-                        let stream = BleStream {
-                            remote: link.remote,
-                            path: link.path,
-                            io: link.io,
-                        };
-                        return Poll::Ready(TransportEvent::Incoming {
-                            listener_id: id,
-                            upgrade: futures::future::ready(Ok(stream)),
-                            local_addr: local,
-                            send_back_addr,
-                        });
-                    }
-                    Poll::Ready(Some(Err(e))) => {
-                        return Poll::Ready(TransportEvent::ListenerError {
-                            listener_id: id,
-                            error: e,
-                        });
-                    }
-                    Poll::Ready(None) => {
-                        self.listener = None;
-                        self.events.push_back(TransportEvent::ListenerClosed {
-                            listener_id: id,
-                            reason: Ok(()),
-                        });
-                        return Poll::Ready(TransportEvent::AddressExpired {
-                            listener_id: id,
-                            listen_addr: local,
-                        });
-                    }
-                },
-            }
+        match &mut listener.state {
+            ListenerState::Starting(fut) => match fut.poll_unpin(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(incoming)) => {
+                    listener.state = ListenerState::Active(incoming);
+                    Poll::Ready(TransportEvent::NewAddress {
+                        listener_id: id,
+                        listen_addr: local,
+                    })
+                }
+                Poll::Ready(Err(e)) => {
+                    self.listener = None;
+                    Poll::Ready(TransportEvent::ListenerClosed {
+                        listener_id: id,
+                        reason: Err(e),
+                    })
+                }
+            },
+            ListenerState::Active(incoming) => match incoming.poll_next_unpin(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Ok(link))) => {
+                    let send_back_addr = addr::device_multiaddr(link.remote);
+                    let stream = BleStream {
+                        remote: link.remote,
+                        path: link.path,
+                        io: link.io,
+                    };
+                    Poll::Ready(TransportEvent::Incoming {
+                        listener_id: id,
+                        upgrade: futures::future::ready(Ok(stream)),
+                        local_addr: local,
+                        send_back_addr,
+                    })
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(TransportEvent::ListenerError {
+                    listener_id: id,
+                    error: e,
+                }),
+                Poll::Ready(None) => {
+                    self.listener = None;
+                    self.events.push_back(TransportEvent::ListenerClosed {
+                        listener_id: id,
+                        reason: Ok(()),
+                    });
+                    Poll::Ready(TransportEvent::AddressExpired {
+                        listener_id: id,
+                        listen_addr: local,
+                    })
+                }
+            },
         }
     }
 }

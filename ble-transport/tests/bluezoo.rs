@@ -10,8 +10,10 @@
 //!   echoes every link it accepts;
 //! - node B (hci1, 00:00:00:22:22:22) scans and must see A with exactly
 //!   that advert, reads A's INFO characteristic, opens two GATT links to
-//!   A, sends a few KiB on each and checks the echo, closes and must see
-//!   A close too.
+//!   A, sends a few KiB on each and checks the echo, closes its half, and
+//!   must still receive what A sends 300 ms later, then see A close;
+//!   finally a new scan finds A again and reports it lost once BlueZ
+//!   forgets the device.
 //!
 //! Then A stops listening and checks that its advertisement and GATT
 //! service are gone. BlueZoo comes from `$FOGMESH_BLUEZOO`, or the venv
@@ -142,6 +144,39 @@ fn bluezoo_two_nodes() {
         "dbus-daemon printed no address: {bus:?}"
     );
 
+    let exe = std::env::current_exe().expect("the test binary");
+    let spawn_node = |procs: &mut Procs, role: &'static str, bus: &str| {
+        let (path, f) = log_file(dir.path(), &format!("node-{role}.log"));
+        let child = Command::new(&exe)
+            .args([
+                "--exact",
+                "bluezoo_child",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(ROLE_VAR, role)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", bus)
+            .stdin(Stdio::piped())
+            .stdout(f.try_clone().expect("clone a file handle"))
+            .stderr(f)
+            .spawn()
+            .expect("run the test binary again");
+        (procs.add(role, child), path)
+    };
+    let run_node = |procs: &mut Procs, role: &'static str, bus: &str| {
+        let (i, log) = spawn_node(procs, role, bus);
+        let by = Instant::now() + Duration::from_secs(15);
+        if !procs.wait(i, by).is_some_and(|s| s.success()) {
+            dump(&log);
+            panic!("node {role} failed");
+        }
+        log
+    };
+    // Errors that name the cause: no bus, and a bus without bluetoothd.
+    let no_bus = "unix:path=/nonexistent/fogmesh-test-bus";
+    let no_bus_log = run_node(&mut procs, "no-bus", no_bus);
+    let no_bluetoothd_log = run_node(&mut procs, "no-bluetoothd", &bus);
+
     // BlueZoo, with two adapters; scanning every second keeps the test short.
     let (bz_log, bz_file) = log_file(dir.path(), "bluezoo.log");
     let bz = Command::new(&bluezoo)
@@ -173,27 +208,8 @@ fn bluezoo_two_nodes() {
     // Auto-enabling (powering) follows right after the adapter is added.
     std::thread::sleep(Duration::from_millis(200));
 
-    let exe = std::env::current_exe().expect("the test binary");
-    let spawn_node = |procs: &mut Procs, role: &'static str| {
-        let (path, f) = log_file(dir.path(), &format!("node-{role}.log"));
-        let child = Command::new(&exe)
-            .args([
-                "--exact",
-                "bluezoo_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(ROLE_VAR, role)
-            .env("DBUS_SYSTEM_BUS_ADDRESS", &bus)
-            .stdin(Stdio::piped())
-            .stdout(f.try_clone().expect("clone a file handle"))
-            .stderr(f)
-            .spawn()
-            .expect("run the test binary again");
-        (procs.add(role, child), path)
-    };
-    let (a, a_log) = spawn_node(&mut procs, "a");
-    let (b, b_log) = spawn_node(&mut procs, "b");
+    let (a, a_log) = spawn_node(&mut procs, "a", &bus);
+    let (b, b_log) = spawn_node(&mut procs, "b", &bus);
 
     let fail = |msg: String| -> ! {
         for p in [&a_log, &b_log, &bz_log] {
@@ -214,7 +230,7 @@ fn bluezoo_two_nodes() {
         None => fail("node A hung".to_string()),
     }
     // Shown with --nocapture.
-    for p in [&a_log, &b_log, &bz_log] {
+    for p in [&no_bus_log, &no_bluetoothd_log, &a_log, &b_log] {
         dump(p);
     }
     eprintln!(
@@ -233,6 +249,21 @@ async fn bluezoo_child() {
         match role.to_str() {
             Some("a") => node_a().await,
             Some("b") => node_b().await,
+            Some("no-bus") => {
+                let e = BluezRadio::open(None).await.expect_err("no bus");
+                say("no-bus", &e.to_string());
+                assert!(
+                    e.to_string()
+                        .contains("cannot connect to the D-Bus system bus")
+                );
+            }
+            Some("no-bluetoothd") => {
+                let e = BluezRadio::open(Some("hci0"))
+                    .await
+                    .expect_err("no bluetoothd");
+                say("no-bluetoothd", &e.to_string());
+                assert!(e.to_string().contains("bluetoothd is not running"));
+            }
             other => panic!("unknown role {other:?}"),
         }
     };
@@ -245,7 +276,12 @@ fn say(role: &str, msg: &str) {
     eprintln!("[{role}] {msg}");
 }
 
-/// Echoes one link until its peer closes it; returns the bytes echoed.
+/// What A sends after its peer closed its half of a link.
+const TRAILER: &[u8] = b"bye";
+
+/// Echoes one link until its peer closes its half, then sends [`TRAILER`]
+/// a little later (the link is half-closed meanwhile) and closes; returns
+/// the bytes echoed.
 async fn echo(link: fogmesh_ble::Link) -> std::io::Result<usize> {
     let mut io = link.io;
     let mut buf = vec![0u8; 1024];
@@ -258,6 +294,8 @@ async fn echo(link: fogmesh_ble::Link) -> std::io::Result<usize> {
         io.write_all(&buf[..n]).await?;
         total += n;
     }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    io.write_all(TRAILER).await?;
     io.close().await?;
     Ok(total)
 }
@@ -338,8 +376,8 @@ fn pattern(len: usize, seed: u32) -> Vec<u8> {
         .collect()
 }
 
-/// Sends `data` on a link while reading its echo; then closes and expects
-/// the peer to close too.
+/// Sends `data` on a link while reading its echo; then closes its half
+/// and expects the trailer, then the end of the stream.
 async fn round_trip(link: fogmesh_ble::Link, data: Vec<u8>) {
     let (mut r, mut w) = link.io.split();
     let len = data.len();
@@ -357,11 +395,19 @@ async fn round_trip(link: fogmesh_ble::Link, data: Vec<u8>) {
     assert!(got == sent, "the echo differs from what was sent");
     w.close().await.expect("close");
     let mut rest = Vec::new();
-    let n = r.read_to_end(&mut rest).await.expect("read to the end");
-    assert_eq!(n, 0, "nothing after the echo, then end of stream");
+    r.read_to_end(&mut rest).await.expect("read to the end");
+    assert_eq!(
+        rest, TRAILER,
+        "the trailer after the echo, then end of stream"
+    );
 }
 
 async fn node_b() {
+    let e = BluezRadio::open(Some("hci7"))
+        .await
+        .expect_err("no such adapter");
+    say("b", &e.to_string());
+    assert!(e.to_string().contains("no Bluetooth adapter named hci7"));
     let radio = BluezRadio::open(Some("hci1")).await.expect("open hci1");
     assert_eq!(radio.address(), addr(B_ADDR));
     let limits = radio.limits();
@@ -413,6 +459,29 @@ async fn node_b() {
         "b",
         &format!("echoed 6 KiB + 700 B in {:.2} s", t.elapsed().as_secs_f64()),
     );
+
+    // A fresh scan reports A again; when BlueZ forgets A (as it does some
+    // time after A goes out of range) the scan reports it lost.
+    let mut scan = radio.scan();
+    loop {
+        match scan.next().await.expect("the scan stream ended") {
+            Neighbour::Found { device, .. } if device == a => break,
+            other => say("b", &format!("scan: {other:?}")),
+        }
+    }
+    let session = bluer::Session::new().await.expect("a second D-Bus session");
+    let adapter = session.adapter("hci1").expect("hci1");
+    adapter
+        .remove_device(bluer::Address(a.0))
+        .await
+        .expect("remove A");
+    loop {
+        match scan.next().await.expect("the scan stream ended") {
+            Neighbour::Lost { device } if device == a => break,
+            other => say("b", &format!("scan: {other:?}")),
+        }
+    }
+    say("b", "A lost after BlueZ forgot it");
     say("b", "done");
 }
 

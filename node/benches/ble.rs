@@ -36,7 +36,7 @@ use fogmesh_ble::{Advert, BleTransport, Radio};
 /// Link bandwidths of part 1, bytes per second.
 const BANDWIDTHS: [u64; 2] = [20_000, 60_000];
 /// Bytes sent per measurement, in seconds of link capacity.
-const BYTES_PER_BW: u64 = 8;
+const BYTES_PER_BW: u64 = 7;
 /// Measurements per bandwidth and path.
 const ROUNDS: usize = 3;
 /// Daemons in the line of part 2 (hops 0 to NODES - 1).
@@ -125,7 +125,8 @@ fn throughput(rt: &tokio::runtime::Runtime) {
          airtime shared by both directions (half-duplex). {} rounds per row, each moving {} s of \
          capacity ({} x bandwidth bytes). Raw: from the first write on the dialler's `Link` to the \
          end of stream on the accepted one. libp2p: connection (Noise + Yamux) already up; from \
-         `open_stream` to the end of stream at the receiver.\n",
+         `open_stream` to the end of stream at the receiver. Time per MTU of payload: MTU / \
+         measured rate (the model's ideal: MTU / bandwidth).\n",
         m.mtu, m.latency_ms, m.loss, ROUNDS, BYTES_PER_BW, BYTES_PER_BW
     );
     let mut rows = Vec::new();
@@ -148,9 +149,9 @@ fn throughput(rt: &tokio::runtime::Runtime) {
         rows.push((bw, "libp2p stream (Noise + Yamux)", n, l2p));
     }
     println!(
-        "| link bandwidth | path | bytes | median B/s | range B/s | median % of capacity | range % | median time |"
+        "| link bandwidth | path | bytes | median B/s | range B/s | median % of capacity | range % | median time | median time per MTU of payload (ideal) |"
     );
-    println!("|---:|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for (bw, path, n, times) in rows {
         let mut rates: Vec<f64> = times.iter().map(|d| n as f64 / d.as_secs_f64()).collect();
         rates.sort_by(f64::total_cmp);
@@ -158,12 +159,15 @@ fn throughput(rt: &tokio::runtime::Runtime) {
         secs.sort_by(f64::total_cmp);
         let (lo, med, hi) = (rates[0], rates[rates.len() / 2], rates[rates.len() - 1]);
         let pct = |r: f64| 100.0 * r / bw as f64;
+        let mtu = m.mtu as f64;
         println!(
-            "| {bw} B/s | {path} | {n} | {med:.0} | {lo:.0} – {hi:.0} | {:.1} % | {:.1} – {:.1} % | {:.2} s |",
+            "| {bw} B/s | {path} | {n} | {med:.0} | {lo:.0} – {hi:.0} | {:.1} % | {:.1} – {:.1} % | {:.2} s | {:.2} ms ({:.2} ms) |",
             pct(med),
             pct(lo),
             pct(hi),
-            secs[secs.len() / 2]
+            secs[secs.len() / 2],
+            1000.0 * mtu / med,
+            1000.0 * mtu / bw as f64,
         );
     }
 }

@@ -636,11 +636,19 @@ async fn carry(
     };
     let pace = async move {
         loop {
-            let pkt = tokio::select! {
-                _ = kill.cancelled() => return,
-                p = from.next() => match p {
-                    Some(p) => p,
-                    None => return,
+            // A packet already waiting means the link never went idle: it
+            // starts when the previous one ended on the air, however late
+            // the timer woke us (tokio's timers have 1 ms resolution, which
+            // would otherwise be lost on every packet).
+            let (pkt, backlogged) = match from.try_recv() {
+                Ok(p) => (p, true),
+                Err(mpsc::TryRecvError::Closed) => return,
+                Err(_) => tokio::select! {
+                    _ = kill.cancelled() => return,
+                    p = from.next() => match p {
+                        Some(p) => (p, false),
+                        None => return,
+                    },
                 },
             };
             let mut tx_time = pkt.len() as f64 * per_byte;
@@ -649,7 +657,11 @@ async fn carry(
             }
             let done = {
                 let mut free = air.lock().unwrap_or_else(|p| p.into_inner());
-                let start = (*free).max(Instant::now());
+                let start = if backlogged {
+                    *free
+                } else {
+                    (*free).max(Instant::now())
+                };
                 *free = start + Duration::from_secs_f64(tx_time);
                 *free
             };

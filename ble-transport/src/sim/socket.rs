@@ -379,10 +379,14 @@ pub async fn admin(socket: &Path, req: AdminRequest) -> io::Result<serde_json::V
     Ok(v.get("ok").cloned().unwrap_or(serde_json::Value::Null))
 }
 
+/// The answer to a request: a link id and token for `connect`, nothing for
+/// `listen`, or the medium's error.
+type Answer = Result<Option<(u64, u64)>, String>;
+
 #[derive(Default)]
 struct ClientState {
     next_req: u64,
-    waiting: HashMap<u64, oneshot::Sender<Result<Option<(u64, u64)>, String>>>,
+    waiting: HashMap<u64, oneshot::Sender<Answer>>,
     incoming: Option<mpsc::Sender<io::Result<Link>>>,
     scanners: Vec<mpsc::UnboundedSender<Neighbour>>,
     heard: HashMap<DeviceAddr, Advert>,
@@ -499,10 +503,7 @@ impl SocketRadio {
             .unbounded_send(to_line(&ClientMsg::Move { position }));
     }
 
-    fn request(
-        &self,
-        make: impl FnOnce(u64) -> ClientMsg,
-    ) -> oneshot::Receiver<Result<Option<(u64, u64)>, String>> {
+    fn request(&self, make: impl FnOnce(u64) -> ClientMsg) -> oneshot::Receiver<Answer> {
         let (tx, rx) = oneshot::channel();
         let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if g.closed {
