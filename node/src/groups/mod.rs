@@ -56,6 +56,9 @@ const INPUT_QUEUE: usize = 4096;
 /// sustained (bursts of four times as many: enough to learn of 128 groups at
 /// once, not enough for a stranger to keep this node busy).
 const INVITE_FETCH_RATE: f64 = 32.0;
+/// How long a node waits for one member's answer with a group's membership
+/// log before asking another member.
+const JOIN_FETCH_RETRY: Duration = Duration::from_secs(10);
 
 /// Encodes a message envelope for gossip.
 pub fn encode_gossip_message(env: &SignedEnvelope) -> Vec<u8> {
@@ -283,6 +286,7 @@ pub(crate) fn start(
         connected: HashSet::new(),
         rates: HashMap::new(),
         invite_fetches: HashMap::new(),
+        joining: HashMap::new(),
         publishing: HashMap::new(),
         cfg,
         rng: rand::make_rng(),
@@ -313,6 +317,10 @@ struct Actor {
     connected: HashSet<PeerId>,
     rates: HashMap<PeerId, TokenBucket>,
     invite_fetches: HashMap<PeerId, TokenBucket>,
+    /// Groups we were told of and asked a member for, with when: one
+    /// membership log in flight per group, not one per member that tells
+    /// us (a large group's log is hundreds of kilobytes).
+    joining: HashMap<GroupId, Instant>,
     /// Outbox entries handed to the swarm and not answered yet, with when
     /// (an answer lost to a full queue must not block an entry for ever).
     publishing: HashMap<MessageId, Instant>,
@@ -909,7 +917,13 @@ impl Actor {
             // A member telling us of a group we do not know: we may have
             // been added while away. Ask for its membership log (rate-limited
             // per peer, as anyone can send this).
-            if remote.is_some() && self.allow_invite_fetch(peer) {
+            let asked_recently = self
+                .joining
+                .get(&gid)
+                .is_some_and(|t| t.elapsed() < JOIN_FETCH_RETRY);
+            if remote.is_some() && !asked_recently && self.allow_invite_fetch(peer) {
+                self.joining.retain(|_, t| t.elapsed() < JOIN_FETCH_RETRY);
+                self.joining.insert(gid, Instant::now());
                 self.send_fetch(
                     peer,
                     gid,
@@ -1016,6 +1030,7 @@ impl Actor {
                 return;
             }
             self.groups.insert(gid, group);
+            self.joining.remove(&gid);
             let rest: Vec<Op> = ops.collect();
             let _ = self.receive_ops(gid, rest);
             let keep = self
