@@ -654,14 +654,20 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
     // Many at once, but bounded: a barrier per batch would make every batch
     // wait for its slowest (farthest) dial.
     use futures::StreamExt as _;
-    let failed = futures::stream::iter(dials)
-        .map(|(h, a)| async move { h.connect(a).await.is_err() })
+    let errors: Vec<String> = futures::stream::iter(dials)
+        .map(|(h, a)| async move { h.connect(a).await.err().map(|e| e.to_string()) })
         .buffer_unordered(256)
-        .filter(|failed| futures::future::ready(*failed))
-        .count()
+        .filter_map(futures::future::ready)
+        .collect()
         .await;
-    if failed > 0 {
-        tracing::warn!(failed, "some topology dials failed");
+    if !errors.is_empty() {
+        let mut why: HashMap<&str, usize> = HashMap::new();
+        for e in &errors {
+            *why.entry(e.as_str()).or_default() += 1;
+        }
+        let mut why: Vec<(&str, usize)> = why.into_iter().collect();
+        why.sort_by(|a, b| b.1.cmp(&a.1));
+        tracing::warn!(failed = errors.len(), reasons = ?&why[..why.len().min(3)], "some topology dials failed");
     }
 
     // The group: node 0 creates it; wait until every member knows it.

@@ -287,6 +287,7 @@ pub(crate) fn start(
         rates: HashMap::new(),
         invite_fetches: HashMap::new(),
         joining: HashMap::new(),
+        knows: HashMap::new(),
         publishing: HashMap::new(),
         cfg,
         rng: rand::make_rng(),
@@ -321,6 +322,11 @@ struct Actor {
     /// membership log in flight per group, not one per member that tells
     /// us (a large group's log is hundreds of kilobytes).
     joining: HashMap<GroupId, Instant>,
+    /// Connected peers that showed they know a group (they sent or answered
+    /// a summary of it). Periodic sync goes to a member not in here first,
+    /// so that an added member whose neighbours all told it while it was
+    /// busy still hears of the group within one interval.
+    knows: HashMap<GroupId, HashSet<PeerId>>,
     /// Outbox entries handed to the swarm and not answered yet, with when
     /// (an answer lost to a full queue must not block an entry for ever).
     publishing: HashMap<MessageId, Instant>,
@@ -467,6 +473,9 @@ impl Actor {
             Input::PeerDisconnected(peer) => {
                 self.connected.remove(&peer);
                 self.rates.remove(&peer);
+                for k in self.knows.values_mut() {
+                    k.remove(&peer);
+                }
             }
         }
     }
@@ -885,7 +894,18 @@ impl Actor {
                 .filter(|p| **p != self.local && self.connected.contains(p))
                 .copied()
                 .collect();
-            if let Some(p) = candidates.choose(&mut self.rng) {
+            let knowing = self.knows.get(gid);
+            let unaware: Vec<PeerId> = candidates
+                .iter()
+                .filter(|p| !knowing.is_some_and(|k| k.contains(p)))
+                .copied()
+                .collect();
+            let pool = if unaware.is_empty() {
+                &candidates
+            } else {
+                &unaware
+            };
+            if let Some(p) = pool.choose(&mut self.rng) {
                 plan.push((*p, *gid));
             }
         }
@@ -939,6 +959,9 @@ impl Actor {
         // anything; others learn nothing, not even that the group exists.
         if !group.membership().is_member(&peer) {
             return encode_sync_response(&empty(gid));
+        }
+        if remote.is_some() {
+            self.knows.entry(gid).or_default().insert(peer);
         }
         let mine = group.summary();
         let mut resp = empty(gid);
@@ -1072,6 +1095,9 @@ impl Actor {
         }
         if n > 0 {
             self.metrics.group_messages_synced.inc_by(n);
+        }
+        if resp.summary.is_some() && self.groups.contains_key(&gid) {
+            self.knows.entry(gid).or_default().insert(peer);
         }
         if let (Some(remote), Some(group)) = (resp.summary, self.groups.get(&gid)) {
             let mine = group.summary();
