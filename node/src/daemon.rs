@@ -77,6 +77,14 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
         Some(r) => crate::behaviour::scale_for_ble(bcfg, r.limits()),
         None => bcfg,
     };
+    // A whole connection set-up (dial, Noise, Yamux) must finish within
+    // this: libp2p's 10 s, unless a BLE link (whose dial alone may take
+    // 20 s) is among the transports.
+    let connection_timeout = if radio.is_some() {
+        fogmesh_ble::DIAL_TIMEOUT + BLE_UPGRADE_TIMEOUT
+    } else {
+        Duration::from_secs(10)
+    };
     // The same tail for every combination of transports (the builder's
     // phases are distinct types, hence a macro rather than a function).
     macro_rules! finish {
@@ -89,6 +97,7 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
                 })
                 .map_err(|e| anyhow::anyhow!("cannot build the node's behaviours: {e}"))?
                 .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+                .with_connection_timeout(connection_timeout)
                 .build()
         };
     }

@@ -413,6 +413,10 @@ async fn start_node(world: &World, node: &mut SimNode) -> anyhow::Result<()> {
         })
         .map_err(|e| anyhow!("behaviour: {e}"))?
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
+        // libp2p's 10 s limit on a whole connection set-up (dial, Noise,
+        // Yamux), dilated like every other timer: at dilation 10 a handshake
+        // between the farthest regions takes longer than 10 s of wall time.
+        .with_connection_timeout(scale(Duration::from_secs(10)).max(Duration::from_secs(10)))
         .build();
     let libp2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
     node.stop = CancellationToken::new();
