@@ -101,26 +101,22 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
                 .build()
         };
     }
+    macro_rules! with_ip {
+        ($builder:expr) => {
+            $builder
+                .with_tcp(
+                    tcp::Config::default().nodelay(true),
+                    noise::Config::new,
+                    yamux::Config::default,
+                )?
+                .with_quic()
+        };
+    }
     let builder = SwarmBuilder::with_existing_identity(key).with_tokio();
     let swarm = match (settings.internet, radio.clone()) {
-        (true, None) => finish!(
-            builder
-                .with_tcp(
-                    tcp::Config::default().nodelay(true),
-                    noise::Config::new,
-                    yamux::Config::default,
-                )?
-                .with_quic()
-                .with_dns()?
-        ),
+        (true, None) => finish!(with_ip!(builder).with_dns()?),
         (true, Some(radio)) => finish!(
-            builder
-                .with_tcp(
-                    tcp::Config::default().nodelay(true),
-                    noise::Config::new,
-                    yamux::Config::default,
-                )?
-                .with_quic()
+            with_ip!(builder)
                 .with_other_transport(|key| ble_transport(key, radio).map_err(Box::from))?
                 .with_dns()?
         ),

@@ -325,36 +325,14 @@ impl Medium {
 
     /// Drops every link of a device at once (as when its radio resets).
     pub fn drop_links(&self, dev: DeviceAddr) -> usize {
-        let mut st = self.state();
-        let ids: Vec<u64> = st
-            .links
-            .iter()
-            .filter(|(_, l)| l.a == dev || l.b == dev)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in &ids {
-            if let Some(l) = st.links.remove(id) {
-                l.kill.cancel();
-            }
-        }
-        ids.len()
+        drop_links_locked(&mut self.state(), dev)
     }
 
     fn leave(&self, dev: DeviceAddr) {
         let mut st = self.state();
         self.stop_advertising_locked(&mut st, dev);
         st.devices.remove(&dev);
-        let ids: Vec<u64> = st
-            .links
-            .iter()
-            .filter(|(_, l)| l.a == dev || l.b == dev)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
-            if let Some(l) = st.links.remove(&id) {
-                l.kill.cancel();
-            }
-        }
+        drop_links_locked(&mut st, dev);
     }
 
     fn in_range(&self, st: &State, a: DeviceAddr, b: DeviceAddr) -> bool {
@@ -546,6 +524,19 @@ fn notify_pair(st: &mut State, a: DeviceAddr, b: DeviceAddr, in_range: bool) {
         };
         tell(st, x, n);
     }
+}
+
+/// Drops every link of `dev`; how many there were.
+fn drop_links_locked(st: &mut State, dev: DeviceAddr) -> usize {
+    let before = st.links.len();
+    st.links.retain(|_, l| {
+        let hit = l.a == dev || l.b == dev;
+        if hit {
+            l.kill.cancel();
+        }
+        !hit
+    });
+    before - st.links.len()
 }
 
 fn kill_links_between(st: &mut State, a: DeviceAddr, b: DeviceAddr) {
