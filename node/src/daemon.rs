@@ -296,7 +296,7 @@ async fn open_radio(settings: &Settings) -> anyhow::Result<Option<Arc<dyn Radio>
         }
         #[cfg(not(feature = "bluez"))]
         Some(BleRadio::Adapter(name)) => anyhow::bail!(
-            "--ble {name}: this fogmesh was built without BlueZ support; build it with `cargo build --release --features bluez` (or use --ble sim:SOCKET)"
+            "--ble {name}: this fogmesh was built without BlueZ support; build it with `cargo build --release -p fogmesh --features bluez` (or use --ble sim:SOCKET)"
         ),
     }
 }
