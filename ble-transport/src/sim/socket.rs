@@ -320,7 +320,11 @@ async fn handle(
     }
 }
 
-/// Keeps a link until its owner attaches to it.
+/// How long a link waits for its owner to attach before it is dropped.
+const ATTACH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Keeps a link until its owner attaches to it (or drops it after
+/// [`ATTACH_TIMEOUT`], so a client that never attaches leaks nothing).
 fn register(pending: &Pending, next: &std::sync::atomic::AtomicU64, l: Link) -> (u64, u64) {
     let id = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let token: u64 = rand::random();
@@ -328,6 +332,14 @@ fn register(pending: &Pending, next: &std::sync::atomic::AtomicU64, l: Link) -> 
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(id, (token, l));
+    let pending = pending.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(ATTACH_TIMEOUT).await;
+        pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    });
     (id, token)
 }
 
