@@ -924,16 +924,15 @@ impl EventLoop {
                 if let kad::Event::RoutingUpdated {
                     peer, addresses, ..
                 } = &ev
+                    && addresses.iter().any(fogmesh_ble::is_ble)
                 {
-                    if addresses.iter().any(|a| fogmesh_ble::is_ble(a)) {
-                        // (`remove_address` matches addresses with a /p2p
-                        // suffix only, which kad does not store for dialled
-                        // ones: take the peer out, put the rest back.)
-                        let kad = &mut self.swarm.behaviour_mut().kad;
-                        kad.remove_peer(peer);
-                        for a in addresses.iter().filter(|a| !fogmesh_ble::is_ble(a)) {
-                            kad.add_address(peer, a.clone());
-                        }
+                    // (`remove_address` matches addresses with a /p2p
+                    // suffix only, which kad does not store for dialled
+                    // ones: take the peer out, put the rest back.)
+                    let kad = &mut self.swarm.behaviour_mut().kad;
+                    kad.remove_peer(peer);
+                    for a in addresses.iter().filter(|a| !fogmesh_ble::is_ble(a)) {
+                        kad.add_address(peer, a.clone());
                     }
                 }
                 if let kad::Event::RoutingUpdated {

@@ -153,7 +153,7 @@ impl Store {
             };
             out.push((peer, rec));
         }
-        out.sort_by(|a, b| b.1.last_seen.cmp(&a.1.last_seen));
+        out.sort_by_key(|p| std::cmp::Reverse(p.1.last_seen));
         Ok(out)
     }
 
@@ -208,7 +208,7 @@ mod tests {
         {
             let store = Store::open(dir.path()).expect("open");
             store
-                .upsert_peer(&peer, &[a1.clone()], Some("x"))
+                .upsert_peer(&peer, std::slice::from_ref(&a1), Some("x"))
                 .expect("upsert");
             store
                 .upsert_peer(&peer, &[a2.clone(), a1.clone()], None)

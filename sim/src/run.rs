@@ -670,7 +670,7 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
             *why.entry(e.as_str()).or_default() += 1;
         }
         let mut why: Vec<(&str, usize)> = why.into_iter().collect();
-        why.sort_by(|a, b| b.1.cmp(&a.1));
+        why.sort_by_key(|w| std::cmp::Reverse(w.1));
         tracing::warn!(failed = errors.len(), reasons = ?&why[..why.len().min(3)], "some topology dials failed");
     }
 
