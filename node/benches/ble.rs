@@ -31,7 +31,7 @@ use common::{Started, start_args, stop};
 use fogmesh::client::Client;
 use fogmesh::types::{CreateGroup, GroupAck, NodeEvent, PeerInfo, PostMessage};
 use fogmesh_ble::sim::{LinkModel, Medium, Position};
-use fogmesh_ble::{Advert, BleTransport, Radio};
+use fogmesh_ble::{Advert, Radio};
 
 /// Link bandwidths of part 1, bytes per second.
 const BANDWIDTHS: [u64; 2] = [20_000, 60_000];
@@ -205,17 +205,11 @@ async fn raw_link(model: LinkModel, n: usize) -> Duration {
 /// One swarm on `medium` at `pos`: BLE transport, Noise, Yamux, and the
 /// `libp2p_stream` behaviour.
 fn ble_swarm(medium: &Medium, pos: Position) -> libp2p::Swarm<libp2p_stream::Behaviour> {
-    use libp2p::{SwarmBuilder, Transport, noise, yamux};
     let radio: Arc<dyn Radio> = Arc::new(medium.join(pos));
-    SwarmBuilder::with_new_identity()
+    libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
-        .with_other_transport(|key| {
-            let local = key.public().to_peer_id();
-            Ok(BleTransport::new(radio, &local)
-                .upgrade(libp2p::core::upgrade::Version::V1)
-                .authenticate(noise::Config::new(key)?)
-                .multiplex(yamux::Config::default()))
-        })
+        // The node's own BLE stack (the daemon builds it with this too).
+        .with_other_transport(|key| fogmesh::daemon::ble_transport(key, radio).map_err(Box::from))
         .expect("transport")
         .with_behaviour(|_| libp2p_stream::Behaviour::new())
         .expect("behaviour")
@@ -232,28 +226,19 @@ async fn libp2p_stream_over_ble(model: LinkModel, n: usize) -> Duration {
     const PROTO: StreamProtocol = StreamProtocol::new("/fogmesh-bench/ble-stream/1");
 
     let medium = Medium::new(model);
-    let mut rx_swarm = ble_swarm(&medium, Position { x: 0.0, y: 0.0 });
+    let common::StreamReceiver {
+        addr,
+        peer: rx_peer,
+        mut incoming,
+        task: rx_task,
+    } = common::stream_receiver(
+        ble_swarm(&medium, Position { x: 0.0, y: 0.0 }),
+        fogmesh_ble::listen_addr(),
+        PROTO,
+    )
+    .await;
     let mut tx_swarm = ble_swarm(&medium, Position { x: 1.0, y: 0.0 });
-    rx_swarm
-        .listen_on(fogmesh_ble::listen_addr())
-        .expect("listen");
-    let addr = loop {
-        if let SwarmEvent::NewListenAddr { address, .. } = rx_swarm.select_next_some().await {
-            break address;
-        }
-    };
-    let rx_peer = *rx_swarm.local_peer_id();
-    let mut incoming = rx_swarm
-        .behaviour()
-        .new_control()
-        .accept(PROTO)
-        .expect("accept");
     let mut control = tx_swarm.behaviour().new_control();
-    let rx_task = tokio::spawn(async move {
-        loop {
-            rx_swarm.select_next_some().await;
-        }
-    });
     tx_swarm
         .dial(addr.with(Protocol::P2p(rx_peer)))
         .expect("dial");

@@ -199,7 +199,6 @@ fn plain_tcp_copy(src: &Path, dst: &Path) -> Duration {
 
 async fn libp2p_stream_copy(src: &Path, dst: &Path) -> Duration {
     use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
-    use libp2p::swarm::SwarmEvent;
     use libp2p::{Multiaddr, StreamProtocol, SwarmBuilder, noise, tcp, yamux};
     const PROTO: StreamProtocol = StreamProtocol::new("/fogmesh-bench/stream/1");
     let build = || {
@@ -216,28 +215,19 @@ async fn libp2p_stream_copy(src: &Path, dst: &Path) -> Duration {
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
             .build()
     };
-    let mut rx_swarm = build();
+    let common::StreamReceiver {
+        addr,
+        peer: rx_peer,
+        mut incoming,
+        ..
+    } = common::stream_receiver(
+        build(),
+        "/ip4/127.0.0.1/tcp/0".parse::<Multiaddr>().expect("ma"),
+        PROTO,
+    )
+    .await;
     let mut tx_swarm = build();
-    rx_swarm
-        .listen_on("/ip4/127.0.0.1/tcp/0".parse::<Multiaddr>().expect("ma"))
-        .expect("listen");
-    let addr = loop {
-        if let SwarmEvent::NewListenAddr { address, .. } = rx_swarm.select_next_some().await {
-            break address;
-        }
-    };
-    let rx_peer = *rx_swarm.local_peer_id();
-    let mut incoming = rx_swarm
-        .behaviour()
-        .new_control()
-        .accept(PROTO)
-        .expect("accept");
     let mut control = tx_swarm.behaviour().new_control();
-    tokio::spawn(async move {
-        loop {
-            rx_swarm.select_next_some().await;
-        }
-    });
     tx_swarm.dial(addr).expect("dial");
     tokio::spawn(async move {
         loop {

@@ -15,14 +15,27 @@ fn run(out: &Path, seed: u64) -> Value {
     run_scenario(&scenario(), out, seed)
 }
 
-fn run_scenario(scenario: &Path, out: &Path, seed: u64) -> Value {
-    let o = Command::new(env!("CARGO_BIN_EXE_fogmesh-sim"))
+/// `fogmesh-sim run SCENARIO ARGS...`, its output.
+fn sim_run(scenario: &Path, args: &[&std::ffi::OsStr]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_fogmesh-sim"))
         .arg("run")
         .arg(scenario)
-        .args(["--seed", &seed.to_string(), "--out"])
-        .arg(out)
+        .args(args)
         .output()
-        .expect("run fogmesh-sim");
+        .expect("run fogmesh-sim")
+}
+
+fn run_scenario(scenario: &Path, out: &Path, seed: u64) -> Value {
+    let seed = seed.to_string();
+    let o = sim_run(
+        scenario,
+        &[
+            "--seed".as_ref(),
+            seed.as_ref(),
+            "--out".as_ref(),
+            out.as_ref(),
+        ],
+    );
     assert!(
         o.status.success(),
         "fogmesh-sim failed: {}\n{}",
@@ -152,11 +165,7 @@ fn bad_scenario_is_refused() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let p = tmp.path().join("bad.toml");
     std::fs::write(&p, "name = \"x\"\nnodes = 1\nduration_secs = 1\n").expect("write");
-    let o = Command::new(env!("CARGO_BIN_EXE_fogmesh-sim"))
-        .args(["run"])
-        .arg(&p)
-        .output()
-        .expect("run");
+    let o = sim_run(&p, &[]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("nodes must be at least 2"));
     std::fs::write(
@@ -164,11 +173,7 @@ fn bad_scenario_is_refused() {
         "name = \"x\"\nnodes = 3\nduration_secs = 1\nfanout = 3\n",
     )
     .expect("write");
-    let o = Command::new(env!("CARGO_BIN_EXE_fogmesh-sim"))
-        .args(["run"])
-        .arg(&p)
-        .output()
-        .expect("run");
+    let o = sim_run(&p, &[]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("fanout"));
 }

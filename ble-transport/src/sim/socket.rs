@@ -176,7 +176,7 @@ async fn handle(
         }
         Opening::Hello { position } => {
             let radio = medium.join(position);
-            let (out_tx, mut out_rx) = mpsc::unbounded::<String>();
+            let (out_tx, out_rx) = mpsc::unbounded::<String>();
             let send = |m: ServerMsg| {
                 let _ = out_tx.unbounded_send(to_line(&m));
             };
@@ -184,13 +184,7 @@ async fn handle(
                 device: radio.address().to_string(),
                 model: medium.model().clone(),
             });
-            let writer = async move {
-                while let Some(line) = out_rx.next().await {
-                    if wr.write_all(format!("{line}\n").as_bytes()).await.is_err() {
-                        break;
-                    }
-                }
-            };
+            let writer = write_lines(wr, out_rx);
             let session = CancellationToken::new();
             let session_guard = session.clone().drop_guard();
             // Scanning on behalf of the client, for the whole session.
@@ -323,6 +317,19 @@ async fn handle(
 /// How long a link waits for its owner to attach before it is dropped.
 const ATTACH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// Writes each line from `lines` to `wr`, until the channel closes or the
+/// socket fails.
+async fn write_lines(
+    mut wr: tokio::net::unix::OwnedWriteHalf,
+    mut lines: mpsc::UnboundedReceiver<String>,
+) {
+    while let Some(line) = lines.next().await {
+        if wr.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Keeps a link until its owner attaches to it (or drops it after
 /// [`ATTACH_TIMEOUT`], so a client that never attaches leaks nothing).
 fn register(pending: &Pending, next: &std::sync::atomic::AtomicU64, l: Link) -> (u64, u64) {
@@ -454,19 +461,14 @@ impl SocketRadio {
             ),
             _ => return Err(bad("the medium did not welcome us")),
         };
-        let (out, mut out_rx) = mpsc::unbounded::<String>();
+        let (out, out_rx) = mpsc::unbounded::<String>();
         let state: Arc<Mutex<ClientState>> = Arc::default();
         let session = CancellationToken::new();
         let s = session.clone();
         tokio::spawn(async move {
-            loop {
-                let line = tokio::select! {
-                    _ = s.cancelled() => break,
-                    l = out_rx.next() => match l { Some(l) => l, None => break },
-                };
-                if wr.write_all(format!("{line}\n").as_bytes()).await.is_err() {
-                    break;
-                }
+            tokio::select! {
+                _ = s.cancelled() => {}
+                _ = write_lines(wr, out_rx) => {}
             }
         });
         let st = state.clone();

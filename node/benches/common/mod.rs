@@ -107,3 +107,47 @@ pub fn stop(mut s: Started) {
         .status();
     let _ = s.child.wait();
 }
+
+/// The receiving side of a libp2p stream measurement: a swarm listening on
+/// a transport address, driven by its own task, accepting one protocol.
+pub struct StreamReceiver {
+    /// The address it listens on.
+    pub addr: libp2p::Multiaddr,
+    /// Its peer id.
+    pub peer: libp2p::PeerId,
+    /// Streams opened to it.
+    pub incoming: libp2p_stream::IncomingStreams,
+    /// The task driving its swarm.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Makes `rx` listen on `listen`, waits for its address, accepts `proto` and
+/// hands the swarm to a task.
+pub async fn stream_receiver(
+    mut rx: libp2p::Swarm<libp2p_stream::Behaviour>,
+    listen: libp2p::Multiaddr,
+    proto: libp2p::StreamProtocol,
+) -> StreamReceiver {
+    use futures::StreamExt;
+    rx.listen_on(listen).expect("listen");
+    let addr = loop {
+        if let libp2p::swarm::SwarmEvent::NewListenAddr { address, .. } =
+            rx.select_next_some().await
+        {
+            break address;
+        }
+    };
+    let peer = *rx.local_peer_id();
+    let incoming = rx.behaviour().new_control().accept(proto).expect("accept");
+    let task = tokio::spawn(async move {
+        loop {
+            rx.select_next_some().await;
+        }
+    });
+    StreamReceiver {
+        addr,
+        peer,
+        incoming,
+        task,
+    }
+}
