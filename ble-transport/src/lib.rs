@@ -16,6 +16,7 @@
 pub mod addr;
 pub mod advert;
 pub mod framing;
+pub mod neighbours;
 pub mod radio;
 pub mod sim;
 mod transport;
@@ -25,6 +26,7 @@ pub mod bluez;
 
 pub use addr::{DeviceAddr, device_multiaddr, is_ble, listen_addr};
 pub use advert::{Advert, peer_hint};
+pub use neighbours::{DialRules, Links, Neighbours};
 pub use radio::{DataPath, Link, LinkIo, LinkLimits, Neighbour, Radio};
 pub use transport::{BleStream, BleTransport, DIAL_TIMEOUT};
 

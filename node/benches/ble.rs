@@ -209,7 +209,7 @@ fn ble_swarm(medium: &Medium, pos: Position) -> libp2p::Swarm<libp2p_stream::Beh
     libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
         // The node's own BLE stack (the daemon builds it with this too).
-        .with_other_transport(|key| fogmesh::daemon::ble_transport(key, radio).map_err(Box::from))
+        .with_other_transport(|key| fogmesh::builder::ble_transport(key, radio))
         .expect("transport")
         .with_behaviour(|_| libp2p_stream::Behaviour::new())
         .expect("behaviour")

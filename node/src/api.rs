@@ -26,9 +26,10 @@ use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_util::sync::CancellationToken;
 
-use crate::files::{self, FilesError};
+use crate::actor::ServiceError;
+use crate::files;
 use crate::fsutil;
-use crate::groups::{ApiCall, GroupsError};
+use crate::groups::ApiCall;
 use crate::metrics::NodeMetrics;
 use crate::node::{ConnectError, NodeHandle};
 use crate::types::{
@@ -234,15 +235,17 @@ async fn events(
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
-fn groups_result<T: Serialize>(r: Result<T, GroupsError>) -> Response {
+/// The one mapping of a service's answer to HTTP: the value as JSON, or
+/// `{"error"}` with the status that fits the error's kind.
+fn service_result<T: Serialize>(r: Result<T, ServiceError>) -> Response {
     match r {
         Ok(v) => Json(v).into_response(),
         Err(e) => {
             let status = match &e {
-                GroupsError::NotFound(_) => StatusCode::NOT_FOUND,
-                GroupsError::BadRequest(_) => StatusCode::BAD_REQUEST,
-                GroupsError::Forbidden(_) => StatusCode::FORBIDDEN,
-                GroupsError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+                ServiceError::NotFound(_) => StatusCode::NOT_FOUND,
+                ServiceError::BadRequest(_) => StatusCode::BAD_REQUEST,
+                ServiceError::Forbidden(_) => StatusCode::FORBIDDEN,
+                ServiceError::Busy | ServiceError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             };
             error(status, e.to_string())
@@ -261,7 +264,7 @@ macro_rules! body {
 }
 
 async fn groups_list(State(s): State<AppState>) -> Response {
-    groups_result(s.node.groups().call(ApiCall::List).await)
+    service_result(s.node.groups().call(ApiCall::List).await)
 }
 
 async fn groups_create(
@@ -269,11 +272,11 @@ async fn groups_create(
     b: Result<Json<CreateGroup>, JsonRejection>,
 ) -> Response {
     let req = body!(b);
-    groups_result(s.node.groups().call(|r| ApiCall::Create(req, r)).await)
+    service_result(s.node.groups().call(|r| ApiCall::Create(req, r)).await)
 }
 
 async fn groups_show(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
-    groups_result(s.node.groups().call(|r| ApiCall::Show(id, r)).await)
+    service_result(s.node.groups().call(|r| ApiCall::Show(id, r)).await)
 }
 
 async fn groups_add(
@@ -282,7 +285,7 @@ async fn groups_add(
     b: Result<Json<MemberRequest>, JsonRejection>,
 ) -> Response {
     let req = body!(b);
-    groups_result(
+    service_result(
         s.node
             .groups()
             .call(|r| ApiCall::Add(id, req.peer_id, r))
@@ -294,11 +297,11 @@ async fn groups_remove(
     State(s): State<AppState>,
     UrlPath((id, peer)): UrlPath<(String, String)>,
 ) -> Response {
-    groups_result(s.node.groups().call(|r| ApiCall::Remove(id, peer, r)).await)
+    service_result(s.node.groups().call(|r| ApiCall::Remove(id, peer, r)).await)
 }
 
 async fn groups_leave(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
-    groups_result(s.node.groups().call(|r| ApiCall::Leave(id, r)).await)
+    service_result(s.node.groups().call(|r| ApiCall::Leave(id, r)).await)
 }
 
 #[derive(Debug, Deserialize)]
@@ -311,7 +314,7 @@ async fn groups_messages(
     UrlPath(id): UrlPath<String>,
     Query(q): Query<MessagesQuery>,
 ) -> Response {
-    groups_result(
+    service_result(
         s.node
             .groups()
             .call(|r| ApiCall::Messages(id, q.limit, r))
@@ -325,27 +328,12 @@ async fn groups_post(
     b: Result<Json<PostMessage>, JsonRejection>,
 ) -> Response {
     let req = body!(b);
-    groups_result(
+    service_result(
         s.node
             .groups()
             .call(|r| ApiCall::Send(id, req.text, r))
             .await,
     )
-}
-
-fn files_result<T: Serialize>(r: Result<T, FilesError>) -> Response {
-    match r {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => {
-            let status = match &e {
-                FilesError::NotFound(_) => StatusCode::NOT_FOUND,
-                FilesError::BadRequest(_) => StatusCode::BAD_REQUEST,
-                FilesError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-                _ => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            error(status, e.to_string())
-        }
-    }
 }
 
 /// Paths come from the CLI, which makes them absolute; a relative one would
@@ -365,7 +353,7 @@ fn absolute(p: &str) -> Result<std::path::PathBuf, Response> {
 }
 
 async fn files_list(State(s): State<AppState>) -> Response {
-    files_result(s.node.files().call(files::ApiCall::List).await)
+    service_result(s.node.files().call(files::ApiCall::List).await)
 }
 
 async fn files_share(
@@ -378,7 +366,7 @@ async fn files_share(
         Err(r) => return r,
     };
     let Some(group) = req.group else {
-        return files_result(
+        return service_result(
             s.node
                 .files()
                 .call(|r| files::ApiCall::Share(path, false, r))
@@ -393,7 +381,7 @@ async fn files_share(
         .call(|r| ApiCall::Show(group.clone(), r))
         .await
     {
-        return groups_result::<()>(Err(e));
+        return service_result::<()>(Err(e));
     }
     let mut st = match s
         .node
@@ -402,7 +390,7 @@ async fn files_share(
         .await
     {
         Ok(st) => st,
-        Err(e) => return files_result::<()>(Err(e)),
+        Err(e) => return service_result::<()>(Err(e)),
     };
     let name = req
         .path
@@ -431,12 +419,12 @@ async fn files_share(
             v["message_id"] = serde_json::json!(ack.id);
             Json(v).into_response()
         }
-        Err(e) => groups_result::<()>(Err(e)),
+        Err(e) => service_result::<()>(Err(e)),
     }
 }
 
 async fn files_status(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
-    files_result(s.node.files().call(|r| files::ApiCall::Status(id, r)).await)
+    service_result(s.node.files().call(|r| files::ApiCall::Status(id, r)).await)
 }
 
 async fn files_get(
@@ -449,7 +437,7 @@ async fn files_get(
         Ok(p) => p,
         Err(r) => return r,
     };
-    files_result(
+    service_result(
         s.node
             .files()
             .call(|r| files::ApiCall::Get(id, output, r))

@@ -12,6 +12,8 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::{StreamProtocol, connection_limits, identify, kad, mdns, ping};
 use sha2::{Digest, Sha256};
 
+use crate::codec::{Frame, FrameCodec};
+
 /// Our Kademlia protocol name: a private DHT of fogmesh nodes, not the IPFS
 /// one.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/fogmesh/kad/1.0.0");
@@ -19,7 +21,7 @@ pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/fogmesh/kad/1.0.0
 pub const IDENTIFY_PROTOCOL: &str = "/fogmesh/id/1.0.0";
 
 /// The group catch-up protocol.
-pub const GROUP_SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/fogmesh/group-sync/1");
+pub const GROUP_SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/fogmesh/group-sync/2");
 /// Largest gossip message: a membership op of a 1000-member group is about
 /// 172 KiB, a text message at most 64 KiB plus overhead.
 pub const MAX_GOSSIP_SIZE: usize = 512 * 1024;
@@ -33,8 +35,17 @@ pub type SubscriptionFilter = MaxCountSubscriptionFilter<AllowAllSubscriptionFil
 /// One frame of the group sync protocol: an encoded
 /// `fogmesh_protocols::groups::SyncRequest` or `SyncResponse`, decoded with
 /// that crate's size-checked decoders.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct SyncFrame(#[serde(with = "serde_bytes")] pub Vec<u8>);
+#[derive(Debug, Clone)]
+pub struct SyncFrame(pub Vec<u8>);
+
+impl Frame for SyncFrame {
+    fn from_bytes(bytes: Vec<u8>) -> Self {
+        SyncFrame(bytes)
+    }
+    fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
 
 /// Gossipsub's mesh parameters (the names are the gossipsub spec's).
 #[derive(Debug, Clone)]
@@ -121,8 +132,17 @@ impl gossipsub::DataTransform for ObservingTransform {
 /// One frame of the file protocol: an encoded
 /// `fogmesh_protocols::files::Request` or `Response`, decoded with that
 /// crate's size-checked decoders.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct FileFrame(#[serde(with = "serde_bytes")] pub Vec<u8>);
+#[derive(Debug, Clone)]
+pub struct FileFrame(pub Vec<u8>);
+
+impl Frame for FileFrame {
+    fn from_bytes(bytes: Vec<u8>) -> Self {
+        FileFrame(bytes)
+    }
+    fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
 
 /// The file transfer protocol.
 pub const FILE_PROTOCOL: StreamProtocol = StreamProtocol::new(fogmesh_protocols::files::PROTOCOL);
@@ -229,9 +249,13 @@ mod composed {
         /// groups actor before they are forwarded.
         pub gossipsub: gossipsub::Behaviour<super::ObservingTransform, super::SubscriptionFilter>,
         /// Group catch-up (anti-entropy): summaries and fetches.
-        pub group_sync: request_response::cbor::Behaviour<super::SyncFrame, super::SyncFrame>,
+        pub group_sync: request_response::Behaviour<
+            crate::codec::FrameCodec<super::SyncFrame, super::SyncFrame>,
+        >,
         /// File transfer: manifests, have-maps and chunks.
-        pub files: request_response::cbor::Behaviour<super::FileFrame, super::FileFrame>,
+        pub files: request_response::Behaviour<
+            crate::codec::FrameCodec<super::FileFrame, super::FileFrame>,
+        >,
     }
 }
 
@@ -288,23 +312,19 @@ impl Behaviour {
         };
 
         let gossipsub = gossipsub_behaviour(key, cfg)?;
-        let group_sync = request_response::cbor::Behaviour::with_codec(
-            request_response::cbor::codec::Codec::default()
-                // Room for the CBOR byte-string header around the frame.
-                .set_request_size_maximum((MAX_SYNC_REQUEST_SIZE + 64) as u64)
-                .set_response_size_maximum((MAX_SYNC_RESPONSE_SIZE + 64) as u64),
+        let group_sync = request_response::Behaviour::with_codec(
+            FrameCodec::new(MAX_SYNC_REQUEST_SIZE, MAX_SYNC_RESPONSE_SIZE),
             [(GROUP_SYNC_PROTOCOL, ProtocolSupport::Full)],
             request_response::Config::default()
                 .with_request_timeout(cfg.sync_timeout)
                 .with_max_concurrent_streams(64),
         );
 
-        let files = request_response::cbor::Behaviour::with_codec(
-            request_response::cbor::codec::Codec::default()
-                .set_request_size_maximum((fogmesh_protocols::files::MAX_REQUEST_SIZE + 64) as u64)
-                .set_response_size_maximum(
-                    (fogmesh_protocols::files::MAX_RESPONSE_SIZE + 64) as u64,
-                ),
+        let files = request_response::Behaviour::with_codec(
+            FrameCodec::new(
+                fogmesh_protocols::files::MAX_REQUEST_SIZE,
+                fogmesh_protocols::files::MAX_RESPONSE_SIZE,
+            ),
             [(FILE_PROTOCOL, ProtocolSupport::Full)],
             // The scheduler times chunks out itself, from measured rates;
             // this is only the backstop for a request that never ends.

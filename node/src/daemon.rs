@@ -1,5 +1,5 @@
-//! `fogmesh run`: assembles the node from its settings and runs it until
-//! SIGINT or SIGTERM.
+//! `fogmesh run`: maps its settings to a [`NodeBuilder`], runs the node
+//! with its local API until SIGINT or SIGTERM.
 //!
 //! Start-up order: lock the data directory (by opening the database), load
 //! or create the identity, build the swarm, start listening, bind the API,
@@ -13,20 +13,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use fogmesh_ble::Radio;
 use fogmesh_ble::sim::SocketRadio;
-use fogmesh_ble::{BleTransport, Radio};
-use fogmesh_protocols::policy::Reachability;
-use libp2p::{SwarmBuilder, noise, tcp, yamux};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, Endpoint};
-use crate::behaviour::{Behaviour, BehaviourConfig};
+use crate::behaviour::BehaviourConfig;
+use crate::builder::{BuiltNode, Internet, NodeBuilder};
 use crate::config::{BleRadio, Settings};
 use crate::eventlog::EventLog;
 use crate::files::FilesConfig;
 use crate::groups::GroupsConfig;
-use crate::metrics::{self, NodeMetrics};
-use crate::node::{self, NodeConfig};
+use crate::metrics;
 use crate::storage::Store;
 use crate::{fsutil, identity};
 
@@ -56,119 +54,17 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
     })
     .await??;
     let key = identity::load_or_create(&data_dir)?;
-    let node_key = key.clone();
     let peer_id = key.public().to_peer_id();
-
-    let mut registry = libp2p::metrics::Registry::default();
-    let node_metrics = NodeMetrics::register(&mut registry);
-    let event_log = match &settings.event_log {
-        Some(path) => Some(EventLog::open(path, &peer_id)?),
-        None => None,
-    };
-    let bcfg = BehaviourConfig {
-        mdns: settings.mdns,
-        max_connections: settings.max_connections,
-        gossip_observer: event_log.as_ref().map(EventLog::observer),
-        ..BehaviourConfig::default()
-    };
-    let idle = settings.idle_timeout;
     let radio = open_radio(&settings).await?;
-    let bcfg = match &radio {
-        Some(r) => crate::behaviour::scale_for_ble(bcfg, r.limits()),
-        None => bcfg,
-    };
-    // A whole connection set-up (dial, Noise, Yamux) must finish within
-    // this: libp2p's 10 s, unless a BLE link (whose dial alone may take
-    // 20 s) is among the transports.
-    let connection_timeout = if radio.is_some() {
-        fogmesh_ble::DIAL_TIMEOUT + BLE_UPGRADE_TIMEOUT
-    } else {
-        Duration::from_secs(10)
-    };
-    // The same tail for every combination of transports (the builder's
-    // phases are distinct types, hence a macro rather than a function).
-    macro_rules! finish {
-        ($builder:expr) => {
-            $builder
-                .with_bandwidth_metrics(&mut registry)
-                .with_behaviour(|key| {
-                    Behaviour::new(key, &bcfg)
-                        .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-                })
-                .map_err(|e| anyhow::anyhow!("cannot build the node's behaviours: {e}"))?
-                .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
-                .with_connection_timeout(connection_timeout)
-                .build()
-        };
+    let mut builder = node_builder(&settings, key, store, radio);
+    if let Some(path) = &settings.event_log {
+        builder = builder.event_log(EventLog::open(path, &peer_id)?);
     }
-    macro_rules! with_ip {
-        ($builder:expr) => {
-            $builder
-                .with_tcp(
-                    tcp::Config::default().nodelay(true),
-                    noise::Config::new,
-                    yamux::Config::default,
-                )?
-                .with_quic()
-        };
-    }
-    let builder = SwarmBuilder::with_existing_identity(key).with_tokio();
-    let swarm = match (settings.internet, radio.clone()) {
-        (true, None) => finish!(with_ip!(builder).with_dns()?),
-        (true, Some(radio)) => finish!(
-            with_ip!(builder)
-                .with_other_transport(|key| ble_transport(key, radio).map_err(Box::from))?
-                .with_dns()?
-        ),
-        (false, Some(radio)) => {
-            finish!(
-                builder.with_other_transport(|key| ble_transport(key, radio).map_err(Box::from))?
-            )
-        }
-        (false, None) => anyhow::bail!("no transport is on (--no-internet without --ble)"),
-    };
-    let libp2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
-
-    let running = node::start(
-        node_key,
-        swarm,
-        store,
-        NodeConfig {
-            listen: settings.listen.clone(),
-            bootstrap: settings.bootstrap.clone(),
-            min_peers: settings.min_peers,
-            reachability: Reachability {
-                internet: settings.internet,
-                ble: radio.is_some(),
-                onion: false,
-            },
-            ble: radio.clone(),
-            groups: GroupsConfig {
-                sender_rate: settings.group_rate,
-                ..GroupsConfig::default()
-            },
-            files: {
-                let f = FilesConfig {
-                    max_upload_rate: settings.max_upload_rate,
-                    max_download_rate: settings.max_download_rate,
-                    ..FilesConfig::default()
-                };
-                match &radio {
-                    Some(r) => f.scaled_for_ble(r.limits()),
-                    None => f,
-                }
-            },
-            maintenance_interval: node::MAINTENANCE_INTERVAL,
-        },
-        node_metrics.clone(),
-        libp2p_metrics,
-        shutdown.clone(),
-    )
-    .await?;
-
-    if let Some(log) = event_log {
-        tokio::spawn(log.follow(running.handle.subscribe(), peer_id));
-    }
+    let BuiltNode {
+        running,
+        registry,
+        metrics: node_metrics,
+    } = builder.start(shutdown.clone()).await?;
 
     let api_listener = tokio::net::TcpListener::bind(settings.api)
         .await
@@ -213,20 +109,12 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
             peer_id: peer_id.to_base58(),
         },
     )?;
-
-    {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "peer_id: {peer_id}")?;
-        for a in &running.listen_addrs {
-            writeln!(out, "listen: {a}")?;
-        }
-        writeln!(out, "api: {api_addr}")?;
-        if let Some((m, _)) = &metrics_task {
-            writeln!(out, "metrics: {m}")?;
-        }
-        writeln!(out, "ready")?;
-        out.flush()?;
-    }
+    print_ready(
+        &peer_id,
+        &running.listen_addrs,
+        api_addr,
+        metrics_task.as_ref().map(|(m, _)| *m),
+    )?;
     tracing::info!(%peer_id, %api_addr, "ready");
 
     shutdown.cancelled().await;
@@ -251,28 +139,59 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
     Ok(())
 }
 
-/// Longest a BLE connection's Noise and Yamux upgrade may take.
-const BLE_UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The daemon's node: the settings mapped to builder inputs.
+fn node_builder(
+    settings: &Settings,
+    key: libp2p::identity::Keypair,
+    store: Store,
+    radio: Option<Arc<dyn Radio>>,
+) -> NodeBuilder {
+    NodeBuilder::new(key, store)
+        .internet(if settings.internet {
+            Internet::Host
+        } else {
+            Internet::Off
+        })
+        .radio(radio)
+        .listen(settings.listen.clone())
+        .bootstrap(settings.bootstrap.clone())
+        .min_peers(settings.min_peers)
+        .idle_timeout(settings.idle_timeout)
+        .behaviour(BehaviourConfig {
+            mdns: settings.mdns,
+            max_connections: settings.max_connections,
+            ..BehaviourConfig::default()
+        })
+        .groups(GroupsConfig {
+            sender_rate: settings.group_rate,
+            ..GroupsConfig::default()
+        })
+        .files(FilesConfig {
+            max_upload_rate: settings.max_upload_rate,
+            max_download_rate: settings.max_download_rate,
+            ..FilesConfig::default()
+        })
+}
 
-/// The BLE transport, upgraded like any other: Noise, then Yamux (the
-/// simulator builds its radio nodes with it too).
-pub fn ble_transport(
-    key: &libp2p::identity::Keypair,
-    radio: Arc<dyn Radio>,
-) -> Result<
-    libp2p::core::transport::Boxed<(libp2p::PeerId, libp2p::core::muxing::StreamMuxerBox)>,
-    noise::Error,
-> {
-    use libp2p::core::Transport as _;
-    use libp2p::core::muxing::StreamMuxerBox;
-    let local = key.public().to_peer_id();
-    Ok(BleTransport::new(radio, &local)
-        .upgrade(libp2p::core::upgrade::Version::V1)
-        .authenticate(noise::Config::new(key)?)
-        .multiplex(yamux::Config::default())
-        .timeout(BLE_UPGRADE_TIMEOUT)
-        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
-        .boxed())
+/// The lines `fogmesh run` prints on stdout once the node is up (scripts
+/// and tests wait for `ready`).
+fn print_ready(
+    peer_id: &libp2p::PeerId,
+    listen: &[libp2p::Multiaddr],
+    api: std::net::SocketAddr,
+    metrics: Option<std::net::SocketAddr>,
+) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "peer_id: {peer_id}")?;
+    for a in listen {
+        writeln!(out, "listen: {a}")?;
+    }
+    writeln!(out, "api: {api}")?;
+    if let Some(m) = metrics {
+        writeln!(out, "metrics: {m}")?;
+    }
+    writeln!(out, "ready")?;
+    out.flush()
 }
 
 /// Opens the radio `--ble` names, if any.

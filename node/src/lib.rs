@@ -5,10 +5,13 @@
 //! simulator builds nodes from the same pieces ([`behaviour`], [`node`]).
 #![warn(missing_docs)]
 
+pub mod actor;
 pub mod api;
 pub mod behaviour;
+pub mod builder;
 pub mod cli;
 pub mod client;
+pub mod codec;
 pub mod config;
 pub mod daemon;
 pub mod eventlog;

@@ -4,6 +4,69 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Generates a unit enum serialised as (and displayed as) fixed lowercase
+/// strings: the API's values, kept in one place.
+macro_rules! string_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vm])* #[serde(rename = $s)] $variant),+
+        }
+
+        impl $name {
+            /// The value as the API writes it.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $s),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+string_enum! {
+    /// The transport a connection runs over.
+    TransportKind {
+        /// TCP (with Noise and Yamux).
+        Tcp = "tcp",
+        /// QUIC.
+        Quic = "quic",
+        /// A BLE link.
+        Ble = "ble",
+        /// libp2p's in-memory transport (tests).
+        Memory = "memory",
+        /// Anything else (the simulator's modelled network).
+        Other = "other",
+    }
+}
+
+string_enum! {
+    /// Which side opened a connection.
+    Direction {
+        /// The peer dialled us.
+        Inbound = "inbound",
+        /// We dialled the peer.
+        Outbound = "outbound",
+    }
+}
+
+string_enum! {
+    /// How a peer was discovered.
+    DiscoveredVia {
+        /// mDNS on the local network.
+        Mdns = "mdns",
+        /// The Kademlia DHT.
+        Kad = "kad",
+    }
+}
+
 /// Something that happened in the node, as streamed by `/v1/events` and
 /// `fogmesh events`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -21,10 +84,10 @@ pub enum NodeEvent {
         peer_id: String,
         /// The remote address of the connection.
         addr: String,
-        /// `tcp`, `quic`, `ble`, `memory` or `other`.
-        transport: String,
-        /// `inbound` or `outbound`.
-        direction: String,
+        /// The connection's transport.
+        transport: TransportKind,
+        /// Who dialled.
+        direction: Direction,
     },
     /// The last connection to a peer closed.
     PeerDisconnected {
@@ -37,8 +100,8 @@ pub enum NodeEvent {
         peer_id: String,
         /// Addresses it was found at.
         addrs: Vec<String>,
-        /// `mdns` or `kad`.
-        via: String,
+        /// How it was found.
+        via: DiscoveredVia,
     },
     /// A group message was delivered (in causal order).
     GroupMessage {
@@ -112,9 +175,8 @@ pub struct PeerInfo {
     pub peer_id: String,
     /// Remote addresses of the connections to it.
     pub addrs: Vec<String>,
-    /// Transport of the first connection: `tcp`, `quic`, `ble`, `memory` or
-    /// `other`.
-    pub transport: String,
+    /// Transport of the first connection.
+    pub transport: TransportKind,
     /// Agent version from identify, once known.
     pub agent: Option<String>,
     /// Last measured round-trip time, in milliseconds.

@@ -9,3 +9,4 @@ pub mod files;
 mod frame;
 pub mod groups;
 pub mod policy;
+pub mod rate;

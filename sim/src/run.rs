@@ -10,17 +10,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use fogmesh::behaviour::{Behaviour, BehaviourConfig, GossipParams};
-use fogmesh::files::FilesConfig;
+use fogmesh::behaviour::{BehaviourConfig, GossipParams};
+use fogmesh::builder::{Internet, NodeBuilder, RawStream};
 use fogmesh::groups::{self, ApiCall, GossipFrame, GroupsConfig};
-use fogmesh::metrics::NodeMetrics;
-use fogmesh::node::{self, NodeConfig, NodeHandle};
+use fogmesh::node::NodeHandle;
 use fogmesh::storage::Store;
 use fogmesh::types::{CreateGroup, NodeEvent};
-use fogmesh_protocols::policy::Reachability;
-use libp2p::core::upgrade::Version;
 use libp2p::identity::Keypair;
-use libp2p::{Multiaddr, SwarmBuilder, Transport, noise, yamux};
+use libp2p::{Multiaddr, Transport};
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{RngExt, SeedableRng};
@@ -35,7 +32,6 @@ use crate::record::{FaultWindow, Published, Receipt, ReceiptKind, RunRecord};
 use crate::scenario::{Scenario, world_latency};
 use fogmesh_ble::Radio;
 use fogmesh_ble::sim::{LinkModel, Medium, Position};
-use libp2p::core::muxing::StreamMuxerBox;
 
 /// How a run is asked for.
 #[derive(Debug, Clone)]
@@ -349,109 +345,50 @@ async fn start_node(world: &World, node: &mut SimNode) -> anyhow::Result<()> {
             });
         }
     });
-    let f = world.dilation;
-    let scale = |d: Duration| d.mul_f64(f);
-    let bcfg = BehaviourConfig {
-        mdns: false,
-        max_connections: 1000,
-        kad_bootstrap_interval: None,
-        gossip: GossipParams {
-            heartbeat: scale(world.gossip.heartbeat),
-            heartbeat_initial_delay: scale(world.gossip.heartbeat_initial_delay),
-            ..world.gossip.clone()
-        },
-        gossip_observer: Some(observer),
-        sync_timeout: scale(Duration::from_secs(60)),
-        ..BehaviourConfig::default()
-    };
     // A radio joins the medium now and leaves it when the node stops
     // (dropped with the swarm).
     let radio: Option<Arc<dyn Radio>> = match (&world.medium, node.position) {
         (Some(m), Some(pos)) => Some(Arc::new(m.join_counted(pos, node.radio_sent.clone()))),
         _ => None,
     };
-    let bcfg = match &radio {
-        Some(r) => fogmesh::behaviour::scale_for_ble(bcfg, r.limits()),
-        None => bcfg,
+    let internet = if node.internet {
+        Internet::Custom(
+            SimTransport::new(world.net.clone(), idx)
+                .map(|stream, _| Box::new(stream) as Box<dyn RawStream>)
+                .boxed(),
+        )
+    } else {
+        Internet::Off
     };
-    let mut registry = libp2p::metrics::Registry::default();
-    let metrics = NodeMetrics::register(&mut registry);
-    let net = world.net.clone();
-    let internet = node.internet;
-    let node_radio = radio.clone();
-    let swarm = SwarmBuilder::with_existing_identity(node.key.clone())
-        .with_tokio()
-        .with_other_transport(
-            |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-                let ip = if internet {
-                    Some(
-                        SimTransport::new(net, idx)
-                            .upgrade(Version::V1)
-                            .authenticate(noise::Config::new(key)?)
-                            .multiplex(yamux::Config::default())
-                            .map(|(p, m), _| (p, StreamMuxerBox::new(m)))
-                            .boxed(),
-                    )
-                } else {
-                    None
-                };
-                let ble = match node_radio {
-                    Some(r) => Some(fogmesh::daemon::ble_transport(key, r)?),
-                    None => None,
-                };
-                Ok(match (ip, ble) {
-                    (Some(a), Some(b)) => a.or_transport(b).map(|e, _| e.into_inner()).boxed(),
-                    (Some(a), None) => a,
-                    (None, Some(b)) => b,
-                    (None, None) => return Err("a node with neither internet nor radio".into()),
-                })
-            },
-        )?
-        .with_behaviour(|key| {
-            Behaviour::new(key, &bcfg)
-                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
-        })
-        .map_err(|e| anyhow!("behaviour: {e}"))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
-        // libp2p's 10 s limit on a whole connection set-up (dial, Noise,
-        // Yamux), dilated like every other timer: at dilation 10 a handshake
-        // between the farthest regions takes longer than 10 s of wall time.
-        .with_connection_timeout(scale(Duration::from_secs(10)).max(Duration::from_secs(10)))
-        .build();
-    let libp2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
     node.stop = CancellationToken::new();
-    let running = node::start(
-        node.key.clone(),
-        swarm,
-        store,
-        NodeConfig {
-            listen: if internet {
-                vec![world.net.addr(idx)]
-            } else {
-                Vec::new()
-            },
-            bootstrap: Vec::new(),
-            min_peers: world.min_peers,
-            reachability: Reachability {
-                internet,
-                ble: radio.is_some(),
-                onion: false,
-            },
-            groups: GroupsConfig {
-                sync_interval: scale(Duration::from_secs(2)),
-                outbox_interval: scale(Duration::from_secs(2)),
-                // The workload's rate is the scenario's business.
-                sender_rate: 1e9,
-            },
-            files: FilesConfig::default(),
-            maintenance_interval: scale(Duration::from_secs(2)),
-            ble: radio,
-        },
-        metrics,
-        libp2p_metrics,
-        node.stop.clone(),
-    )
-    .await?;
+    let built = NodeBuilder::new(node.key.clone(), store)
+        .internet(internet)
+        .radio(radio)
+        .listen(if node.internet {
+            vec![world.net.addr(idx)]
+        } else {
+            Vec::new()
+        })
+        .min_peers(world.min_peers)
+        .maintenance_interval(Duration::from_secs(2))
+        .idle_timeout(Duration::from_secs(3600))
+        .behaviour(BehaviourConfig {
+            mdns: false,
+            max_connections: 1000,
+            kad_bootstrap_interval: None,
+            gossip: world.gossip.clone(),
+            ..BehaviourConfig::default()
+        })
+        .groups(GroupsConfig {
+            // The workload's rate is the scenario's business.
+            sender_rate: 1e9,
+            ..GroupsConfig::default()
+        })
+        .time_dilation(world.dilation)
+        .observe_gossip(observer)
+        .start(node.stop.clone())
+        .await?;
+    let running = built.running;
     // Deliveries to the application, each checked against what this node
     // already delivered.
     let mut events = running.handle.subscribe();

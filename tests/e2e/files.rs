@@ -587,9 +587,11 @@ fn rogue_file_swarm(
     key: libp2p::identity::Keypair,
 ) -> Result<
     libp2p::Swarm<
-        libp2p::request_response::cbor::Behaviour<
-            fogmesh::behaviour::FileFrame,
-            fogmesh::behaviour::FileFrame,
+        libp2p::request_response::Behaviour<
+            fogmesh::codec::FrameCodec<
+                fogmesh::behaviour::FileFrame,
+                fogmesh::behaviour::FileFrame,
+            >,
         >,
     >,
     Box<dyn std::error::Error + Send + Sync>,
@@ -604,10 +606,8 @@ fn rogue_file_swarm(
             yamux::Config::default,
         )?
         .with_behaviour(|_| {
-            let b = request_response::cbor::Behaviour::with_codec(
-                request_response::cbor::codec::Codec::default()
-                    .set_request_size_maximum(64 * 1024)
-                    .set_response_size_maximum(32 * 1024 * 1024),
+            let b = request_response::Behaviour::with_codec(
+                fogmesh::codec::FrameCodec::new(64 * 1024, 32 * 1024 * 1024),
                 [(fogmesh::behaviour::FILE_PROTOCOL, ProtocolSupport::Full)],
                 request_response::Config::default(),
             );

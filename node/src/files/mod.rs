@@ -40,8 +40,9 @@ use fogmesh_protocols::files::{
 use libp2p::PeerId;
 use libp2p::request_response::ResponseChannel;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
+use crate::actor::{Mailbox, Reply, ServiceError};
 use crate::behaviour::FileFrame;
 use crate::metrics::NodeMetrics;
 use crate::storage::{Store, StoreError};
@@ -59,32 +60,6 @@ const TICK: Duration = Duration::from_millis(100);
 const IDLE_TICK: Duration = Duration::from_secs(1);
 /// Suffix of partial files, next to the output.
 pub const PART_SUFFIX: &str = ".fogmesh-part";
-
-/// Why a file call failed; the API maps each to a status code.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum FilesError {
-    /// No such file here (404, CLI exit 1).
-    #[error("{0}")]
-    NotFound(String),
-    /// Malformed request or unusable path (400).
-    #[error("{0}")]
-    BadRequest(String),
-    /// Busy or stopping (503).
-    #[error("{0}")]
-    Unavailable(String),
-    /// Storage or disk failure (500).
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl From<StoreError> for FilesError {
-    fn from(e: StoreError) -> Self {
-        FilesError::Internal(e.to_string())
-    }
-}
-
-type Reply<T> = oneshot::Sender<Result<T, FilesError>>;
 
 /// A call from the API.
 #[derive(Debug)]
@@ -150,15 +125,23 @@ pub struct SourceInfo {
 /// What a request to a peer was for (kept by the swarm loop with the
 /// request id, handed back with the answer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Asked {
+#[allow(missing_docs)] // Transitional: crate-private again once the handle is a newtype.
+pub enum Asked {
     Manifest,
     Have,
     Chunk(u64),
 }
 
+impl From<ApiCall> for Input {
+    fn from(call: ApiCall) -> Self {
+        Input::Api(call)
+    }
+}
+
 /// An input of the actor.
 #[derive(Debug)]
-pub(crate) enum Input {
+#[allow(missing_docs)] // Transitional: crate-private again once the handle is a newtype.
+pub enum Input {
     Api(ApiCall),
     Request {
         peer: PeerId,
@@ -187,7 +170,8 @@ pub(crate) enum Input {
 
 /// What the actor asks of the swarm.
 #[derive(Debug)]
-pub(crate) enum FileCommand {
+#[allow(missing_docs)] // Transitional: crate-private again once the handle is a newtype.
+pub enum FileCommand {
     Request {
         peer: PeerId,
         file: FileId,
@@ -203,27 +187,8 @@ pub(crate) enum FileCommand {
     FindProviders(FileId),
 }
 
-/// The API's handle on the actor.
-#[derive(Debug, Clone)]
-pub struct FilesHandle {
-    tx: std_mpsc::SyncSender<Input>,
-}
-
-impl FilesHandle {
-    /// Runs one API call and waits for its answer.
-    pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> ApiCall) -> Result<T, FilesError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx.try_send(Input::Api(make(tx))).map_err(|_| {
-            FilesError::Unavailable("the node is busy or shutting down; try again".into())
-        })?;
-        rx.await
-            .map_err(|_| FilesError::Unavailable("the node is shutting down".into()))?
-    }
-
-    pub(crate) fn offer(&self, input: Input) -> bool {
-        self.tx.try_send(input).is_ok()
-    }
-}
+/// The API's and the event loop's handle on the actor.
+pub type FilesHandle = Mailbox<Input>;
 
 /// Settings of the actor.
 #[derive(Debug, Clone)]
@@ -279,7 +244,7 @@ pub(crate) fn start(
 ) -> Result<(FilesHandle, std::thread::JoinHandle<()>), StoreError> {
     let store = FileStore::open(store)?;
     let (tx, rx) = std_mpsc::sync_channel(INPUT_QUEUE);
-    let handle = FilesHandle { tx };
+    let handle = Mailbox::from_sender(tx);
     let bucket = |rate: Option<u64>| {
         // A burst of a quarter second keeps the limit smooth; one default
         // chunk at least, so a slow limit does not split every chunk's
@@ -537,7 +502,7 @@ impl Actor {
             ApiCall::Status(id, reply) => {
                 let r = parse_id(&id).and_then(|id| {
                     self.status(&id)
-                        .ok_or_else(|| FilesError::NotFound(format!("no file {id} on this node")))
+                        .ok_or_else(|| ServiceError::NotFound(format!("no file {id} on this node")))
                 });
                 let _ = reply.send(r);
             }
@@ -564,7 +529,7 @@ impl Actor {
             .name("fogmesh-hash".into())
             .spawn(move || {
                 let result = hash_file(&path, key.as_ref());
-                let _ = handle.tx.send(Input::Hashed {
+                let _ = handle.send_blocking(Input::Hashed {
                     path,
                     key,
                     result,
@@ -581,13 +546,13 @@ impl Actor {
         path: PathBuf,
         key: Option<FileKey>,
         result: Result<(Manifest, Stamp), String>,
-    ) -> Result<FileStatus, FilesError> {
-        let (manifest, stamp) = result.map_err(FilesError::BadRequest)?;
+    ) -> Result<FileStatus, ServiceError> {
+        let (manifest, stamp) = result.map_err(ServiceError::BadRequest)?;
         let id = manifest.id();
         let path_str = path
             .to_str()
             .ok_or_else(|| {
-                FilesError::BadRequest(format!("{} is not valid UTF-8", path.display()))
+                ServiceError::BadRequest(format!("{} is not valid UTF-8", path.display()))
             })?
             .to_owned();
         self.store.put_manifest(&manifest)?;
@@ -615,12 +580,12 @@ impl Actor {
         tracing::info!(file = %id, path = %path_str, "sharing");
         let mut st = self
             .status(&id)
-            .ok_or_else(|| FilesError::Internal("share vanished".into()))?;
+            .ok_or_else(|| ServiceError::Internal("share vanished".into()))?;
         st.link = Some(link);
         Ok(st)
     }
 
-    fn get(&mut self, id: &str, output: PathBuf) -> Result<FileStatus, FilesError> {
+    fn get(&mut self, id: &str, output: PathBuf) -> Result<FileStatus, ServiceError> {
         let id = parse_id(id)?;
         if let Some(dl) = self.downloads.get_mut(&id) {
             if dl.state == DlState::Failed {
@@ -635,30 +600,30 @@ impl Actor {
             }
             return self
                 .status(&id)
-                .ok_or_else(|| FilesError::Internal("download vanished".into()));
+                .ok_or_else(|| ServiceError::Internal("download vanished".into()));
         }
         if self.shares.contains_key(&id) && !self.shares[&id].stale {
             // Already here: copy it out rather than fetch it.
             let src = self.shares[&id].path.clone();
             if src != output {
                 copy_atomically(&src, &output).map_err(|e| {
-                    FilesError::BadRequest(format!("cannot write {}: {e}", output.display()))
+                    ServiceError::BadRequest(format!("cannot write {}: {e}", output.display()))
                 })?;
             }
             let mut st = self
                 .status(&id)
-                .ok_or_else(|| FilesError::Internal("share vanished".into()))?;
+                .ok_or_else(|| ServiceError::Internal("share vanished".into()))?;
             st.state = "complete".into();
             st.path = Some(output.display().to_string());
             return Ok(st);
         }
         let parent = output.parent().filter(|p| p.is_dir()).ok_or_else(|| {
-            FilesError::BadRequest(format!("directory of {} does not exist", output.display()))
+            ServiceError::BadRequest(format!("directory of {} does not exist", output.display()))
         })?;
         let _ = parent;
         let out_str = output
             .to_str()
-            .ok_or_else(|| FilesError::BadRequest("output path is not valid UTF-8".into()))?
+            .ok_or_else(|| ServiceError::BadRequest("output path is not valid UTF-8".into()))?
             .to_owned();
         self.store.put_download(
             &id,
@@ -674,7 +639,7 @@ impl Actor {
         tracing::info!(file = %id, encrypted = self.downloads[&id].key.is_some(), "download started");
         self.search(id);
         self.status(&id)
-            .ok_or_else(|| FilesError::Internal("download vanished".into()))
+            .ok_or_else(|| ServiceError::Internal("download vanished".into()))
     }
 
     fn status(&self, id: &FileId) -> Option<FileStatus> {
@@ -1355,9 +1320,10 @@ impl Download {
     }
 }
 
-fn parse_id(s: &str) -> Result<FileId, FilesError> {
-    s.parse()
-        .map_err(|_| FilesError::BadRequest(format!("{s:?} is not a file id (64 hex characters)")))
+fn parse_id(s: &str) -> Result<FileId, ServiceError> {
+    s.parse().map_err(|_| {
+        ServiceError::BadRequest(format!("{s:?} is not a file id (64 hex characters)"))
+    })
 }
 
 /// Streams a file through the manifest builder (1 MiB at a time); with a

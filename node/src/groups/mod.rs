@@ -13,7 +13,7 @@
 //! - gossip: a message is published on the group's topic and validated by
 //!   every member before it is forwarded (invalid ones are rejected, which
 //!   costs the forwarding peer gossipsub score);
-//! - sync (anti-entropy, `/fogmesh/group-sync/1`): on every new connection
+//! - sync (anti-entropy, `/fogmesh/group-sync/2`): on every new connection
 //!   with a member, and every `sync_interval` with one random connected
 //!   member per group, the actor sends its summary; a difference triggers
 //!   fetches of what is missing. This is how a member that was offline, or
@@ -37,8 +37,9 @@ use libp2p::PeerId;
 use libp2p::gossipsub::{self, MessageAcceptance};
 use libp2p::identity::Keypair;
 use libp2p::request_response::ResponseChannel;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc};
 
+use crate::actor::{Mailbox, Reply, ServiceError};
 use crate::behaviour::SyncFrame;
 use crate::metrics::NodeMetrics;
 use crate::storage::{Store, StoreError};
@@ -97,41 +98,12 @@ pub fn decode_gossip(bytes: &[u8]) -> Result<GossipFrame, String> {
     }
 }
 
-/// Why a group call failed; the API maps each to a status code.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum GroupsError {
-    /// No such group here (404, CLI exit 1).
-    #[error("{0}")]
-    NotFound(String),
-    /// The request is malformed or breaks a limit (400).
-    #[error("{0}")]
-    BadRequest(String),
-    /// The caller may not do this (403).
-    #[error("{0}")]
-    Forbidden(String),
-    /// The node is busy or shutting down (503).
-    #[error("{0}")]
-    Unavailable(String),
-    /// Storage failed (500).
-    #[error("{0}")]
-    Internal(String),
-}
-
-impl From<StoreError> for GroupsError {
-    fn from(e: StoreError) -> Self {
-        GroupsError::Internal(e.to_string())
-    }
-}
-
-fn group_error(e: GroupError) -> GroupsError {
+fn group_error(e: GroupError) -> ServiceError {
     match e {
-        GroupError::NotAdmin | GroupError::NotAMember => GroupsError::Forbidden(e.to_string()),
-        other => GroupsError::BadRequest(other.to_string()),
+        GroupError::NotAdmin | GroupError::NotAMember => ServiceError::Forbidden(e.to_string()),
+        other => ServiceError::BadRequest(other.to_string()),
     }
 }
-
-type Reply<T> = oneshot::Sender<Result<T, GroupsError>>;
 
 /// A call from the API.
 #[derive(Debug)]
@@ -154,9 +126,16 @@ pub enum ApiCall {
     Messages(String, Option<usize>, Reply<Vec<GroupMessage>>),
 }
 
+impl From<ApiCall> for Input {
+    fn from(call: ApiCall) -> Self {
+        Input::Api(call)
+    }
+}
+
 /// An input of the actor.
 #[derive(Debug)]
-pub(crate) enum Input {
+#[allow(missing_docs)] // Transitional: crate-private again once the handle is a newtype.
+pub enum Input {
     Api(ApiCall),
     Gossip {
         source: PeerId,
@@ -168,9 +147,17 @@ pub(crate) enum Input {
         frame: Vec<u8>,
         channel: ResponseChannel<SyncFrame>,
     },
+    /// The answer to a sync request this node sent about `group`.
     SyncResponse {
         peer: PeerId,
+        group: GroupId,
         frame: Vec<u8>,
+    },
+    /// A sync request this node sent about `group` got no answer.
+    SyncFailed {
+        peer: PeerId,
+        group: GroupId,
+        error: String,
     },
     Published {
         group: GroupId,
@@ -183,7 +170,8 @@ pub(crate) enum Input {
 
 /// What the actor asks of the swarm.
 #[derive(Debug)]
-pub(crate) enum NetCommand {
+#[allow(missing_docs)] // Transitional: crate-private again once the handle is a newtype.
+pub enum NetCommand {
     Subscribe(String),
     Unsubscribe(String),
     /// Publish `data` on the topic; `outbox` names the outbox entry to
@@ -198,8 +186,11 @@ pub(crate) enum NetCommand {
         source: PeerId,
         acceptance: MessageAcceptance,
     },
+    /// Send a sync request about `group` (the event loop tracks it by its
+    /// request id and answers with `SyncResponse` or `SyncFailed`).
     SyncRequest {
         peer: PeerId,
+        group: GroupId,
         frame: Vec<u8>,
     },
     SyncRespond {
@@ -208,36 +199,8 @@ pub(crate) enum NetCommand {
     },
 }
 
-/// The API's handle on the actor.
-#[derive(Debug, Clone)]
-pub struct GroupsHandle {
-    tx: std_mpsc::SyncSender<Input>,
-}
-
-impl GroupsHandle {
-    /// Runs one API call and waits for its answer.
-    pub async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> ApiCall) -> Result<T, GroupsError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .try_send(Input::Api(make(tx)))
-            .map_err(|e| match e {
-                std_mpsc::TrySendError::Full(_) => {
-                    GroupsError::Unavailable("the node is busy; try again".into())
-                }
-                std_mpsc::TrySendError::Disconnected(_) => {
-                    GroupsError::Unavailable("the node is shutting down".into())
-                }
-            })?;
-        rx.await
-            .map_err(|_| GroupsError::Unavailable("the node is shutting down".into()))?
-    }
-
-    /// Queues an input from the swarm loop; `false` when the actor is
-    /// saturated or gone (the caller drops the input: sync recovers it).
-    pub(crate) fn offer(&self, input: Input) -> bool {
-        self.tx.try_send(input).is_ok()
-    }
-}
+/// The API's and the event loop's handle on the actor.
+pub type GroupsHandle = Mailbox<Input>;
 
 /// Settings of the actor.
 #[derive(Debug, Clone)]
@@ -304,7 +267,7 @@ pub(crate) fn start(
             actor.run(rx)
         })
         .map_err(|e| StoreError::Db(format!("cannot start the groups thread: {e}")))?;
-    Ok((GroupsHandle { tx }, thread))
+    Ok((Mailbox::from_sender(tx), thread))
 }
 
 struct Actor {
@@ -447,7 +410,15 @@ impl Actor {
                     frame: resp,
                 });
             }
-            Input::SyncResponse { peer, frame } => self.on_sync_response(peer, &frame),
+            Input::SyncResponse { peer, group, frame } => {
+                self.on_sync_response(peer, group, &frame)
+            }
+            Input::SyncFailed { peer, group, error } => {
+                tracing::debug!(%peer, group = %group.to_hex(), "sync request failed: {error}");
+                // A membership log asked of a peer that went away: ask the
+                // next member that tells us of the group, now.
+                self.joining.remove(&group);
+            }
             Input::Published { group, id, ok } => {
                 self.publishing.remove(&id);
                 if ok && let Err(e) = self.store.outbox_done(&group, &id) {
@@ -517,18 +488,18 @@ impl Actor {
         }
     }
 
-    fn find(&self, gid: &str) -> Result<GroupId, GroupsError> {
+    fn find(&self, gid: &str) -> Result<GroupId, ServiceError> {
         let bytes = hex::decode(gid)
             .ok()
             .and_then(|b| <[u8; 32]>::try_from(b).ok())
             .ok_or_else(|| {
-                GroupsError::BadRequest(format!("{gid:?} is not a group id (64 hex characters)"))
+                ServiceError::BadRequest(format!("{gid:?} is not a group id (64 hex characters)"))
             })?;
         let id = GroupId(bytes);
         if self.groups.contains_key(&id) {
             Ok(id)
         } else {
-            Err(GroupsError::NotFound(format!(
+            Err(ServiceError::NotFound(format!(
                 "no group {gid} on this node"
             )))
         }
@@ -548,7 +519,7 @@ impl Actor {
         }
     }
 
-    fn create(&mut self, req: CreateGroup) -> Result<GroupAck, GroupsError> {
+    fn create(&mut self, req: CreateGroup) -> Result<GroupAck, ServiceError> {
         let members = parse_peers(&req.members)?;
         let (group, ops) = Group::create(
             self.keypair.clone(),
@@ -575,13 +546,13 @@ impl Actor {
         })
     }
 
-    fn change(&mut self, gid: &str, change: Change) -> Result<GroupAck, GroupsError> {
+    fn change(&mut self, gid: &str, change: Change) -> Result<GroupAck, ServiceError> {
         let id = self.find(gid)?;
         let now = now_ms();
         let group = self
             .groups
             .get_mut(&id)
-            .ok_or_else(|| GroupsError::NotFound(gid.into()))?;
+            .ok_or_else(|| ServiceError::NotFound(gid.into()))?;
         let op = match &change {
             Change::Add(p) => group.add(parse_peer(p)?, &mut self.rng, now),
             Change::Remove(p) => group.remove(parse_peer(p)?, &mut self.rng, now),
@@ -609,13 +580,13 @@ impl Actor {
         })
     }
 
-    fn post(&mut self, gid: &str, text: &str) -> Result<GroupAck, GroupsError> {
+    fn post(&mut self, gid: &str, text: &str) -> Result<GroupAck, ServiceError> {
         let id = self.find(gid)?;
         let now = now_ms();
         let group = self
             .groups
             .get_mut(&id)
-            .ok_or_else(|| GroupsError::NotFound(gid.into()))?;
+            .ok_or_else(|| ServiceError::NotFound(gid.into()))?;
         let deps = group.causal().deps_for_send(&self.local);
         let (env, mid) = group
             .compose(&mut self.rng, text, now)
@@ -659,7 +630,7 @@ impl Actor {
         id: GroupId,
         ops: Vec<Op>,
         delivered: Vec<Delivered>,
-    ) -> Result<(), GroupsError> {
+    ) -> Result<(), ServiceError> {
         let Some(group) = self.groups.get(&id) else {
             return Ok(());
         };
@@ -866,7 +837,11 @@ impl Actor {
             summary,
         });
         self.metrics.group_sync_requests.inc();
-        self.net_send(NetCommand::SyncRequest { peer, frame });
+        self.net_send(NetCommand::SyncRequest {
+            peer,
+            group: gid,
+            frame,
+        });
     }
 
     fn send_fetch(&mut self, peer: PeerId, gid: GroupId, want: Want) {
@@ -875,7 +850,11 @@ impl Actor {
             want,
         });
         self.metrics.group_sync_requests.inc();
-        self.net_send(NetCommand::SyncRequest { peer, frame });
+        self.net_send(NetCommand::SyncRequest {
+            peer,
+            group: gid,
+            frame,
+        });
     }
 
     /// Every interval, each group compares a brief summary with one random
@@ -1032,7 +1011,7 @@ impl Actor {
             .take()
     }
 
-    fn on_sync_response(&mut self, peer: PeerId, frame: &[u8]) {
+    fn on_sync_response(&mut self, peer: PeerId, asked: GroupId, frame: &[u8]) {
         let resp = match decode_sync_response(frame) {
             Ok(r) => r,
             Err(e) => {
@@ -1041,6 +1020,11 @@ impl Actor {
             }
         };
         let gid = resp.group_id;
+        // An answer is about the group we asked about, or it is ignored.
+        if gid != asked {
+            tracing::debug!(%peer, "sync response about another group than asked");
+            return;
+        }
         let mut ops = resp.ops.into_iter();
         if !self.groups.contains_key(&gid) {
             // Learning a group: the first op must be its genesis, which
@@ -1148,12 +1132,12 @@ enum Change {
     Leave,
 }
 
-fn parse_peer(s: &str) -> Result<PeerId, GroupsError> {
+fn parse_peer(s: &str) -> Result<PeerId, ServiceError> {
     s.parse()
-        .map_err(|e| GroupsError::BadRequest(format!("{s:?} is not a peer id: {e}")))
+        .map_err(|e| ServiceError::BadRequest(format!("{s:?} is not a peer id: {e}")))
 }
 
-fn parse_peers(list: &[String]) -> Result<Vec<PeerId>, GroupsError> {
+fn parse_peers(list: &[String]) -> Result<Vec<PeerId>, ServiceError> {
     list.iter().map(|s| parse_peer(s)).collect()
 }
 

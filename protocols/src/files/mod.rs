@@ -24,31 +24,19 @@
 //! 4. A downloader serves the chunks it has while it downloads, so it can
 //!    announce itself as a (partial) provider too.
 //!
-//! Bandwidth limits are parsed and enforced with [`rate`].
+//! Bandwidth limits are parsed and enforced with [`crate::rate`].
 //!
-//! Deviations from the original brief, and why:
-//! - [`ManifestBuilder::new`] and [`ManifestBuilder::finish`] return
-//!   `Result`: the chunk size must be in range, and a file may need more
-//!   than [`MAX_CHUNKS`] chunks or get a name over 255 bytes.
-//! - [`Manifest`]'s fields are private (read through accessors), so every
-//!   manifest in memory is valid and the scheduler can rely on it.
-//! - Chunk sizes stop growing at [`MAX_CHUNK_SIZE`] (16 MiB), a response
-//!   the receiver must hold in memory: files over 4 TiB are refused.
-//! - [`ChunkOutcome`] carries data: `Accepted { cancel }` (end-game
-//!   cancellations), `Corrupt { banned }`, and a fourth case,
-//!   `Unsolicited`, for chunks from non-sources.
-//! - [`Scheduler::expired`] applies the failure itself (the node need not
-//!   call `on_failure` for those); [`Scheduler::source_lacks`] (for
-//!   `NoSuchChunk`), [`Scheduler::next_deadline`] and
-//!   [`Scheduler::request_timeout`] were added for the node's event loop.
+//! Design choices that differ from the first design are explained in
+//! docs/design-notes.md.
 
 pub mod bitfield;
 pub mod crypt;
 pub mod manifest;
-pub mod rate;
+
 pub mod scheduler;
 pub mod wire;
 
+pub use crate::rate::{RateError, TokenBucket, parse_rate};
 pub use bitfield::{Bitfield, BitfieldError};
 pub use crypt::{FileKey, FileLink, find_links};
 pub use libp2p_identity::PeerId;
@@ -56,7 +44,6 @@ pub use manifest::{
     CHUNK_SIZE, FileId, MAX_CHUNK_SIZE, MAX_CHUNKS, MAX_MANIFEST_SIZE, Manifest, ManifestBuilder,
     ManifestError, ParseFileIdError, chunk_size_for,
 };
-pub use rate::{RateError, TokenBucket, parse_rate};
 pub use scheduler::{
     ChunkOutcome, Progress, Scheduler, SchedulerConfig, SchedulerError, SourceStats,
 };

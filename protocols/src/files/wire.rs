@@ -1,4 +1,4 @@
-//! The request-response messages of `/fogmesh/file/1`, in CBOR, with size
+//! The request-response messages of `/fogmesh/file/2`, in CBOR, with size
 //! limits and versioning.
 //!
 //! Every message is a CBOR map `{ "v": 1, "m": <message> }`, like the groups
@@ -21,7 +21,7 @@ use super::bitfield::Bitfield;
 use super::manifest::{FileId, MAX_CHUNK_SIZE, MAX_MANIFEST_SIZE, Manifest};
 
 /// The libp2p protocol name.
-pub const PROTOCOL: &str = "/fogmesh/file/1";
+pub const PROTOCOL: &str = "/fogmesh/file/2";
 /// The wire version this code speaks.
 pub const WIRE_VERSION: u64 = 1;
 /// Maximum encoded request. The largest, `GetChunk`, is under 80 bytes.

@@ -38,13 +38,8 @@
 //!   simulation with a seeded generator is reproducible. The node passes
 //!   `rand::rng()` (rand 0.10) or any other [`rand_core::CryptoRng`].
 //!
-//! Deviations from the original brief, and why:
-//! - a `Rotate` op kind exists: a `Leave` is signed by the leaver, who cannot
-//!   seal a new key, so the admin follows it with a `Rotate`
-//!   ([`OpReceived::must_rotate`] tells it to);
-//! - the genesis op carries a random `nonce`, which binds sealed keys to the
-//!   group (the group id cannot, being the hash of the op that holds them);
-//! - `compose`, `create`, `add`, `remove` and `rotate` take the `rng`.
+//! Design choices that differ from the first design are explained in
+//! docs/design-notes.md.
 
 pub mod causal;
 pub mod crypto;

@@ -1,10 +1,12 @@
-//! Bandwidth limits: parsing rates like `20MiB/s` and a sans-IO token bucket.
+//! Rate limits: parsing rates like `20MiB/s` and the one sans-IO token
+//! bucket every limit of the node uses.
 //!
 //! The node reads upload and download limits from its config and command
 //! line with [`parse_rate`], and paces chunk responses (or requests) with a
 //! [`TokenBucket`]: it asks the bucket before sending and, when told to
-//! wait, sets a timer for exactly that long. The bucket never reads the
-//! clock; the caller passes `now`.
+//! wait, sets a timer for exactly that long. Per-peer message limits (group
+//! gossip, invitation fetches) use the same bucket with a unit of one
+//! message. The bucket never reads the clock; the caller passes `now`.
 
 use std::time::{Duration, Instant};
 
@@ -38,7 +40,7 @@ pub enum RateError {
 /// business.
 ///
 /// ```
-/// use fogmesh_protocols::files::rate::parse_rate;
+/// use fogmesh_protocols::rate::parse_rate;
 /// assert_eq!(parse_rate("20MiB"), Ok(20 * 1024 * 1024));
 /// assert_eq!(parse_rate("1.5 M/s"), Ok(1_500_000));
 /// ```

@@ -1,0 +1,293 @@
+//! The one shape of every actor of the node (groups, files, and those to
+//! come): a thread that owns its state and its database tables, fed through
+//! a bounded [`Mailbox`], woken by its inputs and by its own deadlines.
+//!
+//! Why threads and not tasks: actors commit to redb and hash files, which
+//! block; a thread of their own keeps that off the async runtime (and off
+//! tokio's blocking pool, which a process with many nodes, the simulator,
+//! would exhaust).
+//!
+//! An actor implements [`Actor`]: it is handed every input and every due
+//! deadline with the `now` it should act on, and never reads the clock for
+//! its decisions. [`spawn`] runs it: wait for an input or the next deadline,
+//! whichever comes first; handle the input (and whatever else is queued, so
+//! a burst is handled in one pass); run the deadline's work when due; stop
+//! when the node's shutdown token is cancelled or every mailbox is dropped,
+//! then call [`Actor::stop`].
+//!
+//! Callers talk to an actor through its [`Mailbox`]. The event loop
+//! [`offer`](Mailbox::offer)s network inputs and never waits: a full
+//! mailbox is [`Busy`](MailboxError::Busy) and the input is dropped (the
+//! protocols recover: sync brings back gossip, the scheduler retries
+//! chunks). The API [`call`](Mailbox::call)s and awaits the reply; a full
+//! mailbox answers 503 "busy", a stopped actor "shutting down", and every
+//! other failure is one [`ServiceError`] that the API maps to a status code
+//! in one place.
+
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+/// The longest an actor sleeps without looking at the shutdown token.
+const MAX_SLEEP: Duration = Duration::from_millis(200);
+/// Most queued inputs handled in one pass before deadlines get a turn.
+const MAX_BATCH: usize = 1024;
+
+/// Why a service call failed. The API maps each kind to one HTTP status
+/// (and the CLI to an exit code); the message is for the user.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ServiceError {
+    /// No such object on this node (404; CLI exit 1).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is malformed or breaks a limit (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The caller may not do this (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The actor's mailbox is full: try again (503).
+    #[error("the node is busy; try again")]
+    Busy,
+    /// The node is shutting down (503).
+    #[error("the node is shutting down")]
+    Stopping,
+    /// Storage or disk failed (500).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<crate::storage::StoreError> for ServiceError {
+    fn from(e: crate::storage::StoreError) -> Self {
+        ServiceError::Internal(e.to_string())
+    }
+}
+
+impl From<MailboxError> for ServiceError {
+    fn from(e: MailboxError) -> Self {
+        match e {
+            MailboxError::Busy => ServiceError::Busy,
+            MailboxError::Stopping => ServiceError::Stopping,
+        }
+    }
+}
+
+/// Where an actor sends the answer to one call.
+pub type Reply<T> = oneshot::Sender<Result<T, ServiceError>>;
+
+/// Why an input was not queued.
+#[derive(Debug, Clone, Copy, thiserror::Error, PartialEq, Eq)]
+pub enum MailboxError {
+    /// The mailbox is full.
+    #[error("the actor is busy")]
+    Busy,
+    /// The actor has stopped.
+    #[error("the actor has stopped")]
+    Stopping,
+}
+
+/// The sending side of an actor's bounded mailbox. Cloneable.
+#[derive(Debug)]
+pub struct Mailbox<I> {
+    tx: std_mpsc::SyncSender<I>,
+}
+
+impl<I> Clone for Mailbox<I> {
+    fn clone(&self) -> Self {
+        Mailbox {
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+impl<I> Mailbox<I> {
+    /// Wraps the sending side of a bounded channel.
+    pub(crate) fn from_sender(tx: std_mpsc::SyncSender<I>) -> Self {
+        Mailbox { tx }
+    }
+
+    /// Queues an input without waiting.
+    pub fn offer(&self, input: I) -> Result<(), MailboxError> {
+        self.tx.try_send(input).map_err(|e| match e {
+            std_mpsc::TrySendError::Full(_) => MailboxError::Busy,
+            std_mpsc::TrySendError::Disconnected(_) => MailboxError::Stopping,
+        })
+    }
+
+    /// Queues an input, waiting for room: for threads (never async tasks)
+    /// whose input must not be lost, such as a finished hashing job.
+    pub fn send_blocking(&self, input: I) -> Result<(), MailboxError> {
+        self.tx.send(input).map_err(|_| MailboxError::Stopping)
+    }
+
+    /// Queues the input `make` builds around a reply channel and waits for
+    /// the answer. Cancel-safe: a cancelled call's answer is dropped.
+    pub async fn call<T, J: Into<I>>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> J,
+    ) -> Result<T, ServiceError> {
+        let (tx, rx) = oneshot::channel();
+        self.offer(make(tx).into())?;
+        rx.await.map_err(|_| ServiceError::Stopping)?
+    }
+}
+
+/// A mailbox and its receiving end, before the actor exists (an actor may
+/// need a mailbox to itself, for work it hands to other threads).
+#[derive(Debug)]
+pub struct Channel<I> {
+    /// The sending side, to clone for callers.
+    pub mailbox: Mailbox<I>,
+    rx: std_mpsc::Receiver<I>,
+}
+
+impl<I> Channel<I> {
+    /// A mailbox holding at most `capacity` inputs.
+    pub fn bounded(capacity: usize) -> Self {
+        let (tx, rx) = std_mpsc::sync_channel(capacity);
+        Channel {
+            mailbox: Mailbox { tx },
+            rx,
+        }
+    }
+}
+
+/// State owned by one thread, driven by inputs and deadlines.
+pub trait Actor: Send + 'static {
+    /// What the actor's mailbox carries.
+    type Input: Send + 'static;
+
+    /// Runs once on the actor's thread before the first input (restoring
+    /// state from the database, say).
+    fn start(&mut self, _now: Instant) {}
+
+    /// Handles one input.
+    fn on_input(&mut self, input: Self::Input, now: Instant);
+
+    /// When timed work is next due; `None` when nothing is.
+    fn next_deadline(&self) -> Option<Instant>;
+
+    /// Does the timed work due at `now` (called once `now` has reached
+    /// [`next_deadline`](Actor::next_deadline)).
+    fn on_deadline(&mut self, now: Instant);
+
+    /// Runs once after the last input (flushing what is held).
+    fn stop(&mut self, _now: Instant) {}
+}
+
+/// Starts `actor` on a thread named `name`, fed by `channel`. The thread
+/// ends once `shutdown` is cancelled or every [`Mailbox`] is dropped.
+pub fn spawn<A: Actor>(
+    name: &str,
+    mut actor: A,
+    channel: Channel<A::Input>,
+    shutdown: CancellationToken,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let rx = channel.rx;
+    // The actor's own mailbox must not keep it alive.
+    drop(channel.mailbox);
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            actor.start(Instant::now());
+            run(&mut actor, &rx, &shutdown);
+            actor.stop(Instant::now());
+        })
+}
+
+fn run<A: Actor>(actor: &mut A, rx: &std_mpsc::Receiver<A::Input>, shutdown: &CancellationToken) {
+    while !shutdown.is_cancelled() {
+        let now = Instant::now();
+        let wait = actor
+            .next_deadline()
+            .map_or(MAX_SLEEP, |d| d.saturating_duration_since(now))
+            .min(MAX_SLEEP);
+        match rx.recv_timeout(wait) {
+            Ok(input) => {
+                actor.on_input(input, Instant::now());
+                // What queued meanwhile is handled before timed work, so a
+                // burst of responses costs one pass.
+                for input in rx.try_iter().take(MAX_BATCH) {
+                    actor.on_input(input, Instant::now());
+                }
+            }
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+        let now = Instant::now();
+        if actor.next_deadline().is_some_and(|d| d <= now) {
+            actor.on_deadline(now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts inputs and ticks every 10 ms.
+    struct Counter {
+        inputs: u32,
+        ticks: u32,
+        next: Instant,
+        done: std::sync::mpsc::Sender<(u32, u32)>,
+    }
+
+    impl Actor for Counter {
+        type Input = Reply<u32>;
+        fn on_input(&mut self, reply: Reply<u32>, _now: Instant) {
+            self.inputs += 1;
+            let _ = reply.send(Ok(self.inputs));
+        }
+        fn next_deadline(&self) -> Option<Instant> {
+            Some(self.next)
+        }
+        fn on_deadline(&mut self, now: Instant) {
+            self.ticks += 1;
+            self.next = now + Duration::from_millis(10);
+        }
+        fn stop(&mut self, _now: Instant) {
+            let _ = self.done.send((self.inputs, self.ticks));
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_deadlines_and_shutdown() {
+        let (done, stopped) = std::sync::mpsc::channel();
+        let ch = Channel::bounded(4);
+        let mailbox = ch.mailbox.clone();
+        let shutdown = CancellationToken::new();
+        let actor = Counter {
+            inputs: 0,
+            ticks: 0,
+            next: Instant::now(),
+            done,
+        };
+        let t = spawn("counter", actor, ch, shutdown.clone()).expect("spawn");
+        assert_eq!(mailbox.call(|r| r).await, Ok(1));
+        assert_eq!(mailbox.call(|r| r).await, Ok(2));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        shutdown.cancel();
+        tokio::task::spawn_blocking(move || t.join())
+            .await
+            .expect("join")
+            .expect("no panic");
+        let (inputs, ticks) = stopped.recv().expect("stopped");
+        assert_eq!(inputs, 2);
+        assert!(ticks >= 2, "deadlines ran: {ticks}");
+        assert_eq!(mailbox.call(|r| r).await, Err(ServiceError::Stopping));
+    }
+
+    #[test]
+    fn a_full_mailbox_is_busy_not_stopping() {
+        let ch: Channel<u8> = Channel::bounded(1);
+        assert_eq!(ch.mailbox.offer(1), Ok(()));
+        assert_eq!(ch.mailbox.offer(2), Err(MailboxError::Busy));
+        let mb = ch.mailbox.clone();
+        drop(ch);
+        assert_eq!(mb.offer(3), Err(MailboxError::Stopping));
+    }
+}

@@ -1,0 +1,414 @@
+//! The one place a node is assembled: transports, their timeouts, the
+//! behaviour, metrics, the actors and the event loop.
+//!
+//! The daemon ([`crate::daemon`]) and the simulator both build nodes with
+//! a [`NodeBuilder`]; they differ only in the inputs they give it:
+//!
+//! - **transports**: [`Internet::Host`] (TCP and QUIC with Noise and Yamux,
+//!   and DNS) for a daemon, [`Internet::Custom`] for a modelled network,
+//!   [`Internet::Off`] for an offline node; plus an optional BLE
+//!   [`Radio`], upgraded like any other transport;
+//! - **settings**: the behaviour's, the actors', the event loop's;
+//! - **time dilation**: a simulator running many nodes on one host slows
+//!   the model down; every protocol timer the node owns is stretched by the
+//!   same factor here, so a simulated node is the daemon's node, slowed.
+//!
+//! What depends on the transports is derived here, once: the reachability
+//! the routing policy sees, the timeouts stretched to a BLE link's speed
+//! (connection set-up, group sync, file requests, the chunk scheduler), and
+//! identify hiding listen addresses when a BLE address must not reach
+//! internet peers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fogmesh_ble::{BleTransport, Radio};
+use fogmesh_protocols::policy::Reachability;
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::Boxed;
+use libp2p::core::upgrade::Version;
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId, SwarmBuilder, Transport, noise, tcp, yamux};
+use tokio_util::sync::CancellationToken;
+
+use crate::behaviour::{Behaviour, BehaviourConfig, GossipObserver};
+use crate::eventlog::EventLog;
+use crate::files::FilesConfig;
+use crate::groups::GroupsConfig;
+use crate::metrics::NodeMetrics;
+use crate::node::{self, MAINTENANCE_INTERVAL, NodeConfig, RunningNode};
+use crate::storage::Store;
+
+/// An authenticated, multiplexed transport, ready for the swarm.
+pub type SecuredTransport = Boxed<(PeerId, StreamMuxerBox)>;
+
+/// Error of a transport constructor.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A byte stream a raw transport hands out.
+pub trait RawStream: futures::AsyncRead + futures::AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: futures::AsyncRead + futures::AsyncWrite + Unpin + Send + 'static> RawStream for T {}
+
+/// A transport before its upgrade: the builder secures and multiplexes it
+/// like the node's own.
+pub type RawTransport = Boxed<Box<dyn RawStream>>;
+
+/// libp2p's limit on a whole connection set-up (dial, Noise, Yamux).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a BLE connection's Noise and Yamux upgrade may take.
+const BLE_UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How the node reaches peers other than over BLE.
+pub enum Internet {
+    /// TCP and QUIC on the host's network, with DNS resolution.
+    Host,
+    /// A transport of the caller's (the simulator's modelled network),
+    /// upgraded like TCP (Noise, Yamux).
+    Custom(RawTransport),
+    /// No internet: BLE only.
+    Off,
+}
+
+impl std::fmt::Debug for Internet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Internet::Host => "Host",
+            Internet::Custom(_) => "Custom",
+            Internet::Off => "Off",
+        })
+    }
+}
+
+/// Upgrades a raw transport the way every fogmesh transport is upgraded:
+/// multistream-select 1, Noise with the node's key, Yamux; the upgrade
+/// bounded by `timeout`.
+fn secure<T>(transport: T, key: &Keypair, timeout: Duration) -> Result<SecuredTransport, BoxError>
+where
+    T: Transport + Send + Unpin + 'static,
+    T::Output: futures::AsyncRead + futures::AsyncWrite + Unpin + Send + 'static,
+    T::Error: Send + Sync + 'static,
+    T::Dial: Send + 'static,
+    T::ListenerUpgrade: Send + 'static,
+{
+    Ok(transport
+        .upgrade(Version::V1)
+        .authenticate(noise::Config::new(key)?)
+        .multiplex(yamux::Config::default())
+        .timeout(timeout)
+        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+        .boxed())
+}
+
+/// The BLE transport over `radio`, upgraded like any other.
+pub fn ble_transport(key: &Keypair, radio: Arc<dyn Radio>) -> Result<SecuredTransport, BoxError> {
+    let local = key.public().to_peer_id();
+    secure(BleTransport::new(radio, &local), key, BLE_UPGRADE_TIMEOUT)
+}
+
+/// A node's inputs; [`NodeBuilder::start`] assembles and starts it.
+pub struct NodeBuilder {
+    key: Keypair,
+    store: Store,
+    internet: Internet,
+    radio: Option<Arc<dyn Radio>>,
+    behaviour: BehaviourConfig,
+    node: NodeConfig,
+    idle_timeout: Duration,
+    dilation: f64,
+    observers: Vec<GossipObserver>,
+    event_log: Option<EventLog>,
+}
+
+/// A started node and what the caller may serve from it.
+#[derive(Debug)]
+pub struct BuiltNode {
+    /// The running node.
+    pub running: RunningNode,
+    /// The Prometheus registry holding libp2p's and the node's metrics.
+    pub registry: libp2p::metrics::Registry,
+    /// The node's own counters (the API counts its requests in them).
+    pub metrics: NodeMetrics,
+}
+
+impl std::fmt::Debug for NodeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeBuilder")
+            .field("peer_id", &self.key.public().to_peer_id())
+            .field("internet", &self.internet)
+            .field("ble", &self.radio.is_some())
+            .field("behaviour", &self.behaviour)
+            .field("node", &self.node)
+            .field("dilation", &self.dilation)
+            .field("observers", &self.observers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeBuilder {
+    /// A node with identity `key` and database `store`, on the host's
+    /// internet, with every setting at its default.
+    pub fn new(key: Keypair, store: Store) -> Self {
+        NodeBuilder {
+            key,
+            store,
+            internet: Internet::Host,
+            radio: None,
+            behaviour: BehaviourConfig::default(),
+            node: NodeConfig {
+                listen: Vec::new(),
+                bootstrap: Vec::new(),
+                min_peers: 8,
+                reachability: Reachability::default(),
+                groups: GroupsConfig::default(),
+                files: FilesConfig::default(),
+                maintenance_interval: MAINTENANCE_INTERVAL,
+                ble: None,
+            },
+            idle_timeout: Duration::from_secs(60),
+            dilation: 1.0,
+            observers: Vec::new(),
+            event_log: None,
+        }
+    }
+
+    /// How the node reaches internet peers.
+    pub fn internet(mut self, internet: Internet) -> Self {
+        self.internet = internet;
+        self
+    }
+
+    /// The BLE radio, if any: the node listens on it, finds neighbours
+    /// with it and dials them.
+    pub fn radio(mut self, radio: Option<Arc<dyn Radio>>) -> Self {
+        self.radio = radio;
+        self
+    }
+
+    /// Addresses to listen on (the radio's is added when there is one).
+    pub fn listen(mut self, addrs: Vec<Multiaddr>) -> Self {
+        self.node.listen = addrs;
+        self
+    }
+
+    /// Peers to dial at start (`/p2p/` addresses).
+    pub fn bootstrap(mut self, addrs: Vec<Multiaddr>) -> Self {
+        self.node.bootstrap = addrs;
+        self
+    }
+
+    /// Below this many connected peers, discovered peers are dialled.
+    pub fn min_peers(mut self, n: usize) -> Self {
+        self.node.min_peers = n;
+        self
+    }
+
+    /// How often the node checks that it has enough peers (before
+    /// dilation).
+    pub fn maintenance_interval(mut self, every: Duration) -> Self {
+        self.node.maintenance_interval = every;
+        self
+    }
+
+    /// The behaviour's settings (before dilation and BLE scaling).
+    pub fn behaviour(mut self, cfg: BehaviourConfig) -> Self {
+        self.behaviour = cfg;
+        self
+    }
+
+    /// Group chat settings (before dilation).
+    pub fn groups(mut self, cfg: GroupsConfig) -> Self {
+        self.node.groups = cfg;
+        self
+    }
+
+    /// File sharing settings (before BLE scaling).
+    pub fn files(mut self, cfg: FilesConfig) -> Self {
+        self.node.files = cfg;
+        self
+    }
+
+    /// How long a connection with no stream open is kept.
+    pub fn idle_timeout(mut self, d: Duration) -> Self {
+        self.idle_timeout = d;
+        self
+    }
+
+    /// Stretches every protocol timer by `factor` (≥ 1; the simulator's
+    /// time dilation).
+    pub fn time_dilation(mut self, factor: f64) -> Self {
+        self.dilation = factor.max(1.0);
+        self
+    }
+
+    /// Shows every gossip message received on the wire (duplicates
+    /// included) to `observer`.
+    pub fn observe_gossip(mut self, observer: GossipObserver) -> Self {
+        self.observers.push(observer);
+        self
+    }
+
+    /// Writes the node's event log (`--event-log`) through `log`.
+    pub fn event_log(mut self, log: EventLog) -> Self {
+        self.event_log = Some(log);
+        self
+    }
+
+    /// Assembles the swarm, starts the actors and the event loop, and
+    /// returns once every listener has an address. The node stops when
+    /// `shutdown` is cancelled.
+    pub async fn start(self, shutdown: CancellationToken) -> anyhow::Result<BuiltNode> {
+        let NodeBuilder {
+            key,
+            store,
+            internet,
+            radio,
+            mut behaviour,
+            mut node,
+            idle_timeout,
+            dilation,
+            mut observers,
+            event_log,
+        } = self;
+        let peer_id = key.public().to_peer_id();
+        if let Some(log) = &event_log {
+            observers.push(log.observer());
+        }
+        behaviour.gossip_observer = merge_observers(behaviour.gossip_observer.take(), observers);
+
+        let scale = |d: Duration| d.mul_f64(dilation);
+        behaviour.gossip.heartbeat = scale(behaviour.gossip.heartbeat);
+        behaviour.gossip.heartbeat_initial_delay = scale(behaviour.gossip.heartbeat_initial_delay);
+        behaviour.sync_timeout = scale(behaviour.sync_timeout);
+        node.groups.sync_interval = scale(node.groups.sync_interval);
+        node.groups.outbox_interval = scale(node.groups.outbox_interval);
+        node.maintenance_interval = scale(node.maintenance_interval);
+        // A whole connection set-up must finish within this: libp2p's 10 s
+        // (dilated: between the farthest regions of a slowed model a
+        // handshake takes longer), unless a BLE link, whose dial alone may
+        // take 20 s, is among the transports.
+        let mut connection_timeout = scale(CONNECTION_TIMEOUT);
+        if let Some(r) = &radio {
+            behaviour = crate::behaviour::scale_for_ble(behaviour, r.limits());
+            node.files = node.files.scaled_for_ble(r.limits());
+            connection_timeout =
+                connection_timeout.max(fogmesh_ble::DIAL_TIMEOUT + BLE_UPGRADE_TIMEOUT);
+        }
+        node.reachability = Reachability {
+            internet: !matches!(internet, Internet::Off),
+            ble: radio.is_some(),
+            onion: false,
+        };
+        node.ble = radio.clone();
+
+        let mut registry = libp2p::metrics::Registry::default();
+        let metrics = NodeMetrics::register(&mut registry);
+        let swarm = build_swarm(
+            &key,
+            internet,
+            radio,
+            &behaviour,
+            idle_timeout,
+            connection_timeout,
+            &mut registry,
+        )?;
+        let libp2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
+        let running = node::start(
+            key,
+            swarm,
+            store,
+            node,
+            metrics.clone(),
+            libp2p_metrics,
+            shutdown,
+        )
+        .await?;
+        if let Some(log) = event_log {
+            tokio::spawn(log.follow(running.handle.subscribe(), peer_id));
+        }
+        Ok(BuiltNode {
+            running,
+            registry,
+            metrics,
+        })
+    }
+}
+
+/// One observer calling each of `extra` after `first`.
+fn merge_observers(
+    first: Option<GossipObserver>,
+    extra: Vec<GossipObserver>,
+) -> Option<GossipObserver> {
+    let all: Vec<GossipObserver> = first.into_iter().chain(extra).collect();
+    match all.len() {
+        0 => None,
+        1 => all.into_iter().next(),
+        _ => Some(Arc::new(move |data: &[u8]| {
+            for o in &all {
+                o(data);
+            }
+        })),
+    }
+}
+
+/// The swarm over the chosen transports. (The builder's phases are
+/// distinct types, hence one macro for the common tail.)
+fn build_swarm(
+    key: &Keypair,
+    internet: Internet,
+    radio: Option<Arc<dyn Radio>>,
+    behaviour: &BehaviourConfig,
+    idle_timeout: Duration,
+    connection_timeout: Duration,
+    registry: &mut libp2p::metrics::Registry,
+) -> anyhow::Result<libp2p::Swarm<Behaviour>> {
+    macro_rules! finish {
+        ($builder:expr) => {
+            $builder
+                .with_bandwidth_metrics(registry)
+                .with_behaviour(|key| {
+                    Behaviour::new(key, behaviour).map_err(|e| Box::new(e) as BoxError)
+                })
+                .map_err(|e| anyhow::anyhow!("cannot build the node's behaviours: {e}"))?
+                .with_swarm_config(|c| c.with_idle_connection_timeout(idle_timeout))
+                .with_connection_timeout(connection_timeout)
+                .build()
+        };
+    }
+    let builder = SwarmBuilder::with_existing_identity(key.clone()).with_tokio();
+    let swarm = match internet {
+        Internet::Host => {
+            let ip = builder
+                .with_tcp(
+                    tcp::Config::default().nodelay(true),
+                    noise::Config::new,
+                    yamux::Config::default,
+                )?
+                .with_quic();
+            match radio {
+                Some(radio) => finish!(
+                    ip.with_other_transport(|key| ble_transport(key, radio))?
+                        .with_dns()?
+                ),
+                None => finish!(ip.with_dns()?),
+            }
+        }
+        Internet::Custom(raw) => {
+            finish!(builder.with_other_transport(move |key| {
+                let ip = secure(raw, key, connection_timeout)?;
+                Ok::<_, BoxError>(match radio {
+                    Some(radio) => ip
+                        .or_transport(ble_transport(key, radio)?)
+                        .map(|either, _| either.into_inner())
+                        .boxed(),
+                    None => ip,
+                })
+            })?)
+        }
+        Internet::Off => match radio {
+            Some(radio) => finish!(builder.with_other_transport(|key| ble_transport(key, radio))?),
+            None => anyhow::bail!("no transport is on (--no-internet without --ble)"),
+        },
+    };
+    Ok(swarm)
+}

@@ -1,0 +1,369 @@
+//! The event loop: owns the swarm and hands each event, command and timer
+//! to the concern it belongs to. Local work (API commands, the actors'
+//! requests) goes before new remote work.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use fogmesh_protocols::policy::{Policy, Reachability, Requirements, Route};
+use futures::StreamExt;
+use libp2p::core::transport::ListenerId;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, Swarm, kad};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::ble::{self, BleNet};
+use super::discovery;
+use super::files_net::FilesNet;
+use super::groups_net::GroupsNet;
+use super::peers::PeerBook;
+use super::{Command, LISTEN_TIMEOUT};
+use crate::behaviour::{Behaviour, BehaviourEvent};
+use crate::metrics::NodeMetrics;
+use crate::types::{NodeEvent, Status};
+
+/// What every concern reads: the routing policy and what is up, the event
+/// channel, metrics.
+pub(super) struct Ctx {
+    policy: Policy,
+    reach: Reachability,
+    events: broadcast::Sender<NodeEvent>,
+    pub(super) metrics: NodeMetrics,
+    pub(super) libp2p_metrics: libp2p::metrics::Metrics,
+    /// Below this many connected peers, discovered peers are dialled.
+    pub(super) min_peers: usize,
+}
+
+impl Ctx {
+    /// Sends an event to whoever listens (nobody listening is fine).
+    pub(super) fn emit(&self, ev: NodeEvent) {
+        let _ = self.events.send(ev);
+    }
+
+    /// The routes the policy allows a plain unicast message, in order.
+    pub(super) fn unicast_routes(&self) -> Vec<Route> {
+        self.policy
+            .plan(&Requirements::unicast(), &self.reach)
+            .routes
+    }
+
+    /// The first route the policy gives a plain unicast message, if any is
+    /// up: what dials, sync and file requests use.
+    pub(super) fn unicast_route(&self) -> Option<Route> {
+        self.policy
+            .plan(&Requirements::unicast(), &self.reach)
+            .first()
+    }
+
+    /// Whether the policy lets a broadcast (a group message) go out now.
+    pub(super) fn broadcast_route(&self) -> Option<Route> {
+        self.policy
+            .plan(&Requirements::broadcast(), &self.reach)
+            .first()
+    }
+
+    fn route_up(&self, route: Route) -> bool {
+        match route {
+            Route::Internet => self.reach.internet,
+            Route::Ble => self.reach.ble,
+            Route::Onion => self.reach.onion,
+            _ => false,
+        }
+    }
+}
+
+/// The pieces [`EventLoop::new`] takes.
+pub(super) struct Parts {
+    pub(super) commands: mpsc::Receiver<Command>,
+    pub(super) events: broadcast::Sender<NodeEvent>,
+    pub(super) metrics: NodeMetrics,
+    pub(super) libp2p_metrics: libp2p::metrics::Metrics,
+    pub(super) reachability: Reachability,
+    pub(super) min_peers: usize,
+    pub(super) maintenance_interval: Duration,
+    pub(super) peers: PeerBook,
+    pub(super) groups: GroupsNet,
+    pub(super) files: FilesNet,
+    pub(super) ble: Option<BleNet>,
+}
+
+/// The swarm and the state of each concern.
+pub(super) struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    ctx: Ctx,
+    commands: mpsc::Receiver<Command>,
+    peers: PeerBook,
+    groups: GroupsNet,
+    files: FilesNet,
+    ble: Option<BleNet>,
+    maintenance_interval: Duration,
+    started: Instant,
+    listeners: Vec<ListenerId>,
+}
+
+impl EventLoop {
+    pub(super) fn new(swarm: Swarm<Behaviour>, parts: Parts) -> Self {
+        EventLoop {
+            swarm,
+            ctx: Ctx {
+                policy: Policy::default(),
+                reach: parts.reachability,
+                events: parts.events,
+                metrics: parts.metrics,
+                libp2p_metrics: parts.libp2p_metrics,
+                min_peers: parts.min_peers,
+            },
+            commands: parts.commands,
+            peers: parts.peers,
+            groups: parts.groups,
+            files: parts.files,
+            ble: parts.ble,
+            maintenance_interval: parts.maintenance_interval,
+            started: Instant::now(),
+            listeners: Vec::new(),
+        }
+    }
+
+    /// Adds a peer's addresses to Kademlia's routing table.
+    pub(super) fn add_kad_addresses(&mut self, peer: &PeerId, addrs: &[Multiaddr]) {
+        for a in addrs {
+            self.swarm.behaviour_mut().kad.add_address(peer, a.clone());
+        }
+    }
+
+    /// Dials a peer the node already knows, unless connected or dialling.
+    pub(super) fn dial_known(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        self.peers
+            .dial_known(&mut self.swarm, &self.ctx, peer, addrs);
+    }
+
+    /// The addresses the swarm listens on.
+    pub(super) fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.swarm.listeners().cloned().collect()
+    }
+
+    /// Runs the swarm until every listener in `waiting` has an address.
+    pub(super) async fn wait_listening(
+        &mut self,
+        mut waiting: HashSet<ListenerId>,
+    ) -> anyhow::Result<()> {
+        self.listeners = waiting.iter().copied().collect();
+        let deadline = tokio::time::sleep(LISTEN_TIMEOUT);
+        tokio::pin!(deadline);
+        while !waiting.is_empty() {
+            tokio::select! {
+                ev = self.swarm.select_next_some() => {
+                    match &ev {
+                        SwarmEvent::NewListenAddr { listener_id, .. } => {
+                            waiting.remove(listener_id);
+                        }
+                        SwarmEvent::ListenerClosed { addresses, reason: Err(e), .. } => {
+                            bail!("listener on {addresses:?} failed: {e}");
+                        }
+                        SwarmEvent::ListenerError { error, .. } => {
+                            bail!("listener failed: {error}");
+                        }
+                        _ => {}
+                    }
+                    self.on_swarm_event(ev);
+                }
+                _ = &mut deadline => bail!("listeners did not report an address within {LISTEN_TIMEOUT:?}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs until `shutdown` is cancelled or every handle is dropped.
+    pub(super) async fn run(&mut self, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(self.maintenance_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ble_tick = tokio::time::interval(ble::TICK);
+        ble_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                // Local work before new remote work.
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd),
+                    None => break,
+                },
+                Some(cmd) = self.groups.next_command() => {
+                    self.groups.on_command(&mut self.swarm, &self.ctx, cmd)
+                }
+                Some(cmd) = self.files.next_command() => {
+                    self.files.on_command(&mut self.swarm, &self.ctx, cmd)
+                }
+                ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
+                _ = tick.tick() => {
+                    discovery::maintain(&mut self.swarm, self.peers.connected() < self.ctx.min_peers)
+                }
+                n = ble::next_neighbour(&mut self.ble) => self.on_neighbour(n),
+                _ = ble_tick.tick(), if self.ble.is_some() => self.ble_maintain(),
+            }
+        }
+        // Stop accepting first. (Dropping a listener is not enough for
+        // every transport: the memory transport frees its port only here.)
+        for id in std::mem::take(&mut self.listeners) {
+            self.swarm.remove_listener(id);
+        }
+        tracing::debug!("event loop stopped");
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+            Command::Peers(reply) => {
+                let _ = reply.send(self.peers.list(&self.swarm));
+            }
+            Command::Connect { addr, reply } => {
+                self.peers.connect(&mut self.swarm, &self.ctx, addr, reply)
+            }
+        }
+    }
+
+    fn status(&mut self) -> Status {
+        let routing_table_peers = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .kbuckets()
+            .map(|b| b.num_entries())
+            .sum();
+        Status {
+            peer_id: self.swarm.local_peer_id().to_base58(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            listen_addrs: self.swarm.listeners().map(|a| a.to_string()).collect(),
+            api_addr: String::new(),
+            connected_peers: self.peers.connected(),
+            routing_table_peers,
+            uptime_secs: self.started.elapsed().as_secs(),
+            routes: Route::BY_SPEED
+                .iter()
+                .filter(|r| self.ctx.route_up(**r))
+                .map(|r| r.to_string())
+                .collect(),
+            ble: self.ble.as_ref().map(|b| b.status(self.peers.ble_links())),
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        use libp2p::metrics::Recorder;
+        self.ctx.libp2p_metrics.record(&event);
+        match event {
+            SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
+            SwarmEvent::NewListenAddr { address, .. } => {
+                let hide = self.ble.is_some();
+                self.peers
+                    .on_listen_addr(&mut self.swarm, &self.ctx, address, hide);
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                if self
+                    .peers
+                    .on_established(&self.ctx, peer_id, connection_id, &endpoint)
+                {
+                    self.groups.peer_connected(peer_id);
+                    self.files.peer_connected(peer_id);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                ..
+            } => {
+                if self.peers.on_closed(&self.ctx, peer_id, connection_id) {
+                    self.groups.peer_disconnected(peer_id);
+                    self.files.peer_disconnected(peer_id);
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                peer_id,
+                error,
+            } => self
+                .peers
+                .on_dial_error(&self.ctx, connection_id, peer_id, &error),
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.swarm.remove_external_address(&address);
+            }
+            SwarmEvent::ListenerError { error, .. } => {
+                tracing::warn!("listener error: {error}");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        use libp2p::metrics::Recorder;
+        match event {
+            BehaviourEvent::Identify(ev) => {
+                self.ctx.libp2p_metrics.record(&ev);
+                self.peers.on_identify(&mut self.swarm, ev);
+            }
+            BehaviourEvent::Ping(ev) => {
+                self.ctx.libp2p_metrics.record(&ev);
+                self.peers.on_ping(ev);
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetProviders(result),
+                step,
+                ..
+            }) => self.files.on_providers(id, result, step.last),
+            BehaviourEvent::Kad(ev) => {
+                self.ctx.libp2p_metrics.record(&ev);
+                if let Some((peer, addrs)) = discovery::on_kad(&mut self.swarm, &self.ctx, ev) {
+                    self.dial_discovered(peer, addrs);
+                }
+            }
+            BehaviourEvent::Mdns(ev) => {
+                for (peer, addrs) in discovery::on_mdns(&mut self.swarm, &self.ctx, ev) {
+                    self.dial_discovered(peer, addrs);
+                }
+            }
+            BehaviourEvent::Limits(never) => match never {},
+            BehaviourEvent::Gossipsub(ev) => {
+                self.ctx.libp2p_metrics.record(&ev);
+                self.groups.on_gossipsub(&mut self.swarm, ev);
+            }
+            BehaviourEvent::GroupSync(ev) => self.groups.on_sync_event(ev),
+            BehaviourEvent::Files(ev) => self.files.on_event(ev),
+        }
+    }
+
+    /// A newly discovered peer is dialled while the node is short of peers.
+    fn dial_discovered(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if self.peers.connected() < self.ctx.min_peers {
+            self.dial_known(peer, addrs);
+        }
+    }
+
+    fn on_neighbour(&mut self, n: Option<fogmesh_ble::Neighbour>) {
+        let Some(ble) = self.ble.as_mut() else { return };
+        match n {
+            Some(n) => {
+                if let Some(device) = ble.on_neighbour(n) {
+                    let links = self.peers.ble_view();
+                    ble.dial(&mut self.swarm, &self.ctx, device, &links);
+                }
+            }
+            None => ble.scan_ended(),
+        }
+    }
+
+    /// Periodic: dial BLE neighbours we have no link with.
+    fn ble_maintain(&mut self) {
+        let Some(ble) = self.ble.as_mut() else { return };
+        let links = self.peers.ble_view();
+        ble.dial_due(&mut self.swarm, &self.ctx, &links);
+    }
+}

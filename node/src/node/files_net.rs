@@ -1,0 +1,165 @@
+//! The network side of the files actor: requests from peers go to it, its
+//! requests and responses go out on `/fogmesh/file/2`, and its provider
+//! records and lookups go to Kademlia. Every request is tracked by its
+//! request id (with what it asked for) and every provider lookup by its
+//! query id; answers and failures go back to the actor.
+
+use std::collections::HashMap;
+
+use fogmesh_protocols::files::FileId;
+use libp2p::request_response::{self, OutboundRequestId};
+use libp2p::{PeerId, Swarm, kad};
+use tokio::sync::mpsc;
+
+use super::event_loop::Ctx;
+use crate::behaviour::{Behaviour, FileFrame};
+use crate::files::{Asked, FileCommand, FilesHandle, Input};
+
+pub(super) struct FilesNet {
+    actor: FilesHandle,
+    commands: mpsc::Receiver<FileCommand>,
+    /// What each outstanding request asked, by request id.
+    requests: HashMap<OutboundRequestId, (FileId, Asked)>,
+    /// Provider lookups, by query id.
+    provider_queries: HashMap<kad::QueryId, FileId>,
+}
+
+impl FilesNet {
+    pub(super) fn new(actor: FilesHandle, commands: mpsc::Receiver<FileCommand>) -> Self {
+        FilesNet {
+            actor,
+            commands,
+            requests: HashMap::new(),
+            provider_queries: HashMap::new(),
+        }
+    }
+
+    /// The actor's next command; `None` once the actor is gone.
+    pub(super) async fn next_command(&mut self) -> Option<FileCommand> {
+        self.commands.recv().await
+    }
+
+    pub(super) fn peer_connected(&self, peer: PeerId) {
+        self.offer(Input::PeerConnected(peer));
+    }
+
+    pub(super) fn peer_disconnected(&self, peer: PeerId) {
+        self.offer(Input::PeerDisconnected(peer));
+    }
+
+    /// Queues an input; a saturated actor loses it (its scheduler times
+    /// the request out and asks again).
+    fn offer(&self, input: Input) {
+        if let Err(e) = self.actor.offer(input) {
+            tracing::debug!("files input dropped: {e}");
+        }
+    }
+
+    /// A step of a provider lookup: the providers found go to the actor.
+    pub(super) fn on_providers(
+        &mut self,
+        id: kad::QueryId,
+        result: kad::GetProvidersResult,
+        last: bool,
+    ) {
+        let Some(file) = self.provider_queries.get(&id).copied() else {
+            return;
+        };
+        if last {
+            self.provider_queries.remove(&id);
+        }
+        if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result {
+            self.offer(Input::Providers {
+                file,
+                peers: providers.into_iter().collect(),
+            });
+        }
+    }
+
+    /// The file protocol's events.
+    pub(super) fn on_event(&mut self, ev: request_response::Event<FileFrame, FileFrame>) {
+        match ev {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => self.offer(Input::Request {
+                    peer,
+                    frame: request.0,
+                    channel,
+                }),
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => self.answered(request_id, peer, Ok(response.0)),
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => self.answered(request_id, peer, Err(error.to_string())),
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, "file response failed: {error}");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn answered(
+        &mut self,
+        request_id: OutboundRequestId,
+        peer: PeerId,
+        result: Result<Vec<u8>, String>,
+    ) {
+        if let Some((file, asked)) = self.requests.remove(&request_id) {
+            self.offer(Input::Response {
+                peer,
+                file,
+                asked,
+                result,
+            });
+        }
+    }
+
+    /// Carries out one of the actor's commands.
+    pub(super) fn on_command(&mut self, swarm: &mut Swarm<Behaviour>, ctx: &Ctx, cmd: FileCommand) {
+        let b = swarm.behaviour_mut();
+        match cmd {
+            FileCommand::Request {
+                peer,
+                file,
+                asked,
+                frame,
+            } => {
+                if ctx.unicast_route().is_none() {
+                    self.offer(Input::Response {
+                        peer,
+                        file,
+                        asked,
+                        result: Err("no route is up".into()),
+                    });
+                    return;
+                }
+                let id = b.files.send_request(&peer, FileFrame(frame));
+                self.requests.insert(id, (file, asked));
+            }
+            FileCommand::Respond { channel, frame } => {
+                if b.files.send_response(channel, FileFrame(frame)).is_err() {
+                    tracing::debug!("file response not sent: the requester went away");
+                }
+            }
+            FileCommand::StartProviding(file) => {
+                if let Err(e) = b.kad.start_providing(kad::RecordKey::new(&file.0)) {
+                    tracing::warn!(%file, "cannot announce the file: {e}");
+                }
+            }
+            FileCommand::StopProviding(file) => {
+                b.kad.stop_providing(&kad::RecordKey::new(&file.0));
+            }
+            FileCommand::FindProviders(file) => {
+                let id = b.kad.get_providers(kad::RecordKey::new(&file.0));
+                self.provider_queries.insert(id, file);
+            }
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! The network side of the groups actor: gossip messages go to it for
+//! validation, its commands (subscribe, publish, validation verdicts, sync
+//! requests and responses) go to the swarm. Every sync request is tracked
+//! by its request id; its answer or its failure goes back to the actor
+//! with the group it was about.
+
+use std::collections::HashMap;
+
+use fogmesh_protocols::groups::GroupId;
+use libp2p::request_response::{self, OutboundRequestId};
+use libp2p::{PeerId, Swarm, gossipsub};
+use tokio::sync::mpsc;
+
+use super::event_loop::Ctx;
+use crate::behaviour::{Behaviour, SyncFrame};
+use crate::groups::{GroupsHandle, Input, NetCommand};
+
+pub(super) struct GroupsNet {
+    actor: GroupsHandle,
+    commands: mpsc::Receiver<NetCommand>,
+    /// What each outstanding sync request is about.
+    sync_requests: HashMap<OutboundRequestId, GroupId>,
+}
+
+impl GroupsNet {
+    pub(super) fn new(actor: GroupsHandle, commands: mpsc::Receiver<NetCommand>) -> Self {
+        GroupsNet {
+            actor,
+            commands,
+            sync_requests: HashMap::new(),
+        }
+    }
+
+    /// The actor's next command; `None` once the actor is gone.
+    pub(super) async fn next_command(&mut self) -> Option<NetCommand> {
+        self.commands.recv().await
+    }
+
+    pub(super) fn peer_connected(&self, peer: PeerId) {
+        self.offer(Input::PeerConnected(peer));
+    }
+
+    pub(super) fn peer_disconnected(&self, peer: PeerId) {
+        self.offer(Input::PeerDisconnected(peer));
+    }
+
+    /// Queues an input; a saturated actor loses it (sync recovers what
+    /// matters).
+    fn offer(&self, input: Input) {
+        if let Err(e) = self.actor.offer(input) {
+            tracing::debug!("groups input dropped: {e}");
+        }
+    }
+
+    /// Gossipsub: a message goes to the actor for validation (gossipsub
+    /// holds it until the verdict).
+    pub(super) fn on_gossipsub(&self, swarm: &mut Swarm<Behaviour>, ev: gossipsub::Event) {
+        let gossipsub::Event::Message {
+            propagation_source,
+            message_id,
+            message,
+        } = ev
+        else {
+            return;
+        };
+        let input = Input::Gossip {
+            source: propagation_source,
+            message_id: message_id.clone(),
+            data: message.data,
+        };
+        if self.actor.offer(input).is_err() {
+            // The actor is saturated: let the message go without penalty;
+            // sync brings it back if it matters.
+            swarm
+                .behaviour_mut()
+                .gossipsub
+                .report_message_validation_result(
+                    &message_id,
+                    &propagation_source,
+                    gossipsub::MessageAcceptance::Ignore,
+                );
+        }
+    }
+
+    /// Group sync: requests go to the actor (which answers through
+    /// `SyncRespond`), answers and failures to whoever asked.
+    pub(super) fn on_sync_event(&mut self, ev: request_response::Event<SyncFrame, SyncFrame>) {
+        match ev {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => self.offer(Input::SyncRequest {
+                    peer,
+                    frame: request.0,
+                    channel,
+                }),
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(group) = self.sync_requests.remove(&request_id) {
+                        self.offer(Input::SyncResponse {
+                            peer,
+                            group,
+                            frame: response.0,
+                        });
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if let Some(group) = self.sync_requests.remove(&request_id) {
+                    self.offer(Input::SyncFailed {
+                        peer,
+                        group,
+                        error: error.to_string(),
+                    });
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, "group sync response failed: {error}");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// Carries out one of the actor's commands.
+    pub(super) fn on_command(&mut self, swarm: &mut Swarm<Behaviour>, ctx: &Ctx, cmd: NetCommand) {
+        let gs = &mut swarm.behaviour_mut().gossipsub;
+        match cmd {
+            NetCommand::Subscribe(topic) => {
+                let topic = gossipsub::IdentTopic::new(topic);
+                if let Err(e) = gs.subscribe(&topic) {
+                    tracing::warn!(%topic, "cannot subscribe: {e}");
+                }
+                if let Err(e) =
+                    gs.set_topic_params(topic, crate::behaviour::group_topic_score_params())
+                {
+                    tracing::warn!("cannot set topic score parameters: {e}");
+                }
+            }
+            NetCommand::Unsubscribe(topic) => {
+                gs.unsubscribe(&gossipsub::IdentTopic::new(topic));
+            }
+            NetCommand::Publish {
+                topic,
+                data,
+                outbox,
+            } => {
+                // A broadcast: the policy says which routes may carry it,
+                // and store-and-forward (the outbox) covers none being up.
+                let ok = ctx.broadcast_route().is_some()
+                    && match gs.publish(gossipsub::IdentTopic::new(topic), data) {
+                        Ok(_) | Err(gossipsub::PublishError::Duplicate) => true,
+                        Err(e) => {
+                            tracing::debug!("publish deferred: {e}");
+                            false
+                        }
+                    };
+                if let Some((group, id)) = outbox {
+                    self.offer(Input::Published { group, id, ok });
+                }
+            }
+            NetCommand::Validation {
+                message_id,
+                source,
+                acceptance,
+            } => {
+                gs.report_message_validation_result(&message_id, &source, acceptance);
+            }
+            NetCommand::SyncRequest { peer, group, frame } => {
+                if ctx.unicast_route().is_none() {
+                    self.offer(Input::SyncFailed {
+                        peer,
+                        group,
+                        error: "no route is up".into(),
+                    });
+                    return;
+                }
+                let id = swarm
+                    .behaviour_mut()
+                    .group_sync
+                    .send_request(&peer, SyncFrame(frame));
+                self.sync_requests.insert(id, group);
+            }
+            NetCommand::SyncRespond { channel, frame } => {
+                if swarm
+                    .behaviour_mut()
+                    .group_sync
+                    .send_response(channel, SyncFrame(frame))
+                    .is_err()
+                {
+                    tracing::debug!("sync response not sent: the requester went away");
+                }
+            }
+        }
+    }
+}

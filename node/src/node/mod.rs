@@ -1,0 +1,342 @@
+//! The running node: one task owns the Swarm; everything else talks to it.
+//!
+//! A cloneable [`NodeHandle`] sends [`Command`]s over a bounded channel;
+//! each carries a oneshot for its reply, and replies that wait on the
+//! network are kept in maps keyed by the id the swarm gave back (a dial's
+//! `ConnectionId`, a request's `OutboundRequestId`, a query's `QueryId`).
+//! What happens in the node leaves as [`NodeEvent`]s on a broadcast
+//! channel.
+//!
+//! The event loop ([`event_loop`]) only dispatches. Each concern keeps its
+//! state and handlers in a module of its own:
+//! - [`peers`]: connections, dials, identify and ping, the peer table;
+//! - [`discovery`]: Kademlia's routing table and mDNS;
+//! - [`ble`]: BLE neighbours found by the radio, and which to dial;
+//! - [`groups_net`] and [`files_net`]: the network side of the groups and
+//!   files actors (gossip, request-response, provider records), with every
+//!   outbound request tracked by its id and its failure reported back.
+//!
+//! Slow work never runs in the loop: the actors run on threads of their
+//! own ([`crate::actor`]), peer records are written by a writer thread.
+//! Every outbound dial, publish and request asks the routing [`Policy`]
+//! first.
+//!
+//! [`Policy`]: fogmesh_protocols::policy::Policy
+
+mod ble;
+mod discovery;
+mod event_loop;
+mod files_net;
+mod groups_net;
+mod peers;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use fogmesh_ble::Radio;
+use fogmesh_protocols::policy::Reachability;
+use libp2p::identity::Keypair;
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId, Swarm};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::behaviour::Behaviour;
+use crate::files::{self, FilesConfig, FilesHandle};
+use crate::groups::{self, GroupsConfig, GroupsHandle};
+use crate::metrics::NodeMetrics;
+use crate::storage::Store;
+use crate::types::{ConnectResponse, NodeEvent, PeerInfo, Status};
+
+pub use peers::transport_kind;
+
+/// Capacity of the command channel: callers wait when the loop is busy.
+const COMMAND_QUEUE: usize = 256;
+/// Capacity of the event broadcast: slow subscribers miss events (and are
+/// told so) rather than hold memory.
+const EVENT_QUEUE: usize = 1024;
+/// How often the node checks, by default, that it has enough peers.
+pub const MAINTENANCE_INTERVAL: Duration = Duration::from_secs(15);
+/// How long `start` waits for the listeners to report their addresses.
+const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the event loop needs besides the swarm.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Addresses to listen on.
+    pub listen: Vec<Multiaddr>,
+    /// Peers to dial at start.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Below this many connected peers, discovered peers are dialled.
+    pub min_peers: usize,
+    /// Which routes this node has.
+    pub reachability: Reachability,
+    /// Group chat settings.
+    pub groups: GroupsConfig,
+    /// File sharing settings.
+    pub files: FilesConfig,
+    /// How often the node checks that it has enough peers
+    /// ([`MAINTENANCE_INTERVAL`] by default).
+    pub maintenance_interval: Duration,
+    /// The BLE radio, when BLE is on: the node listens on it, scans for
+    /// neighbours and dials them.
+    pub ble: Option<Arc<dyn Radio>>,
+}
+
+/// Why a connect failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The policy found no route that is up for this peer.
+    #[error("no route to the peer is up")]
+    NoRoute,
+    /// The dial failed.
+    #[error("dial failed: {0}")]
+    Dial(String),
+    /// The node is shutting down.
+    #[error("the node is shutting down")]
+    Stopped,
+}
+
+/// A request to the event loop.
+#[derive(Debug)]
+enum Command {
+    Status(oneshot::Sender<Status>),
+    Peers(oneshot::Sender<Vec<PeerInfo>>),
+    Connect {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<ConnectResponse, ConnectError>>,
+    },
+}
+
+/// A cloneable handle to a running node.
+#[derive(Debug, Clone)]
+pub struct NodeHandle {
+    peer_id: PeerId,
+    groups: GroupsHandle,
+    files: FilesHandle,
+    commands: mpsc::Sender<Command>,
+    events: broadcast::Sender<NodeEvent>,
+}
+
+impl NodeHandle {
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    /// The node's status. Cancel-safe.
+    pub async fn status(&self) -> Result<Status, ConnectError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Status(tx)).await?;
+        rx.await.map_err(|_| ConnectError::Stopped)
+    }
+
+    /// The connected peers. Cancel-safe.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, ConnectError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Peers(tx)).await?;
+        rx.await.map_err(|_| ConnectError::Stopped)
+    }
+
+    /// Dials `addr` and waits until the connection is up or has failed.
+    /// Cancelling the future does not cancel the dial.
+    pub async fn connect(&self, addr: Multiaddr) -> Result<ConnectResponse, ConnectError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Connect { addr, reply: tx }).await?;
+        rx.await.map_err(|_| ConnectError::Stopped)?
+    }
+
+    /// The group chat actor.
+    pub fn groups(&self) -> &GroupsHandle {
+        &self.groups
+    }
+
+    /// The file sharing actor.
+    pub fn files(&self) -> &FilesHandle {
+        &self.files
+    }
+
+    /// Subscribes to the node's events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<NodeEvent> {
+        self.events.subscribe()
+    }
+
+    async fn send(&self, cmd: Command) -> Result<(), ConnectError> {
+        self.commands
+            .send(cmd)
+            .await
+            .map_err(|_| ConnectError::Stopped)
+    }
+}
+
+/// A node whose listeners are up, and the task that runs it.
+#[derive(Debug)]
+pub struct RunningNode {
+    /// Handle for the API and other clients.
+    pub handle: NodeHandle,
+    /// The addresses the node listens on (known when `start` returns).
+    pub listen_addrs: Vec<Multiaddr>,
+    /// The event loop; it ends after `shutdown` is cancelled, once its
+    /// pending database writes are flushed and its actors have stopped.
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the actors, listens, restores known peers, dials the bootstrap
+/// peers and spawns the event loop. Returns once every listener has
+/// reported an address. (Nodes are assembled by
+/// [`crate::builder::NodeBuilder`], which calls this.)
+pub(crate) async fn start(
+    key: Keypair,
+    mut swarm: Swarm<Behaviour>,
+    store: Store,
+    cfg: NodeConfig,
+    metrics: NodeMetrics,
+    libp2p_metrics: libp2p::metrics::Metrics,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunningNode> {
+    let peer_id = *swarm.local_peer_id();
+    let mut listen = cfg.listen.clone();
+    if cfg.ble.is_some() {
+        listen.push(fogmesh_ble::listen_addr());
+    }
+    let mut listeners = HashSet::new();
+    for addr in &listen {
+        let id = swarm
+            .listen_on(addr.clone())
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        listeners.insert(id);
+    }
+
+    let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (events, _) = broadcast::channel(EVENT_QUEUE);
+    let (net_tx, net_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (groups, groups_thread) = groups::start(
+        key,
+        store.clone(),
+        net_tx,
+        events.clone(),
+        metrics.clone(),
+        cfg.groups.clone(),
+        shutdown.clone(),
+    )?;
+    let (file_tx, file_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (files, files_thread) = files::start(
+        peer_id,
+        store.clone(),
+        file_tx,
+        metrics.clone(),
+        cfg.files.clone(),
+        shutdown.clone(),
+    )?;
+    let (peer_book, writer) = peers::PeerBook::start(store.clone(), metrics.clone())?;
+    let mut el = event_loop::EventLoop::new(
+        swarm,
+        event_loop::Parts {
+            commands: cmd_rx,
+            events: events.clone(),
+            metrics,
+            libp2p_metrics,
+            reachability: cfg.reachability,
+            min_peers: cfg.min_peers,
+            maintenance_interval: cfg.maintenance_interval,
+            peers: peer_book,
+            groups: groups_net::GroupsNet::new(groups.clone(), net_rx),
+            files: files_net::FilesNet::new(files.clone(), file_rx),
+            ble: cfg
+                .ble
+                .as_ref()
+                .map(|r| ble::BleNet::new(r.clone(), &peer_id)),
+        },
+    );
+
+    let to_dial = known_peers(&mut el, &store, &cfg, peer_id).await?;
+    el.wait_listening(listeners).await?;
+    for (peer, addrs) in to_dial {
+        el.dial_known(peer, addrs);
+    }
+    let listen_addrs: Vec<Multiaddr> = el.listen_addrs();
+
+    let handle = NodeHandle {
+        peer_id,
+        groups,
+        files,
+        commands: cmd_tx,
+        events,
+    };
+    let task = tokio::spawn(async move {
+        el.run(shutdown).await;
+        // Dropping the loop closes the peer writer's queue; the writer
+        // drains it before it ends, so nothing queued is lost.
+        drop(el);
+        for (name, t) in [
+            ("peer writer", writer),
+            ("groups", groups_thread),
+            ("files", files_thread),
+        ] {
+            if !matches!(
+                tokio::task::spawn_blocking(move || t.join()).await,
+                Ok(Ok(()))
+            ) {
+                tracing::error!("the {name} thread panicked");
+            }
+        }
+    });
+    Ok(RunningNode {
+        handle,
+        listen_addrs,
+        task,
+    })
+}
+
+/// The peers to dial at start: remembered ones first (most recent first,
+/// as many as `min_peers`), then the bootstrap list. Each is also added to
+/// Kademlia's routing table.
+async fn known_peers(
+    el: &mut event_loop::EventLoop,
+    store: &Store,
+    cfg: &NodeConfig,
+    local: PeerId,
+) -> anyhow::Result<Vec<(PeerId, Vec<Multiaddr>)>> {
+    let remembered = tokio::task::spawn_blocking({
+        let store = store.clone();
+        move || {
+            if let Err(e) = store.prune_peers() {
+                tracing::warn!("cannot prune the peer table: {e}");
+            }
+            store.peers()
+        }
+    })
+    .await
+    .context("peer table task failed")??;
+    let mut to_dial: Vec<(PeerId, Vec<Multiaddr>)> = Vec::new();
+    for (peer, rec) in remembered {
+        if peer == local || rec.addrs.is_empty() {
+            continue;
+        }
+        el.add_kad_addresses(&peer, &rec.addrs);
+        to_dial.push((peer, rec.addrs));
+    }
+    let restored = to_dial.len();
+    to_dial.truncate(cfg.min_peers.max(1));
+    for addr in &cfg.bootstrap {
+        let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+            bail!("bootstrap address {addr} does not end with /p2p/<peer id>");
+        };
+        if peer == local {
+            tracing::warn!(%addr, "ignoring a bootstrap address of this very node");
+            continue;
+        }
+        let transport = crate::storage::strip_p2p(addr);
+        el.add_kad_addresses(&peer, std::slice::from_ref(&transport));
+        to_dial.push((peer, vec![transport]));
+    }
+    tracing::info!(
+        restored,
+        bootstrap = cfg.bootstrap.len(),
+        "dialling known peers"
+    );
+    Ok(to_dial)
+}

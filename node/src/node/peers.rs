@@ -1,0 +1,412 @@
+//! Connections and peers: which peers are connected and over what, dials
+//! (the user's and the node's own), what identify and ping tell of each
+//! peer, and the peer table in the database (written by a thread of its
+//! own, so the loop never waits on a commit).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use fogmesh_protocols::policy::Route;
+use libp2p::core::ConnectedPoint;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, DialError};
+use libp2p::{Multiaddr, PeerId, Swarm, identify, ping};
+use tokio::sync::{mpsc, oneshot};
+
+use super::ConnectError;
+use super::event_loop::Ctx;
+use crate::behaviour::{Behaviour, KAD_PROTOCOL};
+use crate::metrics::NodeMetrics;
+use crate::storage::Store;
+use crate::types::{ConnectResponse, Direction, NodeEvent, PeerInfo, TransportKind};
+
+/// Capacity of the queue of peer records waiting to be written.
+const STORE_QUEUE: usize = 1024;
+
+/// The reply to an explicit connect.
+type ConnectReply = oneshot::Sender<Result<ConnectResponse, ConnectError>>;
+
+#[derive(Default)]
+struct PeerMeta {
+    agent: Option<String>,
+    rtt: Option<Duration>,
+}
+
+/// A peer record queued for the writer.
+struct PeerRecordUpdate {
+    peer: PeerId,
+    addrs: Vec<Multiaddr>,
+    agent: Option<String>,
+}
+
+/// What the node knows of the peers it is connected to.
+pub(super) struct PeerBook {
+    /// Open connections per peer, with their remote addresses.
+    connections: HashMap<PeerId, Vec<(ConnectionId, Multiaddr)>>,
+    meta: HashMap<PeerId, PeerMeta>,
+    /// The user's dials, answered when the connection is up or failed.
+    pending_dials: HashMap<ConnectionId, ConnectReply>,
+    store_tx: mpsc::Sender<PeerRecordUpdate>,
+}
+
+impl PeerBook {
+    /// An empty book and its writer thread (which ends, once it has written
+    /// everything queued, when the book is dropped).
+    pub(super) fn start(
+        store: Store,
+        metrics: NodeMetrics,
+    ) -> anyhow::Result<(Self, std::thread::JoinHandle<()>)> {
+        let (store_tx, store_rx) = mpsc::channel(STORE_QUEUE);
+        // A thread of its own, not tokio's blocking pool: it lives as long
+        // as the node, and a process with many nodes (the simulator) would
+        // otherwise exhaust the pool's 512 threads with writers.
+        let writer = std::thread::Builder::new()
+            .name("fogmesh-peers".into())
+            .spawn(move || write_peers(store, store_rx, metrics))
+            .context("cannot start the peer writer thread")?;
+        let book = PeerBook {
+            connections: HashMap::new(),
+            meta: HashMap::new(),
+            pending_dials: HashMap::new(),
+            store_tx,
+        };
+        Ok((book, writer))
+    }
+
+    /// Peers with at least one connection.
+    pub(super) fn connected(&self) -> usize {
+        self.connections.len()
+    }
+
+    /// BLE connections open now.
+    pub(super) fn ble_links(&self) -> usize {
+        self.connections
+            .values()
+            .flatten()
+            .filter(|(_, a)| fogmesh_ble::is_ble(a))
+            .count()
+    }
+
+    /// The links as the BLE dial rule sees them.
+    pub(super) fn ble_view(&self) -> fogmesh_ble::Links {
+        let mut links = fogmesh_ble::Links::default();
+        for (peer, conns) in &self.connections {
+            links.peer_hints.insert(fogmesh_ble::peer_hint(peer));
+            for (_, a) in conns {
+                if let Some(fogmesh_ble::addr::BleAddr::Device(d)) = fogmesh_ble::addr::parse(a) {
+                    links.ble_links += 1;
+                    links.devices.insert(d);
+                }
+            }
+        }
+        links
+    }
+
+    /// The connected peers, for `GET /v1/peers`.
+    pub(super) fn list(&self, swarm: &Swarm<Behaviour>) -> Vec<PeerInfo> {
+        let mut peers: Vec<PeerInfo> = self
+            .connections
+            .iter()
+            .map(|(peer, conns)| {
+                let meta = self.meta.get(peer);
+                PeerInfo {
+                    peer_id: peer.to_base58(),
+                    addrs: conns.iter().map(|(_, a)| a.to_string()).collect(),
+                    transport: conns
+                        .first()
+                        .map_or(TransportKind::Other, |(_, a)| transport_kind(a)),
+                    agent: meta.and_then(|m| m.agent.clone()),
+                    rtt_ms: meta.and_then(|m| m.rtt).map(|d| d.as_secs_f64() * 1000.0),
+                    gossip_score: swarm.behaviour().gossipsub.peer_score(peer),
+                }
+            })
+            .collect();
+        peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        peers
+    }
+
+    /// An explicit connect from the user: ask the policy, then dial.
+    pub(super) fn connect(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        ctx: &Ctx,
+        addr: Multiaddr,
+        reply: ConnectReply,
+    ) {
+        // Of the routes the policy allows, the one that can carry this
+        // address.
+        let wanted = if fogmesh_ble::is_ble(&addr) {
+            Route::Ble
+        } else {
+            Route::Internet
+        };
+        let Some(route) = ctx.unicast_routes().into_iter().find(|r| *r == wanted) else {
+            let _ = reply.send(Err(ConnectError::NoRoute));
+            return;
+        };
+        let peer = match addr.iter().last() {
+            Some(Protocol::P2p(p)) => Some(p),
+            _ => None,
+        };
+        if let Some(peer) = peer {
+            if peer == *swarm.local_peer_id() {
+                let _ = reply.send(Err(ConnectError::Dial(
+                    "that address is this node's own".into(),
+                )));
+                return;
+            }
+            if swarm.is_connected(&peer) {
+                let _ = reply.send(Ok(ConnectResponse {
+                    peer_id: peer.to_base58(),
+                    route: route.to_string(),
+                }));
+                return;
+            }
+        }
+        let opts = match peer {
+            Some(p) => DialOpts::peer_id(p)
+                .addresses(vec![addr])
+                .condition(PeerCondition::Always)
+                .build(),
+            None => DialOpts::unknown_peer_id().address(addr).build(),
+        };
+        let id = opts.connection_id();
+        match swarm.dial(opts) {
+            Ok(()) => {
+                self.pending_dials.insert(id, reply);
+            }
+            Err(e) => {
+                ctx.metrics.dial_failures.inc();
+                let _ = reply.send(Err(ConnectError::Dial(e.to_string())));
+            }
+        }
+    }
+
+    /// Dials a peer the node already knows, unless connected or dialling.
+    pub(super) fn dial_known(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        ctx: &Ctx,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+    ) {
+        if ctx.unicast_route().is_none() {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(e) = swarm.dial(opts) {
+            tracing::debug!(%peer, "not dialling: {e}");
+        }
+    }
+
+    /// A listener has a new address. With BLE on, identify tells peers only
+    /// external addresses (a BLE address must never reach internet peers):
+    /// the IP listen addresses are made those.
+    pub(super) fn on_listen_addr(
+        &self,
+        swarm: &mut Swarm<Behaviour>,
+        ctx: &Ctx,
+        address: Multiaddr,
+        hide_listen_addrs: bool,
+    ) {
+        tracing::info!(%address, "listening");
+        if hide_listen_addrs && !fogmesh_ble::is_ble(&address) && is_dialable(&address) {
+            swarm.add_external_address(address.clone());
+        }
+        ctx.emit(NodeEvent::ListenAddr {
+            addr: address.to_string(),
+        });
+    }
+
+    /// A connection is up; `true` when it is the first to that peer.
+    pub(super) fn on_established(
+        &mut self,
+        ctx: &Ctx,
+        peer: PeerId,
+        id: ConnectionId,
+        endpoint: &ConnectedPoint,
+    ) -> bool {
+        let (addr, direction) = match endpoint {
+            ConnectedPoint::Dialer { address, .. } => (address.clone(), Direction::Outbound),
+            ConnectedPoint::Listener { send_back_addr, .. } => {
+                (send_back_addr.clone(), Direction::Inbound)
+            }
+        };
+        tracing::debug!(%peer, %addr, %direction, "connection established");
+        let route = if fogmesh_ble::is_ble(&addr) {
+            Route::Ble
+        } else {
+            Route::Internet
+        };
+        if let Some(reply) = self.pending_dials.remove(&id) {
+            let _ = reply.send(Ok(ConnectResponse {
+                peer_id: peer.to_base58(),
+                route: route.to_string(),
+            }));
+        }
+        // An address we dialled successfully is worth remembering (not a
+        // BLE one: neighbours are found again by scanning).
+        if endpoint.is_dialer() && route == Route::Internet {
+            self.save(peer, vec![addr.clone()], None);
+        }
+        let conns = self.connections.entry(peer).or_default();
+        let first = conns.is_empty();
+        conns.push((id, addr.clone()));
+        if first {
+            ctx.metrics
+                .connected_peers
+                .set(self.connections.len() as i64);
+            ctx.emit(NodeEvent::PeerConnected {
+                peer_id: peer.to_base58(),
+                addr: addr.to_string(),
+                transport: transport_kind(&addr),
+                direction,
+            });
+        }
+        first
+    }
+
+    /// A connection closed; `true` when it was the last to that peer.
+    pub(super) fn on_closed(&mut self, ctx: &Ctx, peer: PeerId, id: ConnectionId) -> bool {
+        let Some(conns) = self.connections.get_mut(&peer) else {
+            return false;
+        };
+        conns.retain(|(c, _)| *c != id);
+        if !conns.is_empty() {
+            return false;
+        }
+        self.connections.remove(&peer);
+        self.meta.remove(&peer);
+        ctx.metrics
+            .connected_peers
+            .set(self.connections.len() as i64);
+        ctx.emit(NodeEvent::PeerDisconnected {
+            peer_id: peer.to_base58(),
+        });
+        true
+    }
+
+    /// A dial failed.
+    pub(super) fn on_dial_error(
+        &mut self,
+        ctx: &Ctx,
+        id: ConnectionId,
+        peer: Option<PeerId>,
+        error: &DialError,
+    ) {
+        ctx.metrics.dial_failures.inc();
+        tracing::debug!(?peer, "dial failed: {error}");
+        if let Some(reply) = self.pending_dials.remove(&id) {
+            let _ = reply.send(Err(ConnectError::Dial(error.to_string())));
+        }
+    }
+
+    /// Identify told us a peer's addresses, protocols and agent: peers that
+    /// speak our DHT feed Kademlia, and the record is saved.
+    pub(super) fn on_identify(&mut self, swarm: &mut Swarm<Behaviour>, ev: identify::Event) {
+        let identify::Event::Received { peer_id, info, .. } = ev else {
+            return;
+        };
+        let addrs: Vec<Multiaddr> = info
+            .listen_addrs
+            .into_iter()
+            .filter(|a| is_dialable(a) && !fogmesh_ble::is_ble(a))
+            .take(crate::storage::MAX_ADDRS_PER_PEER)
+            .collect();
+        if info.protocols.contains(&KAD_PROTOCOL) {
+            for a in &addrs {
+                swarm.behaviour_mut().kad.add_address(&peer_id, a.clone());
+            }
+        }
+        self.meta.entry(peer_id).or_default().agent = Some(info.agent_version.clone());
+        self.save(peer_id, addrs, Some(info.agent_version));
+    }
+
+    /// A round-trip time was measured.
+    pub(super) fn on_ping(&mut self, ev: ping::Event) {
+        if let Ok(rtt) = ev.result {
+            // Only for connected peers: a late ping must not resurrect one.
+            if self.connections.contains_key(&ev.peer) {
+                self.meta.entry(ev.peer).or_default().rtt = Some(rtt);
+            }
+        }
+    }
+
+    fn save(&self, peer: PeerId, addrs: Vec<Multiaddr>, agent: Option<String>) {
+        if addrs.is_empty() && agent.is_none() {
+            return;
+        }
+        // Best effort: when the writer falls behind, an address update is
+        // dropped (it is learned again on the next connection).
+        if self
+            .store_tx
+            .try_send(PeerRecordUpdate { peer, addrs, agent })
+            .is_err()
+        {
+            tracing::debug!(%peer, "peer store queue full; update dropped");
+        }
+    }
+}
+
+fn write_peers(store: Store, mut rx: mpsc::Receiver<PeerRecordUpdate>, metrics: NodeMetrics) {
+    while let Some(u) = rx.blocking_recv() {
+        match store.upsert_peer(&u.peer, &u.addrs, u.agent.as_deref()) {
+            Ok(()) => {
+                metrics.peer_records_written.inc();
+            }
+            Err(e) => tracing::warn!(peer = %u.peer, "cannot save peer: {e}"),
+        }
+    }
+}
+
+/// The transport a multiaddr uses, as reported in `peers` and events.
+pub fn transport_kind(addr: &Multiaddr) -> TransportKind {
+    let mut kind = TransportKind::Other;
+    for p in addr.iter() {
+        match p {
+            Protocol::QuicV1 | Protocol::Quic => return TransportKind::Quic,
+            Protocol::Tcp(_) => kind = TransportKind::Tcp,
+            Protocol::Memory(_) => return TransportKind::Memory,
+            Protocol::Ip6zone(_) if fogmesh_ble::is_ble(addr) => return TransportKind::Ble,
+            _ => {}
+        }
+    }
+    kind
+}
+
+/// Whether an address announced by a peer is worth dialling or storing
+/// (unspecified addresses such as 0.0.0.0 are not).
+pub(super) fn is_dialable(addr: &Multiaddr) -> bool {
+    match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => !ip.is_unspecified(),
+        Some(Protocol::Ip6(ip)) => !ip.is_unspecified(),
+        Some(_) => true,
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_kinds() {
+        let t = |s: &str| transport_kind(&s.parse::<Multiaddr>().expect("ma"));
+        assert_eq!(t("/ip4/1.2.3.4/tcp/1"), TransportKind::Tcp);
+        assert_eq!(t("/ip4/1.2.3.4/udp/1/quic-v1"), TransportKind::Quic);
+        assert_eq!(t("/memory/5"), TransportKind::Memory);
+        assert_eq!(t("/ip4/1.2.3.4/udp/1"), TransportKind::Other);
+        assert_eq!(t("/ip6zone/ble-02:00:00:00:00:01"), TransportKind::Ble);
+    }
+
+    #[test]
+    fn unspecified_addresses_are_not_dialable() {
+        assert!(!is_dialable(&"/ip4/0.0.0.0/tcp/1".parse().expect("ma")));
+        assert!(is_dialable(&"/ip4/127.0.0.1/tcp/1".parse().expect("ma")));
+    }
+}
