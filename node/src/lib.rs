@@ -1,8 +1,10 @@
 //! The fogmesh node: configuration, identity, storage, the swarm and its
 //! event loop, the local API, and the command line that drives them.
 //!
-//! The `fogmesh` binary is a thin wrapper around [`cli::main`]. The
-//! simulator builds nodes from the same pieces ([`behaviour`], [`node`]).
+//! The `fogmesh` binary is a thin wrapper around [`cli::main`]. A node is
+//! assembled in one place, [`builder::NodeBuilder`], which the daemon
+//! ([`daemon`]) and the simulator both use; docs/architecture.md describes
+//! the layout and where a new protocol goes.
 #![warn(missing_docs)]
 
 pub mod actor;
