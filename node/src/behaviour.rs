@@ -280,27 +280,7 @@ impl Behaviour {
                 .with_hide_listen_addrs(cfg.hide_listen_addrs),
         );
 
-        let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
-        kad_cfg
-            .set_query_timeout(Duration::from_secs(30))
-            .set_periodic_bootstrap_interval(cfg.kad_bootstrap_interval);
-
-        // One provider record per shared file: the default cap of 1024
-        // provided keys would limit a node to 1024 shares.
-        let store_cfg = kad::store::MemoryStoreConfig {
-            max_provided_keys: 1 << 20,
-            max_providers_per_key: 64,
-            ..Default::default()
-        };
-        let mut kad = kad::Behaviour::with_config(
-            peer_id,
-            kad::store::MemoryStore::with_config(peer_id, store_cfg),
-            kad_cfg,
-        );
-        // Every fogmesh node serves the DHT: without this, Kademlia waits for
-        // a confirmed external address, which nodes on a LAN or loopback
-        // never get.
-        kad.set_mode(Some(kad::Mode::Server));
+        let kad = kademlia(peer_id, cfg);
 
         let mdns = if cfg.mdns {
             Some(mdns::tokio::Behaviour::new(
@@ -344,6 +324,36 @@ impl Behaviour {
             files,
         })
     }
+}
+
+/// Kademlia on our own protocol name, in server mode.
+fn kademlia(
+    peer_id: libp2p::PeerId,
+    cfg: &BehaviourConfig,
+) -> kad::Behaviour<kad::store::MemoryStore> {
+    let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
+    kad_cfg
+        .set_query_timeout(Duration::from_secs(30))
+        .set_periodic_bootstrap_interval(cfg.kad_bootstrap_interval);
+
+    // One provider record per shared file: the default cap of 1024
+    // provided keys would limit a node to 1024 shares.
+    let store_cfg = kad::store::MemoryStoreConfig {
+        max_provided_keys: 1 << 20,
+        max_providers_per_key: 64,
+        ..Default::default()
+    };
+    let mut kad = kad::Behaviour::with_config(
+        peer_id,
+        kad::store::MemoryStore::with_config(peer_id, store_cfg),
+        kad_cfg,
+    );
+    // Every fogmesh node serves the DHT: without this, Kademlia waits for
+    // a confirmed external address, which nodes on a LAN or loopback
+    // never get.
+    kad.set_mode(Some(kad::Mode::Server));
+
+    kad
 }
 
 fn gossipsub_behaviour(

@@ -66,38 +66,9 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
         metrics: node_metrics,
     } = builder.start(shutdown.clone()).await?;
 
-    let api_listener = tokio::net::TcpListener::bind(settings.api)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen for the API on {} (use --api HOST:PORT)",
-                settings.api
-            )
-        })?;
-    let api_addr = api_listener.local_addr()?;
-    let token = api::load_or_create_token(&data_dir)?;
-    let api_task = tokio::spawn(api::serve(
-        api_listener,
-        running.handle.clone(),
-        token,
-        node_metrics,
-        shutdown.clone(),
-    ));
-
+    let (api_addr, api_task) = serve_api(&settings, &running, node_metrics, &shutdown).await?;
     let metrics_task = match settings.metrics {
-        Some(addr) => {
-            let listener = metrics::bind(addr).await?;
-            let bound = listener.local_addr()?;
-            tracing::info!(%bound, "serving metrics");
-            Some((
-                bound,
-                tokio::spawn(metrics::serve(
-                    listener,
-                    Arc::new(registry),
-                    shutdown.clone(),
-                )),
-            ))
-        }
+        Some(addr) => Some(serve_metrics(addr, registry, &shutdown).await?),
         None => None,
     };
 
@@ -137,6 +108,52 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
     let _ = std::fs::remove_file(&endpoint_file);
     tracing::info!("stopped");
     Ok(())
+}
+
+type Task<T> = tokio::task::JoinHandle<T>;
+
+/// Binds the local API and serves it until shutdown.
+async fn serve_api(
+    settings: &Settings,
+    running: &crate::node::RunningNode,
+    metrics: crate::metrics::NodeMetrics,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(std::net::SocketAddr, Task<std::io::Result<()>>)> {
+    let listener = tokio::net::TcpListener::bind(settings.api)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen for the API on {} (use --api HOST:PORT)",
+                settings.api
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    let token = api::load_or_create_token(&settings.data_dir)?;
+    let task = tokio::spawn(api::serve(
+        listener,
+        running.handle.clone(),
+        token,
+        metrics,
+        shutdown.clone(),
+    ));
+    Ok((addr, task))
+}
+
+/// Binds `--metrics` and serves the registry until shutdown.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    registry: libp2p::metrics::Registry,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(std::net::SocketAddr, Task<std::io::Result<()>>)> {
+    let listener = metrics::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    tracing::info!(%bound, "serving metrics");
+    let task = tokio::spawn(metrics::serve(
+        listener,
+        Arc::new(registry),
+        shutdown.clone(),
+    ));
+    Ok((bound, task))
 }
 
 /// The daemon's node: the settings mapped to builder inputs.

@@ -37,6 +37,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use fogmesh_ble::Radio;
 use fogmesh_protocols::policy::Reachability;
+use libp2p::core::transport::ListenerId;
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId, Swarm};
@@ -198,17 +199,7 @@ pub(crate) async fn start(
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunningNode> {
     let peer_id = *swarm.local_peer_id();
-    let mut listen = cfg.listen.clone();
-    if cfg.ble.is_some() {
-        listen.push(fogmesh_ble::listen_addr());
-    }
-    let mut listeners = HashSet::new();
-    for addr in &listen {
-        let id = swarm
-            .listen_on(addr.clone())
-            .with_context(|| format!("cannot listen on {addr}"))?;
-        listeners.insert(id);
-    }
+    let listeners = listen(&mut swarm, &cfg)?;
 
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (events, _) = broadcast::channel(EVENT_QUEUE);
@@ -266,29 +257,54 @@ pub(crate) async fn start(
         commands: cmd_tx,
         events,
     };
-    let task = tokio::spawn(async move {
-        el.run(shutdown).await;
-        // Dropping the loop closes the peer writer's queue; the writer
-        // drains it before it ends, so nothing queued is lost.
-        drop(el);
-        for (name, t) in [
+    let task = tokio::spawn(run(
+        el,
+        shutdown,
+        [
             ("peer writer", writer),
             ("groups", groups_thread),
             ("files", files_thread),
-        ] {
-            if !matches!(
-                tokio::task::spawn_blocking(move || t.join()).await,
-                Ok(Ok(()))
-            ) {
-                tracing::error!("the {name} thread panicked");
-            }
-        }
-    });
+        ],
+    ));
     Ok(RunningNode {
         handle,
         listen_addrs,
         task,
     })
+}
+
+/// Starts a listener on every configured address (and the radio's).
+fn listen(swarm: &mut Swarm<Behaviour>, cfg: &NodeConfig) -> anyhow::Result<HashSet<ListenerId>> {
+    let radio = cfg.ble.as_ref().map(|_| fogmesh_ble::listen_addr());
+    let mut listeners = HashSet::new();
+    for addr in cfg.listen.iter().chain(radio.as_ref()) {
+        let id = swarm
+            .listen_on(addr.clone())
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        listeners.insert(id);
+    }
+    Ok(listeners)
+}
+
+/// The node's task: the event loop until shutdown, then the threads it fed,
+/// in order. Dropping the loop closes the peer writer's queue and the
+/// actors' mailboxes; each drains what it holds before it ends, so nothing
+/// queued is lost.
+async fn run<const N: usize>(
+    mut el: event_loop::EventLoop,
+    shutdown: CancellationToken,
+    threads: [(&'static str, std::thread::JoinHandle<()>); N],
+) {
+    el.run(shutdown).await;
+    drop(el);
+    for (name, t) in threads {
+        if !matches!(
+            tokio::task::spawn_blocking(move || t.join()).await,
+            Ok(Ok(()))
+        ) {
+            tracing::error!("the {name} thread panicked");
+        }
+    }
 }
 
 /// The peers to dial at start: remembered ones first (most recent first,
