@@ -206,6 +206,9 @@ mod tests {
         assert_eq!(ev, Some(NodeEvent::Lagged { missed: 3 }));
         assert_eq!(parse_event_line(b":keep-alive\n"), None);
         assert_eq!(parse_event_line(b"\n"), None);
-        assert_eq!(parse_event_line(b"data: {\"type\":\"from_the_future\"}\n"), None);
+        assert_eq!(
+            parse_event_line(b"data: {\"type\":\"from_the_future\"}\n"),
+            None
+        );
     }
 }

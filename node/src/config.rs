@@ -151,7 +151,13 @@ pub struct Overrides {
     )]
     pub(crate) api: Option<SocketAddr>,
     /// Turn LAN discovery (mDNS) off.
-    #[arg(long = "no-mdns", env = "FOGMESH_NO_MDNS", num_args = 0, default_missing_value = "true", value_parser = switched_off())]
+    #[arg(
+        long = "no-mdns",
+        env = "FOGMESH_NO_MDNS",
+        num_args = 0,
+        default_missing_value = "true",
+        value_parser = switched_off()
+    )]
     pub(crate) mdns: Option<bool>,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics.
     #[arg(long, value_name = "HOST:PORT", env = "FOGMESH_METRICS")]
@@ -204,11 +210,21 @@ pub struct Overrides {
     pub(crate) group_rate: Option<f64>,
     /// Limit on file uploads, bytes per second, e.g. 20MiB (K, M, G are
     /// powers of 1000; KiB, MiB, GiB powers of 1024). Default: none.
-    #[arg(long, value_name = "RATE", env = "FOGMESH_MAX_UPLOAD_RATE", value_parser = parse_rate)]
+    #[arg(
+        long,
+        value_name = "RATE",
+        env = "FOGMESH_MAX_UPLOAD_RATE",
+        value_parser = parse_rate
+    )]
     #[serde(deserialize_with = "from_str::rate")]
     pub(crate) max_upload_rate: Option<u64>,
     /// Limit on file downloads, bytes per second, e.g. 20MiB. Default: none.
-    #[arg(long, value_name = "RATE", env = "FOGMESH_MAX_DOWNLOAD_RATE", value_parser = parse_rate)]
+    #[arg(
+        long,
+        value_name = "RATE",
+        env = "FOGMESH_MAX_DOWNLOAD_RATE",
+        value_parser = parse_rate
+    )]
     #[serde(deserialize_with = "from_str::rate")]
     pub(crate) max_download_rate: Option<u64>,
     /// Write every gossip message received on the wire (duplicates
@@ -219,7 +235,12 @@ pub struct Overrides {
     /// Turn BLE on: an adapter name such as hci0 (BlueZ; needs a build with
     /// the `bluez` feature), or sim:SOCKET to join a simulated medium run
     /// by `fogmesh radio serve`.
-    #[arg(long, value_name = "hci0|sim:SOCKET", env = "FOGMESH_BLE", value_parser = parse_ble)]
+    #[arg(
+        long,
+        value_name = "hci0|sim:SOCKET",
+        env = "FOGMESH_BLE",
+        value_parser = parse_ble
+    )]
     #[serde(deserialize_with = "from_str::ble")]
     pub(crate) ble: Option<BleRadio>,
     #[arg(
@@ -237,7 +258,13 @@ pub struct Overrides {
     pub(crate) ble_position: Option<fogmesh_ble::sim::Position>,
     /// Turn the IP transports (TCP, QUIC, mDNS) off: an offline peer that
     /// only talks over BLE.
-    #[arg(long = "no-internet", env = "FOGMESH_NO_INTERNET", num_args = 0, default_missing_value = "true", value_parser = switched_off())]
+    #[arg(
+        long = "no-internet",
+        env = "FOGMESH_NO_INTERNET",
+        num_args = 0,
+        default_missing_value = "true",
+        value_parser = switched_off()
+    )]
     pub(crate) internet: Option<bool>,
 }
 
@@ -311,7 +338,10 @@ impl Settings {
                 .max_connections
                 .or(file.max_connections)
                 .unwrap_or(BehaviourConfig::default().max_connections),
-            min_peers: over.min_peers.or(file.min_peers).unwrap_or(DEFAULT_MIN_PEERS),
+            min_peers: over
+                .min_peers
+                .or(file.min_peers)
+                .unwrap_or(DEFAULT_MIN_PEERS),
             idle_timeout: over
                 .idle_timeout_secs
                 .or(file.idle_timeout_secs)
@@ -442,7 +472,8 @@ mod from_str {
     }
 
     fn multiaddr(s: &str) -> Result<Multiaddr, String> {
-        s.parse().map_err(|e| format!("{s:?} is not a multiaddr: {e}"))
+        s.parse()
+            .map_err(|e| format!("{s:?} is not a multiaddr: {e}"))
     }
 
     pub(super) fn listen<'de, D: Deserializer<'de>>(
@@ -626,7 +657,13 @@ mod tests {
         )
         .expect("offline with BLE");
         assert!(s.listen.is_empty() && !s.mdns && !s.internet);
-        let offline_listen = ["--no-internet", "--ble", "hci0", "--listen", "/ip4/0.0.0.0/tcp/0"];
+        let offline_listen = [
+            "--no-internet",
+            "--ble",
+            "hci0",
+            "--listen",
+            "/ip4/0.0.0.0/tcp/0",
+        ];
         assert!(resolve(Overrides::default(), flags(&offline_listen)).is_err());
         let s = resolve(
             file("ble = \"sim:/tmp/m\"\nble_position = \"3,4\""),

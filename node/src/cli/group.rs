@@ -108,11 +108,9 @@ pub(super) async fn run(client: Client, cmd: GroupCommand, out: Output) -> anyho
             let path = format!("groups/{group_id}/members");
             ack(client.post(&path, &MemberRequest { peer_id }).await?)
         }
-        GroupCommand::Remove { group_id, peer_id } => {
-            ack(client
-                .delete(&format!("groups/{group_id}/members/{peer_id}"))
-                .await?)
-        }
+        GroupCommand::Remove { group_id, peer_id } => ack(client
+            .delete(&format!("groups/{group_id}/members/{peer_id}"))
+            .await?),
         GroupCommand::Leave { group_id } => {
             let path = format!("groups/{group_id}/leave");
             ack(client.post(&path, &serde_json::json!({})).await?)
@@ -163,7 +161,9 @@ async fn follow(
             () = &mut closed => return Err(StdoutClosed.into()),
         };
         let Some(ev) = ev else { return Ok(()) };
-        if let NodeEvent::GroupMessage { group_id: g, id, .. } = &ev
+        if let NodeEvent::GroupMessage {
+            group_id: g, id, ..
+        } = &ev
             && g == group_id
             && seen.insert(id.clone())
         {

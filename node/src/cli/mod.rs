@@ -226,6 +226,9 @@ mod tests {
         assert_eq!(exit_code_of(&anyhow::anyhow!("broken")), 2);
         assert_eq!(exit_code_of(&output::StdoutClosed.into()), 0);
         assert!(found(&[1], "ones").is_ok());
-        assert_eq!(exit_code_of(&found::<u8>(&[], "ones").expect_err("empty")), 1);
+        assert_eq!(
+            exit_code_of(&found::<u8>(&[], "ones").expect_err("empty")),
+            1
+        );
     }
 }

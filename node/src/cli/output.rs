@@ -75,7 +75,9 @@ fn write_to(
     out: &mut dyn Write,
     f: impl FnOnce(Human<'_>) -> io::Result<()>,
 ) -> anyhow::Result<()> {
-    f(&mut *out).and_then(|()| out.flush()).map_err(stdout_error)
+    f(&mut *out)
+        .and_then(|()| out.flush())
+        .map_err(stdout_error)
 }
 
 fn stdout_error(e: io::Error) -> anyhow::Error {

@@ -11,8 +11,8 @@ use anyhow::Context;
 use clap::Subcommand;
 use fogmesh_ble::sim::{self, AdminRequest, LinkModel, Medium, Position};
 
-use super::output::{self, Human, Output};
 use super::found;
+use super::output::{self, Human, Output};
 
 #[derive(Debug, Subcommand)]
 pub(super) enum RadioCommand {
@@ -59,7 +59,11 @@ pub(super) enum RadioCommand {
         #[arg(value_name = "DEVICE")]
         device: String,
         /// The new position, metres.
-        #[arg(value_name = "X,Y", value_parser = crate::config::parse_position, allow_hyphen_values = true)]
+        #[arg(
+            value_name = "X,Y",
+            value_parser = crate::config::parse_position,
+            allow_hyphen_values = true
+        )]
         position: Position,
     },
     /// Drop every link of a device on a medium, as a radio reset would.
