@@ -1,12 +1,11 @@
-//! The client side of the local API, used by the CLI's client commands. It
-//! finds the running daemon from the data directory alone (`api.json` and
-//! `api.token`).
+//! The client side of the local API, used by the CLI's client commands and
+//! the benchmarks. It finds the running daemon from the data directory alone
+//! (`api.json` and `api.token`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
-use futures::StreamExt;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -83,35 +82,28 @@ impl Client {
         decode(resp).await
     }
 
+    /// Subscribes to `/v1/events`. The subscription exists when this
+    /// returns: events that happen afterwards are all in the stream (unless
+    /// the reader falls so far behind that the daemon drops some, which it
+    /// reports with a `lagged` event).
+    pub async fn events(&self) -> anyhow::Result<EventStream> {
+        let resp = self.send(self.http.get(self.url("events"))).await?;
+        if !resp.status().is_success() {
+            decode::<serde_json::Value>(resp).await?;
+            bail!("the daemon refused the event stream");
+        }
+        Ok(EventStream {
+            resp,
+            buf: Vec::new(),
+        })
+    }
+
     /// Follows `/v1/events`, calling `f` for each event until the stream
     /// ends (the daemon stopped).
     pub async fn follow_events(&self, mut f: impl FnMut(NodeEvent)) -> anyhow::Result<()> {
-        let resp = self.send(self.http.get(self.url("events"))).await?;
-        if !resp.status().is_success() {
-            return decode::<serde_json::Value>(resp).await.map(|_| ());
-        }
-        let mut body = resp.bytes_stream();
-        let mut buf: Vec<u8> = Vec::new();
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.context("event stream broken")?;
-            buf.extend_from_slice(&chunk);
-            // Server-sent events: lines, `data:` carries the JSON, a blank
-            // line ends an event. One JSON document per data line here.
-            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=pos).collect();
-                let line = String::from_utf8_lossy(&line);
-                if let Some(data) = line.trim_end().strip_prefix("data:") {
-                    match serde_json::from_str::<NodeEvent>(data.trim_start()) {
-                        Ok(ev) => f(ev),
-                        Err(e) => {
-                            tracing::debug!("skipping an event this client does not know: {e}")
-                        }
-                    }
-                }
-            }
-            if buf.len() > 1 << 20 {
-                bail!("event stream sent a line over 1 MiB");
-            }
+        let mut events = self.events().await?;
+        while let Some(ev) = events.next().await? {
+            f(ev);
         }
         Ok(())
     }
@@ -150,4 +142,73 @@ async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> anyhow::Result<
         bail!("{msg} (HTTP {})", status.as_u16());
     }
     serde_json::from_slice(&bytes).context("the daemon's answer is not what this client expects")
+}
+
+/// The daemon's events, as [`Client::events`] subscribed to them.
+#[derive(Debug)]
+pub struct EventStream {
+    resp: reqwest::Response,
+    /// Bytes received and not yet parsed (at most one line, bounded by
+    /// [`MAX_EVENT_LINE`]).
+    buf: Vec<u8>,
+}
+
+/// The longest event line accepted from the daemon.
+const MAX_EVENT_LINE: usize = 1 << 20;
+
+impl EventStream {
+    /// The next event; `None` when the daemon ended the stream (it
+    /// stopped). Events this client does not know are skipped.
+    ///
+    /// Cancel-safe: dropping the future loses no event (received bytes
+    /// stay buffered in `self`).
+    pub async fn next(&mut self) -> anyhow::Result<Option<NodeEvent>> {
+        loop {
+            while let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=pos).collect();
+                if let Some(ev) = parse_event_line(&line) {
+                    return Ok(Some(ev));
+                }
+            }
+            if self.buf.len() > MAX_EVENT_LINE {
+                bail!("event stream sent a line over 1 MiB");
+            }
+            match self.resp.chunk().await.context("event stream broken")? {
+                Some(chunk) => self.buf.extend_from_slice(&chunk),
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
+/// Server-sent events: lines; `data:` carries the JSON (one document per
+/// data line here); other lines (blank ones, keep-alive comments) carry
+/// nothing.
+fn parse_event_line(line: &[u8]) -> Option<NodeEvent> {
+    let line = String::from_utf8_lossy(line);
+    let data = line.trim_end().strip_prefix("data:")?;
+    match serde_json::from_str::<NodeEvent>(data.trim_start()) {
+        Ok(ev) => Some(ev),
+        Err(e) => {
+            tracing::debug!("skipping an event this client does not know: {e}");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_lines() {
+        let ev = parse_event_line(b"data: {\"type\":\"lagged\",\"missed\":3}\n");
+        assert_eq!(ev, Some(NodeEvent::Lagged { missed: 3 }));
+        assert_eq!(parse_event_line(b":keep-alive\n"), None);
+        assert_eq!(parse_event_line(b"\n"), None);
+        assert_eq!(
+            parse_event_line(b"data: {\"type\":\"from_the_future\"}\n"),
+            None
+        );
+    }
 }

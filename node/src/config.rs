@@ -2,18 +2,27 @@
 //! the data directory (`config.toml`), then environment variables, then
 //! command-line flags; a later layer wins.
 //!
-//! Environment variables and flags are both handled by clap (each flag names
-//! its `FOGMESH_*` variable), so this module only has to merge what clap
-//! produced with the config file and the defaults.
+//! Each setting is declared once, as a field of [`Overrides`]: that type is
+//! both the flags (and `FOGMESH_*` variables) of `fogmesh run`, through clap,
+//! and the content of `config.toml`, through serde. Every field is optional:
+//! [`Settings::resolve`] merges the two layers and fills what neither says
+//! with the defaults, which come from the node's own config types
+//! ([`BehaviourConfig`], [`GroupsConfig`]) or from the constants below. The
+//! help text shows a default by formatting that same value.
 
-use std::net::SocketAddr;
+use std::fmt::Display;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use clap::builder::{FalseyValueParser, TypedValueParser as _};
 use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use serde::Deserialize;
+
+use crate::behaviour::BehaviourConfig;
+use crate::groups::GroupsConfig;
 
 /// The config file's name inside the data directory.
 pub const CONFIG_FILE: &str = "config.toml";
@@ -22,6 +31,14 @@ pub const CONFIG_FILE: &str = "config.toml";
 pub const DEFAULT_P2P_PORT: u16 = 7373;
 /// The default loopback port of the local API.
 pub const DEFAULT_API_PORT: u16 = 7374;
+/// The default address of the local API.
+pub const DEFAULT_API_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, DEFAULT_API_PORT));
+/// Below this many connected peers, by default, discovered peers are
+/// dialled.
+pub const DEFAULT_MIN_PEERS: usize = 8;
+/// How long, by default, a connection with no open stream is kept.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
@@ -32,6 +49,16 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+impl std::fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The name clap accepts, which is also the config file's.
+        match clap::ValueEnum::to_possible_value(self) {
+            Some(v) => f.write_str(v.get_name()),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The settings of a running daemon, after all layers are merged.
@@ -82,71 +109,184 @@ pub enum BleRadio {
     Adapter(String),
 }
 
-/// Parses `--ble`: `sim:SOCKET` or an adapter name like `hci0`.
-pub fn parse_ble(s: &str) -> Result<BleRadio, String> {
-    if let Some(path) = s.strip_prefix("sim:") {
-        if path.is_empty() {
-            return Err(
-                "--ble sim: needs the medium's socket path, as in sim:/tmp/radio.sock".into(),
-            );
-        }
-        return Ok(BleRadio::Sim(PathBuf::from(path)));
-    }
-    if !s.is_empty() && s.len() <= 16 && s.chars().all(|c| c.is_ascii_alphanumeric()) {
-        return Ok(BleRadio::Adapter(s.to_owned()));
-    }
-    Err(format!(
-        "--ble {s:?}: expected an adapter name such as hci0, or sim:SOCKET for a simulated medium"
-    ))
+/// What the command line, the environment or the config file says about
+/// each daemon setting; `None` where it says nothing.
+///
+/// A field's config key is its name; its flag is `--` and the name with
+/// dashes, except for the switches `mdns` and `internet`, which are turned
+/// off with `--no-mdns` and `--no-internet`. Unknown config keys are an
+/// error, so that a typo does not go unnoticed. A config value is parsed by
+/// the same function as its flag. Fields without a doc comment state their
+/// help (with the default) in their `help` attribute.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Overrides {
+    #[arg(
+        long = "listen",
+        value_name = "MULTIADDR",
+        env = "FOGMESH_LISTEN",
+        value_delimiter = ',',
+        help = with_default(
+            "Address to listen on (repeatable; port 0 picks a free port)",
+            default_listen().iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+        )
+    )]
+    #[serde(deserialize_with = "from_str::listen")]
+    pub(crate) listen: Option<Vec<Multiaddr>>,
+    /// Peer to dial at start, ending with /p2p/<peer id> (repeatable).
+    #[arg(
+        long = "bootstrap",
+        value_name = "MULTIADDR",
+        env = "FOGMESH_BOOTSTRAP",
+        value_delimiter = ',',
+        value_parser = parse_bootstrap
+    )]
+    #[serde(deserialize_with = "from_str::bootstrap")]
+    pub(crate) bootstrap: Option<Vec<Multiaddr>>,
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        env = "FOGMESH_API",
+        help = with_default("Address of the local API; must be loopback", DEFAULT_API_ADDR)
+    )]
+    pub(crate) api: Option<SocketAddr>,
+    /// Turn LAN discovery (mDNS) off.
+    #[arg(
+        long = "no-mdns",
+        env = "FOGMESH_NO_MDNS",
+        num_args = 0,
+        default_missing_value = "true",
+        value_parser = switched_off()
+    )]
+    pub(crate) mdns: Option<bool>,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics.
+    #[arg(long, value_name = "HOST:PORT", env = "FOGMESH_METRICS")]
+    pub(crate) metrics: Option<SocketAddr>,
+    #[arg(
+        long,
+        value_name = "FORMAT",
+        env = "FOGMESH_LOG_FORMAT",
+        help = with_default(
+            "Log format on stderr (the filter comes from RUST_LOG, default info)",
+            LogFormat::default(),
+        )
+    )]
+    pub(crate) log_format: Option<LogFormat>,
+    #[arg(
+        long,
+        value_name = "N",
+        help = with_default(
+            "Established connections allowed in total",
+            BehaviourConfig::default().max_connections,
+        )
+    )]
+    pub(crate) max_connections: Option<u32>,
+    #[arg(
+        long,
+        value_name = "N",
+        help = with_default(
+            "Below this many connected peers, discovered peers are dialled",
+            DEFAULT_MIN_PEERS,
+        )
+    )]
+    pub(crate) min_peers: Option<usize>,
+    #[arg(
+        long,
+        value_name = "SECS",
+        help = with_default(
+            "Seconds a connection with no open stream is kept",
+            DEFAULT_IDLE_TIMEOUT.as_secs(),
+        )
+    )]
+    pub(crate) idle_timeout_secs: Option<u64>,
+    #[arg(
+        long,
+        value_name = "MSGS",
+        help = with_default(
+            "Gossiped group messages per second accepted from one sender (bursts of four times as many)",
+            GroupsConfig::default().sender_rate,
+        )
+    )]
+    pub(crate) group_rate: Option<f64>,
+    /// Limit on file uploads, bytes per second, e.g. 20MiB (K, M, G are
+    /// powers of 1000; KiB, MiB, GiB powers of 1024). Default: none.
+    #[arg(
+        long,
+        value_name = "RATE",
+        env = "FOGMESH_MAX_UPLOAD_RATE",
+        value_parser = parse_rate
+    )]
+    #[serde(deserialize_with = "from_str::rate")]
+    pub(crate) max_upload_rate: Option<u64>,
+    /// Limit on file downloads, bytes per second, e.g. 20MiB. Default: none.
+    #[arg(
+        long,
+        value_name = "RATE",
+        env = "FOGMESH_MAX_DOWNLOAD_RATE",
+        value_parser = parse_rate
+    )]
+    #[serde(deserialize_with = "from_str::rate")]
+    pub(crate) max_download_rate: Option<u64>,
+    /// Write every gossip message received on the wire (duplicates
+    /// included), every delivery and every publish as NDJSON to this file,
+    /// in the gossipsub-interop style (for studies under Shadow).
+    #[arg(long, value_name = "PATH", env = "FOGMESH_EVENT_LOG")]
+    pub(crate) event_log: Option<PathBuf>,
+    /// Turn BLE on: an adapter name such as hci0 (BlueZ; needs a build with
+    /// the `bluez` feature), or sim:SOCKET to join a simulated medium run
+    /// by `fogmesh radio serve`.
+    #[arg(
+        long,
+        value_name = "hci0|sim:SOCKET",
+        env = "FOGMESH_BLE",
+        value_parser = parse_ble
+    )]
+    #[serde(deserialize_with = "from_str::ble")]
+    pub(crate) ble: Option<BleRadio>,
+    #[arg(
+        long,
+        value_name = "X,Y",
+        env = "FOGMESH_BLE_POSITION",
+        value_parser = parse_position,
+        allow_hyphen_values = true,
+        help = with_default(
+            "This node's position on a simulated medium, metres",
+            position_text(fogmesh_ble::sim::Position::default()),
+        )
+    )]
+    #[serde(deserialize_with = "from_str::position")]
+    pub(crate) ble_position: Option<fogmesh_ble::sim::Position>,
+    /// Turn the IP transports (TCP, QUIC, mDNS) off: an offline peer that
+    /// only talks over BLE.
+    #[arg(
+        long = "no-internet",
+        env = "FOGMESH_NO_INTERNET",
+        num_args = 0,
+        default_missing_value = "true",
+        value_parser = switched_off()
+    )]
+    pub(crate) internet: Option<bool>,
 }
 
-/// Parses `--ble-position X,Y` (metres).
-pub fn parse_position(s: &str) -> Result<fogmesh_ble::sim::Position, String> {
-    s.parse()
+/// A help line that ends with the default, formatted from the value the
+/// daemon falls back on.
+fn with_default(help: &str, default: impl Display) -> String {
+    format!("{help} [default: {default}]")
 }
 
-/// What the config file may hold. Every key is optional; unknown keys are an
-/// error so that a typo does not go unnoticed.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    /// `listen = ["/ip4/0.0.0.0/tcp/7373", ...]`
-    pub listen: Option<Vec<String>>,
-    /// `bootstrap = ["/ip4/.../tcp/.../p2p/12D3...", ...]`
-    pub bootstrap: Option<Vec<String>>,
-    /// `api = "127.0.0.1:7374"`
-    pub api: Option<SocketAddr>,
-    /// `mdns = false` turns mDNS off.
-    pub mdns: Option<bool>,
-    /// `metrics = "127.0.0.1:9100"`
-    pub metrics: Option<SocketAddr>,
-    /// `log_format = "json"`
-    pub log_format: Option<LogFormat>,
-    /// `max_connections = 200`
-    pub max_connections: Option<u32>,
-    /// `min_peers = 8`
-    pub min_peers: Option<usize>,
-    /// `idle_timeout_secs = 120`
-    pub idle_timeout_secs: Option<u64>,
-    /// `group_rate = 50`
-    pub group_rate: Option<f64>,
-    /// `max_upload_rate = "20MiB"`
-    pub max_upload_rate: Option<String>,
-    /// `max_download_rate = "20MiB"`
-    pub max_download_rate: Option<String>,
-    /// `event_log = "/path/events.ndjson"`
-    pub event_log: Option<PathBuf>,
-    /// `ble = "hci0"` or `ble = "sim:/path/to/medium.sock"`
-    pub ble: Option<String>,
-    /// `ble_position = "10,5"` (metres, on a simulated medium)
-    pub ble_position: Option<String>,
-    /// `internet = false` turns TCP, QUIC and mDNS off
-    pub internet: Option<bool>,
+fn position_text(p: fogmesh_ble::sim::Position) -> String {
+    format!("{},{}", p.x, p.y)
 }
 
-impl FileConfig {
-    /// Reads `config.toml` from `data_dir`; an absent file is an empty
-    /// config.
+/// Parses a `--no-X` switch (or its variable, `FOGMESH_NO_X=1`) into the
+/// setting `X`: given means off; a false-looking variable (`0`, `false`,
+/// `no`, `off`, empty) means on.
+fn switched_off() -> impl clap::builder::TypedValueParser<Value = bool> {
+    FalseyValueParser::new().map(|off: bool| !off)
+}
+
+impl Overrides {
+    /// Reads `config.toml` from `data_dir`; an absent file says nothing.
     pub fn load(data_dir: &Path) -> anyhow::Result<Self> {
         let p = data_dir.join(CONFIG_FILE);
         match std::fs::read_to_string(&p) {
@@ -158,143 +298,77 @@ impl FileConfig {
     }
 }
 
-/// What the command line and environment said (clap's output for `run`).
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    /// `--listen` / `FOGMESH_LISTEN`.
-    pub listen: Vec<Multiaddr>,
-    /// `--bootstrap` / `FOGMESH_BOOTSTRAP`.
-    pub bootstrap: Vec<Multiaddr>,
-    /// `--api` / `FOGMESH_API`.
-    pub api: Option<SocketAddr>,
-    /// `--no-mdns` / `FOGMESH_NO_MDNS`.
-    pub no_mdns: bool,
-    /// `--metrics` / `FOGMESH_METRICS`.
-    pub metrics: Option<SocketAddr>,
-    /// `--log-format` / `FOGMESH_LOG_FORMAT`.
-    pub log_format: Option<LogFormat>,
-    /// `--max-connections`.
-    pub max_connections: Option<u32>,
-    /// `--min-peers`.
-    pub min_peers: Option<usize>,
-    /// `--idle-timeout-secs`.
-    pub idle_timeout_secs: Option<u64>,
-    /// `--group-rate`.
-    pub group_rate: Option<f64>,
-    /// `--max-upload-rate`, bytes per second.
-    pub max_upload_rate: Option<u64>,
-    /// `--max-download-rate`, bytes per second.
-    pub max_download_rate: Option<u64>,
-    /// `--event-log`.
-    pub event_log: Option<PathBuf>,
-    /// `--ble`.
-    pub ble: Option<BleRadio>,
-    /// `--ble-position`.
-    pub ble_position: Option<fogmesh_ble::sim::Position>,
-    /// `--no-internet`.
-    pub no_internet: bool,
-}
-
 impl Settings {
-    /// Merges the layers. `data_dir` is already resolved.
-    pub fn resolve(data_dir: PathBuf, file: FileConfig, over: Overrides) -> anyhow::Result<Self> {
-        let ble = match over.ble {
-            Some(b) => Some(b),
-            None => file
-                .ble
-                .as_deref()
-                .map(parse_ble)
-                .transpose()
-                .map_err(|e| anyhow::anyhow!("config key ble: {e}"))?,
+    /// Merges the layers: `over` (flags and environment) beats `file`
+    /// (`config.toml`), which beats the defaults. `data_dir` is already
+    /// resolved.
+    pub fn resolve(data_dir: PathBuf, file: Overrides, over: Overrides) -> anyhow::Result<Self> {
+        let ble = over.ble.or(file.ble);
+        let internet = over.internet.or(file.internet).unwrap_or(true);
+        let listen = match over.listen.or(file.listen) {
+            Some(listen) => listen,
+            None if internet => default_listen(),
+            None => Vec::new(),
         };
-        let ble_position = match over.ble_position {
-            Some(p) => p,
-            None => file
-                .ble_position
-                .as_deref()
-                .map(parse_position)
-                .transpose()
-                .map_err(|e| anyhow::anyhow!("config key ble_position: {e}"))?
-                .unwrap_or_default(),
-        };
-        let internet = !over.no_internet && file.internet.unwrap_or(true);
-        if !internet && ble.is_none() {
-            bail!(
-                "--no-internet leaves no transport: turn BLE on with --ble hci0 or --ble sim:SOCKET"
-            );
-        }
-        let listen = if !over.listen.is_empty() {
-            over.listen
-        } else if let Some(list) = file.listen {
-            parse_list(&list, "listen", |_| Ok(()))?
-        } else if internet {
-            default_listen()
-        } else {
-            Vec::new()
-        };
-        if !internet && !listen.is_empty() {
-            bail!(
-                "--no-internet turns the IP transports off, so --listen addresses cannot be used with it"
-            );
-        }
-        let bootstrap = if !over.bootstrap.is_empty() {
-            over.bootstrap
-        } else if let Some(list) = file.bootstrap {
-            parse_list(&list, "bootstrap", check_bootstrap)?
-        } else {
-            Vec::new()
-        };
-        let api = over
-            .api
-            .or(file.api)
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], DEFAULT_API_PORT)));
-        let group_rate = over.group_rate.or(file.group_rate).unwrap_or(50.0);
-        if !(group_rate.is_finite() && group_rate > 0.0) {
-            bail!(
-                "the group rate must be a positive number of messages per second, not {group_rate}"
-            );
-        }
-        let rate = |key: &str, v: Option<String>| -> anyhow::Result<Option<u64>> {
-            v.map(|s| parse_rate(&s).map_err(|e| anyhow::anyhow!("config key {key}: {e}")))
-                .transpose()
-        };
-        let max_upload_rate = match over.max_upload_rate {
-            Some(r) => Some(r),
-            None => rate("max_upload_rate", file.max_upload_rate)?,
-        };
-        let max_download_rate = match over.max_download_rate {
-            Some(r) => Some(r),
-            None => rate("max_download_rate", file.max_download_rate)?,
-        };
+        check_transports(internet, ble.is_some(), &listen)?;
+        let api = over.api.or(file.api).unwrap_or(DEFAULT_API_ADDR);
         if !api.ip().is_loopback() {
             bail!(
                 "the API address {api} is not a loopback address: the local API must not be reachable from the network"
             );
         }
+        let group_rate = over
+            .group_rate
+            .or(file.group_rate)
+            .unwrap_or(GroupsConfig::default().sender_rate);
+        if !(group_rate.is_finite() && group_rate > 0.0) {
+            bail!(
+                "the group rate must be a positive number of messages per second, not {group_rate}"
+            );
+        }
         Ok(Settings {
             data_dir,
             listen,
-            bootstrap,
+            bootstrap: over.bootstrap.or(file.bootstrap).unwrap_or_default(),
             api,
-            mdns: internet && !over.no_mdns && file.mdns.unwrap_or(true),
+            mdns: internet && over.mdns.or(file.mdns).unwrap_or(true),
             metrics: over.metrics.or(file.metrics),
             log_format: over.log_format.or(file.log_format).unwrap_or_default(),
-            max_connections: over.max_connections.or(file.max_connections).unwrap_or(200),
-            min_peers: over.min_peers.or(file.min_peers).unwrap_or(8),
-            idle_timeout: Duration::from_secs(
-                over.idle_timeout_secs
-                    .or(file.idle_timeout_secs)
-                    .unwrap_or(300),
-            ),
+            max_connections: over
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(BehaviourConfig::default().max_connections),
+            min_peers: over
+                .min_peers
+                .or(file.min_peers)
+                .unwrap_or(DEFAULT_MIN_PEERS),
+            idle_timeout: over
+                .idle_timeout_secs
+                .or(file.idle_timeout_secs)
+                .map_or(DEFAULT_IDLE_TIMEOUT, Duration::from_secs),
             group_rate,
-            max_upload_rate,
-            max_download_rate,
+            max_upload_rate: over.max_upload_rate.or(file.max_upload_rate),
+            max_download_rate: over.max_download_rate.or(file.max_download_rate),
             event_log: over.event_log.or(file.event_log),
             ble,
-            ble_position,
+            ble_position: over.ble_position.or(file.ble_position).unwrap_or_default(),
             internet,
         })
     }
+}
+
+/// Refuses transport settings that leave the node without a transport or
+/// that cannot be honoured.
+fn check_transports(internet: bool, ble: bool, listen: &[Multiaddr]) -> anyhow::Result<()> {
+    if !internet && !ble {
+        bail!("--no-internet leaves no transport: turn BLE on with --ble hci0 or --ble sim:SOCKET");
+    }
+    if !internet && !listen.is_empty() {
+        bail!(
+            "--no-internet turns the IP transports off, so --listen addresses cannot be used with it"
+        );
+    }
+    Ok(())
 }
 
 /// The listen addresses used when none are configured: TCP and QUIC on all
@@ -339,62 +413,220 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
     }
 }
 
-/// clap value parser for `--bootstrap`.
+/// Parses `--bootstrap` (and the `bootstrap` key): a multiaddr that ends
+/// with `/p2p/<peer id>`.
 pub fn parse_bootstrap(s: &str) -> Result<Multiaddr, String> {
     let addr: Multiaddr = s.parse().map_err(|e| format!("not a multiaddr: {e}"))?;
     check_bootstrap(&addr)?;
     Ok(addr)
 }
 
-fn parse_list(
-    list: &[String],
-    key: &str,
-    check: impl Fn(&Multiaddr) -> Result<(), String>,
-) -> anyhow::Result<Vec<Multiaddr>> {
-    list.iter()
-        .map(|s| {
-            let addr: Multiaddr = s
-                .parse()
-                .with_context(|| format!("config key {key}: {s:?} is not a multiaddr"))?;
-            check(&addr).map_err(|e| anyhow::anyhow!("config key {key}: {e}"))?;
-            Ok(addr)
-        })
-        .collect()
+/// Parses `--ble`: `sim:SOCKET` or an adapter name like `hci0`.
+pub fn parse_ble(s: &str) -> Result<BleRadio, String> {
+    if let Some(path) = s.strip_prefix("sim:") {
+        if path.is_empty() {
+            return Err(
+                "--ble sim: needs the medium's socket path, as in sim:/tmp/radio.sock".into(),
+            );
+        }
+        return Ok(BleRadio::Sim(PathBuf::from(path)));
+    }
+    if !s.is_empty() && s.len() <= 16 && s.chars().all(|c| c.is_ascii_alphanumeric()) {
+        return Ok(BleRadio::Adapter(s.to_owned()));
+    }
+    Err(format!(
+        "--ble {s:?}: expected an adapter name such as hci0, or sim:SOCKET for a simulated medium"
+    ))
+}
+
+/// Parses `--ble-position X,Y` (metres).
+pub fn parse_position(s: &str) -> Result<fogmesh_ble::sim::Position, String> {
+    s.parse()
+}
+
+/// serde adapters for the config keys whose values are strings parsed like
+/// their flags (`deserialize_with` wants one function per value type).
+mod from_str {
+    use libp2p::Multiaddr;
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer};
+
+    use super::BleRadio;
+
+    type Parse<T> = fn(&str) -> Result<T, String>;
+
+    fn one<'de, D: Deserializer<'de>, T>(d: D, parse: Parse<T>) -> Result<Option<T>, D::Error> {
+        let s = String::deserialize(d)?;
+        parse(&s).map(Some).map_err(D::Error::custom)
+    }
+
+    fn list<'de, D: Deserializer<'de>, T>(
+        d: D,
+        parse: Parse<T>,
+    ) -> Result<Option<Vec<T>>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|s| parse(s).map_err(D::Error::custom))
+            .collect::<Result<_, _>>()
+            .map(Some)
+    }
+
+    fn multiaddr(s: &str) -> Result<Multiaddr, String> {
+        s.parse()
+            .map_err(|e| format!("{s:?} is not a multiaddr: {e}"))
+    }
+
+    pub(super) fn listen<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<Multiaddr>>, D::Error> {
+        list(d, multiaddr)
+    }
+
+    pub(super) fn bootstrap<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<Multiaddr>>, D::Error> {
+        list(d, super::parse_bootstrap)
+    }
+
+    pub(super) fn rate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        one(d, super::parse_rate)
+    }
+
+    pub(super) fn ble<'de, D: Deserializer<'de>>(d: D) -> Result<Option<BleRadio>, D::Error> {
+        one(d, super::parse_ble)
+    }
+
+    pub(super) fn position<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<fogmesh_ble::sim::Position>, D::Error> {
+        one(d, super::parse_position)
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use clap::{CommandFactory, Parser};
+
     use super::*;
+
+    /// `fogmesh run`'s settings alone, parsed the way the CLI parses them.
+    #[derive(Debug, Parser)]
+    struct Flags {
+        #[command(flatten)]
+        settings: Overrides,
+    }
+
+    fn flags(args: &[&str]) -> Overrides {
+        let argv = std::iter::once("run").chain(args.iter().copied());
+        Flags::try_parse_from(argv).expect("flags").settings
+    }
+
+    fn file(text: &str) -> Overrides {
+        toml::from_str(text).expect("toml")
+    }
+
+    fn resolve(file: Overrides, over: Overrides) -> anyhow::Result<Settings> {
+        Settings::resolve("/tmp/x".into(), file, over)
+    }
 
     #[test]
     fn flags_beat_file_beat_defaults() {
-        let file: FileConfig = toml::from_str(
+        let file = file(
             r#"
             api = "127.0.0.1:9000"
             mdns = false
             max_connections = 10
             listen = ["/ip4/127.0.0.1/tcp/1"]
+            group_rate = 5
             "#,
-        )
-        .expect("toml");
-        let over = Overrides {
-            api: Some("127.0.0.1:9001".parse().expect("addr")),
-            ..Default::default()
-        };
-        let s = Settings::resolve("/tmp/x".into(), file, over).expect("resolve");
+        );
+        let over = flags(&["--api", "127.0.0.1:9001", "--group-rate", "7"]);
+        let s = resolve(file, over).expect("resolve");
         assert_eq!(s.api.port(), 9001);
+        assert_eq!(s.group_rate, 7.0);
         assert!(!s.mdns);
         assert_eq!(s.max_connections, 10);
         assert_eq!(
             s.listen,
             vec!["/ip4/127.0.0.1/tcp/1".parse::<Multiaddr>().expect("ma")]
         );
-        assert_eq!(s.min_peers, 8);
+        assert_eq!(s.min_peers, DEFAULT_MIN_PEERS);
+    }
+
+    #[test]
+    fn defaults_are_the_node_configs_defaults() {
+        let s = resolve(Overrides::default(), Overrides::default()).expect("resolve");
+        assert_eq!(
+            s.max_connections,
+            BehaviourConfig::default().max_connections
+        );
+        assert_eq!(s.group_rate, GroupsConfig::default().sender_rate);
+        assert_eq!(s.min_peers, DEFAULT_MIN_PEERS);
+        assert_eq!(s.idle_timeout, DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(s.api, DEFAULT_API_ADDR);
+        assert_eq!(s.listen, default_listen());
+        assert_eq!(s.log_format, LogFormat::Text);
+        assert!(s.mdns && s.internet && s.ble.is_none() && s.bootstrap.is_empty());
+        assert_eq!((s.max_upload_rate, s.max_download_rate), (None, None));
+    }
+
+    #[test]
+    fn help_shows_the_defaults_the_daemon_uses() {
+        let help = Flags::command().render_help().to_string();
+        for default in [
+            format!("[default: {}]", BehaviourConfig::default().max_connections),
+            format!("[default: {}]", GroupsConfig::default().sender_rate),
+            format!("[default: {DEFAULT_API_ADDR}]"),
+            format!("[default: {}]", DEFAULT_IDLE_TIMEOUT.as_secs()),
+            format!("tcp/{DEFAULT_P2P_PORT}"),
+        ] {
+            assert!(help.contains(&default), "{default} missing from:\n{help}");
+        }
+    }
+
+    #[test]
+    fn switches_say_nothing_unless_given() {
+        assert_eq!(flags(&[]).mdns, None);
+        assert_eq!(flags(&["--no-mdns"]).mdns, Some(false));
+        assert_eq!(flags(&["--no-internet"]).internet, Some(false));
+        let from_file = resolve(file("mdns = false"), flags(&[])).expect("resolve");
+        assert!(!from_file.mdns);
+        // A switch takes no value on the command line.
+        assert!(Flags::try_parse_from(["run", "--no-mdns=false"]).is_err());
     }
 
     #[test]
     fn unknown_config_key_is_an_error() {
-        assert!(toml::from_str::<FileConfig>("mnds = false").is_err());
+        assert!(toml::from_str::<Overrides>("mnds = false").is_err());
+        // Flags are not config keys.
+        assert!(toml::from_str::<Overrides>("no_mdns = true").is_err());
+    }
+
+    #[test]
+    fn config_values_are_parsed_like_flags() {
+        let s = resolve(
+            file(
+                r#"
+                max_upload_rate = "20MiB"
+                bootstrap = ["/ip4/127.0.0.1/tcp/1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"]
+                "#,
+            ),
+            Overrides::default(),
+        )
+        .expect("resolve");
+        assert_eq!(s.max_upload_rate, Some(20 * 1024 * 1024));
+        assert_eq!(s.bootstrap.len(), 1);
+        for bad in [
+            r#"bootstrap = ["/ip4/127.0.0.1/tcp/1"]"#,
+            r#"listen = ["banana"]"#,
+            r#"max_download_rate = "0""#,
+            r#"ble = "../etc""#,
+            r#"ble_position = "north""#,
+        ] {
+            let e = toml::from_str::<Overrides>(bad).expect_err(bad);
+            let key = bad.split(' ').next().unwrap_or_default();
+            assert!(e.to_string().contains(key), "{bad}: {e}");
+        }
     }
 
     #[test]
@@ -418,32 +650,41 @@ mod tests {
         );
         assert!(parse_ble("sim:").is_err());
         assert!(parse_ble("../etc").is_err());
-        let offline = |ble| Overrides {
-            no_internet: true,
-            ble,
-            ..Default::default()
-        };
-        assert!(Settings::resolve("/tmp/x".into(), FileConfig::default(), offline(None)).is_err());
-        let s = Settings::resolve(
-            "/tmp/x".into(),
-            FileConfig::default(),
-            offline(Some(BleRadio::Adapter("hci0".into()))),
+        assert!(resolve(Overrides::default(), flags(&["--no-internet"])).is_err());
+        let s = resolve(
+            Overrides::default(),
+            flags(&["--no-internet", "--ble", "hci0"]),
         )
         .expect("offline with BLE");
         assert!(s.listen.is_empty() && !s.mdns && !s.internet);
-        let file: FileConfig =
-            toml::from_str("ble = \"sim:/tmp/m\"\nble_position = \"3,4\"").expect("toml");
-        let s = Settings::resolve("/tmp/x".into(), file, Overrides::default()).expect("file");
+        let offline_listen = [
+            "--no-internet",
+            "--ble",
+            "hci0",
+            "--listen",
+            "/ip4/0.0.0.0/tcp/0",
+        ];
+        assert!(resolve(Overrides::default(), flags(&offline_listen)).is_err());
+        let s = resolve(
+            file("ble = \"sim:/tmp/m\"\nble_position = \"3,4\""),
+            Overrides::default(),
+        )
+        .expect("file");
         assert_eq!(s.ble, Some(BleRadio::Sim("/tmp/m".into())));
         assert_eq!(s.ble_position.x, 3.0);
+        let s = resolve(Overrides::default(), flags(&["--ble-position", "-2,5"])).expect("flag");
+        assert_eq!(s.ble_position.x, -2.0);
     }
 
     #[test]
     fn api_must_be_loopback() {
-        let over = Overrides {
-            api: Some("0.0.0.0:1".parse().expect("addr")),
-            ..Default::default()
-        };
-        assert!(Settings::resolve("/tmp/x".into(), FileConfig::default(), over).is_err());
+        assert!(resolve(Overrides::default(), flags(&["--api", "0.0.0.0:1"])).is_err());
+        assert!(resolve(file("api = \"192.0.2.1:1\""), Overrides::default()).is_err());
+    }
+
+    #[test]
+    fn group_rate_must_be_positive() {
+        assert!(resolve(file("group_rate = 0"), Overrides::default()).is_err());
+        assert!(resolve(Overrides::default(), flags(&["--group-rate", "0"])).is_err());
     }
 }

@@ -80,12 +80,19 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
             peer_id: peer_id.to_base58(),
         },
     )?;
-    print_ready(
+    match print_ready(
         &peer_id,
         &running.listen_addrs,
         api_addr,
         metrics_task.as_ref().map(|(m, _)| *m),
-    )?;
+    ) {
+        // Nobody reads the ready lines any more (`fogmesh run | head -1`):
+        // the node does not need its stdout, so it runs on.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            tracing::debug!("stdout closed before the ready lines were written")
+        }
+        r => r?,
+    }
     tracing::info!(%peer_id, %api_addr, "ready");
 
     shutdown.cancelled().await;

@@ -59,9 +59,13 @@ fn share(d: &Daemon, path: &Path, data: &[u8]) -> String {
     let v = d.json(&["file", "share", s(path)]);
     let id = v["file_id"].as_str().expect("file_id").to_owned();
     assert!(is_hex64(&id), "file id {id:?} is not 64 hex chars");
-    assert_eq!(v["size"].as_u64(), Some(data.len() as u64), "size in {v}");
     assert_eq!(
-        v["chunks"].as_u64(),
+        v["bytes_total"].as_u64(),
+        Some(data.len() as u64),
+        "size in {v}"
+    );
+    assert_eq!(
+        v["chunks_total"].as_u64(),
         Some(data.len().div_ceil(CHUNK) as u64),
         "chunks in {v}"
     );

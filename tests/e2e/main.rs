@@ -6,4 +6,5 @@ mod ble;
 mod files;
 mod groups;
 mod node;
+mod stdout;
 mod util;

@@ -1,0 +1,224 @@
+//! `fogmesh file ...`: share files, fetch them from every peer that has
+//! them, and follow shares and downloads.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Subcommand;
+use serde::{Deserialize, Serialize};
+
+use super::output::{Human, Output};
+use super::{NothingFound, found};
+use crate::client::Client;
+use crate::files::FileStatus;
+use crate::types::{GetFile, ShareFile};
+
+/// How often `file get` asks the daemon how the download is going.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Subcommand)]
+pub(super) enum FileCommand {
+    /// Share a file: hash it, serve it, announce it in the DHT.
+    Share {
+        /// The file.
+        path: PathBuf,
+        /// Share it with this group only: it is encrypted under a new key
+        /// that only the group's members receive (in a group message with
+        /// the file's link).
+        #[arg(long, value_name = "GROUP_ID")]
+        group: Option<String>,
+    },
+    /// Download a file, from every peer that has it; blocks until it is
+    /// complete and verified. Run it again to continue after any
+    /// interruption.
+    Get {
+        /// The file id.
+        file_id: String,
+        /// Where to write it. Default: its name (or id) in the current
+        /// directory.
+        #[arg(short, long, value_name = "PATH")]
+        output: Option<PathBuf>,
+        /// Give up (exit 1) when no peer with the file is found for this
+        /// many seconds. The daemon keeps looking.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        timeout: u64,
+    },
+    /// A share's or download's progress.
+    Status {
+        /// The file id.
+        file_id: String,
+    },
+    /// Every share and download (exit 1 when none).
+    List,
+}
+
+/// The answer to `POST /v1/files`: the share's status and, for a share with
+/// a group, the id of the message that carried its link.
+#[derive(Debug, Serialize, Deserialize)]
+struct Shared {
+    #[serde(flatten)]
+    status: FileStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    message_id: Option<String>,
+}
+
+/// Runs a file command against the daemon.
+pub(super) async fn run(client: Client, cmd: FileCommand, out: Output) -> anyhow::Result<()> {
+    match cmd {
+        FileCommand::Share { path, group } => share(&client, &path, group, out).await,
+        FileCommand::Get {
+            file_id,
+            output,
+            timeout,
+        } => {
+            let output = output.unwrap_or_else(|| PathBuf::from(&file_id));
+            let st = get(&client, &file_id, &output, Duration::from_secs(timeout)).await?;
+            out.show(&st, |w, st| {
+                writeln!(w, "{}", st.path.as_deref().unwrap_or(""))
+            })
+        }
+        FileCommand::Status { file_id } => {
+            let st: FileStatus = client.get(&format!("files/{file_id}")).await?;
+            out.show(&st, write_status)
+        }
+        FileCommand::List => {
+            let list: Vec<FileStatus> = client.get("files").await?;
+            out.show(&list, |w, list| {
+                list.iter().try_for_each(|st| write_line(&mut *w, st))
+            })?;
+            found(&list, "shares or downloads")
+        }
+    }
+}
+
+async fn share(
+    client: &Client,
+    path: &Path,
+    group: Option<String>,
+    out: Output,
+) -> anyhow::Result<()> {
+    // The daemon may run elsewhere in the file system: it wants an
+    // absolute path.
+    let abs = std::path::absolute(path).with_context(|| format!("bad path {}", path.display()))?;
+    let request = ShareFile {
+        path: abs.display().to_string(),
+        group,
+    };
+    let shared: Shared = client
+        .post("files", &request)
+        .await
+        .with_context(|| format!("cannot share {}", path.display()))?;
+    out.show(&shared, |w, s| writeln!(w, "{}", s.status.file_id))
+}
+
+/// Starts (or continues) a download to `output` and waits until it is
+/// complete, showing progress on stderr; its final status.
+async fn get(
+    client: &Client,
+    file_id: &str,
+    output: &Path,
+    timeout: Duration,
+) -> anyhow::Result<FileStatus> {
+    let output =
+        std::path::absolute(output).with_context(|| format!("bad path {}", output.display()))?;
+    let start = Instant::now();
+    let request = GetFile {
+        output: output.display().to_string(),
+    };
+    let mut st: FileStatus = client
+        .post(&format!("files/{file_id}/get"), &request)
+        .await?;
+    let bar = progress_bar(st.bytes_total);
+    loop {
+        match st.state.as_str() {
+            "complete" => break,
+            "failed" => {
+                bar.abandon();
+                let why = st.error.unwrap_or_default();
+                anyhow::bail!("download of {file_id} failed: {why}");
+            }
+            "searching" if start.elapsed() > timeout => {
+                bar.abandon();
+                let secs = timeout.as_secs();
+                return Err(NothingFound(format!(
+                    "no peer with file {file_id} found in {secs} s (the node keeps looking; run this again to wait)"
+                ))
+                .into());
+            }
+            _ => {}
+        }
+        bar.set_length(st.bytes_total);
+        bar.set_position(st.bytes_have);
+        bar.set_message(format!("{} sources", st.sources));
+        tokio::time::sleep(POLL_INTERVAL).await;
+        st = client.get(&format!("files/{file_id}")).await?;
+    }
+    bar.finish_and_clear();
+    Ok(st)
+}
+
+/// A progress bar on stderr; indicatif draws it only when stderr is a
+/// terminal.
+fn progress_bar(total: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+fn write_status(w: Human<'_>, st: &FileStatus) -> io::Result<()> {
+    writeln!(w, "file_id: {}", st.file_id)?;
+    writeln!(w, "state:   {}", st.state)?;
+    if let Some(p) = &st.path {
+        writeln!(w, "path:    {p}")?;
+    }
+    writeln!(
+        w,
+        "have:    {} of {} bytes ({} of {} chunks)",
+        st.bytes_have, st.bytes_total, st.chunks_have, st.chunks_total
+    )?;
+    writeln!(w, "sources: {}", st.sources)
+}
+
+fn write_line(w: Human<'_>, st: &FileStatus) -> io::Result<()> {
+    writeln!(
+        w,
+        "{}  {:<11} {:>12} B  {}",
+        st.file_id,
+        st.state,
+        st.bytes_total,
+        st.name.as_deref().unwrap_or("")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_share_prints_the_apis_answer() {
+        let answer = serde_json::json!({
+            "file_id": "ab", "name": "x.bin", "state": "sharing", "path": "/tmp/x.bin",
+            "bytes_total": 10, "bytes_have": 10, "chunks_total": 1, "chunks_have": 1,
+            "sources": 0, "source_stats": [], "rate_bps": 0, "error": null,
+            "link": "fogmesh-file:ab#k", "message_id": "cd",
+        });
+        let shared: Shared = serde_json::from_value(answer.clone()).expect("decode");
+        assert_eq!(serde_json::to_value(&shared).expect("encode"), answer);
+        let mut plain = answer;
+        if let Some(o) = plain.as_object_mut() {
+            o.remove("message_id");
+        }
+        let shared: Shared = serde_json::from_value(plain.clone()).expect("decode");
+        assert_eq!(serde_json::to_value(&shared).expect("encode"), plain);
+    }
+}

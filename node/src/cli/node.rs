@@ -1,0 +1,151 @@
+//! The node's own commands: `id` (which needs no daemon), `status`,
+//! `peers`, `connect`, `events`.
+
+use std::io;
+use std::path::Path;
+
+use anyhow::Context;
+use clap::Subcommand;
+use libp2p::Multiaddr;
+
+use super::found;
+use super::output::{self, Human, Output, StdoutClosed, short};
+use crate::client::Client;
+use crate::types::{ConnectRequest, ConnectResponse, NodeEvent, PeerInfo, Status};
+
+#[derive(Debug, Subcommand)]
+pub(super) enum NodeCommand {
+    /// Show the running node's status.
+    Status,
+    /// List connected peers (exit 1 when there are none).
+    Peers,
+    /// Connect to a peer.
+    Connect {
+        /// The peer's multiaddr, e.g. /ip4/192.0.2.1/tcp/7373/p2p/12D3Koo...
+        #[arg(value_name = "MULTIADDR")]
+        addr: Multiaddr,
+    },
+    /// Follow the node's events until interrupted.
+    Events,
+}
+
+/// `fogmesh id`: reads (or creates) the identity; no daemon needed.
+pub(super) fn id(data_dir: &Path, out: Output) -> anyhow::Result<()> {
+    let key = crate::identity::load_or_create(data_dir)?;
+    let peer_id = key.public().to_peer_id().to_base58();
+    // No API answers this one, so the JSON is the CLI's own.
+    out.show(&serde_json::json!({ "peer_id": peer_id }), |w, _| {
+        writeln!(w, "{peer_id}")
+    })
+}
+
+/// Runs a node command against the daemon.
+pub(super) async fn run(client: Client, cmd: NodeCommand, out: Output) -> anyhow::Result<()> {
+    match cmd {
+        NodeCommand::Status => {
+            let status: Status = client.get("status").await?;
+            out.show(&status, write_status)
+        }
+        NodeCommand::Peers => {
+            let peers: Vec<PeerInfo> = client.get("peers").await?;
+            out.show(&peers, |w, peers| {
+                peers.iter().try_for_each(|p| write_peer(&mut *w, p))
+            })?;
+            found(&peers, "connected peers")
+        }
+        NodeCommand::Connect { addr } => {
+            let request = ConnectRequest {
+                addr: addr.to_string(),
+            };
+            let r: ConnectResponse = client
+                .post("connect", &request)
+                .await
+                .with_context(|| format!("cannot connect to {addr}"))?;
+            out.show(&r, |w, r| {
+                writeln!(w, "connected to {} via {}", r.peer_id, r.route)
+            })
+        }
+        NodeCommand::Events => events(&client, out).await,
+    }
+}
+
+/// Prints events as they come, until the daemon stops or stdout's reader
+/// goes away.
+async fn events(client: &Client, out: Output) -> anyhow::Result<()> {
+    let mut events = client.events().await?;
+    let closed = output::closed();
+    tokio::pin!(closed);
+    loop {
+        tokio::select! {
+            ev = events.next() => match ev? {
+                Some(ev) => out.item(&ev, |w, ev| writeln!(w, "{}", describe(ev)))?,
+                None => return Ok(()),
+            },
+            () = &mut closed => return Err(StdoutClosed.into()),
+        }
+    }
+}
+
+fn write_status(w: Human<'_>, s: &Status) -> io::Result<()> {
+    writeln!(w, "peer_id:   {}", s.peer_id)?;
+    writeln!(w, "version:   {}", s.version)?;
+    writeln!(w, "api:       {}", s.api_addr)?;
+    writeln!(
+        w,
+        "peers:     {} connected, {} in routing table",
+        s.connected_peers, s.routing_table_peers
+    )?;
+    writeln!(w, "routes:    {}", s.routes.join(", "))?;
+    if let Some(b) = &s.ble {
+        writeln!(
+            w,
+            "ble:       device {}, {} neighbours heard, {} links",
+            b.device, b.neighbours, b.links
+        )?;
+    }
+    writeln!(w, "uptime:    {} s", s.uptime_secs)?;
+    for a in &s.listen_addrs {
+        writeln!(w, "listen:    {a}")?;
+    }
+    Ok(())
+}
+
+fn write_peer(w: Human<'_>, p: &PeerInfo) -> io::Result<()> {
+    let rtt = p
+        .rtt_ms
+        .map(|r| format!("{r:.1} ms"))
+        .unwrap_or_else(|| "-".into());
+    writeln!(
+        w,
+        "{}  {:<6} {:>9}  {}",
+        p.peer_id,
+        p.transport,
+        rtt,
+        p.addrs.join(" ")
+    )
+}
+
+/// One event as a line for a human.
+fn describe(ev: &NodeEvent) -> String {
+    match ev {
+        NodeEvent::ListenAddr { addr } => format!("listening on {addr}"),
+        NodeEvent::PeerConnected {
+            peer_id,
+            addr,
+            transport,
+            direction,
+        } => format!("connected {peer_id} ({direction}, {transport}, {addr})"),
+        NodeEvent::PeerDisconnected { peer_id } => format!("disconnected {peer_id}"),
+        NodeEvent::PeerDiscovered { peer_id, via, .. } => format!("discovered {peer_id} via {via}"),
+        NodeEvent::GroupMessage {
+            group_id,
+            sender,
+            text,
+            ..
+        } => format!("[{}] {sender}: {text}", short(group_id)),
+        NodeEvent::GroupUpdated { group_id, member } => {
+            format!("group {} updated (member: {member})", short(group_id))
+        }
+        NodeEvent::Lagged { missed } => format!("(missed {missed} events)"),
+    }
+}
