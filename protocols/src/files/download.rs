@@ -154,7 +154,8 @@ pub enum Action {
         banned: bool,
     },
     /// Make the chunks written durable and record [`Download::have`], then
-    /// call [`Download::persisted`].
+    /// call [`Download::persisted`] (if that fails, it is asked again a
+    /// persist interval later).
     Persist,
     /// Every chunk is held and written: finish the file (sync it, move it
     /// into place). The download counts as complete; on an error call
@@ -179,6 +180,7 @@ pub struct Download {
     probed: BTreeSet<PeerId>,
     /// When the next search round is due.
     next_search: Instant,
+    /// When progress was last recorded (or its recording asked for).
     last_persist: Instant,
     /// Chunks written since progress was last recorded.
     dirty: bool,
@@ -520,10 +522,10 @@ impl Download {
         self.pump(now)
     }
 
-    /// The progress asked for by [`Action::Persist`] is recorded.
-    pub fn persisted(&mut self, now: Instant) {
+    /// The progress asked for by [`Action::Persist`] is recorded. (Until
+    /// it is, the next attempt comes a persist interval after the last.)
+    pub fn persisted(&mut self) {
         self.dirty = false;
-        self.last_persist = now;
     }
 
     /// The node could not carry out an action (or finish the file): the
@@ -575,6 +577,7 @@ impl Download {
         if self.needs_persist()
             && now.saturating_duration_since(self.last_persist) >= self.cfg.persist_interval
         {
+            self.last_persist = now;
             out.push(Action::Persist);
         }
         out

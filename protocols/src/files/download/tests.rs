@@ -439,7 +439,7 @@ fn progress_is_recorded_at_most_every_persist_interval() {
     assert!(!f.dl.on_timer(&[], f.now).contains(&Action::Persist));
     f.now += SEC;
     assert!(f.dl.on_timer(&[], f.now).contains(&Action::Persist));
-    f.dl.persisted(f.now);
+    f.dl.persisted();
     assert!(!f.dl.needs_persist());
     f.now += SEC;
     assert!(!f.dl.on_timer(&[], f.now).contains(&Action::Persist));
