@@ -27,7 +27,6 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_util::sync::CancellationToken;
 
 use crate::actor::ServiceError;
-use crate::files;
 use crate::fsutil;
 use crate::groups::ApiCall;
 use crate::metrics::NodeMetrics;
@@ -353,7 +352,7 @@ fn absolute(p: &str) -> Result<std::path::PathBuf, Response> {
 }
 
 async fn files_list(State(s): State<AppState>) -> Response {
-    service_result(s.node.files().call(files::ApiCall::List).await)
+    service_result(s.node.files().list().await)
 }
 
 async fn files_share(
@@ -366,12 +365,7 @@ async fn files_share(
         Err(r) => return r,
     };
     let Some(group) = req.group else {
-        return service_result(
-            s.node
-                .files()
-                .call(|r| files::ApiCall::Share(path, false, r))
-                .await,
-        );
+        return service_result(s.node.files().share(path, false).await);
     };
     // Shared with a group: check the group first (this node must be able to
     // post to it), then share encrypted, then post the link with its key.
@@ -383,12 +377,7 @@ async fn files_share(
     {
         return service_result::<()>(Err(e));
     }
-    let mut st = match s
-        .node
-        .files()
-        .call(|r| files::ApiCall::Share(path, true, r))
-        .await
-    {
+    let mut st = match s.node.files().share(path, true).await {
         Ok(st) => st,
         Err(e) => return service_result::<()>(Err(e)),
     };
@@ -424,7 +413,7 @@ async fn files_share(
 }
 
 async fn files_status(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
-    service_result(s.node.files().call(|r| files::ApiCall::Status(id, r)).await)
+    service_result(s.node.files().status(&id).await)
 }
 
 async fn files_get(
@@ -437,10 +426,5 @@ async fn files_get(
         Ok(p) => p,
         Err(r) => return r,
     };
-    service_result(
-        s.node
-            .files()
-            .call(|r| files::ApiCall::Get(id, output, r))
-            .await,
-    )
+    service_result(s.node.files().get(&id, output).await)
 }

@@ -7,7 +7,7 @@
 //! - `file_have`: file id to the chunks held of an unfinished download, as a
 //!   `Response::Have` frame. It is written at most every second; chunks
 //!   written to the partial file after the last write are found again at
-//!   restart by hashing them (see `files::Actor::resume`).
+//!   restart by hashing them (see `files::download`).
 
 use fogmesh_protocols::files::wire::{Response, decode_response_with_limit, encode_response};
 use fogmesh_protocols::files::{Bitfield, FileId, FileKey, MAX_MANIFEST_SIZE, Manifest};
@@ -42,13 +42,24 @@ struct ShareRecord {
     stamp: Option<Stamp>,
 }
 
+/// Where a stored download is (stored as `"downloading"` or `"complete"`;
+/// a record that is neither is skipped at start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum RecordState {
+    /// Resumed at start.
+    Downloading,
+    /// Done: the file is a share now.
+    Complete,
+}
+
 /// A download as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct DownloadRecord {
     /// Where the finished file goes.
     pub(crate) output: String,
-    /// `downloading`, `complete` or `failed`.
-    pub(crate) state: String,
+    /// Where it is.
+    pub(crate) state: RecordState,
     /// Why it failed.
     pub(crate) error: Option<String>,
 }
@@ -139,7 +150,7 @@ impl FileStore {
                 .map_err(db_err)?
                 .insert(id.0.as_slice(), json.as_slice())
                 .map_err(db_err)?;
-            if rec.state != "downloading" {
+            if rec.state != RecordState::Downloading {
                 tx.open_table(HAVE)
                     .map_err(db_err)?
                     .remove(id.0.as_slice())

@@ -24,26 +24,34 @@
 //! 4. A downloader serves the chunks it has while it downloads, so it can
 //!    announce itself as a (partial) provider too.
 //!
-//! Bandwidth limits are parsed and enforced with [`crate::rate`].
+//! Steps 2 and 3 are one state machine, [`Download`]: the node feeds it the
+//! answers to its requests and carries out the [`Action`]s it returns
+//! (send, write, record progress, complete, fail).
+//!
+//! Bandwidth limits are parsed and enforced with [`crate::rate`]; sends
+//! held back by a limit wait in a [`Pacer`].
 //!
 //! Design choices that differ from the first design are explained in
 //! docs/design-notes.md.
 
 pub mod bitfield;
 pub mod crypt;
+pub mod download;
 pub mod manifest;
-
+pub mod pacer;
 pub mod scheduler;
 pub mod wire;
 
 pub use crate::rate::{RateError, TokenBucket, parse_rate};
 pub use bitfield::{Bitfield, BitfieldError};
 pub use crypt::{FileKey, FileLink, find_links};
+pub use download::{Asked, Download, DownloadConfig, DownloadState};
 pub use libp2p_identity::PeerId;
 pub use manifest::{
     CHUNK_SIZE, FileId, MAX_CHUNK_SIZE, MAX_CHUNKS, MAX_MANIFEST_SIZE, Manifest, ManifestBuilder,
     ManifestError, ParseFileIdError, chunk_size_for,
 };
+pub use pacer::Pacer;
 pub use scheduler::{
     ChunkOutcome, Progress, Scheduler, SchedulerConfig, SchedulerError, SourceStats,
 };

@@ -1,0 +1,381 @@
+//! The I/O of downloads: the node's side of
+//! `fogmesh_protocols::files::Download`.
+//!
+//! The state machine decides; this carries out its actions: requests go to
+//! the swarm loop (chunk requests through the download limit), chunks are
+//! written into the partial file with positioned writes, progress is
+//! committed to redb after an `fdatasync`, and a complete file is synced,
+//! decrypted if it is a group file, renamed over the output and served as
+//! a share. Restoring downloads at start, including finding the chunks of
+//! the partial file written after the last commit, is here too.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use fogmesh_protocols::files::download::Action;
+use fogmesh_protocols::files::wire::{Request, encode_request};
+use fogmesh_protocols::files::{
+    Asked, Bitfield, Download, DownloadConfig, FileId, FileKey, Manifest,
+};
+use libp2p::PeerId;
+
+use super::actor::FilesActor;
+use super::share::{Share, stamp_of};
+use super::store::{DownloadRecord, RecordState};
+use super::{FileCommand, PART_SUFFIX};
+use crate::storage::StoreError;
+
+/// Chunk requests held back by the download limit; beyond that a request
+/// is dropped (the scheduler times it out and asks again). The scheduler's
+/// windows keep the queue far shorter.
+pub(super) const MAX_DEFERRED_REQUESTS: usize = 1 << 16;
+
+/// A download: its state machine and its files.
+pub(super) struct Transfer {
+    pub(super) machine: Download,
+    /// For a group file: decrypt with this key once complete.
+    pub(super) key: Option<FileKey>,
+    pub(super) output: PathBuf,
+    pub(super) part: PathBuf,
+    /// The partial file, once the manifest is known.
+    pub(super) file: Option<File>,
+}
+
+impl Transfer {
+    pub(super) fn new(
+        id: FileId,
+        output: PathBuf,
+        cfg: DownloadConfig,
+        local: PeerId,
+        now: Instant,
+    ) -> Self {
+        let mut part = output.clone().into_os_string();
+        part.push(PART_SUFFIX);
+        Transfer {
+            machine: Download::new(id, local, cfg, now),
+            key: None,
+            output,
+            part: PathBuf::from(part),
+            file: None,
+        }
+    }
+
+    fn fail(&mut self, reason: String) {
+        tracing::warn!("download failed: {reason}");
+        self.machine.fail(reason);
+    }
+}
+
+impl FilesActor {
+    /// A download's settings: the node's, with a seed of its own.
+    pub(super) fn download_config(&self) -> DownloadConfig {
+        let mut sched = self.cfg.scheduler.clone();
+        sched.seed = rand::random();
+        DownloadConfig::default()
+            .with_intervals(self.cfg.search_interval, self.cfg.persist_interval)
+            .with_scheduler(sched)
+    }
+
+    /// Restores shares (announcing them again) and unfinished downloads.
+    pub(super) fn restore(&mut self, now: Instant) -> Result<(), StoreError> {
+        for (id, path, stamp) in self.store.shares()? {
+            let Some(manifest) = self.store.manifest(&id)? else {
+                continue;
+            };
+            let key = self.store.key(&id)?;
+            self.shares
+                .insert(id, Share::new(PathBuf::from(path), key, manifest, stamp));
+            self.net_send(FileCommand::StartProviding(id));
+        }
+        for (id, rec) in self.store.downloads()? {
+            if rec.state != RecordState::Downloading {
+                continue;
+            }
+            let mut t = Transfer::new(
+                id,
+                PathBuf::from(&rec.output),
+                self.download_config(),
+                self.local,
+                now,
+            );
+            t.key = self.store.key(&id)?;
+            let resume = match self.store.manifest(&id)? {
+                Some(m) => Some((m, self.store.have(&id)?)),
+                None => None,
+            };
+            tracing::info!(file = %id, "resuming download");
+            self.downloads.insert(id, t);
+            if let Some((m, have)) = resume {
+                let actions = self.open(id, m, have, now);
+                self.apply(id, actions, now);
+            }
+        }
+        Ok(())
+    }
+
+    /// Carries out a download's actions, and those that follow from them.
+    pub(super) fn apply(&mut self, id: FileId, actions: Vec<Action>, now: Instant) {
+        let mut todo = VecDeque::from(actions);
+        while let Some(action) = todo.pop_front() {
+            match action {
+                Action::Send {
+                    peer,
+                    asked: Asked::Chunk(index),
+                    ..
+                } => self.queue_request(id, peer, index),
+                Action::Send {
+                    peer,
+                    asked,
+                    request,
+                } => self.net_send(FileCommand::Request {
+                    peer,
+                    file: id,
+                    asked,
+                    frame: encode_request(&request),
+                }),
+                Action::FindProviders => self.net_send(FileCommand::FindProviders(id)),
+                Action::Open(m) => {
+                    if let Err(e) = self.store.put_manifest(&m) {
+                        tracing::error!("cannot store a manifest: {e}");
+                        continue;
+                    }
+                    todo.extend(self.open(id, m, None, now));
+                }
+                Action::Write { offset, data, .. } => {
+                    todo.extend(self.write_chunk(id, offset, &data, now));
+                }
+                Action::Corrupt { peer, index, banned } => {
+                    self.metrics.file_chunks_corrupt.inc();
+                    tracing::warn!(%peer, file = %id, chunk = index, banned, "corrupt chunk discarded");
+                }
+                Action::Persist => self.persist(id),
+                Action::Complete => self.complete(id),
+                Action::Fail(reason) => tracing::warn!("download failed: {reason}"),
+                other => tracing::debug!("unhandled download action {other:?}"),
+            }
+        }
+        self.send_requests(now);
+    }
+
+    /// Sets up the partial file once the manifest is known, keeping the
+    /// chunks already held (`have`, then any chunk of the partial file that
+    /// verifies), and hands it to the state machine.
+    fn open(
+        &mut self,
+        id: FileId,
+        m: Manifest,
+        have: Option<Bitfield>,
+        now: Instant,
+    ) -> Vec<Action> {
+        let Some(t) = self.downloads.get_mut(&id) else {
+            return Vec::new();
+        };
+        match open_part(&t.part, &m, have) {
+            Ok((file, bits)) => {
+                t.file = Some(file);
+                t.machine.opened(m, bits, now)
+            }
+            Err(e) => {
+                t.fail(e);
+                Vec::new()
+            }
+        }
+    }
+
+    fn write_chunk(&mut self, id: FileId, offset: u64, data: &[u8], now: Instant) -> Vec<Action> {
+        let Some(t) = self.downloads.get_mut(&id) else {
+            return Vec::new();
+        };
+        let written = match t.file.as_ref() {
+            Some(f) => f.write_all_at(data, offset),
+            None => Err(std::io::Error::other("the partial file is not open")),
+        };
+        if let Err(e) = written {
+            t.fail(format!("cannot write {}: {e}", t.part.display()));
+            return Vec::new();
+        }
+        self.metrics.file_bytes_downloaded.inc_by(data.len() as u64);
+        t.machine.written(data.len() as u64, now)
+    }
+
+    fn queue_request(&mut self, id: FileId, peer: PeerId, index: u64) {
+        let len = self
+            .downloads
+            .get(&id)
+            .and_then(|t| t.machine.manifest())
+            .and_then(|m| m.chunk_len(index))
+            .map_or(0, u64::from);
+        if len > 0 && self.requests.push((id, peer, index), len).is_err() {
+            tracing::debug!(%peer, file = %id, chunk = index, "too many requests held back; dropped");
+        }
+    }
+
+    /// Sends the chunk requests the download limit allows now, in order.
+    pub(super) fn send_requests(&mut self, now: Instant) {
+        while let Some((file, peer, index)) = self.requests.pop_ready(now) {
+            self.net_send(FileCommand::Request {
+                peer,
+                file,
+                asked: Asked::Chunk(index),
+                frame: encode_request(&Request::GetChunk { file, index }),
+            });
+        }
+    }
+
+    /// Makes the chunks written durable, then records them: data first,
+    /// then the record that says it is there.
+    pub(super) fn persist(&mut self, id: FileId) {
+        let Some(t) = self.downloads.get_mut(&id) else {
+            return;
+        };
+        let (Some(have), Some(file)) = (t.machine.have(), t.file.as_ref()) else {
+            return;
+        };
+        if let Err(e) = file.sync_data() {
+            tracing::warn!("cannot sync {}: {e}", t.part.display());
+            return;
+        }
+        match self.store.put_have(&id, have) {
+            Ok(()) => t.machine.persisted(),
+            Err(e) => tracing::warn!("cannot record download progress: {e}"),
+        }
+    }
+
+    /// Every chunk is written: sync, move into place (decrypting a group
+    /// file), record, and serve the file as a share.
+    fn complete(&mut self, id: FileId) {
+        let Some(t) = self.downloads.get_mut(&id) else {
+            return;
+        };
+        if let Err(e) = finish_file(t) {
+            t.fail(e);
+            return;
+        }
+        let output = t.output.display().to_string();
+        let Some(manifest) = t.machine.manifest().cloned() else {
+            return;
+        };
+        // The finished copy is served like any share; it was verified chunk
+        // by chunk, so its stamp now is its stamp as shared.
+        let stamp = File::open(&t.output).ok().as_ref().and_then(stamp_of);
+        let share = Share::new(t.output.clone(), t.key.clone(), manifest, stamp);
+        let rec = DownloadRecord {
+            output: output.clone(),
+            state: RecordState::Complete,
+            error: None,
+        };
+        if let Err(e) = self
+            .store
+            .put_share(&id, &output, stamp)
+            .and_then(|()| self.store.put_download(&id, &rec))
+        {
+            tracing::error!("cannot record a finished download: {e}");
+        }
+        self.shares.insert(id, share);
+        self.net_send(FileCommand::StartProviding(id));
+        tracing::info!(file = %id, path = %output, "download complete");
+    }
+}
+
+/// Opens (or creates, sparse) the partial file at `part` for `m`, and finds
+/// the chunks it holds: those in `have`, and after a crash, those written
+/// but not yet recorded, found by hashing.
+fn open_part(part: &Path, m: &Manifest, have: Option<Bitfield>) -> Result<(File, Bitfield), String> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(part)
+        .map_err(|e| format!("cannot open {}: {e}", part.display()))?;
+    let len = file.metadata().map(|md| md.len()).unwrap_or(0);
+    if len != m.size() {
+        // Sparse: no space is written until chunks arrive.
+        file.set_len(m.size())
+            .map_err(|e| format!("cannot size {}: {e}", part.display()))?;
+    }
+    let mut bits = have
+        .filter(|b| b.len() == m.chunk_count())
+        .unwrap_or_else(|| Bitfield::new(m.chunk_count()));
+    if len > 0 {
+        let recovered = recover_chunks(&file, len, m, &mut bits);
+        if recovered > 0 {
+            tracing::info!(
+                chunks = recovered,
+                "recovered chunks written before a restart"
+            );
+        }
+    }
+    Ok((file, bits))
+}
+
+/// Marks in `bits` the missing chunks of the first `len` bytes of `file`
+/// that verify; returns how many.
+fn recover_chunks(file: &File, len: u64, m: &Manifest, bits: &mut Bitfield) -> u64 {
+    let mut buf = Vec::new();
+    let mut recovered = 0u64;
+    let missing: Vec<u64> = bits.iter_missing().collect();
+    for i in missing {
+        let (Some(clen), Some(off)) = (m.chunk_len(i), m.chunk_offset(i)) else {
+            continue;
+        };
+        if off >= len {
+            continue;
+        }
+        buf.resize(clen as usize, 0);
+        if file.read_exact_at(&mut buf, off).is_ok() && m.verify_chunk(i, &buf) {
+            bits.set(i);
+            recovered += 1;
+        }
+    }
+    recovered
+}
+
+/// Syncs the partial file and moves it to the output (a group file:
+/// decrypted into a new file, so a crash half-way leaves the verified
+/// ciphertext intact to start again from), then syncs the directory.
+fn finish_file(t: &mut Transfer) -> Result<(), String> {
+    if let Some(f) = t.file.as_ref()
+        && let Err(e) = f.sync_all()
+    {
+        return Err(format!("cannot sync {}: {e}", t.part.display()));
+    }
+    t.file = None;
+    let moved = match &t.key {
+        Some(k) => decrypt_to(&t.part, &t.output, k).and_then(|()| std::fs::remove_file(&t.part)),
+        None => std::fs::rename(&t.part, &t.output),
+    };
+    moved.map_err(|e| format!("cannot move the file to {}: {e}", t.output.display()))?;
+    if let Some(parent) = t.output.parent()
+        && let Ok(d) = File::open(parent)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Decrypts `src` into `dst` through a temporary file, synced, then renamed.
+pub(super) fn decrypt_to(src: &Path, dst: &Path, key: &FileKey) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let mut tmp = dst.as_os_str().to_owned();
+    tmp.push(".fogmesh-dec");
+    let tmp = PathBuf::from(tmp);
+    let mut input = File::open(src)?;
+    let mut out = std::io::BufWriter::new(File::create(&tmp)?);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut offset = 0u64;
+    loop {
+        let n = input.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        key.apply(offset, &mut buf[..n]);
+        out.write_all(&buf[..n])?;
+        offset += n as u64;
+    }
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    std::fs::rename(&tmp, dst)
+}
