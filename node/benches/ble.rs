@@ -346,7 +346,7 @@ async fn ble_peers(c: &Client) -> Vec<String> {
         .await
         .map(|v| {
             v.into_iter()
-                .filter(|p| p.transport == "ble")
+                .filter(|p| p.transport == fogmesh::types::TransportKind::Ble)
                 .map(|p| p.peer_id)
                 .collect()
         })

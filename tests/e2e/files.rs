@@ -585,21 +585,16 @@ fn corrupting_peer_is_banned_and_the_file_still_arrives() {
     rt.shutdown_background();
 }
 
+/// The file protocol's behaviour alone.
+type FileProtocol = libp2p::request_response::Behaviour<
+    fogmesh::codec::FrameCodec<fogmesh::behaviour::FileFrame, fogmesh::behaviour::FileFrame>,
+>;
+
 /// A libp2p node speaking only the file protocol, with room for chunk-sized
 /// responses.
 fn rogue_file_swarm(
     key: libp2p::identity::Keypair,
-) -> Result<
-    libp2p::Swarm<
-        libp2p::request_response::Behaviour<
-            fogmesh::codec::FrameCodec<
-                fogmesh::behaviour::FileFrame,
-                fogmesh::behaviour::FileFrame,
-            >,
-        >,
-    >,
-    Box<dyn std::error::Error + Send + Sync>,
-> {
+) -> Result<libp2p::Swarm<FileProtocol>, Box<dyn std::error::Error + Send + Sync>> {
     use libp2p::request_response::{self, ProtocolSupport};
     use libp2p::{noise, tcp, yamux};
     Ok(libp2p::SwarmBuilder::with_existing_identity(key)

@@ -267,10 +267,10 @@ impl EventLoop {
                 endpoint,
                 ..
             } => {
-                if self
+                let first = self
                     .peers
-                    .on_established(&self.ctx, peer_id, connection_id, &endpoint)
-                {
+                    .on_established(&self.ctx, peer_id, connection_id, &endpoint);
+                if first {
                     self.groups.peer_connected(peer_id);
                     self.files.peer_connected(peer_id);
                 }
@@ -280,7 +280,8 @@ impl EventLoop {
                 connection_id,
                 ..
             } => {
-                if self.peers.on_closed(&self.ctx, peer_id, connection_id) {
+                let last = self.peers.on_closed(&self.ctx, peer_id, connection_id);
+                if last {
                     self.groups.peer_disconnected(peer_id);
                     self.files.peer_disconnected(peer_id);
                 }
