@@ -229,6 +229,18 @@ mod tests {
     }
 
     #[test]
+    fn in_sync_check_is_small() {
+        // The periodic check sends a brief summary: what it costs per group
+        // and interval when members agree.
+        let req = SyncRequest::Summary {
+            group_id: GroupId([7; 32]),
+            summary: summary(12, 9, vec![]),
+        };
+        let len = super::super::wire::encode_sync_request(&req).len();
+        assert!(len <= 160, "brief summary request is {len} bytes");
+    }
+
+    #[test]
     fn requests_are_bounded() {
         let senders: Vec<(PeerId, u64)> = (0..MAX_SUMMARY_SENDERS + 10)
             .map(|_| (PeerId::random(), u64::MAX))
