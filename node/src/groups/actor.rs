@@ -59,8 +59,10 @@ pub(super) struct GroupsActor {
     pub(super) publishing: HashMap<MessageId, Instant>,
     pub(super) cfg: GroupsConfig,
     pub(super) rng: rand::rngs::StdRng,
-    next_sync: Instant,
-    next_outbox: Instant,
+    /// When the periodic sync and the outbox flush are next due (set in
+    /// `start`).
+    next_sync: Option<Instant>,
+    next_outbox: Option<Instant>,
 }
 
 impl Actor for GroupsActor {
@@ -71,8 +73,8 @@ impl Actor for GroupsActor {
             tracing::error!("cannot restore groups: {e}");
         }
         self.flush_outbox(now);
-        self.next_sync = now + self.cfg.sync_interval;
-        self.next_outbox = now + self.cfg.outbox_interval;
+        self.next_sync = Some(now + self.cfg.sync_interval);
+        self.next_outbox = Some(now + self.cfg.outbox_interval);
     }
 
     fn on_input(&mut self, input: Input, now: Instant) {
@@ -128,16 +130,19 @@ impl Actor for GroupsActor {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        Some(self.next_sync.min(self.next_outbox))
+        [self.next_sync, self.next_outbox]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn on_deadline(&mut self, now: Instant) {
-        if now >= self.next_sync {
-            self.next_sync = now + self.cfg.sync_interval;
+        if self.next_sync.is_some_and(|t| now >= t) {
+            self.next_sync = Some(now + self.cfg.sync_interval);
             self.periodic_sync();
         }
-        if now >= self.next_outbox {
-            self.next_outbox = now + self.cfg.outbox_interval;
+        if self.next_outbox.is_some_and(|t| now >= t) {
+            self.next_outbox = Some(now + self.cfg.outbox_interval);
             self.flush_outbox(now);
         }
     }
@@ -156,8 +161,6 @@ impl GroupsActor {
         metrics: NodeMetrics,
         cfg: GroupsConfig,
     ) -> Self {
-        // Replaced in `start`, with the `now` the actor starts at.
-        let now = Instant::now();
         GroupsActor {
             local: keypair.public().to_peer_id(),
             keypair,
@@ -174,8 +177,8 @@ impl GroupsActor {
             publishing: HashMap::new(),
             cfg,
             rng: rand::make_rng(),
-            next_sync: now,
-            next_outbox: now,
+            next_sync: None,
+            next_outbox: None,
         }
     }
 

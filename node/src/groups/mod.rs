@@ -5,26 +5,27 @@
 //! (group state, wire and gossip frames, the sync responder's and
 //! requester's decisions); this module gives it a home. One actor (an
 //! [`crate::actor::Actor`] on its own thread) owns every group and the group
-//! tables of the database. It takes [`Input`]s (API calls through the
+//! tables of the database. It takes `Input`s (API calls through the
 //! [`GroupsHandle`], gossip messages to validate, sync requests and
-//! responses, connection changes) and sends [`NetCommand`]s to the event
+//! responses, connection changes) and sends `NetCommand`s to the event
 //! loop (subscribe, publish, report validation, send sync frames). Keeping
 //! the groups off the swarm task keeps signature checks, decryption and
 //! database commits out of the network loop, as libp2p advises.
 //!
 //! Delivery has two paths, both needed:
-//! - gossip ([`gossip`]): a message is published on the group's topic and
+//! - gossip: a message is published on the group's topic and
 //!   validated by every member before it is forwarded (invalid ones are
 //!   rejected, which costs the forwarding peer gossipsub score);
-//! - sync ([`sync`], anti-entropy, `/fogmesh/group-sync/2`): on every new
-//!   connection with a member, and every `sync_interval` with one connected
-//!   member per group, the actor sends its summary; a difference triggers
+//! - sync (anti-entropy, `/fogmesh/group-sync/2`): on every new connection
+//!   with a member, and every `sync_interval` with one connected member per
+//!   group, the actor sends its summary; a difference triggers
 //!   fetches of what is missing. This is how a member that was offline, or
 //!   added while offline, catches up, with no resend by the authors.
 //!
-//! The files: [`handle`] (the typed calls), [`actor`] (state, dispatch,
-//! deadlines, storage glue), [`api`] (what the calls do), [`gossip`],
-//! [`sync`], [`store`] (the redb tables).
+//! The modules: `handle` (the typed calls), `actor` (state, dispatch,
+//! deadlines, storage glue), `api` (what the calls do), `gossip`
+//! (validation, and receiving ops and messages), `sync`, `store` (the redb
+//! tables).
 
 mod actor;
 mod api;

@@ -1,6 +1,6 @@
 //! The gossip frame: what a group's gossipsub topic carries.
 //!
-//! One byte says what follows, then the frame of [`wire`](super::wire):
+//! One byte says what follows, then the frame of [`wire`]:
 //! [`TAG_MESSAGE`] for a message envelope, [`TAG_OP`] for a membership op
 //! (never the genesis op, which has no group id and travels only through
 //! sync). The node publishes and validates these; the event log and the
