@@ -28,7 +28,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::actor::ServiceError;
 use crate::fsutil;
-use crate::groups::ApiCall;
 use crate::metrics::NodeMetrics;
 use crate::node::{ConnectError, NodeHandle};
 use crate::types::{
@@ -263,7 +262,7 @@ macro_rules! body {
 }
 
 async fn groups_list(State(s): State<AppState>) -> Response {
-    service_result(s.node.groups().call(ApiCall::List).await)
+    service_result(s.node.groups().list().await)
 }
 
 async fn groups_create(
@@ -271,11 +270,11 @@ async fn groups_create(
     b: Result<Json<CreateGroup>, JsonRejection>,
 ) -> Response {
     let req = body!(b);
-    service_result(s.node.groups().call(|r| ApiCall::Create(req, r)).await)
+    service_result(s.node.groups().create(req).await)
 }
 
 async fn groups_show(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
-    service_result(s.node.groups().call(|r| ApiCall::Show(id, r)).await)
+    service_result(s.node.groups().show(&id).await)
 }
 
 async fn groups_add(
@@ -284,23 +283,18 @@ async fn groups_add(
     b: Result<Json<MemberRequest>, JsonRejection>,
 ) -> Response {
     let req = body!(b);
-    service_result(
-        s.node
-            .groups()
-            .call(|r| ApiCall::Add(id, req.peer_id, r))
-            .await,
-    )
+    service_result(s.node.groups().add_member(&id, &req.peer_id).await)
 }
 
 async fn groups_remove(
     State(s): State<AppState>,
     UrlPath((id, peer)): UrlPath<(String, String)>,
 ) -> Response {
-    service_result(s.node.groups().call(|r| ApiCall::Remove(id, peer, r)).await)
+    service_result(s.node.groups().remove_member(&id, &peer).await)
 }
 
 async fn groups_leave(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
-    service_result(s.node.groups().call(|r| ApiCall::Leave(id, r)).await)
+    service_result(s.node.groups().leave(&id).await)
 }
 
 #[derive(Debug, Deserialize)]
@@ -313,12 +307,7 @@ async fn groups_messages(
     UrlPath(id): UrlPath<String>,
     Query(q): Query<MessagesQuery>,
 ) -> Response {
-    service_result(
-        s.node
-            .groups()
-            .call(|r| ApiCall::Messages(id, q.limit, r))
-            .await,
-    )
+    service_result(s.node.groups().messages(&id, q.limit).await)
 }
 
 async fn groups_post(
@@ -327,12 +316,7 @@ async fn groups_post(
     b: Result<Json<PostMessage>, JsonRejection>,
 ) -> Response {
     let req = body!(b);
-    service_result(
-        s.node
-            .groups()
-            .call(|r| ApiCall::Send(id, req.text, r))
-            .await,
-    )
+    service_result(s.node.groups().send(&id, req.text).await)
 }
 
 /// Paths come from the CLI, which makes them absolute; a relative one would
@@ -369,12 +353,7 @@ async fn files_share(
     };
     // Shared with a group: check the group first (this node must be able to
     // post to it), then share encrypted, then post the link with its key.
-    if let Err(e) = s
-        .node
-        .groups()
-        .call(|r| ApiCall::Show(group.clone(), r))
-        .await
-    {
+    if let Err(e) = s.node.groups().show(&group).await {
         return service_result::<()>(Err(e));
     }
     let mut st = match s.node.files().share(path, true).await {
@@ -396,12 +375,7 @@ async fn files_share(
         name,
         st.bytes_total
     );
-    match s
-        .node
-        .groups()
-        .call(|r| ApiCall::Send(group, text, r))
-        .await
-    {
+    match s.node.groups().send(&group, text).await {
         Ok(ack) => {
             st.name = Some(name);
             let mut v = serde_json::to_value(&st).unwrap_or_default();

@@ -17,11 +17,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
+use fogmesh_protocols::groups::gossip::{GossipFrame, decode_gossip};
 use libp2p::PeerId;
 use tokio::sync::broadcast;
 
 use crate::behaviour::GossipObserver;
-use crate::groups::{GossipFrame, decode_gossip};
 use crate::types::NodeEvent;
 
 /// An open event log. Cheap to clone.

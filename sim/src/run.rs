@@ -12,10 +12,11 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use fogmesh::behaviour::{BehaviourConfig, GossipParams};
 use fogmesh::builder::{Internet, NodeBuilder, RawStream};
-use fogmesh::groups::{self, ApiCall, GossipFrame, GroupsConfig};
+use fogmesh::groups::GroupsConfig;
 use fogmesh::node::NodeHandle;
 use fogmesh::storage::Store;
 use fogmesh::types::{CreateGroup, NodeEvent};
+use fogmesh_protocols::groups::{self, GossipFrame};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, Transport};
 use rand::rngs::StdRng;
@@ -620,19 +621,14 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
         .ok_or_else(|| anyhow!("node 0 not running"))?;
     let ack = admin
         .groups()
-        .call(|r| {
-            ApiCall::Create(
-                CreateGroup {
-                    name: s.name.chars().take(64).collect(),
-                    description: String::new(),
-                    members: members
-                        .iter()
-                        .skip(1)
-                        .map(|i| peer(*i).to_base58())
-                        .collect(),
-                },
-                r,
-            )
+        .create(CreateGroup {
+            name: s.name.chars().take(64).collect(),
+            description: String::new(),
+            members: members
+                .iter()
+                .skip(1)
+                .map(|i| peer(*i).to_base58())
+                .collect(),
         })
         .await
         .map_err(|e| anyhow!("cannot create the group: {e}"))?;
@@ -652,11 +648,7 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
                 let Some(h) = nodes[i].handle.clone() else {
                     continue;
                 };
-                if h.groups()
-                    .call(|r| ApiCall::Show(gid.clone(), r))
-                    .await
-                    .is_err()
-                {
+                if h.groups().show(&gid).await.is_err() {
                     still.push(i);
                 }
             }
@@ -719,7 +711,7 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
             let sent = Instant::now();
             let r = h
                 .groups()
-                .call(|r| ApiCall::Send(gid, text, r))
+                .send(&gid, text)
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|a| a.id.ok_or_else(|| "no id".to_owned()));

@@ -522,7 +522,7 @@ fn non_member_post_is_rejected() {
             ciphertext: vec![0x5a; 48],
         };
         let env = SignedEnvelope::sign(&signer, body).expect("sign");
-        fogmesh::groups::encode_gossip_message(&env)
+        fogmesh_protocols::groups::gossip::encode_gossip_message(&env)
     };
 
     let rt = tokio::runtime::Builder::new_multi_thread()

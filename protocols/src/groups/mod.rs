@@ -33,6 +33,12 @@
 //!   [`MAX_DEPS`](causal::MAX_DEPS) causal heads by hash (always the sender's
 //!   previous message), like Matrix's event DAG; per-sender sequence numbers
 //!   give Secure Scuttlebutt style version vectors for catch-up ([`sync`]).
+//! - **On the wire** ([`wire`], [`gossip`]): versioned CBOR frames with size
+//!   limits; a group's gossip topic carries tagged frames.
+//! - **Catch-up decisions** ([`exchange`]): what a sync responder answers
+//!   within a byte budget, what a requester asks next, and whom a member
+//!   checks with; the node lends the responder a lookup for stored
+//!   envelopes and carries requests and responses.
 //! - **Randomness is injected** (`rng` arguments, `rand_core` 0.10, the
 //!   version libp2p-identity 0.3 uses) rather than read from the OS, so a
 //!   simulation with a seeded generator is reproducible. The node passes
@@ -43,6 +49,8 @@
 
 pub mod causal;
 pub mod crypto;
+pub mod exchange;
+pub mod gossip;
 pub mod group;
 pub mod membership;
 pub mod sync;
@@ -53,6 +61,10 @@ use sha2::{Digest, Sha256};
 
 pub use causal::{CausalBuffer, CausalError, CausalOrder, MessageId};
 pub use crypto::{CryptoError, EpochKey, GroupKeys, SealedKey};
+pub use exchange::{Answer, next_request, pick_sync_peer, respond};
+pub use gossip::{
+    GossipError, GossipFrame, decode_gossip, encode_gossip_message, encode_gossip_op,
+};
 pub use group::{Delivered, Group, GroupError, OpReceived};
 pub use libp2p_identity::{Keypair, PeerId};
 pub use membership::{Applied, MembershipError, MembershipLog, Op, OpBody, OpKind};

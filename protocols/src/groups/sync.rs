@@ -10,10 +10,9 @@
 //! per-sender maxima give the missing ranges through [`diff`]. What the
 //! *peer* lacks is `diff(remote, local)`.
 //!
-//! Serving a [`Want`] needs storage, which is the node's: it answers with
-//! [`MembershipLog::ops_since`](super::MembershipLog::ops_since) and the
-//! stored envelopes found through
-//! [`CausalBuffer::id_of`](super::CausalBuffer::id_of).
+//! What a responder answers and what a requester asks next are decided in
+//! [`exchange`](super::exchange); serving a [`Want`] needs the stored
+//! envelopes, which the node lends it through a lookup.
 
 use std::collections::HashMap;
 
@@ -138,6 +137,25 @@ pub enum SyncRequest {
     },
 }
 
+impl SyncRequest {
+    /// The group the request is about.
+    pub fn group_id(&self) -> GroupId {
+        match self {
+            SyncRequest::Summary { group_id, .. } | SyncRequest::Fetch { group_id, .. } => {
+                *group_id
+            }
+        }
+    }
+
+    /// The requester's summary, if this is a [`SyncRequest::Summary`].
+    pub fn summary(&self) -> Option<&Summary> {
+        match self {
+            SyncRequest::Summary { summary, .. } => Some(summary),
+            SyncRequest::Fetch { .. } => None,
+        }
+    }
+}
+
 /// The answer to a [`SyncRequest`]: the responder's full summary (to a
 /// [`SyncRequest::Summary`]), or ops and envelopes (to a
 /// [`SyncRequest::Fetch`]), each verified by the receiver like any other
@@ -155,6 +173,19 @@ pub struct SyncResponse {
     pub ops: Vec<Op>,
     /// Message envelopes, in any order.
     pub messages: Vec<SignedEnvelope>,
+}
+
+impl SyncResponse {
+    /// An answer with nothing in it: what a non-member, or a peer asking
+    /// about a group the responder does not know, gets.
+    pub fn empty(group_id: GroupId) -> Self {
+        SyncResponse {
+            group_id,
+            summary: None,
+            ops: Vec::new(),
+            messages: Vec::new(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -195,6 +226,18 @@ mod tests {
         assert_eq!(w.membership_from, None);
         assert_eq!(w.ranges, vec![(b, 3, 7), (c, 1, 1)]);
         assert_eq!(diff(&remote, &local).ranges, vec![(a, 4, 5)]);
+    }
+
+    #[test]
+    fn in_sync_check_is_small() {
+        // The periodic check sends a brief summary: what it costs per group
+        // and interval when members agree.
+        let req = SyncRequest::Summary {
+            group_id: GroupId([7; 32]),
+            summary: summary(12, 9, vec![]),
+        };
+        let len = super::super::wire::encode_sync_request(&req).len();
+        assert!(len <= 160, "brief summary request is {len} bytes");
     }
 
     #[test]

@@ -1,0 +1,241 @@
+//! Group sync (anti-entropy) in the actor: sending summaries and fetches,
+//! answering a peer's requests, acting on the answers to ours, and learning
+//! of groups this node was added to while away.
+//!
+//! The decisions are `fogmesh_protocols::groups::exchange`'s (what to
+//! answer within the response budget, what to ask next, whom to check
+//! with); this module decodes, looks up the group and the stored envelopes,
+//! applies the per-peer limit on invitation fetches, and sends.
+
+use std::time::{Duration, Instant};
+
+use fogmesh_protocols::groups::exchange::{next_request, pick_sync_peer, respond};
+use fogmesh_protocols::groups::wire::{
+    MAX_SYNC_RESPONSE_SIZE, decode_sync_request, decode_sync_response, encode_sync_request,
+    encode_sync_response,
+};
+use fogmesh_protocols::groups::{Group, GroupId, Op, SyncRequest, SyncResponse, Want};
+use libp2p::PeerId;
+
+use super::NetCommand;
+use super::actor::{GroupsActor, MILLI, message_bucket};
+use super::store::Batch;
+use crate::types::NodeEvent;
+
+/// Fetches of unknown groups' logs one peer may trigger: per second,
+/// sustained (bursts of four times as many: enough to learn of 128 groups at
+/// once, not enough for a stranger to keep this node busy).
+const INVITE_FETCH_RATE: f64 = 32.0;
+/// How long a node waits for one member's answer with a group's membership
+/// log before asking another member.
+const JOIN_FETCH_RETRY: Duration = Duration::from_secs(10);
+
+impl GroupsActor {
+    /// Sends one sync request (the event loop answers with `SyncResponse`
+    /// or `SyncFailed`).
+    fn send_request(&self, peer: PeerId, req: SyncRequest) {
+        self.metrics.group_sync_requests.inc();
+        self.net_send(NetCommand::SyncRequest {
+            peer,
+            group: req.group_id(),
+            frame: encode_sync_request(&req),
+        });
+    }
+
+    /// Sends our full summary of `gid`: its answer carries the peer's, and
+    /// each side then fetches what it lacks.
+    pub(super) fn send_summary(&self, peer: PeerId, gid: GroupId) {
+        if let Some(group) = self.groups.get(&gid) {
+            self.send_request(
+                peer,
+                SyncRequest::Summary {
+                    group_id: gid,
+                    summary: group.summary(),
+                },
+            );
+        }
+    }
+
+    /// After a local change, connected members hear of it at once.
+    pub(super) fn push_to_members(&self, gid: GroupId) {
+        let Some(group) = self.groups.get(&gid) else {
+            return;
+        };
+        for p in group.membership().members() {
+            if *p != self.local && self.connected.contains(p) {
+                self.send_summary(*p, gid);
+            }
+        }
+    }
+
+    /// Every interval, each group compares a brief summary with one
+    /// connected member: a few dozen bytes per group when in sync.
+    pub(super) fn periodic_sync(&mut self) {
+        let mut plan = Vec::new();
+        for (gid, group) in &self.groups {
+            let knowing = self.knows.get(gid);
+            let peer = pick_sync_peer(
+                group,
+                |p| self.connected.contains(p),
+                |p| knowing.is_some_and(|k| k.contains(p)),
+                &mut self.rng,
+            );
+            if let Some(peer) = peer {
+                plan.push((peer, *gid, group.summary().brief()));
+            }
+        }
+        for (peer, group_id, summary) in plan {
+            self.send_request(peer, SyncRequest::Summary { group_id, summary });
+        }
+    }
+
+    /// Answers a peer's sync request; returns the encoded response.
+    pub(super) fn on_sync_request(&mut self, peer: PeerId, frame: &[u8], now: Instant) -> Vec<u8> {
+        let req = match decode_sync_request(frame) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(%peer, "bad sync request: {e}");
+                return encode_sync_response(&SyncResponse::empty(GroupId([0; 32])));
+            }
+        };
+        let gid = req.group_id();
+        let Some(group) = self.groups.get(&gid) else {
+            if req.summary().is_some() {
+                self.ask_for_invitation(peer, gid, now);
+            }
+            return encode_sync_response(&SyncResponse::empty(gid));
+        };
+        // A member that sent a summary knows the group.
+        let knows = req.summary().is_some() && group.membership().is_member(&peer);
+        let store = &self.store;
+        let lookup = |id: &_| store.envelope(&gid, id).ok().flatten();
+        let answer = respond(group, &peer, &req, lookup, MAX_SYNC_RESPONSE_SIZE);
+        if knows {
+            self.knows.entry(gid).or_default().insert(peer);
+        }
+        // What we lack from them: asked in a request of our own.
+        if let Some(ask) = answer.ask {
+            self.send_request(peer, ask);
+        }
+        encode_sync_response(&answer.response)
+    }
+
+    /// A peer told us of a group we do not know: we may have been added
+    /// while away. Ask it for the group's membership log, once per group at
+    /// a time and rate-limited per peer, as anyone can send this.
+    fn ask_for_invitation(&mut self, peer: PeerId, gid: GroupId, now: Instant) {
+        let recent = |t: &Instant| now.saturating_duration_since(*t) < JOIN_FETCH_RETRY;
+        if self.joining.get(&gid).is_some_and(recent) || !self.allow_invite_fetch(peer, now) {
+            return;
+        }
+        self.joining.retain(|_, t| recent(t));
+        self.joining.insert(gid, now);
+        let want = Want {
+            membership_from: Some(0),
+            ..Want::default()
+        };
+        self.send_request(
+            peer,
+            SyncRequest::Fetch {
+                group_id: gid,
+                want,
+            },
+        );
+    }
+
+    fn allow_invite_fetch(&mut self, peer: PeerId, now: Instant) -> bool {
+        self.invite_fetches
+            .entry(peer)
+            .or_insert_with(|| message_bucket(INVITE_FETCH_RATE))
+            .try_take(MILLI, now)
+            .is_ok()
+    }
+
+    /// Acts on the answer to one of our requests about `asked`: ops,
+    /// messages, and what to ask next.
+    pub(super) fn on_sync_response(&mut self, peer: PeerId, asked: GroupId, frame: &[u8]) {
+        let resp = match decode_sync_response(frame) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(%peer, "bad sync response: {e}");
+                return;
+            }
+        };
+        let gid = resp.group_id;
+        // An answer is about the group we asked about, or it is ignored.
+        if gid != asked {
+            tracing::debug!(%peer, "sync response about another group than asked");
+            return;
+        }
+        if !self.groups.contains_key(&gid) {
+            if !self.learn_group(peer, gid, resp.ops) {
+                return;
+            }
+        } else if !resp.ops.is_empty() {
+            let _ = self.receive_ops(gid, resp.ops);
+        }
+        let mut n = 0;
+        for env in resp.messages {
+            if env.body.group_id == gid && self.receive_envelope(gid, env).is_ok() {
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.metrics.group_messages_synced.inc_by(n);
+        }
+        let (Some(remote), Some(group)) = (resp.summary, self.groups.get(&gid)) else {
+            return;
+        };
+        let next = next_request(gid, &group.summary(), &remote);
+        self.knows.entry(gid).or_default().insert(peer);
+        if let Some(req) = next {
+            self.send_request(peer, req);
+        }
+    }
+
+    /// Learns a group from its membership log (asked for after a member
+    /// told us of it). The first op must be its genesis, which proves the
+    /// id; the group is kept only if the log makes this node a member.
+    /// Returns whether it was kept.
+    fn learn_group(&mut self, peer: PeerId, gid: GroupId, ops: Vec<Op>) -> bool {
+        let mut ops = ops.into_iter();
+        let Some(genesis) = ops.next() else {
+            return false;
+        };
+        let Ok(group) = Group::join(self.keypair.clone(), genesis) else {
+            return false;
+        };
+        if group.id() != gid {
+            return false;
+        }
+        self.groups.insert(gid, group);
+        self.joining.remove(&gid);
+        let _ = self.receive_ops(gid, ops.collect());
+        let Some(group) = self.groups.get(&gid) else {
+            return false;
+        };
+        if !group.membership().is_member(&self.local) {
+            self.groups.remove(&gid);
+            return false;
+        }
+        let topic = group.topic();
+        let all = Batch::of_ops(0, group.membership().ops_since(0));
+        if let Err(e) = self.store.commit(&gid, all) {
+            tracing::error!("cannot store a new group: {e}");
+            self.groups.remove(&gid);
+            return false;
+        }
+        tracing::info!(group = %gid.to_hex(), from = %peer, "learned of a group this node was added to");
+        self.net_send(NetCommand::Subscribe(topic));
+        self.emit(NodeEvent::GroupUpdated {
+            group_id: gid.to_hex(),
+            member: true,
+        });
+        // Now fetch its messages from every connected member (the peer that
+        // answered among them), which also tells them of the group: they may
+        // not know of it either, so an invitation spreads through the
+        // members, not only from its admin.
+        self.push_to_members(gid);
+        true
+    }
+}
