@@ -104,11 +104,6 @@ impl<I> Clone for Mailbox<I> {
 }
 
 impl<I> Mailbox<I> {
-    /// Wraps the sending side of a bounded channel.
-    pub(crate) fn from_sender(tx: std_mpsc::SyncSender<I>) -> Self {
-        Mailbox { tx }
-    }
-
     /// Queues an input without waiting.
     pub fn offer(&self, input: I) -> Result<(), MailboxError> {
         self.tx.try_send(input).map_err(|e| match e {
