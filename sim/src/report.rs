@@ -27,7 +27,7 @@ use plotters::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::record::{Published, ReceiptKind, RunRecord};
+use crate::record::{FaultKind, Published, ReceiptKind, RunRecord};
 
 /// At most this many steps are drawn in the latency CDF (a 100k-pair run
 /// would otherwise weigh megabytes for no visible gain).
@@ -319,7 +319,7 @@ fn analyse(rec: &RunRecord) -> (Summary, Series) {
         (overhead_bytes_per_node.zip(bytes_sent_per_node.mean)).and_then(|(o, b)| ratio(o, b));
 
     let mut catchup_ms: Option<Catchup> = None;
-    for w in rec.faults.iter().filter(|w| w.kind == "partition") {
+    for w in rec.faults.iter().filter(|w| w.kind == FaultKind::Partition) {
         let c = catchup_ms.get_or_insert_with(Catchup::default);
         c.partitions += 1;
         for p in rec.published.iter().filter(|p| p.t_ms < w.end_ms) {
