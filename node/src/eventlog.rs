@@ -264,7 +264,11 @@ mod tests {
             lines[0],
             r#"{"time":"2023-11-14T22:13:20.123456Z","msg":"Received Message","id":"ab12"}"#
         );
-        assert!(lines[1].contains(r#""t_ms":-12.5,"node":7"#), "{}", lines[1]);
+        assert!(
+            lines[1].contains(r#""t_ms":-12.5,"node":7"#),
+            "{}",
+            lines[1]
+        );
         for (line, want) in lines.iter().zip([&plain, &sim]) {
             let back: Result<Line, _> = serde_json::from_str(line);
             assert_eq!(back.ok().as_ref(), Some(want));

@@ -156,7 +156,8 @@ impl Collector {
         nodes: &[NodeOut],
         members: Vec<usize>,
     ) -> anyhow::Result<Self> {
-        let file = File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
+        let file =
+            File::create(path).with_context(|| format!("cannot write {}", path.display()))?;
         let mut log = eventlog::Writer::new(BufWriter::new(file));
         for node in nodes {
             let line = Line::new(SystemTime::now(), Msg::PeerId, node.peer_id.as_str());
@@ -257,11 +258,8 @@ impl HostLag {
             measuring: Arc::default(),
             stop: CancellationToken::new(),
         };
-        let (samples, measuring, stop) = (
-            lag.samples.clone(),
-            lag.measuring.clone(),
-            lag.stop.clone(),
-        );
+        let (samples, measuring, stop) =
+            (lag.samples.clone(), lag.measuring.clone(), lag.stop.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(10));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

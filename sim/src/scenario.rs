@@ -414,7 +414,11 @@ mod tests {
                 seen += 1;
             }
         }
-        assert!(seen >= 10, "only {seen} scenarios found in {}", dir.display());
+        assert!(
+            seen >= 10,
+            "only {seen} scenarios found in {}",
+            dir.display()
+        );
     }
 
     /// The enumerated choices keep their TOML spellings; an unknown one is
@@ -448,7 +452,10 @@ mod tests {
             ("[link]\nmodel = \"moon\"\n", "moon"),
             ("[ble]\nlayout = \"circle\"\n", "circle"),
         ] {
-            let e = parse(extra).err().map(|e| e.to_string()).unwrap_or_default();
+            let e = parse(extra)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
             assert!(
                 e.contains(&format!("unknown variant `{bad}`")),
                 "{extra}: {e}"

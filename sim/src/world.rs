@@ -130,7 +130,9 @@ impl World {
                 key: key.clone(),
                 data_dir,
                 internet: i < s.internet_nodes(),
-                position: plan.topology.nodes[i].position.map(|[x, y]| Position { x, y }),
+                position: plan.topology.nodes[i]
+                    .position
+                    .map(|[x, y]| Position { x, y }),
                 radio_sent: Arc::default(),
                 stop: CancellationToken::new(),
                 handle: None,
@@ -289,9 +291,11 @@ async fn start_node(shared: &Shared, node: &mut SimNode) -> anyhow::Result<()> {
         .start(node.stop.clone())
         .await?;
     let running = built.running;
-    shared
-        .taps
-        .follow(index, node.key.public().to_peer_id(), running.handle.subscribe());
+    shared.taps.follow(
+        index,
+        node.key.public().to_peer_id(),
+        running.handle.subscribe(),
+    );
     node.handle = Some(running.handle);
     node.task = Some(running.task);
     Ok(())
