@@ -1,83 +1,235 @@
-//! `--event-log FILE`: the node's NDJSON event log, in the style of the
-//! gossipsub-interop harness, so that real `fogmesh` binaries run under the
-//! Shadow network simulator produce the same events as `fogmesh-sim`.
+//! The event log: one NDJSON line format for what a node saw of group
+//! messages, in the style of the gossipsub-interop harness. Two writers
+//! use it: `fogmesh run --event-log FILE` (so that real binaries run under
+//! the Shadow network simulator log like the simulator does) and
+//! `fogmesh-sim`'s `events.ndjson`, which adds the two optional fields.
 //!
-//! One JSON object per line with `time` (RFC 3339, the host's clock, which
-//! Shadow controls) and `msg`:
-//! - `PeerID` (`id`: this node's peer id), once at start;
-//! - `Received Message` (`id`: the group message id), for every copy of a
-//!   group message received on the wire, duplicates included;
-//! - `Delivered Message` (`id`), when a message from another member is
-//!   delivered to the application;
-//! - `Published Message` (`id`), when this node posts one.
+//! One JSON object per line ([`Line`]):
+//!
+//! | field | always | meaning |
+//! |---|---|---|
+//! | `time` | yes | the host's wall clock when the event happened, RFC 3339 in UTC with microseconds (`2025-01-31T12:00:00.123456Z`); under Shadow, Shadow's simulated clock |
+//! | `msg` | yes | what happened ([`Msg`]): `PeerID`, `Received Message`, `Delivered Message`, `Duplicate Delivery` or `Published Message` |
+//! | `id` | yes | for `PeerID` the node's peer id (base58), otherwise the group message id (hex SHA-256 of the signed envelope) |
+//! | `t_ms` | no | model milliseconds since the simulator's workload started (negative before it); only in `fogmesh-sim`'s log |
+//! | `node` | no | the node's index in the simulated network; only in `fogmesh-sim`'s log, which holds every node's lines |
+//!
+//! The values of `msg`:
+//! - `PeerID`: once per node, when the log starts;
+//! - `Received Message`: a copy of a group message arrived on the wire,
+//!   duplicates included (seen through gossipsub's data transform, which
+//!   runs before its duplicate check); membership ops are not logged;
+//! - `Delivered Message`: a message from another member reached the
+//!   application (through gossip or sync), the first time;
+//! - `Duplicate Delivery`: the application got a message it had already
+//!   delivered (must never happen; only the simulator checks for it);
+//! - `Published Message`: the node published the message. `--event-log`
+//!   writes it when the node has stored its own message (before
+//!   `group send` returns); the simulator when it called `group send`.
 
 use std::fs::{File, OpenOptions};
-use std::io::{LineWriter, Write};
-use std::path::Path;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
-use anyhow::Context;
 use fogmesh_protocols::groups::gossip::{GossipFrame, decode_gossip};
 use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::behaviour::GossipObserver;
 use crate::types::NodeEvent;
 
-/// An open event log. Cheap to clone.
+/// What a line reports (its `msg` field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Msg {
+    /// The node's peer id, once when the log starts.
+    #[serde(rename = "PeerID")]
+    PeerId,
+    /// A copy of a group message arrived on the wire (duplicates included).
+    #[serde(rename = "Received Message")]
+    Received,
+    /// Another member's message reached the application, the first time.
+    #[serde(rename = "Delivered Message")]
+    Delivered,
+    /// A message reached the application a second time (must not happen).
+    #[serde(rename = "Duplicate Delivery")]
+    DuplicateDelivery,
+    /// The node published the message.
+    #[serde(rename = "Published Message")]
+    Published,
+}
+
+/// One line of the event log (see the module documentation for the exact
+/// meaning of every field).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Line {
+    /// When it happened, by the host's clock (RFC 3339, microseconds).
+    #[serde(with = "rfc3339_micros")]
+    pub time: SystemTime,
+    /// What happened.
+    pub msg: Msg,
+    /// The peer id (`PeerID`) or the group message id (hex).
+    pub id: String,
+    /// Model ms since the simulator's workload started (simulator only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub t_ms: Option<f64>,
+    /// The node's index in the simulated network (simulator only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<usize>,
+}
+
+impl Line {
+    /// A line without the simulator's fields.
+    pub fn new(time: SystemTime, msg: Msg, id: impl Into<String>) -> Self {
+        Line {
+            time,
+            msg,
+            id: id.into(),
+            t_ms: None,
+            node: None,
+        }
+    }
+
+    /// The same line with the simulator's fields.
+    pub fn in_simulation(self, t_ms: f64, node: usize) -> Self {
+        Line {
+            t_ms: Some(t_ms),
+            node: Some(node),
+            ..self
+        }
+    }
+}
+
+/// `time` as RFC 3339 with microseconds, in UTC.
+mod rfc3339_micros {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_micros(*t))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_rfc3339_weak(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Writes [`Line`]s to `out`, one JSON object and a newline each. Buffering
+/// is `out`'s business (a `LineWriter` for a log that must be readable
+/// while the node runs, a `BufWriter` for the simulator's one file).
+#[derive(Debug)]
+pub struct Writer<W: Write> {
+    out: W,
+}
+
+impl<W: Write> Writer<W> {
+    /// A writer of lines to `out`.
+    pub fn new(out: W) -> Self {
+        Writer { out }
+    }
+
+    /// Writes one line.
+    pub fn write(&mut self, line: &Line) -> io::Result<()> {
+        serde_json::to_writer(&mut self.out, line)?;
+        self.out.write_all(b"\n")
+    }
+
+    /// Flushes what `out` buffers.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// The group message id (hex) of a gossip frame carrying a group message;
+/// `None` for membership ops and for frames that do not decode.
+pub fn received_message_id(data: &[u8]) -> Option<String> {
+    match decode_gossip(data) {
+        Ok(GossipFrame::Message(env)) => Some(hex::encode(env.id().0)),
+        _ => None,
+    }
+}
+
+/// A gossip observer (see [`crate::builder::NodeBuilder::observe_gossip`])
+/// that calls `on_message(id, wire_size)` for every copy of a group
+/// message received on the wire, duplicates included: the one place where
+/// wire copies are recognised, for `--event-log` and the simulator alike.
+pub fn observe_messages(
+    on_message: impl Fn(String, usize) + Send + Sync + 'static,
+) -> GossipObserver {
+    Arc::new(move |data: &[u8]| {
+        if let Some(id) = received_message_id(data) {
+            on_message(id, data.len());
+        }
+    })
+}
+
+/// Why the event log could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EventLogError {
+    /// The file could not be opened or its first line not written.
+    #[error("cannot open the event log {path}")]
+    Open {
+        /// The log's path.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// An open `--event-log` file. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct EventLog {
-    out: Arc<Mutex<LineWriter<File>>>,
+    out: Arc<Mutex<Writer<io::LineWriter<File>>>>,
 }
 
 impl EventLog {
     /// Opens (appending) `path` and writes the `PeerID` line.
-    pub fn open(path: &Path, peer: &PeerId) -> anyhow::Result<Self> {
-        let f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .with_context(|| format!("cannot open the event log {}", path.display()))?;
-        let log = EventLog {
-            out: Arc::new(Mutex::new(LineWriter::new(f))),
+    pub fn open(path: &Path, peer: &PeerId) -> Result<Self, EventLogError> {
+        let opened = || -> io::Result<Self> {
+            let file = OpenOptions::new().create(true).append(true).open(path)?;
+            let mut out = Writer::new(io::LineWriter::new(file));
+            out.write(&Line::new(SystemTime::now(), Msg::PeerId, peer.to_base58()))?;
+            Ok(EventLog {
+                out: Arc::new(Mutex::new(out)),
+            })
         };
-        log.write("PeerID", &peer.to_base58());
-        Ok(log)
+        opened().map_err(|source| EventLogError::Open {
+            path: path.to_owned(),
+            source,
+        })
     }
 
-    fn write(&self, msg: &str, id: &str) {
-        let line = serde_json::json!({
-            "time": humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string(),
-            "msg": msg,
-            "id": id,
-        });
+    fn write(&self, msg: Msg, id: &str) {
+        let line = Line::new(SystemTime::now(), msg, id);
         if let Ok(mut out) = self.out.lock() {
             // A full disk must not stop the node; the log is best effort.
-            let _ = writeln!(out, "{line}");
+            let _ = out.write(&line);
         }
     }
 
     /// The gossip observer that logs `Received Message`.
     pub fn observer(&self) -> GossipObserver {
         let log = self.clone();
-        Arc::new(move |data: &[u8]| {
-            if let Ok(GossipFrame::Message(env)) = decode_gossip(data) {
-                log.write("Received Message", &hex::encode(env.id().0));
-            }
-        })
+        observe_messages(move |id, _| log.write(Msg::Received, &id))
     }
 
     /// Logs deliveries and publishes from the node's event stream until it
-    /// ends.
+    /// ends: the node's own messages are its publishes.
     pub async fn follow(self, mut events: broadcast::Receiver<NodeEvent>, local: PeerId) {
         let local = local.to_base58();
         loop {
             match events.recv().await {
                 Ok(NodeEvent::GroupMessage { id, sender, .. }) => {
                     let msg = if sender == local {
-                        "Published Message"
+                        Msg::Published
                     } else {
-                        "Delivered Message"
+                        Msg::Delivered
                     };
                     self.write(msg, &id);
                 }
@@ -88,5 +240,44 @@ impl EventLog {
                 Err(broadcast::error::RecvError::Closed) => break,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both writers' lines parse back; the simulator's fields are optional
+    /// and absent from the daemon's lines; `time` keeps its microseconds.
+    #[test]
+    fn lines_round_trip_with_and_without_the_simulator_fields() {
+        let time = SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_700_000_000_123_456);
+        let plain = Line::new(time, Msg::Received, "ab12");
+        let sim = Line::new(time, Msg::Published, "cd34").in_simulation(-12.5, 7);
+        let mut out = Writer::new(Vec::new());
+        for line in [&plain, &sim] {
+            assert!(out.write(line).is_ok());
+        }
+        let text = String::from_utf8(out.out).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            r#"{"time":"2023-11-14T22:13:20.123456Z","msg":"Received Message","id":"ab12"}"#
+        );
+        assert!(
+            lines[1].contains(r#""t_ms":-12.5,"node":7"#),
+            "{}",
+            lines[1]
+        );
+        for (line, want) in lines.iter().zip([&plain, &sim]) {
+            let back: Result<Line, _> = serde_json::from_str(line);
+            assert_eq!(back.ok().as_ref(), Some(want));
+        }
+    }
+
+    #[test]
+    fn only_group_messages_have_a_received_id() {
+        assert_eq!(received_message_id(&[]), None);
+        assert_eq!(received_message_id(&[0xff, 1, 2]), None);
     }
 }

@@ -4,11 +4,17 @@
 // The modules' items are `pub` for their documentation; this is a binary.
 #![allow(unreachable_pub)]
 
+mod clock;
+mod collector;
+mod faults;
 mod net;
+mod plan;
 mod record;
 mod report;
 mod run;
 mod scenario;
+mod workload;
+mod world;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

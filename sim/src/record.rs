@@ -28,7 +28,8 @@ pub struct Published {
 pub enum ReceiptKind {
     /// A copy of a gossip message arrived on the wire (duplicates included).
     Wire,
-    /// The node delivered the message to the application (first time).
+    /// The node delivered another member's message to the application
+    /// (first time). A publisher's own messages are in `published`.
     Delivered,
     /// The node delivered a message it had already delivered (must not
     /// happen).
@@ -48,11 +49,21 @@ pub struct Receipt {
     pub kind: ReceiptKind,
 }
 
+/// What kind of fault a window was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultKind {
+    /// Part of the network was cut off from the rest.
+    Partition,
+    /// Some nodes stopped and restarted.
+    Churn,
+}
+
 /// A fault window, for the report (catch-up time after a partition heals).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FaultWindow {
-    /// `partition` or `churn`.
-    pub kind: String,
+    /// What the fault was.
+    pub kind: FaultKind,
     /// Model time it started.
     pub start_ms: f64,
     /// Model time it ended (healed, or nodes back).

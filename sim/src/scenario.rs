@@ -55,8 +55,8 @@ pub struct Ble {
     pub nodes: usize,
     /// How many of them also have the internet.
     pub gateways: usize,
-    /// `line`, `grid` or `crowd` (uniformly at random in a square).
-    pub layout: String,
+    /// Where the radios stand.
+    pub layout: BleLayout,
     /// Metres between neighbours, for `line` and `grid`.
     pub spacing_m: f64,
     /// Side of the crowd's square, metres.
@@ -71,12 +71,25 @@ impl Default for Ble {
         Ble {
             nodes: 0,
             gateways: 0,
-            layout: "line".into(),
+            layout: BleLayout::Line,
             spacing_m: 10.0,
             area_m: 50.0,
             link: fogmesh_ble::sim::LinkModel::default(),
         }
     }
+}
+
+/// Where the radios stand (`ble.layout`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BleLayout {
+    /// In a line, `spacing_m` apart.
+    #[default]
+    Line,
+    /// On a square grid, `spacing_m` apart, filled row by row.
+    Grid,
+    /// Uniformly at random in a square of side `area_m`.
+    Crowd,
 }
 
 impl Scenario {
@@ -108,9 +121,8 @@ fn one_f() -> f64 {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Topology {
-    /// `random` (each node dials `degree` random others), `ring`, `line` or
-    /// `full`.
-    pub kind: String,
+    /// The shape of the initial dials.
+    pub kind: TopologyKind,
     /// Dials per node for `random`.
     pub degree: usize,
 }
@@ -118,19 +130,33 @@ pub struct Topology {
 impl Default for Topology {
     fn default() -> Self {
         Topology {
-            kind: "random".into(),
+            kind: TopologyKind::Random,
             degree: 8,
         }
     }
+}
+
+/// The shape of the initial dials (`topology.kind`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TopologyKind {
+    /// Each node dials `degree` others chosen with the seed.
+    #[default]
+    Random,
+    /// Node i dials node i + 1, and the last dials node 0.
+    Ring,
+    /// Node i dials node i + 1.
+    Line,
+    /// Every node dials every node after it.
+    Full,
 }
 
 /// The link model.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Link {
-    /// `world` (8 regions, one-way latencies 2 to 220 ms, as in the
-    /// gossipsub-interop model) or `uniform` (`latency_ms` everywhere).
-    pub model: String,
+    /// Where latencies come from.
+    pub model: LatencyModel,
     /// One-way latency for `uniform`, ms.
     pub latency_ms: f64,
     /// Uplink of most nodes, Mbit/s.
@@ -146,7 +172,7 @@ pub struct Link {
 impl Default for Link {
     fn default() -> Self {
         Link {
-            model: "world".into(),
+            model: LatencyModel::World,
             latency_ms: 50.0,
             bandwidth_mbps: 50.0,
             fast_fraction: 0.2,
@@ -154,6 +180,18 @@ impl Default for Link {
             loss: 0.0,
         }
     }
+}
+
+/// Where the links' latencies come from (`link.model`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LatencyModel {
+    /// 8 regions, one-way latencies 2 to 220 ms, as in the
+    /// gossipsub-interop model ([`world_latency`]).
+    #[default]
+    World,
+    /// `latency_ms` between every two nodes.
+    Uniform,
 }
 
 /// Gossipsub's parameters (see fogmesh's `GossipParams`).
@@ -271,19 +309,13 @@ impl Scenario {
         Ok(s)
     }
 
-    /// Checks ranges.
+    /// Checks ranges (the enumerated choices are checked when parsing).
     pub fn check(&self) -> anyhow::Result<()> {
         if self.nodes < 2 {
             bail!("nodes must be at least 2");
         }
         if !(self.time_dilation >= 1.0 && self.time_dilation.is_finite()) {
             bail!("time_dilation must be 1 or more");
-        }
-        if !["random", "ring", "line", "full"].contains(&self.topology.kind.as_str()) {
-            bail!("topology.kind must be random, ring, line or full");
-        }
-        if !["world", "uniform"].contains(&self.link.model.as_str()) {
-            bail!("link.model must be world or uniform");
         }
         if self.link.bandwidth_mbps <= 0.0 || self.link.fast_bandwidth_mbps <= 0.0 {
             bail!("bandwidths must be positive");
@@ -311,9 +343,6 @@ impl Scenario {
             }
             if b.gateways > b.nodes {
                 bail!("ble.gateways is more than ble.nodes");
-            }
-            if !["line", "grid", "crowd"].contains(&b.layout.as_str()) {
-                bail!("ble.layout must be line, grid or crowd");
             }
             if !(b.spacing_m > 0.0 && b.area_m > 0.0) {
                 bail!("ble.spacing_m and ble.area_m must be positive");
@@ -365,4 +394,72 @@ pub fn world_latency() -> Vec<Vec<f64>> {
                 .collect()
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every shipped scenario parses unchanged and passes its checks.
+    #[test]
+    fn shipped_scenarios_load() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("scenarios");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                if let Err(e) = Scenario::load(&path) {
+                    panic!("{}: {e:#}", path.display());
+                }
+                seen += 1;
+            }
+        }
+        assert!(
+            seen >= 10,
+            "only {seen} scenarios found in {}",
+            dir.display()
+        );
+    }
+
+    /// The enumerated choices keep their TOML spellings; an unknown one is
+    /// refused with the value and the choices in the message.
+    #[test]
+    fn choices_parse_by_name_and_unknown_ones_are_refused() {
+        let base = "name = \"x\"\nnodes = 3\nduration_secs = 1\n";
+        let parse = |extra: &str| toml::from_str::<Scenario>(&format!("{base}{extra}"));
+        let s = parse(
+            "[topology]\nkind = \"ring\"\n[link]\nmodel = \"uniform\"\n\
+             [ble]\nnodes = 2\nlayout = \"crowd\"\n",
+        )
+        .map_err(|e| e.to_string());
+        let s = s.as_ref().map(|s| {
+            (
+                s.topology.kind,
+                s.link.model,
+                s.ble.as_ref().map(|b| b.layout),
+            )
+        });
+        assert_eq!(
+            s,
+            Ok((
+                TopologyKind::Ring,
+                LatencyModel::Uniform,
+                Some(BleLayout::Crowd)
+            ))
+        );
+        for (extra, bad) in [
+            ("[topology]\nkind = \"star\"\n", "star"),
+            ("[link]\nmodel = \"moon\"\n", "moon"),
+            ("[ble]\nlayout = \"circle\"\n", "circle"),
+        ] {
+            let e = parse(extra)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                e.contains(&format!("unknown variant `{bad}`")),
+                "{extra}: {e}"
+            );
+        }
+    }
 }

@@ -93,6 +93,14 @@ fn ten_nodes_deliver_everything_and_the_summary_matches_the_log() {
     for line in log.lines() {
         let e: Value = serde_json::from_str(line).expect("event line is JSON");
         assert!(e["time"].is_string() && e["msg"].is_string(), "{e}");
+        // The node's event-log format, with the simulator's two fields and
+        // microsecond timestamps (`...T12:00:00.123456Z`).
+        let typed: fogmesh::eventlog::Line =
+            serde_json::from_str(line).expect("a line of the event-log format");
+        assert!(typed.t_ms.is_some() && typed.node.is_some(), "{e}");
+        let time = e["time"].as_str().expect("time");
+        let fraction = time.rsplit('.').next().expect("fraction");
+        assert_eq!(fraction.len(), "123456Z".len(), "{time}");
         let id = e["id"].as_str().expect("id").to_owned();
         let node = e["node"].as_u64().expect("node");
         let t = e["t_ms"].as_f64().expect("t_ms");

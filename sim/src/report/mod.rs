@@ -15,32 +15,20 @@
 //! id that was never published only count in `unknown_receipts` and
 //! `app_duplicates`. In `summary.json` and `summary.csv`, `None` is null
 //! and empty.
+//!
+//! The figures are computed in [`figures`], the plots drawn in [`plots`].
 
-use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::ops::Range;
 use std::path::Path;
 
 use anyhow::Context as _;
-use plotters::coord::types::RangedCoordf64;
-use plotters::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::record::{Published, ReceiptKind, RunRecord};
+use crate::record::RunRecord;
 
-/// At most this many steps are drawn in the latency CDF (a 100k-pair run
-/// would otherwise weigh megabytes for no visible gain).
-const CDF_MAX_POINTS: usize = 2000;
-/// Host lag (p99) above this many ms always counts as host-limited.
-const LAG_ABS_LIMIT_MS: f64 = 20.0;
-/// Host lag (p99) above this fraction of the median link latency, plus
-/// [`TIMER_RESOLUTION_MS`], counts as host-limited.
-const LAG_REL_LIMIT: f64 = 0.1;
-/// tokio's timers fire on a 1 ms wheel, so even an idle runtime shows about
-/// 1 to 2 ms of lag; every modelled delay has the same granularity, so this
-/// much is not the host shaping the results.
-const TIMER_RESOLUTION_MS: f64 = 2.0;
+mod figures;
+mod plots;
 
 /// The content of `summary.json` (and, flattened, of `summary.csv`).
 #[derive(Debug, Clone, Serialize)]
@@ -199,32 +187,17 @@ pub struct Bucket {
     pub reliability: Option<f64>,
 }
 
-/// What the plots need besides the summary.
-struct Series {
-    /// Delivery latencies of delivered pairs, sorted.
-    latencies: Vec<f64>,
-    /// Per node average wire copies per message (nodes with wire copies).
-    dup_per_node: Vec<f64>,
-}
-
-/// What one node saw of one message.
-#[derive(Default)]
-struct AtNode {
-    first_delivered: Option<f64>,
-    wire: u64,
-}
-
 /// Computes every figure of the summary; see the field docs of [`Summary`].
 #[cfg_attr(not(test), allow(dead_code))]
 pub fn summarize(rec: &RunRecord) -> Summary {
-    analyse(rec).0
+    figures::analyse(rec).0
 }
 
 /// Writes `summary.json`, `summary.csv`, `latency_cdf.svg`,
 /// `duplicates_per_node.svg` and `reliability_over_time.svg` into `dir`
 /// (created if missing) and returns the summary.
 pub fn write_report(rec: &RunRecord, dir: &Path) -> anyhow::Result<Summary> {
-    let (summary, series) = analyse(rec);
+    let (summary, series) = figures::analyse(rec);
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let json = serde_json::to_string_pretty(&summary).context("serializing the summary")?;
     let files = [
@@ -232,12 +205,15 @@ pub fn write_report(rec: &RunRecord, dir: &Path) -> anyhow::Result<Summary> {
         ("summary.csv", to_csv(&summary)?),
         (
             "latency_cdf.svg",
-            plot_cdf(&series.latencies, summary.pairs)?,
+            plots::plot_cdf(&series.latencies, summary.pairs)?,
         ),
-        ("duplicates_per_node.svg", plot_dups(&series.dup_per_node)?),
+        (
+            "duplicates_per_node.svg",
+            plots::plot_dups(&series.dup_per_node)?,
+        ),
         (
             "reliability_over_time.svg",
-            plot_rel(&summary.reliability_over_time)?,
+            plots::plot_rel(&summary.reliability_over_time)?,
         ),
     ];
     for (name, content) in files {
@@ -245,197 +221,6 @@ pub fn write_report(rec: &RunRecord, dir: &Path) -> anyhow::Result<Summary> {
         std::fs::write(&path, content).with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(summary)
-}
-
-fn analyse(rec: &RunRecord) -> (Summary, Series) {
-    let known: HashMap<&str, &Published> =
-        rec.published.iter().map(|p| (p.id.as_str(), p)).collect();
-    let (mut unknown_receipts, mut app_duplicates, mut payload) = (0u64, 0u64, 0u64);
-    let mut at: HashMap<(usize, &str), AtNode> = HashMap::new();
-    for r in &rec.receipts {
-        app_duplicates += u64::from(r.kind == ReceiptKind::DuplicateDelivery);
-        let Some(p) = known.get(r.id.as_str()) else {
-            unknown_receipts += 1;
-            continue;
-        };
-        let e = at.entry((r.node, p.id.as_str())).or_default();
-        match r.kind {
-            ReceiptKind::Wire => {
-                e.wire += 1;
-                payload += p.wire_size as u64;
-            }
-            // Receipts need not be in time order: keep the earliest.
-            ReceiptKind::Delivered => {
-                e.first_delivered = Some(e.first_delivered.map_or(r.t_ms, |t| t.min(r.t_ms)));
-            }
-            ReceiptKind::DuplicateDelivery => {}
-        }
-    }
-    let delivered_at = |node, id| at.get(&(node, id)).and_then(|e: &AtNode| e.first_delivered);
-
-    // Pairs, latencies, reach and the per-second buckets in one pass.
-    let (mut pairs, mut latencies) = (0usize, Vec::new());
-    let mut reach: [Vec<Option<f64>>; 4] = Default::default();
-    let mut buckets: BTreeMap<u64, (usize, usize, usize)> = BTreeMap::new();
-    for p in &rec.published {
-        let mut lat: Vec<f64> = (p.recipients.iter())
-            .filter_map(|&n| Some(delivered_at(n, &p.id)? - p.t_ms))
-            .collect();
-        lat.sort_by(f64::total_cmp);
-        let k = p.recipients.len();
-        pairs += k;
-        if k > 0 {
-            for (times, pct) in reach.iter_mut().zip([90, 95, 99, 100]) {
-                // When the ceil(pct% of k)-th recipient delivered, if it did.
-                times.push(lat.get(rank(pct, k) - 1).copied());
-            }
-        }
-        // `as` saturates: negative or NaN times land in bucket 0.
-        let b = buckets.entry((p.t_ms / 1000.0) as u64).or_default();
-        *b = (b.0 + 1, b.1 + k, b.2 + lat.len());
-        latencies.extend(lat);
-    }
-    latencies.sort_by(f64::total_cmp);
-    let delivered_pairs = latencies.len();
-
-    // Wire copies per node: (copies, distinct messages).
-    let mut per_node: BTreeMap<usize, (u64, u64)> = BTreeMap::new();
-    for (&(node, _), e) in at.iter().filter(|(_, e)| e.wire > 0) {
-        let n = per_node.entry(node).or_default();
-        *n = (n.0 + e.wire, n.1 + 1);
-    }
-    let wire_copies: u64 = per_node.values().map(|n| n.0).sum();
-    let first_copies: u64 = per_node.values().map(|n| n.1).sum();
-    let dup_per_node: Vec<f64> = per_node
-        .values()
-        .map(|&(c, m)| c as f64 / m as f64)
-        .collect();
-
-    let bytes_sent_per_node = dist(rec.bytes_sent.iter().map(|&b| b as f64).collect());
-    let payload_bytes_per_node = ratio(payload as f64, rec.nodes as f64);
-    let overhead_bytes_per_node =
-        (bytes_sent_per_node.mean.zip(payload_bytes_per_node)).map(|(b, p)| b - p);
-    let overhead_ratio =
-        (overhead_bytes_per_node.zip(bytes_sent_per_node.mean)).and_then(|(o, b)| ratio(o, b));
-
-    let mut catchup_ms: Option<Catchup> = None;
-    for w in rec.faults.iter().filter(|w| w.kind == "partition") {
-        let c = catchup_ms.get_or_insert_with(Catchup::default);
-        c.partitions += 1;
-        for p in rec.published.iter().filter(|p| p.t_ms < w.end_ms) {
-            for &n in &p.recipients {
-                match delivered_at(n, &p.id) {
-                    Some(t) if t > w.end_ms => {
-                        c.pairs += 1;
-                        c.max = Some(c.max.map_or(t - w.end_ms, |m| m.max(t - w.end_ms)));
-                    }
-                    Some(_) => {}
-                    None => c.undelivered_after_heal += 1,
-                }
-            }
-        }
-    }
-
-    let lag_ms = dist(rec.lag_ms.clone());
-    let rel_limit = LAG_REL_LIMIT * rec.median_link_latency_ms + TIMER_RESOLUTION_MS;
-    let host_limited = (lag_ms.p99).is_some_and(|p| p > rel_limit || p > LAG_ABS_LIMIT_MS);
-    let host_limited_rule = format!(
-        "lag_ms.p99 > {}% of median_link_latency_ms + {TIMER_RESOLUTION_MS} ms of timer \
-         resolution (= {rel_limit} ms) or lag_ms.p99 > {LAG_ABS_LIMIT_MS} ms",
-        LAG_REL_LIMIT * 100.0
-    );
-    let [p90, p95, p99, p100] = reach.map(reach_stat);
-
-    let summary = Summary {
-        scenario: rec.scenario.clone(),
-        seed: rec.seed,
-        nodes: rec.nodes,
-        messages: rec.published.len(),
-        time_dilation: rec.time_dilation,
-        duration_ms: rec.duration_ms,
-        wall_secs: rec.wall_secs,
-        peak_rss_kib: rec.peak_rss_kib,
-        pairs,
-        delivered_pairs,
-        reliability: ratio(delivered_pairs as f64, pairs as f64),
-        latency_ms: dist(latencies.clone()),
-        reach_ms: Reach {
-            p90_of_members: p90,
-            p95_of_members: p95,
-            p99_of_members: p99,
-            p100_of_members: p100,
-        },
-        dup_per_node: dist(dup_per_node.clone()),
-        wire_copies,
-        duplicate_fraction_wire: ratio((wire_copies - first_copies) as f64, wire_copies as f64),
-        app_duplicates,
-        unknown_receipts,
-        bytes_sent_per_node,
-        payload_bytes_per_node,
-        overhead_bytes_per_node,
-        overhead_ratio,
-        catchup_ms,
-        median_link_latency_ms: rec.median_link_latency_ms,
-        lag_ms,
-        host_limited,
-        host_limited_rule,
-        advice: host_limited.then(|| "raise --time-dilation".to_owned()),
-        reliability_over_time: (buckets.into_iter())
-            .map(|(t_s, (messages, pairs, delivered))| Bucket {
-                t_s,
-                messages,
-                reliability: ratio(delivered as f64, pairs as f64),
-            })
-            .collect(),
-    };
-    let series = Series {
-        latencies,
-        dup_per_node,
-    };
-    (summary, series)
-}
-
-/// 1-based nearest rank of the `pct` percentile among `n` values:
-/// `ceil(pct * n / 100)`, at least 1. Integer arithmetic, so that p90 of 10
-/// values is rank 9 and not 10 (`0.9 * 10.0 = 9.000000000000002`).
-fn rank(pct: usize, n: usize) -> usize {
-    (pct * n).div_ceil(100).max(1)
-}
-
-/// Nearest-rank percentile of sorted values; `None` when empty.
-fn nearest_rank<T: Copy>(sorted: &[T], pct: usize) -> Option<T> {
-    sorted.get(rank(pct, sorted.len()) - 1).copied()
-}
-
-/// `a / b`, `None` when `b` is 0.
-fn ratio(a: f64, b: f64) -> Option<f64> {
-    (b != 0.0).then(|| a / b)
-}
-
-fn dist(mut v: Vec<f64>) -> Dist {
-    v.sort_by(f64::total_cmp);
-    Dist {
-        count: v.len(),
-        mean: ratio(v.iter().sum(), v.len() as f64),
-        p50: nearest_rank(&v, 50),
-        p90: nearest_rank(&v, 90),
-        p95: nearest_rank(&v, 95),
-        p99: nearest_rank(&v, 99),
-        max: v.last().copied(),
-    }
-}
-
-/// Median and max over messages, `None` (never reached) sorting last.
-fn reach_stat(mut times: Vec<Option<f64>>) -> ReachStat {
-    times.sort_by(|a, b| match (a, b) {
-        (Some(x), Some(y)) => x.total_cmp(y),
-        (a, b) => b.is_some().cmp(&a.is_some()),
-    });
-    ReachStat {
-        reached: times.iter().flatten().count(),
-        median: nearest_rank(&times, 50).flatten(),
-        max: times.last().copied().flatten(),
-    }
 }
 
 /// `metric,value` rows: the summary's scalars flattened with dots (keys in
@@ -477,127 +262,11 @@ fn to_csv(summary: &Summary) -> anyhow::Result<String> {
     Ok(out)
 }
 
-type Chart<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
-
-/// Renders an 800x500 SVG: a titled chart with labelled axes on which
-/// `draw` draws, or only the title and "no data" when `axes` is `None`.
-fn plot(
-    title: &str,
-    axes: Option<(Range<f64>, Range<f64>)>,
-    (x_desc, y_desc): (&str, &str),
-    draw: impl FnOnce(&mut Chart<'_, '_>) -> anyhow::Result<()>,
-) -> anyhow::Result<String> {
-    let mut buf = String::new();
-    {
-        let root = SVGBackend::with_string(&mut buf, (800, 500)).into_drawing_area();
-        root.fill(&WHITE)?;
-        if let Some((x, y)) = axes {
-            let mut chart = ChartBuilder::on(&root)
-                .caption(title, ("sans-serif", 22))
-                .margin(15)
-                .x_label_area_size(45)
-                .y_label_area_size(60)
-                .build_cartesian_2d(x, y)?;
-            chart
-                .configure_mesh()
-                .x_desc(x_desc)
-                .y_desc(y_desc)
-                .draw()?;
-            draw(&mut chart)?;
-        } else {
-            root.titled(&format!("{title}: no data"), ("sans-serif", 24))?;
-        }
-        root.present()?;
-    }
-    Ok(buf)
-}
-
-/// Empirical CDF over *all* pairs: y is the fraction of pairs delivered
-/// within x ms, so the curve levels off at the reliability.
-fn plot_cdf(sorted: &[f64], pairs: usize) -> anyhow::Result<String> {
-    let title = format!(
-        "Delivery latency CDF ({} of {pairs} pairs delivered)",
-        sorted.len()
-    );
-    let lo = sorted.first().map_or(0.0, |&f| f.min(0.0));
-    let axes = sorted.last().map(|&hi| (lo..hi.max(lo + 1.0), 0.0..1.0));
-    let n = pairs.max(sorted.len()) as f64;
-    let stride = sorted.len().div_ceil(CDF_MAX_POINTS).max(1);
-    let mut points = vec![(lo, 0.0)];
-    for (i, &x) in sorted.iter().enumerate() {
-        if (i + 1) % stride == 0 || i + 1 == sorted.len() {
-            let below = points.last().map_or(0.0, |p| p.1);
-            points.extend([(x, below), (x, (i + 1) as f64 / n)]);
-        }
-    }
-    let labels = (
-        "delivery latency (ms, model time)",
-        "fraction of (message, member) pairs",
-    );
-    plot(&title, axes, labels, |chart| {
-        chart.draw_series(LineSeries::new(points, &BLUE))?;
-        Ok(())
-    })
-}
-
-/// Histogram of the per-node average wire copies per message.
-fn plot_dups(values: &[f64]) -> anyhow::Result<String> {
-    let title = format!("Wire copies per message, per node ({} nodes)", values.len());
-    let lo = values.iter().copied().min_by(f64::total_cmp).unwrap_or(0.0);
-    let hi = values.iter().copied().max_by(f64::total_cmp).unwrap_or(0.0);
-    // One value everywhere: a single unit-wide bin centred on it.
-    let (lo, hi, bins) = if hi - lo < 1e-9 {
-        (lo - 0.5, hi + 0.5, 1)
-    } else {
-        (lo, hi, 20)
-    };
-    let width = (hi - lo) / bins as f64;
-    let mut counts = vec![0usize; bins];
-    for &v in values {
-        counts[(((v - lo) / width) as usize).min(bins - 1)] += 1;
-    }
-    let top = counts.iter().copied().max().unwrap_or(0) as f64 + 1.0;
-    let axes = (!values.is_empty()).then_some((lo..hi, 0.0..top));
-    let labels = (
-        "wire copies received per message (duplicates included)",
-        "nodes",
-    );
-    plot(&title, axes, labels, |chart| {
-        chart.draw_series(counts.iter().enumerate().map(|(i, &c)| {
-            let x0 = lo + i as f64 * width;
-            Rectangle::new([(x0, 0.0), (x0 + width, c as f64)], BLUE.mix(0.6).filled())
-        }))?;
-        Ok(())
-    })
-}
-
-/// Reliability of each 1 s bucket of publish time.
-fn plot_rel(buckets: &[Bucket]) -> anyhow::Result<String> {
-    let points: Vec<(f64, f64)> = buckets
-        .iter()
-        .filter_map(|b| Some((b.t_s as f64, b.reliability?)))
-        .collect();
-    let axes = points.last().map(|&(last, _)| (0.0..last + 1.0, 0.0..1.05));
-    let labels = (
-        "publish time (s, model time)",
-        "reliability (delivered pairs / pairs)",
-    );
-    plot(
-        "Reliability per 1 s of publish time",
-        axes,
-        labels,
-        |chart| {
-            chart.draw_series(LineSeries::new(points.iter().copied(), &BLUE))?;
-            chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, BLUE.filled())))?;
-            Ok(())
-        },
-    )
-}
-
 #[cfg(test)]
 mod tests {
+    use super::figures::nearest_rank;
     use super::*;
-    use crate::record::Receipt;
+    use crate::record::{Published, Receipt, ReceiptKind};
     use ReceiptKind::*;
 
     type Msg<'a> = (&'a str, usize, f64, usize, &'a [usize]);
