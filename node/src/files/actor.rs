@@ -56,7 +56,10 @@ impl FilesActor {
             store,
             net,
             metrics,
-            uploads: Pacer::new(FilesConfig::bucket(cfg.max_upload_rate), MAX_DEFERRED_UPLOADS),
+            uploads: Pacer::new(
+                FilesConfig::bucket(cfg.max_upload_rate),
+                MAX_DEFERRED_UPLOADS,
+            ),
             requests: Pacer::new(
                 FilesConfig::bucket(cfg.max_download_rate),
                 MAX_DEFERRED_REQUESTS,
@@ -318,11 +321,7 @@ fn download_status(id: &FileId, t: &Transfer, now: Instant) -> FileStatus {
     let complete = dl.state() == DownloadState::Complete;
     // Without a scheduler's progress, a complete file is all there.
     let whole = |of: fn(&Manifest) -> u64| {
-        if complete {
-            manifest.map_or(0, of)
-        } else {
-            0
-        }
+        if complete { manifest.map_or(0, of) } else { 0 }
     };
     FileStatus {
         file_id: id.to_hex(),

@@ -147,7 +147,11 @@ impl FilesActor {
                 Action::Write { offset, data, .. } => {
                     todo.extend(self.write_chunk(id, offset, &data, now));
                 }
-                Action::Corrupt { peer, index, banned } => {
+                Action::Corrupt {
+                    peer,
+                    index,
+                    banned,
+                } => {
                     self.metrics.file_chunks_corrupt.inc();
                     tracing::warn!(%peer, file = %id, chunk = index, banned, "corrupt chunk discarded");
                 }
@@ -283,7 +287,11 @@ impl FilesActor {
 /// Opens (or creates, sparse) the partial file at `part` for `m`, and finds
 /// the chunks it holds: those in `have`, and after a crash, those written
 /// but not yet recorded, found by hashing.
-fn open_part(part: &Path, m: &Manifest, have: Option<Bitfield>) -> Result<(File, Bitfield), String> {
+fn open_part(
+    part: &Path,
+    m: &Manifest,
+    have: Option<Bitfield>,
+) -> Result<(File, Bitfield), String> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

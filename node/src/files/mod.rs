@@ -193,7 +193,10 @@ pub(crate) enum Input {
         result: Result<Vec<u8>, String>,
     },
     /// Providers found for a file.
-    Providers { file: FileId, peers: Vec<PeerId> },
+    Providers {
+        file: FileId,
+        peers: Vec<PeerId>,
+    },
     /// A file to share, hashed.
     Hashed {
         path: PathBuf,

@@ -6,9 +6,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use fogmesh_protocols::files::{
-    FileKey, FileLink, Manifest, ManifestBuilder, chunk_size_for,
-};
+use fogmesh_protocols::files::{FileKey, FileLink, Manifest, ManifestBuilder, chunk_size_for};
 
 use super::actor::FilesActor;
 use super::store::Stamp;

@@ -251,7 +251,9 @@ impl Download {
 
     /// Every source's standing.
     pub fn sources(&self) -> Vec<SourceStats> {
-        self.sched.as_ref().map_or_else(Vec::new, Scheduler::sources)
+        self.sched
+            .as_ref()
+            .map_or_else(Vec::new, Scheduler::sources)
     }
 
     /// Bytes written per second over the last two seconds.

@@ -42,8 +42,11 @@ fn file(chunks: u64) -> (Vec<u8>, Manifest) {
 /// One request per source at a time and no end-game duplicates, so that
 /// which source is asked for what is easy to follow.
 fn one_at_a_time() -> DownloadConfig {
-    DownloadConfig::default()
-        .with_scheduler(SchedulerConfig::default().with_windows(1, 1).with_endgame_copies(1))
+    DownloadConfig::default().with_scheduler(
+        SchedulerConfig::default()
+            .with_windows(1, 1)
+            .with_endgame_copies(1),
+    )
 }
 
 /// A download, the file it fetches, and the test's clock.
@@ -187,9 +190,7 @@ fn a_manifest_that_does_not_match_the_id_is_refused() {
 fn once_opened_everyone_asked_is_asked_for_their_chunks() {
     let mut f = Fixture::new(3, DownloadConfig::default());
     let _ = f.dl.search(&[peer(1), peer(2)], f.now);
-    let out = f
-        .dl
-        .opened(f.manifest.clone(), Bitfield::new(3), f.now);
+    let out = f.dl.opened(f.manifest.clone(), Bitfield::new(3), f.now);
     let mut asked = sends(&out);
     asked.sort_by_key(|(p, _)| *p != peer(1));
     assert_eq!(asked, [(peer(1), Asked::Have), (peer(2), Asked::Have)]);
@@ -410,7 +411,8 @@ fn garbage_and_oversized_answers_are_failures() {
     let mut f = Fixture::new(2, DownloadConfig::default());
     let _ = f.dl.search(&[a], f.now);
     // A manifest request that failed lets a later search ask again.
-    let out = f.dl.on_response(a, Asked::Manifest, Ok(vec![1, 2, 3]), f.now);
+    let out =
+        f.dl.on_response(a, Asked::Manifest, Ok(vec![1, 2, 3]), f.now);
     assert!(out.is_empty());
     assert_eq!(sends(&f.dl.on_providers([a])), [(a, Asked::Manifest)]);
     // A chunk answer is held to the chunk size.
