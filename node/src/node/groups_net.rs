@@ -3,17 +3,52 @@
 //! requests and responses) go to the swarm. Every sync request is tracked
 //! by its request id; its answer or its failure goes back to the actor
 //! with the group it was about.
+//!
+//! Gossip always goes (group messages are small, and a relayed link is
+//! what carries them before hole punching). A sync request asks the
+//! policy first: summaries and fetches of a few messages may go over a
+//! circuit relay, larger fetches wait for a direct connection (the actor
+//! gets a `SyncFailed` and syncs again later).
 
 use std::collections::HashMap;
 
 use fogmesh_protocols::groups::GroupId;
+use fogmesh_protocols::groups::sync::SyncRequest;
+use fogmesh_protocols::policy::Requirements;
 use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::{PeerId, Swarm, gossipsub};
 use tokio::sync::mpsc;
 
 use super::event_loop::Ctx;
+use super::peers::PeerBook;
 use crate::behaviour::{Behaviour, SyncFrame};
 use crate::groups::{GroupsHandle, Input, NetCommand};
+
+/// Messages a fetch may ask for and still count as small: a circuit
+/// carries 128 KiB in all, a group message is at most 64 KiB.
+const SMALL_FETCH_MESSAGES: u64 = 1;
+
+/// What a sync request's exchange moves, for the policy. The requester
+/// decides: a responder answers whatever it is asked.
+fn sync_requirements(frame: &[u8]) -> Requirements {
+    match fogmesh_protocols::groups::wire::decode_sync_request(frame) {
+        Ok(SyncRequest::Summary { .. }) => Requirements::unicast(),
+        Ok(SyncRequest::Fetch { want, .. }) => {
+            let messages: u64 = want
+                .ranges
+                .iter()
+                .map(|(_, from, to)| to.saturating_sub(*from).saturating_add(1))
+                .sum();
+            if want.membership_from.is_none() && messages <= SMALL_FETCH_MESSAGES {
+                Requirements::unicast()
+            } else {
+                Requirements::bulk()
+            }
+        }
+        // Our own actor's frame: unknown shapes are treated as bulk.
+        _ => Requirements::bulk(),
+    }
+}
 
 pub(super) struct GroupsNet {
     actor: GroupsHandle,
@@ -129,7 +164,13 @@ impl GroupsNet {
     }
 
     /// Carries out one of the actor's commands.
-    pub(super) fn on_command(&mut self, swarm: &mut Swarm<Behaviour>, ctx: &Ctx, cmd: NetCommand) {
+    pub(super) fn on_command(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        ctx: &Ctx,
+        peers: &PeerBook,
+        cmd: NetCommand,
+    ) {
         let gs = &mut swarm.behaviour_mut().gossipsub;
         match cmd {
             NetCommand::Subscribe(topic) => {
@@ -178,6 +219,14 @@ impl GroupsNet {
                         peer,
                         group,
                         error: "no route is up".into(),
+                    });
+                    return;
+                }
+                if !ctx.may_send(&sync_requirements(&frame), peers.link(&peer)) {
+                    self.offer(Input::SyncFailed {
+                        peer,
+                        group,
+                        error: super::files_net::WAITING_FOR_DIRECT.into(),
                     });
                     return;
                 }
