@@ -216,7 +216,7 @@ impl EventLoop {
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
                 _ = tick.tick() => {
                     discovery::maintain(&mut self.swarm, self.peers.connected() < self.ctx.min_peers);
-                    self.nat.maintain(&mut self.swarm);
+                    self.nat.tick(&mut self.swarm);
                 }
                 n = ble::next_neighbour(&mut self.ble) => self.on_neighbour(n),
                 _ = ble_tick.tick(), if self.ble.is_some() => self.ble_maintain(),
@@ -337,7 +337,15 @@ impl EventLoop {
             SwarmEvent::ListenerError { error, .. } => {
                 tracing::warn!("listener error: {error}");
             }
-            SwarmEvent::ListenerClosed { listener_id, .. } => {
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                addresses,
+                ..
+            } => {
+                // A reservation's relayed addresses end with it.
+                for a in addresses.iter().filter(|a| nat::is_relayed(a)) {
+                    self.swarm.remove_external_address(a);
+                }
                 self.nat.on_listener_closed(&mut self.swarm, listener_id);
             }
             _ => {}
@@ -350,7 +358,7 @@ impl EventLoop {
             BehaviourEvent::Identify(ev) => {
                 self.ctx.libp2p_metrics.record(&ev);
                 if let libp2p::identify::Event::Received { peer_id, info, .. } = ev {
-                    self.nat.on_identify(peer_id, &info);
+                    self.nat.on_identify(&mut self.swarm, peer_id, &info);
                     self.peers.on_identify(&mut self.swarm, peer_id, info);
                 }
             }

@@ -10,7 +10,7 @@
 //! failed request and asks again later, by which time hole punching may
 //! have given a direct connection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use fogmesh_protocols::files::FileId;
 use fogmesh_protocols::policy::Requirements;
@@ -43,6 +43,9 @@ pub(super) struct FilesNet {
     requests: HashMap<OutboundRequestId, (FileId, Asked)>,
     /// Provider lookups, by query id.
     provider_queries: HashMap<kad::QueryId, FileId>,
+    /// Peers whose requests were held back (relayed only), told once in
+    /// the log per connection.
+    held_back: HashSet<PeerId>,
 }
 
 impl FilesNet {
@@ -52,6 +55,7 @@ impl FilesNet {
             commands,
             requests: HashMap::new(),
             provider_queries: HashMap::new(),
+            held_back: HashSet::new(),
         }
     }
 
@@ -64,7 +68,8 @@ impl FilesNet {
         self.offer(Input::PeerConnected(peer));
     }
 
-    pub(super) fn peer_disconnected(&self, peer: PeerId) {
+    pub(super) fn peer_disconnected(&mut self, peer: PeerId) {
+        self.held_back.remove(&peer);
         self.offer(Input::PeerDisconnected(peer));
     }
 
@@ -168,6 +173,9 @@ impl FilesNet {
                     return;
                 }
                 if !ctx.may_send(&requirements(&asked), peers.link(&peer)) {
+                    if self.held_back.insert(peer) {
+                        tracing::info!(%peer, "file transfer waits for a direct connection (relayed only)");
+                    }
                     tracing::debug!(%peer, ?asked, "file request held back: relayed link");
                     self.offer(Input::Response {
                         peer,

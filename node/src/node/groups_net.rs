@@ -6,9 +6,9 @@
 //!
 //! Gossip always goes (group messages are small, and a relayed link is
 //! what carries them before hole punching). A sync request asks the
-//! policy first: summaries and fetches of a few messages may go over a
-//! circuit relay, larger fetches wait for a direct connection (the actor
-//! gets a `SyncFailed` and syncs again later).
+//! policy first: summaries, membership catch-up and fetches of a few
+//! messages may go over a circuit relay, larger fetches wait for a direct
+//! connection (the actor gets a `SyncFailed` and syncs again later).
 
 use std::collections::HashMap;
 
@@ -24,9 +24,13 @@ use super::peers::PeerBook;
 use crate::behaviour::{Behaviour, SyncFrame};
 use crate::groups::{GroupsHandle, Input, NetCommand};
 
-/// Messages a fetch may ask for and still count as small: a circuit
-/// carries 128 KiB in all, a group message is at most 64 KiB.
-const SMALL_FETCH_MESSAGES: u64 = 1;
+/// Messages a fetch may ask for and still count as small. A chat message
+/// is typically well under 1 KiB (at most 64 KiB), a membership op about
+/// 170 bytes per member: a fetch this size normally fits a circuit's
+/// 128 KiB many times. (When it does not, the relay cuts the circuit, the
+/// sync fails and is tried again, over a direct connection by then if
+/// hole punching worked: nothing is lost.)
+const SMALL_FETCH_MESSAGES: u64 = 16;
 
 /// What a sync request's exchange moves, for the policy. The requester
 /// decides: a responder answers whatever it is asked.
@@ -39,7 +43,7 @@ fn sync_requirements(frame: &[u8]) -> Requirements {
                 .iter()
                 .map(|(_, from, to)| to.saturating_sub(*from).saturating_add(1))
                 .sum();
-            if want.membership_from.is_none() && messages <= SMALL_FETCH_MESSAGES {
+            if messages <= SMALL_FETCH_MESSAGES {
                 Requirements::unicast()
             } else {
                 Requirements::bulk()

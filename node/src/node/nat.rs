@@ -189,9 +189,16 @@ impl NatNet {
         self.maintain(swarm);
     }
 
-    /// Identify told us whether a peer offers relaying.
-    pub(super) fn on_identify(&mut self, peer: PeerId, info: &libp2p::identify::Info) {
+    /// Identify told us whether a peer offers relaying (a relay that just
+    /// started offering it is tried again at once).
+    pub(super) fn on_identify(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        info: &libp2p::identify::Info,
+    ) {
         if info.protocols.contains(&relay::HOP_PROTOCOL_NAME) {
+            let retry = self.failed.remove(&peer);
             let addrs: Vec<Multiaddr> = info
                 .listen_addrs
                 .iter()
@@ -199,8 +206,12 @@ impl NatNet {
                 .filter(|a| !fogmesh_ble::is_ble(a))
                 .cloned()
                 .collect();
+            let known = self.candidates.contains_key(&peer);
             if !addrs.is_empty() {
                 self.candidates.insert(peer, addrs);
+            }
+            if (retry || !known) && !self.reservations.contains_key(&peer) {
+                self.maintain(swarm);
             }
         } else {
             self.candidates.remove(&peer);
@@ -261,8 +272,17 @@ impl NatNet {
         }
     }
 
+    /// Periodic: relays that failed get another chance, then
+    /// [`Self::maintain`].
+    pub(super) fn tick(&mut self, swarm: &mut Swarm<Behaviour>) {
+        self.failed.clear();
+        self.maintain(swarm);
+    }
+
     /// Keeps the reservations the node needs: on every `--relay` (unless
-    /// public), and up to [`WANTED_RELAYS`] in all while private.
+    /// public), and up to [`WANTED_RELAYS`] in all while private. Relays
+    /// that failed wait for the next [`Self::tick`] (or for identify to
+    /// show them offering relaying again).
     pub(super) fn maintain(&mut self, swarm: &mut Swarm<Behaviour>) {
         if self.reach == NatReachability::Public {
             // A public node needs no relay, and its own relay server must
@@ -275,7 +295,7 @@ impl NatNet {
         }
         let configured = self.configured.clone();
         for (peer, addr) in configured {
-            if !self.reservations.contains_key(&peer) {
+            if !self.reservations.contains_key(&peer) && !self.failed.contains(&peer) {
                 self.reserve(swarm, peer, addr);
             }
         }
@@ -288,11 +308,6 @@ impl NatNet {
             .filter(|(p, _)| !self.reservations.contains_key(p) && !self.failed.contains(p))
             .filter_map(|(p, addrs)| addrs.first().map(|a| (*p, a.clone())))
             .collect();
-        if picks.is_empty() && !self.failed.is_empty() {
-            // Every known relay failed once: give them another chance on
-            // the next tick.
-            self.failed.clear();
-        }
         // Connected relays first: a reservation on them costs no dial.
         picks.sort_by_key(|(p, _)| !swarm.is_connected(p));
         let need = WANTED_RELAYS - self.reservations.len();
