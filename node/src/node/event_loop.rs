@@ -317,13 +317,7 @@ impl EventLoop {
                 peer_id,
                 connection_id,
                 ..
-            } => {
-                if self.peers.on_closed(&self.ctx, peer_id, connection_id) {
-                    self.groups.peer_disconnected(peer_id);
-                    self.files.peer_disconnected(peer_id);
-                    self.nat.on_disconnected(&mut self.swarm, peer_id);
-                }
-            }
+            } => self.on_closed(peer_id, connection_id),
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
                 peer_id,
@@ -402,6 +396,16 @@ impl EventLoop {
                     self.close_superseded_relayed(peer);
                 }
             }
+        }
+    }
+
+    /// A connection closed; the last one to a peer is news for every
+    /// concern.
+    fn on_closed(&mut self, peer: PeerId, id: libp2p::swarm::ConnectionId) {
+        if self.peers.on_closed(&self.ctx, peer, id) {
+            self.groups.peer_disconnected(peer);
+            self.files.peer_disconnected(peer);
+            self.nat.on_disconnected(&mut self.swarm, peer);
         }
     }
 
