@@ -208,3 +208,17 @@ impl FilesNet {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use fogmesh_protocols::policy::Volume;
+
+    use super::*;
+
+    #[test]
+    fn chunks_and_manifests_are_bulk_have_maps_small() {
+        assert_eq!(requirements(&Asked::Chunk(3)).volume, Volume::Bulk);
+        assert_eq!(requirements(&Asked::Manifest).volume, Volume::Bulk);
+        assert_eq!(requirements(&Asked::Have).volume, Volume::Small);
+    }
+}

@@ -253,3 +253,56 @@ impl GroupsNet {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use fogmesh_protocols::groups::wire::encode_sync_request;
+    use fogmesh_protocols::groups::{Summary, Want};
+    use fogmesh_protocols::policy::Volume;
+
+    use super::*;
+
+    fn fetch(membership_from: Option<u64>, messages: u64) -> Vec<u8> {
+        let sender = PeerId::random();
+        let ranges = if messages == 0 {
+            Vec::new()
+        } else {
+            vec![(sender, 1, messages)]
+        };
+        encode_sync_request(&SyncRequest::Fetch {
+            group_id: GroupId([1; 32]),
+            want: Want {
+                membership_from,
+                ranges,
+                need_full_summary: false,
+            },
+        })
+    }
+
+    #[test]
+    fn summaries_and_small_fetches_may_use_a_relay() {
+        let summary = encode_sync_request(&SyncRequest::Summary {
+            group_id: GroupId([1; 32]),
+            summary: Summary {
+                membership_len: 2,
+                heads_hash: [0; 32],
+                per_sender: Vec::new(),
+            },
+        });
+        assert_eq!(sync_requirements(&summary).volume, Volume::Small);
+        assert_eq!(sync_requirements(&fetch(Some(0), 0)).volume, Volume::Small);
+        assert_eq!(
+            sync_requirements(&fetch(None, SMALL_FETCH_MESSAGES)).volume,
+            Volume::Small
+        );
+    }
+
+    #[test]
+    fn large_fetches_and_garbage_wait_for_a_direct_link() {
+        assert_eq!(
+            sync_requirements(&fetch(None, SMALL_FETCH_MESSAGES + 1)).volume,
+            Volume::Bulk
+        );
+        assert_eq!(sync_requirements(b"not cbor").volume, Volume::Bulk);
+    }
+}
