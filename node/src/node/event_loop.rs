@@ -215,7 +215,8 @@ impl EventLoop {
                 }
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
                 _ = tick.tick() => {
-                    discovery::maintain(&mut self.swarm, self.peers.connected() < self.ctx.min_peers);
+                    let short = self.peers.connected() < self.ctx.min_peers || self.nat.wants_relays();
+                    discovery::maintain(&mut self.swarm, short);
                     self.nat.tick(&mut self.swarm);
                 }
                 n = ble::next_neighbour(&mut self.ble) => self.on_neighbour(n),
@@ -419,9 +420,10 @@ impl EventLoop {
         }
     }
 
-    /// A newly discovered peer is dialled while the node is short of peers.
+    /// A newly discovered peer is dialled while the node is short of peers
+    /// (or, private, short of relays).
     fn dial_discovered(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
-        if self.peers.connected() < self.ctx.min_peers {
+        if self.peers.connected() < self.ctx.min_peers || self.nat.wants_relays() {
             self.dial_known(peer, addrs);
         }
     }

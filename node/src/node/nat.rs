@@ -272,6 +272,17 @@ impl NatNet {
         }
     }
 
+    /// A private node short of relays with no untried candidate dials the
+    /// peers it discovers whatever its peer count: one may offer relaying.
+    pub(super) fn wants_relays(&self) -> bool {
+        self.reach == NatReachability::Private
+            && self.reservations.len() < WANTED_RELAYS
+            && self
+                .candidates
+                .keys()
+                .all(|p| self.reservations.contains_key(p) || self.failed.contains(p))
+    }
+
     /// Periodic: relays that failed get another chance, then
     /// [`Self::maintain`].
     pub(super) fn tick(&mut self, swarm: &mut Swarm<Behaviour>) {
