@@ -23,6 +23,9 @@
 //! port a relay observes is useless to anyone else and hole punching
 //! fails.
 //!
+//! Hole punching is tested over TCP and over QUIC (whichever the nodes use
+//! to reach the relay is what they have observed addresses for).
+//!
 //! Every address is private, so the daemons run with
 //! `--autonat-private-addrs` (AutoNAT ignores private addresses
 //! otherwise) and `--kad-mode auto`.
@@ -288,6 +291,27 @@ fn tcp_addr(d: &Daemon, addr: &str) -> String {
     format!("/ip4/{addr}/tcp/{PORT}/p2p/{}", d.peer_id)
 }
 
+fn quic_addr(d: &Daemon, addr: &str) -> String {
+    format!("/ip4/{addr}/udp/{PORT}/quic-v1/p2p/{}", d.peer_id)
+}
+
+/// Which transport the nodes use to reach the relay (and so which one
+/// hole punching has addresses for).
+#[derive(Clone, Copy, Debug)]
+enum Via {
+    Tcp,
+    Quic,
+}
+
+impl Via {
+    fn addr(self, d: &Daemon, addr: &str) -> String {
+        match self {
+            Via::Tcp => tcp_addr(d, addr),
+            Via::Quic => quic_addr(d, addr),
+        }
+    }
+}
+
 fn status(d: &Daemon) -> Value {
     d.json(&["status"])
 }
@@ -313,9 +337,14 @@ fn peer_entry(d: &Daemon, peer: &str) -> Option<Value> {
 /// public and relays, the node finds out it is private, reserves a slot
 /// and advertises a relayed address.
 fn relay_and_private_node(dir: &Path, t: &Topo) -> (Daemon, Daemon, String) {
+    relay_and_private_node_via(dir, t, Via::Tcp)
+}
+
+/// [`relay_and_private_node`], reaching the relay over `via`.
+fn relay_and_private_node_via(dir: &Path, t: &Topo, via: Via) -> (Daemon, Daemon, String) {
     let (r_ns, r_ip) = &t.relays[0];
     let r = start(dir, "r", r_ns, r_ip, &["--relay-server".into()]);
-    let r_addr = tcp_addr(&r, r_ip);
+    let r_addr = via.addr(&r, r_ip);
     let (a_ns, a_ip) = &t.a;
     let a = start(
         dir,
@@ -348,13 +377,25 @@ fn relay_and_private_node(dir: &Path, t: &Topo) -> (Daemon, Daemon, String) {
 /// a 10 MiB file flow over the direct connection.
 #[test]
 fn cone_nats_upgrade_to_direct() {
-    let Some(net) = Net::new("cone_nats_upgrade_to_direct") else {
-        return;
-    };
+    if let Some(net) = Net::new("cone_nats_upgrade_to_direct") {
+        cone_nats(net, Via::Tcp);
+    }
+}
+
+/// Case 1 over QUIC: the nodes reach the relay over QUIC, so hole punching
+/// has QUIC addresses to try.
+#[test]
+fn cone_nats_upgrade_to_direct_over_quic() {
+    if let Some(net) = Net::new("cone_nats_upgrade_to_direct_over_quic") {
+        cone_nats(net, Via::Quic);
+    }
+}
+
+fn cone_nats(net: Net, via: Via) {
     let t = topology(net, 1, Nat::Cone, Nat::Cone);
     let tmp = tempfile::tempdir().expect("tempdir");
     let started = Instant::now();
-    let (r, a, r_addr) = relay_and_private_node(tmp.path(), &t);
+    let (r, a, r_addr) = relay_and_private_node_via(tmp.path(), &t, via);
     let (b_ns, b_ip) = &t.b;
     let b = start(tmp.path(), "b", b_ns, b_ip, &["--bootstrap".into(), r_addr.clone()]);
     wait_reachability(&b, "private");
@@ -375,6 +416,9 @@ fn cone_nats_upgrade_to_direct() {
         !direct["addrs"].to_string().contains("p2p-circuit"),
         "a direct peer keeps no relayed connection: {direct}"
     );
+    if let Via::Quic = via {
+        assert_eq!(direct["transport"], "quic", "punched over QUIC: {direct}");
+    }
     let on_a = peer_entry(&a, &b.peer_id).expect("A sees B");
     assert_eq!(on_a["relayed"], false, "{on_a}");
 
