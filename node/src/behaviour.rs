@@ -158,7 +158,15 @@ pub fn agent_version() -> String {
 /// routing tables; a node nobody can dial must not be one (its address
 /// would send every querier into a timeout).
 #[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum KadMode {
@@ -402,7 +410,9 @@ impl Behaviour {
         );
 
         let (autonat, relay_server) = nat_behaviours(peer_id, &cfg.nat);
-        let dcutr = relay_client.is_some().then(|| dcutr::Behaviour::new(peer_id));
+        let dcutr = relay_client
+            .is_some()
+            .then(|| dcutr::Behaviour::new(peer_id));
         Ok(Behaviour {
             autonat: autonat.into(),
             relay_client: relay_client.into(),

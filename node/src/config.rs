@@ -748,7 +748,10 @@ mod tests {
         assert_eq!(s.relays.len(), 1);
         assert_eq!(s.kad_mode, KadMode::Client);
         assert!(s.relay_server && s.autonat_private_addrs);
-        assert_eq!(flags(&["--kad-mode", "server"]).kad_mode, Some(KadMode::Server));
+        assert_eq!(
+            flags(&["--kad-mode", "server"]).kad_mode,
+            Some(KadMode::Server)
+        );
         assert!(Flags::try_parse_from(["run", "--relay", "/ip4/1.2.3.4/tcp/1"]).is_err());
     }
 

@@ -170,7 +170,9 @@ pub struct Status {
     /// Reachability from the internet (AutoNAT).
     #[serde(default = "unknown_reachability")]
     pub reachability: NatReachability,
-    /// External addresses confirmed reachable (not the relayed ones).
+    /// The node's confirmed external addresses, relayed ones aside: those
+    /// AutoNAT confirmed (with BLE on, also the IP listen addresses, which
+    /// the node announces as external so that identify hides the BLE one).
     #[serde(default)]
     pub external_addrs: Vec<String>,
     /// Relayed addresses this node holds a reservation for.

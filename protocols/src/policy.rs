@@ -414,7 +414,10 @@ mod tests {
             Volume::Bulk
         );
         // A chunk-sized exchange can never fit a circuit.
-        assert_eq!(Requirements::for_size(CIRCUIT_MAX_BYTES).volume, Volume::Bulk);
+        assert_eq!(
+            Requirements::for_size(CIRCUIT_MAX_BYTES).volume,
+            Volume::Bulk
+        );
     }
 
     #[test]

@@ -117,7 +117,9 @@ impl Net {
 
     /// A veth pair: `a_if` in `a`, `b_if` in `b`, both up, with addresses.
     fn link(&mut self, a: &str, a_if: &str, a_ip: Option<&str>, b: &str, b_if: &str, b_ip: &str) {
-        ip(&["-n", a, "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b]);
+        ip(&[
+            "-n", a, "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b,
+        ]);
         if let Some(addr) = a_ip {
             ip(&["-n", a, "addr", "add", addr, "dev", a_if]);
         }
@@ -351,11 +353,19 @@ fn relay_and_private_node_via(dir: &Path, t: &Topo, via: Via) -> (Daemon, Daemon
         "a",
         a_ns,
         a_ip,
-        &["--bootstrap".into(), r_addr.clone(), "--relay".into(), r_addr.clone()],
+        &[
+            "--bootstrap".into(),
+            r_addr.clone(),
+            "--relay".into(),
+            r_addr.clone(),
+        ],
     );
     let rs = wait_reachability(&r, "public");
     eventually(T, "the relay serves", || {
-        status(&r)["relay_server"].as_bool().unwrap_or(false).then_some(())
+        status(&r)["relay_server"]
+            .as_bool()
+            .unwrap_or(false)
+            .then_some(())
     });
     assert!(
         rs["external_addrs"].to_string().contains(r_ip.as_str()),
@@ -397,7 +407,13 @@ fn cone_nats(net: Net, via: Via) {
     let started = Instant::now();
     let (r, a, r_addr) = relay_and_private_node_via(tmp.path(), &t, via);
     let (b_ns, b_ip) = &t.b;
-    let b = start(tmp.path(), "b", b_ns, b_ip, &["--bootstrap".into(), r_addr.clone()]);
+    let b = start(
+        tmp.path(),
+        "b",
+        b_ns,
+        b_ip,
+        &["--bootstrap".into(), r_addr.clone()],
+    );
     wait_reachability(&b, "private");
 
     let circuit = format!("{r_addr}/p2p-circuit/p2p/{}", a.peer_id);
@@ -432,15 +448,28 @@ fn cone_nats(net: Net, via: Via) {
     });
 
     // A 10 MiB file, over the direct connection.
-    let data: Vec<u8> = (0..10 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..10 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let src = tmp.path().join("big.bin");
     std::fs::write(&src, &data).expect("write");
     let shared = a.json(&["file", "share", src.to_str().expect("utf-8")]);
     let fid = shared["file_id"].as_str().expect("file_id").to_owned();
     let out = tmp.path().join("got.bin");
-    let st = b.json(&["file", "get", &fid, "-o", out.to_str().expect("utf-8"), "--timeout", "40"]);
+    let st = b.json(&[
+        "file",
+        "get",
+        &fid,
+        "-o",
+        out.to_str().expect("utf-8"),
+        "--timeout",
+        "40",
+    ]);
     assert_eq!(st["state"], "complete", "{st}");
-    assert!(std::fs::read(&out).expect("read") == data, "the file arrived changed");
+    assert!(
+        std::fs::read(&out).expect("read") == data,
+        "the file arrived changed"
+    );
     drop((a, b, r));
 }
 
@@ -456,7 +485,13 @@ fn symmetric_nat_stays_relayed_and_keeps_bulk_off() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (r, a, r_addr) = relay_and_private_node(tmp.path(), &t);
     let (b_ns, b_ip) = &t.b;
-    let b = start(tmp.path(), "b", b_ns, b_ip, &["--bootstrap".into(), r_addr.clone()]);
+    let b = start(
+        tmp.path(),
+        "b",
+        b_ns,
+        b_ip,
+        &["--bootstrap".into(), r_addr.clone()],
+    );
 
     let circuit = format!("{r_addr}/p2p-circuit/p2p/{}", a.peer_id);
     b.json(&["connect", &circuit]);
@@ -482,7 +517,15 @@ fn symmetric_nat_stays_relayed_and_keeps_bulk_off() {
     let fid = shared["file_id"].as_str().expect("file_id").to_owned();
     let out = tmp.path().join("got.bin");
     let started = Instant::now();
-    let res = b.cli(&["file", "get", &fid, "-o", out.to_str().expect("utf-8"), "--timeout", "8"]);
+    let res = b.cli(&[
+        "file",
+        "get",
+        &fid,
+        "-o",
+        out.to_str().expect("utf-8"),
+        "--timeout",
+        "8",
+    ]);
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "file get hung for {:?}",
@@ -492,7 +535,8 @@ fn symmetric_nat_stays_relayed_and_keeps_bulk_off() {
     let st = b.json_or_nothing(&["file", "status", &fid]);
     assert_eq!(st["bytes_have"], 0, "{st}");
     assert!(
-        b.stderr().contains("file transfer waits for a direct connection"),
+        b.stderr()
+            .contains("file transfer waits for a direct connection"),
         "B held its requests back because the link is relayed"
     );
     assert!(!out.exists(), "no file over the relay");
@@ -519,7 +563,11 @@ fn private_node_moves_to_another_relay() {
             &format!("r{i}"),
             ns,
             ip,
-            &["--relay-server".into(), "--bootstrap".into(), r0_addr.clone()],
+            &[
+                "--relay-server".into(),
+                "--bootstrap".into(),
+                r0_addr.clone(),
+            ],
         );
         relays.push((r, ip.clone()));
     }
@@ -528,7 +576,13 @@ fn private_node_moves_to_another_relay() {
     }
     // A knows only R0.
     let (a_ns, a_ip) = &t.a;
-    let a = start(tmp.path(), "a", a_ns, a_ip, &["--bootstrap".into(), r0_addr.clone()]);
+    let a = start(
+        tmp.path(),
+        "a",
+        a_ns,
+        a_ip,
+        &["--bootstrap".into(), r0_addr.clone()],
+    );
     wait_reachability(&a, "private");
     let held = |a: &Daemon, relays: &[(Daemon, String)]| -> Vec<usize> {
         let s = status(a)["relayed_addrs"].to_string();
@@ -554,9 +608,21 @@ fn private_node_moves_to_another_relay() {
     let (r_new, r_ip) = &relays[new];
     let r_addr = tcp_addr(r_new, r_ip);
     let (b_ns, b_ip) = &t.b;
-    let b = start(tmp.path(), "b", b_ns, b_ip, &["--bootstrap".into(), r_addr.clone()]);
-    b.json(&["connect", &format!("{r_addr}/p2p-circuit/p2p/{}", a.peer_id)]);
-    assert!(peer_entry(&b, &a.peer_id).is_some(), "B reached A through the new relay");
+    let b = start(
+        tmp.path(),
+        "b",
+        b_ns,
+        b_ip,
+        &["--bootstrap".into(), r_addr.clone()],
+    );
+    b.json(&[
+        "connect",
+        &format!("{r_addr}/p2p-circuit/p2p/{}", a.peer_id),
+    ]);
+    assert!(
+        peer_entry(&b, &a.peer_id).is_some(),
+        "B reached A through the new relay"
+    );
     drop((a, b, relays));
 }
 
@@ -629,7 +695,11 @@ fn hole_punch_attempts() {
             }
         }
         times.sort_by(f64::total_cmp);
-        let pick = |q: f64| times.get(((times.len() as f64 - 1.0) * q).round() as usize).copied();
+        let pick = |q: f64| {
+            times
+                .get(((times.len() as f64 - 1.0) * q).round() as usize)
+                .copied()
+        };
         eprintln!(
             "BENCH {nat_b:?}: {}/20 upgraded to direct; start to direct: min {:?} s, median {:?} s, max {:?} s",
             times.len(),

@@ -101,7 +101,11 @@ fn write_status(w: Human<'_>, s: &Status) -> io::Result<()> {
         "reach:     {} (kademlia {}{})",
         s.reachability,
         s.kad_mode,
-        if s.relay_server { ", relaying for others" } else { "" }
+        if s.relay_server {
+            ", relaying for others"
+        } else {
+            ""
+        }
     )?;
     for a in &s.external_addrs {
         writeln!(w, "external:  {a}")?;
