@@ -393,7 +393,7 @@ impl EventLoop {
             }
             BehaviourEvent::Dcutr(ev) => {
                 self.ctx.libp2p_metrics.record(&ev);
-                if let Some((peer, _)) = self.nat.on_dcutr(&ev) {
+                if let Some(peer) = self.nat.on_dcutr(&ev) {
                     self.close_superseded_relayed(peer);
                 }
             }

@@ -12,14 +12,14 @@
 //!   a public node holds no reservation itself, so every address its
 //!   relay advertises is its own.
 //! - A private node keeps [`WANTED_RELAYS`] reservations; a relay that
-//!   goes away (connection closed, listener closed) is replaced on the
-//!   next maintenance tick by another peer that offers the hop protocol.
+//!   goes away (connection closed, listener closed) is replaced at once by
+//!   another peer that offers the hop protocol, and tried again itself
+//!   after the next maintenance tick.
 
 use std::collections::{HashMap, HashSet};
 
 use libp2p::core::transport::ListenerId;
 use libp2p::multiaddr::Protocol;
-use libp2p::swarm::ConnectionId;
 use libp2p::{Multiaddr, PeerId, Swarm, autonat, dcutr, kad, relay};
 
 use crate::behaviour::{Behaviour, KadMode, NatConfig};
@@ -28,11 +28,10 @@ use crate::types::NatReachability;
 /// Reservations a private node keeps.
 pub(super) const WANTED_RELAYS: usize = 2;
 
-/// One reservation (a listener on `<relay>/p2p-circuit`).
+/// One reservation (asked for or accepted): a listener on
+/// `<relay>/p2p-circuit`. The relay client renews it on its own.
 struct Reservation {
     listener: ListenerId,
-    /// The relay accepted it (and renews it on its own).
-    accepted: bool,
 }
 
 /// The NAT concern's state.
@@ -46,8 +45,8 @@ pub(super) struct NatNet {
     /// Peers whose identify lists the relay hop protocol, with their
     /// direct addresses.
     candidates: HashMap<PeerId, Vec<Multiaddr>>,
-    /// Relays that failed us; not picked again by the automatic choice
-    /// until the set is cleared (when no other candidate is left).
+    /// Relays that failed us; not picked again until the next maintenance
+    /// tick (or until identify shows them offering relaying again).
     failed: HashSet<PeerId>,
     /// A peer connected from an address AutoNAT would judge: the node is
     /// on the internet (or a test internet), not on a LAN alone.
@@ -244,9 +243,6 @@ impl NatNet {
                 ..
             } => {
                 tracing::info!(relay = %relay_peer_id, renewal, "relay reservation accepted");
-                if let Some(r) = self.reservations.get_mut(&relay_peer_id) {
-                    r.accepted = true;
-                }
             }
             other => tracing::debug!(?other, "relay client"),
         }
@@ -259,11 +255,11 @@ impl NatNet {
 
     /// A hole punch ended; on success the caller closes the relayed
     /// connections, so that every protocol uses the direct one.
-    pub(super) fn on_dcutr(&self, ev: &dcutr::Event) -> Option<(PeerId, ConnectionId)> {
+    pub(super) fn on_dcutr(&self, ev: &dcutr::Event) -> Option<PeerId> {
         match &ev.result {
-            Ok(conn) => {
+            Ok(_) => {
                 tracing::info!(peer = %ev.remote_peer_id, "hole punch succeeded: direct connection");
-                Some((ev.remote_peer_id, *conn))
+                Some(ev.remote_peer_id)
             }
             Err(e) => {
                 tracing::info!(peer = %ev.remote_peer_id, "hole punch failed: {e}");
@@ -336,13 +332,7 @@ impl NatNet {
         match swarm.listen_on(circuit.clone()) {
             Ok(listener) => {
                 tracing::info!(%circuit, "reserving a relay slot");
-                self.reservations.insert(
-                    peer,
-                    Reservation {
-                        listener,
-                        accepted: false,
-                    },
-                );
+                self.reservations.insert(peer, Reservation { listener });
             }
             Err(e) => tracing::warn!(%circuit, "cannot reserve on the relay: {e}"),
         }
