@@ -9,7 +9,7 @@ use fogmesh_protocols::groups::wire::{MAX_SYNC_REQUEST_SIZE, MAX_SYNC_RESPONSE_S
 use libp2p::gossipsub::{self, AllowAllSubscriptionFilter, MaxCountSubscriptionFilter};
 use libp2p::identity::Keypair;
 use libp2p::request_response::{self, ProtocolSupport};
-use libp2p::{StreamProtocol, connection_limits, identify, kad, mdns, ping};
+use libp2p::{StreamProtocol, autonat, connection_limits, dcutr, identify, kad, mdns, ping, relay};
 use sha2::{Digest, Sha256};
 
 use crate::codec::{Frame, FrameCodec};
@@ -152,6 +152,77 @@ pub fn agent_version() -> String {
     format!("fogmesh/{}", env!("CARGO_PKG_VERSION"))
 }
 
+/// Which Kademlia mode the node runs (`--kad-mode`).
+///
+/// A Kademlia server answers DHT queries and is put in other nodes'
+/// routing tables; a node nobody can dial must not be one (its address
+/// would send every querier into a timeout).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum KadMode {
+    /// Follow reachability: server when AutoNAT confirmed a public
+    /// address, client when it found the node private, and, while it does
+    /// not know, server only on a network where AutoNAT cannot judge (no
+    /// peer on a public address: a LAN, loopback, the simulator).
+    #[default]
+    Auto,
+    /// Always serve the DHT (the behaviour before reachability existed).
+    Server,
+    /// Never serve the DHT.
+    Client,
+}
+
+impl std::fmt::Display for KadMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KadMode::Auto => "auto",
+            KadMode::Server => "server",
+            KadMode::Client => "client",
+        })
+    }
+}
+
+/// NAT traversal settings: AutoNAT, circuit relay v2 (client and server)
+/// and hole punching (DCUtR).
+#[derive(Debug, Clone)]
+pub struct NatConfig {
+    /// Run AutoNAT (v1: asks peers to dial back, and answers their asks).
+    pub autonat: bool,
+    /// AutoNAT treats private and loopback IPs like public ones: for test
+    /// topologies and LANs built of private ranges. Off on the internet,
+    /// where a private address is never a reachable one.
+    pub autonat_private_addrs: bool,
+    /// Offer circuit relaying to others, once AutoNAT confirmed a public,
+    /// non-relayed address.
+    pub relay_server: bool,
+    /// Delay before the first AutoNAT probe.
+    pub autonat_boot_delay: Duration,
+    /// Interval between AutoNAT probes while the status is not settled.
+    pub autonat_retry_interval: Duration,
+}
+
+impl Default for NatConfig {
+    fn default() -> Self {
+        NatConfig {
+            autonat: true,
+            autonat_private_addrs: false,
+            relay_server: false,
+            autonat_boot_delay: Duration::from_secs(5),
+            autonat_retry_interval: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Knobs of the behaviour that differ between the daemon, tests and the
 /// simulator.
 #[derive(Clone)]
@@ -179,6 +250,10 @@ pub struct BehaviourConfig {
     /// listen addresses: on with BLE, whose addresses must never reach
     /// internet peers (the node marks its IP listen addresses external).
     pub hide_listen_addrs: bool,
+    /// Kademlia's mode (see [`KadMode`]).
+    pub kad_mode: KadMode,
+    /// AutoNAT, relaying and hole punching.
+    pub nat: NatConfig,
 }
 
 /// Stretches the timeouts of a configuration to a BLE link's speed: a full
@@ -216,6 +291,8 @@ impl Default for BehaviourConfig {
             sync_timeout: Duration::from_secs(60),
             file_request_timeout: Duration::from_secs(300),
             hide_listen_addrs: false,
+            kad_mode: KadMode::Auto,
+            nat: NatConfig::default(),
         }
     }
 }
@@ -228,7 +305,10 @@ pub use composed::{Behaviour, BehaviourEvent};
 mod composed {
     use libp2p::swarm::NetworkBehaviour;
     use libp2p::swarm::behaviour::toggle::Toggle;
-    use libp2p::{connection_limits, gossipsub, identify, kad, mdns, ping, request_response};
+    use libp2p::{
+        autonat, connection_limits, dcutr, gossipsub, identify, kad, mdns, ping, relay,
+        request_response,
+    };
 
     /// Every behaviour of a fogmesh node, composed. The order matters:
     /// connection limits are checked first.
@@ -256,12 +336,28 @@ mod composed {
         pub files: request_response::Behaviour<
             crate::codec::FrameCodec<super::FileFrame, super::FileFrame>,
         >,
+        /// AutoNAT v1: is this node reachable from the internet?
+        pub autonat: Toggle<autonat::Behaviour>,
+        /// Circuit relay v2 client: reservations on relays, relayed dials
+        /// (present with an IP transport).
+        pub relay_client: Toggle<relay::client::Behaviour>,
+        /// Circuit relay v2 server (`--relay-server`); offered only while
+        /// AutoNAT confirms a public, non-relayed address.
+        pub relay_server: Toggle<relay::Behaviour>,
+        /// Hole punching: upgrades a relayed connection to a direct one.
+        pub dcutr: Toggle<dcutr::Behaviour>,
     }
 }
 
 impl Behaviour {
-    /// Builds the behaviour for the node with identity `key`.
-    pub fn new(key: &Keypair, cfg: &BehaviourConfig) -> std::io::Result<Self> {
+    /// Builds the behaviour for the node with identity `key`; `relay_client`
+    /// is the relay client the swarm builder made with its transport (none
+    /// without an IP transport: no relaying, no hole punching).
+    pub fn new(
+        key: &Keypair,
+        cfg: &BehaviourConfig,
+        relay_client: Option<relay::client::Behaviour>,
+    ) -> std::io::Result<Self> {
         let peer_id = key.public().to_peer_id();
         let max = cfg.max_connections;
         let limits = connection_limits::ConnectionLimits::default()
@@ -313,7 +409,15 @@ impl Behaviour {
                 .with_max_concurrent_streams(256),
         );
 
+        let (autonat, relay_server) = nat_behaviours(peer_id, &cfg.nat);
+        let dcutr = relay_client
+            .is_some()
+            .then(|| dcutr::Behaviour::new(peer_id));
         Ok(Behaviour {
+            autonat: autonat.into(),
+            relay_client: relay_client.into(),
+            relay_server: relay_server.into(),
+            dcutr: dcutr.into(),
             limits: connection_limits::Behaviour::new(limits),
             identify,
             ping: ping::Behaviour::new(ping::Config::new()),
@@ -326,7 +430,45 @@ impl Behaviour {
     }
 }
 
-/// Kademlia on our own protocol name, in server mode.
+/// AutoNAT v1 and, with `--relay-server`, the relay server (disabled until
+/// the event loop sees a public address confirmed).
+///
+/// Why AutoNAT v1 and not v2: v1 gives one overall status (public,
+/// private, unknown) with a confidence, which is what Kademlia's mode and
+/// the choice to reserve relay slots need, and it re-tests on its own at
+/// a fixed interval; v2's client never re-tests an address after it
+/// expires (rust-libp2p issue 6203), so a node whose NAT changes would keep
+/// a stale answer.
+fn nat_behaviours(
+    peer_id: libp2p::PeerId,
+    nat: &NatConfig,
+) -> (Option<autonat::Behaviour>, Option<relay::Behaviour>) {
+    let autonat = nat.autonat.then(|| {
+        autonat::Behaviour::new(
+            peer_id,
+            autonat::Config {
+                boot_delay: nat.autonat_boot_delay,
+                retry_interval: nat.autonat_retry_interval,
+                throttle_server_period: Duration::from_secs(15),
+                only_global_ips: !nat.autonat_private_addrs,
+                ..Default::default()
+            },
+        )
+    });
+    let relay_server = nat.relay_server.then(|| {
+        // relay v2's defaults: 128 reservations (4 per peer) of 1 h, 16
+        // circuits (4 per peer) of at most 2 min and 128 KiB each.
+        let mut r = relay::Behaviour::new(peer_id, relay::Config::default());
+        // Never offered on the swarm's say-so: the swarm counts relayed
+        // addresses as confirmed, which would make a relayed node a relay.
+        r.set_status(Some(relay::Status::Disable));
+        r
+    });
+    (autonat, relay_server)
+}
+
+/// Kademlia on our own protocol name, in server mode until the event
+/// loop applies the configured [`KadMode`].
 fn kademlia(
     peer_id: libp2p::PeerId,
     cfg: &BehaviourConfig,
@@ -348,10 +490,13 @@ fn kademlia(
         kad::store::MemoryStore::with_config(peer_id, store_cfg),
         kad_cfg,
     );
-    // Every fogmesh node serves the DHT: without this, Kademlia waits for
-    // a confirmed external address, which nodes on a LAN or loopback
-    // never get.
-    kad.set_mode(Some(kad::Mode::Server));
+    // The mode is always set explicitly (never Kademlia's automatic one,
+    // which counts relayed addresses as reachable); the event loop sets it
+    // from `--kad-mode` and reachability.
+    kad.set_mode(Some(match cfg.kad_mode {
+        KadMode::Client => kad::Mode::Client,
+        KadMode::Auto | KadMode::Server => kad::Mode::Server,
+    }));
 
     kad
 }

@@ -31,7 +31,7 @@ use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId, SwarmBuilder, Transport, noise, tcp, yamux};
 use tokio_util::sync::CancellationToken;
 
-use crate::behaviour::{Behaviour, BehaviourConfig, GossipObserver};
+use crate::behaviour::{Behaviour, BehaviourConfig, GossipObserver, KadMode, NatConfig};
 use crate::eventlog::EventLog;
 use crate::files::FilesConfig;
 use crate::groups::GroupsConfig;
@@ -164,6 +164,9 @@ impl NodeBuilder {
                 files: FilesConfig::default(),
                 maintenance_interval: MAINTENANCE_INTERVAL,
                 ble: None,
+                relays: Vec::new(),
+                kad_mode: KadMode::default(),
+                nat: NatConfig::default(),
             },
             idle_timeout: Duration::from_secs(60),
             dilation: 1.0,
@@ -194,6 +197,13 @@ impl NodeBuilder {
     /// Peers to dial at start (`/p2p/` addresses).
     pub fn bootstrap(mut self, addrs: Vec<Multiaddr>) -> Self {
         self.node.bootstrap = addrs;
+        self
+    }
+
+    /// Circuit relays to reserve a slot on, whatever the node's
+    /// reachability (`/p2p/` addresses).
+    pub fn relays(mut self, addrs: Vec<Multiaddr>) -> Self {
+        self.node.relays = addrs;
         self
     }
 
@@ -300,6 +310,8 @@ impl NodeBuilder {
             onion: false,
         };
         node.ble = radio.clone();
+        node.kad_mode = behaviour.kad_mode;
+        node.nat = behaviour.nat.clone();
 
         let mut registry = libp2p::metrics::Registry::default();
         let metrics = NodeMetrics::register(&mut registry);
@@ -363,18 +375,19 @@ fn build_swarm(
     registry: &mut libp2p::metrics::Registry,
 ) -> anyhow::Result<libp2p::Swarm<Behaviour>> {
     macro_rules! finish {
-        ($builder:expr) => {
+        ($builder:expr, $make:expr) => {
             $builder
                 .with_bandwidth_metrics(registry)
-                .with_behaviour(|key| {
-                    Behaviour::new(key, behaviour).map_err(|e| Box::new(e) as BoxError)
-                })
+                .with_behaviour($make)
                 .map_err(|e| anyhow::anyhow!("cannot build the node's behaviours: {e}"))?
                 .with_swarm_config(|c| c.with_idle_connection_timeout(idle_timeout))
                 .with_connection_timeout(connection_timeout)
                 .build()
         };
     }
+    let make = |key: &Keypair, relay: Option<libp2p::relay::client::Behaviour>| {
+        Behaviour::new(key, behaviour, relay).map_err(|e| Box::new(e) as BoxError)
+    };
     let builder = SwarmBuilder::with_existing_identity(key.clone()).with_tokio();
     let swarm = match internet {
         Internet::Host => {
@@ -385,28 +398,43 @@ fn build_swarm(
                     yamux::Config::default,
                 )?
                 .with_quic();
+            // The relay client's transport comes after BLE's (a circuit
+            // is dialled through an IP connection to the relay) and DNS.
             match radio {
                 Some(radio) => finish!(
                     ip.with_other_transport(|key| ble_transport(key, radio))?
                         .with_dns()?
+                        .with_relay_client(noise::Config::new, yamux::Config::default)?,
+                    |key, relay| make(key, Some(relay))
                 ),
-                None => finish!(ip.with_dns()?),
+                None => finish!(
+                    ip.with_dns()?
+                        .with_relay_client(noise::Config::new, yamux::Config::default)?,
+                    |key, relay| make(key, Some(relay))
+                ),
             }
         }
+        // A modelled network has no NAT: no relay client.
         Internet::Custom(raw) => {
-            finish!(builder.with_other_transport(move |key| {
-                let ip = secure(raw, key, connection_timeout)?;
-                Ok::<_, BoxError>(match radio {
-                    Some(radio) => ip
-                        .or_transport(ble_transport(key, radio)?)
-                        .map(|either, _| either.into_inner())
-                        .boxed(),
-                    None => ip,
-                })
-            })?)
+            finish!(
+                builder.with_other_transport(move |key| {
+                    let ip = secure(raw, key, connection_timeout)?;
+                    Ok::<_, BoxError>(match radio {
+                        Some(radio) => ip
+                            .or_transport(ble_transport(key, radio)?)
+                            .map(|either, _| either.into_inner())
+                            .boxed(),
+                        None => ip,
+                    })
+                })?,
+                |key| make(key, None)
+            )
         }
         Internet::Off => match radio {
-            Some(radio) => finish!(builder.with_other_transport(|key| ble_transport(key, radio))?),
+            Some(radio) => finish!(
+                builder.with_other_transport(|key| ble_transport(key, radio))?,
+                |key| make(key, None)
+            ),
             None => anyhow::bail!("no transport is on (--no-internet without --ble)"),
         },
     };

@@ -21,7 +21,7 @@ use libp2p::Multiaddr;
 use libp2p::multiaddr::Protocol;
 use serde::Deserialize;
 
-use crate::behaviour::BehaviourConfig;
+use crate::behaviour::{BehaviourConfig, KadMode};
 use crate::groups::GroupsConfig;
 
 /// The config file's name inside the data directory.
@@ -98,6 +98,14 @@ pub struct Settings {
     pub ble_position: fogmesh_ble::sim::Position,
     /// Whether the IP transports (TCP, QUIC) are on.
     pub internet: bool,
+    /// Circuit relays to reserve a slot on (each ends with `/p2p/<id>`).
+    pub relays: Vec<Multiaddr>,
+    /// Offer circuit relaying once AutoNAT finds the node public.
+    pub relay_server: bool,
+    /// Kademlia's mode.
+    pub kad_mode: KadMode,
+    /// AutoNAT judges private addresses too (test topologies, LANs).
+    pub autonat_private_addrs: bool,
 }
 
 /// Which BLE radio `--ble` names.
@@ -266,6 +274,49 @@ pub struct Overrides {
         value_parser = switched_off()
     )]
     pub(crate) internet: Option<bool>,
+    /// Circuit relay to reserve a slot on, ending with /p2p/<peer id>
+    /// (repeatable); private nodes also pick relays among their peers.
+    #[arg(
+        long = "relay",
+        value_name = "MULTIADDR",
+        env = "FOGMESH_RELAY",
+        value_delimiter = ',',
+        value_parser = parse_bootstrap
+    )]
+    #[serde(rename = "relay", deserialize_with = "from_str::bootstrap")]
+    pub(crate) relays: Option<Vec<Multiaddr>>,
+    /// Relay circuits for others (relay v2 defaults: 128 reservations,
+    /// circuits of 2 min and 128 KiB), once AutoNAT confirms a public
+    /// address.
+    #[arg(
+        long,
+        env = "FOGMESH_RELAY_SERVER",
+        num_args = 0,
+        default_missing_value = "true",
+        value_parser = FalseyValueParser::new()
+    )]
+    pub(crate) relay_server: Option<bool>,
+    #[arg(
+        long,
+        value_name = "MODE",
+        env = "FOGMESH_KAD_MODE",
+        help = with_default(
+            "Kademlia mode: auto follows reachability (server when public, client when private or unproven on the internet, server on a LAN); server or client force it",
+            KadMode::default(),
+        )
+    )]
+    pub(crate) kad_mode: Option<KadMode>,
+    /// AutoNAT judges private and loopback addresses like public ones:
+    /// for test networks and LANs built of private ranges, never on the
+    /// internet.
+    #[arg(
+        long,
+        env = "FOGMESH_AUTONAT_PRIVATE_ADDRS",
+        num_args = 0,
+        default_missing_value = "true",
+        value_parser = FalseyValueParser::new()
+    )]
+    pub(crate) autonat_private_addrs: Option<bool>,
 }
 
 /// A help line that ends with the default, formatted from the value the
@@ -353,6 +404,13 @@ impl Settings {
             ble,
             ble_position: over.ble_position.or(file.ble_position).unwrap_or_default(),
             internet,
+            relays: over.relays.or(file.relays).unwrap_or_default(),
+            relay_server: over.relay_server.or(file.relay_server).unwrap_or(false),
+            kad_mode: over.kad_mode.or(file.kad_mode).unwrap_or_default(),
+            autonat_private_addrs: over
+                .autonat_private_addrs
+                .or(file.autonat_private_addrs)
+                .unwrap_or(false),
         })
     }
 }
@@ -674,6 +732,27 @@ mod tests {
         assert_eq!(s.ble_position.x, 3.0);
         let s = resolve(Overrides::default(), flags(&["--ble-position", "-2,5"])).expect("flag");
         assert_eq!(s.ble_position.x, -2.0);
+    }
+
+    #[test]
+    fn nat_settings() {
+        let s = resolve(Overrides::default(), Overrides::default()).expect("defaults");
+        assert_eq!(s.kad_mode, KadMode::Auto);
+        assert!(!s.relay_server && !s.autonat_private_addrs && s.relays.is_empty());
+        let relay = "/ip4/10.0.0.1/tcp/1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN";
+        let s = resolve(
+            file(&format!("relay = [\"{relay}\"]\nkad_mode = \"client\"")),
+            flags(&["--relay-server", "--autonat-private-addrs"]),
+        )
+        .expect("nat");
+        assert_eq!(s.relays.len(), 1);
+        assert_eq!(s.kad_mode, KadMode::Client);
+        assert!(s.relay_server && s.autonat_private_addrs);
+        assert_eq!(
+            flags(&["--kad-mode", "server"]).kad_mode,
+            Some(KadMode::Server)
+        );
+        assert!(Flags::try_parse_from(["run", "--relay", "/ip4/1.2.3.4/tcp/1"]).is_err());
     }
 
     #[test]

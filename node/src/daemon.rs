@@ -18,7 +18,7 @@ use fogmesh_ble::sim::SocketRadio;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, Endpoint};
-use crate::behaviour::BehaviourConfig;
+use crate::behaviour::{BehaviourConfig, NatConfig};
 use crate::builder::{BuiltNode, Internet, NodeBuilder};
 use crate::config::{BleRadio, Settings};
 use crate::eventlog::EventLog;
@@ -181,9 +181,16 @@ fn node_builder(
         .bootstrap(settings.bootstrap.clone())
         .min_peers(settings.min_peers)
         .idle_timeout(settings.idle_timeout)
+        .relays(settings.relays.clone())
         .behaviour(BehaviourConfig {
             mdns: settings.mdns,
             max_connections: settings.max_connections,
+            kad_mode: settings.kad_mode,
+            nat: NatConfig {
+                relay_server: settings.relay_server,
+                autonat_private_addrs: settings.autonat_private_addrs,
+                ..NatConfig::default()
+            },
             ..BehaviourConfig::default()
         })
         .groups(GroupsConfig {

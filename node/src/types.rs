@@ -48,6 +48,20 @@ string_enum! {
 }
 
 string_enum! {
+    /// Whether the node is reachable from the internet, as AutoNAT found
+    /// out.
+    NatReachability {
+        /// Peers dialled back a non-relayed address of this node.
+        Public = "public",
+        /// Dial-backs failed: the node is behind a NAT or a firewall.
+        Private = "private",
+        /// Not (yet) known: no probe concluded (always so on a LAN or
+        /// loopback, where AutoNAT does not judge private addresses).
+        Unknown = "unknown",
+    }
+}
+
+string_enum! {
     /// Which side opened a connection.
     Direction {
         /// The peer dialled us.
@@ -153,6 +167,27 @@ pub struct Status {
     /// The BLE radio, when BLE is on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ble: Option<BleStatus>,
+    /// Reachability from the internet (AutoNAT).
+    #[serde(default = "unknown_reachability")]
+    pub reachability: NatReachability,
+    /// The node's confirmed external addresses, relayed ones aside: those
+    /// AutoNAT confirmed (with BLE on, also the IP listen addresses, which
+    /// the node announces as external so that identify hides the BLE one).
+    #[serde(default)]
+    pub external_addrs: Vec<String>,
+    /// Relayed addresses this node holds a reservation for.
+    #[serde(default)]
+    pub relayed_addrs: Vec<String>,
+    /// Kademlia's mode now: `server` or `client`.
+    #[serde(default)]
+    pub kad_mode: String,
+    /// This node relays for others now (`--relay-server` and public).
+    #[serde(default)]
+    pub relay_server: bool,
+}
+
+fn unknown_reachability() -> NatReachability {
+    NatReachability::Unknown
 }
 
 /// The BLE side of a node, in `GET /v1/status`.
@@ -184,6 +219,10 @@ pub struct PeerInfo {
     /// The peer's gossipsub score as this node sees it (negative after
     /// invalid messages).
     pub gossip_score: Option<f64>,
+    /// Every connection to the peer goes through a circuit relay (no
+    /// direct one yet): bulk traffic waits.
+    #[serde(default)]
+    pub relayed: bool,
 }
 
 /// `POST /v1/connect` body.

@@ -18,6 +18,16 @@
 //! Only [`Route::Internet`] is implemented by the node today; the other
 //! routes are part of the type so that new transports slot in here rather
 //! than in each protocol.
+//!
+//! Within the internet route, a peer may be reachable only through a
+//! circuit relay (both behind NATs, before hole punching succeeded). A
+//! relay resets a circuit after [`CIRCUIT_MAX_BYTES`] or
+//! [`CIRCUIT_MAX_DURATION_SECS`], and rust-libp2p has no "limited
+//! connection" gate of its own, so [`Policy::over_link`] decides per
+//! message what may use such a link: [`Volume::Small`] traffic (gossip,
+//! sync summaries, small fetches, have-maps) goes over it, [`Volume::Bulk`]
+//! traffic (file chunks and manifests, large sync fetches) waits for a
+//! direct connection.
 
 use std::fmt;
 
@@ -92,6 +102,48 @@ pub enum Delivery {
     Unicast,
 }
 
+/// How much a message (and the answer it asks for) may carry, as far as
+/// a relayed link cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Volume {
+    /// A few KiB at most: fits many times in a circuit's byte budget.
+    #[default]
+    Small,
+    /// Bulk data (file chunks, manifests, large sync fetches): would
+    /// exhaust a circuit's budget or outlive it.
+    Bulk,
+}
+
+/// What the node knows of its link to one peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerLink {
+    /// At least one direct connection (TCP, QUIC, BLE).
+    Direct,
+    /// Connected, but only through circuit relays.
+    RelayedOnly,
+    /// Not connected: sending dials the peer.
+    NotConnected,
+}
+
+/// The policy's answer for one message over one peer's link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkDecision {
+    /// Send it now.
+    Send,
+    /// Do not send it over the relayed connection: fail fast and retry
+    /// once a direct connection exists (hole punching may bring one).
+    WaitForDirect,
+}
+
+/// Byte budget of one relayed circuit (circuit relay v2's default, which
+/// the node's own relay server keeps).
+pub const CIRCUIT_MAX_BYTES: u64 = 128 * 1024;
+/// Lifetime of one relayed circuit, seconds (relay v2's default).
+pub const CIRCUIT_MAX_DURATION_SECS: u64 = 120;
+/// Largest message treated as [`Volume::Small`] by
+/// [`Requirements::for_size`]: an eighth of a circuit's budget.
+pub const SMALL_MESSAGE_MAX: u64 = CIRCUIT_MAX_BYTES / 8;
+
 /// What the sender asks of one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Requirements {
@@ -101,6 +153,8 @@ pub struct Requirements {
     pub private: bool,
     /// Broadcast or unicast.
     pub delivery: Delivery,
+    /// Small or bulk (what a relayed link may carry).
+    pub volume: Volume,
 }
 
 impl Requirements {
@@ -110,6 +164,25 @@ impl Requirements {
             preference: Preference::Auto,
             private: false,
             delivery: Delivery::Unicast,
+            volume: Volume::Small,
+        }
+    }
+
+    /// A unicast exchange of bulk data (file chunks, large fetches).
+    pub fn bulk() -> Self {
+        Requirements {
+            volume: Volume::Bulk,
+            ..Self::unicast()
+        }
+    }
+
+    /// A unicast message whose exchange is expected to move `bytes`:
+    /// small up to [`SMALL_MESSAGE_MAX`], bulk above.
+    pub fn for_size(bytes: u64) -> Self {
+        if bytes <= SMALL_MESSAGE_MAX {
+            Self::unicast()
+        } else {
+            Self::bulk()
         }
     }
 
@@ -214,6 +287,18 @@ impl Policy {
             store_and_forward,
         }
     }
+
+    /// Decides whether one message may go over the link the node has to
+    /// its peer now. Bulk traffic never goes over a relayed-only link: the
+    /// relay would cut the circuit mid-transfer (128 KiB, 2 minutes), so
+    /// it waits for a direct connection instead. Everything else goes; a
+    /// peer not connected is dialled (which may bring a direct link).
+    pub fn over_link(&self, req: &Requirements, link: PeerLink) -> LinkDecision {
+        match (link, req.volume) {
+            (PeerLink::RelayedOnly, Volume::Bulk) => LinkDecision::WaitForDirect,
+            _ => LinkDecision::Send,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -290,6 +375,58 @@ mod tests {
         assert!(plan.routes.is_empty());
         assert!(plan.store_and_forward);
         assert_eq!(plan.first(), None);
+    }
+
+    #[test]
+    fn bulk_waits_for_a_direct_link() {
+        let p = Policy::default();
+        assert_eq!(
+            p.over_link(&Requirements::bulk(), PeerLink::RelayedOnly),
+            LinkDecision::WaitForDirect
+        );
+        assert_eq!(
+            p.over_link(&Requirements::bulk(), PeerLink::Direct),
+            LinkDecision::Send
+        );
+        assert_eq!(
+            p.over_link(&Requirements::bulk(), PeerLink::NotConnected),
+            LinkDecision::Send
+        );
+    }
+
+    #[test]
+    fn small_things_use_a_relayed_link() {
+        let p = Policy::default();
+        for req in [Requirements::unicast(), Requirements::broadcast()] {
+            assert_eq!(p.over_link(&req, PeerLink::RelayedOnly), LinkDecision::Send);
+        }
+    }
+
+    #[test]
+    fn size_decides_the_volume() {
+        assert_eq!(Requirements::for_size(1024).volume, Volume::Small);
+        assert_eq!(
+            Requirements::for_size(SMALL_MESSAGE_MAX).volume,
+            Volume::Small
+        );
+        assert_eq!(
+            Requirements::for_size(SMALL_MESSAGE_MAX + 1).volume,
+            Volume::Bulk
+        );
+        // A chunk-sized exchange can never fit a circuit.
+        assert_eq!(
+            Requirements::for_size(CIRCUIT_MAX_BYTES).volume,
+            Volume::Bulk
+        );
+    }
+
+    #[test]
+    fn volume_does_not_change_routes() {
+        let p = Policy::default();
+        assert_eq!(
+            p.plan(&Requirements::bulk(), &ALL).routes,
+            p.plan(&Requirements::unicast(), &ALL).routes
+        );
     }
 
     #[test]

@@ -18,13 +18,29 @@ pub fn bin() -> &'static str {
 /// A `fogmesh` command with a clean environment for the variables the node
 /// reads, so the developer's shell cannot change a test.
 pub fn fogmesh() -> Command {
-    let mut c = Command::new(bin());
+    fogmesh_in(None)
+}
+
+/// Like [`fogmesh`], run inside the network namespace `netns` (through
+/// `ip netns exec`, which execs the binary: the child is fogmesh itself).
+pub fn fogmesh_in(netns: Option<&str>) -> Command {
+    let mut c = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, bin()]);
+            c
+        }
+        None => Command::new(bin()),
+    };
     for (k, _) in std::env::vars() {
         if k.starts_with("FOGMESH_") {
             c.env_remove(k);
         }
     }
-    c.env("RUST_LOG", "info,libp2p_mdns=off");
+    // FOGMESH_TEST_LOG overrides the daemons' log filter when debugging.
+    let filter =
+        std::env::var("FOGMESH_TEST_LOG").unwrap_or_else(|_| "info,libp2p_mdns=off".into());
+    c.env("RUST_LOG", filter);
     c
 }
 
@@ -56,6 +72,8 @@ pub struct Daemon {
     pub api: String,
     /// Other `key: value` lines printed before `ready`.
     pub ready_lines: Vec<String>,
+    /// The network namespace it runs in (and its clients with it).
+    netns: Option<String>,
 }
 
 /// The arguments every test daemon gets: loopback, random ports, no mDNS
@@ -102,10 +120,27 @@ impl Daemon {
         }
     }
 
+    /// Starts `fogmesh run` with exactly `args` inside the network
+    /// namespace `netns`; its client commands run there too.
+    pub fn start_in_netns(netns: &str, data_dir: &Path, args: &[String]) -> Daemon {
+        match Self::try_start_in(Some(netns), data_dir, args) {
+            Ok(d) => d,
+            Err(msg) => panic!("daemon in {netns} did not start: {msg}"),
+        }
+    }
+
     fn try_start_with(data_dir: &Path, args: &[String]) -> Result<Daemon, String> {
+        Self::try_start_in(None, data_dir, args)
+    }
+
+    fn try_start_in(
+        netns: Option<&str>,
+        data_dir: &Path,
+        args: &[String],
+    ) -> Result<Daemon, String> {
         let stderr_log = data_dir.with_extension("stderr.log");
         let stderr = std::fs::File::create(&stderr_log).expect("create stderr log");
-        let mut cmd = fogmesh();
+        let mut cmd = fogmesh_in(netns);
         cmd.arg("run")
             .arg("--data-dir")
             .arg(data_dir)
@@ -132,6 +167,7 @@ impl Daemon {
             listen: Vec::new(),
             api: String::new(),
             ready_lines: Vec::new(),
+            netns: netns.map(str::to_owned),
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -182,7 +218,7 @@ impl Daemon {
 
     /// Runs a client command against this daemon.
     pub fn cli(&self, args: &[&str]) -> Output {
-        fogmesh()
+        fogmesh_in(self.netns.as_deref())
             .args(args)
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -238,7 +274,7 @@ impl Daemon {
     /// Starts a long-running client command (`events`, `--follow`) against
     /// this daemon; its stdout is read line by line.
     pub fn spawn_cli(&self, args: &[&str]) -> Lines {
-        let mut child = fogmesh()
+        let mut child = fogmesh_in(self.netns.as_deref())
             .args(args)
             .arg("--data-dir")
             .arg(&self.data_dir)

@@ -56,7 +56,8 @@ struct GlobalArgs {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the node (the daemon).
-    Run(run::RunArgs),
+    // Boxed: every daemon setting lives in it, the other commands are small.
+    Run(Box<run::RunArgs>),
     /// Print this node's peer id (no daemon needed; creates the identity if
     /// there is none).
     Id,
@@ -135,7 +136,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     };
     let out = Output::new(cli.global.json);
     match cli.command {
-        Command::Run(args) => run::run(data_dir, args),
+        Command::Run(args) => run::run(data_dir, *args),
         Command::Radio(cmd) => {
             init_logging(LogFormat::Text, "info");
             runtime()?.block_on(radio::run(cmd, out))

@@ -96,6 +96,23 @@ fn write_status(w: Human<'_>, s: &Status) -> io::Result<()> {
         s.connected_peers, s.routing_table_peers
     )?;
     writeln!(w, "routes:    {}", s.routes.join(", "))?;
+    writeln!(
+        w,
+        "reach:     {} (kademlia {}{})",
+        s.reachability,
+        s.kad_mode,
+        if s.relay_server {
+            ", relaying for others"
+        } else {
+            ""
+        }
+    )?;
+    for a in &s.external_addrs {
+        writeln!(w, "external:  {a}")?;
+    }
+    for a in &s.relayed_addrs {
+        writeln!(w, "relayed:   {a}")?;
+    }
     if let Some(b) = &s.ble {
         writeln!(
             w,
@@ -117,9 +134,10 @@ fn write_peer(w: Human<'_>, p: &PeerInfo) -> io::Result<()> {
         .unwrap_or_else(|| "-".into());
     writeln!(
         w,
-        "{}  {:<6} {:>9}  {}",
+        "{}  {:<6} {:<7} {:>9}  {}",
         p.peer_id,
         p.transport,
+        if p.relayed { "relayed" } else { "direct" },
         rtt,
         p.addrs.join(" ")
     )

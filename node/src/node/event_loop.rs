@@ -6,7 +6,9 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use fogmesh_protocols::policy::{Policy, Reachability, Requirements, Route};
+use fogmesh_protocols::policy::{
+    LinkDecision, PeerLink, Policy, Reachability, Requirements, Route,
+};
 use futures::StreamExt;
 use libp2p::core::transport::ListenerId;
 use libp2p::swarm::SwarmEvent;
@@ -18,6 +20,7 @@ use super::ble::{self, BleNet};
 use super::discovery;
 use super::files_net::FilesNet;
 use super::groups_net::GroupsNet;
+use super::nat::{self, NatNet};
 use super::peers::PeerBook;
 use super::{Command, LISTEN_TIMEOUT};
 use crate::behaviour::{Behaviour, BehaviourEvent};
@@ -64,6 +67,12 @@ impl Ctx {
             .first()
     }
 
+    /// Whether a message with `req` may go to a peer over `link` now
+    /// (bulk traffic waits for a direct connection).
+    pub(super) fn may_send(&self, req: &Requirements, link: PeerLink) -> bool {
+        self.policy.over_link(req, link) == LinkDecision::Send
+    }
+
     fn route_up(&self, route: Route) -> bool {
         match route {
             Route::Internet => self.reach.internet,
@@ -87,6 +96,7 @@ pub(super) struct Parts {
     pub(super) groups: GroupsNet,
     pub(super) files: FilesNet,
     pub(super) ble: Option<BleNet>,
+    pub(super) nat: NatNet,
 }
 
 /// The swarm and the state of each concern.
@@ -98,6 +108,7 @@ pub(super) struct EventLoop {
     groups: GroupsNet,
     files: FilesNet,
     ble: Option<BleNet>,
+    nat: NatNet,
     maintenance_interval: Duration,
     started: Instant,
     listeners: Vec<ListenerId>,
@@ -120,6 +131,7 @@ impl EventLoop {
             groups: parts.groups,
             files: parts.files,
             ble: parts.ble,
+            nat: parts.nat,
             maintenance_interval: parts.maintenance_interval,
             started: Instant::now(),
             listeners: Vec::new(),
@@ -137,6 +149,11 @@ impl EventLoop {
     pub(super) fn dial_known(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
         self.peers
             .dial_known(&mut self.swarm, &self.ctx, peer, addrs);
+    }
+
+    /// Applies the Kademlia mode and reserves on the named relays.
+    pub(super) fn start_nat(&mut self) {
+        self.nat.start(&mut self.swarm);
     }
 
     /// The addresses the swarm listens on.
@@ -191,14 +208,16 @@ impl EventLoop {
                     None => break,
                 },
                 Some(cmd) = self.groups.next_command() => {
-                    self.groups.on_command(&mut self.swarm, &self.ctx, cmd)
+                    self.groups.on_command(&mut self.swarm, &self.ctx, &self.peers, cmd)
                 }
                 Some(cmd) = self.files.next_command() => {
-                    self.files.on_command(&mut self.swarm, &self.ctx, cmd)
+                    self.files.on_command(&mut self.swarm, &self.ctx, &self.peers, cmd)
                 }
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
                 _ = tick.tick() => {
-                    discovery::maintain(&mut self.swarm, self.peers.connected() < self.ctx.min_peers)
+                    let short = self.peers.connected() < self.ctx.min_peers || self.nat.wants_relays();
+                    discovery::maintain(&mut self.swarm, short);
+                    self.nat.tick(&mut self.swarm);
                 }
                 n = ble::next_neighbour(&mut self.ble) => self.on_neighbour(n),
                 _ = ble_tick.tick(), if self.ble.is_some() => self.ble_maintain(),
@@ -248,6 +267,21 @@ impl EventLoop {
                 .map(|r| r.to_string())
                 .collect(),
             ble: self.ble.as_ref().map(|b| b.status(self.peers.ble_links())),
+            reachability: self.nat.reachability(),
+            external_addrs: self
+                .swarm
+                .external_addresses()
+                .filter(|a| !nat::is_relayed(a))
+                .map(|a| a.to_string())
+                .collect(),
+            relayed_addrs: self
+                .swarm
+                .external_addresses()
+                .filter(|a| nat::is_relayed(a))
+                .map(|a| a.to_string())
+                .collect(),
+            kad_mode: self.nat.kad_mode().to_owned(),
+            relay_server: self.nat.relay_server_on(),
         }
     }
 
@@ -274,18 +308,17 @@ impl EventLoop {
                     self.groups.peer_connected(peer_id);
                     self.files.peer_connected(peer_id);
                 }
+                self.nat
+                    .on_established(&mut self.swarm, endpoint.get_remote_address());
+                if !endpoint.is_relayed() {
+                    self.close_superseded_relayed(peer_id);
+                }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 connection_id,
                 ..
-            } => {
-                let last = self.peers.on_closed(&self.ctx, peer_id, connection_id);
-                if last {
-                    self.groups.peer_disconnected(peer_id);
-                    self.files.peer_disconnected(peer_id);
-                }
-            }
+            } => self.on_closed(peer_id, connection_id),
             SwarmEvent::OutgoingConnectionError {
                 connection_id,
                 peer_id,
@@ -299,6 +332,17 @@ impl EventLoop {
             SwarmEvent::ListenerError { error, .. } => {
                 tracing::warn!("listener error: {error}");
             }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                addresses,
+                ..
+            } => {
+                // A reservation's relayed addresses end with it.
+                for a in addresses.iter().filter(|a| nat::is_relayed(a)) {
+                    self.swarm.remove_external_address(a);
+                }
+                self.nat.on_listener_closed(&mut self.swarm, listener_id);
+            }
             _ => {}
         }
     }
@@ -308,7 +352,10 @@ impl EventLoop {
         match event {
             BehaviourEvent::Identify(ev) => {
                 self.ctx.libp2p_metrics.record(&ev);
-                self.peers.on_identify(&mut self.swarm, ev);
+                if let libp2p::identify::Event::Received { peer_id, info, .. } = ev {
+                    self.nat.on_identify(&mut self.swarm, peer_id, &info);
+                    self.peers.on_identify(&mut self.swarm, peer_id, info);
+                }
             }
             BehaviourEvent::Ping(ev) => {
                 self.ctx.libp2p_metrics.record(&ev);
@@ -338,12 +385,45 @@ impl EventLoop {
             }
             BehaviourEvent::GroupSync(ev) => self.groups.on_sync_event(ev),
             BehaviourEvent::Files(ev) => self.files.on_event(ev),
+            BehaviourEvent::Autonat(ev) => self.nat.on_autonat(&mut self.swarm, ev),
+            BehaviourEvent::RelayClient(ev) => self.nat.on_relay_client(ev),
+            BehaviourEvent::RelayServer(ev) => {
+                self.ctx.libp2p_metrics.record(&ev);
+                self.nat.on_relay_server(ev);
+            }
+            BehaviourEvent::Dcutr(ev) => {
+                self.ctx.libp2p_metrics.record(&ev);
+                if let Some(peer) = self.nat.on_dcutr(&ev) {
+                    self.close_superseded_relayed(peer);
+                }
+            }
         }
     }
 
-    /// A newly discovered peer is dialled while the node is short of peers.
+    /// A connection closed; the last one to a peer is news for every
+    /// concern.
+    fn on_closed(&mut self, peer: PeerId, id: libp2p::swarm::ConnectionId) {
+        if self.peers.on_closed(&self.ctx, peer, id) {
+            self.groups.peer_disconnected(peer);
+            self.files.peer_disconnected(peer);
+            self.nat.on_disconnected(&mut self.swarm, peer);
+        }
+    }
+
+    /// Once a peer has a direct connection, its relayed ones are closed:
+    /// request-response picks any connection to a peer, and a circuit
+    /// would cut a transfer short.
+    fn close_superseded_relayed(&mut self, peer: PeerId) {
+        for id in self.peers.superseded_relayed(&peer) {
+            tracing::debug!(%peer, "closing the relayed connection: a direct one exists");
+            self.swarm.close_connection(id);
+        }
+    }
+
+    /// A newly discovered peer is dialled while the node is short of peers
+    /// (or, private, short of relays).
     fn dial_discovered(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
-        if self.peers.connected() < self.ctx.min_peers {
+        if self.peers.connected() < self.ctx.min_peers || self.nat.wants_relays() {
             self.dial_known(peer, addrs);
         }
     }

@@ -3,17 +3,38 @@
 //! records and lookups go to Kademlia. Every request is tracked by its
 //! request id (with what it asked for) and every provider lookup by its
 //! query id; answers and failures go back to the actor.
+//!
+//! Chunks and manifests are bulk: the routing policy keeps them off a peer
+//! reachable only through a circuit relay. Such a request fails at once
+//! with [`WAITING_FOR_DIRECT`]; the actor's scheduler treats it like any
+//! failed request and asks again later, by which time hole punching may
+//! have given a direct connection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use fogmesh_protocols::files::FileId;
+use fogmesh_protocols::policy::Requirements;
 use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::{PeerId, Swarm, kad};
 use tokio::sync::mpsc;
 
 use super::event_loop::Ctx;
+use super::peers::PeerBook;
 use crate::behaviour::{Behaviour, FileFrame};
 use crate::files::{Asked, FileCommand, FilesHandle, Input};
+
+/// The failure a request gets when its peer is reachable only through a
+/// relay.
+pub(super) const WAITING_FOR_DIRECT: &str = "relayed connection: waiting for a direct one";
+
+/// What a file request moves, for the policy: have-maps are small,
+/// manifests and chunks are bulk.
+fn requirements(asked: &Asked) -> Requirements {
+    match asked {
+        Asked::Have => Requirements::unicast(),
+        Asked::Manifest | Asked::Chunk(_) => Requirements::bulk(),
+    }
+}
 
 pub(super) struct FilesNet {
     actor: FilesHandle,
@@ -22,6 +43,9 @@ pub(super) struct FilesNet {
     requests: HashMap<OutboundRequestId, (FileId, Asked)>,
     /// Provider lookups, by query id.
     provider_queries: HashMap<kad::QueryId, FileId>,
+    /// Peers whose requests were held back (relayed only), told once in
+    /// the log per connection.
+    held_back: HashSet<PeerId>,
 }
 
 impl FilesNet {
@@ -31,6 +55,7 @@ impl FilesNet {
             commands,
             requests: HashMap::new(),
             provider_queries: HashMap::new(),
+            held_back: HashSet::new(),
         }
     }
 
@@ -43,7 +68,8 @@ impl FilesNet {
         self.offer(Input::PeerConnected(peer));
     }
 
-    pub(super) fn peer_disconnected(&self, peer: PeerId) {
+    pub(super) fn peer_disconnected(&mut self, peer: PeerId) {
+        self.held_back.remove(&peer);
         self.offer(Input::PeerDisconnected(peer));
     }
 
@@ -122,7 +148,13 @@ impl FilesNet {
     }
 
     /// Carries out one of the actor's commands.
-    pub(super) fn on_command(&mut self, swarm: &mut Swarm<Behaviour>, ctx: &Ctx, cmd: FileCommand) {
+    pub(super) fn on_command(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        ctx: &Ctx,
+        peers: &PeerBook,
+        cmd: FileCommand,
+    ) {
         let b = swarm.behaviour_mut();
         match cmd {
             FileCommand::Request {
@@ -137,6 +169,19 @@ impl FilesNet {
                         file,
                         asked,
                         result: Err("no route is up".into()),
+                    });
+                    return;
+                }
+                if !ctx.may_send(&requirements(&asked), peers.link(&peer)) {
+                    if self.held_back.insert(peer) {
+                        tracing::info!(%peer, "file transfer waits for a direct connection (relayed only)");
+                    }
+                    tracing::debug!(%peer, ?asked, "file request held back: relayed link");
+                    self.offer(Input::Response {
+                        peer,
+                        file,
+                        asked,
+                        result: Err(WAITING_FOR_DIRECT.into()),
                     });
                     return;
                 }
@@ -161,5 +206,19 @@ impl FilesNet {
                 self.provider_queries.insert(id, file);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fogmesh_protocols::policy::Volume;
+
+    use super::*;
+
+    #[test]
+    fn chunks_and_manifests_are_bulk_have_maps_small() {
+        assert_eq!(requirements(&Asked::Chunk(3)).volume, Volume::Bulk);
+        assert_eq!(requirements(&Asked::Manifest).volume, Volume::Bulk);
+        assert_eq!(requirements(&Asked::Have).volume, Volume::Small);
     }
 }

@@ -3,17 +3,56 @@
 //! requests and responses) go to the swarm. Every sync request is tracked
 //! by its request id; its answer or its failure goes back to the actor
 //! with the group it was about.
+//!
+//! Gossip always goes (group messages are small, and a relayed link is
+//! what carries them before hole punching). A sync request asks the
+//! policy first: summaries, membership catch-up and fetches of a few
+//! messages may go over a circuit relay, larger fetches wait for a direct
+//! connection (the actor gets a `SyncFailed` and syncs again later).
 
 use std::collections::HashMap;
 
 use fogmesh_protocols::groups::GroupId;
+use fogmesh_protocols::groups::sync::SyncRequest;
+use fogmesh_protocols::policy::Requirements;
 use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::{PeerId, Swarm, gossipsub};
 use tokio::sync::mpsc;
 
 use super::event_loop::Ctx;
+use super::peers::PeerBook;
 use crate::behaviour::{Behaviour, SyncFrame};
 use crate::groups::{GroupsHandle, Input, NetCommand};
+
+/// Messages a fetch may ask for and still count as small. A chat message
+/// is typically well under 1 KiB (at most 64 KiB), a membership op about
+/// 170 bytes per member: a fetch this size normally fits a circuit's
+/// 128 KiB many times. (When it does not, the relay cuts the circuit, the
+/// sync fails and is tried again, over a direct connection by then if
+/// hole punching worked: nothing is lost.)
+const SMALL_FETCH_MESSAGES: u64 = 16;
+
+/// What a sync request's exchange moves, for the policy. The requester
+/// decides: a responder answers whatever it is asked.
+fn sync_requirements(frame: &[u8]) -> Requirements {
+    match fogmesh_protocols::groups::wire::decode_sync_request(frame) {
+        Ok(SyncRequest::Summary { .. }) => Requirements::unicast(),
+        Ok(SyncRequest::Fetch { want, .. }) => {
+            let messages: u64 = want
+                .ranges
+                .iter()
+                .map(|(_, from, to)| to.saturating_sub(*from).saturating_add(1))
+                .sum();
+            if messages <= SMALL_FETCH_MESSAGES {
+                Requirements::unicast()
+            } else {
+                Requirements::bulk()
+            }
+        }
+        // Our own actor's frame: unknown shapes are treated as bulk.
+        _ => Requirements::bulk(),
+    }
+}
 
 pub(super) struct GroupsNet {
     actor: GroupsHandle,
@@ -129,7 +168,13 @@ impl GroupsNet {
     }
 
     /// Carries out one of the actor's commands.
-    pub(super) fn on_command(&mut self, swarm: &mut Swarm<Behaviour>, ctx: &Ctx, cmd: NetCommand) {
+    pub(super) fn on_command(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        ctx: &Ctx,
+        peers: &PeerBook,
+        cmd: NetCommand,
+    ) {
         let gs = &mut swarm.behaviour_mut().gossipsub;
         match cmd {
             NetCommand::Subscribe(topic) => {
@@ -181,6 +226,14 @@ impl GroupsNet {
                     });
                     return;
                 }
+                if !ctx.may_send(&sync_requirements(&frame), peers.link(&peer)) {
+                    self.offer(Input::SyncFailed {
+                        peer,
+                        group,
+                        error: super::files_net::WAITING_FOR_DIRECT.into(),
+                    });
+                    return;
+                }
                 let id = swarm
                     .behaviour_mut()
                     .group_sync
@@ -198,5 +251,58 @@ impl GroupsNet {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fogmesh_protocols::groups::wire::encode_sync_request;
+    use fogmesh_protocols::groups::{Summary, Want};
+    use fogmesh_protocols::policy::Volume;
+
+    use super::*;
+
+    fn fetch(membership_from: Option<u64>, messages: u64) -> Vec<u8> {
+        let sender = PeerId::random();
+        let ranges = if messages == 0 {
+            Vec::new()
+        } else {
+            vec![(sender, 1, messages)]
+        };
+        encode_sync_request(&SyncRequest::Fetch {
+            group_id: GroupId([1; 32]),
+            want: Want {
+                membership_from,
+                ranges,
+                need_full_summary: false,
+            },
+        })
+    }
+
+    #[test]
+    fn summaries_and_small_fetches_may_use_a_relay() {
+        let summary = encode_sync_request(&SyncRequest::Summary {
+            group_id: GroupId([1; 32]),
+            summary: Summary {
+                membership_len: 2,
+                heads_hash: [0; 32],
+                per_sender: Vec::new(),
+            },
+        });
+        assert_eq!(sync_requirements(&summary).volume, Volume::Small);
+        assert_eq!(sync_requirements(&fetch(Some(0), 0)).volume, Volume::Small);
+        assert_eq!(
+            sync_requirements(&fetch(None, SMALL_FETCH_MESSAGES)).volume,
+            Volume::Small
+        );
+    }
+
+    #[test]
+    fn large_fetches_and_garbage_wait_for_a_direct_link() {
+        assert_eq!(
+            sync_requirements(&fetch(None, SMALL_FETCH_MESSAGES + 1)).volume,
+            Volume::Bulk
+        );
+        assert_eq!(sync_requirements(b"not cbor").volume, Volume::Bulk);
     }
 }

@@ -12,6 +12,8 @@
 //! - [`peers`]: connections, dials, identify and ping, the peer table;
 //! - [`discovery`]: Kademlia's routing table and mDNS;
 //! - [`ble`]: BLE neighbours found by the radio, and which to dial;
+//! - [`nat`]: reachability (AutoNAT), the Kademlia mode that follows,
+//!   relay reservations, the relay server's status, hole punching;
 //! - [`groups_net`] and [`files_net`]: the network side of the groups and
 //!   files actors (gossip, request-response, provider records), with every
 //!   outbound request tracked by its id and its failure reported back.
@@ -28,6 +30,7 @@ mod discovery;
 mod event_loop;
 mod files_net;
 mod groups_net;
+mod nat;
 mod peers;
 
 use std::collections::HashSet;
@@ -44,7 +47,7 @@ use libp2p::{Multiaddr, PeerId, Swarm};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::behaviour::Behaviour;
+use crate::behaviour::{Behaviour, KadMode, NatConfig};
 use crate::files::{self, FilesConfig, FilesHandle};
 use crate::groups::{self, GroupsConfig, GroupsHandle};
 use crate::metrics::NodeMetrics;
@@ -84,6 +87,13 @@ pub struct NodeConfig {
     /// The BLE radio, when BLE is on: the node listens on it, scans for
     /// neighbours and dials them.
     pub ble: Option<Arc<dyn Radio>>,
+    /// Relays to reserve a slot on (`--relay`, each ending in
+    /// `/p2p/<relay>`).
+    pub relays: Vec<Multiaddr>,
+    /// Kademlia's mode (`--kad-mode`).
+    pub kad_mode: KadMode,
+    /// AutoNAT and relay settings (the behaviour's).
+    pub nat: NatConfig,
 }
 
 /// Why a connect failed.
@@ -240,6 +250,7 @@ pub(crate) async fn start(
                 .ble
                 .as_ref()
                 .map(|r| ble::BleNet::new(r.clone(), &peer_id)),
+            nat: nat::NatNet::new(cfg.kad_mode, cfg.nat.clone(), cfg.relays.clone()),
         },
     );
 
@@ -248,6 +259,9 @@ pub(crate) async fn start(
     for (peer, addrs) in to_dial {
         el.dial_known(peer, addrs);
     }
+    // Circuit listeners report an address only once a relay accepts:
+    // they are not among the listeners waited for above.
+    el.start_nat();
     let listen_addrs: Vec<Multiaddr> = el.listen_addrs();
 
     let handle = NodeHandle {

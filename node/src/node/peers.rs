@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::Context;
-use fogmesh_protocols::policy::Route;
+use fogmesh_protocols::policy::{PeerLink, Route};
 use libp2p::core::ConnectedPoint;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
@@ -104,6 +104,32 @@ impl PeerBook {
         links
     }
 
+    /// The node's link to `peer`, as the routing policy sees it.
+    pub(super) fn link(&self, peer: &PeerId) -> PeerLink {
+        match self.connections.get(peer) {
+            None => PeerLink::NotConnected,
+            Some(conns) if conns.iter().all(|(_, a)| super::nat::is_relayed(a)) => {
+                PeerLink::RelayedOnly
+            }
+            Some(_) => PeerLink::Direct,
+        }
+    }
+
+    /// The relayed connections to `peer` once it also has a direct one
+    /// (closing them makes every protocol use the direct connection).
+    pub(super) fn superseded_relayed(&self, peer: &PeerId) -> Vec<ConnectionId> {
+        if self.link(peer) != PeerLink::Direct {
+            return Vec::new();
+        }
+        self.connections
+            .get(peer)
+            .into_iter()
+            .flatten()
+            .filter(|(_, a)| super::nat::is_relayed(a))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// The connected peers, for `GET /v1/peers`.
     pub(super) fn list(&self, swarm: &Swarm<Behaviour>) -> Vec<PeerInfo> {
         let mut peers: Vec<PeerInfo> = self
@@ -120,6 +146,7 @@ impl PeerBook {
                     agent: meta.and_then(|m| m.agent.clone()),
                     rtt_ms: meta.and_then(|m| m.rtt).map(|d| d.as_secs_f64() * 1000.0),
                     gossip_score: swarm.behaviour().gossipsub.peer_score(peer),
+                    relayed: self.link(peer) == PeerLink::RelayedOnly,
                 }
             })
             .collect();
@@ -250,8 +277,9 @@ impl PeerBook {
             }));
         }
         // An address we dialled successfully is worth remembering (not a
-        // BLE one: neighbours are found again by scanning).
-        if endpoint.is_dialer() && route == Route::Internet {
+        // BLE one: neighbours are found again by scanning; not a relayed
+        // one: reservations come and go).
+        if endpoint.is_dialer() && route == Route::Internet && !endpoint.is_relayed() {
             self.save(peer, vec![addr.clone()], None);
         }
         let conns = self.connections.entry(peer).or_default();
@@ -308,10 +336,12 @@ impl PeerBook {
 
     /// Identify told us a peer's addresses, protocols and agent: peers that
     /// speak our DHT feed Kademlia, and the record is saved.
-    pub(super) fn on_identify(&mut self, swarm: &mut Swarm<Behaviour>, ev: identify::Event) {
-        let identify::Event::Received { peer_id, info, .. } = ev else {
-            return;
-        };
+    pub(super) fn on_identify(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer_id: PeerId,
+        info: identify::Info,
+    ) {
         let addrs: Vec<Multiaddr> = info
             .listen_addrs
             .into_iter()
@@ -322,6 +352,10 @@ impl PeerBook {
             for a in &addrs {
                 swarm.behaviour_mut().kad.add_address(&peer_id, a.clone());
             }
+        } else {
+            // A Kademlia client (a node that is not reachable, or no longer
+            // is) has no place in the routing table.
+            swarm.behaviour_mut().kad.remove_peer(&peer_id);
         }
         self.meta.entry(peer_id).or_default().agent = Some(info.agent_version.clone());
         self.save(peer_id, addrs, Some(info.agent_version));
