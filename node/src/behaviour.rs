@@ -45,6 +45,9 @@ impl Frame for SyncFrame {
     fn as_bytes(&self) -> &[u8] {
         &self.0
     }
+    fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
 }
 
 /// Gossipsub's mesh parameters (the names are the gossipsub spec's).
@@ -141,6 +144,9 @@ impl Frame for FileFrame {
     }
     fn as_bytes(&self) -> &[u8] {
         &self.0
+    }
+    fn into_bytes(self) -> Vec<u8> {
+        self.0
     }
 }
 

@@ -21,6 +21,8 @@ pub trait Frame: Send + 'static {
     fn from_bytes(bytes: Vec<u8>) -> Self;
     /// The bytes to send.
     fn as_bytes(&self) -> &[u8];
+    /// The received bytes, unwrapped.
+    fn into_bytes(self) -> Vec<u8>;
 }
 
 /// Length-prefixed frames, requests up to `max_request` bytes and

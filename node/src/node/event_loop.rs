@@ -67,10 +67,17 @@ impl Ctx {
             .first()
     }
 
-    /// Whether a message with `req` may go to a peer over `link` now
-    /// (bulk traffic waits for a direct connection).
-    pub(super) fn may_send(&self, req: &Requirements, link: PeerLink) -> bool {
-        self.policy.over_link(req, link) == LinkDecision::Send
+    /// Whether a request with `req` may go to a peer over `link` now: a
+    /// unicast route must be up, and bulk traffic waits for a direct
+    /// connection. The one gate of every request the node sends.
+    pub(super) fn may_request(&self, req: &Requirements, link: PeerLink) -> Result<(), Held> {
+        if self.unicast_route().is_none() {
+            return Err(Held::NoRoute);
+        }
+        match self.policy.over_link(req, link) {
+            LinkDecision::Send => Ok(()),
+            LinkDecision::WaitForDirect => Err(Held::WaitForDirect),
+        }
     }
 
     fn route_up(&self, route: Route) -> bool {
@@ -81,6 +88,19 @@ impl Ctx {
             _ => false,
         }
     }
+}
+
+/// Why a request was held back; its message is what the asking actor
+/// gets as the request's failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(super) enum Held {
+    /// No route that can carry unicast traffic is up.
+    #[error("no route is up")]
+    NoRoute,
+    /// The peer is reachable only through a circuit relay, and the request
+    /// is bulk.
+    #[error("relayed connection: waiting for a direct one")]
+    WaitForDirect,
 }
 
 /// The pieces [`EventLoop::new`] takes.

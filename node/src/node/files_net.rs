@@ -6,7 +6,7 @@
 //!
 //! Chunks and manifests are bulk: the routing policy keeps them off a peer
 //! reachable only through a circuit relay. Such a request fails at once
-//! with [`WAITING_FOR_DIRECT`]; the actor's scheduler treats it like any
+//! with [`Held::WaitForDirect`]; the actor's scheduler treats it like any
 //! failed request and asks again later, by which time hole punching may
 //! have given a direct connection.
 
@@ -18,14 +18,11 @@ use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::{PeerId, Swarm, kad};
 use tokio::sync::mpsc;
 
-use super::event_loop::Ctx;
+use super::event_loop::{Ctx, Held};
+use super::exchange::{Exchange, exchange};
 use super::peers::PeerBook;
 use crate::behaviour::{Behaviour, FileFrame};
 use crate::files::{Asked, FileCommand, FilesHandle, Input};
-
-/// The failure a request gets when its peer is reachable only through a
-/// relay.
-pub(super) const WAITING_FOR_DIRECT: &str = "relayed connection: waiting for a direct one";
 
 /// What a file request moves, for the policy: have-maps are small,
 /// manifests and chunks are bulk.
@@ -104,30 +101,22 @@ impl FilesNet {
 
     /// The file protocol's events.
     pub(super) fn on_event(&mut self, ev: request_response::Event<FileFrame, FileFrame>) {
-        match ev {
-            request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request {
-                    request, channel, ..
-                } => self.offer(Input::Request {
-                    peer,
-                    frame: request.0,
-                    channel,
-                }),
-                request_response::Message::Response {
-                    request_id,
-                    response,
-                } => self.answered(request_id, peer, Ok(response.0)),
-            },
-            request_response::Event::OutboundFailure {
+        match exchange("file", ev) {
+            Some(Exchange::Request {
+                peer,
+                frame,
+                channel,
+            }) => self.offer(Input::Request {
+                peer,
+                frame,
+                channel,
+            }),
+            Some(Exchange::Answer {
                 peer,
                 request_id,
-                error,
-                ..
-            } => self.answered(request_id, peer, Err(error.to_string())),
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, "file response failed: {error}");
-            }
-            request_response::Event::ResponseSent { .. } => {}
+                result,
+            }) => self.answered(request_id, peer, result),
+            None => {}
         }
     }
 
@@ -163,25 +152,16 @@ impl FilesNet {
                 asked,
                 frame,
             } => {
-                if ctx.unicast_route().is_none() {
-                    self.offer(Input::Response {
-                        peer,
-                        file,
-                        asked,
-                        result: Err("no route is up".into()),
-                    });
-                    return;
-                }
-                if !ctx.may_send(&requirements(&asked), peers.link(&peer)) {
-                    if self.held_back.insert(peer) {
+                if let Err(held) = ctx.may_request(&requirements(&asked), peers.link(&peer)) {
+                    if held == Held::WaitForDirect && self.held_back.insert(peer) {
                         tracing::info!(%peer, "file transfer waits for a direct connection (relayed only)");
                     }
-                    tracing::debug!(%peer, ?asked, "file request held back: relayed link");
+                    tracing::debug!(%peer, ?asked, "file request held back: {held}");
                     self.offer(Input::Response {
                         peer,
                         file,
                         asked,
-                        result: Err(WAITING_FOR_DIRECT.into()),
+                        result: Err(held.to_string()),
                     });
                     return;
                 }

@@ -20,6 +20,7 @@ use libp2p::{PeerId, Swarm, gossipsub};
 use tokio::sync::mpsc;
 
 use super::event_loop::Ctx;
+use super::exchange::{Exchange, exchange};
 use super::peers::PeerBook;
 use crate::behaviour::{Behaviour, SyncFrame};
 use crate::groups::{GroupsHandle, Input, NetCommand};
@@ -124,46 +125,30 @@ impl GroupsNet {
     /// Group sync: requests go to the actor (which answers through
     /// `SyncRespond`), answers and failures to whoever asked.
     pub(super) fn on_sync_event(&mut self, ev: request_response::Event<SyncFrame, SyncFrame>) {
-        match ev {
-            request_response::Event::Message { peer, message, .. } => match message {
-                request_response::Message::Request {
-                    request, channel, ..
-                } => self.offer(Input::SyncRequest {
-                    peer,
-                    frame: request.0,
-                    channel,
-                }),
-                request_response::Message::Response {
-                    request_id,
-                    response,
-                } => {
-                    if let Some(group) = self.sync_requests.remove(&request_id) {
-                        self.offer(Input::SyncResponse {
-                            peer,
-                            group,
-                            frame: response.0,
-                        });
-                    }
-                }
-            },
-            request_response::Event::OutboundFailure {
+        match exchange("group sync", ev) {
+            Some(Exchange::Request {
+                peer,
+                frame,
+                channel,
+            }) => self.offer(Input::SyncRequest {
+                peer,
+                frame,
+                channel,
+            }),
+            Some(Exchange::Answer {
                 peer,
                 request_id,
-                error,
-                ..
-            } => {
-                if let Some(group) = self.sync_requests.remove(&request_id) {
-                    self.offer(Input::SyncFailed {
-                        peer,
-                        group,
-                        error: error.to_string(),
-                    });
-                }
+                result,
+            }) => {
+                let Some(group) = self.sync_requests.remove(&request_id) else {
+                    return;
+                };
+                self.offer(match result {
+                    Ok(frame) => Input::SyncResponse { peer, group, frame },
+                    Err(error) => Input::SyncFailed { peer, group, error },
+                });
             }
-            request_response::Event::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, "group sync response failed: {error}");
-            }
-            request_response::Event::ResponseSent { .. } => {}
+            None => {}
         }
     }
 
@@ -198,14 +183,7 @@ impl GroupsNet {
             } => {
                 // A broadcast: the policy says which routes may carry it,
                 // and store-and-forward (the outbox) covers none being up.
-                let ok = ctx.broadcast_route().is_some()
-                    && match gs.publish(gossipsub::IdentTopic::new(topic), data) {
-                        Ok(_) | Err(gossipsub::PublishError::Duplicate) => true,
-                        Err(e) => {
-                            tracing::debug!("publish deferred: {e}");
-                            false
-                        }
-                    };
+                let ok = ctx.broadcast_route().is_some() && publish(gs, topic, data);
                 if let Some((group, id)) = outbox {
                     self.offer(Input::Published { group, id, ok });
                 }
@@ -218,20 +196,9 @@ impl GroupsNet {
                 gs.report_message_validation_result(&message_id, &source, acceptance);
             }
             NetCommand::SyncRequest { peer, group, frame } => {
-                if ctx.unicast_route().is_none() {
-                    self.offer(Input::SyncFailed {
-                        peer,
-                        group,
-                        error: "no route is up".into(),
-                    });
-                    return;
-                }
-                if !ctx.may_send(&sync_requirements(&frame), peers.link(&peer)) {
-                    self.offer(Input::SyncFailed {
-                        peer,
-                        group,
-                        error: super::files_net::WAITING_FOR_DIRECT.into(),
-                    });
+                if let Err(held) = ctx.may_request(&sync_requirements(&frame), peers.link(&peer)) {
+                    let error = held.to_string();
+                    self.offer(Input::SyncFailed { peer, group, error });
                     return;
                 }
                 let id = swarm
@@ -250,6 +217,23 @@ impl GroupsNet {
                     tracing::debug!("sync response not sent: the requester went away");
                 }
             }
+        }
+    }
+}
+
+type GossipBehaviour = gossipsub::Behaviour<
+    crate::behaviour::ObservingTransform,
+    crate::behaviour::SubscriptionFilter,
+>;
+
+/// Publishes on `topic`; `false` when gossipsub could not (no peer on the
+/// topic yet, say): the outbox offers it again later.
+fn publish(gs: &mut GossipBehaviour, topic: String, data: Vec<u8>) -> bool {
+    match gs.publish(gossipsub::IdentTopic::new(topic), data) {
+        Ok(_) | Err(gossipsub::PublishError::Duplicate) => true,
+        Err(e) => {
+            tracing::debug!("publish deferred: {e}");
+            false
         }
     }
 }

@@ -28,6 +28,7 @@
 mod ble;
 mod discovery;
 mod event_loop;
+mod exchange;
 mod files_net;
 mod groups_net;
 mod nat;
@@ -213,25 +214,7 @@ pub(crate) async fn start(
 
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (events, _) = broadcast::channel(EVENT_QUEUE);
-    let (net_tx, net_rx) = mpsc::channel(COMMAND_QUEUE);
-    let (groups, groups_thread) = groups::start(
-        key,
-        store.clone(),
-        net_tx,
-        events.clone(),
-        metrics.clone(),
-        cfg.groups.clone(),
-        shutdown.clone(),
-    )?;
-    let (file_tx, file_rx) = mpsc::channel(COMMAND_QUEUE);
-    let (files, files_thread) = files::start(
-        peer_id,
-        store.clone(),
-        file_tx,
-        metrics.clone(),
-        cfg.files.clone(),
-        shutdown.clone(),
-    )?;
+    let actors = start_actors(key, &store, &cfg, &events, &metrics, &shutdown)?;
     let (peer_book, writer) = peers::PeerBook::start(store.clone(), metrics.clone())?;
     let mut el = event_loop::EventLoop::new(
         swarm,
@@ -244,8 +227,8 @@ pub(crate) async fn start(
             min_peers: cfg.min_peers,
             maintenance_interval: cfg.maintenance_interval,
             peers: peer_book,
-            groups: groups_net::GroupsNet::new(groups.clone(), net_rx),
-            files: files_net::FilesNet::new(files.clone(), file_rx),
+            groups: actors.groups_net,
+            files: actors.files_net,
             ble: cfg
                 .ble
                 .as_ref()
@@ -266,24 +249,69 @@ pub(crate) async fn start(
 
     let handle = NodeHandle {
         peer_id,
-        groups,
-        files,
+        groups: actors.groups,
+        files: actors.files,
         commands: cmd_tx,
         events,
     };
+    let [groups_thread, files_thread] = actors.threads;
     let task = tokio::spawn(run(
         el,
         shutdown,
-        [
-            ("peer writer", writer),
-            ("groups", groups_thread),
-            ("files", files_thread),
-        ],
+        [("peer writer", writer), groups_thread, files_thread],
     ));
     Ok(RunningNode {
         handle,
         listen_addrs,
         task,
+    })
+}
+
+/// The actors, the network side of each, and their threads.
+struct Actors {
+    groups: GroupsHandle,
+    files: FilesHandle,
+    groups_net: groups_net::GroupsNet,
+    files_net: files_net::FilesNet,
+    threads: [(&'static str, std::thread::JoinHandle<()>); 2],
+}
+
+/// Starts the groups and files actors, each with the command channel its
+/// network side reads.
+fn start_actors(
+    key: Keypair,
+    store: &Store,
+    cfg: &NodeConfig,
+    events: &broadcast::Sender<NodeEvent>,
+    metrics: &NodeMetrics,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Actors> {
+    let peer_id = key.public().to_peer_id();
+    let (net_tx, net_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (groups, groups_thread) = groups::start(
+        key,
+        store.clone(),
+        net_tx,
+        events.clone(),
+        metrics.clone(),
+        cfg.groups.clone(),
+        shutdown.clone(),
+    )?;
+    let (file_tx, file_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (files, files_thread) = files::start(
+        peer_id,
+        store.clone(),
+        file_tx,
+        metrics.clone(),
+        cfg.files.clone(),
+        shutdown.clone(),
+    )?;
+    Ok(Actors {
+        groups_net: groups_net::GroupsNet::new(groups.clone(), net_rx),
+        files_net: files_net::FilesNet::new(files.clone(), file_rx),
+        groups,
+        files,
+        threads: [("groups", groups_thread), ("files", files_thread)],
     })
 }
 
