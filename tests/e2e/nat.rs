@@ -289,6 +289,29 @@ fn start_on(dir: &Path, name: &str, ns: &str, addr: &str, port: u16, extra: &[St
     Daemon::start_in_netns(ns, &dir.join(name), &args)
 }
 
+/// B, behind its NAT, bootstrapped on the relay at `relay_addr`.
+fn start_b(dir: &Path, t: &Topo, relay_addr: &str) -> Daemon {
+    let (ns, addr) = &t.b;
+    start(
+        dir,
+        "b",
+        ns,
+        addr,
+        &["--bootstrap".into(), relay_addr.into()],
+    )
+}
+
+/// A creates a group with B, sends `text`, and B receives it.
+fn group_message_arrives(a: &Daemon, b: &Daemon, name: &str, text: &str) {
+    let g = a.json(&["group", "create", name, "--member", &b.peer_id]);
+    let gid = g["group_id"].as_str().expect("group_id").to_owned();
+    a.json(&["group", "send", &gid, text]);
+    eventually(T, &format!("B receives {text:?}"), || {
+        let m = b.json_or_nothing(&["group", "messages", &gid]);
+        m.to_string().contains(text).then_some(())
+    });
+}
+
 fn tcp_addr(d: &Daemon, addr: &str) -> String {
     format!("/ip4/{addr}/tcp/{PORT}/p2p/{}", d.peer_id)
 }
@@ -406,14 +429,7 @@ fn cone_nats(net: Net, via: Via) {
     let tmp = tempfile::tempdir().expect("tempdir");
     let started = Instant::now();
     let (r, a, r_addr) = relay_and_private_node_via(tmp.path(), &t, via);
-    let (b_ns, b_ip) = &t.b;
-    let b = start(
-        tmp.path(),
-        "b",
-        b_ns,
-        b_ip,
-        &["--bootstrap".into(), r_addr.clone()],
-    );
+    let b = start_b(tmp.path(), &t, &r_addr);
     wait_reachability(&b, "private");
 
     let circuit = format!("{r_addr}/p2p-circuit/p2p/{}", a.peer_id);
@@ -441,13 +457,7 @@ fn cone_nats(net: Net, via: Via) {
     assert_eq!(on_a["relayed"], false, "{on_a}");
 
     // A group message.
-    let g = a.json(&["group", "create", "nat", "--member", &b.peer_id]);
-    let gid = g["group_id"].as_str().expect("group_id").to_owned();
-    a.json(&["group", "send", &gid, "through the NAT"]);
-    eventually(T, "B receives the message", || {
-        let m = b.json_or_nothing(&["group", "messages", &gid]);
-        m.to_string().contains("through the NAT").then_some(())
-    });
+    group_message_arrives(&a, &b, "nat", "through the NAT");
 
     // A 10 MiB file, over the direct connection.
     let data: Vec<u8> = (0..10 * 1024 * 1024u32)
@@ -486,27 +496,14 @@ fn symmetric_nat_stays_relayed_and_keeps_bulk_off() {
     let t = topology(net, 1, Nat::Cone, Nat::Symmetric);
     let tmp = tempfile::tempdir().expect("tempdir");
     let (r, a, r_addr) = relay_and_private_node(tmp.path(), &t);
-    let (b_ns, b_ip) = &t.b;
-    let b = start(
-        tmp.path(),
-        "b",
-        b_ns,
-        b_ip,
-        &["--bootstrap".into(), r_addr.clone()],
-    );
+    let b = start_b(tmp.path(), &t, &r_addr);
 
     let circuit = format!("{r_addr}/p2p-circuit/p2p/{}", a.peer_id);
     b.json(&["connect", &circuit]);
     let p = peer_entry(&b, &a.peer_id).expect("B is connected to A");
     assert_eq!(p["relayed"], true, "{p}");
 
-    let g = a.json(&["group", "create", "sym", "--member", &b.peer_id]);
-    let gid = g["group_id"].as_str().expect("group_id").to_owned();
-    a.json(&["group", "send", &gid, "over the relay"]);
-    eventually(T, "B receives the message through the relay", || {
-        let m = b.json_or_nothing(&["group", "messages", &gid]);
-        m.to_string().contains("over the relay").then_some(())
-    });
+    group_message_arrives(&a, &b, "sym", "over the relay");
     // Hole punching had its chance by now (3 attempts); the link is still
     // relayed.
     let p = peer_entry(&b, &a.peer_id).expect("B is still connected to A");
@@ -609,14 +606,7 @@ fn private_node_moves_to_another_relay() {
     // B reaches A through the new relay.
     let (r_new, r_ip) = &relays[new];
     let r_addr = tcp_addr(r_new, r_ip);
-    let (b_ns, b_ip) = &t.b;
-    let b = start(
-        tmp.path(),
-        "b",
-        b_ns,
-        b_ip,
-        &["--bootstrap".into(), r_addr.clone()],
-    );
+    let b = start_b(tmp.path(), &t, &r_addr);
     b.json(&[
         "connect",
         &format!("{r_addr}/p2p-circuit/p2p/{}", a.peer_id),

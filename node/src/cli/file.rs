@@ -9,8 +9,8 @@ use anyhow::Context;
 use clap::Subcommand;
 use serde::{Deserialize, Serialize};
 
+use super::NothingFound;
 use super::output::{Human, Output};
-use super::{NothingFound, found};
 use crate::client::Client;
 use crate::files::FileStatus;
 use crate::types::{GetFile, ShareFile};
@@ -85,10 +85,7 @@ pub(super) async fn run(client: Client, cmd: FileCommand, out: Output) -> anyhow
         }
         FileCommand::List => {
             let list: Vec<FileStatus> = client.get("files").await?;
-            out.show(&list, |w, list| {
-                list.iter().try_for_each(|st| write_line(&mut *w, st))
-            })?;
-            found(&list, "shares or downloads")
+            out.list(&list, write_line, "shares or downloads")
         }
     }
 }

@@ -6,7 +6,6 @@ use std::io;
 
 use clap::Subcommand;
 
-use super::found;
 use super::output::{self, Human, Output, StdoutClosed};
 use crate::client::Client;
 use crate::types::{
@@ -95,10 +94,7 @@ pub(super) async fn run(client: Client, cmd: GroupCommand, out: Output) -> anyho
         }
         GroupCommand::List => {
             let groups: Vec<GroupInfo> = client.get("groups").await?;
-            out.show(&groups, |w, groups| {
-                groups.iter().try_for_each(|g| write_group_line(&mut *w, g))
-            })?;
-            found(&groups, "groups")
+            out.list(&groups, write_group_line, "groups")
         }
         GroupCommand::Show { group_id } => {
             let group: GroupInfo = client.get(&format!("groups/{group_id}")).await?;

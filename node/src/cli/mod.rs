@@ -79,20 +79,25 @@ enum Command {
 #[error("{0}")]
 pub struct NothingFound(pub String);
 
+/// Parses the command line of a fogmesh binary (`fogmesh`, `fogmesh-sim`),
+/// or says how the process ends: clap prints help and version on stdout
+/// with exit 0, usage errors on stderr with exit 2.
+pub fn parse_args<C: Parser>() -> Result<C, ExitCode> {
+    C::try_parse().map_err(|e| {
+        let _ = e.print();
+        if e.use_stderr() {
+            ExitCode::from(2)
+        } else {
+            ExitCode::SUCCESS
+        }
+    })
+}
+
 /// Parses the command line and runs the command; the process's exit code.
 pub fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse_args::<Cli>() {
         Ok(c) => c,
-        Err(e) => {
-            // clap prints help and version on stdout with exit 0, usage
-            // errors on stderr with exit 2.
-            let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,7 +8,6 @@ use anyhow::Context;
 use clap::Subcommand;
 use libp2p::Multiaddr;
 
-use super::found;
 use super::output::{self, Human, Output, StdoutClosed, short};
 use crate::client::Client;
 use crate::types::{ConnectRequest, ConnectResponse, NodeEvent, PeerInfo, Status};
@@ -48,10 +47,7 @@ pub(super) async fn run(client: Client, cmd: NodeCommand, out: Output) -> anyhow
         }
         NodeCommand::Peers => {
             let peers: Vec<PeerInfo> = client.get("peers").await?;
-            out.show(&peers, |w, peers| {
-                peers.iter().try_for_each(|p| write_peer(&mut *w, p))
-            })?;
-            found(&peers, "connected peers")
+            out.list(&peers, write_peer, "connected peers")
         }
         NodeCommand::Connect { addr } => {
             let request = ConnectRequest {

@@ -41,12 +41,21 @@ impl Output {
         value: &T,
         human: impl FnOnce(Human<'_>, &T) -> io::Result<()>,
     ) -> anyhow::Result<()> {
-        if self.json {
-            let text = serde_json::to_string_pretty(value)?;
-            write(|w| writeln!(w, "{text}"))
-        } else {
-            write(|w| human(w, value))
-        }
+        self.print(value, human, serde_json::to_string_pretty)
+    }
+
+    /// Prints a list the API returned, one `human` line per item without
+    /// `--json`; an empty list is "nothing found" (exit 1), named `what`.
+    pub(super) fn list<T: Serialize>(
+        &self,
+        items: &[T],
+        human: impl Fn(Human<'_>, &T) -> io::Result<()>,
+        what: &str,
+    ) -> anyhow::Result<()> {
+        self.show(items, |w, items| {
+            items.iter().try_for_each(|item| human(&mut *w, item))
+        })?;
+        super::found(items, what)
     }
 
     /// Prints one item of a stream (an event, a followed message): as one
@@ -56,8 +65,17 @@ impl Output {
         value: &T,
         human: impl FnOnce(Human<'_>, &T) -> io::Result<()>,
     ) -> anyhow::Result<()> {
+        self.print(value, human, serde_json::to_string)
+    }
+
+    fn print<T: Serialize + ?Sized>(
+        &self,
+        value: &T,
+        human: impl FnOnce(Human<'_>, &T) -> io::Result<()>,
+        to_json: fn(&T) -> serde_json::Result<String>,
+    ) -> anyhow::Result<()> {
         if self.json {
-            let text = serde_json::to_string(value)?;
+            let text = to_json(value)?;
             write(|w| writeln!(w, "{text}"))
         } else {
             write(|w| human(w, value))
