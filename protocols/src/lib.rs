@@ -8,5 +8,6 @@
 pub mod files;
 mod frame;
 pub mod groups;
+pub mod messages;
 pub mod policy;
 pub mod rate;

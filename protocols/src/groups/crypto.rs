@@ -377,6 +377,53 @@ impl GroupKeys {
     }
 }
 
+/// Seals `plaintext` to `recipient` with HPKE base mode (the suite above),
+/// bound to `info` and `aad`. Returns the encapsulated key and the
+/// ciphertext. Shared by every protocol that seals to a peer id (direct
+/// messages use it with their own `info`).
+pub(crate) fn seal_to_peer(
+    rng: &mut impl CryptoRng,
+    recipient: &PeerId,
+    info: &[u8],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<([u8; 32], Vec<u8>), CryptoError> {
+    let x_pub = ed25519_key(recipient)?.to_montgomery().to_bytes();
+    let pk = <HpkeKem as Kem>::PublicKey::from_bytes(&x_pub).map_err(CryptoError::Seal)?;
+    let (enc, ciphertext) = hpke::single_shot_seal_with_rng::<HpkeAead, HpkeKdf, HpkeKem>(
+        &OpModeS::Base,
+        &pk,
+        info,
+        plaintext,
+        aad,
+        rng,
+    )
+    .map_err(CryptoError::Seal)?;
+    let mut enc_bytes = [0u8; 32];
+    enc_bytes.copy_from_slice(&enc.to_bytes());
+    Ok((enc_bytes, ciphertext))
+}
+
+/// Opens what [`seal_to_peer`] sealed to the holder of `secret`.
+pub(crate) fn open_from_peer(
+    secret: &MemberSecret,
+    info: &[u8],
+    aad: &[u8],
+    enc: &[u8; 32],
+    ciphertext: &[u8],
+) -> Result<Vec<u8>, CryptoError> {
+    let enc = <HpkeKem as Kem>::EncappedKey::from_bytes(enc).map_err(|_| CryptoError::Unseal)?;
+    hpke::single_shot_open::<HpkeAead, HpkeKdf, HpkeKem>(
+        &OpModeR::Base,
+        &secret.0,
+        &enc,
+        info,
+        ciphertext,
+        aad,
+    )
+    .map_err(|_| CryptoError::Unseal)
+}
+
 #[cfg(test)]
 mod tests {
     use rand::SeedableRng;
