@@ -32,7 +32,7 @@ use crate::metrics::NodeMetrics;
 use crate::node::{ConnectError, NodeHandle};
 use crate::types::{
     ApiError, ConnectRequest, CreateGroup, GetFile, MemberRequest, NodeEvent, PostMessage,
-    ShareFile,
+    SendDirect, ShareFile,
 };
 
 /// File holding the API token (mode 0600), created on first start and kept.
@@ -126,6 +126,9 @@ fn router(state: AppState) -> Router {
             "/v1/groups/{id}/messages",
             get(groups_messages).post(groups_post),
         )
+        .route("/v1/messages", get(dm_list).post(dm_send))
+        .route("/v1/messages/{id}", get(dm_get))
+        .route("/v1/outbox", get(dm_outbox))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state)
@@ -317,6 +320,29 @@ async fn groups_post(
 ) -> Response {
     let req = body!(b);
     service_result(s.node.groups().send(&id, req.text).await)
+}
+
+#[derive(Debug, Deserialize)]
+struct DmQuery {
+    peer: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn dm_send(State(s): State<AppState>, b: Result<Json<SendDirect>, JsonRejection>) -> Response {
+    let req = body!(b);
+    service_result(s.node.messages().send(req).await)
+}
+
+async fn dm_list(State(s): State<AppState>, Query(q): Query<DmQuery>) -> Response {
+    service_result(s.node.messages().list(q.peer.as_deref(), q.limit).await)
+}
+
+async fn dm_get(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
+    service_result(s.node.messages().get(&id).await)
+}
+
+async fn dm_outbox(State(s): State<AppState>) -> Response {
+    service_result(s.node.messages().outbox().await)
 }
 
 /// Paths come from the CLI, which makes them absolute; a relative one would

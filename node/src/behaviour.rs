@@ -153,6 +153,33 @@ impl Frame for FileFrame {
 /// The file transfer protocol.
 pub const FILE_PROTOCOL: StreamProtocol = StreamProtocol::new(fogmesh_protocols::files::PROTOCOL);
 
+/// One frame of the direct-message protocols: an encoded
+/// `fogmesh_protocols::messages::Envelope` (request) or `Ack` (response),
+/// decoded with that crate's size-checked decoders.
+#[derive(Debug, Clone)]
+pub struct DmFrame(pub Vec<u8>);
+
+impl Frame for DmFrame {
+    fn from_bytes(bytes: Vec<u8>) -> Self {
+        DmFrame(bytes)
+    }
+    fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+/// Direct messages over internet connections.
+pub const DM_PROTOCOL: StreamProtocol = StreamProtocol::new(fogmesh_protocols::messages::PROTOCOL);
+/// Direct messages over BLE connections.
+pub const DM_BLE_PROTOCOL: StreamProtocol =
+    StreamProtocol::new(fogmesh_protocols::messages::BLE_PROTOCOL);
+/// Announced (inbound only) by gateways: nodes with both internet and BLE.
+pub const DM_GATEWAY_PROTOCOL: StreamProtocol =
+    StreamProtocol::new(fogmesh_protocols::messages::GATEWAY_PROTOCOL);
+
 /// The agent version this node announces through identify.
 pub fn agent_version() -> String {
     format!("fogmesh/{}", env!("CARGO_PKG_VERSION"))
@@ -260,6 +287,12 @@ pub struct BehaviourConfig {
     pub kad_mode: KadMode,
     /// AutoNAT, relaying and hole punching.
     pub nat: NatConfig,
+    /// Timeout of one hop of a direct message over BLE (the hop's ack,
+    /// not the receipt).
+    pub dm_ble_timeout: Duration,
+    /// Announce [`DM_GATEWAY_PROTOCOL`]: this node has internet and BLE and
+    /// carries direct messages between them (set by the builder).
+    pub dm_gateway: bool,
 }
 
 /// Stretches the timeouts of a configuration to a BLE link's speed: a full
@@ -299,6 +332,8 @@ impl Default for BehaviourConfig {
             hide_listen_addrs: false,
             kad_mode: KadMode::Auto,
             nat: NatConfig::default(),
+            dm_ble_timeout: Duration::from_secs(30),
+            dm_gateway: false,
         }
     }
 }
@@ -352,6 +387,11 @@ mod composed {
         pub relay_server: Toggle<relay::Behaviour>,
         /// Hole punching: upgrades a relayed connection to a direct one.
         pub dcutr: Toggle<dcutr::Behaviour>,
+        /// Direct messages over internet connections only.
+        pub dm: request_response::Behaviour<crate::codec::FrameCodec<super::DmFrame, super::DmFrame>>,
+        /// Direct messages over BLE connections only.
+        pub dm_ble:
+            request_response::Behaviour<crate::codec::FrameCodec<super::DmFrame, super::DmFrame>>,
     }
 }
 
@@ -415,6 +455,7 @@ impl Behaviour {
                 .with_max_concurrent_streams(256),
         );
 
+        let (dm, dm_ble) = dm_behaviours(cfg);
         let (autonat, relay_server) = nat_behaviours(peer_id, &cfg.nat);
         let dcutr = relay_client
             .is_some()
@@ -432,8 +473,41 @@ impl Behaviour {
             gossipsub,
             group_sync,
             files,
+            dm,
+            dm_ble,
         })
     }
+}
+
+/// The two direct-message behaviours: internet (with the gateway mark when
+/// this node is one) and BLE. Each hop answers at once with an ack, so the
+/// timeouts cover one hop, not the receipt.
+fn dm_behaviours(
+    cfg: &BehaviourConfig,
+) -> (
+    request_response::Behaviour<FrameCodec<DmFrame, DmFrame>>,
+    request_response::Behaviour<FrameCodec<DmFrame, DmFrame>>,
+) {
+    use fogmesh_protocols::messages::wire::{MAX_ACK, MAX_ENVELOPE};
+    let mut protocols = vec![(DM_PROTOCOL, ProtocolSupport::Full)];
+    if cfg.dm_gateway {
+        protocols.push((DM_GATEWAY_PROTOCOL, ProtocolSupport::Inbound));
+    }
+    let dm = request_response::Behaviour::with_codec(
+        FrameCodec::new(MAX_ENVELOPE, MAX_ACK),
+        protocols,
+        request_response::Config::default()
+            .with_request_timeout(Duration::from_secs(10))
+            .with_max_concurrent_streams(64),
+    );
+    let dm_ble = request_response::Behaviour::with_codec(
+        FrameCodec::new(MAX_ENVELOPE, MAX_ACK),
+        [(DM_BLE_PROTOCOL, ProtocolSupport::Full)],
+        request_response::Config::default()
+            .with_request_timeout(cfg.dm_ble_timeout)
+            .with_max_concurrent_streams(32),
+    );
+    (dm, dm_ble)
 }
 
 /// AutoNAT v1 and, with `--relay-server`, the relay server (disabled until

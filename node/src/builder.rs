@@ -162,6 +162,7 @@ impl NodeBuilder {
                 reachability: Reachability::default(),
                 groups: GroupsConfig::default(),
                 files: FilesConfig::default(),
+                messages: crate::messages::MessagesConfig::default(),
                 maintenance_interval: MAINTENANCE_INTERVAL,
                 ble: None,
                 relays: Vec::new(),
@@ -232,6 +233,12 @@ impl NodeBuilder {
         self
     }
 
+    /// Direct message settings (before dilation).
+    pub fn messages(mut self, cfg: crate::messages::MessagesConfig) -> Self {
+        self.node.messages = cfg;
+        self
+    }
+
     /// File sharing settings (before BLE scaling).
     pub fn files(mut self, cfg: FilesConfig) -> Self {
         self.node.files = cfg;
@@ -293,6 +300,12 @@ impl NodeBuilder {
         node.groups.sync_interval = scale(node.groups.sync_interval);
         node.groups.outbox_interval = scale(node.groups.outbox_interval);
         node.maintenance_interval = scale(node.maintenance_interval);
+        let t = &mut node.messages.timeouts;
+        let scale_ms = |ms: u64| (ms as f64 * dilation) as u64;
+        t.internet_ms = scale_ms(t.internet_ms);
+        t.ble_ms = scale_ms(t.ble_ms);
+        t.onion_ms = scale_ms(t.onion_ms);
+        behaviour.dm_ble_timeout = scale(behaviour.dm_ble_timeout);
         // A whole connection set-up must finish within this: libp2p's 10 s
         // (dilated: between the farthest regions of a slowed model a
         // handshake takes longer), unless a BLE link, whose dial alone may
@@ -304,6 +317,7 @@ impl NodeBuilder {
             connection_timeout =
                 connection_timeout.max(fogmesh_ble::DIAL_TIMEOUT + BLE_UPGRADE_TIMEOUT);
         }
+        behaviour.dm_gateway = radio.is_some() && !matches!(internet, Internet::Off);
         node.reachability = Reachability {
             internet: !matches!(internet, Internet::Off),
             ble: radio.is_some(),

@@ -138,6 +138,30 @@ pub enum NodeEvent {
         /// Whether this node is (still) a member.
         member: bool,
     },
+    /// A direct message was delivered to this node (in its sender's
+    /// order).
+    DirectMessage {
+        /// The message id (hex).
+        id: String,
+        /// The sender's peer id.
+        from: String,
+        /// The text.
+        text: String,
+        /// The sender's clock at sending, ms since the Unix epoch.
+        timestamp: u64,
+    },
+    /// An outgoing direct message changed state.
+    DirectMessageState {
+        /// The message id (hex).
+        id: String,
+        /// The recipient's peer id.
+        to: String,
+        /// `queued`, `sent`, `delivered` or `expired`.
+        state: String,
+        /// The route that delivered it, once delivered.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        route: Option<String>,
+    },
     /// Events were dropped because the consumer was too slow.
     Lagged {
         /// How many.
@@ -343,4 +367,69 @@ pub struct ShareFile {
 pub struct GetFile {
     /// Absolute path to write the file to.
     pub output: String,
+}
+
+/// `POST /v1/messages` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendDirect {
+    /// The recipient's peer id.
+    pub to: String,
+    /// The text (at most 64 KiB).
+    pub text: String,
+    /// `auto` (default), `internet`, `ble` or `onion`.
+    #[serde(default)]
+    pub route: Option<String>,
+    /// Only a privacy route may carry it.
+    #[serde(default)]
+    pub private: bool,
+}
+
+/// The answer to `POST /v1/messages`: the message is durable here.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DirectAck {
+    /// The message id (hex).
+    pub message_id: String,
+    /// The routes the policy chose, in the order they are tried.
+    pub route_plan: Vec<String>,
+    /// Why it cannot go out now, when that is known at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+}
+
+/// A direct message, either direction, as the API lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DirectMessage {
+    /// The message id (hex).
+    pub id: String,
+    /// The sender's peer id.
+    pub from: String,
+    /// The recipient's peer id.
+    pub to: String,
+    /// The text.
+    pub text: String,
+    /// The sender's clock at sending, ms since the Unix epoch.
+    pub timestamp: u64,
+    /// `in` (received) or `out` (sent by this node).
+    pub direction: String,
+    /// Outgoing only: `queued`, `sent`, `delivered` or `expired`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Outgoing only: the route that delivered it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route: Option<String>,
+    /// Outgoing only: the policy's plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_plan: Option<Vec<String>>,
+    /// Outgoing only: every attempt (route, start, outcome).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<Vec<fogmesh_protocols::messages::Attempt>>,
+    /// Outgoing and not final: why it waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+    /// Outgoing and not final: when it is tried next, ms since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt: Option<u64>,
+    /// Outgoing and not final: when it expires, ms since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
 }

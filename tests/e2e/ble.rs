@@ -15,13 +15,13 @@ use crate::util::{Daemon, eventually, fogmesh, is_hex64, unique};
 const T: Duration = Duration::from_secs(90);
 
 /// A running `fogmesh radio serve`. Killed when dropped.
-struct Medium {
+pub(crate) struct Medium {
     child: Child,
     socket: PathBuf,
 }
 
 impl Medium {
-    fn start(dir: &Path, extra: &[&str]) -> Medium {
+    pub(crate) fn start(dir: &Path, extra: &[&str]) -> Medium {
         let socket = dir.join("radio.sock");
         let mut child = fogmesh()
             .arg("radio")
@@ -45,7 +45,7 @@ impl Medium {
         Medium { child, socket }
     }
 
-    fn arg(&self) -> String {
+    pub(crate) fn arg(&self) -> String {
         format!("sim:{}", self.socket.display())
     }
 
@@ -78,7 +78,7 @@ impl Drop for Medium {
 }
 
 /// An offline node on the medium at `pos`.
-fn offline(dir: &Path, medium: &Medium, pos: &str) -> Daemon {
+pub(crate) fn offline(dir: &Path, medium: &Medium, pos: &str) -> Daemon {
     let args: Vec<String> = [
         "--api",
         "127.0.0.1:0",
@@ -102,7 +102,7 @@ fn device(d: &Daemon) -> String {
 }
 
 /// Peer ids this daemon is connected to over BLE.
-fn ble_peers(d: &Daemon) -> Vec<String> {
+pub(crate) fn ble_peers(d: &Daemon) -> Vec<String> {
     let v = d.json_or_nothing(&["peers"]);
     v.as_array()
         .map(|a| {
@@ -114,7 +114,7 @@ fn ble_peers(d: &Daemon) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn wait_ble_link(a: &Daemon, b: &Daemon) {
+pub(crate) fn wait_ble_link(a: &Daemon, b: &Daemon) {
     eventually(T, "a BLE link between two neighbours", || {
         (ble_peers(a).contains(&b.peer_id) && ble_peers(b).contains(&a.peer_id)).then_some(())
     });

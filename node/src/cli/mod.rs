@@ -14,6 +14,7 @@
 
 mod file;
 mod group;
+mod message;
 mod node;
 mod output;
 mod radio;
@@ -72,6 +73,8 @@ enum Command {
     /// File sharing: share files, fetch them from every peer that has them.
     #[command(subcommand)]
     File(file::FileCommand),
+    #[command(flatten)]
+    Message(message::MessageCommand),
 }
 
 /// An error that means "nothing found" (exit code 1) rather than a failure.
@@ -153,6 +156,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Node(cmd) => with_client(&data_dir, |c| node::run(c, cmd, out)),
         Command::Group(cmd) => with_client(&data_dir, |c| group::run(c, cmd, out)),
         Command::File(cmd) => with_client(&data_dir, |c| file::run(c, cmd, out)),
+        Command::Message(cmd) => with_client(&data_dir, |c| message::run(c, cmd, out)),
     }
 }
 

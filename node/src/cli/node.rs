@@ -160,6 +160,16 @@ fn describe(ev: &NodeEvent) -> String {
         NodeEvent::GroupUpdated { group_id, member } => {
             format!("group {} updated (member: {member})", short(group_id))
         }
+        NodeEvent::DirectMessage { from, text, .. } => format!("[dm] {from}: {text}"),
+        NodeEvent::DirectMessageState {
+            id,
+            to,
+            state,
+            route,
+        } => match route {
+            Some(r) => format!("[dm {}] to {to}: {state} by {r}", short(id)),
+            None => format!("[dm {}] to {to}: {state}", short(id)),
+        },
         NodeEvent::Lagged { missed } => format!("(missed {missed} events)"),
     }
 }

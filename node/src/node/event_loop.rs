@@ -20,6 +20,7 @@ use super::ble::{self, BleNet};
 use super::discovery;
 use super::files_net::FilesNet;
 use super::groups_net::GroupsNet;
+use super::messages_net::{Link, MessagesNet};
 use super::nat::{self, NatNet};
 use super::peers::PeerBook;
 use super::{Command, LISTEN_TIMEOUT};
@@ -80,7 +81,7 @@ impl Ctx {
         }
     }
 
-    fn route_up(&self, route: Route) -> bool {
+    pub(super) fn route_up(&self, route: Route) -> bool {
         match route {
             Route::Internet => self.reach.internet,
             Route::Ble => self.reach.ble,
@@ -115,6 +116,7 @@ pub(super) struct Parts {
     pub(super) peers: PeerBook,
     pub(super) groups: GroupsNet,
     pub(super) files: FilesNet,
+    pub(super) messages: MessagesNet,
     pub(super) ble: Option<BleNet>,
     pub(super) nat: NatNet,
 }
@@ -127,6 +129,7 @@ pub(super) struct EventLoop {
     peers: PeerBook,
     groups: GroupsNet,
     files: FilesNet,
+    messages: MessagesNet,
     ble: Option<BleNet>,
     nat: NatNet,
     maintenance_interval: Duration,
@@ -150,6 +153,7 @@ impl EventLoop {
             peers: parts.peers,
             groups: parts.groups,
             files: parts.files,
+            messages: parts.messages,
             ble: parts.ble,
             nat: parts.nat,
             maintenance_interval: parts.maintenance_interval,
@@ -232,6 +236,9 @@ impl EventLoop {
                 }
                 Some(cmd) = self.files.next_command() => {
                     self.files.on_command(&mut self.swarm, &self.ctx, &self.peers, cmd)
+                }
+                Some(cmd) = self.messages.next_command() => {
+                    self.messages.on_command(&mut self.swarm, &self.ctx, &self.peers, cmd)
                 }
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
                 _ = tick.tick() => {
@@ -328,6 +335,9 @@ impl EventLoop {
                     self.groups.peer_connected(peer_id);
                     self.files.peer_connected(peer_id);
                 }
+                // A new BLE neighbour may carry a message to anyone.
+                let ble_link = fogmesh_ble::is_ble(endpoint.get_remote_address());
+                self.messages.wake((!ble_link).then_some(peer_id));
                 self.nat
                     .on_established(&mut self.swarm, endpoint.get_remote_address());
                 if !endpoint.is_relayed() {
@@ -373,6 +383,9 @@ impl EventLoop {
             BehaviourEvent::Identify(ev) => {
                 self.ctx.libp2p_metrics.record(&ev);
                 if let libp2p::identify::Event::Received { peer_id, info, .. } = ev {
+                    if info.protocols.contains(&crate::behaviour::DM_GATEWAY_PROTOCOL) {
+                        self.messages.wake(None);
+                    }
                     self.nat.on_identify(&mut self.swarm, peer_id, &info);
                     self.peers.on_identify(&mut self.swarm, peer_id, info);
                 }
@@ -405,6 +418,14 @@ impl EventLoop {
             }
             BehaviourEvent::GroupSync(ev) => self.groups.on_sync_event(ev),
             BehaviourEvent::Files(ev) => self.files.on_event(ev),
+            BehaviourEvent::Dm(ev) => {
+                self.messages
+                    .on_event(&mut self.swarm, &self.ctx, &self.peers, Link::Internet, ev)
+            }
+            BehaviourEvent::DmBle(ev) => {
+                self.messages
+                    .on_event(&mut self.swarm, &self.ctx, &self.peers, Link::Ble, ev)
+            }
             BehaviourEvent::Autonat(ev) => self.nat.on_autonat(&mut self.swarm, ev),
             BehaviourEvent::RelayClient(ev) => self.nat.on_relay_client(ev),
             BehaviourEvent::RelayServer(ev) => {

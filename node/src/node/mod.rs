@@ -31,6 +31,7 @@ mod event_loop;
 mod exchange;
 mod files_net;
 mod groups_net;
+mod messages_net;
 mod nat;
 mod peers;
 
@@ -51,6 +52,7 @@ use tokio_util::sync::CancellationToken;
 use crate::behaviour::{Behaviour, KadMode, NatConfig};
 use crate::files::{self, FilesConfig, FilesHandle};
 use crate::groups::{self, GroupsConfig, GroupsHandle};
+use crate::messages::{self, MessagesConfig, MessagesHandle};
 use crate::metrics::NodeMetrics;
 use crate::storage::Store;
 use crate::types::{ConnectResponse, NodeEvent, PeerInfo, Status};
@@ -82,6 +84,8 @@ pub struct NodeConfig {
     pub groups: GroupsConfig,
     /// File sharing settings.
     pub files: FilesConfig,
+    /// Direct message settings.
+    pub messages: MessagesConfig,
     /// How often the node checks that it has enough peers
     /// ([`MAINTENANCE_INTERVAL`] by default).
     pub maintenance_interval: Duration,
@@ -129,6 +133,7 @@ pub struct NodeHandle {
     peer_id: PeerId,
     groups: GroupsHandle,
     files: FilesHandle,
+    messages: MessagesHandle,
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<NodeEvent>,
 }
@@ -169,6 +174,11 @@ impl NodeHandle {
     /// The file sharing actor.
     pub fn files(&self) -> &FilesHandle {
         &self.files
+    }
+
+    /// The direct messages actor.
+    pub fn messages(&self) -> &MessagesHandle {
+        &self.messages
     }
 
     /// Subscribes to the node's events from now on.
@@ -229,6 +239,7 @@ pub(crate) async fn start(
             peers: peer_book,
             groups: actors.groups_net,
             files: actors.files_net,
+            messages: actors.messages_net,
             ble: cfg
                 .ble
                 .as_ref()
@@ -251,14 +262,20 @@ pub(crate) async fn start(
         peer_id,
         groups: actors.groups,
         files: actors.files,
+        messages: actors.messages,
         commands: cmd_tx,
         events,
     };
-    let [groups_thread, files_thread] = actors.threads;
+    let [groups_thread, files_thread, messages_thread] = actors.threads;
     let task = tokio::spawn(run(
         el,
         shutdown,
-        [("peer writer", writer), groups_thread, files_thread],
+        [
+            ("peer writer", writer),
+            groups_thread,
+            files_thread,
+            messages_thread,
+        ],
     ));
     Ok(RunningNode {
         handle,
@@ -271,9 +288,11 @@ pub(crate) async fn start(
 struct Actors {
     groups: GroupsHandle,
     files: FilesHandle,
+    messages: MessagesHandle,
     groups_net: groups_net::GroupsNet,
     files_net: files_net::FilesNet,
-    threads: [(&'static str, std::thread::JoinHandle<()>); 2],
+    messages_net: messages_net::MessagesNet,
+    threads: [(&'static str, std::thread::JoinHandle<()>); 3],
 }
 
 /// Starts the groups and files actors, each with the command channel its
@@ -288,6 +307,16 @@ fn start_actors(
 ) -> anyhow::Result<Actors> {
     let peer_id = key.public().to_peer_id();
     let (net_tx, net_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (dm_tx, dm_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (messages, messages_thread) = messages::start(
+        key.clone(),
+        store.clone(),
+        dm_tx,
+        events.clone(),
+        cfg.reachability,
+        cfg.messages.clone(),
+        shutdown.clone(),
+    )?;
     let (groups, groups_thread) = groups::start(
         key,
         store.clone(),
@@ -309,9 +338,15 @@ fn start_actors(
     Ok(Actors {
         groups_net: groups_net::GroupsNet::new(groups.clone(), net_rx),
         files_net: files_net::FilesNet::new(files.clone(), file_rx),
+        messages_net: messages_net::MessagesNet::new(messages.clone(), dm_rx, peer_id),
         groups,
         files,
-        threads: [("groups", groups_thread), ("files", files_thread)],
+        messages,
+        threads: [
+            ("groups", groups_thread),
+            ("files", files_thread),
+            ("messages", messages_thread),
+        ],
     })
 }
 

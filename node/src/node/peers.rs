@@ -32,6 +32,9 @@ type ConnectReply = oneshot::Sender<Result<ConnectResponse, ConnectError>>;
 struct PeerMeta {
     agent: Option<String>,
     rtt: Option<Duration>,
+    /// Identify lists the direct-message gateway protocol: the peer has
+    /// internet and BLE and carries messages between them.
+    gateway: bool,
 }
 
 /// A peer record queued for the writer.
@@ -102,6 +105,40 @@ impl PeerBook {
             }
         }
         links
+    }
+
+    /// Whether `peer` has a BLE connection.
+    pub(super) fn has_ble(&self, peer: &PeerId) -> bool {
+        self.connections
+            .get(peer)
+            .is_some_and(|c| c.iter().any(|(_, a)| fogmesh_ble::is_ble(a)))
+    }
+
+    /// Whether `peer` has a connection that is not BLE (TCP, QUIC,
+    /// relayed, the simulator's network).
+    pub(super) fn has_internet(&self, peer: &PeerId) -> bool {
+        self.connections
+            .get(peer)
+            .is_some_and(|c| c.iter().any(|(_, a)| !fogmesh_ble::is_ble(a)))
+    }
+
+    /// Peers with a BLE connection: the node's BLE neighbours.
+    pub(super) fn ble_neighbours(&self) -> Vec<PeerId> {
+        self.connections
+            .keys()
+            .filter(|p| self.has_ble(p))
+            .copied()
+            .collect()
+    }
+
+    /// Connected gateways (peers with internet and BLE), reachable over
+    /// the internet.
+    pub(super) fn gateways(&self) -> Vec<PeerId> {
+        self.meta
+            .iter()
+            .filter(|(p, m)| m.gateway && self.has_internet(p))
+            .map(|(p, _)| *p)
+            .collect()
     }
 
     /// The node's link to `peer`, as the routing policy sees it.
@@ -357,7 +394,9 @@ impl PeerBook {
             // is) has no place in the routing table.
             swarm.behaviour_mut().kad.remove_peer(&peer_id);
         }
-        self.meta.entry(peer_id).or_default().agent = Some(info.agent_version.clone());
+        let meta = self.meta.entry(peer_id).or_default();
+        meta.agent = Some(info.agent_version.clone());
+        meta.gateway = info.protocols.contains(&crate::behaviour::DM_GATEWAY_PROTOCOL);
         self.save(peer_id, addrs, Some(info.agent_version));
     }
 

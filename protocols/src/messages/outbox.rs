@@ -286,6 +286,22 @@ impl Outgoing {
         }
     }
 
+    /// The node restarted: an attempt that was in flight is gone with the
+    /// process (its receipt is still welcome); walk the plan again now.
+    pub fn restart(&mut self, now: u64) {
+        if self.is_final() {
+            return;
+        }
+        if let Some((n, _)) = self.in_flight.take()
+            && let Some(a) = self.attempts.iter_mut().find(|a| a.n == n)
+            && a.outcome == Outcome::Pending
+        {
+            a.outcome = Outcome::Failed("interrupted by a restart".into());
+        }
+        self.next = 0;
+        self.retry_at_ms = now;
+    }
+
     fn attempt(&self, n: u32) -> Option<&Attempt> {
         self.attempts.iter().find(|a| a.n == n)
     }

@@ -1,0 +1,277 @@
+//! Direct messages: a route per message, receipts, the durable outbox,
+//! order and exactly-once delivery across restarts and `kill -9`, BLE
+//! across hops, and gateways between BLE-only and internet-only peers.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::ble::{Medium, ble_peers, offline, wait_ble_link};
+use crate::util::{Daemon, eventually, files_containing};
+
+const T: Duration = Duration::from_secs(90);
+
+/// `send PEER TEXT [extra]`; returns the JSON answer.
+fn send(d: &Daemon, to: &str, text: &str, extra: &[&str]) -> Value {
+    let mut args = vec!["send", to, text];
+    args.extend_from_slice(extra);
+    let v = d.json(&args);
+    let id = v["message_id"].as_str().expect("message_id");
+    assert_eq!(id.len(), 32, "message id {id:?}");
+    v
+}
+
+/// `messages [PEER]` (empty when none).
+fn messages(d: &Daemon, peer: Option<&str>) -> Vec<Value> {
+    let mut args = vec!["messages"];
+    args.extend(peer);
+    d.json_or_nothing(&args)
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Texts received by `d` from `from`, in delivery order.
+fn received(d: &Daemon, from: &str) -> Vec<String> {
+    messages(d, Some(from))
+        .iter()
+        .filter(|m| m["direction"] == "in")
+        .map(|m| m["text"].as_str().expect("text").to_owned())
+        .collect()
+}
+
+/// Waits until `d` has received exactly `want` from `from`.
+fn wait_received(d: &Daemon, from: &str, want: &[String]) {
+    eventually(T, &format!("{} receives {want:?}", d.peer_id), || {
+        (received(d, from) == want).then_some(())
+    });
+}
+
+/// Waits until the outgoing message `id` of `d` is delivered; returns it.
+fn wait_delivered(d: &Daemon, id: &str) -> Value {
+    eventually(T, &format!("message {id} delivered"), || {
+        let m = d.json(&["messages", "--limit", "1000"]);
+        m.as_array()?
+            .iter()
+            .find(|m| m["id"] == id && m["state"] == "delivered")
+            .cloned()
+    })
+}
+
+fn texts(prefix: &str, n: usize) -> Vec<String> {
+    (1..=n).map(|i| format!("{prefix} {i}")).collect()
+}
+
+#[test]
+fn a_message_over_the_internet_is_delivered_with_a_receipt() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start(&tmp.path().join("a"), &[]);
+    let b = Daemon::start(&tmp.path().join("b"), &["--bootstrap", &a.tcp_addr()]);
+    b.wait_connected(&a.peer_id, T);
+
+    let ack = send(&a, &b.peer_id, "hello bob", &[]);
+    assert_eq!(ack["route_plan"], serde_json::json!(["internet"]));
+    let id = ack["message_id"].as_str().expect("id").to_owned();
+    let m = wait_delivered(&a, &id);
+    assert_eq!(m["route"], "internet");
+    assert_eq!(m["direction"], "out");
+    assert_eq!(m["to"], b.peer_id.as_str());
+    assert_eq!(m["from"], a.peer_id.as_str());
+    let attempts = m["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.last().expect("one")["outcome"], "delivered");
+    wait_received(&b, &a.peer_id, &["hello bob".to_owned()]);
+    let got = &messages(&b, Some(&a.peer_id))[0];
+    assert_eq!(got["id"], id.as_str());
+    assert_eq!(got["from"], a.peer_id.as_str());
+    assert!(got["timestamp"].as_u64().expect("timestamp") > 0);
+
+    // The reply, and one conversation on each side in delivery order.
+    let reply = send(&b, &a.peer_id, "hi alice", &[]);
+    wait_delivered(&b, reply["message_id"].as_str().expect("id"));
+    let conv: Vec<(String, String)> = messages(&a, Some(&b.peer_id))
+        .iter()
+        .map(|m| {
+            (
+                m["direction"].as_str().unwrap_or("").to_owned(),
+                m["text"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        conv,
+        vec![
+            ("out".to_owned(), "hello bob".to_owned()),
+            ("in".to_owned(), "hi alice".to_owned())
+        ]
+    );
+    // Nothing waits any more.
+    assert_eq!(a.cli(&["outbox"]).status.code(), Some(1));
+    // GET /v1/messages/{id}.
+    assert_eq!(a.json(&["messages", "--limit", "1"])[0]["text"], "hi alice");
+}
+
+#[test]
+fn bad_sends_are_refused_clearly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start(&tmp.path().join("a"), &[]);
+    let out = a.cli(&["send", "not-a-peer", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a peer id"));
+    let out = a.cli(&["send", &a.peer_id, "x"]);
+    assert_eq!(out.status.code(), Some(2));
+    let big = "x".repeat(64 * 1024 + 1);
+    let other = Daemon::start(&tmp.path().join("b"), &[]);
+    let out = a.cli(&["send", &other.peer_id, &big]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exceeds the limit"));
+    // No radio: a forced BLE route is refused at once.
+    let out = a.cli(&["send", &other.peer_id, "x", "--route", "ble"]);
+    assert_eq!(out.status.code(), Some(2));
+    // Private: no onion route yet, so it waits and says why.
+    let v = send(&a, &other.peer_id, "secret", &["--private"]);
+    assert_eq!(v["route_plan"], serde_json::json!([]));
+    assert!(v["waiting"].as_str().expect("waiting").contains("onion"));
+    let outbox = a.json(&["outbox"]);
+    assert_eq!(outbox[0]["state"], "queued");
+    assert!(outbox[0]["waiting"].as_str().expect("why").contains("onion"));
+}
+
+#[test]
+fn messages_to_a_stopped_peer_arrive_once_and_in_order_after_it_returns() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start(&tmp.path().join("a"), &[]);
+    let b_dir = tmp.path().join("b");
+    let mut b = Daemon::start(&b_dir, &["--bootstrap", &a.tcp_addr()]);
+    b.wait_connected(&a.peer_id, T);
+    let b_id = b.peer_id.clone();
+    b.terminate();
+
+    let want = texts("while you were away", 10);
+    let ids: Vec<String> = want
+        .iter()
+        .map(|t| {
+            send(&a, &b_id, t, &[])["message_id"]
+                .as_str()
+                .expect("id")
+                .to_owned()
+        })
+        .collect();
+    // All ten wait in the outbox, in order.
+    let outbox = a.json(&["outbox"]);
+    let waiting: Vec<&str> = outbox
+        .as_array()
+        .expect("outbox")
+        .iter()
+        .map(|m| m["id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(waiting, ids.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let b = Daemon::start(&b_dir, &["--bootstrap", &a.tcp_addr()]);
+    wait_received(&b, &a.peer_id, &want);
+    for id in &ids {
+        wait_delivered(&a, id);
+    }
+    // And nothing more arrives later (no duplicate from a retry).
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(received(&b, &a.peer_id), want);
+}
+
+#[test]
+fn a_message_acknowledged_before_kill_9_is_still_delivered() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let b_dir = tmp.path().join("b");
+    let mut b = Daemon::start(&b_dir, &[]);
+    let b_id = b.peer_id.clone();
+    b.terminate();
+    let a_dir = tmp.path().join("a");
+    let mut a = Daemon::start(&a_dir, &[]);
+    let want = texts("durable", 3);
+    let ids: Vec<String> = want
+        .iter()
+        .map(|t| send(&a, &b_id, t, &[])["message_id"].as_str().expect("id").to_owned())
+        .collect();
+    a.kill9();
+
+    let b = Daemon::start(&b_dir, &[]);
+    let a = Daemon::start(&a_dir, &["--bootstrap", &b.tcp_addr()]);
+    wait_received(&b, &a.peer_id, &want);
+    for id in &ids {
+        wait_delivered(&a, id);
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(received(&b, &a.peer_id), want, "delivered once each");
+}
+
+#[test]
+fn five_offline_daemons_in_a_line_message_across_four_hops() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let medium = Medium::start(tmp.path(), &["--range", "12"]);
+    let nodes: Vec<Daemon> = (0..5)
+        .map(|i| {
+            offline(
+                &tmp.path().join(format!("n{i}")),
+                &medium,
+                &format!("{},0", i * 10),
+            )
+        })
+        .collect();
+    for w in nodes.windows(2) {
+        wait_ble_link(&w[0], &w[1]);
+    }
+    let (first, last) = (&nodes[0], &nodes[4]);
+    assert!(!ble_peers(first).contains(&last.peer_id));
+
+    let secret_west = "a secret from the west end";
+    let v = send(first, &last.peer_id, secret_west, &[]);
+    assert_eq!(v["route_plan"], serde_json::json!(["ble"]));
+    wait_received(last, &first.peer_id, &[secret_west.to_owned()]);
+    let m = wait_delivered(first, v["message_id"].as_str().expect("id"));
+    assert_eq!(m["route"], "ble");
+
+    let secret_east = "a secret from the east end";
+    let v = send(last, &first.peer_id, secret_east, &[]);
+    wait_received(first, &last.peer_id, &[secret_east.to_owned()]);
+    wait_delivered(last, v["message_id"].as_str().expect("id"));
+
+    // The nodes in between carried both and can read neither: nothing of
+    // the texts in their data directories, nothing in their conversations.
+    for mid in &nodes[1..4] {
+        assert!(messages(mid, None).is_empty(), "{} has messages", mid.peer_id);
+        for needle in [secret_west, secret_east] {
+            let hits = files_containing(&mid.data_dir, needle.as_bytes());
+            assert!(hits.is_empty(), "{needle:?} found in {hits:?}");
+        }
+    }
+}
+
+#[test]
+fn a_gateway_carries_messages_between_ble_only_and_internet_only_peers() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let medium = Medium::start(tmp.path(), &[]);
+    let gw_args: Vec<String> = crate::util::loopback_args()
+        .into_iter()
+        .chain(
+            ["--ble", &medium.arg(), "--ble-position", "0,0"]
+                .iter()
+                .map(|s| s.to_string()),
+        )
+        .collect();
+    let gw = Daemon::start_with(&tmp.path().join("gw"), &gw_args);
+    let off = offline(&tmp.path().join("off"), &medium, "5,0");
+    wait_ble_link(&gw, &off);
+    let net = Daemon::start(&tmp.path().join("net"), &["--bootstrap", &gw.tcp_addr()]);
+    net.wait_connected(&gw.peer_id, T);
+
+    // Nothing configured: the BLE-only node writes to the internet peer...
+    let v = send(&off, &net.peer_id, "from the radio side", &[]);
+    assert_eq!(v["route_plan"], serde_json::json!(["ble"]));
+    wait_received(&net, &off.peer_id, &["from the radio side".to_owned()]);
+    wait_delivered(&off, v["message_id"].as_str().expect("id"));
+    // ...and gets the reply.
+    let v = send(&net, &off.peer_id, "from the internet side", &[]);
+    wait_received(&off, &net.peer_id, &["from the internet side".to_owned()]);
+    let m = wait_delivered(&net, v["message_id"].as_str().expect("id"));
+    assert_eq!(m["route"], "internet");
+    // The gateway holds neither conversation.
+    assert!(messages(&gw, None).is_empty());
+}
