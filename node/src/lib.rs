@@ -23,5 +23,6 @@ pub mod groups;
 pub mod identity;
 pub mod metrics;
 pub mod node;
+pub mod only_on;
 pub mod storage;
 pub mod types;
