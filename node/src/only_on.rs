@@ -414,3 +414,389 @@ impl<B: NetworkBehaviour> NetworkBehaviour for OnlyOn<B> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::StreamExt;
+    use libp2p::core::multiaddr::Protocol;
+    use libp2p::core::transport::MemoryTransport;
+    use libp2p::core::{Transport, upgrade};
+    use libp2p::request_response::{self, OutboundFailure, ProtocolSupport, cbor};
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::{StreamProtocol, Swarm, SwarmBuilder, noise, tcp, yamux};
+
+    use super::*;
+
+    type Ping = cbor::Behaviour<u32, u32>;
+    type Ev = request_response::Event<u32, u32>;
+
+    /// The test predicate: memory connections only.
+    fn is_memory(a: &Multiaddr) -> bool {
+        matches!(a.iter().next(), Some(Protocol::Memory(_)))
+    }
+
+    /// A swarm with TCP and the memory transport, running a ping
+    /// request-response behaviour on memory connections only.
+    fn node() -> Swarm<OnlyOn<Ping>> {
+        SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .expect("tcp")
+            .with_other_transport(|key| {
+                let noise = noise::Config::new(key)?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    MemoryTransport::default()
+                        .upgrade(upgrade::Version::V1)
+                        .authenticate(noise)
+                        .multiplex(yamux::Config::default()),
+                )
+            })
+            .expect("memory transport")
+            .with_behaviour(|_| {
+                let ping = Ping::new(
+                    [(
+                        StreamProtocol::new("/fogmesh/test-ping/1"),
+                        ProtocolSupport::Full,
+                    )],
+                    request_response::Config::default(),
+                );
+                OnlyOn::new(ping, is_memory)
+            })
+            .expect("behaviour")
+            // The TCP connection carries no protocol at all here: keep it.
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+            .build()
+    }
+
+    /// Which swarm an event came from.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Side {
+        A,
+        B,
+    }
+
+    /// What the pair saw, in order.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Seen {
+        Request(Side, ConnectionId, u32),
+        Response(Side, ConnectionId, u32),
+        OutboundFailure(Side, String),
+        Established(Side, ConnectionId, bool),
+        Closed(Side, ConnectionId),
+        Listening(Side, Multiaddr),
+    }
+
+    /// Two swarms driven together; requests are answered with the request
+    /// plus one.
+    struct Pair {
+        a: Swarm<OnlyOn<Ping>>,
+        b: Swarm<OnlyOn<Ping>>,
+        seen: Vec<Seen>,
+    }
+
+    impl Pair {
+        fn new() -> Self {
+            Pair {
+                a: node(),
+                b: node(),
+                seen: Vec::new(),
+            }
+        }
+
+        fn swarm(&mut self, side: Side) -> &mut Swarm<OnlyOn<Ping>> {
+            match side {
+                Side::A => &mut self.a,
+                Side::B => &mut self.b,
+            }
+        }
+
+        /// Handles one event from either swarm.
+        async fn step(&mut self) {
+            let (side, ev) = tokio::select! {
+                ev = self.a.select_next_some() => (Side::A, ev),
+                ev = self.b.select_next_some() => (Side::B, ev),
+            };
+            self.handle(side, ev);
+        }
+
+        fn handle(&mut self, side: Side, ev: SwarmEvent<Ev>) {
+            let seen = match ev {
+                SwarmEvent::Behaviour(request_response::Event::Message {
+                    connection_id,
+                    message,
+                    ..
+                }) => match message {
+                    request_response::Message::Request {
+                        request, channel, ..
+                    } => {
+                        let answer = request + 1;
+                        let sent = self
+                            .swarm(side)
+                            .behaviour_mut()
+                            .inner_mut()
+                            .send_response(channel, answer);
+                        assert!(sent.is_ok(), "response channel closed");
+                        Seen::Request(side, connection_id, request)
+                    }
+                    request_response::Message::Response { response, .. } => {
+                        Seen::Response(side, connection_id, response)
+                    }
+                },
+                SwarmEvent::Behaviour(request_response::Event::OutboundFailure {
+                    error, ..
+                }) => Seen::OutboundFailure(side, failure_kind(&error)),
+                SwarmEvent::ConnectionEstablished {
+                    connection_id,
+                    endpoint,
+                    ..
+                } => Seen::Established(
+                    side,
+                    connection_id,
+                    is_memory(endpoint.get_remote_address()),
+                ),
+                SwarmEvent::ConnectionClosed { connection_id, .. } => {
+                    Seen::Closed(side, connection_id)
+                }
+                SwarmEvent::NewListenAddr { address, .. } => Seen::Listening(side, address),
+                _ => return,
+            };
+            self.seen.push(seen);
+        }
+
+        /// Drives both swarms until `done` holds of what was seen.
+        async fn until(&mut self, what: &str, done: impl Fn(&[Seen]) -> bool) {
+            let run = async {
+                while !done(&self.seen) {
+                    self.step().await;
+                }
+            };
+            if tokio::time::timeout(Duration::from_secs(10), run)
+                .await
+                .is_err()
+            {
+                panic!("timed out waiting for {what}; saw {:?}", self.seen);
+            }
+        }
+
+        /// Drives both swarms for `d`, whatever happens.
+        async fn run_for(&mut self, d: Duration) {
+            let _ = tokio::time::timeout(d, async {
+                loop {
+                    self.step().await;
+                }
+            })
+            .await;
+        }
+
+        /// A listens on TCP and memory; returns the two addresses.
+        async fn listen(&mut self) -> (Multiaddr, Multiaddr) {
+            self.a
+                .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("tcp addr"))
+                .expect("listen tcp");
+            self.a
+                .listen_on("/memory/0".parse().expect("memory addr"))
+                .expect("listen memory");
+            self.until("listen addresses", |s| listening(s).count() == 2)
+                .await;
+            let tcp = listening(&self.seen).find(|a| !is_memory(a));
+            let mem = listening(&self.seen).find(|a| is_memory(a));
+            (tcp.expect("tcp").clone(), mem.expect("memory").clone())
+        }
+
+        /// B dials `addr`; returns the connection's id on A and on B.
+        async fn connect(&mut self, addr: Multiaddr) -> (ConnectionId, ConnectionId) {
+            let memory = is_memory(&addr);
+            let before = self.seen.len();
+            self.b.dial(addr).expect("dial");
+            let up = |s: &[Seen], side| {
+                s[before..].iter().find_map(|e| match e {
+                    Seen::Established(sd, c, m) if *sd == side && *m == memory => Some(*c),
+                    _ => None,
+                })
+            };
+            self.until("connection", |s| {
+                up(s, Side::A).is_some() && up(s, Side::B).is_some()
+            })
+            .await;
+            (
+                up(&self.seen, Side::A).expect("a"),
+                up(&self.seen, Side::B).expect("b"),
+            )
+        }
+
+        /// `from` sends `n` requests numbered from `first` to the other.
+        fn send(&mut self, from: Side, first: u32, n: u32) {
+            let to = match from {
+                Side::A => *self.b.local_peer_id(),
+                Side::B => *self.a.local_peer_id(),
+            };
+            for i in first..first + n {
+                self.swarm(from)
+                    .behaviour_mut()
+                    .inner_mut()
+                    .send_request(&to, i);
+            }
+        }
+
+        fn count(&self, f: impl Fn(&Seen) -> bool) -> usize {
+            self.seen.iter().filter(|s| f(s)).count()
+        }
+    }
+
+    fn listening(seen: &[Seen]) -> impl Iterator<Item = &Multiaddr> {
+        seen.iter().filter_map(|s| match s {
+            Seen::Listening(Side::A, a) => Some(a),
+            _ => None,
+        })
+    }
+
+    fn failure_kind(e: &OutboundFailure) -> String {
+        match e {
+            OutboundFailure::DialFailure => "dial".into(),
+            other => other.to_string(),
+        }
+    }
+
+    /// Both swarms connected over TCP first, then over memory.
+    async fn connected_twice() -> (Pair, ConnectionId, ConnectionId) {
+        let mut p = Pair::new();
+        let (tcp, mem) = p.listen().await;
+        p.connect(tcp).await;
+        let (a_mem, b_mem) = p.connect(mem).await;
+        (p, a_mem, b_mem)
+    }
+
+    #[tokio::test]
+    async fn requests_use_only_the_accepted_connection() {
+        let (mut p, a_mem, b_mem) = connected_twice().await;
+        let (a, b) = (*p.a.local_peer_id(), *p.b.local_peer_id());
+        assert!(p.a.is_connected(&b) && p.b.is_connected(&a));
+        assert_eq!(p.a.behaviour().connections(&b), [a_mem]);
+        assert_eq!(p.b.behaviour().connections(&a), [b_mem]);
+
+        p.send(Side::B, 0, 50);
+        p.send(Side::A, 1000, 50);
+        p.until("100 responses", |s| {
+            s.iter().filter(|e| matches!(e, Seen::Response(..))).count() == 100
+        })
+        .await;
+
+        for e in &p.seen {
+            match e {
+                Seen::Request(Side::A, c, _) | Seen::Response(Side::A, c, _) => {
+                    assert_eq!(*c, a_mem, "A used a non-memory connection: {e:?}")
+                }
+                Seen::Request(Side::B, c, _) | Seen::Response(Side::B, c, _) => {
+                    assert_eq!(*c, b_mem, "B used a non-memory connection: {e:?}")
+                }
+                Seen::OutboundFailure(..) => panic!("unexpected failure: {e:?}"),
+                _ => {}
+            }
+        }
+        assert_eq!(p.count(|e| matches!(e, Seen::Request(Side::A, ..))), 50);
+        assert_eq!(p.count(|e| matches!(e, Seen::Request(Side::B, ..))), 50);
+    }
+
+    #[tokio::test]
+    async fn closing_the_accepted_connection_fails_later_requests() {
+        let (mut p, a_mem, b_mem) = connected_twice().await;
+        let (a, b) = (*p.a.local_peer_id(), *p.b.local_peer_id());
+        assert!(p.b.close_connection(b_mem));
+        p.until("memory connection closed", |s| {
+            s.contains(&Seen::Closed(Side::A, a_mem)) && s.contains(&Seen::Closed(Side::B, b_mem))
+        })
+        .await;
+        // TCP is still up, but the wrapped behaviour no longer has a
+        // connection.
+        assert!(p.a.is_connected(&b) && p.b.is_connected(&a));
+        assert!(!p.a.behaviour().is_connected(&b));
+        assert!(!p.b.behaviour().is_connected(&a));
+
+        p.send(Side::B, 0, 3);
+        p.send(Side::A, 100, 2);
+        p.until("five dial failures", |s| {
+            s.iter()
+                .filter(|e| matches!(e, Seen::OutboundFailure(_, k) if k == "dial"))
+                .count()
+                == 5
+        })
+        .await;
+        p.run_for(Duration::from_millis(300)).await;
+        assert_eq!(p.count(|e| matches!(e, Seen::Request(..))), 0);
+        assert_eq!(p.count(|e| matches!(e, Seen::OutboundFailure(..))), 5);
+        assert!(p.a.is_connected(&b) && p.b.is_connected(&a), "TCP went down");
+
+        // A new memory connection carries requests again.
+        let mem = listening(&p.seen)
+            .find(|a| is_memory(a))
+            .expect("memory")
+            .clone();
+        let (a_mem, b_mem) = p.connect(mem).await;
+        p.send(Side::B, 7, 1);
+        p.until("a response", |s| s.contains(&Seen::Response(Side::B, b_mem, 8)))
+            .await;
+        assert!(p.seen.contains(&Seen::Request(Side::A, a_mem, 7)));
+    }
+
+    #[tokio::test]
+    async fn a_peer_connected_over_tcp_only_gets_a_dial_failure_not_a_hang() {
+        let mut p = Pair::new();
+        let (tcp, _) = p.listen().await;
+        p.connect(tcp).await;
+        p.send(Side::B, 0, 1);
+        p.send(Side::A, 0, 1);
+        p.until("two dial failures", |s| {
+            s.iter()
+                .filter(|e| matches!(e, Seen::OutboundFailure(_, k) if k == "dial"))
+                .count()
+                == 2
+        })
+        .await;
+        p.run_for(Duration::from_millis(300)).await;
+        assert_eq!(p.count(|e| matches!(e, Seen::Request(..))), 0);
+        let (a, b) = (*p.a.local_peer_id(), *p.b.local_peer_id());
+        assert!(p.a.is_connected(&b) && p.b.is_connected(&a));
+    }
+
+    #[tokio::test]
+    async fn a_dial_for_a_request_works_only_when_it_lands_on_an_accepted_transport() {
+        let mut p = Pair::new();
+        let (tcp, mem) = p.listen().await;
+        let a = *p.a.local_peer_id();
+
+        // Not connected; the request's dial comes up over TCP, which the
+        // wrapped behaviour does not use: the request fails.
+        p.b.behaviour_mut()
+            .inner_mut()
+            .send_request_with_addresses(&a, 1, vec![tcp]);
+        p.until("a dial failure and the connection on both sides", |s| {
+            s.contains(&Seen::OutboundFailure(Side::B, "dial".into()))
+                && s.iter()
+                    .any(|e| matches!(e, Seen::Established(Side::A, _, false)))
+        })
+        .await;
+        assert!(p.b.is_connected(&a), "the TCP dial did not happen");
+        assert_eq!(p.count(|e| matches!(e, Seen::Request(..))), 0);
+
+        // Disconnected again, a dial over memory carries the request.
+        assert!(p.b.disconnect_peer_id(a).is_ok());
+        p.until("disconnected", |s| {
+            s.iter().filter(|e| matches!(e, Seen::Closed(..))).count() == 2
+        })
+        .await;
+        p.b.behaviour_mut()
+            .inner_mut()
+            .send_request_with_addresses(&a, 2, vec![mem]);
+        p.until("a response", |s| {
+            s.iter().any(|e| matches!(e, Seen::Response(Side::B, _, 3)))
+        })
+        .await;
+        assert_eq!(p.count(|e| matches!(e, Seen::OutboundFailure(..))), 1);
+    }
+}
