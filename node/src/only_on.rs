@@ -43,16 +43,14 @@ use std::fmt;
 use std::task::{Context, Poll};
 
 use either::Either;
+use libp2p::PeerId;
 use libp2p::core::transport::PortUse;
 use libp2p::core::{Endpoint, Multiaddr};
-use libp2p::swarm::behaviour::{
-    ConnectionClosed, ConnectionEstablished, DialFailure, FromSwarm,
-};
+use libp2p::swarm::behaviour::{ConnectionClosed, ConnectionEstablished, DialFailure, FromSwarm};
 use libp2p::swarm::{
     CloseConnection, ConnectionDenied, ConnectionId, DialError, NetworkBehaviour, NotifyHandler,
     THandler, THandlerInEvent, THandlerOutEvent, ToSwarm, dummy,
 };
-use libp2p::PeerId;
 
 /// Why [`OnlyOn`] failed a dial on its inner behaviour's behalf (the cause
 /// inside the `DialError::Denied` the inner sees).
@@ -135,9 +133,7 @@ impl<B: NetworkBehaviour> OnlyOn<B> {
 
     /// Whether `peer` has an established connection the inner lives on.
     pub fn is_connected(&self, peer: &PeerId) -> bool {
-        self.peers
-            .get(peer)
-            .is_some_and(|p| !p.accepted.is_empty())
+        self.peers.get(peer).is_some_and(|p| !p.accepted.is_empty())
     }
 
     /// The established connections to `peer` that the inner lives on.
@@ -154,11 +150,12 @@ impl<B: NetworkBehaviour> OnlyOn<B> {
         let error = DialError::Denied {
             cause: ConnectionDenied::new(why),
         };
-        self.inner.on_swarm_event(FromSwarm::DialFailure(DialFailure {
-            peer_id: Some(peer),
-            error: &error,
-            connection_id,
-        }));
+        self.inner
+            .on_swarm_event(FromSwarm::DialFailure(DialFailure {
+                peer_id: Some(peer),
+                error: &error,
+                connection_id,
+            }));
     }
 
     /// Sorts a newly established connection, and forwards it to the inner
@@ -730,7 +727,10 @@ mod tests {
         p.run_for(Duration::from_millis(300)).await;
         assert_eq!(p.count(|e| matches!(e, Seen::Request(..))), 0);
         assert_eq!(p.count(|e| matches!(e, Seen::OutboundFailure(..))), 5);
-        assert!(p.a.is_connected(&b) && p.b.is_connected(&a), "TCP went down");
+        assert!(
+            p.a.is_connected(&b) && p.b.is_connected(&a),
+            "TCP went down"
+        );
 
         // A new memory connection carries requests again.
         let mem = listening(&p.seen)
@@ -739,8 +739,10 @@ mod tests {
             .clone();
         let (a_mem, b_mem) = p.connect(mem).await;
         p.send(Side::B, 7, 1);
-        p.until("a response", |s| s.contains(&Seen::Response(Side::B, b_mem, 8)))
-            .await;
+        p.until("a response", |s| {
+            s.contains(&Seen::Response(Side::B, b_mem, 8))
+        })
+        .await;
         assert!(p.seen.contains(&Seen::Request(Side::A, a_mem, 7)));
     }
 
