@@ -24,5 +24,6 @@ pub mod identity;
 pub mod messages;
 pub mod metrics;
 pub mod node;
+pub mod only_on;
 pub mod storage;
 pub mod types;
