@@ -328,7 +328,10 @@ struct DmQuery {
     limit: Option<usize>,
 }
 
-async fn dm_send(State(s): State<AppState>, b: Result<Json<SendDirect>, JsonRejection>) -> Response {
+async fn dm_send(
+    State(s): State<AppState>,
+    b: Result<Json<SendDirect>, JsonRejection>,
+) -> Response {
     let req = body!(b);
     service_result(s.node.messages().send(req).await)
 }

@@ -388,10 +388,13 @@ mod composed {
         /// Hole punching: upgrades a relayed connection to a direct one.
         pub dcutr: Toggle<dcutr::Behaviour>,
         /// Direct messages over internet connections only.
-        pub dm: request_response::Behaviour<crate::codec::FrameCodec<super::DmFrame, super::DmFrame>>,
-        /// Direct messages over BLE connections only.
-        pub dm_ble:
+        pub dm: crate::only_on::OnlyOn<
             request_response::Behaviour<crate::codec::FrameCodec<super::DmFrame, super::DmFrame>>,
+        >,
+        /// Direct messages over BLE connections only.
+        pub dm_ble: crate::only_on::OnlyOn<
+            request_response::Behaviour<crate::codec::FrameCodec<super::DmFrame, super::DmFrame>>,
+        >,
     }
 }
 
@@ -473,8 +476,8 @@ impl Behaviour {
             gossipsub,
             group_sync,
             files,
-            dm,
-            dm_ble,
+            dm: crate::only_on::OnlyOn::new(dm, |a| !fogmesh_ble::is_ble(a)),
+            dm_ble: crate::only_on::OnlyOn::new(dm_ble, fogmesh_ble::is_ble),
         })
     }
 }

@@ -133,7 +133,12 @@ fn bad_sends_are_refused_clearly() {
     assert!(v["waiting"].as_str().expect("waiting").contains("onion"));
     let outbox = a.json(&["outbox"]);
     assert_eq!(outbox[0]["state"], "queued");
-    assert!(outbox[0]["waiting"].as_str().expect("why").contains("onion"));
+    assert!(
+        outbox[0]["waiting"]
+            .as_str()
+            .expect("why")
+            .contains("onion")
+    );
 }
 
 #[test]
@@ -188,7 +193,12 @@ fn a_message_acknowledged_before_kill_9_is_still_delivered() {
     let want = texts("durable", 3);
     let ids: Vec<String> = want
         .iter()
-        .map(|t| send(&a, &b_id, t, &[])["message_id"].as_str().expect("id").to_owned())
+        .map(|t| {
+            send(&a, &b_id, t, &[])["message_id"]
+                .as_str()
+                .expect("id")
+                .to_owned()
+        })
         .collect();
     a.kill9();
 
@@ -236,7 +246,11 @@ fn five_offline_daemons_in_a_line_message_across_four_hops() {
     // The nodes in between carried both and can read neither: nothing of
     // the texts in their data directories, nothing in their conversations.
     for mid in &nodes[1..4] {
-        assert!(messages(mid, None).is_empty(), "{} has messages", mid.peer_id);
+        assert!(
+            messages(mid, None).is_empty(),
+            "{} has messages",
+            mid.peer_id
+        );
         for needle in [secret_west, secret_east] {
             let hits = files_containing(&mid.data_dir, needle.as_bytes());
             assert!(hits.is_empty(), "{needle:?} found in {hits:?}");

@@ -79,7 +79,8 @@ pub(super) async fn run(client: Client, cmd: MessageCommand, out: Output) -> any
             limit,
             follow: false,
         } => {
-            let msgs: Vec<DirectMessage> = client.get(&list_path(peer_id.as_deref(), limit)).await?;
+            let msgs: Vec<DirectMessage> =
+                client.get(&list_path(peer_id.as_deref(), limit)).await?;
             out.list(&msgs, write_message, "messages")
         }
         MessageCommand::Messages {

@@ -478,7 +478,11 @@ impl Actor for MessagesActor {
     }
 
     fn next_deadline(&self) -> Option<Instant> {
-        let next = self.pending.values().filter_map(|r| r.out.deadline()).min()?;
+        let next = self
+            .pending
+            .values()
+            .filter_map(|r| r.out.deadline())
+            .min()?;
         Some(self.instant(next))
     }
 

@@ -321,7 +321,11 @@ impl DmStore {
     }
 
     /// One message by id, either direction.
-    pub(crate) fn get(&self, me: &PeerId, id: &MessageId) -> Result<Option<DirectMessage>, StoreError> {
+    pub(crate) fn get(
+        &self,
+        me: &PeerId,
+        id: &MessageId,
+    ) -> Result<Option<DirectMessage>, StoreError> {
         let tx = self.store.db().begin_read().map_err(db_err)?;
         let Some(order) = tx
             .open_table(INDEX)
@@ -332,19 +336,26 @@ impl DmStore {
         else {
             return Ok(None);
         };
-        let Some(v) = tx.open_table(LOG).map_err(db_err)?.get(order).map_err(db_err)? else {
+        let Some(v) = tx
+            .open_table(LOG)
+            .map_err(db_err)?
+            .get(order)
+            .map_err(db_err)?
+        else {
             return Ok(None);
         };
-        Ok(match serde_json::from_slice::<LogEntry>(v.value()).map_err(db_err)? {
-            LogEntry::In(l) => Some(l.to_api(me)),
-            LogEntry::Out { id, .. } => tx
-                .open_table(OUT)
-                .map_err(db_err)?
-                .get(id.0.as_slice())
-                .map_err(db_err)?
-                .and_then(|v| serde_json::from_slice::<OutRecord>(v.value()).ok())
-                .map(|r| r.to_api(me)),
-        })
+        Ok(
+            match serde_json::from_slice::<LogEntry>(v.value()).map_err(db_err)? {
+                LogEntry::In(l) => Some(l.to_api(me)),
+                LogEntry::Out { id, .. } => tx
+                    .open_table(OUT)
+                    .map_err(db_err)?
+                    .get(id.0.as_slice())
+                    .map_err(db_err)?
+                    .and_then(|v| serde_json::from_slice::<OutRecord>(v.value()).ok())
+                    .map(|r| r.to_api(me)),
+            },
+        )
     }
 }
 

@@ -383,7 +383,10 @@ impl EventLoop {
             BehaviourEvent::Identify(ev) => {
                 self.ctx.libp2p_metrics.record(&ev);
                 if let libp2p::identify::Event::Received { peer_id, info, .. } = ev {
-                    if info.protocols.contains(&crate::behaviour::DM_GATEWAY_PROTOCOL) {
+                    if info
+                        .protocols
+                        .contains(&crate::behaviour::DM_GATEWAY_PROTOCOL)
+                    {
                         self.messages.wake(None);
                     }
                     self.nat.on_identify(&mut self.swarm, peer_id, &info);

@@ -214,18 +214,18 @@ impl MessagesNet {
         let frame = env.encode();
         let b = swarm.behaviour_mut();
         if peers.has_internet(&env.to) {
-            return Ok(vec![b.dm.send_request(&env.to, DmFrame(frame))]);
+            return Ok(vec![b.dm.inner_mut().send_request(&env.to, DmFrame(frame))]);
         }
         let mut reqs = Vec::new();
         for g in peers.gateways().into_iter().take(MAX_GATEWAYS) {
             if g != env.to && g != self.me {
-                reqs.push(b.dm.send_request(&g, DmFrame(frame.clone())));
+                reqs.push(b.dm.inner_mut().send_request(&g, DmFrame(frame.clone())));
             }
         }
         if dial {
             // Addresses come from the peer table and Kademlia; with none
             // the request fails at once with a dial error.
-            reqs.push(b.dm.send_request(&env.to, DmFrame(frame)));
+            reqs.push(b.dm.inner_mut().send_request(&env.to, DmFrame(frame)));
         }
         if reqs.is_empty() {
             return Err("not connected".into());
@@ -245,13 +245,19 @@ impl MessagesNet {
         let frame = env.encode();
         let b = swarm.behaviour_mut();
         if peers.has_ble(&env.to) {
-            return Ok(vec![b.dm_ble.send_request(&env.to, DmFrame(frame))]);
+            return Ok(vec![
+                b.dm_ble.inner_mut().send_request(&env.to, DmFrame(frame)),
+            ]);
         }
         let reqs: Vec<OutboundRequestId> = peers
             .ble_neighbours()
             .into_iter()
             .filter(|p| Some(*p) != except)
-            .map(|p| b.dm_ble.send_request(&p, DmFrame(frame.clone())))
+            .map(|p| {
+                b.dm_ble
+                    .inner_mut()
+                    .send_request(&p, DmFrame(frame.clone()))
+            })
             .collect();
         if reqs.is_empty() {
             return Err("no BLE neighbour in range".into());
@@ -277,8 +283,14 @@ impl MessagesNet {
                 let ack = self.on_envelope(swarm, ctx, peers, peer, link, &frame);
                 let b = swarm.behaviour_mut();
                 let sent = match link {
-                    Link::Internet => b.dm.send_response(channel, DmFrame(ack.encode())),
-                    Link::Ble => b.dm_ble.send_response(channel, DmFrame(ack.encode())),
+                    Link::Internet => {
+                        b.dm.inner_mut()
+                            .send_response(channel, DmFrame(ack.encode()))
+                    }
+                    Link::Ble => b
+                        .dm_ble
+                        .inner_mut()
+                        .send_response(channel, DmFrame(ack.encode())),
                 };
                 if sent.is_err() {
                     tracing::debug!(%peer, "dm ack not sent: the stream closed");
@@ -361,7 +373,10 @@ impl MessagesNet {
         let ble = ctx.route_up(Route::Ble);
         let internet = ctx.route_up(Route::Internet);
         if ble && peers.has_ble(&env.to) {
-            reqs.extend(self.carry_ble(swarm, peers, env, Some(from)).unwrap_or_default());
+            reqs.extend(
+                self.carry_ble(swarm, peers, env, Some(from))
+                    .unwrap_or_default(),
+            );
         } else if internet && peers.has_internet(&env.to) {
             reqs.extend(
                 self.carry_internet(swarm, peers, env, false)
@@ -369,7 +384,10 @@ impl MessagesNet {
             );
         } else {
             if ble {
-                reqs.extend(self.carry_ble(swarm, peers, env, Some(from)).unwrap_or_default());
+                reqs.extend(
+                    self.carry_ble(swarm, peers, env, Some(from))
+                        .unwrap_or_default(),
+                );
             }
             // A gateway also tries the recipient on the internet (it may
             // be known from the peer table or Kademlia).
@@ -378,6 +396,7 @@ impl MessagesNet {
                     swarm
                         .behaviour_mut()
                         .dm
+                        .inner_mut()
                         .send_request(&env.to, DmFrame(env.encode())),
                 );
             }
@@ -389,7 +408,12 @@ impl MessagesNet {
         n
     }
 
-    fn answered(&mut self, peer: PeerId, request_id: OutboundRequestId, result: Result<Vec<u8>, String>) {
+    fn answered(
+        &mut self,
+        peer: PeerId,
+        request_id: OutboundRequestId,
+        result: Result<Vec<u8>, String>,
+    ) {
         let Some(carried) = self.requests.remove(&request_id) else {
             return;
         };

@@ -396,7 +396,9 @@ impl PeerBook {
         }
         let meta = self.meta.entry(peer_id).or_default();
         meta.agent = Some(info.agent_version.clone());
-        meta.gateway = info.protocols.contains(&crate::behaviour::DM_GATEWAY_PROTOCOL);
+        meta.gateway = info
+            .protocols
+            .contains(&crate::behaviour::DM_GATEWAY_PROTOCOL);
         self.save(peer_id, addrs, Some(info.agent_version));
     }
 
