@@ -39,6 +39,10 @@ pub const DEFAULT_API_ADDR: SocketAddr =
 pub const DEFAULT_MIN_PEERS: usize = 8;
 /// How long, by default, a connection with no open stream is kept.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a direct message waits for its receipt on the internet route.
+pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an undelivered direct message is kept: 7 days.
+pub const DEFAULT_MESSAGE_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
@@ -86,6 +90,11 @@ pub struct Settings {
     pub idle_timeout: Duration,
     /// Gossiped group messages per second accepted from one sender.
     pub group_rate: f64,
+    /// How long a direct message waits for its receipt on the internet
+    /// route before the next route is tried (BLE gets three times as long).
+    pub message_timeout: Duration,
+    /// How long an undelivered direct message is kept and retried.
+    pub message_lifetime: Duration,
     /// File upload limit, bytes per second.
     pub max_upload_rate: Option<u64>,
     /// File download limit, bytes per second.
@@ -216,6 +225,24 @@ pub struct Overrides {
         )
     )]
     pub(crate) group_rate: Option<f64>,
+    #[arg(
+        long,
+        value_name = "SECS",
+        help = with_default(
+            "Seconds a direct message waits for its receipt on the internet before the next route is tried (BLE: three times as long)",
+            DEFAULT_MESSAGE_TIMEOUT.as_secs(),
+        )
+    )]
+    pub(crate) message_timeout_secs: Option<u64>,
+    #[arg(
+        long,
+        value_name = "SECS",
+        help = with_default(
+            "Seconds an undelivered direct message is kept and retried before it expires",
+            DEFAULT_MESSAGE_LIFETIME.as_secs(),
+        )
+    )]
+    pub(crate) message_lifetime_secs: Option<u64>,
     /// Limit on file uploads, bytes per second, e.g. 20MiB (K, M, G are
     /// powers of 1000; KiB, MiB, GiB powers of 1024). Default: none.
     #[arg(
@@ -398,6 +425,16 @@ impl Settings {
                 .or(file.idle_timeout_secs)
                 .map_or(DEFAULT_IDLE_TIMEOUT, Duration::from_secs),
             group_rate,
+            message_timeout: over
+                .message_timeout_secs
+                .or(file.message_timeout_secs)
+                .filter(|s| *s > 0)
+                .map_or(DEFAULT_MESSAGE_TIMEOUT, Duration::from_secs),
+            message_lifetime: over
+                .message_lifetime_secs
+                .or(file.message_lifetime_secs)
+                .filter(|s| *s > 0)
+                .map_or(DEFAULT_MESSAGE_LIFETIME, Duration::from_secs),
             max_upload_rate: over.max_upload_rate.or(file.max_upload_rate),
             max_download_rate: over.max_download_rate.or(file.max_download_rate),
             event_log: over.event_log.or(file.event_log),

@@ -24,6 +24,7 @@ use crate::config::{BleRadio, Settings};
 use crate::eventlog::EventLog;
 use crate::files::FilesConfig;
 use crate::groups::GroupsConfig;
+use crate::messages::MessagesConfig;
 use crate::metrics;
 use crate::storage::Store;
 use crate::{fsutil, identity};
@@ -197,11 +198,27 @@ fn node_builder(
             sender_rate: settings.group_rate,
             ..GroupsConfig::default()
         })
+        .messages(MessagesConfig {
+            timeouts: message_timeouts(settings.message_timeout),
+            lifetime: settings.message_lifetime,
+            ..MessagesConfig::default()
+        })
         .files(FilesConfig {
             max_upload_rate: settings.max_upload_rate,
             max_download_rate: settings.max_download_rate,
             ..FilesConfig::default()
         })
+}
+
+/// The receipt timeout of each route, from the internet's: BLE three
+/// times as long (several slow hops), onion six times.
+fn message_timeouts(internet: std::time::Duration) -> fogmesh_protocols::messages::Timeouts {
+    let ms = u64::try_from(internet.as_millis()).unwrap_or(u64::MAX);
+    fogmesh_protocols::messages::Timeouts {
+        internet_ms: ms,
+        ble_ms: ms.saturating_mul(3),
+        onion_ms: ms.saturating_mul(6),
+    }
 }
 
 /// The lines `fogmesh run` prints on stdout once the node is up (scripts

@@ -289,3 +289,157 @@ fn a_gateway_carries_messages_between_ble_only_and_internet_only_peers() {
     // The gateway holds neither conversation.
     assert!(messages(&gw, None).is_empty());
 }
+
+/// Outgoing messages of `d` to `to`: (text, state, route), in order.
+fn outgoing(d: &Daemon, to: &str) -> Vec<(String, String, String)> {
+    messages(d, Some(to))
+        .iter()
+        .filter(|m| m["direction"] == "out")
+        .map(|m| {
+            let s = |k: &str| m[k].as_str().unwrap_or("").to_owned();
+            (s("text"), s("state"), s("route"))
+        })
+        .collect()
+}
+
+/// Waits until every outgoing message of `d` to `to` is delivered;
+/// returns their routes in order.
+fn wait_all_delivered(d: &Daemon, to: &str, n: usize) -> Vec<String> {
+    eventually(T, &format!("{n} messages delivered"), || {
+        let out = outgoing(d, to);
+        (out.len() == n && out.iter().all(|(_, s, _)| s == "delivered"))
+            .then(|| out.into_iter().map(|(_, _, r)| r).collect())
+    })
+}
+
+#[test]
+fn a_conversation_fails_over_to_ble_when_the_internet_link_dies_and_back() {
+    let Some(mut net) = crate::nat::Net::new("failover") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let medium = Medium::start(tmp.path(), &[]);
+    let ns_a = net.ns("a");
+    let ns_b = net.ns("b");
+    net.link(
+        &ns_a,
+        "va",
+        Some("10.77.0.1/24"),
+        &ns_b,
+        "vb",
+        "10.77.0.2/24",
+    );
+    let args = |addr: &str, pos: &str, extra: &[String]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--listen",
+            &format!("/ip4/{addr}/tcp/4001"),
+            "--api",
+            "127.0.0.1:0",
+            "--no-mdns",
+            "--ble",
+            &medium.arg(),
+            "--ble-position",
+            pos,
+            "--message-timeout-secs",
+            "3",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend_from_slice(extra);
+        v
+    };
+    let a = Daemon::start_in_netns(&ns_a, &tmp.path().join("a"), &args("10.77.0.1", "0,0", &[]));
+    let b = Daemon::start_in_netns(
+        &ns_b,
+        &tmp.path().join("b"),
+        &args(
+            "10.77.0.2",
+            "5,0",
+            &[
+                "--bootstrap".into(),
+                format!("/ip4/10.77.0.1/tcp/4001/p2p/{}", a.peer_id),
+            ],
+        ),
+    );
+    b.wait_connected(&a.peer_id, T);
+
+    // 1. The internet is up: the conversation goes over it.
+    let mut to_b: Vec<String> = Vec::new();
+    let mut to_a: Vec<String> = Vec::new();
+    for i in 1..=3 {
+        to_b.push(format!("a->b {i}"));
+        send(&a, &b.peer_id, to_b.last().expect("text"), &[]);
+    }
+    to_a.push("b->a 1".into());
+    send(&b, &a.peer_id, &to_a[0], &[]);
+    wait_received(&b, &a.peer_id, &to_b);
+    wait_received(&a, &b.peer_id, &to_a);
+    let routes = wait_all_delivered(&a, &b.peer_id, 3);
+    assert!(routes.iter().all(|r| r == "internet"), "{routes:?}");
+
+    // 2. The cable is cut: the messages sent now go by BLE, once each, in
+    // order.
+    crate::nat::ip(&["-n", &ns_a, "link", "set", "va", "down"]);
+    for i in 4..=6 {
+        to_b.push(format!("a->b {i}"));
+        send(&a, &b.peer_id, to_b.last().expect("text"), &[]);
+    }
+    to_a.push("b->a 2".into());
+    send(&b, &a.peer_id, &to_a[1], &[]);
+    wait_received(&b, &a.peer_id, &to_b);
+    wait_received(&a, &b.peer_id, &to_a);
+    let routes = wait_all_delivered(&a, &b.peer_id, 6);
+    assert_eq!(&routes[3..], ["ble", "ble", "ble"], "{routes:?}");
+    assert_eq!(wait_all_delivered(&b, &a.peer_id, 2)[1], "ble");
+
+    // 3. The cable is back: the internet carries the conversation again
+    // (the first messages after may still go by BLE while the nodes
+    // reconnect).
+    crate::nat::ip(&["-n", &ns_a, "link", "set", "va", "up"]);
+    let mut n = 6;
+    let back = eventually(T, "a message delivered over the internet again", || {
+        n += 1;
+        to_b.push(format!("a->b {n}"));
+        send(&a, &b.peer_id, to_b.last().expect("text"), &[]);
+        let routes = wait_all_delivered(&a, &b.peer_id, n);
+        (routes[n - 1] == "internet").then_some(())
+    });
+    let () = back;
+    wait_received(&b, &a.peer_id, &to_b);
+    // Nothing twice, nothing out of order, on either side.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(received(&b, &a.peer_id), to_b);
+    assert_eq!(received(&a, &b.peer_id), to_a);
+}
+
+#[test]
+fn an_undeliverable_message_expires_and_follow_shows_each_change() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let gone = Daemon::start(&tmp.path().join("gone"), &[]);
+    let gone_id = gone.peer_id.clone();
+    drop(gone);
+    let a = Daemon::start(&tmp.path().join("a"), &["--message-lifetime-secs", "3"]);
+    let follow = a.spawn_cli(&["messages", "--follow", "--json"]);
+    let v = send(&a, &gone_id, "into the void", &[]);
+    let id = v["message_id"].as_str().expect("id").to_owned();
+    let m = eventually(T, "the message expires", || {
+        let m = a.json(&["messages", &gone_id]);
+        (m[0]["state"] == "expired").then(|| m[0].clone())
+    });
+    assert_eq!(m["id"], id.as_str());
+    assert!(!m["attempts"].as_array().expect("attempts").is_empty());
+    assert_eq!(a.cli(&["outbox"]).status.code(), Some(1));
+    // --follow printed it queued, then expired.
+    let mut states = Vec::new();
+    while let Some(line) = follow.next_line(Duration::from_secs(10)) {
+        let m: Value = serde_json::from_str(&line).expect("a JSON line");
+        assert_eq!(m["id"], id.as_str());
+        states.push(m["state"].as_str().expect("state").to_owned());
+        if states.last().map(String::as_str) == Some("expired") {
+            break;
+        }
+    }
+    assert_eq!(states.first().map(String::as_str), Some("queued"));
+    assert_eq!(states.last().map(String::as_str), Some("expired"));
+}

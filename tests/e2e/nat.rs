@@ -82,7 +82,7 @@ fn unsupported() -> Option<String> {
 
 /// Namespaces this test created; all removed when dropped, failure or
 /// not (removing a namespace removes its veth ends and nftables rules).
-struct Net {
+pub(crate) struct Net {
     prefix: String,
     namespaces: Vec<String>,
     veths: usize,
@@ -93,7 +93,7 @@ static NETS: AtomicUsize = AtomicUsize::new(0);
 impl Net {
     /// A new, empty net; `None` (after printing why) when the test cannot
     /// run here.
-    fn new(test: &str) -> Option<Net> {
+    pub(crate) fn new(test: &str) -> Option<Net> {
         if let Some(why) = unsupported() {
             eprintln!("SKIPPED nat::{test}: {why}");
             return None;
@@ -107,7 +107,7 @@ impl Net {
     }
 
     /// Creates namespace `name` (loopback up); returns its full name.
-    fn ns(&mut self, name: &str) -> String {
+    pub(crate) fn ns(&mut self, name: &str) -> String {
         let full = format!("{}-{name}", self.prefix);
         ip(&["netns", "add", &full]);
         self.namespaces.push(full.clone());
@@ -116,7 +116,15 @@ impl Net {
     }
 
     /// A veth pair: `a_if` in `a`, `b_if` in `b`, both up, with addresses.
-    fn link(&mut self, a: &str, a_if: &str, a_ip: Option<&str>, b: &str, b_if: &str, b_ip: &str) {
+    pub(crate) fn link(
+        &mut self,
+        a: &str,
+        a_if: &str,
+        a_ip: Option<&str>,
+        b: &str,
+        b_if: &str,
+        b_ip: &str,
+    ) {
         ip(&[
             "-n", a, "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", b,
         ]);
@@ -177,7 +185,7 @@ impl Drop for Net {
     }
 }
 
-fn ip(args: &[&str]) {
+pub(crate) fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().expect("run ip");
     assert!(
         out.status.success(),

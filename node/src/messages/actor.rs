@@ -227,17 +227,21 @@ impl MessagesActor {
             .collect();
         let mut changed = Vec::new();
         for id in due {
-            let step = match self.pending.get_mut(&id) {
-                Some(rec) => rec.out.poll(now, &self.cfg.timeouts),
-                None => continue,
-            };
-            match step {
-                Some(Step::Try { n, route }) => {
-                    self.attempt(id, n, route, now);
-                    changed.push(id);
+            changed.push(id);
+            loop {
+                let step = match self.pending.get_mut(&id) {
+                    Some(rec) => rec.out.poll(now, &self.cfg.timeouts),
+                    None => None,
+                };
+                match step {
+                    Some(Step::Try { n, route }) => self.attempt(id, n, route, now),
+                    Some(Step::TimedOut { route, .. }) => {
+                        if let Some(rec) = self.pending.get(&id) {
+                            self.net_send(NetCommand::NoReceipt { to: rec.to, route });
+                        }
+                    }
+                    Some(Step::Expired) | None => break,
                 }
-                Some(Step::Expired) => changed.push(id),
-                None => changed.push(id),
             }
         }
         self.save(&changed);

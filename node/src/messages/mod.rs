@@ -114,6 +114,9 @@ pub(crate) enum NetCommand {
     },
     /// Carry a receipt, preferably over `prefer`; no answer.
     Receipt { env: Envelope, prefer: Route },
+    /// An attempt to `to` over `route` brought no receipt in time: the
+    /// link may be dead.
+    NoReceipt { to: PeerId, route: Route },
 }
 
 /// Opens the tables and starts the actor thread, which restores the

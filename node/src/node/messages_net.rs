@@ -27,6 +27,7 @@ use fogmesh_protocols::messages::{Ack, Envelope, MessageId, Refusal};
 use fogmesh_protocols::policy::Route;
 use fogmesh_protocols::rate::TokenBucket;
 use libp2p::request_response::{self, OutboundRequestId};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::{PeerId, Swarm};
 use tokio::sync::mpsc;
 
@@ -47,6 +48,8 @@ const MAX_TRACKED_PEERS: usize = 4096;
 /// Requests (attempts, receipts, relayed copies) in flight at once;
 /// beyond, relayed copies are dropped.
 const MAX_IN_FLIGHT: usize = 1024;
+/// Least time between two internet dials of a peer connected over BLE.
+const REDIAL_MS: u64 = 10_000;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -95,6 +98,9 @@ pub(super) struct MessagesNet {
     requests: HashMap<OutboundRequestId, Carried>,
     fans: HashMap<(MessageId, u32), Fan>,
     rates: HashMap<PeerId, TokenBucket>,
+    /// When each peer connected over BLE only was last dialled over the
+    /// internet.
+    redial: HashMap<PeerId, u64>,
 }
 
 impl MessagesNet {
@@ -111,6 +117,7 @@ impl MessagesNet {
             requests: HashMap::new(),
             fans: HashMap::new(),
             rates: HashMap::new(),
+            redial: HashMap::new(),
         }
     }
 
@@ -175,6 +182,19 @@ impl MessagesNet {
                 };
                 self.offer(Input::Attempt { id, n, result });
             }
+            NetCommand::NoReceipt { to, route } => {
+                // A connection that cannot carry a few hundred bytes and
+                // their receipt within the timeout is treated as dead:
+                // closing it lets the BLE dial rule (which leaves peers
+                // connected over the internet alone) give the peer a BLE
+                // link, and the next attempt a way through.
+                if route == Route::Internet && ctx.route_up(Route::Ble) {
+                    for id in peers.internet_connections(&to) {
+                        tracing::info!(peer = %to, "no receipt over the internet in time: closing the connection");
+                        swarm.close_connection(id);
+                    }
+                }
+            }
             NetCommand::Receipt { env, prefer } => {
                 self.seen.insert(env.id(), now_ms());
                 let order = match prefer {
@@ -215,6 +235,32 @@ impl MessagesNet {
         let b = swarm.behaviour_mut();
         if peers.has_internet(&env.to) {
             return Ok(vec![b.dm.inner_mut().send_request(&env.to, DmFrame(frame))]);
+        }
+        if peers.has_ble(&env.to) {
+            // Connected over BLE only: request-response would not dial a
+            // connected peer, so dial its internet addresses ourselves
+            // (at most every REDIAL_MS); this attempt goes by the next
+            // route, later ones by the internet once the dial succeeds.
+            let addrs = peers.announced(&env.to);
+            let now = now_ms();
+            let due = self
+                .redial
+                .get(&env.to)
+                .is_none_or(|t| now.saturating_sub(*t) >= REDIAL_MS);
+            if dial && due && !addrs.is_empty() {
+                self.redial.insert(env.to, now);
+                if self.redial.len() > MAX_TRACKED_PEERS {
+                    self.redial.clear();
+                }
+                let opts = DialOpts::peer_id(env.to)
+                    .addresses(addrs)
+                    .condition(PeerCondition::Always)
+                    .build();
+                if let Err(e) = swarm.dial(opts) {
+                    tracing::debug!(peer = %env.to, "internet dial failed: {e}");
+                }
+            }
+            return Err("connected over BLE only; dialling over the internet".into());
         }
         let mut reqs = Vec::new();
         for g in peers.gateways().into_iter().take(MAX_GATEWAYS) {

@@ -35,6 +35,8 @@ struct PeerMeta {
     /// Identify lists the direct-message gateway protocol: the peer has
     /// internet and BLE and carries messages between them.
     gateway: bool,
+    /// The internet addresses the peer announced through identify.
+    addrs: Vec<Multiaddr>,
 }
 
 /// A peer record queued for the writer.
@@ -120,6 +122,25 @@ impl PeerBook {
         self.connections
             .get(peer)
             .is_some_and(|c| c.iter().any(|(_, a)| !fogmesh_ble::is_ble(a)))
+    }
+
+    /// `peer`'s connections that are not BLE.
+    pub(super) fn internet_connections(&self, peer: &PeerId) -> Vec<ConnectionId> {
+        self.connections
+            .get(peer)
+            .into_iter()
+            .flatten()
+            .filter(|(_, a)| !fogmesh_ble::is_ble(a))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// The internet addresses `peer` announced (while it is connected).
+    pub(super) fn announced(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        self.meta
+            .get(peer)
+            .map(|m| m.addrs.clone())
+            .unwrap_or_default()
     }
 
     /// Peers with a BLE connection: the node's BLE neighbours.
@@ -399,6 +420,7 @@ impl PeerBook {
         meta.gateway = info
             .protocols
             .contains(&crate::behaviour::DM_GATEWAY_PROTOCOL);
+        meta.addrs = addrs.clone();
         self.save(peer_id, addrs, Some(info.agent_version));
     }
 

@@ -125,6 +125,14 @@ pub enum Step {
         /// The route.
         route: Route,
     },
+    /// Attempt `n` on `route` brought no receipt in time (the next step
+    /// comes from the next poll): the route may be dead.
+    TimedOut {
+        /// The attempt's number.
+        n: u32,
+        /// Its route.
+        route: Route,
+    },
     /// The message just expired.
     Expired,
 }
@@ -201,7 +209,8 @@ impl Outgoing {
         Some(d)
     }
 
-    /// Advances time: expiry, attempt timeouts, the next attempt.
+    /// Advances time: expiry, attempt timeouts, the next attempt. Call
+    /// until it returns `None`.
     pub fn poll(&mut self, now: u64, timeouts: &Timeouts) -> Option<Step> {
         if self.is_final() {
             return None;
@@ -219,6 +228,8 @@ impl Outgoing {
             self.set_outcome(n, Outcome::TimedOut);
             self.in_flight = None;
             self.advance(now);
+            let route = self.attempt(n).map_or(self.plan[0], |a| a.route);
+            return Some(Step::TimedOut { n, route });
         }
         if self.plan.is_empty() || now < self.retry_at_ms {
             return None;
@@ -390,6 +401,13 @@ mod tests {
         o.sent(0);
         assert_eq!(o.poll(9_999, &T), None);
         assert_eq!(o.deadline(), Some(10_000));
+        assert_eq!(
+            o.poll(10_000, &T),
+            Some(Step::TimedOut {
+                n: 0,
+                route: Route::Internet
+            })
+        );
         assert_eq!(
             o.poll(10_000, &T),
             Some(Step::Try {
