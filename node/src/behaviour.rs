@@ -482,15 +482,13 @@ impl Behaviour {
     }
 }
 
+/// One direct-message request-response behaviour.
+type DmBehaviour = request_response::Behaviour<FrameCodec<DmFrame, DmFrame>>;
+
 /// The two direct-message behaviours: internet (with the gateway mark when
 /// this node is one) and BLE. Each hop answers at once with an ack, so the
 /// timeouts cover one hop, not the receipt.
-fn dm_behaviours(
-    cfg: &BehaviourConfig,
-) -> (
-    request_response::Behaviour<FrameCodec<DmFrame, DmFrame>>,
-    request_response::Behaviour<FrameCodec<DmFrame, DmFrame>>,
-) {
+fn dm_behaviours(cfg: &BehaviourConfig) -> (DmBehaviour, DmBehaviour) {
     use fogmesh_protocols::messages::wire::{MAX_ACK, MAX_ENVELOPE};
     let mut protocols = vec![(DM_PROTOCOL, ProtocolSupport::Full)];
     if cfg.dm_gateway {

@@ -398,14 +398,13 @@ fn a_conversation_fails_over_to_ble_when_the_internet_link_dies_and_back() {
     // reconnect).
     crate::nat::ip(&["-n", &ns_a, "link", "set", "va", "up"]);
     let mut n = 6;
-    let back = eventually(T, "a message delivered over the internet again", || {
+    eventually(T, "a message delivered over the internet again", || {
         n += 1;
         to_b.push(format!("a->b {n}"));
         send(&a, &b.peer_id, to_b.last().expect("text"), &[]);
         let routes = wait_all_delivered(&a, &b.peer_id, n);
         (routes[n - 1] == "internet").then_some(())
     });
-    let () = back;
     wait_received(&b, &a.peer_id, &to_b);
     // Nothing twice, nothing out of order, on either side.
     std::thread::sleep(Duration::from_secs(2));
