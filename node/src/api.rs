@@ -126,6 +126,9 @@ fn router(state: AppState) -> Router {
             "/v1/groups/{id}/messages",
             get(groups_messages).post(groups_post),
         )
+        .route("/v1/groups/invites", get(groups_invites))
+        .route("/v1/groups/{id}/accept", post(groups_accept))
+        .route("/v1/groups/{id}/decline", post(groups_decline))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state)
@@ -295,6 +298,18 @@ async fn groups_remove(
 
 async fn groups_leave(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
     service_result(s.node.groups().leave(&id).await)
+}
+
+async fn groups_invites(State(s): State<AppState>) -> Response {
+    service_result(s.node.groups().invites().await)
+}
+
+async fn groups_accept(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
+    service_result(s.node.groups().accept(&id).await)
+}
+
+async fn groups_decline(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
+    service_result(s.node.groups().decline(&id).await)
 }
 
 #[derive(Debug, Deserialize)]

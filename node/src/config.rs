@@ -86,6 +86,8 @@ pub struct Settings {
     pub idle_timeout: Duration,
     /// Gossiped group messages per second accepted from one sender.
     pub group_rate: f64,
+    /// Admins whose group invitations are accepted without asking.
+    pub trust: Vec<libp2p::PeerId>,
     /// File upload limit, bytes per second.
     pub max_upload_rate: Option<u64>,
     /// File download limit, bytes per second.
@@ -317,6 +319,23 @@ pub struct Overrides {
         value_parser = FalseyValueParser::new()
     )]
     pub(crate) autonat_private_addrs: Option<bool>,
+    /// Accept group invitations from this admin without asking
+    /// (repeatable); others wait in `fogmesh group invites`.
+    #[arg(
+        long = "trust",
+        value_name = "PEER_ID",
+        env = "FOGMESH_TRUST",
+        value_delimiter = ',',
+        value_parser = parse_peer_id
+    )]
+    #[serde(deserialize_with = "from_str::trust")]
+    pub(crate) trust: Option<Vec<libp2p::PeerId>>,
+}
+
+/// Parses `--trust` (and the `trust` key): a peer id.
+pub fn parse_peer_id(s: &str) -> Result<libp2p::PeerId, String> {
+    s.parse()
+        .map_err(|e| format!("{s:?} is not a peer id: {e}"))
 }
 
 /// A help line that ends with the default, formatted from the value the
@@ -398,6 +417,7 @@ impl Settings {
                 .or(file.idle_timeout_secs)
                 .map_or(DEFAULT_IDLE_TIMEOUT, Duration::from_secs),
             group_rate,
+            trust: over.trust.or(file.trust).unwrap_or_default(),
             max_upload_rate: over.max_upload_rate.or(file.max_upload_rate),
             max_download_rate: over.max_download_rate.or(file.max_download_rate),
             event_log: over.event_log.or(file.event_log),
@@ -544,6 +564,12 @@ mod from_str {
         d: D,
     ) -> Result<Option<Vec<Multiaddr>>, D::Error> {
         list(d, super::parse_bootstrap)
+    }
+
+    pub(super) fn trust<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<libp2p::PeerId>>, D::Error> {
+        list(d, super::parse_peer_id)
     }
 
     pub(super) fn rate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {

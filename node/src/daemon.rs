@@ -195,6 +195,7 @@ fn node_builder(
         })
         .groups(GroupsConfig {
             sender_rate: settings.group_rate,
+            trust: settings.trust.clone(),
             ..GroupsConfig::default()
         })
         .files(FilesConfig {

@@ -138,6 +138,17 @@ pub enum NodeEvent {
         /// Whether this node is (still) a member.
         member: bool,
     },
+    /// A peer added this node to a group: the invitation waits for the
+    /// user's `group accept` or `group decline` (unless its admin is
+    /// trusted, when the node joins at once and no invitation is made).
+    GroupInvite {
+        /// The group (hex).
+        group_id: String,
+        /// Its name, as its admin wrote it.
+        name: String,
+        /// The admin, who added this node.
+        inviter: String,
+    },
     /// Events were dropped because the consumer was too slow.
     Lagged {
         /// How many.
@@ -343,4 +354,22 @@ pub struct ShareFile {
 pub struct GetFile {
     /// Absolute path to write the file to.
     pub output: String,
+}
+
+/// An invitation to a group, in `GET /v1/groups/invites` and `fogmesh
+/// group invites`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupInvite {
+    /// The group (64 hex characters).
+    pub group_id: String,
+    /// Its name, as its admin wrote it.
+    pub name: String,
+    /// The admin, who added this node.
+    pub inviter: String,
+    /// The peer that told this node of the group.
+    pub via: String,
+    /// When it arrived, ms since the Unix epoch.
+    pub received: u64,
+    /// Accepted, and waiting for a member to send the group's log.
+    pub accepted: bool,
 }

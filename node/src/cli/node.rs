@@ -160,6 +160,14 @@ fn describe(ev: &NodeEvent) -> String {
         NodeEvent::GroupUpdated { group_id, member } => {
             format!("group {} updated (member: {member})", short(group_id))
         }
+        NodeEvent::GroupInvite {
+            group_id,
+            name,
+            inviter,
+        } => format!(
+            "invited to group {} ({name:?}) by {inviter}",
+            short(group_id)
+        ),
         NodeEvent::Lagged { missed } => format!("(missed {missed} events)"),
     }
 }
