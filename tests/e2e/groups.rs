@@ -65,9 +65,32 @@ fn has_group(d: &Daemon, gid: &str) -> bool {
         .is_some_and(|a| a.iter().any(|g| g["group_id"] == gid))
 }
 
+/// `group invites`: the invitations `d` holds.
+fn invites(d: &Daemon) -> Vec<Value> {
+    d.json_or_nothing(&["group", "invites"])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The pending (not yet accepted) invitation to `gid` on `d`.
+fn pending_invite(d: &Daemon, gid: &str) -> Option<Value> {
+    invites(d)
+        .into_iter()
+        .find(|i| i["group_id"] == gid && i["accepted"] == false)
+}
+
+/// Waits until `d` lists the group, accepting its invitation when it comes
+/// (as its user would).
 fn wait_group(d: &Daemon, gid: &str) {
     eventually(T, &format!("{} lists group {gid}", d.peer_id), || {
-        has_group(d, gid).then_some(())
+        if has_group(d, gid) {
+            return Some(());
+        }
+        if pending_invite(d, gid).is_some() {
+            d.json(&["group", "accept", gid]);
+        }
+        None
     });
 }
 
@@ -710,7 +733,8 @@ fn more_than_100_groups_all_get_gossip() {
     let a = Daemon::start(&tmp.path().join("a"), &[]);
     let b_dir = tmp.path().join("b");
     let boot = a.tcp_addr();
-    let mut b = Daemon::start(&b_dir, &["--bootstrap", &boot]);
+    // B trusts A: 120 invitations would exceed what B holds pending.
+    let mut b = Daemon::start(&b_dir, &["--bootstrap", &boot, "--trust", &a.peer_id]);
     b.wait_connected(&a.peer_id, T);
     let token = std::fs::read_to_string(a.data_dir.join("api.token")).expect("token");
     let body = format!(r#"{{"name":"g","members":["{}"]}}"#, b.peer_id);
@@ -932,4 +956,84 @@ fn event_log_records_wire_copies_deliveries_and_publishes() {
         !has(&a_events, "Delivered Message", &id),
         "own message logged as delivered"
     );
+}
+
+/// A stranger's group is an invitation: nothing of it syncs and it is not
+/// listed until the user accepts; accepting makes it work, declining
+/// removes it for good, and `--trust` accepts without asking.
+#[test]
+fn stranger_invitation_stays_pending_until_accepted() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start(&tmp.path().join("a"), &[]);
+    let boot = a.tcp_addr();
+    let b = Daemon::start(&tmp.path().join("b"), &["--bootstrap", &boot]);
+    let c = Daemon::start(
+        &tmp.path().join("c"),
+        &["--bootstrap", &boot, "--trust", &a.peer_id],
+    );
+    b.wait_connected(&a.peer_id, T);
+    c.wait_connected(&a.peer_id, T);
+    let events = b.spawn_cli(&["events", "--json"]);
+
+    let gid = group_create(&a, "pushed", &[&b.peer_id]);
+    let first = send(&a, &gid, "are you there?");
+    let inv = eventually(T, "B holds the invitation", || pending_invite(&b, &gid));
+    assert_eq!(inv["name"], "pushed");
+    assert_eq!(inv["inviter"], a.peer_id.as_str());
+    assert_eq!(inv["via"], a.peer_id.as_str());
+    assert!(inv["received"].as_u64().is_some_and(|t| t > 0), "{inv}");
+    let got = read_json_lines(&events, |got| {
+        got.iter().any(|e| e["type"] == "group_invite")
+    });
+    let ev = got
+        .iter()
+        .find(|e| e["type"] == "group_invite")
+        .expect("a group_invite event");
+    assert_eq!(ev["group_id"], gid.as_str());
+    assert_eq!(ev["inviter"], a.peer_id.as_str());
+    // Several sync rounds later: still only an invitation.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(!has_group(&b, &gid), "B joined without being asked");
+    assert!(show(&b, &gid).is_none());
+    let out = b.cli(&["group", "messages", &gid, "--json"]);
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "B holds messages of a pending group"
+    );
+    assert!(pending_invite(&b, &gid).is_some());
+
+    // Accepting joins, and the history arrives.
+    let ack = b.json(&["group", "accept", &gid]);
+    assert_eq!(ack["group_id"], gid.as_str());
+    wait_group(&b, &gid);
+    wait_messages(&b, &gid, std::slice::from_ref(&first));
+    let reply = send(&b, &gid, "here now");
+    wait_messages(&a, &gid, &[reply]);
+    assert!(
+        invites(&b).iter().all(|i| i["group_id"] != gid.as_str()),
+        "the invitation outlived the join"
+    );
+
+    // Declining removes it, and the members' later summaries do not bring
+    // it back.
+    let other = group_create(&a, "unwanted", &[&b.peer_id]);
+    eventually(T, "B holds the second invitation", || {
+        pending_invite(&b, &other)
+    });
+    let ack = b.json(&["group", "decline", &other]);
+    assert_eq!(ack["group_id"], other.as_str());
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(invites(&b).iter().all(|i| i["group_id"] != other.as_str()));
+    assert!(!has_group(&b, &other));
+    // Nothing to accept or decline any more.
+    assert_eq!(b.cli(&["group", "accept", &other]).status.code(), Some(1));
+    assert_eq!(b.cli(&["group", "decline", &other]).status.code(), Some(1));
+
+    // C trusts A: it joins at once, with no invitation.
+    let trusted = group_create(&a, "trusted", &[&c.peer_id]);
+    eventually(T, "C joins the trusted admin's group", || {
+        has_group(&c, &trusted).then_some(())
+    });
+    assert!(invites(&c).is_empty());
 }
