@@ -226,6 +226,9 @@ impl GroupsActor {
     fn post(&mut self, id: GroupId, text: &str, now: Instant) -> Result<GroupAck, ServiceError> {
         let sent_ms = now_ms();
         let local = self.local;
+        // Before composing, which advances the sequence number: the
+        // envelope is the text and at most a few KiB of header.
+        self.check_quota(&id, text.len() + 4096)?;
         let group = self.groups.get_mut(&id).ok_or_else(|| not_found(&id))?;
         let deps = group.causal().deps_for_send(&local);
         let (env, mid) = group
@@ -243,7 +246,6 @@ impl GroupsActor {
         };
         let frame = encode_gossip_message(&env);
         let bytes = wire::encode_envelope(&env);
-        self.check_quota(&id, bytes.len())?;
         self.count_stored(id, bytes.len());
         let batch = Batch {
             envelopes: vec![(mid, bytes)],

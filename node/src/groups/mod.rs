@@ -33,6 +33,8 @@ mod gossip;
 mod handle;
 pub(crate) mod store;
 mod sync;
+#[cfg(test)]
+mod tests;
 
 use std::time::Duration;
 
