@@ -155,9 +155,13 @@ impl GroupsActor {
         self.fetch_log(peer, gid, now);
     }
 
-    /// Asks `peer` for the membership log of `gid`.
+    /// Asks `peer` for the membership log of `gid`, unless it was asked of
+    /// someone within [`JOIN_FETCH_RETRY`] (one log in flight per group).
     pub(super) fn fetch_log(&mut self, peer: PeerId, gid: GroupId, now: Instant) {
         let recent = |t: &Instant| now.saturating_duration_since(*t) < JOIN_FETCH_RETRY;
+        if self.joining.get(&gid).is_some_and(recent) {
+            return;
+        }
         self.joining.retain(|_, t| recent(t));
         self.joining.insert(gid, now);
         let want = Want {
