@@ -680,6 +680,26 @@ mod tests {
     }
 
     #[test]
+    fn trust_comes_from_flags_or_the_config_file() {
+        let a = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN";
+        let b = libp2p::PeerId::random().to_base58();
+        let s = resolve(file(&format!("trust = [\"{a}\"]")), flags(&[])).expect("resolve");
+        assert_eq!(s.trust.len(), 1);
+        assert_eq!(s.trust[0].to_base58(), a);
+        // Flags replace the file's list; --trust repeats.
+        let s = resolve(
+            file(&format!("trust = [\"{a}\"]")),
+            flags(&["--trust", &b, "--trust", a]),
+        )
+        .expect("resolve");
+        assert_eq!(s.trust.len(), 2);
+        assert_eq!(s.trust[0].to_base58(), b);
+        assert!(toml::from_str::<Overrides>("trust = [\"not-a-peer\"]").is_err());
+        assert!(Flags::try_parse_from(["run", "--trust", "nope"]).is_err());
+        assert!(resolve(Overrides::default(), flags(&[])).is_ok_and(|s| s.trust.is_empty()));
+    }
+
+    #[test]
     fn unknown_config_key_is_an_error() {
         assert!(toml::from_str::<Overrides>("mnds = false").is_err());
         // Flags are not config keys.
