@@ -40,7 +40,8 @@ fn main() {
         let a = start(&tmp.path().join("a"), &extra);
         let mut b_args = extra.clone();
         let boot = a.bootstrap_addr();
-        b_args.extend(["--bootstrap", boot.as_str()]);
+        // B joins A's group without an invitation to accept.
+        b_args.extend(["--bootstrap", boot.as_str(), "--trust", a.peer_id.as_str()]);
         let b = start(&tmp.path().join("b"), &b_args);
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         rt.block_on(run(&a.data_dir, &b.data_dir, &b.peer_id));

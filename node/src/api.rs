@@ -129,6 +129,9 @@ fn router(state: AppState) -> Router {
         .route("/v1/messages", get(dm_list).post(dm_send))
         .route("/v1/messages/{id}", get(dm_get))
         .route("/v1/outbox", get(dm_outbox))
+        .route("/v1/groups/invites", get(groups_invites))
+        .route("/v1/groups/{id}/accept", post(groups_accept))
+        .route("/v1/groups/{id}/decline", post(groups_decline))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .with_state(state)
@@ -298,6 +301,18 @@ async fn groups_remove(
 
 async fn groups_leave(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
     service_result(s.node.groups().leave(&id).await)
+}
+
+async fn groups_invites(State(s): State<AppState>) -> Response {
+    service_result(s.node.groups().invites().await)
+}
+
+async fn groups_accept(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
+    service_result(s.node.groups().accept(&id).await)
+}
+
+async fn groups_decline(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
+    service_result(s.node.groups().decline(&id).await)
 }
 
 #[derive(Debug, Deserialize)]

@@ -95,6 +95,8 @@ pub struct Settings {
     pub message_timeout: Duration,
     /// How long an undelivered direct message is kept and retried.
     pub message_lifetime: Duration,
+    /// Admins whose group invitations are accepted without asking.
+    pub trust: Vec<libp2p::PeerId>,
     /// File upload limit, bytes per second.
     pub max_upload_rate: Option<u64>,
     /// File download limit, bytes per second.
@@ -344,6 +346,23 @@ pub struct Overrides {
         value_parser = FalseyValueParser::new()
     )]
     pub(crate) autonat_private_addrs: Option<bool>,
+    /// Accept group invitations from this admin without asking
+    /// (repeatable); others wait in `fogmesh group invites`.
+    #[arg(
+        long = "trust",
+        value_name = "PEER_ID",
+        env = "FOGMESH_TRUST",
+        value_delimiter = ',',
+        value_parser = parse_peer_id
+    )]
+    #[serde(deserialize_with = "from_str::trust")]
+    pub(crate) trust: Option<Vec<libp2p::PeerId>>,
+}
+
+/// Parses `--trust` (and the `trust` key): a peer id.
+pub fn parse_peer_id(s: &str) -> Result<libp2p::PeerId, String> {
+    s.parse()
+        .map_err(|e| format!("{s:?} is not a peer id: {e}"))
 }
 
 /// A help line that ends with the default, formatted from the value the
@@ -435,6 +454,7 @@ impl Settings {
                 .or(file.message_lifetime_secs)
                 .filter(|s| *s > 0)
                 .map_or(DEFAULT_MESSAGE_LIFETIME, Duration::from_secs),
+            trust: over.trust.or(file.trust).unwrap_or_default(),
             max_upload_rate: over.max_upload_rate.or(file.max_upload_rate),
             max_download_rate: over.max_download_rate.or(file.max_download_rate),
             event_log: over.event_log.or(file.event_log),
@@ -583,6 +603,12 @@ mod from_str {
         list(d, super::parse_bootstrap)
     }
 
+    pub(super) fn trust<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Vec<libp2p::PeerId>>, D::Error> {
+        list(d, super::parse_peer_id)
+    }
+
     pub(super) fn rate<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
         one(d, super::parse_rate)
     }
@@ -688,6 +714,26 @@ mod tests {
         assert!(!from_file.mdns);
         // A switch takes no value on the command line.
         assert!(Flags::try_parse_from(["run", "--no-mdns=false"]).is_err());
+    }
+
+    #[test]
+    fn trust_comes_from_flags_or_the_config_file() {
+        let a = "12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN";
+        let b = libp2p::PeerId::random().to_base58();
+        let s = resolve(file(&format!("trust = [\"{a}\"]")), flags(&[])).expect("resolve");
+        assert_eq!(s.trust.len(), 1);
+        assert_eq!(s.trust[0].to_base58(), a);
+        // Flags replace the file's list; --trust repeats.
+        let s = resolve(
+            file(&format!("trust = [\"{a}\"]")),
+            flags(&["--trust", &b, "--trust", a]),
+        )
+        .expect("resolve");
+        assert_eq!(s.trust.len(), 2);
+        assert_eq!(s.trust[0].to_base58(), b);
+        assert!(toml::from_str::<Overrides>("trust = [\"not-a-peer\"]").is_err());
+        assert!(Flags::try_parse_from(["run", "--trust", "nope"]).is_err());
+        assert!(resolve(Overrides::default(), flags(&[])).is_ok_and(|s| s.trust.is_empty()));
     }
 
     #[test]

@@ -196,6 +196,7 @@ fn node_builder(
         })
         .groups(GroupsConfig {
             sender_rate: settings.group_rate,
+            trust: settings.trust.clone(),
             ..GroupsConfig::default()
         })
         .messages(MessagesConfig {

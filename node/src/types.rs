@@ -162,6 +162,17 @@ pub enum NodeEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         route: Option<String>,
     },
+    /// A peer added this node to a group: the invitation waits for the
+    /// user's `group accept` or `group decline` (unless its admin is
+    /// trusted, when the node joins at once and no invitation is made).
+    GroupInvite {
+        /// The group (hex).
+        group_id: String,
+        /// Its name, as its admin wrote it.
+        name: String,
+        /// The admin, who added this node.
+        inviter: String,
+    },
     /// Events were dropped because the consumer was too slow.
     Lagged {
         /// How many.
@@ -432,4 +443,22 @@ pub struct DirectMessage {
     /// Outgoing and not final: when it expires, ms since the epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
+}
+
+/// An invitation to a group, in `GET /v1/groups/invites` and `fogmesh
+/// group invites`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GroupInvite {
+    /// The group (64 hex characters).
+    pub group_id: String,
+    /// Its name, as its admin wrote it.
+    pub name: String,
+    /// The admin, who added this node.
+    pub inviter: String,
+    /// The peer that told this node of the group.
+    pub via: String,
+    /// When it arrived, ms since the Unix epoch.
+    pub received: u64,
+    /// Accepted, and waiting for a member to send the group's log.
+    pub accepted: bool,
 }

@@ -338,6 +338,8 @@ fn builder(shared: &Shared, node: &SimNode, store: Store) -> NodeBuilder {
         .groups(GroupsConfig {
             // The workload's rate is the scenario's business.
             sender_rate: 1e9,
+            // Simulated nodes have no user to accept invitations.
+            trust_everyone: true,
             ..GroupsConfig::default()
         })
         .time_dilation(shared.dilation)

@@ -160,13 +160,22 @@ fn wait_texts(d: &Daemon, gid: &str, want: &[&str]) {
     });
 }
 
+/// Waits until `d` is in the group, accepting the invitation when it comes.
 fn wait_member(d: &Daemon, gid: &str) {
     eventually(T, "the group reaches this node", || {
         let v = d.json_or_nothing(&["group", "list"]);
-        v.as_array()?
+        if v.as_array()?.iter().any(|g| g["group_id"] == gid) {
+            return Some(());
+        }
+        let invites = d.json_or_nothing(&["group", "invites"]);
+        if invites
+            .as_array()?
             .iter()
-            .any(|g| g["group_id"] == gid)
-            .then_some(())
+            .any(|i| i["group_id"] == gid && i["accepted"] == false)
+        {
+            d.json(&["group", "accept", gid]);
+        }
+        None
     });
 }
 
@@ -360,6 +369,7 @@ fn ble_addresses_never_reach_internet_peers() {
     assert_eq!(st["routes"], serde_json::json!(["internet", "ble"]));
     // A group across the two worlds works through the gateway.
     let gid = group_create(&net, &[&gw, &off]);
+    wait_member(&gw, &gid);
     wait_member(&off, &gid);
     send(&off, &gid, "from the offline side");
     wait_texts(&net, &gid, &["from the offline side"]);

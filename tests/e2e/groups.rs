@@ -65,9 +65,32 @@ fn has_group(d: &Daemon, gid: &str) -> bool {
         .is_some_and(|a| a.iter().any(|g| g["group_id"] == gid))
 }
 
+/// `group invites`: the invitations `d` holds.
+fn invites(d: &Daemon) -> Vec<Value> {
+    d.json_or_nothing(&["group", "invites"])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The pending (not yet accepted) invitation to `gid` on `d`.
+fn pending_invite(d: &Daemon, gid: &str) -> Option<Value> {
+    invites(d)
+        .into_iter()
+        .find(|i| i["group_id"] == gid && i["accepted"] == false)
+}
+
+/// Waits until `d` lists the group, accepting its invitation when it comes
+/// (as its user would).
 fn wait_group(d: &Daemon, gid: &str) {
     eventually(T, &format!("{} lists group {gid}", d.peer_id), || {
-        has_group(d, gid).then_some(())
+        if has_group(d, gid) {
+            return Some(());
+        }
+        if pending_invite(d, gid).is_some() {
+            d.json(&["group", "accept", gid]);
+        }
+        None
     });
 }
 
@@ -710,7 +733,8 @@ fn more_than_100_groups_all_get_gossip() {
     let a = Daemon::start(&tmp.path().join("a"), &[]);
     let b_dir = tmp.path().join("b");
     let boot = a.tcp_addr();
-    let mut b = Daemon::start(&b_dir, &["--bootstrap", &boot]);
+    // B trusts A: 120 invitations would exceed what B holds pending.
+    let mut b = Daemon::start(&b_dir, &["--bootstrap", &boot, "--trust", &a.peer_id]);
     b.wait_connected(&a.peer_id, T);
     let token = std::fs::read_to_string(a.data_dir.join("api.token")).expect("token");
     let body = format!(r#"{{"name":"g","members":["{}"]}}"#, b.peer_id);
@@ -932,4 +956,250 @@ fn event_log_records_wire_copies_deliveries_and_publishes() {
         !has(&a_events, "Delivered Message", &id),
         "own message logged as delivered"
     );
+}
+
+/// A stranger's group is an invitation: nothing of it syncs and it is not
+/// listed until the user accepts; accepting makes it work, declining
+/// removes it for good, and `--trust` accepts without asking.
+#[test]
+fn stranger_invitation_stays_pending_until_accepted() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start(&tmp.path().join("a"), &[]);
+    let boot = a.tcp_addr();
+    let b = Daemon::start(&tmp.path().join("b"), &["--bootstrap", &boot]);
+    let c = Daemon::start(
+        &tmp.path().join("c"),
+        &["--bootstrap", &boot, "--trust", &a.peer_id],
+    );
+    b.wait_connected(&a.peer_id, T);
+    c.wait_connected(&a.peer_id, T);
+    let events = b.spawn_cli(&["events", "--json"]);
+
+    let gid = group_create(&a, "pushed", &[&b.peer_id]);
+    let first = send(&a, &gid, "are you there?");
+    let inv = eventually(T, "B holds the invitation", || pending_invite(&b, &gid));
+    assert_eq!(inv["name"], "pushed");
+    assert_eq!(inv["inviter"], a.peer_id.as_str());
+    assert_eq!(inv["via"], a.peer_id.as_str());
+    assert!(inv["received"].as_u64().is_some_and(|t| t > 0), "{inv}");
+    let got = read_json_lines(&events, |got| {
+        got.iter().any(|e| e["type"] == "group_invite")
+    });
+    let ev = got
+        .iter()
+        .find(|e| e["type"] == "group_invite")
+        .expect("a group_invite event");
+    assert_eq!(ev["group_id"], gid.as_str());
+    assert_eq!(ev["inviter"], a.peer_id.as_str());
+    // Several sync rounds later: still only an invitation.
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(!has_group(&b, &gid), "B joined without being asked");
+    assert!(show(&b, &gid).is_none());
+    let out = b.cli(&["group", "messages", &gid, "--json"]);
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "B holds messages of a pending group"
+    );
+    assert!(pending_invite(&b, &gid).is_some());
+
+    // Accepting joins, and the history arrives.
+    let ack = b.json(&["group", "accept", &gid]);
+    assert_eq!(ack["group_id"], gid.as_str());
+    wait_group(&b, &gid);
+    wait_messages(&b, &gid, std::slice::from_ref(&first));
+    let reply = send(&b, &gid, "here now");
+    wait_messages(&a, &gid, &[reply]);
+    assert!(
+        invites(&b).iter().all(|i| i["group_id"] != gid.as_str()),
+        "the invitation outlived the join"
+    );
+
+    // Declining removes it, and the members' later summaries do not bring
+    // it back.
+    let other = group_create(&a, "unwanted", &[&b.peer_id]);
+    eventually(T, "B holds the second invitation", || {
+        pending_invite(&b, &other)
+    });
+    let ack = b.json(&["group", "decline", &other]);
+    assert_eq!(ack["group_id"], other.as_str());
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(invites(&b).iter().all(|i| i["group_id"] != other.as_str()));
+    assert!(!has_group(&b, &other));
+    // Nothing to accept or decline any more.
+    assert_eq!(b.cli(&["group", "accept", &other]).status.code(), Some(1));
+    assert_eq!(b.cli(&["group", "decline", &other]).status.code(), Some(1));
+
+    // C trusts A: it joins at once, with no invitation.
+    let trusted = group_create(&a, "trusted", &[&c.peer_id]);
+    eventually(T, "C joins the trusted admin's group", || {
+        has_group(&c, &trusted).then_some(())
+    });
+    assert!(invites(&c).is_empty());
+}
+
+/// A removed member still holds the key of the epoch it was removed from,
+/// and could sign new messages in it for ever. After the removal, C's key
+/// signs a next message in its old epoch and a peer with C's identity
+/// gossips it to B: B refuses it (the `Remove` recorded C's last sequence
+/// number) and never shows it.
+#[test]
+fn removed_member_new_message_in_old_epoch_is_refused() {
+    use fogmesh_protocols::groups::crypto::{MessageContext, encrypt_message};
+    use fogmesh_protocols::groups::{
+        EnvelopeBody, Group, GroupId, Keypair, MessageId, SignedEnvelope, wire,
+    };
+    use libp2p::futures::StreamExt;
+    use libp2p::gossipsub;
+    use libp2p::swarm::SwarmEvent;
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start(&tmp.path().join("a"), &[]);
+    let b = Daemon::start(
+        &tmp.path().join("b"),
+        &["--bootstrap", &a.tcp_addr(), "--metrics", "127.0.0.1:0"],
+    );
+    let c_dir = tmp.path().join("c");
+    let mut c = Daemon::start(&c_dir, &["--bootstrap", &a.tcp_addr()]);
+    b.wait_connected(&a.peer_id, T);
+    c.wait_connected(&a.peer_id, T);
+    let metrics = b.metrics_addr().expect("metrics ready line");
+    let gid = group_of_three(&a, &b, &c, "no ghosts");
+    let last = send(&c, &gid, "my last words");
+    for d in [&a, &b] {
+        wait_messages(d, &gid, std::slice::from_ref(&last));
+    }
+    a.json(&["group", "remove", &gid, &c.peer_id]);
+    eventually(T, "B sees C removed", || {
+        (!members(&show(&b, &gid).expect("B shows the group")).contains(&c.peer_id)).then_some(())
+    });
+    assert!(c.terminate().0.success());
+    drop(c);
+
+    // What C holds: its identity and the group's genesis op (its database).
+    let key = Keypair::from_protobuf_encoding(
+        &std::fs::read(c_dir.join("identity.key")).expect("C's identity"),
+    )
+    .expect("identity");
+    let group_id = GroupId(
+        hex::decode(&gid)
+            .expect("hex")
+            .try_into()
+            .expect("32 bytes"),
+    );
+    let genesis = {
+        let db = redb::Database::open(c_dir.join("fogmesh.redb")).expect("C's database");
+        let ops: redb::TableDefinition<(&[u8], u64), &[u8]> =
+            redb::TableDefinition::new("group_ops");
+        use redb::ReadableDatabase;
+        let tx = db.begin_read().expect("read");
+        let table = tx.open_table(ops).expect("group_ops");
+        let bytes = table
+            .get((group_id.0.as_slice(), 0))
+            .expect("get")
+            .expect("the genesis op")
+            .value()
+            .to_vec();
+        wire::decode_op(&bytes).expect("genesis")
+    };
+    let group = Group::join(key.clone(), genesis).expect("join");
+    let epoch_key = group
+        .keys()
+        .get(0)
+        .expect("C holds the epoch-0 key")
+        .clone();
+    let sender = key.public().to_peer_id();
+    let ctx = MessageContext {
+        group_id: &group_id,
+        epoch: 0,
+        sender: &sender,
+        seq: 2,
+    };
+    let mut rng: rand::rngs::StdRng = rand::make_rng();
+    let marker = format!("ghost-{}", unique());
+    let body = EnvelopeBody {
+        group_id,
+        epoch: 0,
+        sender,
+        seq: 2,
+        deps: vec![MessageId(
+            hex::decode(&last)
+                .expect("hex")
+                .try_into()
+                .expect("32 bytes"),
+        )],
+        timestamp_ms: now_ms(),
+        ciphertext: encrypt_message(&mut rng, &epoch_key, &ctx, marker.as_bytes())
+            .expect("encrypt"),
+    };
+    let env = SignedEnvelope::sign(&key, body).expect("sign");
+    let frame = fogmesh_protocols::groups::gossip::encode_gossip_message(&env);
+
+    // A peer with C's identity gossips it to B.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let addr: libp2p::Multiaddr = b.tcp_addr().parse().expect("multiaddr");
+    let b_peer: libp2p::PeerId = b.peer_id.parse().expect("B's peer id");
+    let topic = gossipsub::IdentTopic::new(fogmesh_protocols::groups::topic(&group_id));
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    rt.spawn(async move {
+        let fail = |e: String| {
+            let _ = ready_tx.send(Err(e));
+        };
+        let mut swarm = match rogue_swarm(key) {
+            Ok(s) => s,
+            Err(e) => return fail(format!("building the swarm: {e}")),
+        };
+        if let Err(e) = swarm.behaviour_mut().subscribe(&topic) {
+            return fail(format!("subscribe: {e}"));
+        }
+        if let Err(e) = swarm.dial(addr) {
+            return fail(format!("dial B: {e}"));
+        }
+        let deadline = tokio::time::Instant::now() + T;
+        loop {
+            match tokio::time::timeout_at(deadline, swarm.select_next_some()).await {
+                Err(_) => return fail("B never subscribed to the group topic".into()),
+                Ok(SwarmEvent::OutgoingConnectionError { error, .. }) => {
+                    return fail(format!("cannot connect to B: {error}"));
+                }
+                Ok(SwarmEvent::Behaviour(gossipsub::Event::Subscribed {
+                    peer_id,
+                    topic: t,
+                    ..
+                })) if peer_id == b_peer && t == topic.hash() => break,
+                Ok(_) => {}
+            }
+        }
+        let sent = swarm.behaviour_mut().publish(topic.clone(), frame);
+        let _ = ready_tx.send(sent.map(|_| ()).map_err(|e| format!("publish: {e}")));
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    match ready_rx.recv_timeout(T + Duration::from_secs(30)) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("C's ghost: {e}"),
+        Err(_) => panic!("C's ghost ended without reporting"),
+    }
+    eventually(T, "B rejects the removed member's message", || {
+        let (code, body) = http(&metrics, "GET", "/metrics", None, None);
+        (code == 200)
+            .then(|| metric_sum(&body, "fogmesh_group_messages_rejected_total"))
+            .flatten()
+            .filter(|n| *n >= 1.0)
+    });
+    // And a sync round later, it is nowhere.
+    std::thread::sleep(Duration::from_secs(3));
+    for d in [&a, &b] {
+        assert!(
+            !texts(&messages(d, &gid)).contains(&marker),
+            "{} shows the removed member's new message",
+            d.peer_id
+        );
+    }
+    rt.shutdown_background();
 }

@@ -315,9 +315,20 @@ fn group_message_arrives(a: &Daemon, b: &Daemon, name: &str, text: &str) {
     let gid = g["group_id"].as_str().expect("group_id").to_owned();
     a.json(&["group", "send", &gid, text]);
     eventually(T, &format!("B receives {text:?}"), || {
+        // B accepts the invitation when it comes.
+        let invites = b.json_or_nothing(&["group", "invites"]).to_string();
+        if invites.contains(&gid) && !has_group(b, &gid) {
+            b.json(&["group", "accept", &gid]);
+        }
         let m = b.json_or_nothing(&["group", "messages", &gid]);
         m.to_string().contains(text).then_some(())
     });
+}
+
+fn has_group(d: &Daemon, gid: &str) -> bool {
+    d.json_or_nothing(&["group", "list"])
+        .as_array()
+        .is_some_and(|a| a.iter().any(|g| g["group_id"] == gid))
 }
 
 fn tcp_addr(d: &Daemon, addr: &str) -> String {

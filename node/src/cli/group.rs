@@ -9,7 +9,8 @@ use clap::Subcommand;
 use super::output::{self, Human, Output, StdoutClosed};
 use crate::client::Client;
 use crate::types::{
-    CreateGroup, GroupAck, GroupInfo, GroupMessage, MemberRequest, NodeEvent, PostMessage,
+    CreateGroup, GroupAck, GroupInfo, GroupInvite, GroupMessage, MemberRequest, NodeEvent,
+    PostMessage,
 };
 
 /// How many of the latest messages are fetched to find the one an event
@@ -73,6 +74,20 @@ pub(super) enum GroupCommand {
         #[arg(long)]
         follow: bool,
     },
+    /// List invitations to groups, waiting for accept or decline (exit 1
+    /// when none).
+    Invites,
+    /// Accept an invitation: the node joins the group.
+    Accept {
+        /// The group id.
+        group_id: String,
+    },
+    /// Decline an invitation: it is forgotten and the group's later
+    /// invitations are ignored.
+    Decline {
+        /// The group id.
+        group_id: String,
+    },
 }
 
 /// Runs a group command against the daemon.
@@ -130,7 +145,31 @@ pub(super) async fn run(client: Client, cmd: GroupCommand, out: Output) -> anyho
             limit,
             follow: true,
         } => follow(&client, &group_id, limit, out).await,
+        GroupCommand::Invites => {
+            let invites: Vec<GroupInvite> = client.get("groups/invites").await?;
+            out.list(&invites, write_invite, "invitations")
+        }
+        GroupCommand::Accept { group_id } => {
+            let path = format!("groups/{group_id}/accept");
+            ack(client.post(&path, &serde_json::json!({})).await?)
+        }
+        GroupCommand::Decline { group_id } => {
+            let path = format!("groups/{group_id}/decline");
+            ack(client.post(&path, &serde_json::json!({})).await?)
+        }
     }
+}
+
+fn write_invite(w: Human<'_>, i: &GroupInvite) -> io::Result<()> {
+    writeln!(
+        w,
+        "{}  {:<20} from {} at {}{}",
+        i.group_id,
+        i.name,
+        i.inviter,
+        i.received,
+        if i.accepted { " (accepted)" } else { "" }
+    )
 }
 
 /// `group messages --follow`: the history, then each new delivery, one

@@ -170,6 +170,14 @@ fn describe(ev: &NodeEvent) -> String {
             Some(r) => format!("[dm {}] to {to}: {state} by {r}", short(id)),
             None => format!("[dm {}] to {to}: {state}", short(id)),
         },
+        NodeEvent::GroupInvite {
+            group_id,
+            name,
+            inviter,
+        } => format!(
+            "invited to group {} ({name:?}) by {inviter}",
+            short(group_id)
+        ),
         NodeEvent::Lagged { missed } => format!("(missed {missed} events)"),
     }
 }

@@ -8,7 +8,7 @@
 //! `now` they are given; only message timestamps (informational, in ms
 //! since the Unix epoch) read the wall clock, in [`now_ms`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fogmesh_protocols::groups::wire::{self, decode_op};
@@ -24,7 +24,7 @@ use super::{GroupsConfig, Input, NetCommand};
 use crate::actor::{Actor, ServiceError};
 use crate::metrics::NodeMetrics;
 use crate::storage::StoreError;
-use crate::types::{GroupMessage, NodeEvent};
+use crate::types::{GroupInvite, GroupMessage, NodeEvent};
 
 /// How long an outbox entry handed to the swarm waits for its answer
 /// before it is offered again (an answer lost to a full queue must not
@@ -46,6 +46,18 @@ pub(super) struct GroupsActor {
     pub(super) rates: HashMap<PeerId, TokenBucket>,
     /// Fetches of unknown groups' logs per peer (see [`super::sync`]).
     pub(super) invite_fetches: HashMap<PeerId, TokenBucket>,
+    /// Sync requests answered per connected peer (see
+    /// [`super::SYNC_REQUEST_RATE`]).
+    pub(super) sync_rates: HashMap<PeerId, TokenBucket>,
+    /// Invitations: pending, or accepted and waiting for the group's log.
+    pub(super) invites: BTreeMap<GroupId, GroupInvite>,
+    /// Declined groups, whose invitations are ignored.
+    pub(super) declined: HashSet<GroupId>,
+    /// When each group last asked a peer to catch up because of a message
+    /// from a sender it did not know yet (at most once a second).
+    pub(super) caught_up: HashMap<GroupId, Instant>,
+    /// Stored envelopes and their bytes, per group (for the quotas).
+    pub(super) usage: HashMap<GroupId, (u64, u64)>,
     /// Groups we were told of and asked a member for, with when: one
     /// membership log in flight per group, not one per member that tells
     /// us (a large group's log is hundreds of kilobytes).
@@ -104,7 +116,7 @@ impl Actor for GroupsActor {
                 self.net_send(NetCommand::SyncRespond { channel, frame });
             }
             Input::SyncResponse { peer, group, frame } => {
-                self.on_sync_response(peer, group, &frame)
+                self.on_sync_response(peer, group, &frame, now)
             }
             Input::SyncFailed { peer, group, error } => {
                 tracing::debug!(%peer, group = %group.to_hex(), "sync request failed: {error}");
@@ -121,7 +133,8 @@ impl Actor for GroupsActor {
             Input::PeerConnected(peer) => self.on_connected(peer),
             Input::PeerDisconnected(peer) => {
                 self.connected.remove(&peer);
-                self.rates.remove(&peer);
+                self.invite_fetches.remove(&peer);
+                self.sync_rates.remove(&peer);
                 for k in self.knows.values_mut() {
                     k.remove(&peer);
                 }
@@ -172,6 +185,11 @@ impl GroupsActor {
             connected: HashSet::new(),
             rates: HashMap::new(),
             invite_fetches: HashMap::new(),
+            sync_rates: HashMap::new(),
+            invites: BTreeMap::new(),
+            declined: HashSet::new(),
+            caught_up: HashMap::new(),
+            usage: HashMap::new(),
             joining: HashMap::new(),
             knows: HashMap::new(),
             publishing: HashMap::new(),
@@ -184,6 +202,8 @@ impl GroupsActor {
 
     /// Rebuilds every group from its stored ops and envelopes, and
     /// subscribes to the topics of those this node is a member of.
+    /// Then collects the rows of groups it does not hold, and loads the
+    /// invitations (accepting those of admins trusted since).
     fn restore(&mut self) -> Result<(), StoreError> {
         for gid in self.store.groups()? {
             if let Some(group) = self.restore_group(gid)? {
@@ -193,8 +213,40 @@ impl GroupsActor {
                 self.groups.insert(gid, group);
             }
         }
-        tracing::info!(groups = self.groups.len(), "groups restored");
+        let keep: HashSet<GroupId> = self.groups.keys().copied().collect();
+        let orphans = self.store.collect_orphans(&keep)?;
+        if !orphans.is_empty() {
+            tracing::info!(
+                n = orphans.len(),
+                "collected the rows of groups this node is not in"
+            );
+        }
+        self.declined = self.store.declined()?.into_iter().collect();
+        for mut inv in self.store.invites()? {
+            let Some(gid) = super::handle::parse_group(&inv.group_id).ok() else {
+                continue;
+            };
+            if self.groups.contains_key(&gid) {
+                self.store.remove_invite(&gid)?;
+                continue;
+            }
+            if !inv.accepted && inv.inviter.parse().is_ok_and(|p| self.trusts(&p)) {
+                inv.accepted = true;
+                self.store.put_invite(&gid, &inv)?;
+            }
+            self.invites.insert(gid, inv);
+        }
+        tracing::info!(
+            groups = self.groups.len(),
+            invites = self.invites.len(),
+            "groups restored"
+        );
         Ok(())
+    }
+
+    /// Whether invitations from `admin` are accepted without asking.
+    pub(super) fn trusts(&self, admin: &PeerId) -> bool {
+        self.cfg.trust_everyone || self.cfg.trust.contains(admin)
     }
 
     fn restore_group(&mut self, gid: GroupId) -> Result<Option<Group>, StoreError> {
@@ -219,7 +271,10 @@ impl GroupsActor {
         // a crash cut off between two commits: commit catches them (it skips
         // what was delivered).
         let mut batch = Batch::default();
+        let mut usage = (0, 0);
         for bytes in self.store.envelopes_for_replay(&gid)? {
+            usage.0 += 1;
+            usage.1 += bytes.len() as u64;
             let Ok(env) = wire::decode_envelope(&bytes) else {
                 continue;
             };
@@ -233,6 +288,7 @@ impl GroupsActor {
                 tracing::info!(group = %gid.to_hex(), n = missed.len(), "recovered deliveries on replay");
             }
         }
+        self.usage.insert(gid, usage);
         Ok(Some(group))
     }
 
@@ -259,6 +315,28 @@ impl GroupsActor {
         if self.net.blocking_send(cmd).is_err() {
             tracing::debug!("swarm loop gone; dropping a network command");
         }
+    }
+
+    /// Refuses a new envelope of `len` bytes when the group is at its
+    /// storage quota.
+    pub(super) fn check_quota(&self, gid: &GroupId, len: usize) -> Result<(), ServiceError> {
+        let (n, bytes) = self.usage.get(gid).copied().unwrap_or_default();
+        if n >= super::MAX_GROUP_MESSAGES || bytes + len as u64 > super::MAX_GROUP_BYTES {
+            return Err(ServiceError::Forbidden(format!(
+                "group {} is at its storage quota ({} messages, {} MiB)",
+                gid.to_hex(),
+                super::MAX_GROUP_MESSAGES,
+                super::MAX_GROUP_BYTES >> 20
+            )));
+        }
+        Ok(())
+    }
+
+    /// Counts a stored envelope of `len` bytes.
+    pub(super) fn count_stored(&mut self, gid: GroupId, len: usize) {
+        let used = self.usage.entry(gid).or_default();
+        used.0 += 1;
+        used.1 += len as u64;
     }
 
     pub(super) fn emit(&self, ev: NodeEvent) {

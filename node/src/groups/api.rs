@@ -12,12 +12,12 @@ use fogmesh_protocols::groups::gossip::{encode_gossip_message, encode_gossip_op}
 use fogmesh_protocols::groups::{Delivered, Group, GroupError, GroupId, wire};
 use libp2p::PeerId;
 
-use super::NetCommand;
 use super::actor::{GroupsActor, now_ms, to_message};
 use super::handle::ApiCall;
 use super::store::Batch;
+use super::{MAX_GROUPS, NetCommand};
 use crate::actor::ServiceError;
-use crate::types::{GroupAck, GroupInfo, NodeEvent};
+use crate::types::{GroupAck, GroupInfo, GroupInvite, NodeEvent};
 
 /// A change to a group's membership asked through the API.
 enum Change {
@@ -69,7 +69,70 @@ impl GroupsActor {
                     .and_then(|_| self.store.history(&group, limit).map_err(Into::into));
                 let _ = reply.send(r);
             }
+            ApiCall::Invites { reply } => {
+                let mut list: Vec<GroupInvite> = self.invites.values().cloned().collect();
+                list.sort_by(|a, b| {
+                    a.received
+                        .cmp(&b.received)
+                        .then(a.group_id.cmp(&b.group_id))
+                });
+                let _ = reply.send(Ok(list));
+            }
+            ApiCall::Accept { group, reply } => {
+                let _ = reply.send(self.accept(group, now));
+            }
+            ApiCall::Decline { group, reply } => {
+                let _ = reply.send(self.decline(group));
+            }
         }
+    }
+
+    /// Accepts an invitation and asks for the group's log: from the peer
+    /// that told us of it and its admin, when connected; otherwise from the
+    /// first member that tells us of the group again (members check with
+    /// every member every few seconds).
+    fn accept(&mut self, id: GroupId, now: Instant) -> Result<GroupAck, ServiceError> {
+        let ack = GroupAck {
+            group_id: id.to_hex(),
+            id: None,
+        };
+        if self.groups.contains_key(&id) {
+            return Ok(ack);
+        }
+        if self.groups.len() >= MAX_GROUPS {
+            return Err(ServiceError::Forbidden(format!(
+                "this node is in {MAX_GROUPS} groups, the most it may be in: leave one first"
+            )));
+        }
+        let inv = self
+            .invites
+            .get_mut(&id)
+            .ok_or_else(|| no_invitation(&id))?;
+        inv.accepted = true;
+        let inv = inv.clone();
+        self.store.put_invite(&id, &inv)?;
+        for peer in [&inv.via, &inv.inviter] {
+            if let Ok(peer) = peer.parse::<PeerId>()
+                && self.connected.contains(&peer)
+            {
+                self.fetch_log(peer, id, now);
+            }
+        }
+        Ok(ack)
+    }
+
+    /// Declines an invitation.
+    fn decline(&mut self, id: GroupId) -> Result<GroupAck, ServiceError> {
+        if !self.invites.contains_key(&id) {
+            return Err(no_invitation(&id));
+        }
+        self.store.decline(&id, now_ms())?;
+        self.invites.remove(&id);
+        self.declined.insert(id);
+        Ok(GroupAck {
+            group_id: id.to_hex(),
+            id: None,
+        })
     }
 
     fn find(&self, id: &GroupId) -> Result<&Group, ServiceError> {
@@ -96,6 +159,11 @@ impl GroupsActor {
         description: &str,
         members: &[PeerId],
     ) -> Result<GroupAck, ServiceError> {
+        if self.groups.len() >= MAX_GROUPS {
+            return Err(ServiceError::Forbidden(format!(
+                "this node is in {MAX_GROUPS} groups, the most it may be in: leave one first"
+            )));
+        }
         let (group, ops) = Group::create(
             self.keypair.clone(),
             name,
@@ -158,6 +226,9 @@ impl GroupsActor {
     fn post(&mut self, id: GroupId, text: &str, now: Instant) -> Result<GroupAck, ServiceError> {
         let sent_ms = now_ms();
         let local = self.local;
+        // Before composing, which advances the sequence number: the
+        // envelope is the text and at most a few KiB of header.
+        self.check_quota(&id, text.len() + 4096)?;
         let group = self.groups.get_mut(&id).ok_or_else(|| not_found(&id))?;
         let deps = group.causal().deps_for_send(&local);
         let (env, mid) = group
@@ -174,8 +245,10 @@ impl GroupsActor {
             deps,
         };
         let frame = encode_gossip_message(&env);
+        let bytes = wire::encode_envelope(&env);
+        self.count_stored(id, bytes.len());
         let batch = Batch {
-            envelopes: vec![(mid, wire::encode_envelope(&env))],
+            envelopes: vec![(mid, bytes)],
             delivered: vec![to_message(&delivered)],
             outbox_add: vec![(mid, frame.clone())],
             ..Batch::default()
@@ -194,6 +267,10 @@ impl GroupsActor {
             id: Some(hex::encode(mid.0)),
         })
     }
+}
+
+fn no_invitation(id: &GroupId) -> ServiceError {
+    ServiceError::NotFound(format!("no invitation to group {}", id.to_hex()))
 }
 
 fn not_found(id: &GroupId) -> ServiceError {

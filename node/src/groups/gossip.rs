@@ -7,7 +7,7 @@
 //! what is nobody's fault (an unknown group, a missing key, a fork, a
 //! sender over its rate).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fogmesh_protocols::groups::gossip::{GossipFrame, decode_gossip, encode_gossip_op};
 use fogmesh_protocols::groups::wire::{self, SignedEnvelope};
@@ -15,9 +15,9 @@ use fogmesh_protocols::groups::{GroupError, GroupId, MembershipError, Op};
 use libp2p::PeerId;
 use libp2p::gossipsub::MessageAcceptance;
 
-use super::NetCommand;
 use super::actor::{GroupsActor, MILLI, message_bucket, now_ms, to_message};
 use super::store::Batch;
+use super::{MAX_RATE_SENDERS, NetCommand};
 use crate::types::NodeEvent;
 
 impl GroupsActor {
@@ -38,14 +38,31 @@ impl GroupsActor {
         let result = match frame {
             GossipFrame::Message(env) => {
                 let gid = env.body.group_id;
-                if !self.groups.contains_key(&gid) {
+                let Some(group) = self.groups.get(&gid) else {
+                    return MessageAcceptance::Ignore;
+                };
+                // The rate is charged to a sender that signed the message
+                // and that the group knows, never to a claimed one: a
+                // forger cannot exhaust a member's budget, and the table
+                // holds members only.
+                let sender = env.body.sender;
+                if group.causal().contains(&env.id()) {
+                    return MessageAcceptance::Accept;
+                }
+                if env.verify().is_err() {
+                    tracing::debug!(%source, "gossip message with a forged sender");
+                    return MessageAcceptance::Reject;
+                }
+                if !group.membership().ever_member(&sender) {
+                    // Perhaps added by an op we have not received yet.
+                    self.catch_up(source, gid, now);
                     return MessageAcceptance::Ignore;
                 }
-                if !self.sender_within_rate(env.body.sender, now) {
+                if !self.sender_within_rate(sender, now) {
                     self.metrics.group_messages_rate_limited.inc();
                     return MessageAcceptance::Ignore;
                 }
-                self.receive_envelope(gid, env)
+                self.receive_envelope(source, gid, env, now)
             }
             GossipFrame::Op(op) => {
                 // A genesis op (no group id) never travels by gossip.
@@ -63,6 +80,12 @@ impl GroupsActor {
 
     fn sender_within_rate(&mut self, sender: PeerId, now: Instant) -> bool {
         let rate = self.cfg.sender_rate;
+        if self.rates.len() >= MAX_RATE_SENDERS && !self.rates.contains_key(&sender) {
+            // Only signed messages of senders the groups know get here, so
+            // this takes more than MAX_RATE_SENDERS members writing within
+            // the process's life: starting over costs one burst each.
+            self.rates.clear();
+        }
         self.rates
             .entry(sender)
             .or_insert_with(|| message_bucket(rate))
@@ -70,13 +93,31 @@ impl GroupsActor {
             .is_ok()
     }
 
-    /// Feeds one envelope to its group and stores it if it is valid.
+    /// A message from a sender the group does not know yet: its `Add` is
+    /// probably on its way. Ask `peer` (which had it, or it would not have
+    /// sent it) for what we lack, at most once a second per group.
+    pub(super) fn catch_up(&mut self, peer: PeerId, gid: GroupId, now: Instant) {
+        let recent = self
+            .caught_up
+            .get(&gid)
+            .is_some_and(|t| now.saturating_duration_since(*t) < Duration::from_secs(1));
+        if recent || !self.connected.contains(&peer) {
+            return;
+        }
+        self.caught_up.insert(gid, now);
+        self.send_summary(peer, gid);
+    }
+
+    /// Feeds one envelope (from `source`, by gossip or sync) to its group
+    /// and stores it if it is valid.
     pub(super) fn receive_envelope(
         &mut self,
+        source: PeerId,
         gid: GroupId,
         env: SignedEnvelope,
+        now: Instant,
     ) -> Result<(), MessageAcceptance> {
-        let Some(group) = self.groups.get_mut(&gid) else {
+        let Some(group) = self.groups.get(&gid) else {
             return Err(MessageAcceptance::Ignore);
         };
         let mid = env.id();
@@ -84,8 +125,16 @@ impl GroupsActor {
             return Ok(());
         }
         let bytes = wire::encode_envelope(&env);
+        if let Err(e) = self.check_quota(&gid, bytes.len()) {
+            tracing::warn!("message refused: {e}");
+            return Err(MessageAcceptance::Ignore);
+        }
+        let Some(group) = self.groups.get_mut(&gid) else {
+            return Err(MessageAcceptance::Ignore);
+        };
         match group.receive_message(env) {
             Ok(delivered) => {
+                self.count_stored(gid, bytes.len());
                 let batch = Batch {
                     envelopes: vec![(mid, bytes)],
                     delivered: delivered.iter().map(to_message).collect(),
@@ -100,6 +149,12 @@ impl GroupsActor {
             // Not this peer's fault: we lack the key (we were removed, or
             // the op that gives it has not arrived).
             Err(GroupError::NoKeyForEpoch(_)) => Err(MessageAcceptance::Ignore),
+            // Nor is a sender an op we have not received yet may add:
+            // catch up with the peer that had the message.
+            Err(GroupError::NotMemberYet { .. }) => {
+                self.catch_up(source, gid, now);
+                Err(MessageAcceptance::Ignore)
+            }
             Err(e) => {
                 tracing::debug!(group = %gid.to_hex(), "message rejected: {e}");
                 Err(MessageAcceptance::Reject)

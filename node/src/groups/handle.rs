@@ -11,7 +11,7 @@ use libp2p::PeerId;
 
 use super::Input;
 use crate::actor::{Mailbox, MailboxError, Reply, ServiceError};
-use crate::types::{CreateGroup, GroupAck, GroupInfo, GroupMessage};
+use crate::types::{CreateGroup, GroupAck, GroupInfo, GroupInvite, GroupMessage};
 
 /// The API's and the event loop's handle on the groups actor. Cloneable.
 #[derive(Debug, Clone)]
@@ -60,6 +60,17 @@ pub(crate) enum ApiCall {
         group: GroupId,
         limit: Option<usize>,
         reply: Reply<Vec<GroupMessage>>,
+    },
+    Invites {
+        reply: Reply<Vec<GroupInvite>>,
+    },
+    Accept {
+        group: GroupId,
+        reply: Reply<GroupAck>,
+    },
+    Decline {
+        group: GroupId,
+        reply: Reply<GroupAck>,
     },
 }
 
@@ -159,7 +170,33 @@ impl GroupsHandle {
     }
 }
 
-fn parse_group(s: &str) -> Result<GroupId, ServiceError> {
+/// Invitations.
+impl GroupsHandle {
+    /// Pending (and accepted, not yet joined) invitations, oldest first.
+    pub async fn invites(&self) -> Result<Vec<GroupInvite>, ServiceError> {
+        self.mailbox.call(|reply| ApiCall::Invites { reply }).await
+    }
+
+    /// Accepts an invitation: the node joins the group as soon as a member
+    /// sends its log (at once when one is connected).
+    pub async fn accept(&self, group_id: &str) -> Result<GroupAck, ServiceError> {
+        let group = parse_group(group_id)?;
+        self.mailbox
+            .call(|reply| ApiCall::Accept { group, reply })
+            .await
+    }
+
+    /// Declines an invitation: it is forgotten, and the group's later
+    /// invitations are ignored.
+    pub async fn decline(&self, group_id: &str) -> Result<GroupAck, ServiceError> {
+        let group = parse_group(group_id)?;
+        self.mailbox
+            .call(|reply| ApiCall::Decline { group, reply })
+            .await
+    }
+}
+
+pub(super) fn parse_group(s: &str) -> Result<GroupId, ServiceError> {
     hex::decode(s)
         .ok()
         .and_then(|b| <[u8; 32]>::try_from(b).ok())

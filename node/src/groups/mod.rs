@@ -33,6 +33,8 @@ mod gossip;
 mod handle;
 pub(crate) mod store;
 mod sync;
+#[cfg(test)]
+mod tests;
 
 use std::time::Duration;
 
@@ -145,6 +147,12 @@ pub struct GroupsConfig {
     /// bursts of four times as many pass. Beyond that gossip from the sender
     /// is ignored (and arrives later through sync, at the receiver's pace).
     pub sender_rate: f64,
+    /// Admins whose invitations are accepted without asking (`--trust`);
+    /// anyone else's wait in `group invites` for the user.
+    pub trust: Vec<PeerId>,
+    /// Accept every invitation without asking. For the simulator, whose
+    /// nodes have no user to ask; never set by the daemon.
+    pub trust_everyone: bool,
 }
 
 impl Default for GroupsConfig {
@@ -153,9 +161,36 @@ impl Default for GroupsConfig {
             sync_interval: Duration::from_secs(2),
             outbox_interval: Duration::from_secs(2),
             sender_rate: 50.0,
+            trust: Vec::new(),
+            trust_everyone: false,
         }
     }
 }
+
+/// Groups this node may be in at once (well below gossipsub's subscription
+/// filter of 10,000 topics per peer). Beyond it, creating or accepting a
+/// group is refused and invitations are ignored.
+pub const MAX_GROUPS: usize = 1000;
+/// Pending invitations in all; a new one beyond it drops the oldest
+/// pending one.
+pub const MAX_INVITES: usize = 64;
+/// Pending invitations from one admin; beyond it, its new ones are ignored.
+pub const MAX_INVITES_PER_INVITER: usize = 4;
+/// Declined groups remembered (their invitations are ignored); the oldest
+/// is forgotten beyond it.
+pub const MAX_DECLINED: usize = 1024;
+/// Stored message envelopes per group; beyond it, new messages of the
+/// group are refused (gossip ignored, a local post answered 403).
+pub const MAX_GROUP_MESSAGES: u64 = 200_000;
+/// Stored envelope bytes per group, likewise.
+pub const MAX_GROUP_BYTES: u64 = 512 * 1024 * 1024;
+/// Sync requests one peer may send, per second, sustained.
+pub const SYNC_REQUEST_RATE: u64 = 200;
+/// Sync requests one peer may send at once (a neighbour that connects
+/// sends a summary per shared group, up to [`MAX_GROUPS`]).
+pub const SYNC_REQUEST_BURST: u64 = 2 * MAX_GROUPS as u64;
+/// Senders whose gossip rate is tracked; beyond it the table starts over.
+pub const MAX_RATE_SENDERS: usize = 4096;
 
 /// Opens the group tables and starts the actor thread, which restores
 /// every stored group before its first input. Returns the actor's handle

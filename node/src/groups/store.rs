@@ -9,7 +9,13 @@
 //!   delivery index), as the JSON the API returns (plaintext);
 //! - `group_delivered`: (group, message id) to delivery index, to find
 //!   history entries and to avoid delivering twice;
-//! - `group_outbox`: gossip frames not yet handed to gossipsub.
+//! - `group_outbox`: gossip frames not yet handed to gossipsub;
+//! - `group_invites`: pending invitations, by group, as the JSON the API
+//!   returns (nothing else of a group is stored before it is accepted);
+//! - `group_declined`: declined groups, by group, with when (bounded).
+//!
+//! At start, rows of groups this node does not hold (no genesis op, or a
+//! log that does not restore) are collected.
 //!
 //! Every change that follows one input (a received op or message, a local
 //! send) is one write transaction, committed before anything is
@@ -17,10 +23,13 @@
 
 use fogmesh_protocols::groups::wire;
 use fogmesh_protocols::groups::{GroupId, MessageId, Op};
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
+use std::collections::{BTreeSet, HashSet};
+
+use super::MAX_DECLINED;
 use crate::storage::{Store, StoreError};
-use crate::types::GroupMessage;
+use crate::types::{GroupInvite, GroupMessage};
 
 type GroupIndexKey<'a> = (&'a [u8], u64);
 type GroupIdKey<'a> = (&'a [u8], &'a [u8]);
@@ -30,6 +39,8 @@ const ENVELOPES: TableDefinition<GroupIdKey, &[u8]> = TableDefinition::new("grou
 const HISTORY: TableDefinition<GroupIndexKey, &[u8]> = TableDefinition::new("group_history");
 const DELIVERED: TableDefinition<GroupIdKey, u64> = TableDefinition::new("group_delivered");
 const OUTBOX: TableDefinition<GroupIdKey, &[u8]> = TableDefinition::new("group_outbox");
+const INVITES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("group_invites");
+const DECLINED: TableDefinition<&[u8], u64> = TableDefinition::new("group_declined");
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
@@ -80,6 +91,8 @@ impl GroupStore {
         tx.open_table(HISTORY).map_err(db_err)?;
         tx.open_table(DELIVERED).map_err(db_err)?;
         tx.open_table(OUTBOX).map_err(db_err)?;
+        tx.open_table(INVITES).map_err(db_err)?;
+        tx.open_table(DECLINED).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(GroupStore { store })
     }
@@ -268,6 +281,160 @@ impl GroupStore {
         }
         out.reverse();
         Ok(out)
+    }
+}
+
+/// Invitations, declined groups and orphan collection.
+impl GroupStore {
+    /// Every stored invitation.
+    pub(crate) fn invites(&self) -> Result<Vec<GroupInvite>, StoreError> {
+        let tx = self.store.db().begin_read().map_err(db_err)?;
+        let table = tx.open_table(INVITES).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(db_err)? {
+            let (_, v) = entry.map_err(db_err)?;
+            if let Ok(inv) = serde_json::from_slice::<GroupInvite>(v.value()) {
+                out.push(inv);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stores (or replaces) an invitation.
+    pub(crate) fn put_invite(&self, group: &GroupId, inv: &GroupInvite) -> Result<(), StoreError> {
+        let json = serde_json::to_vec(inv).map_err(db_err)?;
+        let tx = self.store.db().begin_write().map_err(db_err)?;
+        tx.open_table(INVITES)
+            .map_err(db_err)?
+            .insert(group.0.as_slice(), json.as_slice())
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    /// Forgets an invitation (accepted and joined, or dropped).
+    pub(crate) fn remove_invite(&self, group: &GroupId) -> Result<(), StoreError> {
+        let tx = self.store.db().begin_write().map_err(db_err)?;
+        tx.open_table(INVITES)
+            .map_err(db_err)?
+            .remove(group.0.as_slice())
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)
+    }
+
+    /// Declines an invitation: forgets it and remembers the group as
+    /// declined, keeping the newest [`MAX_DECLINED`] declined groups.
+    pub(crate) fn decline(&self, group: &GroupId, now_ms: u64) -> Result<(), StoreError> {
+        let tx = self.store.db().begin_write().map_err(db_err)?;
+        {
+            tx.open_table(INVITES)
+                .map_err(db_err)?
+                .remove(group.0.as_slice())
+                .map_err(db_err)?;
+            let mut declined = tx.open_table(DECLINED).map_err(db_err)?;
+            declined
+                .insert(group.0.as_slice(), now_ms)
+                .map_err(db_err)?;
+            let len = declined.len().map_err(db_err)? as usize;
+            if len > MAX_DECLINED {
+                let mut all = Vec::with_capacity(len);
+                for entry in declined.iter().map_err(db_err)? {
+                    let (k, v) = entry.map_err(db_err)?;
+                    all.push((v.value(), k.value().to_vec()));
+                }
+                all.sort();
+                for (_, k) in all.into_iter().take(len - MAX_DECLINED) {
+                    declined.remove(k.as_slice()).map_err(db_err)?;
+                }
+            }
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    /// The declined groups.
+    pub(crate) fn declined(&self) -> Result<Vec<GroupId>, StoreError> {
+        let tx = self.store.db().begin_read().map_err(db_err)?;
+        let table = tx.open_table(DECLINED).map_err(db_err)?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(db_err)? {
+            let (k, _) = entry.map_err(db_err)?;
+            if let Ok(g) = <[u8; 32]>::try_from(k.value()) {
+                out.push(GroupId(g));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes every row of every group not in `keep` (ops, envelopes,
+    /// history, delivery marks, outbox); returns the groups collected.
+    pub(crate) fn collect_orphans(
+        &self,
+        keep: &HashSet<GroupId>,
+    ) -> Result<Vec<GroupId>, StoreError> {
+        let orphan = |g: &[u8]| {
+            <[u8; 32]>::try_from(g)
+                .map(|g| !keep.contains(&GroupId(g)))
+                .unwrap_or(true)
+        };
+        let mut found: BTreeSet<Vec<u8>> = BTreeSet::new();
+        {
+            let tx = self.store.db().begin_read().map_err(db_err)?;
+            macro_rules! scan {
+                ($def:expr) => {
+                    for entry in tx
+                        .open_table($def)
+                        .map_err(db_err)?
+                        .iter()
+                        .map_err(db_err)?
+                    {
+                        let (k, _) = entry.map_err(db_err)?;
+                        let g = k.value().0;
+                        if orphan(g) {
+                            found.insert(g.to_vec());
+                        }
+                    }
+                };
+            }
+            scan!(OPS);
+            scan!(ENVELOPES);
+            scan!(HISTORY);
+            scan!(DELIVERED);
+            scan!(OUTBOX);
+        }
+        if found.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tx = self.store.db().begin_write().map_err(db_err)?;
+        {
+            let (lo, hi): (&[u8], &[u8]) = (&[], &[0xff; 33]);
+            for g in &found {
+                let g: &[u8] = g;
+                tx.open_table(OPS)
+                    .map_err(db_err)?
+                    .retain_in((g, 0)..=(g, u64::MAX), |_, _| false)
+                    .map_err(db_err)?;
+                tx.open_table(HISTORY)
+                    .map_err(db_err)?
+                    .retain_in((g, 0)..=(g, u64::MAX), |_, _| false)
+                    .map_err(db_err)?;
+                tx.open_table(ENVELOPES)
+                    .map_err(db_err)?
+                    .retain_in((g, lo)..(g, hi), |_, _| false)
+                    .map_err(db_err)?;
+                tx.open_table(DELIVERED)
+                    .map_err(db_err)?
+                    .retain_in((g, lo)..(g, hi), |_, _| false)
+                    .map_err(db_err)?;
+                tx.open_table(OUTBOX)
+                    .map_err(db_err)?
+                    .retain_in((g, lo)..(g, hi), |_, _| false)
+                    .map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)?;
+        Ok(found
+            .into_iter()
+            .filter_map(|g| <[u8; 32]>::try_from(g).ok().map(GroupId))
+            .collect())
     }
 }
 

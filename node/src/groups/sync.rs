@@ -17,10 +17,15 @@ use fogmesh_protocols::groups::wire::{
 use fogmesh_protocols::groups::{Group, GroupId, Op, SyncRequest, SyncResponse, Want};
 use libp2p::PeerId;
 
-use super::NetCommand;
-use super::actor::{GroupsActor, MILLI, message_bucket};
+use fogmesh_protocols::rate::TokenBucket;
+
+use super::actor::{GroupsActor, MILLI, message_bucket, now_ms};
 use super::store::Batch;
-use crate::types::NodeEvent;
+use super::{
+    MAX_GROUPS, MAX_INVITES, MAX_INVITES_PER_INVITER, NetCommand, SYNC_REQUEST_BURST,
+    SYNC_REQUEST_RATE,
+};
+use crate::types::{GroupInvite, NodeEvent};
 
 /// Fetches of unknown groups' logs one peer may trigger: per second,
 /// sustained (bursts of four times as many: enough to learn of 128 groups at
@@ -91,6 +96,12 @@ impl GroupsActor {
 
     /// Answers a peer's sync request; returns the encoded response.
     pub(super) fn on_sync_request(&mut self, peer: PeerId, frame: &[u8], now: Instant) -> Vec<u8> {
+        if !self.allow_sync_request(peer, now) {
+            // Over its rate: an empty answer, which it takes for "nothing
+            // to exchange"; its next periodic sync asks again.
+            tracing::debug!(%peer, "sync request over the per-peer rate");
+            return encode_sync_response(&SyncResponse::empty(GroupId([0; 32])));
+        }
         let req = match decode_sync_request(frame) {
             Ok(r) => r,
             Err(e) => {
@@ -123,9 +134,32 @@ impl GroupsActor {
     /// A peer told us of a group we do not know: we may have been added
     /// while away. Ask it for the group's membership log, once per group at
     /// a time and rate-limited per peer, as anyone can send this.
+    ///
+    /// Not for a group already waiting for the user's answer, a declined
+    /// one, or while this node is in [`MAX_GROUPS`] groups: then nothing is
+    /// fetched at all.
     fn ask_for_invitation(&mut self, peer: PeerId, gid: GroupId, now: Instant) {
+        let accepted = match self.invites.get(&gid) {
+            Some(inv) => inv.accepted,
+            None => false,
+        };
+        let waiting = self.invites.contains_key(&gid) && !accepted;
+        let full = self.groups.len() >= MAX_GROUPS && !accepted;
+        if waiting || full || self.declined.contains(&gid) {
+            return;
+        }
         let recent = |t: &Instant| now.saturating_duration_since(*t) < JOIN_FETCH_RETRY;
         if self.joining.get(&gid).is_some_and(recent) || !self.allow_invite_fetch(peer, now) {
+            return;
+        }
+        self.fetch_log(peer, gid, now);
+    }
+
+    /// Asks `peer` for the membership log of `gid`, unless it was asked of
+    /// someone within [`JOIN_FETCH_RETRY`] (one log in flight per group).
+    pub(super) fn fetch_log(&mut self, peer: PeerId, gid: GroupId, now: Instant) {
+        let recent = |t: &Instant| now.saturating_duration_since(*t) < JOIN_FETCH_RETRY;
+        if self.joining.get(&gid).is_some_and(recent) {
             return;
         }
         self.joining.retain(|_, t| recent(t));
@@ -143,6 +177,15 @@ impl GroupsActor {
         );
     }
 
+    fn allow_sync_request(&mut self, peer: PeerId, now: Instant) -> bool {
+        // Requests come over a connection; the entry goes when it closes.
+        self.sync_rates
+            .entry(peer)
+            .or_insert_with(|| TokenBucket::new(SYNC_REQUEST_RATE, SYNC_REQUEST_BURST))
+            .try_take(1, now)
+            .is_ok()
+    }
+
     fn allow_invite_fetch(&mut self, peer: PeerId, now: Instant) -> bool {
         self.invite_fetches
             .entry(peer)
@@ -153,7 +196,13 @@ impl GroupsActor {
 
     /// Acts on the answer to one of our requests about `asked`: ops,
     /// messages, and what to ask next.
-    pub(super) fn on_sync_response(&mut self, peer: PeerId, asked: GroupId, frame: &[u8]) {
+    pub(super) fn on_sync_response(
+        &mut self,
+        peer: PeerId,
+        asked: GroupId,
+        frame: &[u8],
+        now: Instant,
+    ) {
         let resp = match decode_sync_response(frame) {
             Ok(r) => r,
             Err(e) => {
@@ -176,7 +225,7 @@ impl GroupsActor {
         }
         let mut n = 0;
         for env in resp.messages {
-            if env.body.group_id == gid && self.receive_envelope(gid, env).is_ok() {
+            if env.body.group_id == gid && self.receive_envelope(peer, gid, env, now).is_ok() {
                 n += 1;
             }
         }
@@ -195,37 +244,62 @@ impl GroupsActor {
 
     /// Learns a group from its membership log (asked for after a member
     /// told us of it). The first op must be its genesis, which proves the
-    /// id; the group is kept only if the log makes this node a member.
-    /// Returns whether it was kept.
+    /// id; the group is considered only if the log makes this node a
+    /// member. It is joined if the user accepted the invitation or trusts
+    /// its admin; otherwise it becomes a pending invitation, and nothing
+    /// else of it is kept. Returns whether it was joined.
     fn learn_group(&mut self, peer: PeerId, gid: GroupId, ops: Vec<Op>) -> bool {
         let mut ops = ops.into_iter();
         let Some(genesis) = ops.next() else {
             return false;
         };
-        let Ok(group) = Group::join(self.keypair.clone(), genesis) else {
+        let Ok(mut group) = Group::join(self.keypair.clone(), genesis) else {
             return false;
         };
         if group.id() != gid {
             return false;
         }
-        self.groups.insert(gid, group);
         self.joining.remove(&gid);
-        let _ = self.receive_ops(gid, ops.collect());
-        let Some(group) = self.groups.get(&gid) else {
-            return false;
-        };
+        // Checked in memory: nothing is stored before the decision.
+        for op in ops {
+            if let Err(e) = group.receive_op(op) {
+                tracing::debug!(group = %gid.to_hex(), "op of a group we were told of refused: {e}");
+            }
+        }
         if !group.membership().is_member(&self.local) {
-            self.groups.remove(&gid);
             return false;
         }
+        let admin = group.membership().admin();
+        let accepted = self.invites.get(&gid).is_some_and(|i| i.accepted);
+        if !accepted && !self.trusts(&admin) {
+            self.hold_invitation(peer, &group);
+            return false;
+        }
+        if self.groups.len() >= MAX_GROUPS {
+            tracing::warn!(group = %gid.to_hex(), "not joining: this node is in {MAX_GROUPS} groups");
+            return false;
+        }
+        self.join_group(peer, group)
+    }
+
+    /// Stores a learned group and starts following it.
+    fn join_group(&mut self, peer: PeerId, group: Group) -> bool {
+        let gid = group.id();
         let topic = group.topic();
         let all = Batch::of_ops(0, group.membership().ops_since(0));
         if let Err(e) = self.store.commit(&gid, all) {
             tracing::error!("cannot store a new group: {e}");
-            self.groups.remove(&gid);
             return false;
         }
-        tracing::info!(group = %gid.to_hex(), from = %peer, "learned of a group this node was added to");
+        if self.invites.remove(&gid).is_some()
+            && let Err(e) = self.store.remove_invite(&gid)
+        {
+            // Collected at the next start (the group is held by then).
+            tracing::warn!("cannot clear an invitation: {e}");
+        }
+        self.groups.insert(gid, group);
+        self.usage.insert(gid, (0, 0));
+        tracing::info!(group = %gid.to_hex(), from = %peer, "joined a group this node was added to");
         self.net_send(NetCommand::Subscribe(topic));
         self.emit(NodeEvent::GroupUpdated {
             group_id: gid.to_hex(),
@@ -237,5 +311,60 @@ impl GroupsActor {
         // members, not only from its admin.
         self.push_to_members(gid);
         true
+    }
+
+    /// Records an invitation for the user, within the caps: at most
+    /// [`MAX_INVITES_PER_INVITER`] pending from one admin (a new one beyond
+    /// is ignored) and [`MAX_INVITES`] in all (the oldest pending one is
+    /// dropped for a new one). Declined groups are ignored.
+    fn hold_invitation(&mut self, peer: PeerId, group: &Group) {
+        let gid = group.id();
+        if self.declined.contains(&gid) || self.invites.contains_key(&gid) {
+            return;
+        }
+        let inviter = group.membership().admin().to_base58();
+        let from_inviter = self
+            .invites
+            .values()
+            .filter(|i| i.inviter == inviter && !i.accepted)
+            .count();
+        if from_inviter >= MAX_INVITES_PER_INVITER {
+            tracing::info!(%inviter, "invitation ignored: {MAX_INVITES_PER_INVITER} from this admin are pending");
+            return;
+        }
+        if self.invites.len() >= MAX_INVITES {
+            let oldest = self
+                .invites
+                .iter()
+                .filter(|(_, i)| !i.accepted)
+                .min_by_key(|(_, i)| i.received)
+                .map(|(g, _)| *g);
+            let Some(oldest) = oldest else {
+                return;
+            };
+            self.invites.remove(&oldest);
+            if let Err(e) = self.store.remove_invite(&oldest) {
+                tracing::warn!("cannot drop an invitation: {e}");
+            }
+        }
+        let inv = GroupInvite {
+            group_id: gid.to_hex(),
+            name: group.membership().name().to_owned(),
+            inviter: inviter.clone(),
+            via: peer.to_base58(),
+            received: now_ms(),
+            accepted: false,
+        };
+        if let Err(e) = self.store.put_invite(&gid, &inv) {
+            tracing::error!("cannot store an invitation: {e}");
+            return;
+        }
+        tracing::info!(group = %gid.to_hex(), %inviter, "invited to a group: waiting for the user");
+        self.emit(NodeEvent::GroupInvite {
+            group_id: inv.group_id.clone(),
+            name: inv.name.clone(),
+            inviter,
+        });
+        self.invites.insert(gid, inv);
     }
 }

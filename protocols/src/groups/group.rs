@@ -17,7 +17,7 @@ use super::crypto::{
     self, CryptoError, EpochKey, GroupKeys, MESSAGE_OVERHEAD, MemberSecret, MessageContext,
 };
 use super::membership::{Applied, MembershipError, MembershipLog, Op, OpBody, OpKind};
-use super::sync::Summary;
+use super::sync::{MAX_SUMMARY_SENDERS, Summary};
 use super::wire::{EnvelopeBody, MAX_TEXT, SignedEnvelope};
 use super::{GroupId, Keypair, PeerId};
 
@@ -56,6 +56,27 @@ pub enum GroupError {
         sender: PeerId,
         /// The message's epoch.
         epoch: u64,
+    },
+    /// The sender is not a member of the message's epoch as far as this
+    /// log goes, but an op this node has not received yet may add it (the
+    /// epoch is the current one or later): not the relay's fault; catch up
+    /// and the message comes again.
+    #[error("{sender} is not a member of epoch {epoch} yet, as far as this node knows")]
+    NotMemberYet {
+        /// The sender.
+        sender: PeerId,
+        /// The message's epoch.
+        epoch: u64,
+    },
+    /// The sender was removed (or left) before writing this message: its
+    /// sequence number is past the last one the `Remove` (or `LeaveAt`)
+    /// recorded.
+    #[error("{sender} wrote message {seq} after it was removed or left")]
+    AfterRemoval {
+        /// The sender.
+        sender: PeerId,
+        /// The message's sequence number.
+        seq: u64,
     },
     /// The local member is not (or no longer) a member.
     #[error("the local peer is not a member of the group")]
@@ -109,6 +130,20 @@ pub struct OpReceived {
     pub buffered: bool,
     /// We are the admin and a member left: call [`Group::rotate`].
     pub must_rotate: bool,
+}
+
+/// Keeps at most [`MAX_SUMMARY_SENDERS`] of `per_sender` (sorted by
+/// sender), those for which `first` holds first.
+pub(crate) fn cap_senders(
+    mut per_sender: Vec<(PeerId, u64)>,
+    first: impl Fn(&PeerId) -> bool,
+) -> Vec<(PeerId, u64)> {
+    if per_sender.len() > MAX_SUMMARY_SENDERS {
+        per_sender.sort_by_key(|(p, _)| !first(p));
+        per_sender.truncate(MAX_SUMMARY_SENDERS);
+        per_sender.sort();
+    }
+    per_sender
 }
 
 /// One member's state for one group.
@@ -228,11 +263,17 @@ impl Group {
     }
 
     /// What this member has, for catch-up.
+    ///
+    /// `per_sender` holds at most [`MAX_SUMMARY_SENDERS`] entries, current
+    /// members first, so that a summary always fits a sync request however
+    /// many members came and went (a peer treats a sender left out as one
+    /// we have nothing of, and sends its messages again: wasteful, never
+    /// wrong).
     pub fn summary(&self) -> Summary {
         Summary {
             membership_len: self.log.len(),
             heads_hash: self.causal.heads_hash(),
-            per_sender: self.causal.per_sender(),
+            per_sender: cap_senders(self.causal.per_sender(), |p| self.log.is_member(p)),
         }
     }
 
@@ -316,8 +357,11 @@ impl Group {
             .copied()
             .collect();
         let key = EpochKey::random(rng);
+        // Its messages up to what we delivered stay valid; anything it
+        // signs later with the key it keeps is refused by every member.
+        let last_seq = Some(self.causal.max_seq(&member));
         self.admin_op(
-            OpKind::Remove { member },
+            OpKind::Remove { member, last_seq },
             self.log.epoch() + 1,
             &remaining,
             &key,
@@ -345,7 +389,13 @@ impl Group {
         if !self.log.is_member(&self.local) {
             return Err(GroupError::NotAMember);
         }
-        self.sign_and_apply(OpKind::Leave, self.log.epoch(), vec![], now_ms)
+        let last_seq = self.causal.max_seq(&self.local);
+        self.sign_and_apply(
+            OpKind::LeaveAt { last_seq },
+            self.log.epoch(),
+            vec![],
+            now_ms,
+        )
     }
 
     /// Opens the epoch key sealed to us in `op`, if any.
@@ -511,9 +561,9 @@ impl Group {
             // The op opening this epoch has not reached us yet. Only current
             // members' messages are held, so outsiders cannot flush the
             // buffer; a sender added by an op we have not seen yet is
-            // refused for now and accepted when sync brings the message again.
+            // ignored for now and accepted when sync brings the message again.
             if !self.log.is_member(&b.sender) {
-                return Err(GroupError::NotMember {
+                return Err(GroupError::NotMemberYet {
                     sender: b.sender,
                     epoch: b.epoch,
                 });
@@ -527,9 +577,24 @@ impl Group {
             return Ok(vec![]);
         }
         if !self.log.was_member(&b.sender, b.epoch) {
-            return Err(GroupError::NotMember {
+            // Tenure in past epochs is settled; in the current one an `Add`
+            // we have not received yet may still make the sender a member.
+            return Err(if b.epoch == self.log.epoch() {
+                GroupError::NotMemberYet {
+                    sender: b.sender,
+                    epoch: b.epoch,
+                }
+            } else {
+                GroupError::NotMember {
+                    sender: b.sender,
+                    epoch: b.epoch,
+                }
+            });
+        }
+        if !self.log.may_have_written(&b.sender, b.epoch, b.seq) {
+            return Err(GroupError::AfterRemoval {
                 sender: b.sender,
-                epoch: b.epoch,
+                seq: b.seq,
             });
         }
         let ctx = MessageContext {
@@ -638,6 +703,9 @@ mod tests {
         let (before_removal, _) = ok(c.compose(&mut rng, "bye", 12));
         let before_removal_body = before_removal.body.clone();
         let c_id = c.local_peer();
+        // The admin saw both of c's messages before removing it.
+        ok(a.receive_message(r1.clone()));
+        ok(a.receive_message(before_removal.clone()));
         let rm = ok(a.remove(c_id, &mut rng, 20));
         assert_eq!(rm.body.epoch, 1);
         assert!(ok(b.receive_op(rm.clone())).applied == vec![Applied::Removed(c_id)]);
@@ -675,9 +743,11 @@ mod tests {
         };
         body.ciphertext = ok(crypto::encrypt_message(&mut rng, &leaked, &ctx, b"sneaky"));
         let sneaky = ok(SignedEnvelope::sign(&kp(3), body));
+        // (Not settled for the current epoch: an `Add` this node has not
+        // received could make c a member again, so it is "not yet".)
         assert!(matches!(
             b.receive_message(sneaky),
-            Err(GroupError::NotMember { epoch: 1, .. })
+            Err(GroupError::NotMemberYet { epoch: 1, .. })
         ));
         // Even with the epoch-0 key, the ciphertext does not open for c.
         let ctx = MessageContext {
@@ -687,6 +757,171 @@ mod tests {
             seq: m2.body.seq,
         };
         assert!(c.keys().open(&ctx, &m2.body.ciphertext).is_err());
+    }
+
+    /// What a removed member (or one who left) can still sign: a message of
+    /// its old epoch with its old key, `seq` following its last one.
+    fn post_in_old_epoch(
+        rng: &mut StdRng,
+        g: &Group,
+        signer: &Keypair,
+        epoch: u64,
+        seq: u64,
+        text: &[u8],
+    ) -> SignedEnvelope {
+        let sender = signer.public().to_peer_id();
+        let key = g.keys().get(epoch).cloned();
+        let Some(key) = key else { panic!("no key") };
+        let group_id = g.id();
+        let ctx = MessageContext {
+            group_id: &group_id,
+            epoch,
+            sender: &sender,
+            seq,
+        };
+        let body = EnvelopeBody {
+            group_id,
+            epoch,
+            sender,
+            seq,
+            deps: g.causal().id_of(&sender, seq - 1).into_iter().collect(),
+            timestamp_ms: 99,
+            ciphertext: ok(crypto::encrypt_message(rng, &key, &ctx, text)),
+        };
+        ok(SignedEnvelope::sign(signer, body))
+    }
+
+    #[test]
+    fn removed_member_new_message_in_old_epoch_is_refused() {
+        let mut rng = StdRng::seed_from_u64(11);
+        let (mut a, mut b, mut c) = trio(&mut rng);
+        let c_id = c.local_peer();
+        let (m1, _) = ok(c.compose(&mut rng, "before", 1));
+        ok(a.receive_message(m1.clone()));
+        let rm = ok(a.remove(c_id, &mut rng, 2));
+        assert!(matches!(
+            &rm.body.kind,
+            OpKind::Remove {
+                last_seq: Some(1),
+                ..
+            }
+        ));
+        ok(b.receive_op(rm.clone()));
+        ok(c.receive_op(rm));
+        // Its message from before the removal still arrives late.
+        assert_eq!(ok(b.receive_message(m1)).len(), 1);
+        // After the removal, c still holds the epoch-0 key and signs on.
+        let late = post_in_old_epoch(&mut rng, &c, &kp(3), 0, 2, b"still here");
+        assert!(matches!(
+            b.receive_message(late.clone()),
+            Err(GroupError::AfterRemoval { seq: 2, .. })
+        ));
+        assert!(matches!(
+            a.receive_message(late),
+            Err(GroupError::AfterRemoval { .. })
+        ));
+        // The same holds for a member who left: its `LeaveAt` names its last message.
+        let (mut a, mut b, mut c) = trio(&mut rng);
+        let (m1, _) = ok(c.compose(&mut rng, "bye", 1));
+        let leave = ok(c.leave(2));
+        assert!(matches!(leave.body.kind, OpKind::LeaveAt { last_seq: 1 }));
+        ok(b.receive_message(m1));
+        ok(b.receive_op(leave.clone()));
+        ok(a.receive_op(leave));
+        let late = post_in_old_epoch(&mut rng, &c, &kp(3), 0, 2, b"one more");
+        assert!(matches!(
+            b.receive_message(late.clone()),
+            Err(GroupError::AfterRemoval { .. })
+        ));
+        assert!(matches!(
+            a.receive_message(late),
+            Err(GroupError::AfterRemoval { .. })
+        ));
+    }
+
+    #[test]
+    fn message_from_a_member_added_by_an_unseen_op_is_not_yet_refused() {
+        let mut rng = StdRng::seed_from_u64(12);
+        let (mut a, mut b, _) = trio(&mut rng);
+        let d = kp(4);
+        let d_id = d.public().to_peer_id();
+        let add = ok(a.add(d_id, &mut rng, 1));
+        let mut gd = ok(Group::join(d, a.membership().ops_since(0)[0].clone()));
+        ok(gd.receive_op(add.clone()));
+        let (hello, _) = ok(gd.compose(&mut rng, "hi, I am new", 2));
+        // b has not received the `Add` yet: "not yet", not "not a member".
+        assert!(matches!(
+            b.receive_message(hello.clone()),
+            Err(GroupError::NotMemberYet { .. })
+        ));
+        ok(b.receive_op(add));
+        assert_eq!(ok(b.receive_message(hello)).len(), 1);
+    }
+
+    #[test]
+    fn summaries_of_groups_with_many_past_senders_fit_a_request() {
+        // Every sender that ever wrote is in the causal state; past members
+        // are not bounded by MAX_MEMBERS. Before the cap, 3000 senders made
+        // a summary of about 150 KB, which every peer refused as a request.
+        use super::super::sync::SyncRequest;
+        use super::super::wire::{MAX_SYNC_REQUEST_SIZE, encode_sync_request};
+        let members: Vec<PeerId> = (0..10u32)
+            .map(|i| {
+                let mut seed = [0u8; 32];
+                seed[..4].copy_from_slice(&i.to_be_bytes());
+                seed[31] = 0x77;
+                kp_seed(seed).public().to_peer_id()
+            })
+            .collect();
+        let per_sender: Vec<(PeerId, u64)> = (0..3000u32)
+            .map(|i| {
+                let mut seed = [0u8; 32];
+                seed[..4].copy_from_slice(&i.to_be_bytes());
+                (kp_seed(seed).public().to_peer_id(), u64::MAX)
+            })
+            .chain(members.iter().map(|m| (*m, u64::MAX)))
+            .collect();
+        let full = SyncRequest::Summary {
+            group_id: GroupId([1; 32]),
+            summary: Summary {
+                membership_len: u64::MAX,
+                heads_hash: [1; 32],
+                per_sender: per_sender.clone(),
+            },
+        };
+        assert!(encode_sync_request(&full).len() > MAX_SYNC_REQUEST_SIZE);
+        let capped = cap_senders(per_sender, |p| members.contains(p));
+        assert_eq!(capped.len(), MAX_SUMMARY_SENDERS);
+        assert!(members.iter().all(|m| capped.iter().any(|(p, _)| p == m)));
+        assert!(capped.windows(2).all(|w| w[0] < w[1]));
+        let req = SyncRequest::Summary {
+            group_id: GroupId([1; 32]),
+            summary: Summary {
+                membership_len: u64::MAX,
+                heads_hash: [1; 32],
+                per_sender: capped,
+            },
+        };
+        let len = encode_sync_request(&req).len();
+        assert!(len <= MAX_SYNC_REQUEST_SIZE, "{len} bytes");
+    }
+
+    #[test]
+    fn ops_without_the_new_fields_keep_their_encoding() {
+        // An op written before `last_seq` existed decodes and re-encodes to
+        // the same bytes, so its signature still verifies.
+        let mut rng = StdRng::seed_from_u64(13);
+        let (mut a, _, c) = trio(&mut rng);
+        let mut rm = ok(a.remove(c.local_peer(), &mut rng, 1));
+        rm.body.kind = OpKind::Remove {
+            member: c.local_peer(),
+            last_seq: None,
+        };
+        let rm = ok(Op::sign(&kp(1), rm.body));
+        let bytes = super::super::wire::encode_op(&rm);
+        assert!(!bytes.windows(8).any(|w| w == b"last_seq"));
+        let back = super::super::wire::decode_op(&bytes);
+        assert!(back.is_ok_and(|op| op.verify().is_ok() && op == rm));
     }
 
     #[test]
@@ -718,7 +953,7 @@ mod tests {
         let from_eve = ok(SignedEnvelope::sign(&eve, body.clone()));
         assert!(matches!(
             b.receive_message(from_eve),
-            Err(GroupError::NotMember { .. })
+            Err(GroupError::NotMemberYet { .. })
         ));
         // Forged sender: eve signs a body claiming to be a.
         let mut forged = ok(SignedEnvelope::sign(&eve, m.body.clone()));

@@ -58,11 +58,25 @@ pub enum OpKind {
     Remove {
         /// The member removed.
         member: PeerId,
+        /// The member's last sequence number as the admin saw it: its
+        /// messages with a higher one are refused (they were written after
+        /// the removal, with a key it still holds). Absent only in ops
+        /// written before this field existed (no limit then); omitted from
+        /// the encoding when absent, so those ops keep their signatures.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        last_seq: Option<u64>,
     },
-    /// The author (not the admin) leaves the group.
+    /// The author (not the admin) leaves the group. Written before
+    /// [`OpKind::LeaveAt`] existed; no limit on the leaver's sequence numbers.
     Leave,
     /// The admin opens a new epoch for the current members.
     Rotate,
+    /// The author (not the admin) leaves the group after its message
+    /// `last_seq`: later ones in the epochs it belonged to are refused.
+    LeaveAt {
+        /// The leaver's last sequence number.
+        last_seq: u64,
+    },
 }
 
 /// The signed part of an op.
@@ -196,10 +210,30 @@ pub struct MembershipLog {
     admin: PeerId,
     nonce: [u8; 32],
     members: BTreeSet<PeerId>,
-    /// Epoch ranges `[from, until)` of each member, `until = u64::MAX` while a member.
-    tenure: BTreeMap<PeerId, Vec<(u64, u64)>>,
+    /// Each member's tenures, oldest first.
+    tenure: BTreeMap<PeerId, Vec<Tenure>>,
     epoch: u64,
     rotation_pending: bool,
+}
+
+/// One stretch of membership: the epochs `[from, until)` (`until =
+/// u64::MAX` while a member) and, once it ended by a `Remove` or a
+/// `LeaveAt`, the last sequence number the member may have written in them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Tenure {
+    from: u64,
+    until: u64,
+    last_seq: Option<u64>,
+}
+
+impl Tenure {
+    fn open(from: u64) -> Self {
+        Tenure {
+            from,
+            until: u64::MAX,
+            last_seq: None,
+        }
+    }
 }
 
 /// Checks that `keys` are sealed to exactly `expected`, once each, and well-formed.
@@ -267,7 +301,7 @@ impl MembershipLog {
             description: description.clone(),
             admin: *admin,
             nonce: *nonce,
-            tenure: set.iter().map(|m| (*m, vec![(0, u64::MAX)])).collect(),
+            tenure: set.iter().map(|m| (*m, vec![Tenure::open(0)])).collect(),
             members: set,
             epoch: 0,
             rotation_pending: false,
@@ -329,7 +363,7 @@ impl MembershipLog {
                 members.insert(*member);
                 (self.epoch, Applied::Added(*member))
             }
-            OpKind::Remove { member } => {
+            OpKind::Remove { member, .. } => {
                 if !is_admin {
                     return Err(MembershipError::NotAllowed(b.author));
                 }
@@ -339,7 +373,7 @@ impl MembershipLog {
                 check_keys(&b.epoch_keys, &members)?;
                 (next_epoch, Applied::Removed(*member))
             }
-            OpKind::Leave => {
+            OpKind::Leave | OpKind::LeaveAt { .. } => {
                 if is_admin || !members.remove(&b.author) {
                     return Err(MembershipError::NotAllowed(b.author));
                 }
@@ -362,18 +396,23 @@ impl MembershipLog {
         }
         op.verify()?;
 
-        // Commit.
+        // Commit. A removed member may still have written in the epoch it
+        // knew, up to its last sequence number; a leaver keeps the current
+        // key until the admin rotates.
+        let last_seq = match &b.kind {
+            OpKind::Remove { last_seq, .. } => *last_seq,
+            OpKind::LeaveAt { last_seq } => Some(*last_seq),
+            _ => None,
+        };
         match &applied {
             Applied::Added(m) => self
                 .tenure
                 .entry(*m)
                 .or_default()
-                .push((self.epoch, u64::MAX)),
-            // A removed member may still have written in the epoch it knew;
-            // a leaver keeps the current key until the admin rotates.
-            Applied::Removed(m) => self.end_tenure(m, next_epoch),
+                .push(Tenure::open(self.epoch)),
+            Applied::Removed(m) => self.end_tenure(m, next_epoch, last_seq),
             Applied::Left(m) => {
-                self.end_tenure(m, next_epoch);
+                self.end_tenure(m, next_epoch, last_seq);
                 self.rotation_pending = true;
             }
             _ => {}
@@ -388,9 +427,10 @@ impl MembershipLog {
         Ok(applied)
     }
 
-    fn end_tenure(&mut self, member: &PeerId, until: u64) {
+    fn end_tenure(&mut self, member: &PeerId, until: u64, last_seq: Option<u64>) {
         if let Some(last) = self.tenure.get_mut(member).and_then(|t| t.last_mut()) {
-            last.1 = until;
+            last.until = until;
+            last.last_seq = last_seq;
         }
     }
 
@@ -423,10 +463,27 @@ impl MembershipLog {
     /// at some point of that epoch, and a member removed when epoch `e`
     /// began is accepted only for epochs before `e`.
     pub fn was_member(&self, peer: &PeerId, epoch: u64) -> bool {
+        self.tenure
+            .get(peer)
+            .is_some_and(|t| t.iter().any(|t| t.from <= epoch && epoch < t.until))
+    }
+
+    /// Whether `peer` may have written its message `seq` in `epoch`: it
+    /// was a member in that epoch and, if that membership ended with a
+    /// `Remove` or a `LeaveAt`, `seq` is not past the last sequence number
+    /// the op recorded. (Sequence numbers run on across a member's epochs,
+    /// so a higher one was written after the membership ended.)
+    pub fn may_have_written(&self, peer: &PeerId, epoch: u64, seq: u64) -> bool {
         self.tenure.get(peer).is_some_and(|t| {
-            t.iter()
-                .any(|&(from, until)| from <= epoch && epoch < until)
+            t.iter().any(|t| {
+                t.from <= epoch && epoch < t.until && t.last_seq.is_none_or(|last| seq <= last)
+            })
         })
+    }
+
+    /// Whether `peer` was ever a member, as far as this log goes.
+    pub fn ever_member(&self, peer: &PeerId) -> bool {
+        self.tenure.contains_key(peer)
     }
 
     /// The admin.
@@ -573,7 +630,15 @@ mod tests {
         assert_eq!(f.log.apply(op).ok(), Some(Applied::Rotated(1)));
         assert!(!f.log.rotation_pending());
 
-        let op = f.op(&admin, OpKind::Remove { member: carol }, 2, &[admin_id]);
+        let op = f.op(
+            &admin,
+            OpKind::Remove {
+                member: carol,
+                last_seq: None,
+            },
+            2,
+            &[admin_id],
+        );
         assert_eq!(f.log.apply(op).ok(), Some(Applied::Removed(carol)));
         assert_eq!(f.log.epoch(), 2);
         assert_eq!(f.log.members().len(), 1);
@@ -616,14 +681,25 @@ mod tests {
             Err(MembershipError::NotAllowed(_))
         ));
         // Wrong epoch, wrong key recipients.
-        let op = f.op(&admin, OpKind::Remove { member: bob_id }, 0, &[admin_id]);
+        let op = f.op(
+            &admin,
+            OpKind::Remove {
+                member: bob_id,
+                last_seq: Some(0),
+            },
+            0,
+            &[admin_id],
+        );
         assert!(matches!(
             f.log.apply(op),
             Err(MembershipError::BadEpoch { .. })
         ));
         let op = f.op(
             &admin,
-            OpKind::Remove { member: bob_id },
+            OpKind::Remove {
+                member: bob_id,
+                last_seq: Some(0),
+            },
             1,
             &[admin_id, bob_id],
         );
