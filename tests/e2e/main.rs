@@ -7,5 +7,6 @@ mod files;
 mod groups;
 mod nat;
 mod node;
+mod security;
 mod stdout;
 mod util;
