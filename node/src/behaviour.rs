@@ -477,10 +477,7 @@ fn nat_behaviours(
 
 /// Kademlia on our own protocol name, in server mode until the event
 /// loop applies the configured [`KadMode`].
-fn kademlia(
-    peer_id: libp2p::PeerId,
-    cfg: &BehaviourConfig,
-) -> kad::Behaviour<ProviderStore> {
+fn kademlia(peer_id: libp2p::PeerId, cfg: &BehaviourConfig) -> kad::Behaviour<ProviderStore> {
     let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
     kad_cfg
         .set_query_timeout(Duration::from_secs(30))

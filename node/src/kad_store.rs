@@ -146,7 +146,10 @@ impl ProviderStore {
         }
         *self.per_provider.entry(record.provider).or_default() += 1;
         self.others_len += 1;
-        self.others.entry(record.key.clone()).or_default().push(record);
+        self.others
+            .entry(record.key.clone())
+            .or_default()
+            .push(record);
         Ok(())
     }
 

@@ -240,7 +240,8 @@ mod tests {
     fn control_characters_are_escaped_for_a_human() {
         let mut out = Vec::new();
         write_to(&mut Escaped(&mut out), |w| {
-            writeln!(w, "a: {}", "x\u{1b}[2J\ry\u{7}\u{9b}1m\u{202e}z\tq")
+            let text = "x\u{1b}[2J\ry\u{7}\u{9b}1m\u{202e}z\tq";
+            writeln!(w, "a: {text}")
         })
         .expect("write");
         assert_eq!(
@@ -250,7 +251,9 @@ mod tests {
         assert_eq!(one_line("l1\nl2"), "l1\\x0al2");
         assert_eq!(one_line("plain ünïcode"), "plain ünïcode");
         let mut out = Vec::new();
-        Escaped(&mut out).write_all(&[b'a', 0x1b, 0xff]).expect("write");
+        Escaped(&mut out)
+            .write_all(&[b'a', 0x1b, 0xff])
+            .expect("write");
         assert_eq!(out, b"a\\x1b\xff");
     }
 
