@@ -2,7 +2,9 @@
 //! commands and by scripts.
 //!
 //! Every request needs `Authorization: Bearer <token>`, the token being the
-//! content of `api.token` in the data directory (mode 0600). Errors are
+//! content of `api.token` in the data directory (mode 0600), and a `Host`
+//! naming the API's loopback address, without a foreign `Origin` (a web
+//! page cannot reach the API through the browser). Errors are
 //! `{"error": "..."}` with a fitting status code. Routes live under `/v1`;
 //! see docs/operator-guide.md for the list.
 
@@ -134,6 +136,9 @@ fn router(state: AppState) -> Router {
         .route("/v1/groups/{id}/decline", post(groups_decline))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .layer(middleware::from_fn_with_state(state.clone(), auth))
+        // Outermost, so it runs first: a browser's request is refused
+        // before the token is even looked at.
+        .layer(middleware::from_fn_with_state(state.clone(), same_host))
         .with_state(state)
 }
 
@@ -166,6 +171,56 @@ async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Respon
             resp
         }
     }
+}
+
+/// Refuses requests that did not come from a local client of this API:
+/// a `Host` other than the API's own loopback address (DNS rebinding: a
+/// web page whose name now resolves to 127.0.0.1) and any `Origin` other
+/// than the API itself (a web page's cross-origin request). Both answer
+/// 403 before the token is checked; the token is still required after.
+async fn same_host(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()));
+    let Some(host) = host.filter(|h| host_allowed(&state.api_addr, h)) else {
+        state.metrics.api_unauthorized.inc();
+        return error(
+            StatusCode::FORBIDDEN,
+            "the Host header does not name this API's loopback address",
+        );
+    };
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        let same = origin
+            .to_str()
+            .ok()
+            .and_then(|o| o.strip_prefix("http://"))
+            .is_some_and(|o| host_allowed(&state.api_addr, o) && o.eq_ignore_ascii_case(&host));
+        if !same {
+            state.metrics.api_unauthorized.inc();
+            return error(StatusCode::FORBIDDEN, "cross-origin requests are refused");
+        }
+    }
+    next.run(req).await
+}
+
+/// Whether `host` (a `Host` header: `name:port`) names the API bound at
+/// `api_addr`: its own address, or `localhost`, `127.0.0.1` or `[::1]` with
+/// its port.
+fn host_allowed(api_addr: &str, host: &str) -> bool {
+    if host.eq_ignore_ascii_case(api_addr) {
+        return true;
+    }
+    let Some((_, port)) = api_addr.rsplit_once(':') else {
+        return false;
+    };
+    let Some((name, given_port)) = host.rsplit_once(':') else {
+        return false;
+    };
+    given_port == port
+        && (name.eq_ignore_ascii_case("localhost") || name == "127.0.0.1" || name == "[::1]")
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -445,4 +500,34 @@ async fn files_get(
         Err(r) => return r,
     };
     service_result(s.node.files().get(&id, output).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_allowed;
+
+    #[test]
+    fn only_loopback_names_of_the_apis_port_are_hosts() {
+        let api = "127.0.0.1:7007";
+        for ok in [
+            "127.0.0.1:7007",
+            "localhost:7007",
+            "LocalHost:7007",
+            "[::1]:7007",
+        ] {
+            assert!(host_allowed(api, ok), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:7007",
+            "127.0.0.1:7008",
+            "localhost",
+            "127.0.0.1",
+            "localhost.evil.example:7007",
+            "",
+        ] {
+            assert!(!host_allowed(api, bad), "{bad}");
+        }
+        assert!(host_allowed("[::1]:9", "[::1]:9"));
+    }
 }

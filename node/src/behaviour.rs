@@ -13,6 +13,7 @@ use libp2p::{StreamProtocol, autonat, connection_limits, dcutr, identify, kad, m
 use sha2::{Digest, Sha256};
 
 use crate::codec::{Frame, FrameCodec};
+use crate::kad_store::ProviderStore;
 
 /// Our Kademlia protocol name: a private DHT of fogmesh nodes, not the IPFS
 /// one.
@@ -362,8 +363,9 @@ mod composed {
         pub identify: identify::Behaviour,
         /// Liveness and round-trip times.
         pub ping: ping::Behaviour,
-        /// Peer (and later provider) discovery.
-        pub kad: kad::Behaviour<kad::store::MemoryStore>,
+        /// Peer and provider discovery; the store caps what it holds for
+        /// others (see `crate::kad_store`).
+        pub kad: kad::Behaviour<crate::kad_store::ProviderStore>,
         /// LAN discovery, when enabled.
         pub mdns: Toggle<mdns::tokio::Behaviour>,
         /// Group messages: one topic per group, messages validated by the
@@ -550,27 +552,15 @@ fn nat_behaviours(
 
 /// Kademlia on our own protocol name, in server mode until the event
 /// loop applies the configured [`KadMode`].
-fn kademlia(
-    peer_id: libp2p::PeerId,
-    cfg: &BehaviourConfig,
-) -> kad::Behaviour<kad::store::MemoryStore> {
+fn kademlia(peer_id: libp2p::PeerId, cfg: &BehaviourConfig) -> kad::Behaviour<ProviderStore> {
     let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
     kad_cfg
         .set_query_timeout(Duration::from_secs(30))
         .set_periodic_bootstrap_interval(cfg.kad_bootstrap_interval);
 
-    // One provider record per shared file: the default cap of 1024
-    // provided keys would limit a node to 1024 shares.
-    let store_cfg = kad::store::MemoryStoreConfig {
-        max_provided_keys: 1 << 20,
-        max_providers_per_key: 64,
-        ..Default::default()
-    };
-    let mut kad = kad::Behaviour::with_config(
-        peer_id,
-        kad::store::MemoryStore::with_config(peer_id, store_cfg),
-        kad_cfg,
-    );
+    // One provider record per shared file, without a cap; the records
+    // held for other peers are capped (ADD_PROVIDER from strangers).
+    let mut kad = kad::Behaviour::with_config(peer_id, ProviderStore::new(peer_id), kad_cfg);
     // The mode is always set explicitly (never Kademlia's automatic one,
     // which counts relayed addresses as reachable); the event loop sets it
     // from `--kad-mode` and reachability.

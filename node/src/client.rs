@@ -53,7 +53,10 @@ impl Client {
         Client {
             base: format!("http://{addr}"),
             token,
+            // The API is on loopback: never through a proxy (HTTP_PROXY
+            // would receive the bearer token).
             http: reqwest::Client::builder()
+                .no_proxy()
                 .connect_timeout(Duration::from_secs(5))
                 .build()
                 .unwrap_or_default(),

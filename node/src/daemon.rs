@@ -47,6 +47,10 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
     let data_dir = settings.data_dir.clone();
     fsutil::ensure_private_dir(&data_dir)
         .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+    // 0700 at every start, not only when created: a directory made by
+    // hand (or by an older version) keeps the umask's mode otherwise.
+    fsutil::restrict_to_owner(&data_dir, true)
+        .with_context(|| format!("cannot make data directory {} private", data_dir.display()))?;
     // Opening the database takes its lock: this is what refuses a second
     // daemon on the same data directory.
     let store = tokio::task::spawn_blocking({
@@ -137,6 +141,9 @@ async fn serve_api(
         })?;
     let addr = listener.local_addr()?;
     let token = api::load_or_create_token(&settings.data_dir)?;
+    let token_path = settings.data_dir.join(api::TOKEN_FILE);
+    fsutil::restrict_to_owner(&token_path, false)
+        .with_context(|| format!("cannot make {} private", token_path.display()))?;
     let task = tokio::spawn(api::serve(
         listener,
         running.handle.clone(),
@@ -153,6 +160,12 @@ async fn serve_metrics(
     registry: libp2p::metrics::Registry,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<(std::net::SocketAddr, Task<std::io::Result<()>>)> {
+    if !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "--metrics is not a loopback address: anyone who can reach it reads the node's counters (peers, traffic, groups); put it behind a firewall"
+        );
+    }
     let listener = metrics::bind(addr).await?;
     let bound = listener.local_addr()?;
     tracing::info!(%bound, "serving metrics");

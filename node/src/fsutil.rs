@@ -68,6 +68,23 @@ pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     builder.create(dir)
 }
 
+/// Takes every permission from group and others on `path` (a directory
+/// gets 0700, a file 0600), whatever its mode was; the path must exist.
+pub fn restrict_to_owner(path: &Path, dir: bool) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let want = if dir { 0o700 } else { 0o600 };
+        let mode = fs::metadata(path)?.permissions().mode();
+        if mode & 0o777 != want {
+            fs::set_permissions(path, fs::Permissions::from_mode(want))?;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, dir);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -47,6 +47,9 @@ pub fn load(data_dir: &Path) -> anyhow::Result<Option<Keypair>> {
     };
     let key = Keypair::from_protobuf_encoding(&bytes)
         .with_context(|| format!("identity file {} is corrupt", p.display()))?;
+    // Private even if it was copied in with a looser mode.
+    fsutil::restrict_to_owner(&p, false)
+        .with_context(|| format!("cannot make {} private", p.display()))?;
     if key.key_type() != libp2p::identity::KeyType::Ed25519 {
         bail!("identity file {} is not an Ed25519 key", p.display());
     }

@@ -21,6 +21,7 @@ pub mod files;
 pub mod fsutil;
 pub mod groups;
 pub mod identity;
+pub mod kad_store;
 pub mod messages;
 pub mod metrics;
 pub mod node;

@@ -89,6 +89,9 @@ impl Store {
             }
             Err(e) => return Err(db_err(e)),
         };
+        // The database holds the plaintext history: private whatever the
+        // umask was when it was created.
+        crate::fsutil::restrict_to_owner(&path, false).map_err(db_err)?;
         // Create the tables up front so that readers never see them missing.
         let tx = db.begin_write().map_err(db_err)?;
         tx.open_table(PEERS).map_err(db_err)?;

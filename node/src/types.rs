@@ -219,6 +219,10 @@ pub struct Status {
     /// This node relays for others now (`--relay-server` and public).
     #[serde(default)]
     pub relay_server: bool,
+    /// Kademlia provider records this node holds for other peers (capped:
+    /// see docs/SECURITY.md).
+    #[serde(default)]
+    pub provider_records_for_others: usize,
 }
 
 fn unknown_reachability() -> NatReachability {

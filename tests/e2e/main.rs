@@ -8,5 +8,6 @@ mod groups;
 mod messages;
 mod nat;
 mod node;
+mod security;
 mod stdout;
 mod util;

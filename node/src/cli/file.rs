@@ -10,7 +10,7 @@ use clap::Subcommand;
 use serde::{Deserialize, Serialize};
 
 use super::NothingFound;
-use super::output::{Human, Output};
+use super::output::{self, Human, Output};
 use crate::client::Client;
 use crate::files::FileStatus;
 use crate::types::{GetFile, ShareFile};
@@ -193,7 +193,7 @@ fn write_line(w: Human<'_>, st: &FileStatus) -> io::Result<()> {
         st.file_id,
         st.state,
         st.bytes_total,
-        st.name.as_deref().unwrap_or("")
+        output::one_line(st.name.as_deref().unwrap_or(""))
     )
 }
 

@@ -231,7 +231,7 @@ fn write_group_line(w: Human<'_>, g: &GroupInfo) -> io::Result<()> {
         w,
         "{}  {:<20} {} members, epoch {}",
         g.group_id,
-        g.name,
+        output::one_line(&g.name),
         g.members.len(),
         g.epoch
     )
@@ -239,8 +239,8 @@ fn write_group_line(w: Human<'_>, g: &GroupInfo) -> io::Result<()> {
 
 fn write_group(w: Human<'_>, g: &GroupInfo) -> io::Result<()> {
     writeln!(w, "group_id:    {}", g.group_id)?;
-    writeln!(w, "name:        {}", g.name)?;
-    writeln!(w, "description: {}", g.description)?;
+    writeln!(w, "name:        {}", output::one_line(&g.name))?;
+    writeln!(w, "description: {}", output::one_line(&g.description))?;
     writeln!(w, "admin:       {}", g.admin)?;
     writeln!(w, "epoch:       {}", g.epoch)?;
     writeln!(w, "member:      {}", g.is_member)?;
@@ -251,5 +251,11 @@ fn write_group(w: Human<'_>, g: &GroupInfo) -> io::Result<()> {
 }
 
 fn write_message(w: Human<'_>, m: &GroupMessage) -> io::Result<()> {
-    writeln!(w, "{}  {}: {}", m.timestamp, m.sender, m.text)
+    writeln!(
+        w,
+        "{}  {}: {}",
+        m.timestamp,
+        m.sender,
+        output::one_line(&m.text)
+    )
 }

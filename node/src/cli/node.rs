@@ -156,7 +156,7 @@ fn describe(ev: &NodeEvent) -> String {
             sender,
             text,
             ..
-        } => format!("[{}] {sender}: {text}", short(group_id)),
+        } => format!("[{}] {sender}: {}", short(group_id), output::one_line(text)),
         NodeEvent::GroupUpdated { group_id, member } => {
             format!("group {} updated (member: {member})", short(group_id))
         }

@@ -75,18 +75,88 @@ impl Output {
         to_json: fn(&T) -> serde_json::Result<String>,
     ) -> anyhow::Result<()> {
         if self.json {
+            // JSON escapes control characters itself; it is printed as is.
             let text = to_json(value)?;
-            write(|w| writeln!(w, "{text}"))
+            write_to(&mut io::stdout().lock(), |w| writeln!(w, "{text}"))
         } else {
             write(|w| human(w, value))
         }
     }
 }
 
-/// Writes on stdout through `f`, then flushes (so that a closed pipe is
-/// noticed now, not at exit).
+/// Writes lines for a human on stdout through `f`, with control
+/// characters escaped (see [`Escaped`]), then flushes (so that a closed
+/// pipe is noticed now, not at exit).
 pub(super) fn write(f: impl FnOnce(Human<'_>) -> io::Result<()>) -> anyhow::Result<()> {
-    write_to(&mut io::stdout().lock(), f)
+    write_to(&mut Escaped(io::stdout().lock()), f)
+}
+
+/// A writer for a terminal: every control character but the line feed is
+/// written escaped, so that a string a peer chose (a message, a group or
+/// file name, an address, an agent version) cannot move the cursor, change
+/// colours, set the window title or rewrite earlier lines. Escaped are the
+/// C0 controls (tab included) and DEL as `\xNN`, the C1 controls and the
+/// bidirectional overrides and isolates (which reorder what a line shows)
+/// as `\u{NNNN}`.
+///
+/// Every line printed for a human goes through it (`--json` output does
+/// not: JSON escapes what it must itself). A peer's string that may hold
+/// a line feed is printed through [`one_line`] as well.
+pub(super) struct Escaped<W: Write>(pub(super) W);
+
+impl<W: Write> Write for Escaped<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match std::str::from_utf8(buf) {
+            Ok(s) => self.0.write_all(escape(s, false).as_bytes())?,
+            // Not UTF-8 (a piece of a character): the ASCII controls are
+            // still single bytes, the rest passes.
+            Err(_) => {
+                for &b in buf {
+                    if b != b'\n' && (b < 0x20 || b == 0x7f) {
+                        write!(self.0, "\\x{b:02x}")?;
+                    } else {
+                        self.0.write_all(&[b])?;
+                    }
+                }
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// A peer's string for one line: like [`Escaped`], and the line feed
+/// escaped too (a message cannot forge the next line of the listing).
+pub(super) fn one_line(s: &str) -> std::borrow::Cow<'_, str> {
+    escape(s, true)
+}
+
+/// `s` with its control characters escaped; the line feed only with
+/// `newline`.
+fn escape(s: &str, newline: bool) -> std::borrow::Cow<'_, str> {
+    let needs = |c: char| (c != '\n' || newline) && is_terminal_control(c);
+    if !s.chars().any(needs) {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if !needs(c) {
+            out.push(c);
+        } else if (c as u32) < 0x80 {
+            out.push_str(&format!("\\x{:02x}", c as u32));
+        } else {
+            out.push_str(&format!("\\u{{{:04x}}}", c as u32));
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+/// C0, DEL, C1, and the bidirectional formatting characters.
+fn is_terminal_control(c: char) -> bool {
+    c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 fn write_to(
@@ -165,6 +235,27 @@ fn readers_gone(fd: BorrowedFd<'_>, abandoned: impl Fn() -> bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_for_a_human() {
+        let mut out = Vec::new();
+        write_to(&mut Escaped(&mut out), |w| {
+            let text = "x\u{1b}[2J\ry\u{7}\u{9b}1m\u{202e}z\tq";
+            writeln!(w, "a: {text}")
+        })
+        .expect("write");
+        assert_eq!(
+            String::from_utf8(out).expect("utf-8"),
+            "a: x\\x1b[2J\\x0dy\\x07\\u{009b}1m\\u{202e}z\\x09q\n"
+        );
+        assert_eq!(one_line("l1\nl2"), "l1\\x0al2");
+        assert_eq!(one_line("plain ünïcode"), "plain ünïcode");
+        let mut out = Vec::new();
+        Escaped(&mut out)
+            .write_all(&[b'a', 0x1b, 0xff])
+            .expect("write");
+        assert_eq!(out, b"a\\x1b\xff");
+    }
 
     #[test]
     fn a_closed_pipe_is_stdout_closed() {

@@ -309,6 +309,12 @@ impl EventLoop {
                 .collect(),
             kad_mode: self.nat.kad_mode().to_owned(),
             relay_server: self.nat.relay_server_on(),
+            provider_records_for_others: self
+                .swarm
+                .behaviour_mut()
+                .kad
+                .store_mut()
+                .records_for_others(),
         }
     }
 
