@@ -157,16 +157,28 @@ fn write_message(w: Human<'_>, m: &DirectMessage) -> io::Result<()> {
                 Some(r) => format!("{state} by {r}"),
                 None => state.to_owned(),
             };
-            writeln!(w, "{}  -> {}: {}  [{how}]", m.timestamp, m.to, m.text)
+            writeln!(
+                w,
+                "{}  -> {}: {}  [{how}]",
+                m.timestamp,
+                m.to,
+                output::one_line(&m.text)
+            )
         }
-        _ => writeln!(w, "{}  <- {}: {}", m.timestamp, m.from, m.text),
+        _ => writeln!(
+            w,
+            "{}  <- {}: {}",
+            m.timestamp,
+            m.from,
+            output::one_line(&m.text)
+        ),
     }
 }
 
 fn write_outbox(w: Human<'_>, m: &DirectMessage) -> io::Result<()> {
     let state = m.state.as_deref().unwrap_or("?");
     let tries = m.attempts.as_ref().map_or(0, Vec::len);
-    let why = m.waiting.as_deref().unwrap_or("");
+    let why = output::one_line(m.waiting.as_deref().unwrap_or(""));
     writeln!(
         w,
         "{}  to {}  {state}, {tries} attempts, next at {}  {why}",

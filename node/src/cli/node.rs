@@ -160,7 +160,9 @@ fn describe(ev: &NodeEvent) -> String {
         NodeEvent::GroupUpdated { group_id, member } => {
             format!("group {} updated (member: {member})", short(group_id))
         }
-        NodeEvent::DirectMessage { from, text, .. } => format!("[dm] {from}: {text}"),
+        NodeEvent::DirectMessage { from, text, .. } => {
+            format!("[dm] {from}: {}", super::output::one_line(text))
+        }
         NodeEvent::DirectMessageState {
             id,
             to,
