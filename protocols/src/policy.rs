@@ -314,6 +314,126 @@ mod tests {
         onion: true,
     };
 
+    /// The precedence of the design, one row each: (what is up, what the
+    /// message asks, the plan).
+    #[test]
+    fn routing_table() {
+        use Route::{Ble, Internet, Onion};
+        let up = |internet, ble, onion| Reachability {
+            internet,
+            ble,
+            onion,
+        };
+        let req = |preference, private, delivery| Requirements {
+            preference,
+            private,
+            delivery,
+            volume: Volume::Small,
+        };
+        let auto = Preference::Auto;
+        let uni = Delivery::Unicast;
+        let bcast = Delivery::Broadcast;
+        let rows: Vec<(&str, Reachability, Requirements, Vec<Route>)> = vec![
+            // 1. The user's explicit route, alone, if up...
+            (
+                "explicit",
+                up(true, true, true),
+                req(Preference::Only(Ble), false, uni),
+                vec![Ble],
+            ),
+            (
+                "explicit beats private",
+                up(true, true, true),
+                req(Preference::Only(Internet), true, uni),
+                vec![Internet],
+            ),
+            // ...and nothing else when it is down: the message waits for it.
+            (
+                "explicit but down",
+                up(true, false, false),
+                req(Preference::Only(Ble), false, uni),
+                vec![],
+            ),
+            // 2. Offline means BLE.
+            (
+                "offline",
+                up(false, true, false),
+                req(auto, false, uni),
+                vec![Ble],
+            ),
+            (
+                "offline broadcast",
+                up(false, true, false),
+                req(auto, false, bcast),
+                vec![Ble],
+            ),
+            // 3. Private: onion only, or nothing.
+            (
+                "private",
+                up(true, true, true),
+                req(auto, true, uni),
+                vec![Onion],
+            ),
+            (
+                "private, no onion",
+                up(true, true, false),
+                req(auto, true, uni),
+                vec![],
+            ),
+            // 4. Broadcast never goes by onion; unicast may.
+            (
+                "broadcast",
+                up(true, true, true),
+                req(auto, false, bcast),
+                vec![Internet, Ble],
+            ),
+            (
+                "unicast",
+                up(true, true, true),
+                req(auto, false, uni),
+                vec![Internet, Ble, Onion],
+            ),
+            // 5. Otherwise the fastest up first, the rest as failover.
+            (
+                "fastest",
+                up(true, true, false),
+                req(auto, false, uni),
+                vec![Internet, Ble],
+            ),
+            (
+                "internet only",
+                up(true, false, false),
+                req(auto, false, uni),
+                vec![Internet],
+            ),
+            // Nothing up: nothing to try (broadcast is stored, unicast fails).
+            (
+                "nothing up",
+                up(false, false, false),
+                req(auto, false, uni),
+                vec![],
+            ),
+        ];
+        for (name, reach, r, want) in rows {
+            assert_eq!(
+                Policy::default().plan(&r, &reach).routes,
+                want,
+                "row {name}"
+            );
+        }
+        let none = up(false, false, false);
+        assert!(
+            Policy::default()
+                .plan(&Requirements::broadcast(), &none)
+                .store_and_forward
+        );
+        assert!(
+            !Policy::default()
+                .plan(&Requirements::unicast(), &none)
+                .store_and_forward
+        );
+    }
+
     #[test]
     fn explicit_choice_wins_when_up() {
         let req = Requirements {

@@ -225,7 +225,8 @@ mod tests {
         assert_eq!(
             names,
             [
-                "run", "id", "status", "peers", "connect", "events", "radio", "group", "file"
+                "run", "id", "status", "peers", "connect", "events", "radio", "group", "file",
+                "send", "messages", "outbox"
             ]
         );
     }

@@ -63,6 +63,14 @@ impl MessagesHandle {
                     .map_err(|e| ServiceError::BadRequest(e.to_string()))?,
             ),
         };
+        if req.private
+            && let Preference::Only(r) = preference
+            && r != Route::Onion
+        {
+            return Err(ServiceError::BadRequest(format!(
+                "--private asks for a privacy route; route {r} is not one"
+            )));
+        }
         self.mailbox
             .call(|reply| ApiCall::Send {
                 to,
