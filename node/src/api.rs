@@ -400,5 +400,10 @@ async fn files_get(
         Ok(p) => p,
         Err(r) => return r,
     };
-    service_result(s.node.files().get(&id, output).await)
+    service_result(
+        s.node
+            .files()
+            .get(&id, output, req.link.as_deref())
+            .await,
+    )
 }

@@ -700,3 +700,90 @@ fn bad_input_gets_clear_errors() {
         "the message does not name the flag: {err}"
     );
 }
+
+/// `group create NAME --member ...` on `d`; returns the group id.
+fn group_with(d: &Daemon, members: &[&Daemon]) -> String {
+    let mut args = vec!["group", "create", "files"];
+    for m in members {
+        args.extend(["--member", m.peer_id.as_str()]);
+    }
+    let v = d.json(&args);
+    let gid = v["group_id"].as_str().expect("group_id").to_owned();
+    for m in members {
+        eventually(T, "the member lists the group", || {
+            m.json_or_nothing(&["group", "list"])
+                .as_array()
+                .is_some_and(|a| a.iter().any(|g| g["group_id"] == gid.as_str()))
+                .then_some(())
+        });
+    }
+    gid
+}
+
+/// Waits until `d` has delivered message `id` of group `gid`.
+fn wait_message(d: &Daemon, gid: &str, id: &str) {
+    eventually(T, "the message is delivered", || {
+        d.json_or_nothing(&["group", "messages", gid])
+            .as_array()
+            .is_some_and(|a| a.iter().any(|m| m["id"] == id))
+            .then_some(())
+    });
+}
+
+/// Issue 11, item 1: a member posts a link with the sharer's file id and a
+/// key of its own. The sharer keeps serving under its own key after a
+/// restart, an honest member fetching the sharer's link gets the
+/// plaintext, fetching by id alone asks which link, and the forged key is
+/// an error, never garbage.
+#[test]
+fn forged_file_key_in_a_group_does_not_poison_the_sharer() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut a = Daemon::start(&tmp.path().join("a"), &[]);
+    let b = Daemon::start(&tmp.path().join("b"), &["--bootstrap", &a.tcp_addr()]);
+    let m = Daemon::start(&tmp.path().join("m"), &["--bootstrap", &a.tcp_addr()]);
+    b.wait_connected(&a.peer_id, T);
+    m.wait_connected(&a.peer_id, T);
+    let gid = group_with(&a, &[&b, &m]);
+
+    let secret = random_bytes(11, MIB + 12_345);
+    let src = write_file(&tmp.path().join("src"), "plans.bin", &secret);
+    let shared = a.json(&["file", "share", s(&src), "--group", &gid]);
+    let fid = shared["file_id"].as_str().expect("file_id").to_owned();
+    let link = shared["link"].as_str().expect("link").to_owned();
+    assert!(link.starts_with(&format!("fogmesh-file:{fid}#")), "{link}");
+    let mid = shared["message_id"].as_str().expect("message_id").to_owned();
+    wait_message(&b, &gid, &mid);
+
+    // M's forged links: the new form and the form before link version 2.
+    let forged = format!("fogmesh-file:{fid}#v2:{}", "66".repeat(32));
+    let forged_v1 = format!("fogmesh-file:{fid}#{}", "77".repeat(32));
+    let post = m.json(&["group", "send", &gid, &format!("{forged} {forged_v1} plans.bin")]);
+    let forged_mid = post["id"].as_str().expect("id").to_owned();
+    wait_message(&a, &gid, &forged_mid);
+    wait_message(&b, &gid, &forged_mid);
+
+    // The sharer restarts: it must not take M's key for its own.
+    a.terminate();
+    let a = Daemon::start(&tmp.path().join("a"), &["--bootstrap", &b.tcp_addr()]);
+    b.wait_connected(&a.peer_id, T);
+    assert_eq!(status(&a, &fid).expect("A's share")["state"], "sharing");
+
+    // By id alone, B cannot know which key is meant: it asks for the link.
+    let out_b = tmp.path().join("b-copy");
+    let asked = b.cli(&["file", "get", &fid, "-o", s(&out_b), "--json"]);
+    let err = String::from_utf8_lossy(&asked.stderr);
+    assert_eq!(asked.status.code(), Some(2), "{err}");
+    assert!(err.contains("different keys"), "{err}");
+    // With A's link: the plaintext.
+    let got = b.json(&["file", "get", &link, "-o", s(&out_b), "--timeout", "60"]);
+    assert_eq!(got["state"], "complete", "{got}");
+    assert_same_bytes(&out_b, &secret);
+
+    // M's own forged link opens nothing: an error, and no output.
+    let out_m = tmp.path().join("m-copy");
+    let tried = m.cli(&["file", "get", &forged, "-o", s(&out_m), "--json"]);
+    let err = String::from_utf8_lossy(&tried.stderr);
+    assert_eq!(tried.status.code(), Some(2), "{err}");
+    assert!(err.contains("does not open"), "{err}");
+    assert!(!out_m.exists(), "a forged key produced an output");
+}

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use fogmesh_protocols::files::{FileId, Pacer};
+use fogmesh_protocols::files::{FileId, FileKey, FileLink, Pacer};
 use libp2p::PeerId;
 use tokio::sync::mpsc;
 
@@ -89,9 +89,10 @@ impl FilesActor {
             ApiCall::Get {
                 file,
                 output,
+                link,
                 reply,
             } => {
-                let _ = reply.send(self.get(file, output, now));
+                let _ = reply.send(self.get(file, output, link, now));
             }
             ApiCall::Status { file, reply } => {
                 let r = self
@@ -118,9 +119,25 @@ impl FilesActor {
         &mut self,
         id: FileId,
         output: PathBuf,
+        link: Option<FileLink>,
         now: Instant,
     ) -> Result<FileStatus, ServiceError> {
         if let Some(t) = self.downloads.get_mut(&id) {
+            // Asked again with a link: its key from now on (a download
+            // that failed on a wrong key decrypts again with this one).
+            if let Some(l) = link
+                && l.key != t.key
+                && t.machine.state() != fogmesh_protocols::files::DownloadState::Complete
+            {
+                let rec = DownloadRecord {
+                    output: t.output.display().to_string(),
+                    state: RecordState::Downloading,
+                    error: None,
+                    key: l.key.as_ref().map(|k| hex::encode(k.to_bytes())),
+                };
+                self.store.put_download(&id, &rec)?;
+                t.key = l.key;
+            }
             // Asked again: a failed download tries again.
             t.machine.retry(now);
             return self
@@ -151,22 +168,49 @@ impl FilesActor {
             .to_str()
             .ok_or_else(|| ServiceError::BadRequest("output path is not valid UTF-8".into()))?
             .to_owned();
+        let key = match link {
+            Some(l) => l.key,
+            None => self.received_key(&id)?,
+        };
         self.store.put_download(
             &id,
             &DownloadRecord {
                 output: out_str,
                 state: RecordState::Downloading,
                 error: None,
+                key: key.as_ref().map(|k| hex::encode(k.to_bytes())),
             },
         )?;
         let mut t = Transfer::new(id, output, self.download_config(), self.local, now);
-        t.key = self.store.key(&id)?;
+        t.key = key;
         tracing::info!(file = %id, encrypted = t.key.is_some(), "download started");
         let actions = t.machine.search(&self.connected, now);
         self.downloads.insert(id, t);
         self.apply(id, actions, now);
         self.status(&id, now)
             .ok_or_else(|| ServiceError::Internal("download vanished".into()))
+    }
+
+    /// The key to decrypt `id` with when it is fetched by id alone: the one
+    /// key received in group links to it, none when there is none; several
+    /// different keys (a member may post a link with someone else's file
+    /// id and a key of its own) need the link to choose.
+    fn received_key(&self, id: &FileId) -> Result<Option<FileKey>, ServiceError> {
+        let received = self.store.link_keys(id)?;
+        let mut keys: Vec<&FileKey> = received.iter().map(|r| &r.key).collect();
+        keys.sort_by_key(|k| k.to_bytes());
+        keys.dedup();
+        match keys.as_slice() {
+            [] => Ok(None),
+            [k] => Ok(Some((*k).clone())),
+            _ => {
+                let senders: Vec<&str> = received.iter().map(|r| r.sender.as_str()).collect();
+                Err(ServiceError::BadRequest(format!(
+                    "links with different keys to file {id} were posted (by {}): fetch it with the link of the message you mean (fogmesh file get 'fogmesh-file:...')",
+                    senders.join(", ")
+                )))
+            }
+        }
     }
 
     pub(super) fn status(&self, id: &FileId, now: Instant) -> Option<FileStatus> {

@@ -18,7 +18,7 @@ use std::time::Instant;
 use fogmesh_protocols::files::download::Action;
 use fogmesh_protocols::files::wire::{Request, encode_request};
 use fogmesh_protocols::files::{
-    Asked, Bitfield, Download, DownloadConfig, FileId, FileKey, Manifest,
+    Asked, Bitfield, Download, DownloadConfig, FileId, FileKey, KeyScheme, Manifest,
 };
 use libp2p::PeerId;
 
@@ -85,7 +85,7 @@ impl FilesActor {
             let Some(manifest) = self.store.manifest(&id)? else {
                 continue;
             };
-            let key = self.store.key(&id)?;
+            let key = self.store.share_key(&id)?;
             self.shares
                 .insert(id, Share::new(PathBuf::from(path), key, manifest, stamp));
             self.net_send(FileCommand::StartProviding(id));
@@ -101,7 +101,11 @@ impl FilesActor {
                 self.local,
                 now,
             );
-            t.key = self.store.key(&id)?;
+            // Records before link version 2 have no key of their own.
+            t.key = match rec.file_key() {
+                Some(k) => Some(k),
+                None => self.store.legacy_key(&id)?,
+            };
             let resume = match self.store.manifest(&id)? {
                 Some(m) => Some((m, self.store.have(&id)?)),
                 None => None,
@@ -270,10 +274,14 @@ impl FilesActor {
             output: output.clone(),
             state: RecordState::Complete,
             error: None,
+            key: None,
         };
-        if let Err(e) = self
-            .store
-            .put_share(&id, &output, stamp)
+        let key_stored = match &t.key {
+            Some(k) => self.store.put_share_key(&id, k),
+            None => Ok(()),
+        };
+        if let Err(e) = key_stored
+            .and_then(|()| self.store.put_share(&id, &output, stamp))
             .and_then(|()| self.store.put_download(&id, &rec))
         {
             tracing::error!("cannot record a finished download: {e}");
@@ -352,11 +360,15 @@ fn finish_file(t: &mut Transfer) -> Result<(), String> {
         return Err(format!("cannot sync {}: {e}", t.part.display()));
     }
     t.file = None;
-    let moved = match &t.key {
-        Some(k) => decrypt_to(&t.part, &t.output, k).and_then(|()| std::fs::remove_file(&t.part)),
-        None => std::fs::rename(&t.part, &t.output),
-    };
-    moved.map_err(|e| format!("cannot move the file to {}: {e}", t.output.display()))?;
+    match (&t.key, t.machine.manifest()) {
+        (Some(k), Some(m)) => {
+            decrypt_to(&t.part, &t.output, k, m)
+                .map_err(|e| format!("cannot decrypt into {}: {e}", t.output.display()))?;
+            std::fs::remove_file(&t.part)
+        }
+        _ => std::fs::rename(&t.part, &t.output),
+    }
+    .map_err(|e| format!("cannot move the file to {}: {e}", t.output.display()))?;
     if let Some(parent) = t.output.parent()
         && let Ok(d) = File::open(parent)
     {
@@ -365,24 +377,53 @@ fn finish_file(t: &mut Transfer) -> Result<(), String> {
     Ok(())
 }
 
-/// Decrypts `src` into `dst` through a temporary file, synced, then renamed.
-pub(super) fn decrypt_to(src: &Path, dst: &Path, key: &FileKey) -> std::io::Result<()> {
+/// Decrypts `src` (the ciphertext of manifest `m`) into `dst` through a
+/// temporary file, synced, then renamed. A sealed chunk that does not open
+/// (the key is not the file's) is an error and nothing is written at `dst`.
+pub(super) fn decrypt_to(
+    src: &Path,
+    dst: &Path,
+    key: &FileKey,
+    m: &Manifest,
+) -> std::io::Result<()> {
     use std::io::{Read, Write};
     let mut tmp = dst.as_os_str().to_owned();
     tmp.push(".fogmesh-dec");
     let tmp = PathBuf::from(tmp);
     let mut input = File::open(src)?;
     let mut out = std::io::BufWriter::new(File::create(&tmp)?);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut offset = 0u64;
-    loop {
-        let n = input.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        key.apply(offset, &mut buf[..n]);
-        out.write_all(&buf[..n])?;
-        offset += n as u64;
+    let written = match key.scheme {
+        KeyScheme::Stream => (|| {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut offset = 0u64;
+            loop {
+                let n = input.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                key.apply(offset, &mut buf[..n]);
+                out.write_all(&buf[..n])?;
+                offset += n as u64;
+            }
+        })(),
+        KeyScheme::Sealed => (|| {
+            let mut buf = Vec::new();
+            for i in 0..m.chunk_count() {
+                let len = m.chunk_len(i).unwrap_or(0) as usize;
+                buf.resize(len, 0);
+                input.read_exact_at(&mut buf, m.chunk_offset(i).unwrap_or(0))?;
+                let plain = key
+                    .open_chunk(i, &buf)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                out.write_all(&plain)?;
+            }
+            Ok(())
+        })(),
+    };
+    if let Err(e) = written {
+        drop(out);
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
     out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     std::fs::rename(&tmp, dst)

@@ -36,7 +36,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use fogmesh_protocols::files::{
-    FileId, FileKey, Manifest, SchedulerConfig, TokenBucket, chunk_size_for,
+    FileId, FileKey, FileLink, Manifest, SchedulerConfig, TokenBucket, chunk_size_for,
 };
 use libp2p::PeerId;
 use libp2p::request_response::ResponseChannel;
@@ -153,10 +153,11 @@ pub(crate) enum ApiCall {
         reply: Reply<FileStatus>,
     },
     /// Start (or continue, or retry) downloading a file to this absolute
-    /// path.
+    /// path; with a link, decrypting with the link's key.
     Get {
         file: FileId,
         output: PathBuf,
+        link: Option<FileLink>,
         reply: Reply<FileStatus>,
     },
     /// One file's status.
@@ -259,13 +260,37 @@ impl FilesHandle {
 
     /// Starts downloading `file_id` to the absolute path `output` (or
     /// reports the download under way, resuming it if it had failed; a
-    /// file shared here is copied out).
-    pub async fn get(&self, file_id: &str, output: PathBuf) -> Result<FileStatus, ServiceError> {
+    /// file shared here is copied out). With `link` (a
+    /// `fogmesh-file:<id>#<key>` of the same file), the file is decrypted
+    /// with the link's key; without, with the one key received for it in
+    /// group links, if there is exactly one.
+    pub async fn get(
+        &self,
+        file_id: &str,
+        output: PathBuf,
+        link: Option<&str>,
+    ) -> Result<FileStatus, ServiceError> {
         let file = parse_id(file_id)?;
+        let link = link
+            .map(|l| {
+                l.trim()
+                    .parse::<FileLink>()
+                    .map_err(|e| ServiceError::BadRequest(format!("bad link: {e}")))
+            })
+            .transpose()?;
+        if let Some(l) = &link
+            && l.id != file
+        {
+            return Err(ServiceError::BadRequest(format!(
+                "the link is to file {}, not {file}",
+                l.id
+            )));
+        }
         self.mailbox
             .call(|reply| ApiCall::Get {
                 file,
                 output,
+                link,
                 reply,
             })
             .await
