@@ -787,3 +787,147 @@ fn forged_file_key_in_a_group_does_not_poison_the_sharer() {
     assert!(err.contains("does not open"), "{err}");
     assert!(!out_m.exists(), "a forged key produced an output");
 }
+
+/// One unsigned-varint length prefix and the frame, as the file protocol's
+/// codec writes them.
+fn framed(frame: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(frame.len() + 10);
+    let mut n = frame.len() as u64;
+    loop {
+        let b = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(b);
+            break;
+        }
+        out.push(b | 0x80);
+    }
+    out.extend_from_slice(frame);
+    out
+}
+
+/// Issue 11, item 5: a peer opens hundreds of chunk requests on one
+/// connection and never reads the answers. The serving node keeps at most
+/// its per-peer share of responses in memory (RSS stays bounded) and still
+/// serves another peer.
+#[test]
+fn hostile_peer_holding_hundreds_of_requests_cannot_pin_memory() {
+    use fogmesh_protocols::files::FileId;
+    use fogmesh_protocols::files::wire::{Request, encode_request};
+    use libp2p::futures::{AsyncWriteExt, StreamExt};
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::{noise, tcp, yamux};
+
+    const STREAMS: u64 = 250;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start(&tmp.path().join("a"), &[]);
+    let data = random_bytes(21, 8 * MIB);
+    let id = share(
+        &a,
+        &write_file(&tmp.path().join("src"), "big.bin", &data),
+        &data,
+    );
+    let file: FileId = id.parse().expect("file id");
+    let a_peer: libp2p::PeerId = a.peer_id.parse().expect("peer id");
+    let a_addr: libp2p::Multiaddr = a.tcp_addr().parse().expect("multiaddr");
+    let before = a.rss_bytes().expect("A's RSS");
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<Result<u64, String>>();
+    rt.spawn(async move {
+        let built = libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                b.with_behaviour(|_| libp2p_stream::Behaviour::new())
+                    .map_err(|e| e.to_string())
+            });
+        let mut swarm = match built {
+            Ok(b) => b
+                .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(600)))
+                .build(),
+            Err(e) => {
+                let _ = done_tx.send(Err(e));
+                return;
+            }
+        };
+        let mut control = swarm.behaviour().new_control();
+        if let Err(e) = swarm.dial(a_addr) {
+            let _ = done_tx.send(Err(e.to_string()));
+            return;
+        }
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { .. } => break,
+                SwarmEvent::OutgoingConnectionError { error, .. } => {
+                    let _ = done_tx.send(Err(error.to_string()));
+                    return;
+                }
+                _ => {}
+            }
+        }
+        tokio::spawn(async move {
+            loop {
+                swarm.select_next_some().await;
+            }
+        });
+        // Hundreds of requests; the answers are never read.
+        let mut held = Vec::new();
+        for i in 0..STREAMS {
+            let Ok(mut s) = control
+                .open_stream(a_peer, fogmesh::behaviour::FILE_PROTOCOL)
+                .await
+            else {
+                break;
+            };
+            let req = encode_request(&Request::GetChunk {
+                file,
+                index: i % 32,
+            });
+            if s.write_all(&framed(&req)).await.is_err() || s.flush().await.is_err() {
+                break;
+            }
+            held.push(s);
+        }
+        let _ = done_tx.send(Ok(held.len() as u64));
+        // Keep them open (and unread) until the runtime goes.
+        std::future::pending::<()>().await;
+        drop(held);
+    });
+    let opened = match done_rx.recv_timeout(T) {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => panic!("hostile peer: {e}"),
+        Err(_) => panic!("hostile peer never finished opening its requests"),
+    };
+    assert!(opened >= 200, "only {opened} requests opened");
+    // Let A read and answer (or refuse) every one of them.
+    std::thread::sleep(Duration::from_secs(3));
+    let during = a.rss_bytes().expect("A's RSS");
+
+    // Another peer is still served, promptly, while the hostile one holds on.
+    let b = Daemon::start(&tmp.path().join("b"), &["--bootstrap", &a.tcp_addr()]);
+    b.wait_connected(&a.peer_id, T);
+    let out = tmp.path().join("b-copy.bin");
+    let (st, took) = get(&b, &id, &out);
+    assert_eq!(st["state"], "complete", "{st}");
+    assert_same_bytes(&out, &data);
+    assert!(took < Duration::from_secs(30), "B waited {took:?}");
+    let grown = during.saturating_sub(before);
+    eprintln!("A RSS before {} MiB, during {} MiB", before / MIB as u64, during / MIB as u64);
+    // 250 unread 256 KiB chunks would be 62 MiB; the per-peer limit is 16.
+    assert!(
+        grown < 40 * MIB as u64,
+        "A's RSS grew by {} MiB for one peer's unread requests",
+        grown / MIB as u64
+    );
+    rt.shutdown_background();
+}

@@ -4,6 +4,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use fogmesh_protocols::files::{FileId, FileKey, FileLink, Pacer};
@@ -11,6 +13,7 @@ use libp2p::PeerId;
 use tokio::sync::mpsc;
 
 use super::download::{MAX_DEFERRED_REQUESTS, Transfer};
+use super::gate::ServeGate;
 use super::serve::{DeferredUpload, MAX_DEFERRED_UPLOADS};
 use super::share::{Share, copy_atomically};
 use super::store::{DownloadRecord, FileStore, RecordState};
@@ -21,6 +24,18 @@ use crate::metrics::NodeMetrics;
 /// How often timed work runs while a transfer is under way (a safety net:
 /// the downloads' own deadlines usually come sooner).
 const TICK: Duration = Duration::from_millis(100);
+
+/// Peers' requests served per pass before the actor looks at its mailbox
+/// again.
+const SERVE_BATCH: usize = 64;
+
+/// The receiving side of the serving queue.
+pub(crate) struct ServeInbox {
+    pub(crate) rx: std::sync::mpsc::Receiver<super::ServeJob>,
+    pub(crate) woken: Arc<AtomicBool>,
+    pub(crate) queued: Arc<AtomicUsize>,
+    pub(crate) gate: ServeGate,
+}
 
 /// Every share and download of the node, and the file tables.
 pub(crate) struct FilesActor {
@@ -40,6 +55,8 @@ pub(crate) struct FilesActor {
     pub(super) self_handle: Mailbox<Input>,
     /// When timed work last ran.
     last_tick: Instant,
+    /// Peers' requests, and the serving limits.
+    pub(super) serving: ServeInbox,
 }
 
 impl FilesActor {
@@ -50,6 +67,7 @@ impl FilesActor {
         metrics: NodeMetrics,
         cfg: FilesConfig,
         self_handle: Mailbox<Input>,
+        serving: ServeInbox,
     ) -> Self {
         FilesActor {
             local,
@@ -70,6 +88,7 @@ impl FilesActor {
             connected: HashSet::new(),
             self_handle,
             last_tick: Instant::now(),
+            serving,
         }
     }
 
@@ -242,6 +261,24 @@ impl FilesActor {
         })
     }
 
+    /// Serves peers' requests from the serving queue, a batch at a time;
+    /// wakes itself again for the rest, behind what its mailbox holds.
+    fn serve_queued(&mut self, now: Instant) {
+        for _ in 0..SERVE_BATCH {
+            let Ok(job) = self.serving.rx.try_recv() else {
+                return;
+            };
+            self.serving.queued.fetch_sub(1, Ordering::SeqCst);
+            self.on_request(job, now);
+        }
+        if self.serving.queued.load(Ordering::SeqCst) > 0
+            && !self.serving.woken.swap(true, Ordering::SeqCst)
+            && self.self_handle.offer(Input::Serve).is_err()
+        {
+            self.serving.woken.store(false, Ordering::SeqCst);
+        }
+    }
+
     fn on_peer_connected(&mut self, peer: PeerId, now: Instant) {
         self.connected.insert(peer);
         let ids: Vec<FileId> = self.downloads.keys().copied().collect();
@@ -277,11 +314,10 @@ impl Actor for FilesActor {
     fn on_input(&mut self, input: Input, now: Instant) {
         match input {
             Input::Api(call) => self.on_api(call, now),
-            Input::Request {
-                peer,
-                frame,
-                channel,
-            } => self.on_request(peer, &frame, channel, now),
+            Input::Serve => {
+                self.serving.woken.store(false, Ordering::SeqCst);
+                self.serve_queued(now);
+            }
             Input::Response {
                 peer,
                 file,
@@ -315,7 +351,8 @@ impl Actor for FilesActor {
     fn next_deadline(&self) -> Option<Instant> {
         // Idle (nothing to download, nothing held back): nothing is due; an
         // input wakes the actor anyway.
-        let active = self.downloads.values().any(|t| t.machine.is_active());
+        let active = self.downloads.values().any(|t| t.machine.is_active())
+            || self.serving.queued.load(Ordering::SeqCst) > 0;
         if !active && self.uploads.is_empty() && self.requests.is_empty() {
             return None;
         }
@@ -328,6 +365,7 @@ impl Actor for FilesActor {
 
     fn on_deadline(&mut self, now: Instant) {
         self.last_tick = now;
+        self.serve_queued(now);
         self.send_uploads(now);
         self.send_requests(now);
         let ids: Vec<FileId> = self.downloads.keys().copied().collect();

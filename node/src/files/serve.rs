@@ -19,7 +19,7 @@ use fogmesh_protocols::files::{Bitfield, FileId, FileKey, KeyScheme, Manifest};
 use libp2p::PeerId;
 use libp2p::request_response::ResponseChannel;
 
-use super::FileCommand;
+use super::{FileCommand, ServeJob};
 use super::actor::FilesActor;
 use super::share::stamp_of;
 use crate::behaviour::FileFrame;
@@ -40,15 +40,20 @@ pub(super) struct DeferredUpload {
 
 impl FilesActor {
     /// A peer's request: answered at once, or (a chunk) once the upload
-    /// limit allows.
-    pub(super) fn on_request(
-        &mut self,
-        peer: PeerId,
-        frame: &[u8],
-        channel: ResponseChannel<FileFrame>,
-        now: Instant,
-    ) {
-        let resp = match decode_request(frame) {
+    /// limit allows; `Busy` when the response's bytes would go over the
+    /// serving limits (checked before anything is read).
+    pub(super) fn on_request(&mut self, job: ServeJob, now: Instant) {
+        let ServeJob {
+            peer,
+            id,
+            frame,
+            channel,
+        } = job;
+        let resp = match decode_request(&frame) {
+            Ok(req) if !self.serving.gate.reserve(id, self.response_size(&req)) => {
+                tracing::debug!(%peer, "serving limits reached; busy");
+                Response::error(ErrorCode::Busy, "too much is waiting for you; retry later")
+            }
             Ok(req) => self.serve(&req),
             Err(e) => {
                 tracing::debug!(%peer, "bad file request: {e}");
@@ -89,6 +94,20 @@ impl FilesActor {
                 channel: u.channel,
                 frame: u.frame,
             });
+        }
+    }
+
+    /// About how many bytes the response to `req` holds (what the serving
+    /// limits count).
+    fn response_size(&self, req: &Request) -> u64 {
+        let manifest = self.manifest_of(req.file());
+        match req {
+            Request::GetChunk { index, .. } => manifest
+                .and_then(|m| m.chunk_len(*index))
+                .map_or(0, u64::from),
+            Request::GetManifest { .. } => manifest.map_or(0, |m| m.chunk_count() * 32 + 1024),
+            Request::GetHave { .. } => manifest.map_or(0, |m| m.chunk_count() / 8 + 64),
+            _ => 0,
         }
     }
 

@@ -404,7 +404,7 @@ impl EventLoop {
                 self.groups.on_gossipsub(&mut self.swarm, ev);
             }
             BehaviourEvent::GroupSync(ev) => self.groups.on_sync_event(ev),
-            BehaviourEvent::Files(ev) => self.files.on_event(ev),
+            BehaviourEvent::Files(ev) => self.files.on_event(&mut self.swarm, ev),
             BehaviourEvent::Autonat(ev) => self.nat.on_autonat(&mut self.swarm, ev),
             BehaviourEvent::RelayClient(ev) => self.nat.on_relay_client(ev),
             BehaviourEvent::RelayServer(ev) => {
