@@ -180,7 +180,7 @@ pub(super) fn hash_file(path: &Path, key: Option<&FileKey>) -> Result<(Manifest,
             .file_name()
             .and_then(|n| n.to_str())
             .map(|n| n.chars().take(255).collect::<String>())
-            .filter(|n| n.len() <= 255),
+            .filter(|n| n.len() <= 255 && fogmesh_protocols::files::manifest::is_plain_name(n)),
     };
     b.finish(name)
         .map(|m| (m, stamp))
