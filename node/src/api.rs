@@ -115,7 +115,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/connect", post(connect))
         .route("/v1/events", get(events))
         .route("/v1/files", get(files_list).post(files_share))
-        .route("/v1/files/{id}", get(files_status))
+        .route("/v1/files/{id}", get(files_status).delete(files_cancel))
         .route("/v1/files/{id}/get", post(files_get))
         .route("/v1/groups", get(groups_list).post(groups_create))
         .route("/v1/groups/{id}", get(groups_show))
@@ -388,6 +388,10 @@ async fn files_share(
 
 async fn files_status(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
     service_result(s.node.files().status(&id).await)
+}
+
+async fn files_cancel(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
+    service_result(s.node.files().cancel(&id).await)
 }
 
 async fn files_get(

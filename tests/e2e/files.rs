@@ -931,3 +931,43 @@ fn hostile_peer_holding_hundreds_of_requests_cannot_pin_memory() {
     );
     rt.shutdown_background();
 }
+
+/// `file cancel`: a download under way stops, its partial file and its
+/// record go (it does not come back at restart); a share stops being served.
+#[test]
+fn cancel_removes_a_download_and_its_partial_data() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start(&tmp.path().join("a"), &[]);
+    let data = random_bytes(31, 4 * MIB);
+    let src = write_file(&tmp.path().join("src"), "slow.bin", &data);
+    let id = share(&a, &src, &data);
+    let mut b = Daemon::start(
+        &tmp.path().join("b"),
+        &["--bootstrap", &a.tcp_addr(), "--max-download-rate", "256KiB"],
+    );
+    b.wait_connected(&a.peer_id, T);
+    let out = tmp.path().join("b-copy.bin");
+    let getter = b.spawn_cli(&["file", "get", &id, "-o", s(&out), "--json"]);
+    eventually(T, "B has part of the file", || {
+        status(&b, &id).filter(|st| u(st, "bytes_have") > 0).map(|_| ())
+    });
+    assert!(part_of(&out).exists());
+    let last = b.json(&["file", "cancel", &id]);
+    assert_eq!(last["file_id"], id.as_str(), "{last}");
+    drop(getter);
+    assert!(status(&b, &id).is_none(), "still known after cancel");
+    assert!(!part_of(&out).exists(), "the partial file stayed");
+    assert!(!out.exists());
+    // Not resumed at restart.
+    b.terminate();
+    let b = Daemon::start(&tmp.path().join("b"), &["--bootstrap", &a.tcp_addr()]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(status(&b, &id).is_none(), "resumed after cancel");
+    assert!(!part_of(&out).exists());
+    // Unknown now: exit 1.
+    assert_eq!(b.cli(&["file", "cancel", &id]).status.code(), Some(1));
+    // Cancelling a share stops serving it; the file stays.
+    a.json(&["file", "cancel", &id]);
+    assert!(status(&a, &id).is_none());
+    assert_eq!(std::fs::read(&src).expect("source"), data);
+}

@@ -53,6 +53,12 @@ pub(super) enum FileCommand {
     },
     /// Every share and download (exit 1 when none).
     List,
+    /// Cancel a download (its partial data and record are removed) or stop
+    /// sharing a file (the file itself stays).
+    Cancel {
+        /// The file id.
+        file_id: String,
+    },
 }
 
 /// The answer to `POST /v1/files`: the share's status and, for a share with
@@ -95,6 +101,10 @@ pub(super) async fn run(client: Client, cmd: FileCommand, out: Output) -> anyhow
         FileCommand::List => {
             let list: Vec<FileStatus> = client.get("files").await?;
             out.list(&list, write_line, "shares or downloads")
+        }
+        FileCommand::Cancel { file_id } => {
+            let st: FileStatus = client.delete(&format!("files/{file_id}")).await?;
+            out.show(&st, |w, st| writeln!(w, "cancelled {}", st.file_id))
         }
     }
 }

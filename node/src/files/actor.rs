@@ -131,6 +131,9 @@ impl FilesActor {
                 let list = ids.iter().filter_map(|id| self.status(id, now)).collect();
                 let _ = reply.send(Ok(list));
             }
+            ApiCall::Cancel { file, reply } => {
+                let _ = reply.send(self.cancel(file, now));
+            }
         }
     }
 
@@ -208,6 +211,36 @@ impl FilesActor {
         self.apply(id, actions, now);
         self.status(&id, now)
             .ok_or_else(|| ServiceError::Internal("download vanished".into()))
+    }
+
+    /// Forgets a download (removing its partial file and its records) or a
+    /// share (withdrawing its provider record; the file stays).
+    fn cancel(&mut self, id: FileId, now: Instant) -> Result<FileStatus, ServiceError> {
+        let status = self
+            .status(&id, now)
+            .ok_or_else(|| ServiceError::NotFound(format!("no file {id} on this node")))?;
+        // Records first: a crash after this leaves at most a stray file.
+        self.store.forget(&id)?;
+        if let Some(mut t) = self.downloads.remove(&id) {
+            t.file = None;
+            self.requests.retain(|(f, _, _)| *f != id);
+            if t.machine.state() != fogmesh_protocols::files::DownloadState::Complete {
+                let mut dec = t.output.clone().into_os_string();
+                dec.push(".fogmesh-dec");
+                for p in [t.part.clone(), PathBuf::from(dec)] {
+                    if let Err(e) = std::fs::remove_file(&p)
+                        && e.kind() != std::io::ErrorKind::NotFound
+                    {
+                        tracing::warn!("cannot remove {}: {e}", p.display());
+                    }
+                }
+            }
+        }
+        if self.shares.remove(&id).is_some() {
+            self.net_send(FileCommand::StopProviding(id));
+        }
+        tracing::info!(file = %id, "cancelled");
+        Ok(status)
     }
 
     /// The key to decrypt `id` with when it is fetched by id alone: the one

@@ -170,6 +170,12 @@ pub(crate) enum ApiCall {
     },
     /// Every share and download.
     List { reply: Reply<Vec<FileStatus>> },
+    /// Stop a download (removing its partial data and its record) or a
+    /// share (no longer served; the file stays); answers the last status.
+    Cancel {
+        file: FileId,
+        reply: Reply<FileStatus>,
+    },
 }
 
 impl From<ApiCall> for Input {
@@ -360,6 +366,15 @@ impl FilesHandle {
     /// Every share and download, by file id.
     pub async fn list(&self) -> Result<Vec<FileStatus>, ServiceError> {
         self.mailbox.call(|reply| ApiCall::List { reply }).await
+    }
+
+    /// Cancels a download (its partial data and record are removed) or
+    /// stops a share (the file stays where it is); the last status.
+    pub async fn cancel(&self, file_id: &str) -> Result<FileStatus, ServiceError> {
+        let file = parse_id(file_id)?;
+        self.mailbox
+            .call(|reply| ApiCall::Cancel { file, reply })
+            .await
     }
 }
 

@@ -295,6 +295,20 @@ impl FileStore {
         Ok(out)
     }
 
+    /// Removes every record of `id` (manifest, share, download, progress,
+    /// the share's key) in one transaction; received link keys stay.
+    pub(crate) fn forget(&self, id: &FileId) -> Result<(), StoreError> {
+        let k = id.0.as_slice();
+        let tx = self.store.db().begin_write().map_err(db_err)?;
+        for table in [MANIFESTS, SHARES, DOWNLOADS, HAVE, SHARE_KEYS] {
+            tx.open_table(table)
+                .map_err(db_err)?
+                .remove(k)
+                .map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)
+    }
+
     pub(crate) fn put_have(&self, id: &FileId, bits: &Bitfield) -> Result<(), StoreError> {
         let frame = encode_response(&Response::Have { bits: bits.clone() });
         let tx = self.store.db().begin_write().map_err(db_err)?;
