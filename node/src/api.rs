@@ -404,10 +404,5 @@ async fn files_get(
         Ok(p) => p,
         Err(r) => return r,
     };
-    service_result(
-        s.node
-            .files()
-            .get(&id, output, req.link.as_deref())
-            .await,
-    )
+    service_result(s.node.files().get(&id, output, req.link.as_deref()).await)
 }

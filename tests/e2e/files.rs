@@ -751,13 +751,21 @@ fn forged_file_key_in_a_group_does_not_poison_the_sharer() {
     let fid = shared["file_id"].as_str().expect("file_id").to_owned();
     let link = shared["link"].as_str().expect("link").to_owned();
     assert!(link.starts_with(&format!("fogmesh-file:{fid}#")), "{link}");
-    let mid = shared["message_id"].as_str().expect("message_id").to_owned();
+    let mid = shared["message_id"]
+        .as_str()
+        .expect("message_id")
+        .to_owned();
     wait_message(&b, &gid, &mid);
 
     // M's forged links: the new form and the form before link version 2.
     let forged = format!("fogmesh-file:{fid}#v2:{}", "66".repeat(32));
     let forged_v1 = format!("fogmesh-file:{fid}#{}", "77".repeat(32));
-    let post = m.json(&["group", "send", &gid, &format!("{forged} {forged_v1} plans.bin")]);
+    let post = m.json(&[
+        "group",
+        "send",
+        &gid,
+        &format!("{forged} {forged_v1} plans.bin"),
+    ]);
     let forged_mid = post["id"].as_str().expect("id").to_owned();
     wait_message(&a, &gid, &forged_mid);
     wait_message(&b, &gid, &forged_mid);
@@ -922,7 +930,11 @@ fn hostile_peer_holding_hundreds_of_requests_cannot_pin_memory() {
     assert_same_bytes(&out, &data);
     assert!(took < Duration::from_secs(30), "B waited {took:?}");
     let grown = during.saturating_sub(before);
-    eprintln!("A RSS before {} MiB, during {} MiB", before / MIB as u64, during / MIB as u64);
+    eprintln!(
+        "A RSS before {} MiB, during {} MiB",
+        before / MIB as u64,
+        during / MIB as u64
+    );
     // 250 unread 256 KiB chunks would be 62 MiB; the per-peer limit is 16.
     assert!(
         grown < 40 * MIB as u64,
@@ -943,13 +955,20 @@ fn cancel_removes_a_download_and_its_partial_data() {
     let id = share(&a, &src, &data);
     let mut b = Daemon::start(
         &tmp.path().join("b"),
-        &["--bootstrap", &a.tcp_addr(), "--max-download-rate", "256KiB"],
+        &[
+            "--bootstrap",
+            &a.tcp_addr(),
+            "--max-download-rate",
+            "256KiB",
+        ],
     );
     b.wait_connected(&a.peer_id, T);
     let out = tmp.path().join("b-copy.bin");
     let getter = b.spawn_cli(&["file", "get", &id, "-o", s(&out), "--json"]);
     eventually(T, "B has part of the file", || {
-        status(&b, &id).filter(|st| u(st, "bytes_have") > 0).map(|_| ())
+        status(&b, &id)
+            .filter(|st| u(st, "bytes_have") > 0)
+            .map(|_| ())
     });
     assert!(part_of(&out).exists());
     let last = b.json(&["file", "cancel", &id]);

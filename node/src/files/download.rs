@@ -357,14 +357,15 @@ fn open_no_follow(part: &Path) -> Result<File, String> {
     let mut opts = std::fs::OpenOptions::new();
     opts.read(true).write(true).custom_flags(no_follow);
     let opened = match opts.open(part) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            opts.create_new(true).open(part)
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => opts.create_new(true).open(part),
         other => other,
     };
     opened.map_err(|e| {
         if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
-            format!("{} is a symbolic link; not writing through it", part.display())
+            format!(
+                "{} is a symbolic link; not writing through it",
+                part.display()
+            )
         } else {
             format!("cannot open {}: {e}", part.display())
         }

@@ -152,7 +152,10 @@ mod tests {
         assert_eq!(admitted.len(), MAX_PEER_REQUESTS);
         // Bytes: 16 MiB of 256 KiB chunks, then busy.
         let chunk = 256 * 1024;
-        let reserved = admitted.iter().filter(|id| gate.reserve(**id, chunk)).count();
+        let reserved = admitted
+            .iter()
+            .filter(|id| gate.reserve(**id, chunk))
+            .count();
         assert_eq!(reserved as u64, MAX_PEER_BYTES / chunk);
         assert_eq!(gate.load(), (MAX_PEER_REQUESTS, MAX_PEER_BYTES));
         // Another peer is still served, even a chunk larger than the

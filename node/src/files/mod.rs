@@ -287,8 +287,7 @@ impl FilesHandle {
         }
         let q = &self.serving;
         q.queued.fetch_add(1, Ordering::SeqCst);
-        if let Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) = q.tx.try_send(job)
-        {
+        if let Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) = q.tx.try_send(job) {
             q.queued.fetch_sub(1, Ordering::SeqCst);
             self.gate.release(id);
             return Err(job.channel);

@@ -11,17 +11,17 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::Instant;
 
+use fogmesh_protocols::files::crypt::sealed_plain_range;
 use fogmesh_protocols::files::wire::{
     ErrorCode, Request, Response, decode_request, encode_response,
 };
-use fogmesh_protocols::files::crypt::sealed_plain_range;
 use fogmesh_protocols::files::{Bitfield, FileId, FileKey, KeyScheme, Manifest};
 use libp2p::PeerId;
 use libp2p::request_response::ResponseChannel;
 
-use super::{FileCommand, ServeJob};
 use super::actor::FilesActor;
 use super::share::stamp_of;
+use super::{FileCommand, ServeJob};
 use crate::behaviour::FileFrame;
 
 /// Responses held back by the upload limit; beyond that, `Busy`.

@@ -55,8 +55,11 @@ pub(crate) fn record_link_keys(
     let mut t = tx.open_table(LINK_KEYS).map_err(db_err)?;
     for link in links {
         if let Some(k) = link.key {
-            t.insert((link.id.0.as_slice(), group, sender), k.to_bytes().as_slice())
-                .map_err(db_err)?;
+            t.insert(
+                (link.id.0.as_slice(), group, sender),
+                k.to_bytes().as_slice(),
+            )
+            .map_err(db_err)?;
         }
     }
     Ok(())

@@ -30,7 +30,9 @@ use chacha20::cipher::{KeyIvInit, StreamCipher, StreamCipherSeek};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
 
-use super::manifest::{FileId, MAX_CHUNK_SIZE, MAX_CHUNKS, MIN_CHUNK_SIZE, Manifest, chunk_size_for};
+use super::manifest::{
+    FileId, MAX_CHUNK_SIZE, MAX_CHUNKS, MIN_CHUNK_SIZE, Manifest, chunk_size_for,
+};
 
 /// The link scheme: `fogmesh-file:<64 hex id>`, or with a key,
 /// `fogmesh-file:<64 hex id>#v2:<64 hex key>` (sealed) or
@@ -328,7 +330,10 @@ mod tests {
         assert_eq!(key.open_chunk(3, &sealed), Ok(plain));
         // Another key (a forged link), another index (chunks swapped) or a
         // flipped bit: an error, never garbage.
-        assert_eq!(FileKey::sealed([2; 32]).open_chunk(3, &sealed), Err(WrongKey(3)));
+        assert_eq!(
+            FileKey::sealed([2; 32]).open_chunk(3, &sealed),
+            Err(WrongKey(3))
+        );
         assert_eq!(key.open_chunk(4, &sealed), Err(WrongKey(4)));
         let mut bad = sealed.clone();
         bad[0] ^= 1;
@@ -378,7 +383,10 @@ mod tests {
         for k in [FileKey::sealed([3; 32]), FileKey::stream([4; 32])] {
             assert_eq!(FileKey::from_bytes(&k.to_bytes()), Some(k));
         }
-        assert_eq!(FileKey::from_bytes(&[6; 32]), Some(FileKey::stream([6; 32])));
+        assert_eq!(
+            FileKey::from_bytes(&[6; 32]),
+            Some(FileKey::stream([6; 32]))
+        );
         assert_eq!(FileKey::from_bytes(&[9; 33]), None);
         assert_eq!(FileKey::from_bytes(&[]), None);
         let link = FileLink {

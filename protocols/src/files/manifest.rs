@@ -67,7 +67,9 @@ pub enum ManifestError {
     #[error("name of {0} bytes, more than {MAX_NAME_LEN}")]
     NameTooLong(usize),
     /// The name is not a plain file name ([`is_plain_name`]).
-    #[error("name {0:?} is not a plain file name (empty, `.`, `..`, a separator, NUL or a control character)")]
+    #[error(
+        "name {0:?} is not a plain file name (empty, `.`, `..`, a separator, NUL or a control character)"
+    )]
     BadName(String),
     /// The manifest does not hash to the expected file id.
     #[error("manifest hashes to {actual}, expected {expected}")]
@@ -587,7 +589,18 @@ mod tests {
 
     #[test]
     fn names_that_are_not_plain_file_names_are_dropped_at_decode() {
-        for bad in ["", ".", "..", "../../etc/passwd", "a/b", "a\\b", "nul\0", "bell\u{7}", "esc\u{1b}[2J", "\u{9b}31m"] {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../../etc/passwd",
+            "a/b",
+            "a\\b",
+            "nul\0",
+            "bell\u{7}",
+            "esc\u{1b}[2J",
+            "\u{9b}31m",
+        ] {
             assert!(!is_plain_name(bad), "{bad:?}");
             let raw = RawManifest {
                 v: MANIFEST_VERSION,
@@ -602,7 +615,9 @@ mod tests {
             assert_eq!(m.name(), None, "{bad:?} kept");
             // Nobody builds one either.
             assert_eq!(
-                m.with_name(Some(bad.to_owned())).err().map(|e| matches!(e, ManifestError::BadName(_))),
+                m.with_name(Some(bad.to_owned()))
+                    .err()
+                    .map(|e| matches!(e, ManifestError::BadName(_))),
                 Some(true)
             );
         }
