@@ -132,6 +132,7 @@ async fn get(c: &Client, id: &str, out: &Path) -> Duration {
             &format!("files/{id}/get"),
             &GetFile {
                 output: out.display().to_string(),
+                link: None,
             },
         )
         .await
@@ -340,6 +341,7 @@ async fn resume(dir: &Path, src: &Path) {
             &format!("files/{id}/get"),
             &GetFile {
                 output: out.display().to_string(),
+                link: None,
             },
         )
         .await

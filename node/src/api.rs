@@ -117,7 +117,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/connect", post(connect))
         .route("/v1/events", get(events))
         .route("/v1/files", get(files_list).post(files_share))
-        .route("/v1/files/{id}", get(files_status))
+        .route("/v1/files/{id}", get(files_status).delete(files_cancel))
         .route("/v1/files/{id}/get", post(files_get))
         .route("/v1/groups", get(groups_list).post(groups_create))
         .route("/v1/groups/{id}", get(groups_show))
@@ -489,6 +489,10 @@ async fn files_status(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -
     service_result(s.node.files().status(&id).await)
 }
 
+async fn files_cancel(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
+    service_result(s.node.files().cancel(&id).await)
+}
+
 async fn files_get(
     State(s): State<AppState>,
     UrlPath(id): UrlPath<String>,
@@ -499,7 +503,7 @@ async fn files_get(
         Ok(p) => p,
         Err(r) => return r,
     };
-    service_result(s.node.files().get(&id, output).await)
+    service_result(s.node.files().get(&id, output, req.link.as_deref()).await)
 }
 
 #[cfg(test)]

@@ -382,6 +382,10 @@ pub struct ShareFile {
 pub struct GetFile {
     /// Absolute path to write the file to.
     pub output: String,
+    /// The link fetched (`fogmesh-file:<id>#<key>`), whose key decrypts
+    /// the file; absent: the one key received for the file, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
 }
 
 /// `POST /v1/messages` body.

@@ -700,3 +700,293 @@ fn bad_input_gets_clear_errors() {
         "the message does not name the flag: {err}"
     );
 }
+
+/// `group create NAME --member ...` on `d`; returns the group id.
+fn group_with(d: &Daemon, members: &[&Daemon]) -> String {
+    let mut args = vec!["group", "create", "files"];
+    for m in members {
+        args.extend(["--member", m.peer_id.as_str()]);
+    }
+    let v = d.json(&args);
+    let gid = v["group_id"].as_str().expect("group_id").to_owned();
+    for m in members {
+        eventually(T, "the member lists the group", || {
+            m.json_or_nothing(&["group", "list"])
+                .as_array()
+                .is_some_and(|a| a.iter().any(|g| g["group_id"] == gid.as_str()))
+                .then_some(())
+        });
+    }
+    gid
+}
+
+/// Waits until `d` has delivered message `id` of group `gid`.
+fn wait_message(d: &Daemon, gid: &str, id: &str) {
+    eventually(T, "the message is delivered", || {
+        d.json_or_nothing(&["group", "messages", gid])
+            .as_array()
+            .is_some_and(|a| a.iter().any(|m| m["id"] == id))
+            .then_some(())
+    });
+}
+
+/// Issue 11, item 1: a member posts a link with the sharer's file id and a
+/// key of its own. The sharer keeps serving under its own key after a
+/// restart, an honest member fetching the sharer's link gets the
+/// plaintext, fetching by id alone asks which link, and the forged key is
+/// an error, never garbage.
+#[test]
+fn forged_file_key_in_a_group_does_not_poison_the_sharer() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut a = Daemon::start(&tmp.path().join("a"), &[]);
+    let b = Daemon::start(&tmp.path().join("b"), &["--bootstrap", &a.tcp_addr()]);
+    let m = Daemon::start(&tmp.path().join("m"), &["--bootstrap", &a.tcp_addr()]);
+    b.wait_connected(&a.peer_id, T);
+    m.wait_connected(&a.peer_id, T);
+    let gid = group_with(&a, &[&b, &m]);
+
+    let secret = random_bytes(11, MIB + 12_345);
+    let src = write_file(&tmp.path().join("src"), "plans.bin", &secret);
+    let shared = a.json(&["file", "share", s(&src), "--group", &gid]);
+    let fid = shared["file_id"].as_str().expect("file_id").to_owned();
+    let link = shared["link"].as_str().expect("link").to_owned();
+    assert!(link.starts_with(&format!("fogmesh-file:{fid}#")), "{link}");
+    let mid = shared["message_id"]
+        .as_str()
+        .expect("message_id")
+        .to_owned();
+    wait_message(&b, &gid, &mid);
+
+    // M's forged links: the new form and the form before link version 2.
+    let forged = format!("fogmesh-file:{fid}#v2:{}", "66".repeat(32));
+    let forged_v1 = format!("fogmesh-file:{fid}#{}", "77".repeat(32));
+    let post = m.json(&[
+        "group",
+        "send",
+        &gid,
+        &format!("{forged} {forged_v1} plans.bin"),
+    ]);
+    let forged_mid = post["id"].as_str().expect("id").to_owned();
+    wait_message(&a, &gid, &forged_mid);
+    wait_message(&b, &gid, &forged_mid);
+
+    // The sharer restarts: it must not take M's key for its own.
+    a.terminate();
+    let a = Daemon::start(&tmp.path().join("a"), &["--bootstrap", &b.tcp_addr()]);
+    b.wait_connected(&a.peer_id, T);
+    assert_eq!(status(&a, &fid).expect("A's share")["state"], "sharing");
+
+    // By id alone, B cannot know which key is meant: it asks for the link.
+    let out_b = tmp.path().join("b-copy");
+    let asked = b.cli(&["file", "get", &fid, "-o", s(&out_b), "--json"]);
+    let err = String::from_utf8_lossy(&asked.stderr);
+    assert_eq!(asked.status.code(), Some(2), "{err}");
+    assert!(err.contains("different keys"), "{err}");
+    // With A's link: the plaintext.
+    let got = b.json(&["file", "get", &link, "-o", s(&out_b), "--timeout", "60"]);
+    assert_eq!(got["state"], "complete", "{got}");
+    assert_same_bytes(&out_b, &secret);
+
+    // M's own forged link opens nothing: an error, and no output.
+    let out_m = tmp.path().join("m-copy");
+    let tried = m.cli(&["file", "get", &forged, "-o", s(&out_m), "--json"]);
+    let err = String::from_utf8_lossy(&tried.stderr);
+    assert_eq!(tried.status.code(), Some(2), "{err}");
+    assert!(err.contains("does not open"), "{err}");
+    assert!(!out_m.exists(), "a forged key produced an output");
+}
+
+/// One unsigned-varint length prefix and the frame, as the file protocol's
+/// codec writes them.
+fn framed(frame: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(frame.len() + 10);
+    let mut n = frame.len() as u64;
+    loop {
+        let b = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(b);
+            break;
+        }
+        out.push(b | 0x80);
+    }
+    out.extend_from_slice(frame);
+    out
+}
+
+/// Issue 11, item 5: a peer opens hundreds of chunk requests on one
+/// connection and never reads the answers. The serving node keeps at most
+/// its per-peer share of responses in memory (RSS stays bounded) and still
+/// serves another peer.
+#[test]
+fn hostile_peer_holding_hundreds_of_requests_cannot_pin_memory() {
+    use fogmesh_protocols::files::FileId;
+    use fogmesh_protocols::files::wire::{Request, encode_request};
+    use libp2p::futures::{AsyncWriteExt, StreamExt};
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::{noise, tcp, yamux};
+
+    const STREAMS: u64 = 250;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start(&tmp.path().join("a"), &[]);
+    let data = random_bytes(21, 8 * MIB);
+    let id = share(
+        &a,
+        &write_file(&tmp.path().join("src"), "big.bin", &data),
+        &data,
+    );
+    let file: FileId = id.parse().expect("file id");
+    let a_peer: libp2p::PeerId = a.peer_id.parse().expect("peer id");
+    let a_addr: libp2p::Multiaddr = a.tcp_addr().parse().expect("multiaddr");
+    let before = a.rss_bytes().expect("A's RSS");
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<Result<u64, String>>();
+    rt.spawn(async move {
+        let built = libp2p::SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .map_err(|e| e.to_string())
+            .and_then(|b| {
+                b.with_behaviour(|_| libp2p_stream::Behaviour::new())
+                    .map_err(|e| e.to_string())
+            });
+        let mut swarm = match built {
+            Ok(b) => b
+                .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(600)))
+                .build(),
+            Err(e) => {
+                let _ = done_tx.send(Err(e));
+                return;
+            }
+        };
+        let mut control = swarm.behaviour().new_control();
+        if let Err(e) = swarm.dial(a_addr) {
+            let _ = done_tx.send(Err(e.to_string()));
+            return;
+        }
+        loop {
+            match swarm.select_next_some().await {
+                SwarmEvent::ConnectionEstablished { .. } => break,
+                SwarmEvent::OutgoingConnectionError { error, .. } => {
+                    let _ = done_tx.send(Err(error.to_string()));
+                    return;
+                }
+                _ => {}
+            }
+        }
+        tokio::spawn(async move {
+            loop {
+                swarm.select_next_some().await;
+            }
+        });
+        // Hundreds of requests; the answers are never read.
+        let mut held = Vec::new();
+        for i in 0..STREAMS {
+            let Ok(mut s) = control
+                .open_stream(a_peer, fogmesh::behaviour::FILE_PROTOCOL)
+                .await
+            else {
+                break;
+            };
+            let req = encode_request(&Request::GetChunk {
+                file,
+                index: i % 32,
+            });
+            if s.write_all(&framed(&req)).await.is_err() || s.flush().await.is_err() {
+                break;
+            }
+            held.push(s);
+        }
+        let _ = done_tx.send(Ok(held.len() as u64));
+        // Keep them open (and unread) until the runtime goes.
+        std::future::pending::<()>().await;
+        drop(held);
+    });
+    let opened = match done_rx.recv_timeout(T) {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => panic!("hostile peer: {e}"),
+        Err(_) => panic!("hostile peer never finished opening its requests"),
+    };
+    assert!(opened >= 200, "only {opened} requests opened");
+    // Let A read and answer (or refuse) every one of them.
+    std::thread::sleep(Duration::from_secs(3));
+    let during = a.rss_bytes().expect("A's RSS");
+
+    // Another peer is still served, promptly, while the hostile one holds on.
+    let b = Daemon::start(&tmp.path().join("b"), &["--bootstrap", &a.tcp_addr()]);
+    b.wait_connected(&a.peer_id, T);
+    let out = tmp.path().join("b-copy.bin");
+    let (st, took) = get(&b, &id, &out);
+    assert_eq!(st["state"], "complete", "{st}");
+    assert_same_bytes(&out, &data);
+    assert!(took < Duration::from_secs(30), "B waited {took:?}");
+    let grown = during.saturating_sub(before);
+    eprintln!(
+        "A RSS before {} MiB, during {} MiB",
+        before / MIB as u64,
+        during / MIB as u64
+    );
+    // 250 unread 256 KiB chunks would be 62 MiB; the per-peer limit is 16.
+    assert!(
+        grown < 40 * MIB as u64,
+        "A's RSS grew by {} MiB for one peer's unread requests",
+        grown / MIB as u64
+    );
+    rt.shutdown_background();
+}
+
+/// `file cancel`: a download under way stops, its partial file and its
+/// record go (it does not come back at restart); a share stops being served.
+#[test]
+fn cancel_removes_a_download_and_its_partial_data() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start(&tmp.path().join("a"), &[]);
+    let data = random_bytes(31, 4 * MIB);
+    let src = write_file(&tmp.path().join("src"), "slow.bin", &data);
+    let id = share(&a, &src, &data);
+    let mut b = Daemon::start(
+        &tmp.path().join("b"),
+        &[
+            "--bootstrap",
+            &a.tcp_addr(),
+            "--max-download-rate",
+            "256KiB",
+        ],
+    );
+    b.wait_connected(&a.peer_id, T);
+    let out = tmp.path().join("b-copy.bin");
+    let getter = b.spawn_cli(&["file", "get", &id, "-o", s(&out), "--json"]);
+    eventually(T, "B has part of the file", || {
+        status(&b, &id)
+            .filter(|st| u(st, "bytes_have") > 0)
+            .map(|_| ())
+    });
+    assert!(part_of(&out).exists());
+    let last = b.json(&["file", "cancel", &id]);
+    assert_eq!(last["file_id"], id.as_str(), "{last}");
+    drop(getter);
+    assert!(status(&b, &id).is_none(), "still known after cancel");
+    assert!(!part_of(&out).exists(), "the partial file stayed");
+    assert!(!out.exists());
+    // Not resumed at restart.
+    b.terminate();
+    let b = Daemon::start(&tmp.path().join("b"), &["--bootstrap", &a.tcp_addr()]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(status(&b, &id).is_none(), "resumed after cancel");
+    assert!(!part_of(&out).exists());
+    // Unknown now: exit 1.
+    assert_eq!(b.cli(&["file", "cancel", &id]).status.code(), Some(1));
+    // Cancelling a share stops serving it; the file stays.
+    a.json(&["file", "cancel", &id]);
+    assert!(status(&a, &id).is_none());
+    assert_eq!(std::fs::read(&src).expect("source"), data);
+}

@@ -34,7 +34,8 @@ pub(super) enum FileCommand {
     /// complete and verified. Run it again to continue after any
     /// interruption.
     Get {
-        /// The file id.
+        /// The file id, or a file's link as posted in a group
+        /// (`fogmesh-file:<id>#<key>`: decrypted with that link's key).
         file_id: String,
         /// Where to write it. Default: its name (or id) in the current
         /// directory.
@@ -52,6 +53,12 @@ pub(super) enum FileCommand {
     },
     /// Every share and download (exit 1 when none).
     List,
+    /// Cancel a download (its partial data and record are removed) or stop
+    /// sharing a file (the file itself stays).
+    Cancel {
+        /// The file id.
+        file_id: String,
+    },
 }
 
 /// The answer to `POST /v1/files`: the share's status and, for a share with
@@ -73,8 +80,16 @@ pub(super) async fn run(client: Client, cmd: FileCommand, out: Output) -> anyhow
             output,
             timeout,
         } => {
+            let (file_id, link) = id_and_link(&file_id);
             let output = output.unwrap_or_else(|| PathBuf::from(&file_id));
-            let st = get(&client, &file_id, &output, Duration::from_secs(timeout)).await?;
+            let st = get(
+                &client,
+                &file_id,
+                link,
+                &output,
+                Duration::from_secs(timeout),
+            )
+            .await?;
             out.show(&st, |w, st| {
                 writeln!(w, "{}", st.path.as_deref().unwrap_or(""))
             })
@@ -86,6 +101,10 @@ pub(super) async fn run(client: Client, cmd: FileCommand, out: Output) -> anyhow
         FileCommand::List => {
             let list: Vec<FileStatus> = client.get("files").await?;
             out.list(&list, write_line, "shares or downloads")
+        }
+        FileCommand::Cancel { file_id } => {
+            let st: FileStatus = client.delete(&format!("files/{file_id}")).await?;
+            out.show(&st, |w, st| writeln!(w, "cancelled {}", st.file_id))
         }
     }
 }
@@ -112,9 +131,21 @@ async fn share(
 
 /// Starts (or continues) a download to `output` and waits until it is
 /// complete, showing progress on stderr; its final status.
+/// A `file get` argument: a file id, or a link (its id, and the link).
+fn id_and_link(arg: &str) -> (String, Option<String>) {
+    match arg.strip_prefix(fogmesh_protocols::files::crypt::LINK_PREFIX) {
+        Some(rest) => {
+            let id = rest.split('#').next().unwrap_or_default().to_owned();
+            (id, Some(arg.to_owned()))
+        }
+        None => (arg.to_owned(), None),
+    }
+}
+
 async fn get(
     client: &Client,
     file_id: &str,
+    link: Option<String>,
     output: &Path,
     timeout: Duration,
 ) -> anyhow::Result<FileStatus> {
@@ -123,6 +154,7 @@ async fn get(
     let start = Instant::now();
     let request = GetFile {
         output: output.display().to_string(),
+        link,
     };
     let mut st: FileStatus = client
         .post(&format!("files/{file_id}/get"), &request)
@@ -200,6 +232,14 @@ fn write_line(w: Human<'_>, st: &FileStatus) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn get_takes_an_id_or_a_link() {
+        let id = "ab".repeat(32);
+        assert_eq!(id_and_link(&id), (id.clone(), None));
+        let link = format!("fogmesh-file:{id}#v2:{}", "cd".repeat(32));
+        assert_eq!(id_and_link(&link), (id, Some(link.clone())));
+    }
 
     #[test]
     fn a_share_prints_the_apis_answer() {

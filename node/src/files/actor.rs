@@ -4,13 +4,16 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use fogmesh_protocols::files::{FileId, Pacer};
+use fogmesh_protocols::files::{FileId, FileKey, FileLink, Pacer};
 use libp2p::PeerId;
 use tokio::sync::mpsc;
 
 use super::download::{MAX_DEFERRED_REQUESTS, Transfer};
+use super::gate::ServeGate;
 use super::serve::{DeferredUpload, MAX_DEFERRED_UPLOADS};
 use super::share::{Share, copy_atomically};
 use super::store::{DownloadRecord, FileStore, RecordState};
@@ -21,6 +24,18 @@ use crate::metrics::NodeMetrics;
 /// How often timed work runs while a transfer is under way (a safety net:
 /// the downloads' own deadlines usually come sooner).
 const TICK: Duration = Duration::from_millis(100);
+
+/// Peers' requests served per pass before the actor looks at its mailbox
+/// again.
+const SERVE_BATCH: usize = 64;
+
+/// The receiving side of the serving queue.
+pub(crate) struct ServeInbox {
+    pub(crate) rx: std::sync::mpsc::Receiver<super::ServeJob>,
+    pub(crate) woken: Arc<AtomicBool>,
+    pub(crate) queued: Arc<AtomicUsize>,
+    pub(crate) gate: ServeGate,
+}
 
 /// Every share and download of the node, and the file tables.
 pub(crate) struct FilesActor {
@@ -40,6 +55,8 @@ pub(crate) struct FilesActor {
     pub(super) self_handle: Mailbox<Input>,
     /// When timed work last ran.
     last_tick: Instant,
+    /// Peers' requests, and the serving limits.
+    pub(super) serving: ServeInbox,
 }
 
 impl FilesActor {
@@ -50,6 +67,7 @@ impl FilesActor {
         metrics: NodeMetrics,
         cfg: FilesConfig,
         self_handle: Mailbox<Input>,
+        serving: ServeInbox,
     ) -> Self {
         FilesActor {
             local,
@@ -70,6 +88,7 @@ impl FilesActor {
             connected: HashSet::new(),
             self_handle,
             last_tick: Instant::now(),
+            serving,
         }
     }
 
@@ -89,9 +108,10 @@ impl FilesActor {
             ApiCall::Get {
                 file,
                 output,
+                link,
                 reply,
             } => {
-                let _ = reply.send(self.get(file, output, now));
+                let _ = reply.send(self.get(file, output, link, now));
             }
             ApiCall::Status { file, reply } => {
                 let r = self
@@ -111,6 +131,9 @@ impl FilesActor {
                 let list = ids.iter().filter_map(|id| self.status(id, now)).collect();
                 let _ = reply.send(Ok(list));
             }
+            ApiCall::Cancel { file, reply } => {
+                let _ = reply.send(self.cancel(file, now));
+            }
         }
     }
 
@@ -118,9 +141,25 @@ impl FilesActor {
         &mut self,
         id: FileId,
         output: PathBuf,
+        link: Option<FileLink>,
         now: Instant,
     ) -> Result<FileStatus, ServiceError> {
         if let Some(t) = self.downloads.get_mut(&id) {
+            // Asked again with a link: its key from now on (a download
+            // that failed on a wrong key decrypts again with this one).
+            if let Some(l) = link
+                && l.key != t.key
+                && t.machine.state() != fogmesh_protocols::files::DownloadState::Complete
+            {
+                let rec = DownloadRecord {
+                    output: t.output.display().to_string(),
+                    state: RecordState::Downloading,
+                    error: None,
+                    key: l.key.as_ref().map(|k| hex::encode(k.to_bytes())),
+                };
+                self.store.put_download(&id, &rec)?;
+                t.key = l.key;
+            }
             // Asked again: a failed download tries again.
             t.machine.retry(now);
             return self
@@ -151,22 +190,79 @@ impl FilesActor {
             .to_str()
             .ok_or_else(|| ServiceError::BadRequest("output path is not valid UTF-8".into()))?
             .to_owned();
+        let key = match link {
+            Some(l) => l.key,
+            None => self.received_key(&id)?,
+        };
         self.store.put_download(
             &id,
             &DownloadRecord {
                 output: out_str,
                 state: RecordState::Downloading,
                 error: None,
+                key: key.as_ref().map(|k| hex::encode(k.to_bytes())),
             },
         )?;
         let mut t = Transfer::new(id, output, self.download_config(), self.local, now);
-        t.key = self.store.key(&id)?;
+        t.key = key;
         tracing::info!(file = %id, encrypted = t.key.is_some(), "download started");
         let actions = t.machine.search(&self.connected, now);
         self.downloads.insert(id, t);
         self.apply(id, actions, now);
         self.status(&id, now)
             .ok_or_else(|| ServiceError::Internal("download vanished".into()))
+    }
+
+    /// Forgets a download (removing its partial file and its records) or a
+    /// share (withdrawing its provider record; the file stays).
+    fn cancel(&mut self, id: FileId, now: Instant) -> Result<FileStatus, ServiceError> {
+        let status = self
+            .status(&id, now)
+            .ok_or_else(|| ServiceError::NotFound(format!("no file {id} on this node")))?;
+        // Records first: a crash after this leaves at most a stray file.
+        self.store.forget(&id)?;
+        if let Some(mut t) = self.downloads.remove(&id) {
+            t.file = None;
+            self.requests.retain(|(f, _, _)| *f != id);
+            if t.machine.state() != fogmesh_protocols::files::DownloadState::Complete {
+                let mut dec = t.output.clone().into_os_string();
+                dec.push(".fogmesh-dec");
+                for p in [t.part.clone(), PathBuf::from(dec)] {
+                    if let Err(e) = std::fs::remove_file(&p)
+                        && e.kind() != std::io::ErrorKind::NotFound
+                    {
+                        tracing::warn!("cannot remove {}: {e}", p.display());
+                    }
+                }
+            }
+        }
+        if self.shares.remove(&id).is_some() {
+            self.net_send(FileCommand::StopProviding(id));
+        }
+        tracing::info!(file = %id, "cancelled");
+        Ok(status)
+    }
+
+    /// The key to decrypt `id` with when it is fetched by id alone: the one
+    /// key received in group links to it, none when there is none; several
+    /// different keys (a member may post a link with someone else's file
+    /// id and a key of its own) need the link to choose.
+    fn received_key(&self, id: &FileId) -> Result<Option<FileKey>, ServiceError> {
+        let received = self.store.link_keys(id)?;
+        let mut keys: Vec<&FileKey> = received.iter().map(|r| &r.key).collect();
+        keys.sort_by_key(|k| k.to_bytes());
+        keys.dedup();
+        match keys.as_slice() {
+            [] => Ok(None),
+            [k] => Ok(Some((*k).clone())),
+            _ => {
+                let senders: Vec<&str> = received.iter().map(|r| r.sender.as_str()).collect();
+                Err(ServiceError::BadRequest(format!(
+                    "links with different keys to file {id} were posted (by {}): fetch it with the link of the message you mean (fogmesh file get 'fogmesh-file:...')",
+                    senders.join(", ")
+                )))
+            }
+        }
     }
 
     pub(super) fn status(&self, id: &FileId, now: Instant) -> Option<FileStatus> {
@@ -196,6 +292,24 @@ impl FilesActor {
                 .then(|| "the file changed on disk since it was shared".to_owned()),
             link: None,
         })
+    }
+
+    /// Serves peers' requests from the serving queue, a batch at a time;
+    /// wakes itself again for the rest, behind what its mailbox holds.
+    fn serve_queued(&mut self, now: Instant) {
+        for _ in 0..SERVE_BATCH {
+            let Ok(job) = self.serving.rx.try_recv() else {
+                return;
+            };
+            self.serving.queued.fetch_sub(1, Ordering::SeqCst);
+            self.on_request(job, now);
+        }
+        if self.serving.queued.load(Ordering::SeqCst) > 0
+            && !self.serving.woken.swap(true, Ordering::SeqCst)
+            && self.self_handle.offer(Input::Serve).is_err()
+        {
+            self.serving.woken.store(false, Ordering::SeqCst);
+        }
     }
 
     fn on_peer_connected(&mut self, peer: PeerId, now: Instant) {
@@ -233,11 +347,10 @@ impl Actor for FilesActor {
     fn on_input(&mut self, input: Input, now: Instant) {
         match input {
             Input::Api(call) => self.on_api(call, now),
-            Input::Request {
-                peer,
-                frame,
-                channel,
-            } => self.on_request(peer, &frame, channel, now),
+            Input::Serve => {
+                self.serving.woken.store(false, Ordering::SeqCst);
+                self.serve_queued(now);
+            }
             Input::Response {
                 peer,
                 file,
@@ -271,7 +384,8 @@ impl Actor for FilesActor {
     fn next_deadline(&self) -> Option<Instant> {
         // Idle (nothing to download, nothing held back): nothing is due; an
         // input wakes the actor anyway.
-        let active = self.downloads.values().any(|t| t.machine.is_active());
+        let active = self.downloads.values().any(|t| t.machine.is_active())
+            || self.serving.queued.load(Ordering::SeqCst) > 0;
         if !active && self.uploads.is_empty() && self.requests.is_empty() {
             return None;
         }
@@ -284,6 +398,7 @@ impl Actor for FilesActor {
 
     fn on_deadline(&mut self, now: Instant) {
         self.last_tick = now;
+        self.serve_queued(now);
         self.send_uploads(now);
         self.send_requests(now);
         let ids: Vec<FileId> = self.downloads.keys().copied().collect();

@@ -18,7 +18,7 @@ use std::time::Instant;
 use fogmesh_protocols::files::download::Action;
 use fogmesh_protocols::files::wire::{Request, encode_request};
 use fogmesh_protocols::files::{
-    Asked, Bitfield, Download, DownloadConfig, FileId, FileKey, Manifest,
+    Asked, Bitfield, Download, DownloadConfig, FileId, FileKey, KeyScheme, Manifest,
 };
 use libp2p::PeerId;
 
@@ -85,7 +85,7 @@ impl FilesActor {
             let Some(manifest) = self.store.manifest(&id)? else {
                 continue;
             };
-            let key = self.store.key(&id)?;
+            let key = self.store.share_key(&id)?;
             self.shares
                 .insert(id, Share::new(PathBuf::from(path), key, manifest, stamp));
             self.net_send(FileCommand::StartProviding(id));
@@ -101,7 +101,11 @@ impl FilesActor {
                 self.local,
                 now,
             );
-            t.key = self.store.key(&id)?;
+            // Records before link version 2 have no key of their own.
+            t.key = match rec.file_key() {
+                Some(k) => Some(k),
+                None => self.store.legacy_key(&id)?,
+            };
             let resume = match self.store.manifest(&id)? {
                 Some(m) => Some((m, self.store.have(&id)?)),
                 None => None,
@@ -139,7 +143,9 @@ impl FilesActor {
                 Action::FindProviders => self.net_send(FileCommand::FindProviders(id)),
                 Action::Open(m) => {
                     if let Err(e) = self.store.put_manifest(&m) {
-                        tracing::error!("cannot store a manifest: {e}");
+                        if let Some(t) = self.downloads.get_mut(&id) {
+                            t.fail(format!("cannot store the manifest: {e}"));
+                        }
                         continue;
                     }
                     todo.extend(self.open(id, m, None, now));
@@ -270,13 +276,19 @@ impl FilesActor {
             output: output.clone(),
             state: RecordState::Complete,
             error: None,
+            key: None,
         };
-        if let Err(e) = self
-            .store
-            .put_share(&id, &output, stamp)
+        let key_stored = match &t.key {
+            Some(k) => self.store.put_share_key(&id, k),
+            None => Ok(()),
+        };
+        if let Err(e) = key_stored
+            .and_then(|()| self.store.put_share(&id, &output, stamp))
             .and_then(|()| self.store.put_download(&id, &rec))
         {
-            tracing::error!("cannot record a finished download: {e}");
+            // Not complete until recorded: asking again records it.
+            t.fail(format!("cannot record the finished download: {e}"));
+            return;
         }
         self.shares.insert(id, share);
         self.net_send(FileCommand::StartProviding(id));
@@ -286,21 +298,38 @@ impl FilesActor {
 
 /// Opens (or creates, sparse) the partial file at `part` for `m`, and finds
 /// the chunks it holds: those in `have`, and after a crash, those written
-/// but not yet recorded, found by hashing.
+/// but not yet recorded, found by hashing the chunks that hold data.
+///
+/// The partial file is never reached through a symbolic link (`O_NOFOLLOW`)
+/// and is created only if it does not exist (`O_EXCL`): nothing else's file
+/// is sized or written. Before it is sized, the file system must have room
+/// for the rest of the file: a peer's made-up manifest of 4 TiB is refused
+/// rather than made into a sparse file that fills the disk later.
 fn open_part(
     part: &Path,
     m: &Manifest,
     have: Option<Bitfield>,
 ) -> Result<(File, Bitfield), String> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(part)
-        .map_err(|e| format!("cannot open {}: {e}", part.display()))?;
-    let len = file.metadata().map(|md| md.len()).unwrap_or(0);
+    let file = open_no_follow(part)?;
+    let md = file
+        .metadata()
+        .map_err(|e| format!("cannot read {}: {e}", part.display()))?;
+    if !md.is_file() {
+        return Err(format!("{} is not a regular file", part.display()));
+    }
+    let len = md.len();
     if len != m.size() {
+        use std::os::unix::fs::MetadataExt;
+        let allocated = md.blocks().saturating_mul(512);
+        let needed = m.size().saturating_sub(allocated);
+        let free = free_space(&file)
+            .map_err(|e| format!("cannot check free space for {}: {e}", part.display()))?;
+        if needed > free {
+            return Err(format!(
+                "not enough space for {}: {needed} bytes needed, {free} free",
+                part.display()
+            ));
+        }
         // Sparse: no space is written until chunks arrive.
         file.set_len(m.size())
             .map_err(|e| format!("cannot size {}: {e}", part.display()))?;
@@ -320,17 +349,62 @@ fn open_part(
     Ok((file, bits))
 }
 
+/// Opens the partial file without following a symbolic link, creating it
+/// (exclusively) when it does not exist.
+fn open_no_follow(part: &Path) -> Result<File, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let no_follow = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.read(true).write(true).custom_flags(no_follow);
+    let opened = match opts.open(part) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => opts.create_new(true).open(part),
+        other => other,
+    };
+    opened.map_err(|e| {
+        if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+            format!(
+                "{} is a symbolic link; not writing through it",
+                part.display()
+            )
+        } else {
+            format!("cannot open {}: {e}", part.display())
+        }
+    })
+}
+
+/// Bytes an unprivileged writer may still allocate on `file`'s file system.
+fn free_space(file: &File) -> std::io::Result<u64> {
+    let st = rustix::fs::fstatvfs(file)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 /// Marks in `bits` the missing chunks of the first `len` bytes of `file`
-/// that verify; returns how many.
+/// that verify; returns how many. Only chunks holding data are read: holes
+/// of the sparse file (never written) are skipped without hashing, so a
+/// large, mostly empty partial file costs little at every restart.
 fn recover_chunks(file: &File, len: u64, m: &Manifest, bits: &mut Bitfield) -> u64 {
     let mut buf = Vec::new();
     let mut recovered = 0u64;
     let missing: Vec<u64> = bits.iter_missing().collect();
+    let mut data_from = 0u64;
     for i in missing {
         let (Some(clen), Some(off)) = (m.chunk_len(i), m.chunk_offset(i)) else {
             continue;
         };
         if off >= len {
+            break;
+        }
+        let end = off + u64::from(clen);
+        if data_from < off {
+            // Where the next data at or after `off` starts; none: done.
+            data_from = match rustix::fs::seek(file, rustix::fs::SeekFrom::Data(off)) {
+                Ok(d) => d,
+                Err(rustix::io::Errno::NXIO) => break,
+                // No SEEK_DATA here: read every chunk.
+                Err(_) => off,
+            };
+        }
+        if data_from >= end {
             continue;
         }
         buf.resize(clen as usize, 0);
@@ -352,11 +426,19 @@ fn finish_file(t: &mut Transfer) -> Result<(), String> {
         return Err(format!("cannot sync {}: {e}", t.part.display()));
     }
     t.file = None;
-    let moved = match &t.key {
-        Some(k) => decrypt_to(&t.part, &t.output, k).and_then(|()| std::fs::remove_file(&t.part)),
-        None => std::fs::rename(&t.part, &t.output),
-    };
-    moved.map_err(|e| format!("cannot move the file to {}: {e}", t.output.display()))?;
+    if !t.part.exists() && t.output.exists() {
+        // Moved into place already (recording it failed): nothing to move.
+        return Ok(());
+    }
+    match (&t.key, t.machine.manifest()) {
+        (Some(k), Some(m)) => {
+            decrypt_to(&t.part, &t.output, k, m)
+                .map_err(|e| format!("cannot decrypt into {}: {e}", t.output.display()))?;
+            std::fs::remove_file(&t.part)
+        }
+        _ => std::fs::rename(&t.part, &t.output),
+    }
+    .map_err(|e| format!("cannot move the file to {}: {e}", t.output.display()))?;
     if let Some(parent) = t.output.parent()
         && let Ok(d) = File::open(parent)
     {
@@ -365,25 +447,148 @@ fn finish_file(t: &mut Transfer) -> Result<(), String> {
     Ok(())
 }
 
-/// Decrypts `src` into `dst` through a temporary file, synced, then renamed.
-pub(super) fn decrypt_to(src: &Path, dst: &Path, key: &FileKey) -> std::io::Result<()> {
+/// Decrypts `src` (the ciphertext of manifest `m`) into `dst` through a
+/// temporary file, synced, then renamed. A sealed chunk that does not open
+/// (the key is not the file's) is an error and nothing is written at `dst`.
+pub(super) fn decrypt_to(
+    src: &Path,
+    dst: &Path,
+    key: &FileKey,
+    m: &Manifest,
+) -> std::io::Result<()> {
     use std::io::{Read, Write};
     let mut tmp = dst.as_os_str().to_owned();
     tmp.push(".fogmesh-dec");
     let tmp = PathBuf::from(tmp);
     let mut input = File::open(src)?;
     let mut out = std::io::BufWriter::new(File::create(&tmp)?);
-    let mut buf = vec![0u8; 1 << 20];
-    let mut offset = 0u64;
-    loop {
-        let n = input.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        key.apply(offset, &mut buf[..n]);
-        out.write_all(&buf[..n])?;
-        offset += n as u64;
+    let written = match key.scheme {
+        KeyScheme::Stream => (|| {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut offset = 0u64;
+            loop {
+                let n = input.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(());
+                }
+                key.apply(offset, &mut buf[..n]);
+                out.write_all(&buf[..n])?;
+                offset += n as u64;
+            }
+        })(),
+        KeyScheme::Sealed => (|| {
+            let mut buf = Vec::new();
+            for i in 0..m.chunk_count() {
+                let len = m.chunk_len(i).unwrap_or(0) as usize;
+                buf.resize(len, 0);
+                input.read_exact_at(&mut buf, m.chunk_offset(i).unwrap_or(0))?;
+                let plain = key
+                    .open_chunk(i, &buf)
+                    .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+                out.write_all(&plain)?;
+            }
+            Ok(())
+        })(),
+    };
+    if let Err(e) = written {
+        drop(out);
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
     out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
     std::fs::rename(&tmp, dst)
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fogmesh_protocols::files::manifest::manifest_of;
+    use fogmesh_protocols::files::wire::{Response, decode_response_with_limit};
+    use fogmesh_protocols::files::{MAX_CHUNK_SIZE, MAX_CHUNKS, MAX_MANIFEST_SIZE};
+
+    /// A made-up manifest of `size` bytes in chunks of `chunk_size` (all
+    /// hashes zero), decoded from its wire form as a peer would send it.
+    fn made_up_manifest(size: u64, chunk_size: u32) -> Manifest {
+        let count = size.div_ceil(u64::from(chunk_size)) as usize;
+        let text = |out: &mut Vec<u8>, s: &str| {
+            out.push(0x60 + s.len() as u8);
+            out.extend_from_slice(s.as_bytes());
+        };
+        let mut b = vec![0xa2];
+        text(&mut b, "v");
+        b.push(0x01);
+        text(&mut b, "m");
+        b.push(0xa1);
+        text(&mut b, "Manifest");
+        b.push(0xa4);
+        text(&mut b, "v");
+        b.push(0x01);
+        text(&mut b, "size");
+        b.push(0x1b);
+        b.extend_from_slice(&size.to_be_bytes());
+        text(&mut b, "chunk_size");
+        b.push(0x1a);
+        b.extend_from_slice(&chunk_size.to_be_bytes());
+        text(&mut b, "hashes");
+        b.push(0x5a);
+        b.extend_from_slice(&((count * 32) as u32).to_be_bytes());
+        b.resize(b.len() + count * 32, 0);
+        match decode_response_with_limit(&b, MAX_MANIFEST_SIZE + 1024) {
+            Ok(Response::Manifest(m)) => m,
+            other => panic!("not a manifest: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_partial_file_is_never_opened_through_a_symlink() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"precious").expect("write");
+        let part = dir.path().join("out.fogmesh-part");
+        std::os::unix::fs::symlink(&victim, &part).expect("symlink");
+        let m = manifest_of(&[7u8; 5000], None).expect("manifest");
+        let err = open_part(&part, &m, None).expect_err("must refuse a symlink");
+        assert!(err.contains("symbolic link"), "{err}");
+        assert_eq!(std::fs::read(&victim).expect("read"), b"precious");
+        // A dangling symlink is not created through either.
+        let elsewhere = dir.path().join("elsewhere");
+        let part2 = dir.path().join("two.fogmesh-part");
+        std::os::unix::fs::symlink(&elsewhere, &part2).expect("symlink");
+        assert!(open_part(&part2, &m, None).is_err());
+        assert!(!elsewhere.exists(), "created through a dangling symlink");
+    }
+
+    #[test]
+    fn a_made_up_4_tib_manifest_is_refused_before_any_space_is_claimed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let part = dir.path().join("huge.fogmesh-part");
+        let m = made_up_manifest(MAX_CHUNKS * u64::from(MAX_CHUNK_SIZE), MAX_CHUNK_SIZE);
+        assert_eq!(m.size(), 4 << 40);
+        let err = open_part(&part, &m, None).expect_err("4 TiB cannot fit here");
+        assert!(err.contains("not enough space"), "{err}");
+        let len = std::fs::metadata(&part).map_or(0, |md| md.len());
+        assert_eq!(len, 0, "the partial file was sized");
+    }
+
+    #[test]
+    fn at_restart_chunks_written_are_recovered_and_holes_skipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let part = dir.path().join("f.fogmesh-part");
+        let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 253) as u8).collect();
+        let mut b = fogmesh_protocols::files::ManifestBuilder::new(1024).expect("builder");
+        b.update(&data);
+        let m = b.finish(None).expect("manifest");
+        let (f, bits) = open_part(&part, &m, None).expect("open");
+        assert_eq!(bits.count(), 0);
+        // Chunks 5 and 63 written, then a crash before they were recorded.
+        for i in [5u64, 63] {
+            let off = m.chunk_offset(i).expect("offset");
+            let len = m.chunk_len(i).expect("len") as usize;
+            f.write_all_at(&data[off as usize..off as usize + len], off)
+                .expect("write");
+        }
+        drop(f);
+        let (_, bits) = open_part(&part, &m, None).expect("reopen");
+        let held: Vec<u64> = bits.iter_set().collect();
+        assert_eq!(held, [5, 63]);
+    }
 }

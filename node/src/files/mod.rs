@@ -28,18 +28,21 @@
 
 mod actor;
 mod download;
+pub(crate) mod gate;
 mod serve;
 mod share;
 pub(crate) mod store;
 
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use fogmesh_protocols::files::{
-    FileId, FileKey, Manifest, SchedulerConfig, TokenBucket, chunk_size_for,
+    FileId, FileKey, FileLink, Manifest, SchedulerConfig, TokenBucket, chunk_size_for,
 };
 use libp2p::PeerId;
-use libp2p::request_response::ResponseChannel;
+use libp2p::request_response::{InboundRequestId, ResponseChannel};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
@@ -153,10 +156,11 @@ pub(crate) enum ApiCall {
         reply: Reply<FileStatus>,
     },
     /// Start (or continue, or retry) downloading a file to this absolute
-    /// path.
+    /// path; with a link, decrypting with the link's key.
     Get {
         file: FileId,
         output: PathBuf,
+        link: Option<FileLink>,
         reply: Reply<FileStatus>,
     },
     /// One file's status.
@@ -166,6 +170,12 @@ pub(crate) enum ApiCall {
     },
     /// Every share and download.
     List { reply: Reply<Vec<FileStatus>> },
+    /// Stop a download (removing its partial data and its record) or a
+    /// share (no longer served; the file stays); answers the last status.
+    Cancel {
+        file: FileId,
+        reply: Reply<FileStatus>,
+    },
 }
 
 impl From<ApiCall> for Input {
@@ -179,12 +189,9 @@ impl From<ApiCall> for Input {
 #[derive(Debug)]
 pub(crate) enum Input {
     Api(ApiCall),
-    /// A peer's request, to answer on `channel`.
-    Request {
-        peer: PeerId,
-        frame: Vec<u8>,
-        channel: ResponseChannel<FileFrame>,
-    },
+    /// Peers' requests wait in the serving queue ([`gate::SERVE_QUEUE`]):
+    /// serve them.
+    Serve,
     /// The answer to one of our requests (or why there is none).
     Response {
         peer: PeerId,
@@ -230,6 +237,28 @@ pub(crate) enum FileCommand {
     FindProviders(FileId),
 }
 
+/// A peer's request, waiting in the serving queue.
+#[derive(Debug)]
+pub(crate) struct ServeJob {
+    pub(crate) peer: PeerId,
+    pub(crate) id: InboundRequestId,
+    pub(crate) frame: Vec<u8>,
+    pub(crate) channel: ResponseChannel<FileFrame>,
+}
+
+/// The sending side of the serving queue: peers' requests wait here, apart
+/// from the actor's mailbox, so a flood of them never delays the API or
+/// the answers to the node's own requests; one [`Input::Serve`] at a time
+/// in the mailbox wakes the actor for them.
+#[derive(Debug, Clone)]
+struct ServeQueue {
+    tx: std::sync::mpsc::SyncSender<ServeJob>,
+    /// An [`Input::Serve`] is in the mailbox.
+    woken: Arc<AtomicBool>,
+    /// Jobs queued.
+    queued: Arc<AtomicUsize>,
+}
+
 /// The API's and the event loop's handle on the files actor. Cloneable.
 ///
 /// Every method is cancel-safe: a cancelled call's answer is dropped (the
@@ -237,12 +266,42 @@ pub(crate) enum FileCommand {
 #[derive(Debug, Clone)]
 pub struct FilesHandle {
     mailbox: Mailbox<Input>,
+    serving: ServeQueue,
+    gate: gate::ServeGate,
 }
 
 impl FilesHandle {
     /// Queues a network input without waiting (the event loop).
     pub(crate) fn offer(&self, input: Input) -> Result<(), MailboxError> {
         self.mailbox.offer(input)
+    }
+
+    /// Queues a peer's request for serving, within the serving limits;
+    /// refused (the channel back, to answer `Busy`) when a limit is
+    /// reached or the queue is full.
+    pub(crate) fn serve(&self, job: ServeJob) -> Result<(), ResponseChannel<FileFrame>> {
+        use std::sync::mpsc::TrySendError;
+        let id = job.id;
+        if !self.gate.admit(job.peer, id) {
+            return Err(job.channel);
+        }
+        let q = &self.serving;
+        q.queued.fetch_add(1, Ordering::SeqCst);
+        if let Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) = q.tx.try_send(job) {
+            q.queued.fetch_sub(1, Ordering::SeqCst);
+            self.gate.release(id);
+            return Err(job.channel);
+        }
+        if !q.woken.swap(true, Ordering::SeqCst) && self.mailbox.offer(Input::Serve).is_err() {
+            // The actor's deadline picks the queue up anyway.
+            q.woken.store(false, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// The exchange of a peer's request ended: its limits are free again.
+    pub(crate) fn served(&self, id: InboundRequestId) {
+        self.gate.release(id);
     }
 
     /// Shares the file at the absolute `path`; with `encrypt`, under a new
@@ -259,13 +318,37 @@ impl FilesHandle {
 
     /// Starts downloading `file_id` to the absolute path `output` (or
     /// reports the download under way, resuming it if it had failed; a
-    /// file shared here is copied out).
-    pub async fn get(&self, file_id: &str, output: PathBuf) -> Result<FileStatus, ServiceError> {
+    /// file shared here is copied out). With `link` (a
+    /// `fogmesh-file:<id>#<key>` of the same file), the file is decrypted
+    /// with the link's key; without, with the one key received for it in
+    /// group links, if there is exactly one.
+    pub async fn get(
+        &self,
+        file_id: &str,
+        output: PathBuf,
+        link: Option<&str>,
+    ) -> Result<FileStatus, ServiceError> {
         let file = parse_id(file_id)?;
+        let link = link
+            .map(|l| {
+                l.trim()
+                    .parse::<FileLink>()
+                    .map_err(|e| ServiceError::BadRequest(format!("bad link: {e}")))
+            })
+            .transpose()?;
+        if let Some(l) = &link
+            && l.id != file
+        {
+            return Err(ServiceError::BadRequest(format!(
+                "the link is to file {}, not {file}",
+                l.id
+            )));
+        }
         self.mailbox
             .call(|reply| ApiCall::Get {
                 file,
                 output,
+                link,
                 reply,
             })
             .await
@@ -282,6 +365,15 @@ impl FilesHandle {
     /// Every share and download, by file id.
     pub async fn list(&self) -> Result<Vec<FileStatus>, ServiceError> {
         self.mailbox.call(|reply| ApiCall::List { reply }).await
+    }
+
+    /// Cancels a download (its partial data and record are removed) or
+    /// stops a share (the file stays where it is); the last status.
+    pub async fn cancel(&self, file_id: &str) -> Result<FileStatus, ServiceError> {
+        let file = parse_id(file_id)?;
+        self.mailbox
+            .call(|reply| ApiCall::Cancel { file, reply })
+            .await
     }
 }
 
@@ -360,8 +452,28 @@ pub(crate) fn start(
     let store = FileStore::open(store)?;
     let channel = Channel::bounded(INPUT_QUEUE);
     let mailbox = channel.mailbox.clone();
-    let actor = actor::FilesActor::new(local, store, net, metrics, cfg, mailbox.clone());
+    let (tx, rx) = std::sync::mpsc::sync_channel(gate::SERVE_QUEUE);
+    let serving = ServeQueue {
+        tx,
+        woken: Arc::default(),
+        queued: Arc::default(),
+    };
+    let gate = gate::ServeGate::default();
+    let queue = actor::ServeInbox {
+        rx,
+        woken: serving.woken.clone(),
+        queued: serving.queued.clone(),
+        gate: gate.clone(),
+    };
+    let actor = actor::FilesActor::new(local, store, net, metrics, cfg, mailbox.clone(), queue);
     let thread = crate::actor::spawn("fogmesh-files", actor, channel, shutdown)
         .map_err(|e| StoreError::Db(format!("cannot start the files thread: {e}")))?;
-    Ok((FilesHandle { mailbox }, thread))
+    Ok((
+        FilesHandle {
+            mailbox,
+            serving,
+            gate,
+        },
+        thread,
+    ))
 }

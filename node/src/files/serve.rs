@@ -11,16 +11,17 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::time::Instant;
 
+use fogmesh_protocols::files::crypt::sealed_plain_range;
 use fogmesh_protocols::files::wire::{
     ErrorCode, Request, Response, decode_request, encode_response,
 };
-use fogmesh_protocols::files::{Bitfield, FileId, Manifest};
+use fogmesh_protocols::files::{Bitfield, FileId, FileKey, KeyScheme, Manifest};
 use libp2p::PeerId;
 use libp2p::request_response::ResponseChannel;
 
-use super::FileCommand;
 use super::actor::FilesActor;
 use super::share::stamp_of;
+use super::{FileCommand, ServeJob};
 use crate::behaviour::FileFrame;
 
 /// Responses held back by the upload limit; beyond that, `Busy`.
@@ -39,15 +40,20 @@ pub(super) struct DeferredUpload {
 
 impl FilesActor {
     /// A peer's request: answered at once, or (a chunk) once the upload
-    /// limit allows.
-    pub(super) fn on_request(
-        &mut self,
-        peer: PeerId,
-        frame: &[u8],
-        channel: ResponseChannel<FileFrame>,
-        now: Instant,
-    ) {
-        let resp = match decode_request(frame) {
+    /// limit allows; `Busy` when the response's bytes would go over the
+    /// serving limits (checked before anything is read).
+    pub(super) fn on_request(&mut self, job: ServeJob, now: Instant) {
+        let ServeJob {
+            peer,
+            id,
+            frame,
+            channel,
+        } = job;
+        let resp = match decode_request(&frame) {
+            Ok(req) if !self.serving.gate.reserve(id, self.response_size(&req)) => {
+                tracing::debug!(%peer, "serving limits reached; busy");
+                Response::error(ErrorCode::Busy, "too much is waiting for you; retry later")
+            }
             Ok(req) => self.serve(&req),
             Err(e) => {
                 tracing::debug!(%peer, "bad file request: {e}");
@@ -91,6 +97,20 @@ impl FilesActor {
         }
     }
 
+    /// About how many bytes the response to `req` holds (what the serving
+    /// limits count).
+    fn response_size(&self, req: &Request) -> u64 {
+        let manifest = self.manifest_of(req.file());
+        match req {
+            Request::GetChunk { index, .. } => manifest
+                .and_then(|m| m.chunk_len(*index))
+                .map_or(0, u64::from),
+            Request::GetManifest { .. } => manifest.map_or(0, |m| m.chunk_count() * 32 + 1024),
+            Request::GetHave { .. } => manifest.map_or(0, |m| m.chunk_count() / 8 + 64),
+            _ => 0,
+        }
+    }
+
     fn serve(&mut self, req: &Request) -> Response {
         let id = *req.file();
         match req {
@@ -127,35 +147,34 @@ impl FilesActor {
     /// A chunk of a complete share, if there is one (`None`: not shared).
     fn read_share_chunk(&mut self, id: &FileId, index: u64) -> Option<Response> {
         let share = self.shares.get_mut(id).filter(|s| !s.stale)?;
-        let Some(len) = share.manifest.chunk_len(index) else {
+        if share.manifest.chunk_len(index).is_none() {
             return Some(Response::error(
                 ErrorCode::NoSuchChunk,
                 format!("chunk {index} is past the end"),
             ));
-        };
-        let offset = share.manifest.chunk_offset(index).unwrap_or(0);
+        }
         if share.file.is_none() {
             share.file = File::open(&share.path).ok();
         }
-        let mut buf = vec![0u8; len as usize];
         // Serve only while the file is the one hashed: a file changed
         // after sharing must not reach anybody as this file. Receivers
-        // verify every chunk anyway; this check (an fstat of the open
-        // file, not a hash, which would cost an eighth of the throughput)
-        // keeps an honest sharer from being banned for it.
-        let ok = share.file.as_ref().is_some_and(|f| {
+        // verify every chunk anyway; for a plain file this check (an fstat
+        // of the open file, not a hash, which would cost an eighth of the
+        // throughput) keeps an honest sharer from being banned for it.
+        let unchanged = share.file.as_ref().is_some_and(|f| {
             share
                 .stamp
                 .is_none_or(|st| stamp_of(f).is_some_and(|now| now == st))
-                && f.read_exact_at(&mut buf, offset).is_ok()
         });
-        if let Some(k) = &share.key {
-            k.apply(offset, &mut buf);
+        let chunk = share
+            .file
+            .as_ref()
+            .filter(|_| unchanged)
+            .and_then(|f| read_chunk(f, &share.manifest, share.key.as_ref(), index));
+        if let Some(data) = chunk {
+            return Some(Response::Chunk { index, data });
         }
-        if ok {
-            return Some(Response::Chunk { index, data: buf });
-        }
-        tracing::warn!(file = %id, path = %share.path.display(), "shared file changed on disk or became unreadable; no longer serving it");
+        tracing::warn!(file = %id, path = %share.path.display(), "shared file changed on disk, became unreadable or does not encrypt to the file shared; no longer serving it");
         share.stale = true;
         share.file = None;
         self.net_send(FileCommand::StopProviding(*id));
@@ -193,4 +212,33 @@ impl FilesActor {
             _ => Response::error(ErrorCode::Internal, "cannot read that chunk"),
         }
     }
+}
+
+/// Chunk `index` of a share as served: read from the file (the plaintext,
+/// for a group file, encrypted here with `key`). An encrypted chunk is
+/// checked against the manifest before it leaves: a key that is not the
+/// one the file was shared with gives `None`, never a chunk.
+fn read_chunk(f: &File, m: &Manifest, key: Option<&FileKey>, index: u64) -> Option<Vec<u8>> {
+    let offset = m.chunk_offset(index)?;
+    let len = m.chunk_len(index)? as usize;
+    let Some(key) = key else {
+        let mut buf = vec![0u8; len];
+        f.read_exact_at(&mut buf, offset).ok()?;
+        return Some(buf);
+    };
+    let data = match key.scheme {
+        KeyScheme::Stream => {
+            let mut buf = vec![0u8; len];
+            f.read_exact_at(&mut buf, offset).ok()?;
+            key.apply(offset, &mut buf);
+            buf
+        }
+        KeyScheme::Sealed => {
+            let (plain_offset, plain_len) = sealed_plain_range(m, index)?;
+            let mut buf = vec![0u8; plain_len as usize];
+            f.read_exact_at(&mut buf, plain_offset).ok()?;
+            key.seal_chunk(index, &buf)
+        }
+    };
+    m.verify_chunk(index, &data).then_some(data)
 }

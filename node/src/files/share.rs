@@ -6,7 +6,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use fogmesh_protocols::files::{FileKey, FileLink, Manifest, ManifestBuilder, chunk_size_for};
+use fogmesh_protocols::files::crypt::{TAG_LEN, sealed_chunk_size};
+use fogmesh_protocols::files::{
+    FileKey, FileLink, KeyScheme, Manifest, ManifestBuilder, chunk_size_for,
+};
 
 use super::actor::FilesActor;
 use super::store::Stamp;
@@ -88,7 +91,7 @@ impl FilesActor {
             .to_owned();
         self.store.put_manifest(&manifest)?;
         if let Some(k) = &key {
-            self.store.put_key(&id, k)?;
+            self.store.put_share_key(&id, k)?;
         }
         self.store.put_share(&id, &path_str, Some(stamp))?;
         let link = FileLink {
@@ -109,7 +112,7 @@ impl FilesActor {
 }
 
 /// Streams a file through the manifest builder (1 MiB at a time); with a
-/// key, the manifest is of the encrypted content.
+/// key, the manifest is of the encrypted content (sealed chunk by chunk).
 pub(super) fn hash_file(path: &Path, key: Option<&FileKey>) -> Result<(Manifest, Stamp), String> {
     use std::io::Read;
     let mut f = File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -120,25 +123,48 @@ pub(super) fn hash_file(path: &Path, key: Option<&FileKey>) -> Result<(Manifest,
         return Err(format!("{} is not a regular file", path.display()));
     }
     let before = stamp_of(&f);
-    let mut b = ManifestBuilder::new(chunk_size_for(md.len())).map_err(|e| e.to_string())?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut offset = 0u64;
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        if n == 0 {
-            break;
+    let read_err = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let sealed = key.filter(|k| k.scheme == KeyScheme::Sealed);
+    let chunk_size = match sealed {
+        Some(_) => sealed_chunk_size(md.len())
+            .ok_or_else(|| format!("{} is too large to share with a group", path.display()))?,
+        None => chunk_size_for(md.len()),
+    };
+    let mut b = ManifestBuilder::new(chunk_size).map_err(|e| e.to_string())?;
+    if let Some(k) = sealed {
+        // One plaintext chunk at a time, sealed with its index.
+        let plain = (chunk_size - TAG_LEN) as usize;
+        let mut buf = vec![0u8; plain];
+        let mut index = 0u64;
+        loop {
+            let n = read_full(&mut f, &mut buf).map_err(read_err)?;
+            if n == 0 {
+                break;
+            }
+            b.update(&k.seal_chunk(index, &buf[..n]));
+            index += 1;
+            if n < plain {
+                break;
+            }
         }
-        if let Some(k) = key {
-            k.apply(offset, &mut buf[..n]);
+    } else {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut offset = 0u64;
+        loop {
+            let n = f.read(&mut buf).map_err(read_err)?;
+            if n == 0 {
+                break;
+            }
+            if let Some(k) = key {
+                k.apply(offset, &mut buf[..n]);
+            }
+            offset += n as u64;
+            b.update(&buf[..n]);
         }
-        offset += n as u64;
-        b.update(&buf[..n]);
     }
     // A file that changed while it was read has no one content to share.
     let stamp = match (before, stamp_of(&f)) {
-        (Some(a), Some(b)) if a == b => a,
+        (Some(a), Some(b)) if a == b && b.len == md.len() => a,
         _ => {
             return Err(format!(
                 "{} changed while it was being read; try again",
@@ -154,11 +180,26 @@ pub(super) fn hash_file(path: &Path, key: Option<&FileKey>) -> Result<(Manifest,
             .file_name()
             .and_then(|n| n.to_str())
             .map(|n| n.chars().take(255).collect::<String>())
-            .filter(|n| n.len() <= 255),
+            .filter(|n| n.len() <= 255 && fogmesh_protocols::files::manifest::is_plain_name(n)),
     };
     b.finish(name)
         .map(|m| (m, stamp))
         .map_err(|e| e.to_string())
+}
+
+/// Reads until `buf` is full or the end of the file; the bytes read.
+fn read_full(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 /// Size and modification time of an open file.
@@ -201,7 +242,8 @@ mod tests {
         assert!(hash_file(dir.path(), None).is_err());
         // Encrypted: the manifest is of the ciphertext, without a name, and
         // decrypting gives the plaintext back.
-        let key = FileKey([3; 32]);
+        // Stream scheme (link version 1): the keystream over the file.
+        let key = FileKey::stream([3; 32]);
         let mut ct = data.clone();
         key.apply(0, &mut ct);
         let (enc, _) = hash_file(&p, Some(&key)).expect("hash");
@@ -212,7 +254,33 @@ mod tests {
         let ctp = dir.path().join("ct");
         std::fs::write(&ctp, &ct).expect("write");
         let back = dir.path().join("back");
-        decrypt_to(&ctp, &back, &key).expect("decrypt");
+        decrypt_to(&ctp, &back, &key, &enc).expect("decrypt");
         assert_eq!(std::fs::read(&back).expect("read"), data);
+        // Sealed (link version 2): chunk by chunk; another key is refused
+        // and leaves no output.
+        let key = FileKey::sealed([4; 32]);
+        let (sealed, _) = hash_file(&p, Some(&key)).expect("hash");
+        assert_eq!(sealed.chunk_size(), 256 * 1024);
+        let plain = (sealed.chunk_size() - TAG_LEN) as usize;
+        let ct: Vec<u8> = data
+            .chunks(plain)
+            .enumerate()
+            .flat_map(|(i, c)| key.seal_chunk(i as u64, c))
+            .collect();
+        assert_eq!(sealed.size(), ct.len() as u64);
+        for i in 0..sealed.chunk_count() {
+            let off = sealed.chunk_offset(i).expect("offset") as usize;
+            let len = sealed.chunk_len(i).expect("len") as usize;
+            assert!(sealed.verify_chunk(i, &ct[off..off + len]));
+        }
+        std::fs::write(&ctp, &ct).expect("write");
+        let back2 = dir.path().join("back2");
+        decrypt_to(&ctp, &back2, &key, &sealed).expect("decrypt");
+        assert_eq!(std::fs::read(&back2).expect("read"), data);
+        let wrong = dir.path().join("wrong");
+        let err = decrypt_to(&ctp, &wrong, &FileKey::sealed([5; 32]), &sealed)
+            .expect_err("a wrong key must fail");
+        assert!(err.to_string().contains("does not open"), "{err}");
+        assert!(!wrong.exists());
     }
 }

@@ -7,7 +7,17 @@
 //! - `file_have`: file id to the chunks held of an unfinished download, as a
 //!   `Response::Have` frame. It is written at most every second; chunks
 //!   written to the partial file after the last write are found again at
-//!   restart by hashing them (see `files::download`).
+//!   restart by hashing them (see `files::download`);
+//! - `file_share_keys`: file id to the content key of a group file this
+//!   node shares (made when it shared the file, or the key its download
+//!   used). Written by this node's own actions only, never from a message;
+//! - `file_link_keys`: (file id, group, sender) to the key of a link that
+//!   sender posted in that group. Keys from different senders never
+//!   overwrite each other; a download uses the key of the link fetched.
+//!
+//! `file_keys` (file id to a key, written from any group message) is the
+//! table before link version 2: a peer could overwrite a sharer's key in
+//! it. It is only read, for shares and downloads recorded before.
 
 use fogmesh_protocols::files::wire::{Response, decode_response_with_limit, encode_response};
 use fogmesh_protocols::files::{Bitfield, FileId, FileKey, MAX_MANIFEST_SIZE, Manifest};
@@ -20,9 +30,48 @@ const MANIFESTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("file_mani
 const SHARES: TableDefinition<&[u8], &[u8]> = TableDefinition::new("file_shares");
 const DOWNLOADS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("file_downloads");
 const HAVE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("file_have");
-/// File id to the content key of a group file (learned from a group
-/// message, or made when sharing with a group).
-pub(crate) const KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("file_keys");
+/// The table before link version 2 (file id to a key from any message):
+/// read only.
+const LEGACY_KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("file_keys");
+/// File id to the key of a group file this node shares.
+const SHARE_KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("file_share_keys");
+/// (file id, group id, sender) to the key of the link the sender posted.
+type LinkKey<'a> = (&'a [u8], &'a [u8], &'a str);
+const LINK_KEYS: TableDefinition<LinkKey, &[u8]> = TableDefinition::new("file_link_keys");
+
+/// Records the key of every file link in a group message `text` from
+/// `sender` in `group`, under (file, group, sender): part of the groups'
+/// transaction that delivers the message.
+pub(crate) fn record_link_keys(
+    tx: &redb::WriteTransaction,
+    group: &[u8],
+    sender: &str,
+    text: &str,
+) -> Result<(), StoreError> {
+    let links = fogmesh_protocols::files::find_links(text);
+    if links.iter().all(|l| l.key.is_none()) {
+        return Ok(());
+    }
+    let mut t = tx.open_table(LINK_KEYS).map_err(db_err)?;
+    for link in links {
+        if let Some(k) = link.key {
+            t.insert(
+                (link.id.0.as_slice(), group, sender),
+                k.to_bytes().as_slice(),
+            )
+            .map_err(db_err)?;
+        }
+    }
+    Ok(())
+}
+
+/// A key received in a link: the group and the sender it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ReceivedKey {
+    pub(crate) group: Vec<u8>,
+    pub(crate) sender: String,
+    pub(crate) key: FileKey,
+}
 
 fn db_err(e: impl std::fmt::Display) -> StoreError {
     StoreError::Db(e.to_string())
@@ -62,6 +111,20 @@ pub(crate) struct DownloadRecord {
     pub(crate) state: RecordState,
     /// Why it failed.
     pub(crate) error: Option<String>,
+    /// The content key it decrypts with (hex of [`FileKey::to_bytes`]);
+    /// absent for a plain file (and in records before link version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) key: Option<String>,
+}
+
+impl DownloadRecord {
+    /// The key recorded, if any.
+    pub(crate) fn file_key(&self) -> Option<FileKey> {
+        self.key
+            .as_deref()
+            .and_then(|h| hex::decode(h).ok())
+            .and_then(|b| FileKey::from_bytes(&b))
+    }
 }
 
 /// The file tables of a [`Store`].
@@ -77,7 +140,9 @@ impl FileStore {
         tx.open_table(SHARES).map_err(db_err)?;
         tx.open_table(DOWNLOADS).map_err(db_err)?;
         tx.open_table(HAVE).map_err(db_err)?;
-        tx.open_table(KEYS).map_err(db_err)?;
+        tx.open_table(LEGACY_KEYS).map_err(db_err)?;
+        tx.open_table(SHARE_KEYS).map_err(db_err)?;
+        tx.open_table(LINK_KEYS).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(FileStore { store })
     }
@@ -176,22 +241,75 @@ impl FileStore {
         Ok(out)
     }
 
-    pub(crate) fn put_key(&self, id: &FileId, key: &FileKey) -> Result<(), StoreError> {
+    /// Records the key of a group file this node shares (its own share, or
+    /// a download it finished with that key).
+    pub(crate) fn put_share_key(&self, id: &FileId, key: &FileKey) -> Result<(), StoreError> {
         let tx = self.store.db().begin_write().map_err(db_err)?;
-        tx.open_table(KEYS)
+        tx.open_table(SHARE_KEYS)
             .map_err(db_err)?
-            .insert(id.0.as_slice(), key.0.as_slice())
+            .insert(id.0.as_slice(), key.to_bytes().as_slice())
             .map_err(db_err)?;
         tx.commit().map_err(db_err)
     }
 
-    pub(crate) fn key(&self, id: &FileId) -> Result<Option<FileKey>, StoreError> {
+    /// The key of a group file this node shares; for a share recorded
+    /// before link version 2, the old table's (serving checks every chunk
+    /// against the manifest, so a key overwritten there stops the share
+    /// rather than serving garbage).
+    pub(crate) fn share_key(&self, id: &FileId) -> Result<Option<FileKey>, StoreError> {
         let tx = self.store.db().begin_read().map_err(db_err)?;
-        let t = tx.open_table(KEYS).map_err(db_err)?;
+        let own = tx.open_table(SHARE_KEYS).map_err(db_err)?;
+        if let Some(v) = own.get(id.0.as_slice()).map_err(db_err)? {
+            return Ok(FileKey::from_bytes(v.value()));
+        }
+        self.legacy_key(id)
+    }
+
+    /// The key in the table before link version 2, for downloads recorded
+    /// before it.
+    pub(crate) fn legacy_key(&self, id: &FileId) -> Result<Option<FileKey>, StoreError> {
+        let tx = self.store.db().begin_read().map_err(db_err)?;
+        let t = tx.open_table(LEGACY_KEYS).map_err(db_err)?;
         Ok(t.get(id.0.as_slice())
             .map_err(db_err)?
-            .and_then(|v| <[u8; 32]>::try_from(v.value()).ok())
-            .map(FileKey))
+            .and_then(|v| FileKey::from_bytes(v.value())))
+    }
+
+    /// Every key received in a link to `id`, with its group and sender.
+    pub(crate) fn link_keys(&self, id: &FileId) -> Result<Vec<ReceivedKey>, StoreError> {
+        let tx = self.store.db().begin_read().map_err(db_err)?;
+        let t = tx.open_table(LINK_KEYS).map_err(db_err)?;
+        let f = id.0.as_slice();
+        let mut out = Vec::new();
+        for e in t.range((f, &[][..], "")..).map_err(db_err)? {
+            let (k, v) = e.map_err(db_err)?;
+            let (file, group, sender) = k.value();
+            if file != f {
+                break;
+            }
+            if let Some(key) = FileKey::from_bytes(v.value()) {
+                out.push(ReceivedKey {
+                    group: group.to_vec(),
+                    sender: sender.to_owned(),
+                    key,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes every record of `id` (manifest, share, download, progress,
+    /// the share's key) in one transaction; received link keys stay.
+    pub(crate) fn forget(&self, id: &FileId) -> Result<(), StoreError> {
+        let k = id.0.as_slice();
+        let tx = self.store.db().begin_write().map_err(db_err)?;
+        for table in [MANIFESTS, SHARES, DOWNLOADS, HAVE, SHARE_KEYS] {
+            tx.open_table(table)
+                .map_err(db_err)?
+                .remove(k)
+                .map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)
     }
 
     pub(crate) fn put_have(&self, id: &FileId, bits: &Bitfield) -> Result<(), StoreError> {

@@ -139,17 +139,11 @@ impl GroupStore {
                 next += 1;
                 delivered.push(msg);
             }
-            // File links with keys in delivered messages: this is how a
-            // member can later fetch and decrypt a file shared with the
-            // group (see files::store).
-            let mut keys = tx.open_table(crate::files::store::KEYS).map_err(db_err)?;
+            // File links with keys in delivered messages, kept per (file,
+            // group, sender): how a member later fetches and decrypts a
+            // file shared with the group (see files::store).
             for msg in &delivered {
-                for link in fogmesh_protocols::files::find_links(&msg.text) {
-                    if let Some(k) = link.key {
-                        keys.insert(link.id.0.as_slice(), k.0.as_slice())
-                            .map_err(db_err)?;
-                    }
-                }
+                crate::files::store::record_link_keys(&tx, g, &msg.sender, &msg.text)?;
             }
             let mut outbox = tx.open_table(OUTBOX).map_err(db_err)?;
             for (id, frame) in &batch.outbox_add {

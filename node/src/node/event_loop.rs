@@ -426,7 +426,7 @@ impl EventLoop {
                 self.groups.on_gossipsub(&mut self.swarm, ev);
             }
             BehaviourEvent::GroupSync(ev) => self.groups.on_sync_event(ev),
-            BehaviourEvent::Files(ev) => self.files.on_event(ev),
+            BehaviourEvent::Files(ev) => self.files.on_event(&mut self.swarm, ev),
             BehaviourEvent::Dm(ev) => {
                 self.messages
                     .on_event(&mut self.swarm, &self.ctx, &self.peers, Link::Internet, ev)

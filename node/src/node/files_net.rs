@@ -22,7 +22,8 @@ use super::event_loop::{Ctx, Held};
 use super::exchange::{Exchange, exchange};
 use super::peers::PeerBook;
 use crate::behaviour::{Behaviour, FileFrame};
-use crate::files::{Asked, FileCommand, FilesHandle, Input};
+use crate::files::{Asked, FileCommand, FilesHandle, Input, ServeJob};
+use fogmesh_protocols::files::wire::{ErrorCode, Response, encode_response};
 
 /// What a file request moves, for the policy: have-maps are small,
 /// manifests and chunks are bulk.
@@ -99,18 +100,52 @@ impl FilesNet {
         }
     }
 
-    /// The file protocol's events.
-    pub(super) fn on_event(&mut self, ev: request_response::Event<FileFrame, FileFrame>) {
+    /// The file protocol's events. A peer's request goes to the serving
+    /// queue within the serving limits (`files::gate`), or is answered
+    /// `Busy` here; the end of each exchange frees its share of the limits.
+    pub(super) fn on_event(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        ev: request_response::Event<FileFrame, FileFrame>,
+    ) {
+        use request_response::{Event, Message};
+        if let Event::ResponseSent { request_id, .. } | Event::InboundFailure { request_id, .. } =
+            &ev
+        {
+            self.actor.served(*request_id);
+        }
+        let ev = match ev {
+            Event::Message {
+                peer,
+                message:
+                    Message::Request {
+                        request_id,
+                        request,
+                        channel,
+                    },
+                ..
+            } => {
+                let job = ServeJob {
+                    peer,
+                    id: request_id,
+                    frame: request.0,
+                    channel,
+                };
+                if let Err(channel) = self.actor.serve(job) {
+                    tracing::debug!(%peer, "file request refused: serving limits");
+                    let busy = Response::error(ErrorCode::Busy, "busy; retry later");
+                    let _ = swarm
+                        .behaviour_mut()
+                        .files
+                        .send_response(channel, FileFrame(encode_response(&busy)));
+                }
+                return;
+            }
+            other => other,
+        };
         match exchange("file", ev) {
-            Some(Exchange::Request {
-                peer,
-                frame,
-                channel,
-            }) => self.offer(Input::Request {
-                peer,
-                frame,
-                channel,
-            }),
+            // Requests are taken above.
+            Some(Exchange::Request { .. }) => {}
             Some(Exchange::Answer {
                 peer,
                 request_id,

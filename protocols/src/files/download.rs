@@ -11,7 +11,8 @@
 //! The course of a download:
 //! 1. **Searching.** Every connected peer and every provider found is asked
 //!    for the manifest ([`Asked::Manifest`]), at most
-//!    [`DownloadConfig::max_probes`] peers per round, a round every
+//!    [`DownloadConfig::max_probes`] peers at a time (the others wait their
+//!    turn, so providers found late are asked too), a search round every
 //!    [`DownloadConfig::search_interval`].
 //! 2. The first manifest that matches the file id is handed to the node
 //!    ([`Action::Open`]); a manifest that does not match is refused. The
@@ -43,6 +44,9 @@ use super::wire::{
 
 /// How long received bytes count towards [`Download::rate_bps`].
 const RATE_WINDOW: Duration = Duration::from_secs(2);
+/// Peers waiting for a probe slot, at most (beyond: dropped; a later
+/// search finds them again).
+pub const MAX_WAITING: usize = 1024;
 
 /// What a request to a peer asked for. The node keeps it with the request
 /// and hands it back with the answer ([`Download::on_response`]).
@@ -80,7 +84,8 @@ pub struct DownloadConfig {
     pub search_interval: Duration,
     /// How often the chunks held are recorded.
     pub persist_interval: Duration,
-    /// Peers asked at once for the manifest or their chunks.
+    /// Peers asked at once for the manifest or their chunks (answers not
+    /// in yet); more wait their turn.
     pub max_probes: usize,
     /// The chunk scheduler's settings (its seed included).
     pub scheduler: SchedulerConfig,
@@ -178,6 +183,11 @@ pub struct Download {
     sched: Option<Scheduler>,
     /// Peers asked (or being asked) for the manifest or their chunks.
     probed: BTreeSet<PeerId>,
+    /// Peers being asked (their answer not in yet): at most `max_probes`.
+    probing: BTreeSet<PeerId>,
+    /// Peers to ask once a probe slot is free (providers and peers found
+    /// while `max_probes` were being asked), at most [`MAX_WAITING`].
+    waiting: VecDeque<PeerId>,
     /// When the next search round is due.
     next_search: Instant,
     /// When progress was last recorded (or its recording asked for).
@@ -202,6 +212,8 @@ impl Download {
             error: None,
             sched: None,
             probed: BTreeSet::new(),
+            probing: BTreeSet::new(),
+            waiting: VecDeque::new(),
             next_search: now,
             last_persist: now,
             dirty: false,
@@ -317,21 +329,28 @@ impl Download {
     /// again when it comes back.
     pub fn on_peer_disconnected(&mut self, peer: &PeerId) {
         self.probed.remove(peer);
+        self.probing.remove(peer);
+        self.waiting.retain(|p| p != peer);
         if let Some(s) = self.sched.as_mut() {
             s.remove_source(peer);
         }
     }
 
     /// Asks `peer` for the manifest (while it is unknown) or for which
-    /// chunks it holds, unless it was asked already or enough peers are.
+    /// chunks it holds, unless it was asked already; while `max_probes`
+    /// peers are being asked, it waits its turn.
     fn probe(&mut self, peer: PeerId) -> Option<Action> {
-        if peer == self.local
-            || !self.is_active()
-            || self.probed.len() >= self.cfg.max_probes
-            || !self.probed.insert(peer)
-        {
+        if peer == self.local || !self.is_active() || self.probed.contains(&peer) {
             return None;
         }
+        if self.probing.len() >= self.cfg.max_probes {
+            if self.waiting.len() < MAX_WAITING && !self.waiting.contains(&peer) {
+                self.waiting.push_back(peer);
+            }
+            return None;
+        }
+        self.probed.insert(peer);
+        self.probing.insert(peer);
         let file = self.file;
         let (asked, request) = if self.sched.is_some() {
             (Asked::Have, Request::GetHave { file })
@@ -345,9 +364,38 @@ impl Download {
         })
     }
 
+    /// Peers waiting for a probe slot, asked now that slots are free.
+    fn next_probes(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        while self.probing.len() < self.cfg.max_probes {
+            let Some(peer) = self.waiting.pop_front() else {
+                break;
+            };
+            out.extend(self.probe(peer));
+        }
+        out
+    }
+
     /// The answer to a request: the response frame, or why the request
     /// failed (the stream broke, the peer went away, nothing came in time).
     pub fn on_response(
+        &mut self,
+        peer: PeerId,
+        asked: Asked,
+        result: Result<Vec<u8>, String>,
+        now: Instant,
+    ) -> Vec<Action> {
+        if matches!(asked, Asked::Chunk(_)) {
+            return self.on_answer(peer, asked, result, now);
+        }
+        // A probe's answer (or failure): its slot goes to a waiting peer.
+        self.probing.remove(&peer);
+        let mut out = self.on_answer(peer, asked, result, now);
+        out.extend(self.next_probes());
+        out
+    }
+
+    fn on_answer(
         &mut self,
         peer: PeerId,
         asked: Asked,
@@ -465,7 +513,7 @@ impl Download {
             // It has the file, not this chunk: not asked for it again until
             // it reports otherwise.
             ErrorCode::NoSuchChunk => {
-                let _ = s.source_lacks(&peer, index);
+                let _ = s.source_lacks(&peer, index, now);
             }
             // It has no (current) copy at all: no longer a source, and may
             // be asked again by a later search.
@@ -501,6 +549,7 @@ impl Download {
         self.dirty = true;
         // Everyone asked for the manifest is a candidate source.
         let asked_before = std::mem::take(&mut self.probed);
+        self.probing.clear();
         let mut out: Vec<Action> = asked_before
             .into_iter()
             .filter_map(|p| self.probe(p))
@@ -572,7 +621,9 @@ impl Download {
         if now >= self.next_search {
             if self.sched.as_ref().is_none_or(|s| s.sources().is_empty()) {
                 self.probed.clear();
+                self.probing.clear();
             }
+            out.extend(self.next_probes());
             out.extend(self.search(connected, now));
         }
         out.extend(self.pump(now));

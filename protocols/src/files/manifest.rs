@@ -66,6 +66,11 @@ pub enum ManifestError {
     /// The name is longer than [`MAX_NAME_LEN`] bytes.
     #[error("name of {0} bytes, more than {MAX_NAME_LEN}")]
     NameTooLong(usize),
+    /// The name is not a plain file name ([`is_plain_name`]).
+    #[error(
+        "name {0:?} is not a plain file name (empty, `.`, `..`, a separator, NUL or a control character)"
+    )]
+    BadName(String),
     /// The manifest does not hash to the expected file id.
     #[error("manifest hashes to {actual}, expected {expected}")]
     IdMismatch {
@@ -184,9 +189,14 @@ impl TryFrom<RawManifest> for Manifest {
         if got != expected {
             return Err(ManifestError::HashCount { got, expected });
         }
-        if let Some(name) = &raw.name {
-            check_name(name)?;
+        if let Some(name) = &raw.name
+            && name.len() > MAX_NAME_LEN
+        {
+            return Err(ManifestError::NameTooLong(name.len()));
         }
+        // The name is informational and outside the id: one that is not a
+        // plain file name (a path, `..`, control characters) is dropped.
+        let name = raw.name.filter(|n| is_plain_name(n));
         let chunk_hashes = raw
             .hashes
             .chunks_exact(32)
@@ -200,7 +210,7 @@ impl TryFrom<RawManifest> for Manifest {
             size: raw.size,
             chunk_size: raw.chunk_size,
             chunk_hashes,
-            name: raw.name,
+            name,
         })
     }
 }
@@ -229,7 +239,23 @@ fn check_name(name: &str) -> Result<(), ManifestError> {
     if name.len() > MAX_NAME_LEN {
         return Err(ManifestError::NameTooLong(name.len()));
     }
+    if !is_plain_name(name) {
+        return Err(ManifestError::BadName(name.escape_debug().to_string()));
+    }
     Ok(())
+}
+
+/// Whether `name` can be a file's name as it is, in any directory, and
+/// printed to a terminal: not empty, not `.` or `..`, no `/` or `\`, no
+/// NUL or other control character. A manifest's name (chosen by whoever
+/// published it) must be one; receivers check this when decoding.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == '\\' || c.is_control())
 }
 
 impl Manifest {
@@ -559,6 +585,45 @@ mod tests {
             assert!(chunks_of(size, chunk_size_for(size)) <= MAX_CHUNKS);
         }
         assert!(chunks_of(4096 * GIB + 1, chunk_size_for(4096 * GIB + 1)) > MAX_CHUNKS);
+    }
+
+    #[test]
+    fn names_that_are_not_plain_file_names_are_dropped_at_decode() {
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../../etc/passwd",
+            "a/b",
+            "a\\b",
+            "nul\0",
+            "bell\u{7}",
+            "esc\u{1b}[2J",
+            "\u{9b}31m",
+        ] {
+            assert!(!is_plain_name(bad), "{bad:?}");
+            let raw = RawManifest {
+                v: MANIFEST_VERSION,
+                size: 1,
+                chunk_size: 1024,
+                hashes: vec![0; 32],
+                name: Some(bad.to_owned()),
+            };
+            let mut bytes = Vec::new();
+            ciborium::into_writer(&raw, &mut bytes).expect("encode");
+            let m: Manifest = ciborium::from_reader(bytes.as_slice()).expect("decodes");
+            assert_eq!(m.name(), None, "{bad:?} kept");
+            // Nobody builds one either.
+            assert_eq!(
+                m.with_name(Some(bad.to_owned()))
+                    .err()
+                    .map(|e| matches!(e, ManifestError::BadName(_))),
+                Some(true)
+            );
+        }
+        for good in ["a.b", "report..pdf", "été.txt", ".hidden"] {
+            assert!(is_plain_name(good), "{good:?}");
+        }
     }
 
     #[test]

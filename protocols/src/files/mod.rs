@@ -44,7 +44,7 @@ pub mod wire;
 
 pub use crate::rate::{RateError, TokenBucket, parse_rate};
 pub use bitfield::{Bitfield, BitfieldError};
-pub use crypt::{FileKey, FileLink, find_links};
+pub use crypt::{FileKey, FileLink, KeyScheme, WrongKey, find_links};
 pub use download::{Asked, Download, DownloadConfig, DownloadState};
 pub use libp2p_identity::PeerId;
 pub use manifest::{

@@ -604,9 +604,18 @@ impl Scheduler {
     }
 
     /// Records that a source answered `NoSuchChunk` for `chunk`, so it is
-    /// not asked for it again until a new have report says otherwise. Call
-    /// [`on_failure`](Self::on_failure) as well to release the request.
-    pub fn source_lacks(&mut self, peer: &PeerId, chunk: u64) -> Result<(), SchedulerError> {
+    /// not asked for it again until a new have report says otherwise. Its
+    /// request is released at once, without penalty.
+    pub fn source_lacks(
+        &mut self,
+        peer: &PeerId,
+        chunk: u64,
+        now: Instant,
+    ) -> Result<(), SchedulerError> {
+        // Its request for the chunk (if any) is over: released at once,
+        // without penalty, so the chunk goes elsewhere now rather than at
+        // the request's timeout.
+        self.release(peer, chunk, now);
         let count = self.manifest.chunk_count();
         let mut bits = match self.sources.get(peer).map(|s| &s.holds) {
             None => return Err(SchedulerError::UnknownSource(*peer)),
@@ -1530,8 +1539,11 @@ mod tests {
         assert_eq!(s.source_complete(&peer(1)), Ok(()));
         let reqs = s.next_requests(t);
         assert_eq!(reqs.first(), Some(&(peer(1), 0)));
-        // NoSuchChunk for chunk 0: released, penalized, never asked again.
-        assert_eq!(s.source_lacks(&peer(1), 0), Ok(()));
+        // NoSuchChunk for chunk 0: released at once (not at its timeout),
+        // never asked again; penalized only when a failure is reported.
+        assert_eq!(s.source_lacks(&peer(1), 0, t), Ok(()));
+        let st = &s.sources()[0];
+        assert_eq!((st.failures, st.window, st.in_flight), (0, 4, 3));
         s.on_failure(&peer(1), 0, t);
         let st = &s.sources()[0];
         assert_eq!((st.failures, st.window, st.in_flight), (1, 2, 3));

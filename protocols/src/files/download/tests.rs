@@ -166,7 +166,38 @@ fn probes_are_bounded() {
     };
     let mut f = Fixture::new(3, cfg);
     let out = f.dl.on_providers((1..=5).map(peer));
-    assert_eq!(sends(&out).len(), 2);
+    assert_eq!(
+        sends(&out),
+        [(peer(1), Asked::Manifest), (peer(2), Asked::Manifest)]
+    );
+    // Each answer (or failure) frees a slot for a peer that waits.
+    let out = f.fail(peer(1), Asked::Manifest);
+    assert_eq!(sends(&out), [(peer(3), Asked::Manifest)]);
+    let nope = Response::error(ErrorCode::NotFound, "no");
+    let out = f.answer(peer(2), Asked::Manifest, &nope);
+    assert_eq!(sends(&out), [(peer(4), Asked::Manifest)]);
+}
+
+/// Issue 11: probing stopped for good at 32 peers, and providers found
+/// later were dropped.
+#[test]
+fn providers_found_after_the_first_32_are_asked_too() {
+    let mut f = Fixture::new(3, DownloadConfig::default());
+    let connected: Vec<PeerId> = (1..=40).map(peer).collect();
+    let out = f.dl.search(&connected, f.now);
+    assert_eq!(sends(&out).len(), 32);
+    // Kademlia finds more later: they wait, they are not dropped.
+    assert!(f.dl.on_providers((41..=45).map(peer)).is_empty());
+    let mut asked: Vec<PeerId> = sends(&out).into_iter().map(|(p, _)| p).collect();
+    let nope = Response::error(ErrorCode::NotFound, "no");
+    for i in 0..13 {
+        let p = asked[i];
+        let out = f.answer(p, Asked::Manifest, &nope);
+        asked.extend(sends(&out).into_iter().map(|(p, _)| p));
+    }
+    assert_eq!(asked.len(), 45);
+    let all: std::collections::BTreeSet<PeerId> = asked.into_iter().collect();
+    assert_eq!(all.len(), 45, "a peer was asked twice");
 }
 
 #[test]
@@ -339,14 +370,12 @@ fn no_such_chunk_means_not_that_chunk_from_that_source() {
     };
     let refused = Response::error(ErrorCode::NoSuchChunk, "not held yet");
     let out = f.answer(a, Asked::Chunk(x), &refused);
-    assert!(chunks_to(&out, a).is_empty(), "{out:?}");
-    // The refused request is released when it times out; a is then asked
-    // for the other chunk, never for x again.
+    // The refused request is released at once (not at its timeout): a is
+    // asked for the other chunk now, never for x again.
+    assert_eq!(chunks_to(&out, a), [1 - x], "{out:?}");
     f.now += 31 * SEC;
     let out = f.dl.on_timer(&[], f.now);
-    f.now += 2 * SEC;
-    let out = [out, f.dl.on_timer(&[], f.now)].concat();
-    assert_eq!(chunks_to(&out, a), [1 - x], "{out:?}");
+    assert!(!chunks_to(&out, a).contains(&x), "{out:?}");
     // A new source that holds x is asked for it.
     let b = peer(2);
     let out = [
