@@ -16,7 +16,8 @@
 //! this node as a gateway, goes straight to its recipient when it is a
 //! neighbour (BLE first, then internet), else on to every other BLE
 //! neighbour with one hop less; a gateway also dials the recipient over
-//! the internet. Relays see only the recipient, the hop limit and a padded
+//! the internet and passes what came over BLE to the other gateways it is
+//! connected to (another island may hold the recipient). Relays see only the recipient, the hop limit and a padded
 //! sealed body; nothing is stored.
 
 use std::collections::HashMap;
@@ -436,15 +437,20 @@ impl MessagesNet {
                 );
             }
             // A gateway also tries the recipient on the internet (it may
-            // be known from the peer table or Kademlia).
+            // be known from the peer table or Kademlia), and hands the
+            // envelope to the other gateways it is connected to: the
+            // recipient may be on another BLE island. They flood it into
+            // their islands only (what comes over the internet is not
+            // passed on to further gateways), so this is one hop wide.
             if internet && ble && link == Link::Ble {
-                reqs.push(
-                    swarm
-                        .behaviour_mut()
-                        .dm
-                        .inner_mut()
-                        .send_request(&env.to, DmFrame(env.encode())),
-                );
+                let frame = env.encode();
+                let b = swarm.behaviour_mut();
+                reqs.push(b.dm.inner_mut().send_request(&env.to, DmFrame(frame.clone())));
+                for g in peers.gateways().into_iter().take(MAX_GATEWAYS) {
+                    if g != from && g != env.to {
+                        reqs.push(b.dm.inner_mut().send_request(&g, DmFrame(frame.clone())));
+                    }
+                }
             }
         }
         let n = reqs.len();
