@@ -17,7 +17,9 @@ use rand::{RngExt, SeedableRng};
 use serde::{Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
-use crate::scenario::{BleLayout, LatencyModel, REGIONS, Scenario, TopologyKind, world_latency};
+use crate::scenario::{
+    BleLayout, LatencyModel, REGIONS, Scenario, TopologyKind, WorkloadKind, world_latency,
+};
 
 /// The generated topology, as written to `topology.json`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -70,6 +72,9 @@ pub struct PlannedMessage {
     pub publisher: usize,
     /// Text size.
     pub size: usize,
+    /// The recipient of a direct message (`None`: a group message).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<usize>,
 }
 
 /// A fault's window and the nodes it takes. Written as
@@ -122,6 +127,15 @@ pub fn plan(s: &Scenario, seed: u64) -> Plan {
     // Radios' places last, so that adding radios left the rest of a plan
     // as it was.
     let positions = positions(s, &mut rng);
+    // Direct messages' recipients after that, for the same reason.
+    let mut messages = messages;
+    if s.workload.kind == WorkloadKind::Direct {
+        for m in &mut messages {
+            let to = rng.random_range(0..s.nodes - 1);
+            // Every node but the sender, equally likely.
+            m.to = Some(if to >= m.publisher { to + 1 } else { to });
+        }
+    }
 
     let nodes = (0..s.nodes)
         .map(|i| NodeOut {
@@ -253,6 +267,7 @@ fn schedule(s: &Scenario, publishers: &[usize]) -> Vec<PlannedMessage> {
             t_ms: k as f64 * 1000.0 / w.rate_per_sec,
             publisher: publishers[k % publishers.len()],
             size: w.message_size,
+            to: None,
         })
         .collect()
 }
@@ -313,6 +328,16 @@ fn positions(s: &Scenario, rng: &mut StdRng) -> Vec<Option<[f64; 2]>> {
                 rng.random::<f64>() * b.area_m,
                 rng.random::<f64>() * b.area_m,
             ],
+            BleLayout::Islands => {
+                let islands = b.islands.max(1);
+                let (island, j) = (k % islands, k / islands);
+                let per = b.nodes.div_ceil(islands);
+                let side = (per as f64).sqrt().ceil().max(1.0) as usize;
+                [
+                    island as f64 * b.island_gap_m + (j % side) as f64 * b.spacing_m,
+                    (j / side) as f64 * b.spacing_m,
+                ]
+            }
         });
     }
     places

@@ -110,6 +110,72 @@ pub struct Summary {
     /// published in `[t_s, t_s + 1)` s; non-empty buckets only. A series:
     /// in `summary.json` and the plot, not in the CSV.
     pub reliability_over_time: Vec<Bucket>,
+    /// Direct messages, for a `direct` workload (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub direct: Option<DirectSummary>,
+}
+
+/// The figures of a `direct` workload. A message is *delivered* when the
+/// recipient's event stream reported it (`DirectMessage` with its id);
+/// *receipted* when the sender's said `delivered` (it holds the
+/// recipient's signed receipt). Times are model ms after `send` was called.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DirectSummary {
+    /// Direct messages sent (`send` answered with an id).
+    pub messages: usize,
+    /// Messages delivered to their recipient: its event stream reported
+    /// it, or its record held it at the end of the run.
+    pub delivered: usize,
+    /// Delivered messages the recipient's event stream did not report (so
+    /// not timed): delivered while a restarted node's stream was not yet
+    /// followed.
+    pub delivered_untimed: usize,
+    /// `delivered / messages`.
+    pub delivery_ratio: Option<f64>,
+    /// Messages whose sender holds the receipt.
+    pub receipted: usize,
+    /// `receipted / messages`.
+    pub receipt_ratio: Option<f64>,
+    /// Send to first delivery at the recipient, over delivered messages.
+    pub latency_ms: Dist,
+    /// Send to receipt at the sender, over receipted messages.
+    pub receipt_ms: Dist,
+    /// Copies the recipient's application got, per delivered message (1
+    /// each when nothing is delivered twice).
+    pub deliveries_per_message: Dist,
+    /// Deliveries beyond the first, over all messages. Must be 0.
+    pub app_duplicates: u64,
+    /// Attempts the sender made per message (one per route tried, retries
+    /// included), by the sender's record at the end of the run.
+    pub attempts_per_message: Dist,
+    /// Messages delivered by each route, by the sender's record (route
+    /// names; `unknown` when a receipted message names none).
+    pub routes: std::collections::BTreeMap<String, usize>,
+    /// Transport bytes all nodes sent over the run (internet links and
+    /// radio), divided by `messages`: an upper bound on what one message
+    /// cost, background traffic (identify, Kademlia, pings, BLE links)
+    /// included.
+    pub bytes_sent_per_message: Option<f64>,
+    /// What `copies per message` can and cannot say here.
+    pub copies_note: String,
+    /// The same figures per kind of pair (see `DirectRecord::class` in
+    /// `direct.json`).
+    pub by_class: std::collections::BTreeMap<String, DirectClass>,
+}
+
+/// Delivery of one kind of pair.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DirectClass {
+    /// Messages sent.
+    pub messages: usize,
+    /// Messages delivered (as `DirectSummary::delivered`).
+    pub delivered: usize,
+    /// `delivered / messages`.
+    pub delivery_ratio: Option<f64>,
+    /// Nearest-rank median of send to delivery over the timed ones, ms.
+    pub latency_p50_ms: Option<f64>,
+    /// Largest send to delivery, ms.
+    pub latency_max_ms: Option<f64>,
 }
 
 /// A distribution: count, mean, nearest-rank percentiles and max.
@@ -219,6 +285,14 @@ pub fn write_report(rec: &RunRecord, dir: &Path) -> anyhow::Result<Summary> {
     for (name, content) in files {
         let path = dir.join(name);
         std::fs::write(&path, content).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if !rec.direct.is_empty() {
+        // One object per direct message: send, delivery and receipt times,
+        // route and attempts (the input of the `direct` figures).
+        let path = dir.join("direct.json");
+        let json = serde_json::to_string_pretty(&rec.direct).context("serializing")?;
+        std::fs::write(&path, json + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(summary)
 }
