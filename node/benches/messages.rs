@@ -96,7 +96,11 @@ fn main() {
     let t = Instant::now();
     let limit = rt.block_on(loopback_one_way(envelope));
     let internet = rt.block_on(internet_route());
-    rows.push(row("internet (loopback TCP)", &internet, limit.as_secs_f64() * 1000.0));
+    rows.push(row(
+        "internet (loopback TCP)",
+        &internet,
+        limit.as_secs_f64() * 1000.0,
+    ));
     eprintln!("part 1 took {:.1} s", t.elapsed().as_secs_f64());
 
     let t = Instant::now();
@@ -453,7 +457,11 @@ async fn ble_hops() -> Vec<(usize, Vec<Sample>)> {
     eprintln!(
         "  BLE line warm after {:.1} s: {}",
         t.elapsed().as_secs_f64(),
-        if warm.is_some() { "ok" } else { "NOT delivered" }
+        if warm.is_some() {
+            "ok"
+        } else {
+            "NOT delivered"
+        }
     );
     let mut out = Vec::new();
     for hops in [1, 2, 4] {

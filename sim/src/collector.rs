@@ -135,9 +135,9 @@ impl Taps {
                         let _ = receipts.send(Seen::now(node, id, kind, None));
                     }
                     Ok(NodeEvent::DirectMessage { id, .. }) => note(id, None),
-                    Ok(NodeEvent::DirectMessageState { id, state, route, .. })
-                        if state == "delivered" =>
-                    {
+                    Ok(NodeEvent::DirectMessageState {
+                        id, state, route, ..
+                    }) if state == "delivered" => {
                         note(id, Some(route));
                     }
                     Ok(NodeEvent::GroupUpdated { member: true, .. }) => {

@@ -402,4 +402,35 @@ mod tests {
             Some("[1000.0,2500.0,[3,7]]")
         );
     }
+
+    /// A direct workload draws a recipient other than the sender for each
+    /// message, the same for the same seed, without changing the rest of
+    /// the plan; an islands layout puts the first BLE nodes (the gateways)
+    /// one per island, the islands `island_gap_m` apart.
+    #[test]
+    fn direct_recipients_and_islands() {
+        let text = |kind: &str| {
+            format!(
+                "name = \"t\"\nnodes = 8\nduration_secs = 5\n\
+                 [workload]\nkind = \"{kind}\"\npublishers = 3\nmessages = 40\n\
+                 [ble]\nnodes = 6\ngateways = 2\nlayout = \"islands\"\nislands = 2\n\
+                 island_gap_m = 500\nspacing_m = 10\n"
+            )
+        };
+        let direct: Scenario = toml::from_str(&text("direct")).expect("scenario");
+        let group: Scenario = toml::from_str(&text("group")).expect("scenario");
+        let (a, b, g) = (plan(&direct, 7), plan(&direct, 7), plan(&group, 7));
+        assert_eq!(a.workload, b.workload);
+        assert_eq!(a.topology, g.topology);
+        assert_eq!(a.workload.publishers, g.workload.publishers);
+        for m in &a.workload.messages {
+            let to = m.to.expect("a recipient");
+            assert!(to != m.publisher && to < 8, "{m:?}");
+        }
+        assert!(g.workload.messages.iter().all(|m| m.to.is_none()));
+        let x = |i: usize| a.topology.nodes[i].position.expect("a radio")[0];
+        // Nodes 2 and 3 are the gateways, one per island.
+        assert_eq!((x(2), x(3)), (0.0, 500.0));
+        assert!(x(4) < 100.0 && x(5) >= 500.0);
+    }
 }

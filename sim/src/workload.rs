@@ -208,7 +208,11 @@ pub fn direct_class(s: &Scenario, plan: &Plan, from: usize, to: usize) -> String
         Some((x / b.island_gap_m).round() as i64)
     };
     if let (Some(a), Some(b)) = (island(from), island(to)) {
-        class.push_str(if a == b { " (same island)" } else { " (other island)" });
+        class.push_str(if a == b {
+            " (same island)"
+        } else {
+            " (other island)"
+        });
     }
     class
 }

@@ -319,7 +319,10 @@ fn direct(rec: &RunRecord) -> Option<DirectSummary> {
         .filter_map(|m| m.receipt_ms.map(|t| t - m.t_ms))
         .collect();
     let mut routes = std::collections::BTreeMap::new();
-    for m in d.iter().filter(|m| m.receipt_ms.is_some() || m.route.is_some()) {
+    for m in d
+        .iter()
+        .filter(|m| m.receipt_ms.is_some() || m.route.is_some())
+    {
         let route = m.route.clone().unwrap_or_else(|| "unknown".to_owned());
         *routes.entry(route).or_insert(0) += 1;
     }
@@ -355,7 +358,10 @@ fn direct(rec: &RunRecord) -> Option<DirectSummary> {
                 .map(|m| f64::from(m.deliveries))
                 .collect(),
         ),
-        app_duplicates: d.iter().map(|m| u64::from(m.deliveries.saturating_sub(1))).sum(),
+        app_duplicates: d
+            .iter()
+            .map(|m| u64::from(m.deliveries.saturating_sub(1)))
+            .sum(),
         attempts_per_message: dist(d.iter().map(|m| m.attempts as f64).collect()),
         routes,
         bytes_sent_per_message: ratio(total_bytes as f64, d.len() as f64),

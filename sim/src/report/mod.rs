@@ -607,4 +607,56 @@ mod tests {
             "no publisher delivers"
         );
     }
+
+    /// The direct figures from hand-made records: a delivered message, one
+    /// delivered only by the recipient's record (untimed), one receipted
+    /// but held back (undelivered), one lost; classes counted apart.
+    #[test]
+    fn direct_figures_by_hand() {
+        use crate::record::DirectRecord;
+        let m = |id: &str, class: &str, t: f64, delivered: Option<f64>, receipt: Option<f64>| {
+            DirectRecord {
+                id: id.into(),
+                class: class.into(),
+                t_ms: t,
+                delivered_ms: delivered,
+                deliveries: u32::from(delivered.is_some()),
+                receipt_ms: receipt,
+                route: receipt.map(|_| "ble".to_owned()),
+                attempts: 1,
+                ..DirectRecord::default()
+            }
+        };
+        let mut untimed = m("b", "ble->internet", 0.0, None, Some(900.0));
+        untimed.in_recipient_record = true;
+        let rec = RunRecord {
+            bytes_sent: vec![1000, 3000],
+            direct: vec![
+                m("a", "ble->internet", 100.0, Some(400.0), Some(700.0)),
+                untimed,
+                m("c", "ble->ble (other island)", 0.0, None, Some(50.0)),
+                m("d", "ble->ble (other island)", 0.0, None, None),
+            ],
+            ..RunRecord::default()
+        };
+        let d = summarize(&rec).direct.expect("direct figures");
+        assert_eq!((d.messages, d.delivered, d.delivered_untimed), (4, 2, 1));
+        assert!(close(d.delivery_ratio, 0.5));
+        assert_eq!(d.receipted, 3);
+        assert_eq!(d.latency_ms.count, 1);
+        assert!(close(d.latency_ms.p99, 300.0));
+        assert!(close(d.receipt_ms.max, 900.0));
+        assert_eq!(d.app_duplicates, 0);
+        assert!(close(d.bytes_sent_per_message, 1000.0));
+        assert_eq!(d.routes.get("ble"), Some(&3));
+        let other = &d.by_class["ble->ble (other island)"];
+        assert_eq!((other.messages, other.delivered), (2, 0));
+        let out = &d.by_class["ble->internet"];
+        assert!(close(out.delivery_ratio, 1.0));
+        assert!(close(out.latency_p50_ms, 300.0));
+        // A group run has no direct figures, and none in its CSV.
+        let none = summarize(&RunRecord::default());
+        assert!(none.direct.is_none());
+        assert!(!to_csv(&none).expect("csv").contains("direct"));
+    }
 }
