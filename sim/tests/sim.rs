@@ -231,8 +231,11 @@ fn ble_nodes_behind_a_gateway_get_everything() {
 /// recipient is up when it is sent arrives within about half a second, or
 /// after one 10 s internet timeout (a gateway writing to a phone of its own
 /// island tries the internet first, which other gateways accept); the run
-/// leaves 12 s after the last send. At least 80 % of them must arrive:
-/// room for one late message on a loaded host. Left out of the bound:
+/// leaves 12 s after the last send. At least 80 % of them must arrive
+/// (of the 10 this seed plans): room for one message held back behind an
+/// earlier one of its sender to the restarted node (the recipient keeps
+/// per-sender order, and that earlier one waits for a retry) and one late
+/// message on a loaded host. Left out of the bound:
 /// messages to a node that is down when sent (they wait for the sender's
 /// retry, after its route timeouts, which may fall after the run) and
 /// messages between two offline phones of different islands (a gateway
