@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::ModelClock;
 use crate::plan::NodeOut;
-use crate::record::{Published, Receipt, ReceiptKind};
+use crate::record::{DirectRecord, Published, Receipt, ReceiptKind};
 use crate::workload::PublishOutcome;
 
 /// One receipt at one node, on its way to the collector.
@@ -56,6 +56,17 @@ impl Seen {
     }
 }
 
+/// A direct message's arrival at its recipient, or its receipt at its
+/// sender, as the node's event stream reported it.
+#[derive(Debug, Clone)]
+struct DirectSeen {
+    at: Instant,
+    id: String,
+    /// `None`: the recipient delivered it; `Some(route)`: the sender holds
+    /// the receipt (and the route that delivered it, if it said).
+    receipt: Option<Option<String>>,
+}
+
 /// How the nodes report to the collector. Cheap to clone; every node (and
 /// every restart of one) gets its own taps from it.
 #[derive(Debug, Clone)]
@@ -67,6 +78,9 @@ pub struct Taps {
     /// Nodes whose event stream said they joined a group (the simulator
     /// has one).
     joined: Arc<Mutex<HashSet<usize>>>,
+    /// Direct messages' deliveries and receipts, in the order seen (at
+    /// most a few per message the workload sends).
+    direct: Arc<Mutex<Vec<DirectSeen>>>,
 }
 
 impl Taps {
@@ -76,6 +90,7 @@ impl Taps {
         let taps = Taps {
             receipts,
             joined: Arc::default(),
+            direct: Arc::default(),
         };
         (taps, rx)
     }
@@ -96,7 +111,17 @@ impl Taps {
     pub fn follow(&self, node: usize, local: PeerId, mut events: broadcast::Receiver<NodeEvent>) {
         let receipts = self.receipts.clone();
         let joined = self.joined.clone();
+        let direct = self.direct.clone();
         let local = local.to_base58();
+        let note = move |id: String, receipt| {
+            if let Ok(mut d) = direct.lock() {
+                d.push(DirectSeen {
+                    at: Instant::now(),
+                    id,
+                    receipt,
+                });
+            }
+        };
         tokio::spawn(async move {
             let mut delivered = HashSet::new();
             loop {
@@ -108,6 +133,12 @@ impl Taps {
                             (true, true) => continue,
                         };
                         let _ = receipts.send(Seen::now(node, id, kind, None));
+                    }
+                    Ok(NodeEvent::DirectMessage { id, .. }) => note(id, None),
+                    Ok(NodeEvent::DirectMessageState {
+                        id, state, route, ..
+                    }) if state == "delivered" => {
+                        note(id, Some(route));
                     }
                     Ok(NodeEvent::GroupUpdated { member: true, .. }) => {
                         if let Ok(mut j) = joined.lock() {
@@ -143,6 +174,8 @@ pub struct Collector {
     members: Vec<usize>,
     published: Vec<Published>,
     receipts: Vec<Receipt>,
+    /// Direct messages sent.
+    direct: Vec<DirectRecord>,
     /// Each message's gossip frame size, from its first wire copy.
     wire_size: HashMap<String, usize>,
 }
@@ -169,6 +202,7 @@ impl Collector {
             members,
             published: Vec::new(),
             receipts: Vec::new(),
+            direct: Vec::new(),
             wire_size: HashMap::new(),
         })
     }
@@ -206,6 +240,18 @@ impl Collector {
             }
         };
         let t_ms = self.clock.ms(outcome.at);
+        if let Some(to) = outcome.to {
+            // Direct messages stay out of the group's event log and figures.
+            self.direct.push(DirectRecord {
+                id,
+                from: publisher,
+                to,
+                t_ms,
+                size: outcome.size,
+                ..DirectRecord::default()
+            });
+            return Ok(());
+        }
         let line = Line::new(outcome.time, Msg::Published, id.as_str());
         self.log.write(&line.in_simulation(t_ms, publisher))?;
         self.published.push(Published {
@@ -220,6 +266,36 @@ impl Collector {
                 .collect(),
         });
         Ok(())
+    }
+
+    /// The direct messages sent so far, with their deliveries and receipts
+    /// seen so far (`taps`' record).
+    pub fn direct(&self, taps: &Taps) -> Vec<DirectRecord> {
+        let seen = taps.direct.lock().map(|d| d.clone()).unwrap_or_default();
+        let mut direct = self.direct.clone();
+        let index: HashMap<&str, usize> = (direct.iter().enumerate())
+            .map(|(i, d)| (d.id.as_str(), i))
+            .collect();
+        let mut updates = Vec::new();
+        for s in seen {
+            if let Some(&i) = index.get(s.id.as_str()) {
+                updates.push((i, self.clock.ms(s.at), s.receipt));
+            }
+        }
+        for (i, t_ms, receipt) in updates {
+            let d = &mut direct[i];
+            match receipt {
+                None => {
+                    d.deliveries += 1;
+                    d.delivered_ms = Some(d.delivered_ms.map_or(t_ms, |t| t.min(t_ms)));
+                }
+                Some(route) => {
+                    d.receipt_ms = Some(d.receipt_ms.map_or(t_ms, |t| t.min(t_ms)));
+                    d.route = d.route.take().or(route);
+                }
+            }
+        }
+        direct
     }
 
     /// Takes the receipts still queued after the nodes stopped, closes the

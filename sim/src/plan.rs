@@ -17,7 +17,9 @@ use rand::{RngExt, SeedableRng};
 use serde::{Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
-use crate::scenario::{BleLayout, LatencyModel, REGIONS, Scenario, TopologyKind, world_latency};
+use crate::scenario::{
+    BleLayout, LatencyModel, REGIONS, Scenario, TopologyKind, WorkloadKind, world_latency,
+};
 
 /// The generated topology, as written to `topology.json`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -70,6 +72,9 @@ pub struct PlannedMessage {
     pub publisher: usize,
     /// Text size.
     pub size: usize,
+    /// The recipient of a direct message (`None`: a group message).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<usize>,
 }
 
 /// A fault's window and the nodes it takes. Written as
@@ -122,6 +127,15 @@ pub fn plan(s: &Scenario, seed: u64) -> Plan {
     // Radios' places last, so that adding radios left the rest of a plan
     // as it was.
     let positions = positions(s, &mut rng);
+    // Direct messages' recipients after that, for the same reason.
+    let mut messages = messages;
+    if s.workload.kind == WorkloadKind::Direct {
+        for m in &mut messages {
+            let to = rng.random_range(0..s.nodes - 1);
+            // Every node but the sender, equally likely.
+            m.to = Some(if to >= m.publisher { to + 1 } else { to });
+        }
+    }
 
     let nodes = (0..s.nodes)
         .map(|i| NodeOut {
@@ -253,6 +267,7 @@ fn schedule(s: &Scenario, publishers: &[usize]) -> Vec<PlannedMessage> {
             t_ms: k as f64 * 1000.0 / w.rate_per_sec,
             publisher: publishers[k % publishers.len()],
             size: w.message_size,
+            to: None,
         })
         .collect()
 }
@@ -313,6 +328,16 @@ fn positions(s: &Scenario, rng: &mut StdRng) -> Vec<Option<[f64; 2]>> {
                 rng.random::<f64>() * b.area_m,
                 rng.random::<f64>() * b.area_m,
             ],
+            BleLayout::Islands => {
+                let islands = b.islands.max(1);
+                let (island, j) = (k % islands, k / islands);
+                let per = b.nodes.div_ceil(islands);
+                let side = (per as f64).sqrt().ceil().max(1.0) as usize;
+                [
+                    island as f64 * b.island_gap_m + (j % side) as f64 * b.spacing_m,
+                    (j / side) as f64 * b.spacing_m,
+                ]
+            }
         });
     }
     places
@@ -376,5 +401,36 @@ mod tests {
             serde_json::to_string(&w).ok().as_deref(),
             Some("[1000.0,2500.0,[3,7]]")
         );
+    }
+
+    /// A direct workload draws a recipient other than the sender for each
+    /// message, the same for the same seed, without changing the rest of
+    /// the plan; an islands layout puts the first BLE nodes (the gateways)
+    /// one per island, the islands `island_gap_m` apart.
+    #[test]
+    fn direct_recipients_and_islands() {
+        let text = |kind: &str| {
+            format!(
+                "name = \"t\"\nnodes = 8\nduration_secs = 5\n\
+                 [workload]\nkind = \"{kind}\"\npublishers = 3\nmessages = 40\n\
+                 [ble]\nnodes = 6\ngateways = 2\nlayout = \"islands\"\nislands = 2\n\
+                 island_gap_m = 500\nspacing_m = 10\n"
+            )
+        };
+        let direct: Scenario = toml::from_str(&text("direct")).expect("scenario");
+        let group: Scenario = toml::from_str(&text("group")).expect("scenario");
+        let (a, b, g) = (plan(&direct, 7), plan(&direct, 7), plan(&group, 7));
+        assert_eq!(a.workload, b.workload);
+        assert_eq!(a.topology, g.topology);
+        assert_eq!(a.workload.publishers, g.workload.publishers);
+        for m in &a.workload.messages {
+            let to = m.to.expect("a recipient");
+            assert!(to != m.publisher && to < 8, "{m:?}");
+        }
+        assert!(g.workload.messages.iter().all(|m| m.to.is_none()));
+        let x = |i: usize| a.topology.nodes[i].position.expect("a radio")[0];
+        // Nodes 2 and 3 are the gateways, one per island.
+        assert_eq!((x(2), x(3)), (0.0, 500.0));
+        assert!(x(4) < 100.0 && x(5) >= 500.0);
     }
 }

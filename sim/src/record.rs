@@ -23,6 +23,47 @@ pub struct Published {
     pub recipients: Vec<usize>,
 }
 
+/// One direct message of a `direct` workload, from `send` to its
+/// receipt.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DirectRecord {
+    /// The message id (hex), as `send` answered it.
+    pub id: String,
+    /// The sending node.
+    pub from: usize,
+    /// The recipient node.
+    pub to: usize,
+    /// The kind of pair: `SENDER->RECIPIENT`, each `internet`, `gateway`
+    /// (internet and BLE) or `ble`, plus ` (same island)` or
+    /// ` (other island)` when both have radios in an `islands` layout.
+    pub class: String,
+    /// When `send` was called (model ms).
+    pub t_ms: f64,
+    /// Text size, bytes.
+    pub size: usize,
+    /// When the recipient's event stream first reported it
+    /// (`DirectMessage` with this id), model ms; `None` if it never did.
+    pub delivered_ms: Option<f64>,
+    /// How many times the recipient's event stream reported it (1 when
+    /// delivered once; more would be duplicates).
+    pub deliveries: u32,
+    /// Whether the recipient's own record holds it at the end of the run
+    /// (asked through its handle; `false` when it is down then). Catches a
+    /// delivery its event stream could not report: a restarted node's
+    /// stream is followed from just after it starts.
+    pub in_recipient_record: bool,
+    /// When the sender's event stream said `delivered` (it holds the
+    /// recipient's signed receipt), model ms.
+    pub receipt_ms: Option<f64>,
+    /// The route that delivered it, by the sender's record.
+    pub route: Option<String>,
+    /// The sender's state of it at the end of the run.
+    pub state: Option<String>,
+    /// Attempts the sender made (one per route tried, retries included),
+    /// at the end of the run.
+    pub attempts: usize,
+}
+
 /// What a node saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReceiptKind {
@@ -102,4 +143,7 @@ pub struct RunRecord {
     /// The median one-way latency of the link model, ms (model time): the
     /// scale against which host lag is judged.
     pub median_link_latency_ms: f64,
+    /// Direct messages (a `direct` workload; empty otherwise).
+    #[serde(default)]
+    pub direct: Vec<DirectRecord>,
 }

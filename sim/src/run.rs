@@ -25,7 +25,7 @@ use crate::collector::{Collector, HostLag, Seen, Taps};
 use crate::faults::{self, TimedFault};
 use crate::plan::{Plan, plan};
 use crate::record::RunRecord;
-use crate::scenario::Scenario;
+use crate::scenario::{Scenario, WorkloadKind};
 use crate::workload::{self, PublishOutcome};
 use crate::world::World;
 
@@ -55,9 +55,17 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
     world.connect(&plan.topology.edges).await;
 
     let members = &plan.workload.members;
-    let gid = workload::create_group(&world, &s.name, members).await?;
-    workload::wait_for_members(&world, &taps, &gid, members, dilation).await?;
-    tracing::info!("every member knows the group");
+    let gid = match s.workload.kind {
+        WorkloadKind::Group => {
+            let gid = workload::create_group(&world, &s.name, members).await?;
+            workload::wait_for_members(&world, &taps, &gid, members, dilation).await?;
+            tracing::info!("every member knows the group");
+            gid
+        }
+        // Direct messages need no group: the warm-up lets the radios find
+        // their neighbours and the gateways announce themselves.
+        WorkloadKind::Direct => String::new(),
+    };
     tokio::time::sleep(wall(s.workload.warmup_secs, dilation)).await;
 
     // Model time 0: the workload starts, and so do the measurements.
@@ -76,6 +84,11 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
         collector,
     };
     workload.drive(&mut world).await?;
+    let mut direct = workload.collector.direct(&taps);
+    workload::sender_view(&world, &mut direct).await;
+    for d in &mut direct {
+        d.class = workload::direct_class(s, &plan, d.from, d.to);
+    }
 
     let bytes_sent = world.bytes_sent();
     let lag_ms = lag.finish();
@@ -95,6 +108,7 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
         lag_ms,
         faults: fault_windows,
         median_link_latency_ms: median_link_latency_ms(&plan),
+        direct,
     })
 }
 

@@ -61,6 +61,13 @@ pub struct Ble {
     pub spacing_m: f64,
     /// Side of the crowd's square, metres.
     pub area_m: f64,
+    /// For `islands`: how many clusters (BLE node `k` is in island
+    /// `k % islands`, so the first `gateways` nodes spread over the
+    /// islands).
+    pub islands: usize,
+    /// For `islands`: metres between two neighbouring islands (far beyond
+    /// radio range, so that only gateways join them).
+    pub island_gap_m: f64,
     /// The radio link model: `range_m`, `mtu`, `bandwidth` (B/s per link),
     /// `latency_ms`, `loss`, `drop_mean_secs`, `max_links`.
     pub link: fogmesh_ble::sim::LinkModel,
@@ -74,6 +81,8 @@ impl Default for Ble {
             layout: BleLayout::Line,
             spacing_m: 10.0,
             area_m: 50.0,
+            islands: 2,
+            island_gap_m: 1000.0,
             link: fogmesh_ble::sim::LinkModel::default(),
         }
     }
@@ -90,6 +99,9 @@ pub enum BleLayout {
     Grid,
     /// Uniformly at random in a square of side `area_m`.
     Crowd,
+    /// In `islands` clusters `island_gap_m` apart, each a square grid
+    /// `spacing_m` apart: offline islands that only gateways join.
+    Islands,
 }
 
 impl Scenario {
@@ -232,6 +244,9 @@ impl Default for Gossip {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Workload {
+    /// `group` (one group chat) or `direct` (direct messages, each from a
+    /// publisher to a node drawn with the seed).
+    pub kind: WorkloadKind,
     /// Members of the one group (node 0 creates it); 0 means every node.
     pub members: usize,
     /// How many members publish (chosen with the seed).
@@ -247,9 +262,22 @@ pub struct Workload {
     pub warmup_secs: f64,
 }
 
+/// What kind of messages the workload sends (`workload.kind`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkloadKind {
+    /// Group messages: node 0 creates the group, the publishers post to it.
+    #[default]
+    Group,
+    /// Direct messages: `messages` of them, round-robin over the
+    /// publishers, each to another node drawn with the seed; no group.
+    Direct,
+}
+
 impl Default for Workload {
     fn default() -> Self {
         Workload {
+            kind: WorkloadKind::Group,
             members: 0,
             publishers: 10,
             messages: 100,
@@ -346,6 +374,9 @@ impl Scenario {
             }
             if !(b.spacing_m > 0.0 && b.area_m > 0.0) {
                 bail!("ble.spacing_m and ble.area_m must be positive");
+            }
+            if b.layout == BleLayout::Islands && (b.islands == 0 || b.island_gap_m <= 0.0) {
+                bail!("ble.islands must be at least 1 and ble.island_gap_m positive");
             }
             b.link
                 .validate()

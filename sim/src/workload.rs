@@ -5,7 +5,7 @@
 use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail};
-use fogmesh::types::CreateGroup;
+use fogmesh::types::{CreateGroup, SendDirect};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use tokio::sync::mpsc;
@@ -13,7 +13,8 @@ use tokio::time::Instant;
 
 use crate::clock::{ModelClock, wall};
 use crate::collector::Taps;
-use crate::plan::PlannedMessage;
+use crate::plan::{Plan, PlannedMessage};
+use crate::scenario::{BleLayout, Scenario};
 use crate::world::World;
 
 /// How long the members may take to learn of the group (model time).
@@ -92,7 +93,7 @@ async fn still_unaware(world: &World, gid: &str, nodes: Vec<usize>) -> Vec<usize
     unaware
 }
 
-/// How one `group send` went.
+/// How one `group send` or direct `send` went.
 #[derive(Debug)]
 pub struct PublishOutcome {
     /// The publishing node.
@@ -103,13 +104,17 @@ pub struct PublishOutcome {
     pub time: SystemTime,
     /// The text's size.
     pub size: usize,
+    /// The recipient of a direct message (`None`: a group message).
+    pub to: Option<usize>,
     /// The message id, or why there is none.
     pub result: Result<String, String>,
 }
 
-/// Sends every planned message at its model time, each from its own task;
-/// the outcomes arrive on the returned channel, which closes after the
-/// last. The texts are random letters drawn from `seed`.
+/// Sends every planned message at its model time, each from its own task:
+/// a group message to group `gid`, a direct message (one with a
+/// recipient) through the sender's messages handle. The outcomes arrive on
+/// the returned channel, which closes after the last. The texts are random
+/// letters drawn from `seed`.
 pub fn publish_all(
     world: &World,
     messages: &[PlannedMessage],
@@ -128,24 +133,86 @@ pub fn publish_all(
             .map(|_| text_rng.random_range(b'a'..=b'z') as char)
             .collect();
         let (due, gid, outcomes) = (clock.at(m.t_ms), gid.to_owned(), outcomes.clone());
-        let (publisher, size) = (m.publisher, m.size);
+        let (publisher, size, to) = (m.publisher, m.size, m.to);
+        let to_peer = to.map(|i| world.peer_id(i).to_base58());
         tokio::spawn(async move {
             tokio::time::sleep_until(due).await;
             let (at, time) = (Instant::now(), SystemTime::now());
-            let result = handle
-                .groups()
-                .send(&gid, text)
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|ack| ack.id.ok_or_else(|| "no id".to_owned()));
+            let result = match to_peer {
+                Some(peer) => handle
+                    .messages()
+                    .send(SendDirect {
+                        to: peer,
+                        text,
+                        route: None,
+                        private: false,
+                    })
+                    .await
+                    .map(|ack| ack.message_id)
+                    .map_err(|e| e.to_string()),
+                None => handle
+                    .groups()
+                    .send(&gid, text)
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|ack| ack.id.ok_or_else(|| "no id".to_owned())),
+            };
             let _ = outcomes.send(PublishOutcome {
                 publisher,
                 at,
                 time,
                 size,
+                to,
                 result,
             });
         });
     }
     rx
+}
+
+/// Completes each direct message's record with what its sender says of it
+/// now: state, delivering route and attempts (a sender that is down, or a
+/// message it cannot find, leaves the record as it is).
+pub async fn sender_view(world: &World, direct: &mut [crate::record::DirectRecord]) {
+    for d in direct {
+        let Some(handle) = world.handle(d.from) else {
+            continue;
+        };
+        match handle.messages().get(&d.id).await {
+            Ok(m) => {
+                d.state = m.state;
+                d.route = m.route.or(d.route.take());
+                d.attempts = m.attempts.map_or(0, |a| a.len());
+            }
+            Err(e) => tracing::warn!(node = d.from, id = %d.id, "cannot read a sent message: {e}"),
+        }
+        if let Some(handle) = world.handle(d.to) {
+            d.in_recipient_record = handle.messages().get(&d.id).await.is_ok();
+        }
+    }
+}
+
+/// The class of a direct message from `from` to `to` (see
+/// [`crate::record::DirectRecord::class`]).
+pub fn direct_class(s: &Scenario, plan: &Plan, from: usize, to: usize) -> String {
+    let node = |i: usize| &plan.topology.nodes[i];
+    let kind = |i: usize| match node(i).transports.as_str() {
+        "internet+ble" => "gateway",
+        "ble" => "ble",
+        _ => "internet",
+    };
+    let mut class = format!("{}->{}", kind(from), kind(to));
+    let island = |i: usize| {
+        let b = s.ble.as_ref().filter(|b| b.layout == BleLayout::Islands)?;
+        let [x, _] = node(i).position?;
+        Some((x / b.island_gap_m).round() as i64)
+    };
+    if let (Some(a), Some(b)) = (island(from), island(to)) {
+        class.push_str(if a == b {
+            " (same island)"
+        } else {
+            " (other island)"
+        });
+    }
+    class
 }

@@ -6,8 +6,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::{Bucket, Catchup, Dist, Reach, ReachStat, Summary};
-use crate::record::{FaultKind, Published, ReceiptKind, RunRecord};
+use super::{Bucket, Catchup, DirectClass, DirectSummary, Dist, Reach, ReachStat, Summary};
+use crate::record::{DirectRecord, FaultKind, Published, ReceiptKind, RunRecord};
 
 /// Host lag (p99) above this many ms always counts as host-limited.
 const LAG_ABS_LIMIT_MS: f64 = 20.0;
@@ -80,6 +80,7 @@ pub(super) fn analyse(rec: &RunRecord) -> (Summary, Series) {
         host_limited_rule,
         advice: host_limited.then(|| "raise --time-dilation".to_owned()),
         reliability_over_time: deliveries.buckets,
+        direct: direct(rec),
     };
     let series = Series {
         latencies: deliveries.latencies,
@@ -303,4 +304,72 @@ fn reach_stat(mut times: Vec<Option<f64>>) -> ReachStat {
         median: nearest_rank(&times, 50).flatten(),
         max: times.last().copied().flatten(),
     }
+}
+
+/// The direct-message figures; `None` without direct messages.
+fn direct(rec: &RunRecord) -> Option<DirectSummary> {
+    if rec.direct.is_empty() {
+        return None;
+    }
+    let d = &rec.direct;
+    let latencies: Vec<f64> = (d.iter())
+        .filter_map(|m| m.delivered_ms.map(|t| t - m.t_ms))
+        .collect();
+    let receipts: Vec<f64> = (d.iter())
+        .filter_map(|m| m.receipt_ms.map(|t| t - m.t_ms))
+        .collect();
+    let mut routes = std::collections::BTreeMap::new();
+    for m in d
+        .iter()
+        .filter(|m| m.receipt_ms.is_some() || m.route.is_some())
+    {
+        let route = m.route.clone().unwrap_or_else(|| "unknown".to_owned());
+        *routes.entry(route).or_insert(0) += 1;
+    }
+    let total_bytes: u64 = rec.bytes_sent.iter().sum();
+    let delivered = |m: &&DirectRecord| m.delivered_ms.is_some() || m.in_recipient_record;
+    let n_delivered = d.iter().filter(delivered).count();
+    let mut by_class: BTreeMap<String, DirectClass> = BTreeMap::new();
+    let mut class_latencies: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for m in d {
+        let c = by_class.entry(m.class.clone()).or_default();
+        c.messages += 1;
+        c.delivered += usize::from(delivered(&m));
+        let l = class_latencies.entry(m.class.as_str()).or_default();
+        l.extend(m.delivered_ms.map(|t| t - m.t_ms));
+    }
+    for (class, c) in &mut by_class {
+        c.delivery_ratio = ratio(c.delivered as f64, c.messages as f64);
+        let l = dist(class_latencies.remove(class.as_str()).unwrap_or_default());
+        (c.latency_p50_ms, c.latency_max_ms) = (l.p50, l.max);
+    }
+    Some(DirectSummary {
+        messages: d.len(),
+        delivered: n_delivered,
+        delivered_untimed: n_delivered - latencies.len(),
+        delivery_ratio: ratio(n_delivered as f64, d.len() as f64),
+        receipted: receipts.len(),
+        receipt_ratio: ratio(receipts.len() as f64, d.len() as f64),
+        latency_ms: dist(latencies),
+        receipt_ms: dist(receipts),
+        deliveries_per_message: dist(
+            (d.iter())
+                .filter(|m| m.deliveries > 0)
+                .map(|m| f64::from(m.deliveries))
+                .collect(),
+        ),
+        app_duplicates: d
+            .iter()
+            .map(|m| u64::from(m.deliveries.saturating_sub(1)))
+            .sum(),
+        attempts_per_message: dist(d.iter().map(|m| m.attempts as f64).collect()),
+        routes,
+        bytes_sent_per_message: ratio(total_bytes as f64, d.len() as f64),
+        copies_note: "envelope copies on the wire (relay forwards, BLE flooding) are not \
+                      exposed by the node (no counter or observer for them): copies here \
+                      are application deliveries and sender attempts; bytes_sent_per_message \
+                      bounds the cost from above"
+            .to_owned(),
+        by_class,
+    })
 }

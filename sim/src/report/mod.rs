@@ -110,6 +110,72 @@ pub struct Summary {
     /// published in `[t_s, t_s + 1)` s; non-empty buckets only. A series:
     /// in `summary.json` and the plot, not in the CSV.
     pub reliability_over_time: Vec<Bucket>,
+    /// Direct messages, for a `direct` workload (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub direct: Option<DirectSummary>,
+}
+
+/// The figures of a `direct` workload. A message is *delivered* when the
+/// recipient's event stream reported it (`DirectMessage` with its id);
+/// *receipted* when the sender's said `delivered` (it holds the
+/// recipient's signed receipt). Times are model ms after `send` was called.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DirectSummary {
+    /// Direct messages sent (`send` answered with an id).
+    pub messages: usize,
+    /// Messages delivered to their recipient: its event stream reported
+    /// it, or its record held it at the end of the run.
+    pub delivered: usize,
+    /// Delivered messages the recipient's event stream did not report (so
+    /// not timed): delivered while a restarted node's stream was not yet
+    /// followed.
+    pub delivered_untimed: usize,
+    /// `delivered / messages`.
+    pub delivery_ratio: Option<f64>,
+    /// Messages whose sender holds the receipt.
+    pub receipted: usize,
+    /// `receipted / messages`.
+    pub receipt_ratio: Option<f64>,
+    /// Send to first delivery at the recipient, over delivered messages.
+    pub latency_ms: Dist,
+    /// Send to receipt at the sender, over receipted messages.
+    pub receipt_ms: Dist,
+    /// Copies the recipient's application got, per delivered message (1
+    /// each when nothing is delivered twice).
+    pub deliveries_per_message: Dist,
+    /// Deliveries beyond the first, over all messages. Must be 0.
+    pub app_duplicates: u64,
+    /// Attempts the sender made per message (one per route tried, retries
+    /// included), by the sender's record at the end of the run.
+    pub attempts_per_message: Dist,
+    /// Messages delivered by each route, by the sender's record (route
+    /// names; `unknown` when a receipted message names none).
+    pub routes: std::collections::BTreeMap<String, usize>,
+    /// Transport bytes all nodes sent over the run (internet links and
+    /// radio), divided by `messages`: an upper bound on what one message
+    /// cost, background traffic (identify, Kademlia, pings, BLE links)
+    /// included.
+    pub bytes_sent_per_message: Option<f64>,
+    /// What `copies per message` can and cannot say here.
+    pub copies_note: String,
+    /// The same figures per kind of pair (see `DirectRecord::class` in
+    /// `direct.json`).
+    pub by_class: std::collections::BTreeMap<String, DirectClass>,
+}
+
+/// Delivery of one kind of pair.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DirectClass {
+    /// Messages sent.
+    pub messages: usize,
+    /// Messages delivered (as `DirectSummary::delivered`).
+    pub delivered: usize,
+    /// `delivered / messages`.
+    pub delivery_ratio: Option<f64>,
+    /// Nearest-rank median of send to delivery over the timed ones, ms.
+    pub latency_p50_ms: Option<f64>,
+    /// Largest send to delivery, ms.
+    pub latency_max_ms: Option<f64>,
 }
 
 /// A distribution: count, mean, nearest-rank percentiles and max.
@@ -219,6 +285,14 @@ pub fn write_report(rec: &RunRecord, dir: &Path) -> anyhow::Result<Summary> {
     for (name, content) in files {
         let path = dir.join(name);
         std::fs::write(&path, content).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if !rec.direct.is_empty() {
+        // One object per direct message: send, delivery and receipt times,
+        // route and attempts (the input of the `direct` figures).
+        let path = dir.join("direct.json");
+        let json = serde_json::to_string_pretty(&rec.direct).context("serializing")?;
+        std::fs::write(&path, json + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(summary)
 }
@@ -532,5 +606,57 @@ mod tests {
             s.reach_ms.p100_of_members.reached, 0,
             "no publisher delivers"
         );
+    }
+
+    /// The direct figures from hand-made records: a delivered message, one
+    /// delivered only by the recipient's record (untimed), one receipted
+    /// but held back (undelivered), one lost; classes counted apart.
+    #[test]
+    fn direct_figures_by_hand() {
+        use crate::record::DirectRecord;
+        let m = |id: &str, class: &str, t: f64, delivered: Option<f64>, receipt: Option<f64>| {
+            DirectRecord {
+                id: id.into(),
+                class: class.into(),
+                t_ms: t,
+                delivered_ms: delivered,
+                deliveries: u32::from(delivered.is_some()),
+                receipt_ms: receipt,
+                route: receipt.map(|_| "ble".to_owned()),
+                attempts: 1,
+                ..DirectRecord::default()
+            }
+        };
+        let mut untimed = m("b", "ble->internet", 0.0, None, Some(900.0));
+        untimed.in_recipient_record = true;
+        let rec = RunRecord {
+            bytes_sent: vec![1000, 3000],
+            direct: vec![
+                m("a", "ble->internet", 100.0, Some(400.0), Some(700.0)),
+                untimed,
+                m("c", "ble->ble (other island)", 0.0, None, Some(50.0)),
+                m("d", "ble->ble (other island)", 0.0, None, None),
+            ],
+            ..RunRecord::default()
+        };
+        let d = summarize(&rec).direct.expect("direct figures");
+        assert_eq!((d.messages, d.delivered, d.delivered_untimed), (4, 2, 1));
+        assert!(close(d.delivery_ratio, 0.5));
+        assert_eq!(d.receipted, 3);
+        assert_eq!(d.latency_ms.count, 1);
+        assert!(close(d.latency_ms.p99, 300.0));
+        assert!(close(d.receipt_ms.max, 900.0));
+        assert_eq!(d.app_duplicates, 0);
+        assert!(close(d.bytes_sent_per_message, 1000.0));
+        assert_eq!(d.routes.get("ble"), Some(&3));
+        let other = &d.by_class["ble->ble (other island)"];
+        assert_eq!((other.messages, other.delivered), (2, 0));
+        let out = &d.by_class["ble->internet"];
+        assert!(close(out.delivery_ratio, 1.0));
+        assert!(close(out.latency_p50_ms, 300.0));
+        // A group run has no direct figures, and none in its CSV.
+        let none = summarize(&RunRecord::default());
+        assert!(none.direct.is_none());
+        assert!(!to_csv(&none).expect("csv").contains("direct"));
     }
 }
