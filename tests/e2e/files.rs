@@ -710,11 +710,26 @@ fn group_with(d: &Daemon, members: &[&Daemon]) -> String {
     let v = d.json(&args);
     let gid = v["group_id"].as_str().expect("group_id").to_owned();
     for m in members {
+        // Each member accepts the invitation, as its user would.
         eventually(T, "the member lists the group", || {
-            m.json_or_nothing(&["group", "list"])
+            let listed = m
+                .json_or_nothing(&["group", "list"])
                 .as_array()
-                .is_some_and(|a| a.iter().any(|g| g["group_id"] == gid.as_str()))
-                .then_some(())
+                .is_some_and(|a| a.iter().any(|g| g["group_id"] == gid.as_str()));
+            if listed {
+                return Some(());
+            }
+            let invited = m
+                .json_or_nothing(&["group", "invites"])
+                .as_array()
+                .is_some_and(|a| {
+                    a.iter()
+                        .any(|i| i["group_id"] == gid.as_str() && i["accepted"] == false)
+                });
+            if invited {
+                m.json(&["group", "accept", &gid]);
+            }
+            None
         });
     }
     gid

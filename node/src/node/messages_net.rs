@@ -445,7 +445,10 @@ impl MessagesNet {
             if internet && ble && link == Link::Ble {
                 let frame = env.encode();
                 let b = swarm.behaviour_mut();
-                reqs.push(b.dm.inner_mut().send_request(&env.to, DmFrame(frame.clone())));
+                reqs.push(
+                    b.dm.inner_mut()
+                        .send_request(&env.to, DmFrame(frame.clone())),
+                );
                 for g in peers.gateways().into_iter().take(MAX_GATEWAYS) {
                     if g != from && g != env.to {
                         reqs.push(b.dm.inner_mut().send_request(&g, DmFrame(frame.clone())));
