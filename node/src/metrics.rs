@@ -46,6 +46,12 @@ pub struct NodeMetrics {
     pub file_bytes_downloaded: Counter,
     /// File chunks that failed verification (discarded, fetched again).
     pub file_chunks_corrupt: Counter,
+    /// Direct-message envelopes this node sent to a peer: its own attempts
+    /// and receipts (one per hop they were handed to) and the copies it
+    /// relayed.
+    pub dm_envelopes_sent: Counter,
+    /// Of those, the copies relayed for others (BLE flooding, gateways).
+    pub dm_envelopes_relayed: Counter,
 }
 
 impl NodeMetrics {
@@ -122,6 +128,16 @@ impl NodeMetrics {
             "file_chunks_corrupt",
             "File chunks that failed verification",
             m.file_chunks_corrupt.clone(),
+        );
+        r.register(
+            "dm_envelopes_sent",
+            "Direct-message envelopes sent to peers (attempts, receipts, relayed copies)",
+            m.dm_envelopes_sent.clone(),
+        );
+        r.register(
+            "dm_envelopes_relayed",
+            "Direct-message envelopes relayed for others",
+            m.dm_envelopes_relayed.clone(),
         );
         m
     }

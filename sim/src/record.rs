@@ -135,6 +135,13 @@ pub struct RunRecord {
     /// Bytes each node sent at the transport level (after Noise and Yamux
     /// framing; everything: gossip, control, identify, Kademlia, sync).
     pub bytes_sent: Vec<u64>,
+    /// Direct-message envelopes all nodes handed to a peer (attempts,
+    /// receipts, relayed copies; one per hop), from the nodes' counters.
+    #[serde(default)]
+    pub dm_envelopes_sent: u64,
+    /// Of those, the copies relayed for others.
+    #[serde(default)]
+    pub dm_envelopes_relayed: u64,
     /// Scheduling lag samples of the simulator's runtime, ms: how late a
     /// 10 ms timer fired.
     pub lag_ms: Vec<f64>,

@@ -91,6 +91,7 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
     }
 
     let bytes_sent = world.bytes_sent();
+    let (dm_envelopes_sent, dm_envelopes_relayed) = world.dm_envelopes();
     let lag_ms = lag.finish();
     world.stop_all().await;
     let (published, receipts) = workload.collector.finish(workload.receipts)?;
@@ -105,6 +106,8 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
         published,
         receipts,
         bytes_sent,
+        dm_envelopes_sent,
+        dm_envelopes_relayed,
         lag_ms,
         faults: fault_windows,
         median_link_latency_ms: median_link_latency_ms(&plan),

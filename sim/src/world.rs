@@ -49,6 +49,8 @@ struct SimNode {
     position: Option<Position>,
     /// Bytes its radio sent, over every restart.
     radio_sent: Arc<AtomicU64>,
+    /// The metrics of each start of the node (they restart from zero).
+    metrics: Vec<fogmesh::metrics::NodeMetrics>,
     /// Cancelled to stop the running node.
     stop: CancellationToken,
     handle: Option<NodeHandle>,
@@ -134,6 +136,7 @@ impl World {
                     .position
                     .map(|[x, y]| Position { x, y }),
                 radio_sent: Arc::default(),
+                metrics: Vec::new(),
                 stop: CancellationToken::new(),
                 handle: None,
                 task: None,
@@ -228,6 +231,18 @@ impl World {
         self.shared.net.heal();
     }
 
+    /// Direct-message envelopes every node sent so far (attempts,
+    /// receipts and relayed copies, one per hop), and of those relayed.
+    pub fn dm_envelopes(&self) -> (u64, u64) {
+        let all = self.nodes.iter().flat_map(|n| &n.metrics);
+        all.fold((0, 0), |(s, r), m| {
+            (
+                s + m.dm_envelopes_sent.get(),
+                r + m.dm_envelopes_relayed.get(),
+            )
+        })
+    }
+
     /// Bytes each node sent so far: on the internet links plus over the
     /// radio.
     pub fn bytes_sent(&self) -> Vec<u64> {
@@ -290,6 +305,7 @@ async fn start_node(shared: &Shared, node: &mut SimNode) -> anyhow::Result<()> {
     let built = builder(shared, node, store)
         .start(node.stop.clone())
         .await?;
+    node.metrics.push(built.metrics.clone());
     let running = built.running;
     shared.taps.follow(
         index,

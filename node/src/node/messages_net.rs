@@ -167,6 +167,7 @@ impl MessagesNet {
                 };
                 let result = match sent {
                     Ok(reqs) => {
+                        ctx.metrics.dm_envelopes_sent.inc_by(reqs.len() as u64);
                         self.fans.insert(
                             (id, n),
                             Fan {
@@ -211,6 +212,7 @@ impl MessagesNet {
                         _ => self.carry_internet(swarm, peers, &env, true),
                     };
                     if let Ok(reqs) = sent {
+                        ctx.metrics.dm_envelopes_sent.inc_by(reqs.len() as u64);
                         for r in reqs {
                             self.requests.insert(r, Carried::Other);
                         }
@@ -457,6 +459,8 @@ impl MessagesNet {
             }
         }
         let n = reqs.len();
+        ctx.metrics.dm_envelopes_sent.inc_by(n as u64);
+        ctx.metrics.dm_envelopes_relayed.inc_by(n as u64);
         for r in reqs {
             self.requests.insert(r, Carried::Other);
         }

@@ -365,10 +365,11 @@ fn direct(rec: &RunRecord) -> Option<DirectSummary> {
         attempts_per_message: dist(d.iter().map(|m| m.attempts as f64).collect()),
         routes,
         bytes_sent_per_message: ratio(total_bytes as f64, d.len() as f64),
-        copies_note: "envelope copies on the wire (relay forwards, BLE flooding) are not \
-                      exposed by the node (no counter or observer for them): copies here \
-                      are application deliveries and sender attempts; bytes_sent_per_message \
-                      bounds the cost from above"
+        copies_per_message: ratio(rec.dm_envelopes_sent as f64, d.len() as f64),
+        relayed_copies_per_message: ratio(rec.dm_envelopes_relayed as f64, d.len() as f64),
+        copies_note: "envelopes handed to a peer by any node (the nodes' dm_envelopes_sent \
+                      counters), receipts included, per message sent; background traffic \
+                      (identify, Kademlia, pings, BLE links) is in bytes_sent_per_message only"
             .to_owned(),
         by_class,
     })

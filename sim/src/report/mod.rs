@@ -156,7 +156,13 @@ pub struct DirectSummary {
     /// cost, background traffic (identify, Kademlia, pings, BLE links)
     /// included.
     pub bytes_sent_per_message: Option<f64>,
-    /// What `copies per message` can and cannot say here.
+    /// Envelope copies per message: every envelope any node handed to a
+    /// peer (the sender's attempts, to each first hop; relays' forwards;
+    /// receipts and their relays), divided by `messages`.
+    pub copies_per_message: Option<f64>,
+    /// Of those, the copies relayed for others (BLE flooding, gateways).
+    pub relayed_copies_per_message: Option<f64>,
+    /// What the copy figures count.
     pub copies_note: String,
     /// The same figures per kind of pair (see `DirectRecord::class` in
     /// `direct.json`).
