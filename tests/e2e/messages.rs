@@ -120,25 +120,38 @@ fn bad_sends_are_refused_clearly() {
     let out = a.cli(&["send", &a.peer_id, "x"]);
     assert_eq!(out.status.code(), Some(2));
     let big = "x".repeat(64 * 1024 + 1);
-    let other = Daemon::start(&tmp.path().join("b"), &[]);
+    let other = Daemon::start(&tmp.path().join("b"), &["--bootstrap", &a.tcp_addr()]);
+    other.wait_connected(&a.peer_id, T);
     let out = a.cli(&["send", &other.peer_id, &big]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("exceeds the limit"));
-    // No radio: a forced BLE route is refused at once.
-    let out = a.cli(&["send", &other.peer_id, "x", "--route", "ble"]);
+    // --private with a route that is not private is a contradiction.
+    let out = a.cli(&[
+        "send",
+        &other.peer_id,
+        "x",
+        "--route",
+        "internet",
+        "--private",
+    ]);
     assert_eq!(out.status.code(), Some(2));
+    // No radio: a forced BLE route waits for it (and says why) rather than
+    // go by the internet, which is up.
+    let v = send(&a, &other.peer_id, "by radio only", &["--route", "ble"]);
+    assert_eq!(v["route_plan"], serde_json::json!([]));
+    assert!(v["waiting"].as_str().expect("waiting").contains("--ble"));
     // Private: no onion route yet, so it waits and says why.
     let v = send(&a, &other.peer_id, "secret", &["--private"]);
     assert_eq!(v["route_plan"], serde_json::json!([]));
     assert!(v["waiting"].as_str().expect("waiting").contains("onion"));
     let outbox = a.json(&["outbox"]);
-    assert_eq!(outbox[0]["state"], "queued");
-    assert!(
-        outbox[0]["waiting"]
-            .as_str()
-            .expect("why")
-            .contains("onion")
-    );
+    assert_eq!(outbox.as_array().expect("outbox").len(), 2);
+    assert_eq!(outbox[1]["state"], "queued");
+    let why = outbox[1]["waiting"].as_str().expect("why");
+    assert!(why.contains("onion"), "{why}");
+    // Neither went anywhere, though the internet is up to the peer.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(received(&other, &a.peer_id).is_empty());
 }
 
 #[test]
@@ -441,4 +454,20 @@ fn an_undeliverable_message_expires_and_follow_shows_each_change() {
     }
     assert_eq!(states.first().map(String::as_str), Some("queued"));
     assert_eq!(states.last().map(String::as_str), Some("expired"));
+}
+
+#[test]
+fn a_peer_known_only_through_the_dht_is_found_and_dialled() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let hub = Daemon::start(&tmp.path().join("hub"), &[]);
+    let a = Daemon::start(&tmp.path().join("a"), &["--bootstrap", &hub.tcp_addr()]);
+    let b = Daemon::start(&tmp.path().join("b"), &["--bootstrap", &hub.tcp_addr()]);
+    a.wait_connected(&hub.peer_id, T);
+    b.wait_connected(&hub.peer_id, T);
+    // A was never told B's address; the DHT (through the hub) knows it.
+    let v = send(&a, &b.peer_id, "found you", &[]);
+    wait_received(&b, &a.peer_id, &["found you".to_owned()]);
+    let m = wait_delivered(&a, v["message_id"].as_str().expect("id"));
+    assert_eq!(m["route"], "internet");
+    assert!(a.connected_peers().contains(&b.peer_id));
 }

@@ -168,13 +168,6 @@ impl MessagesActor {
         if let Err(e) = fogmesh_protocols::groups::crypto::ed25519_key(&to) {
             return Err(ServiceError::BadRequest(e.to_string()));
         }
-        if let Preference::Only(Route::Ble) = preference
-            && !self.reach.ble
-        {
-            return Err(ServiceError::BadRequest(
-                "route ble is not available on this node (start it with --ble)".into(),
-            ));
-        }
         let waiting = self.pending.values().filter(|r| r.to == to).count();
         if waiting >= self.cfg.max_outbox_per_peer {
             return Err(ServiceError::BadRequest(format!(
@@ -191,6 +184,12 @@ impl MessagesActor {
             (_, true) | (Preference::Only(Route::Onion), _) => {
                 "private: waiting for a privacy (onion) route, which this node does not have yet"
                     .to_owned()
+            }
+            (Preference::Only(Route::Ble), _) => {
+                "waiting for route ble, which is off on this node (start it with --ble)".to_owned()
+            }
+            (Preference::Only(Route::Internet), _) => {
+                "waiting for route internet, which is off on this node (--no-internet)".to_owned()
             }
             (Preference::Only(r), _) => format!("waiting for route {r}"),
             _ => "no route is up on this node".to_owned(),

@@ -405,6 +405,13 @@ impl EventLoop {
             }
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,
+                result: kad::QueryResult::GetClosestPeers(result),
+                ..
+            }) if self.messages.owns_lookup(id) => {
+                self.messages.on_lookup(&mut self.swarm, id, result)
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
                 result: kad::QueryResult::GetProviders(result),
                 step,
                 ..

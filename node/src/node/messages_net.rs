@@ -29,7 +29,7 @@ use fogmesh_protocols::policy::Route;
 use fogmesh_protocols::rate::TokenBucket;
 use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::{PeerId, Swarm};
+use libp2p::{PeerId, Swarm, kad};
 use tokio::sync::mpsc;
 
 use super::event_loop::Ctx;
@@ -51,6 +51,8 @@ const MAX_TRACKED_PEERS: usize = 4096;
 const MAX_IN_FLIGHT: usize = 1024;
 /// Least time between two internet dials of a peer connected over BLE.
 const REDIAL_MS: u64 = 10_000;
+/// Least time between two Kademlia lookups of one recipient.
+const LOOKUP_MS: u64 = 60_000;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -102,6 +104,10 @@ pub(super) struct MessagesNet {
     /// When each peer connected over BLE only was last dialled over the
     /// internet.
     redial: HashMap<PeerId, u64>,
+    /// Kademlia lookups of recipients not connected, by query id, and
+    /// when each recipient was last looked up.
+    lookups: HashMap<kad::QueryId, PeerId>,
+    looked_up: HashMap<PeerId, u64>,
 }
 
 impl MessagesNet {
@@ -119,6 +125,8 @@ impl MessagesNet {
             fans: HashMap::new(),
             rates: HashMap::new(),
             redial: HashMap::new(),
+            lookups: HashMap::new(),
+            looked_up: HashMap::new(),
         }
     }
 
@@ -265,6 +273,10 @@ impl MessagesNet {
             }
             return Err("connected over BLE only; dialling over the internet".into());
         }
+        if dial {
+            self.look_up(swarm, env.to);
+        }
+        let b = swarm.behaviour_mut();
         let mut reqs = Vec::new();
         for g in peers.gateways().into_iter().take(MAX_GATEWAYS) {
             if g != env.to && g != self.me {
@@ -280,6 +292,66 @@ impl MessagesNet {
             return Err("not connected".into());
         }
         Ok(reqs)
+    }
+
+    /// Asks Kademlia for a recipient that is not connected (at most every
+    /// [`LOOKUP_MS`]): if the DHT knows its addresses, it is dialled, and
+    /// its connection wakes the messages waiting for it.
+    fn look_up(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) {
+        let now = now_ms();
+        if self
+            .looked_up
+            .get(&peer)
+            .is_some_and(|t| now.saturating_sub(*t) < LOOKUP_MS)
+        {
+            return;
+        }
+        if self.looked_up.len() >= MAX_TRACKED_PEERS {
+            self.looked_up.clear();
+        }
+        self.looked_up.insert(peer, now);
+        let id = swarm.behaviour_mut().kad.get_closest_peers(peer);
+        self.lookups.insert(id, peer);
+    }
+
+    /// Whether a Kademlia query is one of this module's lookups.
+    pub(super) fn owns_lookup(&self, id: kad::QueryId) -> bool {
+        self.lookups.contains_key(&id)
+    }
+
+    /// A lookup ended: the recipient, if found with addresses, is dialled.
+    pub(super) fn on_lookup(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        id: kad::QueryId,
+        result: kad::GetClosestPeersResult,
+    ) {
+        let Some(peer) = self.lookups.remove(&id) else {
+            return;
+        };
+        let found = match result {
+            Ok(ok) => ok.peers,
+            Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+        };
+        let Some(info) = found.into_iter().find(|p| p.peer_id == peer) else {
+            tracing::debug!(%peer, "recipient not found in the DHT");
+            return;
+        };
+        let addrs: Vec<_> = info
+            .addrs
+            .into_iter()
+            .filter(|a| !fogmesh_ble::is_ble(a))
+            .collect();
+        if addrs.is_empty() {
+            return;
+        }
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(e) = swarm.dial(opts) {
+            tracing::debug!(%peer, "dial after lookup failed: {e}");
+        }
     }
 
     /// Sends `env` over BLE: to the recipient when it is a neighbour, else
