@@ -11,3 +11,5 @@ pub mod groups;
 pub mod messages;
 pub mod policy;
 pub mod rate;
+#[doc(hidden)]
+pub mod fuzz;
