@@ -7,9 +7,9 @@
 
 pub mod files;
 mod frame;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod groups;
 pub mod messages;
 pub mod policy;
 pub mod rate;
-#[doc(hidden)]
-pub mod fuzz;

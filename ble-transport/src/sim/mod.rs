@@ -5,6 +5,6 @@ mod medium;
 mod socket;
 
 pub use medium::{DeviceInfo, LinkModel, Medium, Position, SimRadio};
-pub use socket::{AdminRequest, MAX_LINE, SocketRadio, admin, serve};
 #[doc(hidden)]
 pub use socket::fuzz_line;
+pub use socket::{AdminRequest, MAX_LINE, SocketRadio, admin, serve};

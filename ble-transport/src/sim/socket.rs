@@ -703,7 +703,10 @@ pub fn fuzz_line(data: &[u8]) {
     }
     match stable::<ClientMsg>(line) {
         Some(ClientMsg::Listen { advert, .. }) => {
-            if let Some(a) = hex::decode(&advert).ok().and_then(|b| Advert::decode(&b).ok()) {
+            if let Some(a) = hex::decode(&advert)
+                .ok()
+                .and_then(|b| Advert::decode(&b).ok())
+            {
                 assert_eq!(Advert::decode(&a.encode()), Ok(a));
             }
         }
@@ -722,7 +725,10 @@ pub fn fuzz_line(data: &[u8]) {
             }
             ServerMsg::Found { device, advert } => {
                 let _ = device.parse::<DeviceAddr>();
-                if let Some(a) = hex::decode(&advert).ok().and_then(|b| Advert::decode(&b).ok()) {
+                if let Some(a) = hex::decode(&advert)
+                    .ok()
+                    .and_then(|b| Advert::decode(&b).ok())
+                {
                     assert_eq!(Advert::decode(&a.encode()), Ok(a));
                 }
             }

@@ -42,7 +42,11 @@ where
     E: Debug,
 {
     let value = decode(data).ok()?;
-    assert!(data.len() <= max, "{} bytes decoded, limit {max}", data.len());
+    assert!(
+        data.len() <= max,
+        "{} bytes decoded, limit {max}",
+        data.len()
+    );
     let bytes = encode(&value);
     match decode(&bytes) {
         Ok(again) => {
@@ -138,10 +142,7 @@ pub(super) fn groups_summary(data: &[u8]) {
 
 pub(super) fn groups_summary_seeds() -> Vec<Vec<u8>> {
     let s = sample_summary();
-    vec![
-        gwire::encode_summary(&s),
-        gwire::encode_summary(&s.brief()),
-    ]
+    vec![gwire::encode_summary(&s), gwire::encode_summary(&s.brief())]
 }
 
 pub(super) fn groups_sync_request(data: &[u8]) {
@@ -234,7 +235,12 @@ pub(super) fn groups_gossip(data: &[u8]) {
 pub(super) fn groups_gossip_seeds() -> Vec<Vec<u8>> {
     let s = sample();
     let mut v: Vec<_> = s.ops[1..].iter().map(gossip::encode_gossip_op).collect();
-    v.extend(s.envelopes.iter().take(2).map(gossip::encode_gossip_message));
+    v.extend(
+        s.envelopes
+            .iter()
+            .take(2)
+            .map(gossip::encode_gossip_message),
+    );
     v
 }
 

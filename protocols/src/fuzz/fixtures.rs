@@ -37,7 +37,8 @@ pub(super) struct Sample {
 fn build_sample() -> Sample {
     let mut rng = FuzzRng::new(1);
     let members = [peer(2), peer(3)];
-    let Ok((mut admin, mut ops)) = Group::create(keypair(ADMIN), "fuzz", "d", &members, &mut rng, 1)
+    let Ok((mut admin, mut ops)) =
+        Group::create(keypair(ADMIN), "fuzz", "d", &members, &mut rng, 1)
     else {
         panic!("sample group")
     };

@@ -17,11 +17,7 @@ pub struct Target {
 
 impl Target {
     /// A registry entry.
-    pub const fn new(
-        name: &'static str,
-        run: fn(&[u8]),
-        seeds: fn() -> Vec<Vec<u8>>,
-    ) -> Self {
+    pub const fn new(name: &'static str, run: fn(&[u8]), seeds: fn() -> Vec<Vec<u8>>) -> Self {
         Target { name, run, seeds }
     }
 }
@@ -40,7 +36,7 @@ impl FuzzRng {
     }
 
     /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
+    pub fn bits(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -53,7 +49,7 @@ impl FuzzRng {
         if n == 0 {
             0
         } else {
-            (self.next() % n as u64) as usize
+            (self.bits() % n as u64) as usize
         }
     }
 }
@@ -62,16 +58,16 @@ impl rand_core::TryRng for FuzzRng {
     type Error = Infallible;
 
     fn try_next_u32(&mut self) -> Result<u32, Infallible> {
-        Ok((self.next() >> 32) as u32)
+        Ok((self.bits() >> 32) as u32)
     }
 
     fn try_next_u64(&mut self) -> Result<u64, Infallible> {
-        Ok(self.next())
+        Ok(self.bits())
     }
 
     fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Infallible> {
         for chunk in dst.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
+            let v = self.bits().to_le_bytes();
             chunk.copy_from_slice(&v[..chunk.len()]);
         }
         Ok(())
@@ -120,11 +116,11 @@ pub fn mutate(rng: &mut FuzzRng, input: &[u8], corpus: &[Vec<u8>]) -> Vec<u8> {
             }
             1 if len > 0 => {
                 let i = rng.below(len);
-                out[i] = rng.next() as u8;
+                out[i] = rng.bits() as u8;
             }
             2 => {
                 let i = rng.below(len + 1);
-                out.insert(i, rng.next() as u8);
+                out.insert(i, rng.bits() as u8);
             }
             3 if len > 0 => {
                 let i = rng.below(len);
@@ -166,7 +162,7 @@ pub fn mutate(rng: &mut FuzzRng, input: &[u8], corpus: &[Vec<u8>]) -> Vec<u8> {
                     out[i].wrapping_sub(d)
                 };
             }
-            _ => out.push(rng.next() as u8),
+            _ => out.push(rng.bits() as u8),
         }
     }
     out
@@ -235,12 +231,9 @@ pub fn replay(target: &Target, corpus_dir: &Path, mutations: usize) -> Replayed 
         run_one(target, bytes, &path.display().to_string());
     }
     inputs.extend(files.iter().map(|(_, b)| b.clone()));
-    let name_seed = target
-        .name
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
+    let name_seed = target.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
     let mut rng = FuzzRng::new(name_seed);
     for i in 0..mutations {
         let base = if inputs.is_empty() {

@@ -25,22 +25,74 @@ pub use harness::{FuzzRng, Replayed, Target, mutate, replay};
 /// directory `fuzz/corpus/<name>/`), body, and seed inputs.
 pub const TARGETS: &[Target] = &[
     Target::new("groups_op", decoders::groups_op, decoders::groups_op_seeds),
-    Target::new("groups_envelope", decoders::groups_envelope, decoders::groups_envelope_seeds),
-    Target::new("groups_summary", decoders::groups_summary, decoders::groups_summary_seeds),
-    Target::new("groups_sync_request", decoders::groups_sync_request, decoders::groups_sync_request_seeds),
-    Target::new("groups_sync_response", decoders::groups_sync_response, decoders::groups_sync_response_seeds),
-    Target::new("groups_gossip", decoders::groups_gossip, decoders::groups_gossip_seeds),
-    Target::new("files_request", decoders::files_request, decoders::files_request_seeds),
-    Target::new("files_response", decoders::files_response, decoders::files_response_seeds),
-    Target::new("files_manifest", decoders::files_manifest, decoders::files_manifest_seeds),
-    Target::new("files_bitfield", decoders::files_bitfield, decoders::files_bitfield_seeds),
+    Target::new(
+        "groups_envelope",
+        decoders::groups_envelope,
+        decoders::groups_envelope_seeds,
+    ),
+    Target::new(
+        "groups_summary",
+        decoders::groups_summary,
+        decoders::groups_summary_seeds,
+    ),
+    Target::new(
+        "groups_sync_request",
+        decoders::groups_sync_request,
+        decoders::groups_sync_request_seeds,
+    ),
+    Target::new(
+        "groups_sync_response",
+        decoders::groups_sync_response,
+        decoders::groups_sync_response_seeds,
+    ),
+    Target::new(
+        "groups_gossip",
+        decoders::groups_gossip,
+        decoders::groups_gossip_seeds,
+    ),
+    Target::new(
+        "files_request",
+        decoders::files_request,
+        decoders::files_request_seeds,
+    ),
+    Target::new(
+        "files_response",
+        decoders::files_response,
+        decoders::files_response_seeds,
+    ),
+    Target::new(
+        "files_manifest",
+        decoders::files_manifest,
+        decoders::files_manifest_seeds,
+    ),
+    Target::new(
+        "files_bitfield",
+        decoders::files_bitfield,
+        decoders::files_bitfield_seeds,
+    ),
     Target::new("file_link", decoders::file_link, decoders::file_link_seeds),
-    Target::new("dm_envelope", decoders::dm_envelope, decoders::dm_envelope_seeds),
+    Target::new(
+        "dm_envelope",
+        decoders::dm_envelope,
+        decoders::dm_envelope_seeds,
+    ),
     Target::new("dm_ack", decoders::dm_ack, decoders::dm_ack_seeds),
     Target::new("dm_letter", decoders::dm_letter, decoders::dm_letter_seeds),
-    Target::new("groups_membership", stateful::groups_membership, stateful::groups_membership_seeds),
-    Target::new("groups_causal", stateful::groups_causal, stateful::groups_causal_seeds),
-    Target::new("files_scheduler", stateful::files_scheduler, stateful::files_scheduler_seeds),
+    Target::new(
+        "groups_membership",
+        stateful::groups_membership,
+        stateful::groups_membership_seeds,
+    ),
+    Target::new(
+        "groups_causal",
+        stateful::groups_causal,
+        stateful::groups_causal_seeds,
+    ),
+    Target::new(
+        "files_scheduler",
+        stateful::files_scheduler,
+        stateful::files_scheduler_seeds,
+    ),
 ];
 
 /// The target called `name`.

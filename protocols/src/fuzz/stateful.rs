@@ -52,7 +52,11 @@ fn forge(op: &Op, how: u8, who: u8) -> Option<Op> {
         2 => body.epoch = body.epoch.wrapping_add(1),
         3 => body.timestamp_ms ^= 1,
         4 => body.prev[0] ^= 1,
-        5 => body.kind = OpKind::Add { member: peer(2 + who % 4) },
+        5 => {
+            body.kind = OpKind::Add {
+                member: peer(2 + who % 4),
+            }
+        }
         _ => body.epoch_keys.clear(),
     }
     let signer = if who & 0x80 == 0 {
@@ -99,9 +103,17 @@ fn deliver(g: &mut Group, ops: &[Op], order: &[usize], genesis: &Op) {
             let received = g.receive_op(ops[i].clone());
             let log = g.membership();
             assert!(log.len() >= before_len && log.epoch() >= before_epoch);
-            assert_eq!(&log.ops_since(0)[..prefix.len()], &prefix[..], "history changed");
+            assert_eq!(
+                &log.ops_since(0)[..prefix.len()],
+                &prefix[..],
+                "history changed"
+            );
             if let Ok(r) = received {
-                let new = r.applied.iter().filter(|a| **a != Applied::Duplicate).count();
+                let new = r
+                    .applied
+                    .iter()
+                    .filter(|a| **a != Applied::Duplicate)
+                    .count();
                 assert_eq!(log.len(), before_len + new as u64);
             }
         }
@@ -149,7 +161,10 @@ pub(super) fn groups_membership(data: &[u8]) {
                 };
                 let op = Op::sign(&keypair(2 + arg % 4), body).ok();
                 if let Some(op) = &op {
-                    assert!(truth.receive_op(op.clone()).is_ok(), "an honest leave refused");
+                    assert!(
+                        truth.receive_op(op.clone()).is_ok(),
+                        "an honest leave refused"
+                    );
                 }
                 op
             }
@@ -309,19 +324,28 @@ fn insert_checked(
     let was = buf.contains(&m.id);
     let r = buf.insert(m.id, m.sender, m.seq, m.deps.clone(), 0);
     let Ok(ins) = r else {
-        assert!(any_evil, "an honest message refused without any bad one: {r:?}");
+        assert!(
+            any_evil,
+            "an honest message refused without any bad one: {r:?}"
+        );
         return;
     };
     assert_eq!(ins.duplicate, was);
     for d in &ins.delivered {
         assert!(model.ids.insert(d.id), "delivered twice");
         for dep in &d.deps {
-            assert!(model.ids.contains(dep) && *dep != d.id, "delivered before a dependency");
+            assert!(
+                model.ids.contains(dep) && *dep != d.id,
+                "delivered before a dependency"
+            );
         }
         let (seq, prev) = model.last.get(&d.sender).copied().unwrap_or((0, d.id));
         assert_eq!(d.seq, seq + 1, "a sender's messages out of order");
         if seq > 0 {
-            assert!(d.deps.contains(&prev), "delivered without its previous message");
+            assert!(
+                d.deps.contains(&prev),
+                "delivered without its previous message"
+            );
         }
         model.last.insert(d.sender, (d.seq, d.id));
         model.deps_of.insert(d.id, d.deps.clone());
@@ -372,7 +396,10 @@ pub(super) fn groups_causal(data: &[u8]) {
         }
     }
     if !any_evil {
-        assert!(msgs.iter().all(|m| buf.is_delivered(&m.id)), "not all delivered");
+        assert!(
+            msgs.iter().all(|m| buf.is_delivered(&m.id)),
+            "not all delivered"
+        );
         let mut reference = CausalBuffer::new(max_pending);
         for m in &msgs {
             let _ = reference.insert(m.id, m.sender, m.seq, m.deps.clone(), 0u8);
@@ -462,21 +489,39 @@ impl Sched {
         }
         let mut dup = false;
         for &(p, c) in &reqs {
-            assert!(c < self.manifest.chunk_count() && !self.have.get(c), "asked for {c}");
-            assert!(holds(self.holds.get(&p), c), "asked {p} for chunk {c} it lacks");
+            assert!(
+                c < self.manifest.chunk_count() && !self.have.get(c),
+                "asked for {c}"
+            );
+            assert!(
+                holds(self.holds.get(&p), c),
+                "asked {p} for chunk {c} it lacks"
+            );
             assert!(self.out.insert((p, c)), "asked {p} twice for chunk {c}");
             let copies = self.out.iter().filter(|(_, x)| *x == c).count();
             dup |= copies > 1;
-            assert!(copies as u32 <= self.copies.max(1), "chunk {c} in flight {copies} times");
+            assert!(
+                copies as u32 <= self.copies.max(1),
+                "chunk {c} in flight {copies} times"
+            );
             let mine = self.out.iter().filter(|(q, _)| *q == p).count();
-            assert!(mine as u32 <= self.max_window.max(1), "window of {p} overrun");
+            assert!(
+                mine as u32 <= self.max_window.max(1),
+                "window of {p} overrun"
+            );
         }
         if dup {
             // End-game: every missing chunk a source holds is in flight.
             for c in self.have.iter_missing() {
-                let held = self.holds.values().any(|h| matches!(h, Some(b) if b.get(c)));
+                let held = self
+                    .holds
+                    .values()
+                    .any(|h| matches!(h, Some(b) if b.get(c)));
                 let flying = self.out.iter().any(|(_, x)| *x == c);
-                assert!(!held || flying, "duplicate requests outside end-game ({c} idle)");
+                assert!(
+                    !held || flying,
+                    "duplicate requests outside end-game ({c} idle)"
+                );
             }
         }
     }
@@ -561,8 +606,12 @@ pub(super) fn files_scheduler(data: &[u8]) {
             5 => st.next_requests(now),
             6 | 7 => {
                 // An answer: to an outstanding request when there is one.
-                let mine: Vec<u64> =
-                    st.out.iter().filter(|(q, _)| *q == peer).map(|(_, c)| *c).collect();
+                let mine: Vec<u64> = st
+                    .out
+                    .iter()
+                    .filter(|(q, _)| *q == peer)
+                    .map(|(_, c)| *c)
+                    .collect();
                 let index = if mine.is_empty() {
                     chunk
                 } else {
@@ -609,8 +658,14 @@ pub(super) fn files_scheduler(data: &[u8]) {
 
 pub(super) fn files_scheduler_seeds() -> Vec<Vec<u8>> {
     vec![
-        vec![7, 0, 0xff, 0xff, 9, 1, 0, 0, 0, 1, 3, 0, 3, 1, 5, 0, 6, 0, 6, 1, 5, 0, 6, 0],
-        vec![3, 10, 0, 0, 15, 2, 0, 0, 0, 1, 2, 0, 0x55, 2, 1, 0xaa, 5, 0, 7, 0, 9, 200, 5, 0],
-        vec![1, 0, 0, 0, 2, 0, 0, 2, 0, 0, 1, 3, 2, 3, 1, 5, 0, 8, 0, 5, 0, 6, 1, 6, 2],
+        vec![
+            7, 0, 0xff, 0xff, 9, 1, 0, 0, 0, 1, 3, 0, 3, 1, 5, 0, 6, 0, 6, 1, 5, 0, 6, 0,
+        ],
+        vec![
+            3, 10, 0, 0, 15, 2, 0, 0, 0, 1, 2, 0, 0x55, 2, 1, 0xaa, 5, 0, 7, 0, 9, 200, 5, 0,
+        ],
+        vec![
+            1, 0, 0, 0, 2, 0, 0, 2, 0, 0, 1, 3, 2, 3, 1, 5, 0, 8, 0, 5, 0, 6, 1, 6, 2,
+        ],
     ]
 }
