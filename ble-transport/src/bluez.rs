@@ -27,7 +27,7 @@
 //! it with an error. The GATT application stays registered while the
 //! listener or any GATT link is alive.
 
-pub mod frame;
+pub use crate::gatt as frame;
 
 use std::collections::HashMap;
 use std::fmt;

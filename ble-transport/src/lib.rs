@@ -16,6 +16,12 @@
 pub mod addr;
 pub mod advert;
 pub mod framing;
+#[doc(hidden)]
+pub mod fuzz;
+// The GATT framing is the BlueZ backend's, built without the feature so
+// that it is tested and fuzzed everywhere.
+#[path = "bluez/frame.rs"]
+pub mod gatt;
 pub mod neighbours;
 pub mod radio;
 pub mod sim;

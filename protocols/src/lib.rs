@@ -7,6 +7,8 @@
 
 pub mod files;
 mod frame;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod groups;
 pub mod messages;
 pub mod policy;

@@ -1,6 +1,6 @@
 //! The framing of the GATT data path.
 //!
-//! Every write to a peer's DATA characteristic ([`super::DATA_CHAR_UUID`])
+//! Every write to a peer's DATA characteristic (`DATA_CHAR_UUID` of the BlueZ backend)
 //! carries one frame:
 //!
 //! ```text

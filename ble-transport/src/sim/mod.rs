@@ -5,4 +5,6 @@ mod medium;
 mod socket;
 
 pub use medium::{DeviceInfo, LinkModel, Medium, Position, SimRadio};
+#[doc(hidden)]
+pub use socket::fuzz_line;
 pub use socket::{AdminRequest, MAX_LINE, SocketRadio, admin, serve};
