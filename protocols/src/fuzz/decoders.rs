@@ -386,7 +386,7 @@ pub(super) fn files_manifest_seeds() -> Vec<Vec<u8>> {
     vec![
         cbor(&fixtures::manifest(5000, 1024, 1, Some("a.txt"))),
         cbor(&fixtures::manifest(0, 1024, 1, None)),
-        cbor(&fixtures::manifest(3 * 1024, 1024, 2, Some(""))),
+        cbor(&fixtures::manifest(3 * 1024, 1024, 2, Some("b c.bin"))),
     ]
 }
 
@@ -414,7 +414,14 @@ pub(super) fn file_link(data: &[u8]) {
         // Displayed links are canonical and parse back to the same link.
         let shown = link.to_string();
         assert_eq!(shown.parse::<FileLink>().ok().as_ref(), Some(link));
-        let expected = 13 + 64 + if link.key.is_some() { 65 } else { 0 };
+        // `#<key>` (version 1, stream) or `#v2:<key>` (sealed).
+        let expected = 13
+            + 64
+            + match &link.key {
+                None => 0,
+                Some(k) if k.scheme == crate::files::KeyScheme::Stream => 65,
+                Some(_) => 68,
+            };
         assert_eq!(shown.len(), expected);
         assert_eq!(shown, shown.to_ascii_lowercase());
     }
@@ -425,11 +432,22 @@ pub(super) fn file_link_seeds() -> Vec<Vec<u8>> {
     let plain = FileLink { id, key: None };
     let keyed = FileLink {
         id,
-        key: Some(crate::files::FileKey([5; 32])),
+        key: Some(crate::files::FileKey {
+            bytes: [5; 32],
+            scheme: crate::files::KeyScheme::Sealed,
+        }),
+    };
+    let v1 = FileLink {
+        id,
+        key: Some(crate::files::FileKey {
+            bytes: [6; 32],
+            scheme: crate::files::KeyScheme::Stream,
+        }),
     };
     vec![
         plain.to_string().into_bytes(),
         keyed.to_string().into_bytes(),
+        v1.to_string().into_bytes(),
         format!("look: {keyed} and {plain}\n").into_bytes(),
     ]
 }

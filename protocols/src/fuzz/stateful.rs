@@ -597,10 +597,12 @@ pub(super) fn files_scheduler(data: &[u8]) {
                 }
             }
             4 => {
-                if st.s.source_lacks(&peer, chunk).is_ok()
-                    && let Some(Some(bits)) = st.holds.get_mut(&peer)
-                {
-                    bits.clear(chunk);
+                if st.s.source_lacks(&peer, chunk, now).is_ok() {
+                    // Its request for that chunk, if any, is released.
+                    st.out.remove(&(peer, chunk));
+                    if let Some(Some(bits)) = st.holds.get_mut(&peer) {
+                        bits.clear(chunk);
+                    }
                 }
             }
             5 => st.next_requests(now),
