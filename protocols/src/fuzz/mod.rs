@@ -79,6 +79,11 @@ pub const TARGETS: &[Target] = &[
     Target::new("dm_ack", decoders::dm_ack, decoders::dm_ack_seeds),
     Target::new("dm_letter", decoders::dm_letter, decoders::dm_letter_seeds),
     Target::new(
+        "dm_letter_plain",
+        decoders::dm_letter_plain,
+        decoders::dm_letter_plain_seeds,
+    ),
+    Target::new(
         "groups_membership",
         stateful::groups_membership,
         stateful::groups_membership_seeds,

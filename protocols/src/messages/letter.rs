@@ -169,7 +169,17 @@ pub fn open(secret: &MemberSecret, me: &PeerId, body: &[u8]) -> Result<Opened, S
         .try_into()
         .map_err(|_| SealError::Malformed("body size"))?;
     let padded = crypto::open_from_peer(secret, SEAL_INFO, &me.to_bytes(), &enc, ct)?;
-    let inner = unpad(&padded).ok_or(SealError::Malformed("padding"))?;
+    open_padded(me, &padded)
+}
+
+/// The part of [`open`] after decryption: the padding, the signed payload,
+/// its recipient and signature, the payload and its limits. (Separate so
+/// that it can be fuzzed without a key agreement per input.)
+pub(crate) fn open_padded(me: &PeerId, padded: &[u8]) -> Result<Opened, SealError> {
+    if padded.len() > MAX_BODY {
+        return Err(SealError::Malformed("body size"));
+    }
+    let inner = unpad(padded).ok_or(SealError::Malformed("padding"))?;
     let signed: Signed =
         ciborium::from_reader(inner).map_err(|_| SealError::Malformed("signed payload"))?;
     if signed.to != *me {
