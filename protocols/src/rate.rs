@@ -8,6 +8,8 @@
 //! gossip, invitation fetches) use the same bucket with a unit of one
 //! message. The bucket never reads the clock; the caller passes `now`.
 
+use std::collections::HashMap;
+use std::hash::Hash;
 use std::time::{Duration, Instant};
 
 /// Why a rate could not be parsed.
@@ -177,6 +179,75 @@ impl TokenBucket {
     }
 }
 
+/// Milli-messages: the unit of per-peer message buckets, so that a rate
+/// below one message a second keeps its meaning.
+pub const MILLI: u64 = 1000;
+
+/// A bucket passing `rate` messages a second, sustained, and bursts of four
+/// times as many; take [`MILLI`] per message.
+///
+/// Counted in milli-messages and rounded to the nearest, never to zero: a
+/// rate of 0.25/s passes one message every 4 s. A burst below one message
+/// still passes one when the bucket is full (the bucket then goes into
+/// debt), so any positive rate lets messages through at that rate.
+pub fn message_bucket(rate: f64) -> TokenBucket {
+    let milli = |r: f64| ((r * MILLI as f64).round() as u64).max(1);
+    TokenBucket::new(milli(rate), milli(rate * 4.0))
+}
+
+/// One token bucket per key (a peer, a sender), at most `capacity` keys:
+/// a new key beyond that starts the table over, which costs each key one
+/// fresh burst, and keeps the memory a flood of keys can take bounded.
+#[derive(Debug, Clone)]
+pub struct RateTable<K> {
+    buckets: HashMap<K, TokenBucket>,
+    capacity: usize,
+}
+
+impl<K: Eq + Hash> RateTable<K> {
+    /// An empty table of at most `capacity` keys.
+    pub fn new(capacity: usize) -> Self {
+        RateTable {
+            buckets: HashMap::new(),
+            capacity,
+        }
+    }
+
+    /// Takes `n` from `key`'s bucket (made by `make` on the key's first
+    /// use); whether it had them.
+    pub fn try_take(
+        &mut self,
+        key: K,
+        n: u64,
+        now: Instant,
+        make: impl FnOnce() -> TokenBucket,
+    ) -> bool {
+        if self.buckets.len() >= self.capacity && !self.buckets.contains_key(&key) {
+            self.buckets.clear();
+        }
+        self.buckets
+            .entry(key)
+            .or_insert_with(make)
+            .try_take(n, now)
+            .is_ok()
+    }
+
+    /// Forgets `key`'s bucket.
+    pub fn remove(&mut self, key: &K) {
+        self.buckets.remove(key);
+    }
+
+    /// Keys tracked now.
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Whether no key is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,5 +362,19 @@ mod tests {
         b.set_rate(1000, t0);
         assert_eq!(b.rate(), 1000);
         assert_eq!(b.try_take(1, t0), Err(Duration::from_millis(1)));
+    }
+
+    #[test]
+    fn a_rate_table_holds_at_most_its_capacity() {
+        let t0 = Instant::now();
+        let mut t: RateTable<u32> = RateTable::new(3);
+        for k in 0..10 {
+            assert!(t.try_take(k, 1, t0, || TokenBucket::new(1, 1)));
+            assert!(t.len() <= 3);
+        }
+        // A key's bucket is kept while the table has room.
+        assert!(!t.try_take(9, 1, t0, || TokenBucket::new(1, 1)));
+        t.remove(&9);
+        assert!(t.try_take(9, 1, t0, || TokenBucket::new(1, 1)));
     }
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fogmesh_protocols::groups::wire::{self, decode_op};
 use fogmesh_protocols::groups::{Delivered, Group, GroupId, MessageId, Op};
-use fogmesh_protocols::rate::TokenBucket;
+use fogmesh_protocols::rate::{RateTable, TokenBucket};
 use libp2p::PeerId;
 use libp2p::gossipsub::MessageAcceptance;
 use libp2p::identity::Keypair;
@@ -43,7 +43,7 @@ pub(super) struct GroupsActor {
     pub(super) connected: HashSet<PeerId>,
     /// Gossiped messages accepted per sender (see
     /// [`GroupsConfig::sender_rate`]).
-    pub(super) rates: HashMap<PeerId, TokenBucket>,
+    pub(super) rates: RateTable<PeerId>,
     /// Fetches of unknown groups' logs per peer (see [`super::sync`]).
     pub(super) invite_fetches: HashMap<PeerId, TokenBucket>,
     /// Sync requests answered per connected peer (see
@@ -183,7 +183,7 @@ impl GroupsActor {
             events,
             metrics,
             connected: HashSet::new(),
-            rates: HashMap::new(),
+            rates: RateTable::new(super::MAX_RATE_SENDERS),
             invite_fetches: HashMap::new(),
             sync_rates: HashMap::new(),
             invites: BTreeMap::new(),
@@ -431,21 +431,7 @@ pub(super) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Milli-messages: the unit of the per-peer message buckets, so that a
-/// rate below one message a second keeps its meaning.
-pub(super) const MILLI: u64 = 1000;
-
-/// A bucket passing `rate` messages a second, sustained, and bursts of four
-/// times as many; take [`MILLI`] per message.
-///
-/// Counted in milli-messages and rounded to the nearest, never to zero: a
-/// rate of 0.25/s passes one message every 4 s. A burst below one message
-/// still passes one when the bucket is full (the bucket then goes into
-/// debt), so any positive rate lets messages through at that rate.
-pub(super) fn message_bucket(rate: f64) -> TokenBucket {
-    let milli = |r: f64| ((r * MILLI as f64).round() as u64).max(1);
-    TokenBucket::new(milli(rate), milli(rate * 4.0))
-}
+pub(super) use fogmesh_protocols::rate::{MILLI, message_bucket};
 
 #[cfg(test)]
 mod tests {

@@ -15,9 +15,9 @@ use fogmesh_protocols::groups::{GroupError, GroupId, MembershipError, Op};
 use libp2p::PeerId;
 use libp2p::gossipsub::MessageAcceptance;
 
+use super::NetCommand;
 use super::actor::{GroupsActor, MILLI, message_bucket, now_ms, to_message};
 use super::store::Batch;
-use super::{MAX_RATE_SENDERS, NetCommand};
 use crate::types::NodeEvent;
 
 impl GroupsActor {
@@ -80,17 +80,11 @@ impl GroupsActor {
 
     fn sender_within_rate(&mut self, sender: PeerId, now: Instant) -> bool {
         let rate = self.cfg.sender_rate;
-        if self.rates.len() >= MAX_RATE_SENDERS && !self.rates.contains_key(&sender) {
-            // Only signed messages of senders the groups know get here, so
-            // this takes more than MAX_RATE_SENDERS members writing within
-            // the process's life: starting over costs one burst each.
-            self.rates.clear();
-        }
+        // Only signed messages of senders the groups know get here, so a
+        // full table takes more than MAX_RATE_SENDERS members writing within
+        // the process's life: starting over costs one burst each.
         self.rates
-            .entry(sender)
-            .or_insert_with(|| message_bucket(rate))
-            .try_take(MILLI, now)
-            .is_ok()
+            .try_take(sender, MILLI, now, || message_bucket(rate))
     }
 
     /// A message from a sender the group does not know yet: its `Add` is

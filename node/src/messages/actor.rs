@@ -2,7 +2,7 @@
 //! driven by its deadlines), sealing, opening, ordering and receipts.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use fogmesh_protocols::groups::crypto::MemberSecret;
 use fogmesh_protocols::messages::{
@@ -10,14 +10,14 @@ use fogmesh_protocols::messages::{
     Step,
 };
 use fogmesh_protocols::policy::{Policy, Preference, Reachability, Requirements, Route};
-use fogmesh_protocols::rate::TokenBucket;
+use fogmesh_protocols::rate::{MILLI, RateTable, message_bucket};
 use libp2p::PeerId;
 use libp2p::identity::Keypair;
 use tokio::sync::{broadcast, mpsc};
 
 use super::handle::ApiCall;
 use super::store::{DmStore, InLetter, OutRecord};
-use super::{AttemptResult, Input, MessagesConfig, NetCommand};
+use super::{AttemptResult, Input, MessagesConfig, NetCommand, now_ms};
 use crate::actor::{Actor, ServiceError};
 use crate::storage::StoreError;
 use crate::types::{DirectAck, NodeEvent};
@@ -25,13 +25,6 @@ use crate::types::{DirectAck, NodeEvent};
 /// Senders whose rate is tracked at once; the least recently seen are
 /// forgotten beyond this.
 const MAX_TRACKED_SENDERS: usize = 4096;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
 
 pub(super) struct MessagesActor {
     me: PeerId,
@@ -46,7 +39,7 @@ pub(super) struct MessagesActor {
     pending: HashMap<MessageId, OutRecord>,
     /// Per-sender order state, loaded on first use.
     inboxes: HashMap<PeerId, Inbox>,
-    rates: HashMap<PeerId, TokenBucket>,
+    rates: RateTable<PeerId>,
     /// The wall clock read once at start, and the monotonic instant it was
     /// read at: every time this actor uses is derived from the two, so
     /// deadlines and the times they are compared with never disagree.
@@ -75,7 +68,7 @@ impl MessagesActor {
             cfg,
             pending: HashMap::new(),
             inboxes: HashMap::new(),
-            rates: HashMap::new(),
+            rates: RateTable::new(MAX_TRACKED_SENDERS),
             anchor: (Instant::now(), now_ms()),
         })
     }
@@ -399,15 +392,9 @@ impl MessagesActor {
 
     /// Takes one letter from `from`'s allowance.
     fn charge(&mut self, from: PeerId) -> bool {
-        let rate = (self.cfg.sender_rate * 1000.0) as u64;
-        if !self.rates.contains_key(&from) && self.rates.len() >= MAX_TRACKED_SENDERS {
-            self.rates.clear();
-        }
+        let rate = self.cfg.sender_rate;
         self.rates
-            .entry(from)
-            .or_insert_with(|| TokenBucket::new(rate.max(1), rate.max(1) * 4))
-            .try_take(1000, Instant::now())
-            .is_ok()
+            .try_take(from, MILLI, Instant::now(), || message_bucket(rate))
     }
 
     fn send_receipt(&self, to: PeerId, ids: Vec<(MessageId, u32)>, via: Route) {

@@ -34,6 +34,15 @@ use crate::types::NodeEvent;
 use handle::ApiCall;
 pub use handle::MessagesHandle;
 
+/// The wall clock, ms since the Unix epoch: message timestamps, expiry,
+/// and the relaying timers (seen envelopes, redials, lookups).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
 /// Inputs waiting for the actor: when full, envelopes are refused as busy
 /// (their senders retry) and API calls get "busy".
 const INPUT_QUEUE: usize = 1024;

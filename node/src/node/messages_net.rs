@@ -21,12 +21,12 @@
 //! sealed body; nothing is stored.
 
 use std::collections::HashMap;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use fogmesh_protocols::messages::mesh::{Relay, SeenSet, relay};
 use fogmesh_protocols::messages::{Ack, Envelope, MessageId, Refusal};
 use fogmesh_protocols::policy::Route;
-use fogmesh_protocols::rate::TokenBucket;
+use fogmesh_protocols::rate::{RateTable, TokenBucket};
 use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::{PeerId, Swarm, kad};
@@ -36,7 +36,7 @@ use super::event_loop::Ctx;
 use super::exchange::{Exchange, exchange};
 use super::peers::PeerBook;
 use crate::behaviour::{Behaviour, DmFrame};
-use crate::messages::{AttemptResult, Input, MessagesHandle, NetCommand};
+use crate::messages::{AttemptResult, Input, MessagesHandle, NetCommand, now_ms};
 
 /// Gateways an internet attempt also goes through when the peer is not
 /// connected.
@@ -53,13 +53,6 @@ const MAX_IN_FLIGHT: usize = 1024;
 const REDIAL_MS: u64 = 10_000;
 /// Least time between two Kademlia lookups of one recipient.
 const LOOKUP_MS: u64 = 60_000;
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
-}
 
 /// What an outstanding request carries.
 enum Carried {
@@ -100,7 +93,7 @@ pub(super) struct MessagesNet {
     seen: SeenSet,
     requests: HashMap<OutboundRequestId, Carried>,
     fans: HashMap<(MessageId, u32), Fan>,
-    rates: HashMap<PeerId, TokenBucket>,
+    rates: RateTable<PeerId>,
     /// When each peer connected over BLE only was last dialled over the
     /// internet.
     redial: HashMap<PeerId, u64>,
@@ -123,7 +116,7 @@ impl MessagesNet {
             seen: SeenSet::default(),
             requests: HashMap::new(),
             fans: HashMap::new(),
-            rates: HashMap::new(),
+            rates: RateTable::new(MAX_TRACKED_PEERS),
             redial: HashMap::new(),
             lookups: HashMap::new(),
             looked_up: HashMap::new(),
@@ -597,13 +590,8 @@ impl MessagesNet {
 
     /// Takes one envelope from `peer`'s allowance.
     fn charge(&mut self, peer: PeerId) -> bool {
-        if !self.rates.contains_key(&peer) && self.rates.len() >= MAX_TRACKED_PEERS {
-            self.rates.clear();
-        }
-        self.rates
-            .entry(peer)
-            .or_insert_with(|| TokenBucket::new(PEER_RATE, PEER_RATE * 4))
-            .try_take(1, Instant::now())
-            .is_ok()
+        self.rates.try_take(peer, 1, Instant::now(), || {
+            TokenBucket::new(PEER_RATE, PEER_RATE * 4)
+        })
     }
 }
