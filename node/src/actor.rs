@@ -75,6 +75,12 @@ impl From<MailboxError> for ServiceError {
     }
 }
 
+/// Parses a peer id given to a service call; a malformed one is a 400.
+pub(crate) fn parse_peer(s: &str) -> Result<libp2p::PeerId, ServiceError> {
+    s.parse()
+        .map_err(|e| ServiceError::BadRequest(format!("{s:?} is not a peer id: {e}")))
+}
+
 /// Where an actor sends the answer to one call.
 pub type Reply<T> = oneshot::Sender<Result<T, ServiceError>>;
 

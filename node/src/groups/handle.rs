@@ -10,7 +10,7 @@ use fogmesh_protocols::groups::GroupId;
 use libp2p::PeerId;
 
 use super::Input;
-use crate::actor::{Mailbox, MailboxError, Reply, ServiceError};
+use crate::actor::{Mailbox, MailboxError, Reply, ServiceError, parse_peer};
 use crate::types::{CreateGroup, GroupAck, GroupInfo, GroupInvite, GroupMessage};
 
 /// The API's and the event loop's handle on the groups actor. Cloneable.
@@ -204,11 +204,6 @@ pub(super) fn parse_group(s: &str) -> Result<GroupId, ServiceError> {
         .ok_or_else(|| {
             ServiceError::BadRequest(format!("{s:?} is not a group id (64 hex characters)"))
         })
-}
-
-fn parse_peer(s: &str) -> Result<PeerId, ServiceError> {
-    s.parse()
-        .map_err(|e| ServiceError::BadRequest(format!("{s:?} is not a peer id: {e}")))
 }
 
 #[cfg(test)]

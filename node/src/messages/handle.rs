@@ -9,7 +9,7 @@ use fogmesh_protocols::policy::{Preference, Route};
 use libp2p::PeerId;
 
 use super::Input;
-use crate::actor::{Mailbox, MailboxError, Reply, ServiceError};
+use crate::actor::{Mailbox, MailboxError, Reply, ServiceError, parse_peer};
 use crate::types::{DirectAck, DirectMessage, SendDirect};
 
 /// The API's and the event loop's handle on the messages actor. Cloneable.
@@ -107,9 +107,4 @@ impl MessagesHandle {
     pub async fn outbox(&self) -> Result<Vec<DirectMessage>, ServiceError> {
         self.mailbox.call(|reply| ApiCall::Outbox { reply }).await
     }
-}
-
-fn parse_peer(s: &str) -> Result<PeerId, ServiceError> {
-    s.parse()
-        .map_err(|e| ServiceError::BadRequest(format!("{s:?} is not a peer id: {e}")))
 }
