@@ -530,8 +530,9 @@ impl Sched {
 /// A download driven by the input against a model of the node: sources come
 /// and go, report what they hold, answer (with good or corrupt chunks),
 /// fail or time out.
-pub(super) fn files_scheduler(data: &[u8]) {
-    let mut p = Program(data);
+/// The scheduler the program drives: its file, chunk windows, end-game
+/// copies and strikes all come from the program's first bytes.
+fn scheduler_under_test(p: &mut Program<'_>) -> (Sched, u64) {
     let count = 1 + u64::from(p.byte() % 24);
     let size = count * u64::from(CHUNK) - u64::from(p.byte()) * 4;
     let content = fixtures::content(size as usize, 7);
@@ -560,7 +561,7 @@ pub(super) fn files_scheduler(data: &[u8]) {
     let Ok(s) = Scheduler::new(manifest.clone(), initial.clone(), cfg) else {
         panic!("scheduler")
     };
-    let mut st = Sched {
+    let st = Sched {
         s,
         manifest,
         data: content,
@@ -570,6 +571,51 @@ pub(super) fn files_scheduler(data: &[u8]) {
         max_window,
         have: initial,
     };
+    (st, count)
+}
+
+impl Sched {
+    /// An answer from `peer`: to one of its outstanding requests when it
+    /// has some, else for `chunk`; `corrupt` flips a byte.
+    fn answer(&mut self, peer: PeerId, chunk: u64, arg: u8, corrupt: bool, now: Instant) {
+        let mine: Vec<u64> = self
+            .out
+            .iter()
+            .filter(|(q, _)| *q == peer)
+            .map(|(_, c)| *c)
+            .collect();
+        let index = if mine.is_empty() {
+            chunk
+        } else {
+            mine[usize::from(arg / 4) % mine.len()]
+        };
+        let mut bytes = self.chunk(index).to_vec();
+        if corrupt && let Some(x) = bytes.first_mut() {
+            *x ^= 1;
+        }
+        let had = self.have.get(index);
+        let outcome = self.s.on_chunk(&peer, index, &bytes, now);
+        self.out.remove(&(peer, index));
+        match outcome {
+            ChunkOutcome::Accepted { cancel } => {
+                assert!(!corrupt && !had, "accepted a corrupt or held chunk");
+                assert!(self.s.have().get(index));
+                for q in cancel {
+                    self.out.remove(&(q, index));
+                }
+            }
+            ChunkOutcome::Corrupt { .. } => assert!(corrupt),
+            ChunkOutcome::Duplicate => assert!(had),
+            ChunkOutcome::Unsolicited => {
+                assert!(!self.holds.contains_key(&peer));
+            }
+        }
+    }
+}
+
+pub(super) fn files_scheduler(data: &[u8]) {
+    let mut p = Program(data);
+    let (mut st, count) = scheduler_under_test(&mut p);
     let start = Instant::now();
     let mut now = start;
     let mut steps = 0;
@@ -606,42 +652,7 @@ pub(super) fn files_scheduler(data: &[u8]) {
                 }
             }
             5 => st.next_requests(now),
-            6 | 7 => {
-                // An answer: to an outstanding request when there is one.
-                let mine: Vec<u64> = st
-                    .out
-                    .iter()
-                    .filter(|(q, _)| *q == peer)
-                    .map(|(_, c)| *c)
-                    .collect();
-                let index = if mine.is_empty() {
-                    chunk
-                } else {
-                    mine[usize::from(arg / 4) % mine.len()]
-                };
-                let corrupt = cmd % 10 == 7;
-                let mut bytes = st.chunk(index).to_vec();
-                if corrupt && let Some(x) = bytes.first_mut() {
-                    *x ^= 1;
-                }
-                let had = st.have.get(index);
-                let outcome = st.s.on_chunk(&peer, index, &bytes, now);
-                st.out.remove(&(peer, index));
-                match outcome {
-                    ChunkOutcome::Accepted { cancel } => {
-                        assert!(!corrupt && !had, "accepted a corrupt or held chunk");
-                        assert!(st.s.have().get(index));
-                        for q in cancel {
-                            st.out.remove(&(q, index));
-                        }
-                    }
-                    ChunkOutcome::Corrupt { .. } => assert!(corrupt),
-                    ChunkOutcome::Duplicate => assert!(had),
-                    ChunkOutcome::Unsolicited => {
-                        assert!(!st.holds.contains_key(&peer));
-                    }
-                }
-            }
+            6 | 7 => st.answer(peer, chunk, arg, cmd % 10 == 7, now),
             8 => {
                 st.s.on_failure(&peer, chunk, now);
                 st.out.remove(&(peer, chunk));
