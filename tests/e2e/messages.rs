@@ -21,6 +21,19 @@ fn send(d: &Daemon, to: &str, text: &str, extra: &[&str]) -> Value {
     v
 }
 
+/// Sends each of `texts` in turn; their message ids.
+fn send_all(d: &Daemon, to: &str, texts: &[String]) -> Vec<String> {
+    texts
+        .iter()
+        .map(|t| {
+            send(d, to, t, &[])["message_id"]
+                .as_str()
+                .expect("id")
+                .to_owned()
+        })
+        .collect()
+}
+
 /// `messages [PEER]` (empty when none).
 fn messages(d: &Daemon, peer: Option<&str>) -> Vec<Value> {
     let mut args = vec!["messages"];
@@ -165,15 +178,7 @@ fn messages_to_a_stopped_peer_arrive_once_and_in_order_after_it_returns() {
     b.terminate();
 
     let want = texts("while you were away", 10);
-    let ids: Vec<String> = want
-        .iter()
-        .map(|t| {
-            send(&a, &b_id, t, &[])["message_id"]
-                .as_str()
-                .expect("id")
-                .to_owned()
-        })
-        .collect();
+    let ids = send_all(&a, &b_id, &want);
     // All ten wait in the outbox, in order.
     let outbox = a.json(&["outbox"]);
     let waiting: Vec<&str> = outbox
@@ -204,15 +209,7 @@ fn a_message_acknowledged_before_kill_9_is_still_delivered() {
     let a_dir = tmp.path().join("a");
     let mut a = Daemon::start(&a_dir, &[]);
     let want = texts("durable", 3);
-    let ids: Vec<String> = want
-        .iter()
-        .map(|t| {
-            send(&a, &b_id, t, &[])["message_id"]
-                .as_str()
-                .expect("id")
-                .to_owned()
-        })
-        .collect();
+    let ids = send_all(&a, &b_id, &want);
     a.kill9();
 
     let b = Daemon::start(&b_dir, &[]);
