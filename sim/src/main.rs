@@ -4,6 +4,7 @@
 // The modules' items are `pub` for their documentation; this is a binary.
 #![allow(unreachable_pub)]
 
+mod analyse;
 mod clock;
 mod collector;
 mod faults;
@@ -13,6 +14,7 @@ mod record;
 mod report;
 mod run;
 mod scenario;
+mod shadow;
 mod workload;
 mod world;
 
@@ -46,6 +48,49 @@ enum Command {
         /// the scenario's, else 1).
         #[arg(long, value_name = "FACTOR")]
         time_dilation: Option<f64>,
+    },
+    /// Write what the Shadow network simulator needs to run the scenario
+    /// with real fogmesh daemons (see docs/simulator-guide.md).
+    ExportShadow {
+        /// The scenario file (TOML).
+        scenario: PathBuf,
+        /// Seed (default: the scenario's).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// The directory to write (absent or empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// The fogmesh binary Shadow runs (default: the one beside this
+        /// program).
+        #[arg(long, value_name = "PATH")]
+        fogmesh: Option<PathBuf>,
+        /// Simulated seconds the members get to join the group before the
+        /// workload's warm-up.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        join_secs: u64,
+        /// Instead of Shadow's network, lay the nodes out on this host's
+        /// loopback (p2p ports BASE+i, API ports BASE+nodes+i) with times
+        /// counted from now, to check an export with real processes.
+        #[arg(long, value_name = "BASE")]
+        local_port: Option<u16>,
+    },
+    /// The workload driver Shadow runs beside node N's daemon (started by
+    /// an export's shadow.yaml, not by hand).
+    Drive {
+        /// The export directory.
+        dir: PathBuf,
+        /// The node whose part of the workload to drive.
+        #[arg(long, value_name = "N")]
+        node: usize,
+    },
+    /// Turn the daemons' event logs of a Shadow run into the report of an
+    /// in-process run (summary.json, summary.csv, plots).
+    Analyse {
+        /// The export directory, after Shadow ran it.
+        dir: PathBuf,
+        /// Where the report goes (default: DIR/report).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -100,6 +145,66 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             // Stop the runtime's leftover tasks (link forwarders) before the
             // report, which runs on this thread.
             rt.shutdown_timeout(std::time::Duration::from_secs(5));
+            let summary = report::write_report(&record, &out)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            eprintln!("outputs in {}", out.display());
+            Ok(())
+        }
+        Command::ExportShadow {
+            scenario,
+            seed,
+            out,
+            fogmesh,
+            join_secs,
+            local_port,
+        } => {
+            let text = std::fs::read_to_string(&scenario)
+                .with_context(|| format!("cannot read {}", scenario.display()))?;
+            let s = scenario::Scenario::load(&scenario)?;
+            s.check()?;
+            let me = std::env::current_exe().context("cannot find this program's path")?;
+            let fogmesh = match fogmesh {
+                Some(p) => std::path::absolute(p)?,
+                None => me.with_file_name("fogmesh"),
+            };
+            let opts = shadow::ExportOptions {
+                seed: seed.unwrap_or(s.seed),
+                out: out.clone(),
+                fogmesh,
+                fogmesh_sim: me,
+                join_secs,
+                local_port,
+            };
+            let info = shadow::export(&s, &text, &opts)?;
+            eprintln!(
+                "{} nodes exported to {}; run `shadow {}/shadow.yaml` there, then \
+                 `fogmesh-sim analyse {}`",
+                info.nodes.len(),
+                out.display(),
+                out.display(),
+                out.display()
+            );
+            Ok(())
+        }
+        Command::Drive { dir, node } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the runtime")?;
+            rt.block_on(shadow::drive(&dir, node))
+        }
+        Command::Analyse { dir, out } => {
+            let (record, gaps) = analyse::analyse(&dir)?;
+            if !gaps.missing_logs.is_empty() {
+                eprintln!("warning: no event log for nodes {:?}", gaps.missing_logs);
+            }
+            if gaps.bad_lines + gaps.unplanned > 0 {
+                eprintln!(
+                    "warning: {} unreadable lines, {} published messages beyond the plan",
+                    gaps.bad_lines, gaps.unplanned
+                );
+            }
+            let out = out.unwrap_or_else(|| dir.join("report"));
             let summary = report::write_report(&record, &out)?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
             eprintln!("outputs in {}", out.display());

@@ -14,7 +14,7 @@ use libp2p::identity::Keypair;
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{RngExt, SeedableRng};
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
 use crate::scenario::{
@@ -64,7 +64,7 @@ pub struct WorkloadOut {
 }
 
 /// One planned message.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PlannedMessage {
     /// Model ms after the workload starts.
     pub t_ms: f64,
@@ -73,7 +73,7 @@ pub struct PlannedMessage {
     /// Text size.
     pub size: usize,
     /// The recipient of a direct message (`None`: a group message).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub to: Option<usize>,
 }
 

@@ -153,4 +153,51 @@ pub struct RunRecord {
     /// Direct messages (a `direct` workload; empty otherwise).
     #[serde(default)]
     pub direct: Vec<DirectRecord>,
+    /// The internet link model the run used, for the physical limit of
+    /// each delivery (`None` in records written before it existed).
+    #[serde(default)]
+    pub link: Option<LinkRecord>,
+    /// True when `Published::wire_size` is not known (a run analysed from
+    /// daemons' event logs, which do not log frame sizes): the payload
+    /// figures are then left out rather than computed from zeros.
+    #[serde(default)]
+    pub wire_sizes_unknown: bool,
+}
+
+/// The internet link model of a run: what the direct path between two
+/// nodes costs at the least (see [`LinkRecord::direct_ms`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LinkRecord {
+    /// Region index of each node.
+    pub region: Vec<usize>,
+    /// One-way latency between regions, ms.
+    pub latency_ms: Vec<Vec<f64>>,
+    /// Uplink of each node, bytes per second.
+    pub uplink_bps: Vec<f64>,
+    /// Whether each node has the internet (a radio-only node has no direct
+    /// internet path).
+    pub internet: Vec<bool>,
+}
+
+impl LinkRecord {
+    /// The one-way time of the direct path from `from` to `to` for a frame
+    /// of `bytes`: the region pair's latency plus the frame's time on the
+    /// sender's uplink. `None` when either node lacks the internet or is
+    /// not in the model.
+    pub fn direct_ms(&self, from: usize, to: usize, bytes: usize) -> Option<f64> {
+        if !(*self.internet.get(from)? && *self.internet.get(to)?) {
+            return None;
+        }
+        let latency = *self
+            .latency_ms
+            .get(*self.region.get(from)?)?
+            .get(*self.region.get(to)?)?;
+        let uplink = *self.uplink_bps.get(from)?;
+        let serialise = if uplink > 0.0 {
+            bytes as f64 / uplink * 1000.0
+        } else {
+            0.0
+        };
+        Some(latency + serialise)
+    }
 }

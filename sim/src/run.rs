@@ -24,7 +24,7 @@ use crate::clock::{ModelClock, wall};
 use crate::collector::{Collector, HostLag, Seen, Taps};
 use crate::faults::{self, TimedFault};
 use crate::plan::{Plan, plan};
-use crate::record::RunRecord;
+use crate::record::{LinkRecord, RunRecord};
 use crate::scenario::{Scenario, WorkloadKind};
 use crate::workload::{self, PublishOutcome};
 use crate::world::World;
@@ -112,6 +112,8 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
         faults: fault_windows,
         median_link_latency_ms: median_link_latency_ms(&plan),
         direct,
+        link: Some(link_record(s, &plan)),
+        wire_sizes_unknown: false,
     })
 }
 
@@ -176,9 +178,19 @@ fn write_json<T: Serialize>(path: &Path, v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The internet link model of the plan, for the report's physical limit.
+pub fn link_record(s: &Scenario, plan: &Plan) -> LinkRecord {
+    LinkRecord {
+        region: plan.region.clone(),
+        latency_ms: plan.latency.clone(),
+        uplink_bps: plan.uplink.clone(),
+        internet: (0..s.nodes).map(|i| i < s.internet_nodes()).collect(),
+    }
+}
+
 /// The median one-way latency of the link model, ms: the scale against
 /// which host lag is judged.
-fn median_link_latency_ms(plan: &Plan) -> f64 {
+pub fn median_link_latency_ms(plan: &Plan) -> f64 {
     let mut latencies: Vec<f64> = plan.latency.iter().flatten().copied().collect();
     latencies.sort_by(f64::total_cmp);
     latencies.get(latencies.len() / 2).copied().unwrap_or(0.0)

@@ -114,6 +114,16 @@ impl Scenario {
         }
     }
 
+    /// Below this many peers a node dials the peers it knows of: the
+    /// topology's degree.
+    pub fn min_peers(&self) -> usize {
+        match self.topology.kind {
+            TopologyKind::Random => self.topology.degree,
+            TopologyKind::Full => self.nodes - 1,
+            TopologyKind::Ring | TopologyKind::Line => 2,
+        }
+    }
+
     /// The index of the first BLE node.
     pub fn first_ble_node(&self) -> usize {
         self.nodes - self.ble.as_ref().map_or(0, |b| b.nodes)

@@ -124,14 +124,10 @@ pub fn publish_all(
 ) -> mpsc::UnboundedReceiver<PublishOutcome> {
     // Unbounded, but holding at most one outcome per planned message.
     let (outcomes, rx) = mpsc::unbounded_channel();
-    let mut text_rng = StdRng::seed_from_u64(seed ^ 0x7e57);
-    for m in messages {
+    for (m, text) in messages.iter().zip(texts(messages, seed)) {
         let Some(handle) = world.handle(m.publisher) else {
             continue;
         };
-        let text: String = (0..m.size)
-            .map(|_| text_rng.random_range(b'a'..=b'z') as char)
-            .collect();
         let (due, gid, outcomes) = (clock.at(m.t_ms), gid.to_owned(), outcomes.clone());
         let (publisher, size, to) = (m.publisher, m.size, m.to);
         let to_peer = to.map(|i| world.peer_id(i).to_base58());
@@ -168,6 +164,17 @@ pub fn publish_all(
         });
     }
     rx
+}
+
+/// The text of each planned message: random letters drawn from `seed`,
+/// one message after the other (the Shadow driver draws the same).
+pub fn texts(messages: &[PlannedMessage], seed: u64) -> impl Iterator<Item = String> + '_ {
+    let mut text_rng = StdRng::seed_from_u64(seed ^ 0x7e57);
+    messages.iter().map(move |m| {
+        (0..m.size)
+            .map(|_| text_rng.random_range(b'a'..=b'z') as char)
+            .collect()
+    })
 }
 
 /// Completes each direct message's record with what its sender says of it

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 use crate::collector::Taps;
 use crate::net::{SimNet, SimTransport};
 use crate::plan::Plan;
-use crate::scenario::{Ble, Scenario, TopologyKind};
+use crate::scenario::{Ble, Scenario};
 
 /// How many topology dials may be under way at once.
 const MAX_CONCURRENT_DIALS: usize = 256;
@@ -113,11 +113,7 @@ impl World {
             net,
             medium: s.ble.as_ref().map(|b| medium(b, seed, dilation)),
             gossip: gossip_params(s),
-            min_peers: match s.topology.kind {
-                TopologyKind::Random => s.topology.degree,
-                TopologyKind::Full => s.nodes - 1,
-                TopologyKind::Ring | TopologyKind::Line => 2,
-            },
+            min_peers: s.min_peers(),
             dilation,
             taps,
         };
@@ -279,7 +275,7 @@ fn medium(b: &Ble, seed: u64, dilation: f64) -> Medium {
 }
 
 /// Gossipsub's parameters in model time (the builder dilates them).
-fn gossip_params(s: &Scenario) -> GossipParams {
+pub fn gossip_params(s: &Scenario) -> GossipParams {
     let heartbeat = Duration::from_secs_f64(s.gossip.heartbeat_ms / 1000.0);
     GossipParams {
         mesh_n: s.gossip.mesh_n,

@@ -6,7 +6,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::{Bucket, Catchup, DirectClass, DirectSummary, Dist, Reach, ReachStat, Summary};
+use super::{
+    Bucket, Catchup, DirectClass, DirectSummary, Dist, PhysicalLimit, Reach, ReachStat, Summary,
+};
 use crate::record::{DirectRecord, FaultKind, Published, ReceiptKind, RunRecord};
 
 /// Host lag (p99) above this many ms always counts as host-limited.
@@ -33,7 +35,11 @@ pub(super) fn analyse(rec: &RunRecord) -> (Summary, Series) {
     let deliveries = Deliveries::of(rec, &tally);
     let wire = WireCopies::of(&tally);
     let bytes_sent_per_node = dist(rec.bytes_sent.iter().map(|&b| b as f64).collect());
-    let payload_bytes_per_node = ratio(tally.payload as f64, rec.nodes as f64);
+    let payload_bytes_per_node = if rec.wire_sizes_unknown {
+        None
+    } else {
+        ratio(tally.payload as f64, rec.nodes as f64)
+    };
     let overhead_bytes_per_node =
         (bytes_sent_per_node.mean.zip(payload_bytes_per_node)).map(|(b, p)| b - p);
     let overhead_ratio =
@@ -81,6 +87,7 @@ pub(super) fn analyse(rec: &RunRecord) -> (Summary, Series) {
         advice: host_limited.then(|| "raise --time-dilation".to_owned()),
         reliability_over_time: deliveries.buckets,
         direct: direct(rec),
+        physical_limit: physical_limit(rec, &tally),
     };
     let series = Series {
         latencies: deliveries.latencies,
@@ -197,6 +204,34 @@ impl Deliveries {
             buckets,
         }
     }
+}
+
+/// Delivery against the direct path of each delivered pair (see
+/// [`PhysicalLimit`]); `None` without a link model.
+fn physical_limit<'a>(rec: &'a RunRecord, tally: &Tally<'a>) -> Option<PhysicalLimit> {
+    let link = rec.link.as_ref()?;
+    let (mut direct_ms, mut delivery_ms) = (Vec::new(), Vec::new());
+    for p in &rec.published {
+        for &n in &p.recipients {
+            let Some(t) = tally.delivered_at(n, &p.id) else {
+                continue;
+            };
+            if let Some(d) = link.direct_ms(p.publisher, n, p.wire_size) {
+                direct_ms.push(d);
+                delivery_ms.push(t - p.t_ms);
+            }
+        }
+    }
+    let pairs = direct_ms.len();
+    let (direct_ms, delivery_ms) = (dist(direct_ms), dist(delivery_ms));
+    let over = |a: Option<f64>, b: Option<f64>| a.zip(b).and_then(|(a, b)| ratio(a, b));
+    Some(PhysicalLimit {
+        pairs,
+        p99_ratio: over(delivery_ms.p99, direct_ms.p99),
+        p50_ratio: over(delivery_ms.p50, direct_ms.p50),
+        direct_ms,
+        delivery_ms,
+    })
 }
 
 /// Copies received on the wire.

@@ -113,6 +113,31 @@ pub struct Summary {
     /// Direct messages, for a `direct` workload (absent otherwise).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub direct: Option<DirectSummary>,
+    /// Delivery latency against the physical limit of the link model;
+    /// `None` when the record has no link model.
+    pub physical_limit: Option<PhysicalLimit>,
+}
+
+/// How far deliveries are from what the network model allows at best. For
+/// each delivered pair whose publisher and member both have the internet,
+/// the *direct path* is the one-way time from publisher to member in the
+/// link model without any relay: the region pair's one-way latency plus
+/// the message's frame (`wire_size`) on the publisher's uplink (see
+/// `LinkRecord::direct_ms`). No protocol can deliver faster; gossip's
+/// extra hops, queues and host lag are what the ratio shows.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PhysicalLimit {
+    /// Delivered pairs with a direct internet path (the others, through a
+    /// radio, are left out of both distributions).
+    pub pairs: usize,
+    /// The direct path's one-way time over those pairs, ms.
+    pub direct_ms: Dist,
+    /// Their delivery latency (as `latency_ms`, over the same pairs), ms.
+    pub delivery_ms: Dist,
+    /// `delivery_ms.p99 / direct_ms.p99`: 1 would be the physical limit.
+    pub p99_ratio: Option<f64>,
+    /// `delivery_ms.p50 / direct_ms.p50`.
+    pub p50_ratio: Option<f64>,
 }
 
 /// The figures of a `direct` workload. A message is *delivered* when the

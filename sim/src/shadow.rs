@@ -1,0 +1,796 @@
+//! Running a scenario with real `fogmesh` daemons under the Shadow network
+//! simulator: [`export`] writes what Shadow needs, [`drive`] is the
+//! workload driver Shadow starts beside each daemon, and
+//! `crate::analyse` turns the daemons' event logs into the same report as
+//! an in-process run. Shadow itself is built by hand (see
+//! docs/simulator-guide.md).
+//!
+//! An export directory holds:
+//! - `shadow.yaml`: one Shadow host per node (its region's network node,
+//!   its IP address, its uplink), each running `fogmesh run` on its
+//!   prepared data directory and `fogmesh-sim drive` for its part of the
+//!   workload;
+//! - `graph.gml`: the scenario's link model as Shadow's network graph, one
+//!   network node per region, an edge per region pair (self-loops for
+//!   traffic inside a region) with the one-way latency and the loss;
+//! - `nodes/nI/`: node I's data directory: `identity.key` (the key the
+//!   seed gives it, so every address and peer id is known before Shadow
+//!   starts) and `config.toml` (listen address, bootstrap lines from the
+//!   topology, the event log, the admin trusted);
+//! - `drive.json`: the driver's plan (times, members, messages);
+//! - `export.json`: what `analyse` needs (seed, times, the nodes);
+//! - `scenario.toml`: the scenario, as given.
+//!
+//! Times under Shadow are simulated: its clock starts at 2000-01-01
+//! 00:00:00 UTC ([`SHADOW_EPOCH_UNIX_S`]). The admin creates the group at
+//! `create_at_s`, the members (which trust the admin) join, and the
+//! workload's model time 0 is `start_at_s`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow, bail};
+use fogmesh::client::Client;
+use fogmesh::types::{CreateGroup, GroupAck, PostMessage};
+use serde::{Deserialize, Serialize};
+
+use crate::plan::{Plan, PlannedMessage, plan};
+use crate::scenario::{Scenario, WorkloadKind};
+use crate::workload;
+
+/// Shadow's simulated clock starts here (2000-01-01 00:00:00 UTC).
+pub const SHADOW_EPOCH_UNIX_S: u64 = 946_684_800;
+/// The TCP port every daemon listens on (each Shadow host has its own
+/// address).
+const P2P_PORT: u16 = 4001;
+/// The API address of every daemon (each Shadow host has its own
+/// loopback).
+const API_ADDR: &str = "127.0.0.1:7070";
+/// When the daemons start, simulated seconds.
+const DAEMON_START_S: u64 = 1;
+/// When the drivers start.
+const DRIVER_START_S: u64 = 2;
+/// When the admin creates the group: after every bootstrap dial.
+const CREATE_AT_S: u64 = 10;
+/// Seconds after the end of the workload before Shadow stops.
+const TAIL_S: u64 = 10;
+
+/// How an export is asked for.
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// The seed.
+    pub seed: u64,
+    /// The directory to write (created; must be empty or absent).
+    pub out: PathBuf,
+    /// The `fogmesh` binary Shadow runs (absolute).
+    pub fogmesh: PathBuf,
+    /// The `fogmesh-sim` binary Shadow runs as the driver (absolute).
+    pub fogmesh_sim: PathBuf,
+    /// Simulated seconds the members get to join before the workload.
+    pub join_secs: u64,
+    /// A check on this host instead of Shadow: every node on 127.0.0.1,
+    /// its p2p port `BASE + i` and its API port `BASE + nodes + i`, and
+    /// the times counted from the export's own wall-clock second instead
+    /// of Shadow's epoch. The processes are then started by whoever runs
+    /// the check (see the simulator guide).
+    pub local_port: Option<u16>,
+}
+
+/// What `analyse` needs to know of an export (`export.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportInfo {
+    /// The seed the plan came from.
+    pub seed: u64,
+    /// Unix seconds of Shadow's simulated clock start.
+    pub epoch_unix_s: u64,
+    /// Simulated seconds (since the start) of the workload's model time 0.
+    pub start_at_s: u64,
+    /// Whether this is a check on this host's loopback (`--local-port`),
+    /// where the link model does not apply.
+    #[serde(default)]
+    pub local: bool,
+    /// Per node: index, peer id, address, event log.
+    pub nodes: Vec<ExportNode>,
+    /// Scenario settings the daemons cannot take and that therefore differ
+    /// from the in-process run (empty when none).
+    pub differences: Vec<String>,
+}
+
+/// One node of an export.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportNode {
+    /// Its index in the scenario.
+    pub index: usize,
+    /// Its peer id (from the prepared identity).
+    pub peer_id: String,
+    /// Its Shadow host name.
+    pub host: String,
+    /// Its IP address on Shadow's network.
+    pub ip: Ipv4Addr,
+    /// Its TCP port.
+    pub port: u16,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// Its `--event-log` file.
+    pub event_log: PathBuf,
+}
+
+/// The driver's plan (`drive.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DrivePlan {
+    /// The seed (the message texts are drawn from it as in-process).
+    pub seed: u64,
+    /// Unix seconds of Shadow's clock start.
+    pub epoch_unix_s: u64,
+    /// When the admin creates the group (simulated seconds).
+    pub create_at_s: u64,
+    /// The workload's model time 0 (simulated seconds).
+    pub start_at_s: u64,
+    /// The group's name.
+    pub group_name: String,
+    /// Members' indices, the admin first.
+    pub members: Vec<usize>,
+    /// Every node's peer id.
+    pub peer_ids: Vec<String>,
+    /// Every node's data directory.
+    pub data_dirs: Vec<PathBuf>,
+    /// Where the admin's driver writes the group id for the others.
+    pub group_id_file: PathBuf,
+    /// The planned messages (all of them: each driver sends its own).
+    pub messages: Vec<PlannedMessage>,
+}
+
+/// The address of node `i` on Shadow's network: 11.0.0.1 onwards (a
+/// public range, so the daemons' AutoNAT has no private-address special
+/// case to apply).
+pub fn node_ip(i: usize) -> Ipv4Addr {
+    let n = u32::try_from(i).unwrap_or(u32::MAX - 1) + 1;
+    Ipv4Addr::from((11u32 << 24) | n)
+}
+
+/// Writes the Shadow export of scenario `s` (`text` is its file) into
+/// `opts.out`.
+pub fn export(s: &Scenario, text: &str, opts: &ExportOptions) -> anyhow::Result<ExportInfo> {
+    if s.ble.is_some() {
+        bail!(
+            "scenario {}: Shadow has no radio, so scenarios with BLE nodes cannot be exported",
+            s.name
+        );
+    }
+    if s.workload.kind != WorkloadKind::Group {
+        bail!(
+            "scenario {}: only group workloads can be exported so far",
+            s.name
+        );
+    }
+    if !(s.faults.partition.is_empty() && s.faults.churn.is_empty()) {
+        bail!(
+            "scenario {}: faults (partition, churn) cannot be exported so far",
+            s.name
+        );
+    }
+    let out = absolute(&opts.out)?;
+    if out.exists() && out.read_dir()?.next().is_some() {
+        bail!("{} is not empty", out.display());
+    }
+    std::fs::create_dir_all(out.join("nodes"))
+        .with_context(|| format!("cannot create {}", out.display()))?;
+    let plan = plan(s, opts.seed);
+    let start_at_s = CREATE_AT_S + opts.join_secs + s.workload.warmup_secs.ceil() as u64;
+    let epoch_unix_s = match opts.local_port {
+        Some(_) => SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
+        None => SHADOW_EPOCH_UNIX_S,
+    };
+    let port = |i: usize| opts.local_port.map_or(P2P_PORT, |base| base + i as u16);
+    if let Some(base) = opts.local_port
+        && usize::from(base) + 2 * s.nodes > usize::from(u16::MAX)
+    {
+        bail!("--local-port {base} leaves no room for {} nodes", s.nodes);
+    }
+    let api = |i: usize| match opts.local_port {
+        Some(base) => format!("127.0.0.1:{}", base as usize + s.nodes + i),
+        None => API_ADDR.to_owned(),
+    };
+
+    let nodes: Vec<ExportNode> = (0..s.nodes)
+        .map(|i| {
+            let data_dir = out.join("nodes").join(format!("n{i}"));
+            ExportNode {
+                index: i,
+                peer_id: plan.topology.nodes[i].peer_id.clone(),
+                host: format!("n{i}"),
+                ip: if opts.local_port.is_some() {
+                    Ipv4Addr::LOCALHOST
+                } else {
+                    node_ip(i)
+                },
+                port: port(i),
+                event_log: data_dir.join("events.ndjson"),
+                data_dir,
+            }
+        })
+        .collect();
+    let admin = plan.workload.members.first().copied().unwrap_or(0);
+    for (i, node) in nodes.iter().enumerate() {
+        prepare_node(s, &plan, &nodes, i, admin, api(i))
+            .with_context(|| format!("preparing node {i} in {}", node.data_dir.display()))?;
+    }
+
+    let differences = differences(s);
+    for d in &differences {
+        tracing::warn!("{d}");
+    }
+    let info = ExportInfo {
+        seed: opts.seed,
+        epoch_unix_s,
+        start_at_s,
+        local: opts.local_port.is_some(),
+        nodes,
+        differences,
+    };
+    let drive = DrivePlan {
+        seed: opts.seed,
+        epoch_unix_s,
+        create_at_s: CREATE_AT_S,
+        start_at_s,
+        group_name: s.name.chars().take(64).collect(),
+        members: plan.workload.members.clone(),
+        peer_ids: info.nodes.iter().map(|n| n.peer_id.clone()).collect(),
+        data_dirs: info.nodes.iter().map(|n| n.data_dir.clone()).collect(),
+        group_id_file: out.join("group-id"),
+        messages: plan.workload.messages.clone(),
+    };
+    let stop_s = start_at_s + s.duration_secs.ceil() as u64 + TAIL_S;
+    write(&out.join("scenario.toml"), text)?;
+    write(
+        &out.join("export.json"),
+        &serde_json::to_string_pretty(&info)?,
+    )?;
+    write(
+        &out.join("drive.json"),
+        &serde_json::to_string_pretty(&drive)?,
+    )?;
+    write(&out.join("graph.gml"), &gml(s, &plan))?;
+    let config = shadow_config(&plan, &info, &out, opts, stop_s);
+    write(&out.join("shadow.yaml"), &yaml_serde::to_string(&config)?)?;
+    Ok(info)
+}
+
+/// Settings the in-process simulator applies and the daemons cannot be
+/// given, so the two engines differ there.
+fn differences(s: &Scenario) -> Vec<String> {
+    let mut d = Vec::new();
+    // GossipParams has no PartialEq: its Debug form names every field.
+    let daemon = fogmesh::behaviour::GossipParams::default();
+    if format!("{:?}", crate::world::gossip_params(s)) != format!("{daemon:?}") {
+        d.push(
+            "the scenario's [gossip] parameters are not the daemon's: the daemons run \
+             gossipsub with their built-in parameters"
+                .to_owned(),
+        );
+    }
+    d.push(
+        "the daemons walk the DHT (a Kademlia bootstrap every 300 s) and check their peers every 15 s; \
+         in-process nodes do neither walk and check every 2 s"
+            .to_owned(),
+    );
+    if s.link.loss > 0.0 {
+        d.push(format!(
+            "loss {}: Shadow drops packets (TCP retransmits), the in-process model delays \
+             the frame by a retransmission",
+            s.link.loss
+        ));
+    }
+    d
+}
+
+/// Node `i`'s data directory: its identity and its `config.toml`.
+fn prepare_node(
+    s: &Scenario,
+    plan: &Plan,
+    nodes: &[ExportNode],
+    i: usize,
+    admin: usize,
+    api: String,
+) -> anyhow::Result<()> {
+    let node = &nodes[i];
+    fogmesh::fsutil::ensure_private_dir(&node.data_dir)?;
+    let key = plan.keys[i].to_protobuf_encoding()?;
+    fogmesh::fsutil::write_atomic(&fogmesh::identity::path(&node.data_dir), &key, true)?;
+    let bootstrap: Vec<String> = (plan.topology.edges.iter())
+        .filter(|[from, _]| *from == i)
+        .map(|&[_, to]| p2p_addr(&nodes[to]))
+        .collect();
+    let config = NodeConfig {
+        listen: vec![format!("/ip4/{}/tcp/{}", node.ip, node.port)],
+        bootstrap,
+        api,
+        mdns: false,
+        event_log: node.event_log.clone(),
+        kad_mode: "server".to_owned(),
+        min_peers: s.min_peers(),
+        // As in-process: the topology holds, idle links are not its business.
+        idle_timeout_secs: 3600,
+        max_connections: 1000,
+        // The workload's rate is the scenario's business, as in-process.
+        group_rate: 1e9,
+        trust: (i != admin)
+            .then(|| nodes[admin].peer_id.clone())
+            .into_iter()
+            .collect(),
+    };
+    let text = toml::to_string(&config)?;
+    fogmesh::fsutil::write_atomic(
+        &node.data_dir.join(fogmesh::config::CONFIG_FILE),
+        text.as_bytes(),
+        true,
+    )?;
+    Ok(())
+}
+
+/// The `config.toml` an export writes (keys as the daemon reads them).
+#[derive(Debug, Serialize)]
+struct NodeConfig {
+    listen: Vec<String>,
+    bootstrap: Vec<String>,
+    api: String,
+    mdns: bool,
+    event_log: PathBuf,
+    kad_mode: String,
+    min_peers: usize,
+    idle_timeout_secs: u64,
+    max_connections: u32,
+    group_rate: f64,
+    trust: Vec<String>,
+}
+
+/// A node's dialable address with its peer id.
+fn p2p_addr(n: &ExportNode) -> String {
+    format!("/ip4/{}/tcp/{}/p2p/{}", n.ip, n.port, n.peer_id)
+}
+
+/// The link model as a GML graph: a network node per region, an edge per
+/// region pair (and a self-loop per region) with its one-way latency and
+/// the scenario's loss. Host bandwidths are set per host in
+/// `shadow.yaml`; the nodes' defaults are not used.
+fn gml(s: &Scenario, plan: &Plan) -> String {
+    let mut g = String::from("graph [\n  directed 0\n");
+    let regions = plan.latency.len();
+    for r in 0..regions {
+        let _ = writeln!(
+            g,
+            "  node [\n    id {r}\n    label \"{}\"\n    host_bandwidth_down \"1 Gbit\"\n    host_bandwidth_up \"1 Gbit\"\n  ]",
+            crate::scenario::REGIONS.get(r).copied().unwrap_or("region")
+        );
+    }
+    for a in 0..regions {
+        for b in a..regions {
+            let _ = writeln!(
+                g,
+                "  edge [\n    source {a}\n    target {b}\n    latency \"{} us\"\n    packet_loss {}\n  ]",
+                (plan.latency[a][b] * 1000.0).round() as u64,
+                s.link.loss
+            );
+        }
+    }
+    g.push_str("]\n");
+    g
+}
+
+/// `shadow.yaml`, as a value.
+#[derive(Debug, Serialize)]
+struct ShadowConfig {
+    general: General,
+    network: Network,
+    hosts: BTreeMap<String, Host>,
+}
+
+#[derive(Debug, Serialize)]
+struct General {
+    stop_time: String,
+    model_unblocked_syscall_latency: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Network {
+    graph: Graph,
+    use_shortest_path: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Graph {
+    #[serde(rename = "type")]
+    kind: String,
+    file: GraphFile,
+}
+
+#[derive(Debug, Serialize)]
+struct GraphFile {
+    path: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+struct Host {
+    network_node_id: usize,
+    ip_addr: Ipv4Addr,
+    bandwidth_up: String,
+    bandwidth_down: String,
+    processes: Vec<Process>,
+}
+
+#[derive(Debug, Serialize)]
+struct Process {
+    path: PathBuf,
+    args: Vec<String>,
+    environment: BTreeMap<String, String>,
+    start_time: String,
+    expected_final_state: serde_json::Value,
+}
+
+fn shadow_config(
+    plan: &Plan,
+    info: &ExportInfo,
+    out: &Path,
+    opts: &ExportOptions,
+    stop_s: u64,
+) -> ShadowConfig {
+    let dir = out.display().to_string();
+    let hosts = (info.nodes.iter())
+        .map(|n| {
+            let data_dir = n.data_dir.display().to_string();
+            let mut env = BTreeMap::new();
+            env.insert("RUST_LOG".to_owned(), "info".to_owned());
+            // One worker thread: Shadow runs every thread of thousands of
+            // processes; the daemon needs no more under it.
+            env.insert("TOKIO_WORKER_THREADS".to_owned(), "1".to_owned());
+            let daemon = Process {
+                path: opts.fogmesh.clone(),
+                args: vec!["--data-dir".into(), data_dir, "run".into()],
+                environment: env.clone(),
+                start_time: format!("{DAEMON_START_S}s"),
+                expected_final_state: serde_json::json!("running"),
+            };
+            let driver = Process {
+                path: opts.fogmesh_sim.clone(),
+                args: vec![
+                    "drive".into(),
+                    dir.clone(),
+                    "--node".into(),
+                    n.index.to_string(),
+                ],
+                environment: env,
+                start_time: format!("{DRIVER_START_S}s"),
+                expected_final_state: serde_json::json!({"exited": 0}),
+            };
+            let host = Host {
+                network_node_id: plan.region[n.index],
+                ip_addr: n.ip,
+                bandwidth_up: format!("{} bit", (plan.uplink[n.index] * 8.0).round() as u64),
+                bandwidth_down: "1 Gbit".to_owned(),
+                processes: vec![daemon, driver],
+            };
+            (n.host.clone(), host)
+        })
+        .collect();
+    ShadowConfig {
+        general: General {
+            stop_time: format!("{stop_s}s"),
+            model_unblocked_syscall_latency: true,
+        },
+        network: Network {
+            graph: Graph {
+                kind: "gml".to_owned(),
+                file: GraphFile {
+                    path: out.join("graph.gml"),
+                },
+            },
+            use_shortest_path: false,
+        },
+        hosts,
+    }
+}
+
+fn write(path: &Path, text: &str) -> anyhow::Result<()> {
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    Ok(if p.is_absolute() {
+        p.to_owned()
+    } else {
+        std::env::current_dir()?.join(p)
+    })
+}
+
+/// The workload driver of node `index` in export `dir`: waits for its
+/// daemon, creates the group (the admin) or waits for its id (the
+/// others), then sends its planned messages at their times, through the
+/// daemon's API as the CLI would.
+pub async fn drive(dir: &Path, index: usize) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(dir.join("drive.json"))
+        .with_context(|| format!("cannot read {}/drive.json", dir.display()))?;
+    let plan: DrivePlan = serde_json::from_str(&text).context("drive.json is corrupt")?;
+    let data_dir = (plan.data_dirs.get(index)).ok_or_else(|| anyhow!("no node {index}"))?;
+    let client = wait_for_daemon(data_dir).await?;
+    let at = |secs: u64, ms: f64| {
+        UNIX_EPOCH
+            + Duration::from_secs(plan.epoch_unix_s + secs)
+            + Duration::from_secs_f64(ms.max(0.0) / 1000.0)
+    };
+    let admin = plan.members.first().copied();
+    if admin == Some(index) {
+        sleep_until(at(plan.create_at_s, 0.0)).await;
+        let others = plan.members.iter().skip(1);
+        let group = CreateGroup {
+            name: plan.group_name.clone(),
+            description: String::new(),
+            members: others.map(|&i| plan.peer_ids[i].clone()).collect(),
+        };
+        let ack: GroupAck = client.post("groups", &group).await?;
+        let tmp = plan.group_id_file.with_extension("tmp");
+        std::fs::write(&tmp, &ack.group_id)?;
+        std::fs::rename(&tmp, &plan.group_id_file)?;
+        tracing::info!(group = %ack.group_id, "created the group");
+    }
+    // The texts are drawn as in-process: one draw per planned message, in
+    // order, whoever sends it.
+    let texts = workload::texts(&plan.messages, plan.seed);
+    let mine: Vec<(&PlannedMessage, String)> = (plan.messages.iter().zip(texts))
+        .filter(|(m, _)| m.publisher == index && m.to.is_none())
+        .collect();
+    if mine.is_empty() {
+        return Ok(());
+    }
+    let gid = wait_for_group_id(&plan.group_id_file).await?;
+    let (mut sent, mut failed) = (0usize, 0usize);
+    for (m, text) in mine {
+        sleep_until(at(plan.start_at_s, m.t_ms)).await;
+        let path = format!("groups/{gid}/messages");
+        match client
+            .post::<_, GroupAck>(&path, &PostMessage { text })
+            .await
+        {
+            Ok(_) => sent += 1,
+            Err(e) => {
+                failed += 1;
+                tracing::warn!("message at {} ms not sent: {e:#}", m.t_ms);
+            }
+        }
+    }
+    tracing::info!(sent, failed, "workload done");
+    Ok(())
+}
+
+async fn sleep_until(t: SystemTime) {
+    if let Ok(d) = t.duration_since(SystemTime::now()) {
+        tokio::time::sleep(d).await;
+    }
+}
+
+/// The client of the daemon on `data_dir`, once it answers.
+async fn wait_for_daemon(data_dir: &Path) -> anyhow::Result<Client> {
+    for _ in 0..600 {
+        if let Ok(c) = Client::from_data_dir(data_dir)
+            && c.get::<serde_json::Value>("health").await.is_ok()
+        {
+            return Ok(c);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!(
+        "the daemon on {} did not answer within 120 s",
+        data_dir.display()
+    )
+}
+
+/// The group id the admin's driver wrote.
+async fn wait_for_group_id(file: &Path) -> anyhow::Result<String> {
+    for _ in 0..3000 {
+        if let Ok(id) = std::fs::read_to_string(file) {
+            return Ok(id.trim().to_owned());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("no group id in {} within 600 s", file.display())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::collections::HashMap;
+
+    use fogmesh::config::{Overrides, Settings};
+    use libp2p::multiaddr::Protocol;
+    use libp2p::{Multiaddr, PeerId};
+
+    use super::*;
+
+    /// A small scenario on the world model (several regions, uplinks).
+    pub(crate) const SCENARIO: &str = r#"
+name = "shadow-test"
+nodes = 12
+duration_secs = 20
+seed = 7
+[topology]
+kind = "random"
+degree = 3
+[link]
+model = "world"
+loss = 0.001
+[workload]
+members = 12
+publishers = 3
+rate_per_sec = 2
+message_size = 64
+"#;
+
+    pub(crate) fn exported(dir: &Path) -> (Scenario, Plan, ExportInfo) {
+        let s: Scenario = toml::from_str(SCENARIO).expect("scenario");
+        s.check().expect("valid scenario");
+        let opts = ExportOptions {
+            seed: 7,
+            out: dir.to_owned(),
+            fogmesh: "/opt/fogmesh".into(),
+            fogmesh_sim: "/opt/fogmesh-sim".into(),
+            join_secs: 30,
+            local_port: None,
+        };
+        let info = export(&s, SCENARIO, &opts).expect("export");
+        (s.clone(), plan(&s, 7), info)
+    }
+
+    #[test]
+    fn export_matches_the_plan() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("x");
+        let (s, plan, info) = exported(&dir);
+
+        // The Shadow config parses as YAML and has one host per node, in
+        // its region, with its address, uplink and two processes.
+        let yaml = std::fs::read_to_string(dir.join("shadow.yaml")).expect("yaml");
+        let config: yaml_serde::Value = yaml_serde::from_str(&yaml).expect("valid YAML");
+        let hosts = config["hosts"].as_mapping().expect("hosts");
+        assert_eq!(hosts.len(), s.nodes);
+        for n in &info.nodes {
+            let h = &config["hosts"][n.host.as_str()];
+            assert_eq!(h["ip_addr"].as_str(), Some(n.ip.to_string().as_str()));
+            assert_eq!(
+                h["network_node_id"].as_u64(),
+                Some(plan.region[n.index] as u64)
+            );
+            let up = format!("{} bit", (plan.uplink[n.index] * 8.0).round() as u64);
+            assert_eq!(h["bandwidth_up"].as_str(), Some(up.as_str()));
+            let args = &h["processes"][0]["args"];
+            assert_eq!(args[1].as_str(), n.data_dir.to_str());
+            assert_eq!(
+                h["processes"][0]["expected_final_state"].as_str(),
+                Some("running")
+            );
+            assert_eq!(
+                h["processes"][1]["args"][3].as_str(),
+                Some(n.index.to_string().as_str())
+            );
+        }
+        assert!(config["general"]["stop_time"].as_str().is_some());
+
+        // Every prepared identity is the plan's, every config.toml is one
+        // the daemon accepts, and every bootstrap line names the peer id
+        // of the node at that address, along the topology's edges.
+        let by_ip: HashMap<String, &ExportNode> =
+            info.nodes.iter().map(|n| (n.ip.to_string(), n)).collect();
+        for n in &info.nodes {
+            let key = fogmesh::identity::load(&n.data_dir)
+                .expect("load")
+                .expect("identity");
+            assert_eq!(key.public().to_peer_id().to_base58(), n.peer_id);
+            assert_eq!(n.peer_id, plan.topology.nodes[n.index].peer_id);
+            let file = Overrides::load(&n.data_dir).expect("config.toml");
+            let set = Settings::resolve(n.data_dir.clone(), file, Overrides::default())
+                .expect("the daemon accepts the config");
+            assert_eq!(
+                set.listen,
+                vec![
+                    format!("/ip4/{}/tcp/4001", n.ip)
+                        .parse::<Multiaddr>()
+                        .expect("addr")
+                ]
+            );
+            assert!(!set.mdns);
+            let mut dialled = Vec::new();
+            for addr in &set.bootstrap {
+                let mut ip = None;
+                let mut peer = None;
+                for p in addr.iter() {
+                    match p {
+                        Protocol::Ip4(a) => ip = Some(a.to_string()),
+                        Protocol::P2p(id) => peer = Some(id),
+                        _ => {}
+                    }
+                }
+                let target = by_ip[&ip.expect("ip")];
+                assert_eq!(
+                    peer.map(|p: PeerId| p.to_base58()),
+                    Some(target.peer_id.clone())
+                );
+                dialled.push(target.index);
+            }
+            let mut planned: Vec<usize> = (plan.topology.edges.iter())
+                .filter(|e| e[0] == n.index)
+                .map(|e| e[1])
+                .collect();
+            dialled.sort_unstable();
+            planned.sort_unstable();
+            assert_eq!(dialled, planned, "node {}", n.index);
+            let admin = plan.workload.members[0];
+            let trusted: Vec<String> = set.trust.iter().map(|p| p.to_base58()).collect();
+            let expect: Vec<String> = if n.index == admin {
+                vec![]
+            } else {
+                vec![info.nodes[admin].peer_id.clone()]
+            };
+            assert_eq!(trusted, expect);
+        }
+
+        // The GML graph holds the model's one-way latency for every
+        // region pair (in microseconds) and the scenario's loss.
+        let gml = std::fs::read_to_string(dir.join("graph.gml")).expect("gml");
+        let mut edges = 0;
+        for block in gml.split("edge [").skip(1) {
+            let field = |name: &str| {
+                let line = block
+                    .lines()
+                    .find(|l| l.trim().starts_with(name))
+                    .expect(name);
+                line.trim()[name.len()..]
+                    .trim()
+                    .trim_matches('"')
+                    .to_owned()
+            };
+            let (a, b): (usize, usize) = (
+                field("source").parse().expect("a"),
+                field("target").parse().expect("b"),
+            );
+            let us: f64 = field("latency")
+                .trim_end_matches(" us")
+                .parse()
+                .expect("latency");
+            assert!((us / 1000.0 - plan.latency[a][b]).abs() < 1e-3, "{a}-{b}");
+            assert_eq!(field("packet_loss").parse::<f64>().expect("loss"), 0.001);
+            edges += 1;
+        }
+        let r = plan.latency.len();
+        assert_eq!(edges, r * (r + 1) / 2, "every region pair and self-loop");
+        assert!(r > 1, "the world model has regions");
+
+        // A second export into a non-empty directory is refused.
+        let again = ExportOptions {
+            seed: 7,
+            out: dir.clone(),
+            fogmesh: "/opt/fogmesh".into(),
+            fogmesh_sim: "/opt/fogmesh-sim".into(),
+            join_secs: 30,
+            local_port: None,
+        };
+        assert!(export(&s, SCENARIO, &again).is_err());
+    }
+
+    #[test]
+    fn radio_scenarios_are_refused() {
+        let s: Scenario =
+            toml::from_str("name = \"b\"\nnodes = 4\nduration_secs = 5\n[ble]\nnodes = 2\n")
+                .expect("scenario");
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let opts = ExportOptions {
+            seed: 1,
+            out: tmp.path().join("y"),
+            fogmesh: "/f".into(),
+            fogmesh_sim: "/s".into(),
+            join_secs: 1,
+            local_port: None,
+        };
+        let e = export(&s, "", &opts).expect_err("refused");
+        assert!(e.to_string().contains("BLE"), "{e}");
+    }
+}
