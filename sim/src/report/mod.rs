@@ -639,6 +639,44 @@ mod tests {
         );
     }
 
+    /// The physical limit by hand: regions 0, 1, 0 with 2 ms inside a
+    /// region and 35 ms between, uplinks of 1000 B/s (so a 100 B frame
+    /// takes 100 ms to leave). Delivered: "a" (node 0, 100 B) at node 1
+    /// after 10 ms (direct 35 + 100) and node 2 after 40 (direct 2 + 100);
+    /// "b" (node 1, 200 B) at node 0 after 750 (direct 35 + 200).
+    #[test]
+    fn physical_limit_by_hand() {
+        use crate::record::LinkRecord;
+        let link = LinkRecord {
+            region: vec![0, 1, 0],
+            latency_ms: vec![vec![2.0, 35.0], vec![35.0, 2.0]],
+            uplink_bps: vec![1000.0; 3],
+            internet: vec![true; 3],
+        };
+        let rec = RunRecord {
+            link: Some(link.clone()),
+            ..hand_made()
+        };
+        let p = summarize(&rec).physical_limit.expect("a link model");
+        assert_eq!(p.pairs, 3);
+        assert_eq!(
+            (p.direct_ms.p50, p.direct_ms.p99),
+            (Some(135.0), Some(235.0))
+        );
+        assert_eq!(p.delivery_ms.p99, Some(750.0));
+        assert!(close(p.p99_ratio, 750.0 / 235.0));
+        assert!(close(p.p50_ratio, 40.0 / 135.0));
+        // A radio-only node has no direct path: its pairs are left out.
+        let mut radio = link;
+        radio.internet[2] = false;
+        let rec = RunRecord {
+            link: Some(radio),
+            ..hand_made()
+        };
+        assert_eq!(summarize(&rec).physical_limit.expect("limit").pairs, 2);
+        assert!(summarize(&hand_made()).physical_limit.is_none());
+    }
+
     /// The direct figures from hand-made records: a delivered message, one
     /// delivered only by the recipient's record (untimed), one receipted
     /// but held back (undelivered), one lost; classes counted apart.
