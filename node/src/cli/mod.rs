@@ -241,9 +241,20 @@ fn man() -> anyhow::Result<()> {
 fn man_page(mut cmd: clap::Command, page: &mut Vec<u8>) -> std::io::Result<()> {
     use std::io::Write as _;
     cmd.build();
-    clap_mangen::Man::new(cmd.clone())
-        .manual("fogmesh manual")
-        .render(page)?;
+    let top = clap_mangen::Man::new(cmd.clone()).manual("fogmesh manual");
+    top.render_title(page)?;
+    top.render_name_section(page)?;
+    top.render_synopsis_section(page)?;
+    top.render_description_section(page)?;
+    top.render_options_section(page)?;
+    // clap_mangen's own command list points to a page per command; here
+    // each command is a section of this page.
+    writeln!(page, ".SH COMMANDS")?;
+    for c in cmd.get_subcommands().filter(|c| c.get_name() != "help") {
+        writeln!(page, ".TP\n\\fB{}\\fR", roff_escape(c.get_name()))?;
+        let about = c.get_about().map(|a| a.to_string()).unwrap_or_default();
+        writeln!(page, "{}", roff_line(&about))?;
+    }
     let mut stack: Vec<(String, clap::Command)> = vec![("fogmesh".into(), cmd)];
     while let Some((path, mut c)) = stack.pop() {
         let mut subs: Vec<(String, clap::Command)> = c
@@ -252,6 +263,9 @@ fn man_page(mut cmd: clap::Command, page: &mut Vec<u8>) -> std::io::Result<()> {
             .map(|s| (format!("{path} {}", s.get_name()), s.clone()))
             .collect();
         if path != "fogmesh" {
+            // The page is the same whatever the environment of the one who
+            // generates it: variables are named, not their values.
+            c = c.mut_args(|a| a.hide_env_values(true));
             writeln!(page, ".SH \"{}\"", roff_escape(&path.to_uppercase()))?;
             writeln!(page, ".nf")?;
             let help = c.render_long_help().to_string();
@@ -263,6 +277,7 @@ fn man_page(mut cmd: clap::Command, page: &mut Vec<u8>) -> std::io::Result<()> {
         subs.reverse();
         stack.extend(subs);
     }
+    top.render_version_section(page)?;
     Ok(())
 }
 
