@@ -138,7 +138,11 @@ fn streams_say_so_and_exit_3_when_the_daemon_stops() {
         } else {
             a.terminate();
         }
-        for (mut r, what) in [(group, "group follow"), (direct, "dm follow"), (events, "events")] {
+        for (mut r, what) in [
+            (group, "group follow"),
+            (direct, "dm follow"),
+            (events, "events"),
+        ] {
             let status = r.exit_within(Duration::from_secs(20), what);
             let err = r.stderr();
             assert_eq!(status.code(), Some(3), "{what} ({name}): {err}");
@@ -158,13 +162,13 @@ fn file_get_of_a_file_nobody_has_searches_and_can_be_cancelled() {
     let out = out.to_str().expect("utf-8");
 
     let unknown = "ab".repeat(32);
-    let (code, err) = code_and_err(
-        &a,
-        &["file", "get", &unknown, "-o", out, "--timeout", "2"],
-    );
+    let (code, err) = code_and_err(&a, &["file", "get", &unknown, "-o", out, "--timeout", "2"]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("searching for providers"), "{err}");
-    assert!(!err.contains("0 B/0 B") && !err.contains("sources"), "{err}");
+    assert!(
+        !err.contains("0 B/0 B") && !err.contains("sources"),
+        "{err}"
+    );
     assert!(err.contains("fogmesh file cancel"), "{err}");
     // The search goes on, as said, until cancelled.
     let list = a.json(&["file", "list"]);
@@ -176,14 +180,11 @@ fn file_get_of_a_file_nobody_has_searches_and_can_be_cancelled() {
 
     // Ctrl-C while it searches: the search is cancelled with it.
     let other = "cd".repeat(32);
-    let mut get = Running::start(
-        &a,
-        &["file", "get", &other, "-o", out],
-        tmp.path(),
-        "get",
-    );
+    let mut get = Running::start(&a, &["file", "get", &other, "-o", out], tmp.path(), "get");
     eventually(T, "the search to start", || {
-        get.stderr().contains("searching for providers").then_some(())
+        get.stderr()
+            .contains("searching for providers")
+            .then_some(())
     });
     let killed = std::process::Command::new("kill")
         .args(["-INT", &get.child.id().to_string()])
@@ -248,7 +249,10 @@ fn human_output_reads_well() {
     let shown = human(&a, "UTC", &["group", "show", &gid]);
     assert!(!shown.contains("member:      true"), "{shown}");
     assert!(shown.contains("this node:   a member"), "{shown}");
-    assert!(shown.contains(&format!("members:     {}", a.peer_id)), "{shown}");
+    assert!(
+        shown.contains(&format!("members:     {}", a.peer_id)),
+        "{shown}"
+    );
     let line = human(&a, "UTC", &["group", "list"]);
     assert!(line.contains(" 1 member, "), "{line}");
 
@@ -293,7 +297,16 @@ fn errors_are_prefixed_clear_and_coded() {
 
 #[test]
 fn completions_and_the_man_page_cover_every_command() {
-    let commands = ["run", "status", "group", "file", "radio", "send", "completions", "man"];
+    let commands = [
+        "run",
+        "status",
+        "group",
+        "file",
+        "radio",
+        "send",
+        "completions",
+        "man",
+    ];
     for shell in ["bash", "zsh", "fish"] {
         let out = fogmesh()
             .args(["completions", shell])
@@ -306,12 +319,14 @@ fn completions_and_the_man_page_cover_every_command() {
             assert!(script.contains(c), "{shell} completion lacks {c}");
         }
         // The shell itself reads it, where it is installed.
-        let path = std::env::temp_dir().join(format!(
-            "fogmesh-completion-{}.{shell}",
-            std::process::id()
-        ));
+        let path =
+            std::env::temp_dir().join(format!("fogmesh-completion-{}.{shell}", std::process::id()));
         std::fs::write(&path, &script).expect("write");
-        if let Ok(check) = std::process::Command::new(shell).arg("-n").arg(&path).output() {
+        if let Ok(check) = std::process::Command::new(shell)
+            .arg("-n")
+            .arg(&path)
+            .output()
+        {
             assert!(
                 check.status.success(),
                 "{shell} -n: {}",
@@ -321,7 +336,10 @@ fn completions_and_the_man_page_cover_every_command() {
         let _ = std::fs::remove_file(&path);
     }
     let (code, _) = {
-        let out = fogmesh().args(["completions", "powershell"]).output().expect("run");
+        let out = fogmesh()
+            .args(["completions", "powershell"])
+            .output()
+            .expect("run");
         (out.status.code(), ())
     };
     assert_eq!(code, Some(2), "an unknown shell is a usage error");

@@ -63,7 +63,10 @@ enum Opening {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         device: Option<String>,
     },
-    Attach { link: u64, token: u64 },
+    Attach {
+        link: u64,
+        token: u64,
+    },
     Admin(AdminRequest),
 }
 
@@ -487,7 +490,11 @@ struct Session {
 
 /// Opens a control session with the medium at `socket`: for a new radio
 /// (`device` `None`), or for one that rejoins with its address.
-async fn open(socket: &Path, position: Position, device: Option<DeviceAddr>) -> io::Result<Session> {
+async fn open(
+    socket: &Path,
+    position: Position,
+    device: Option<DeviceAddr>,
+) -> io::Result<Session> {
     let conn = UnixStream::connect(socket).await.map_err(|e| {
         io::Error::new(
             e.kind(),

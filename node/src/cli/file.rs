@@ -238,10 +238,8 @@ enum Phase {
 
 impl Progress {
     fn new(file_id: &str) -> Self {
-        let bar = indicatif::ProgressBar::with_draw_target(
-            None,
-            indicatif::ProgressDrawTarget::stderr(),
-        );
+        let bar =
+            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
         Progress {
             bar,
             file_id: file_id.to_owned(),

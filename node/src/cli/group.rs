@@ -138,7 +138,8 @@ pub(super) async fn run(client: Client, cmd: GroupCommand, out: Output) -> anyho
             let msgs: Vec<GroupMessage> = client.get(&messages_path(&group_id, limit)).await?;
             let names = super::names(&client, out).await;
             out.show(&msgs, |w, msgs| {
-                msgs.iter().try_for_each(|m| write_message(&mut *w, m, &names))
+                msgs.iter()
+                    .try_for_each(|m| write_message(&mut *w, m, &names))
             })
         }
         GroupCommand::Messages {

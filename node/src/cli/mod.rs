@@ -365,8 +365,20 @@ mod tests {
         assert_eq!(
             names,
             [
-                "run", "id", "status", "peers", "connect", "events", "radio", "group", "file",
-                "send", "messages", "outbox", "completions", "man"
+                "run",
+                "id",
+                "status",
+                "peers",
+                "connect",
+                "events",
+                "radio",
+                "group",
+                "file",
+                "send",
+                "messages",
+                "outbox",
+                "completions",
+                "man"
             ]
         );
     }
@@ -376,9 +388,20 @@ mod tests {
         let mut page = Vec::new();
         man_page(Cli::command(), &mut page).expect("render");
         let page = String::from_utf8(page).expect("utf-8");
-        assert!(page.starts_with(".ie") || page.contains(".TH fogmesh 1"), "{page:.200}");
-        for section in ["FOGMESH GROUP CREATE", "FOGMESH FILE GET", "FOGMESH RADIO SERVE", "FOGMESH SEND"] {
-            assert!(page.contains(&format!(".SH \"{section}\"")), "{section} missing");
+        assert!(
+            page.starts_with(".ie") || page.contains(".TH fogmesh 1"),
+            "{page:.200}"
+        );
+        for section in [
+            "FOGMESH GROUP CREATE",
+            "FOGMESH FILE GET",
+            "FOGMESH RADIO SERVE",
+            "FOGMESH SEND",
+        ] {
+            assert!(
+                page.contains(&format!(".SH \"{section}\"")),
+                "{section} missing"
+            );
         }
         // A help line that starts with a dot cannot become a request.
         assert_eq!(roff_line(".x"), "\\&.x");

@@ -209,7 +209,10 @@ fn time_in(ms: u64, tz: &jiff::tz::TimeZone) -> String {
         .ok()
         .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
     {
-        Some(t) => t.to_zoned(tz.clone()).strftime("%Y-%m-%d %H:%M:%S").to_string(),
+        Some(t) => t
+            .to_zoned(tz.clone())
+            .strftime("%Y-%m-%d %H:%M:%S")
+            .to_string(),
         // Out of jiff's range (a peer's clock can say anything): as given.
         None => format!("@{ms}ms"),
     }
@@ -242,11 +245,7 @@ impl Names {
 /// characters (what tells peers apart; `grep` finds the full id by them).
 /// Anything else that is not a plain short token is shown escaped.
 pub(super) fn short_peer(peer: &str) -> std::borrow::Cow<'_, str> {
-    let tail = peer
-        .char_indices()
-        .rev()
-        .nth(7)
-        .map(|(i, _)| &peer[i..]);
+    let tail = peer.char_indices().rev().nth(7).map(|(i, _)| &peer[i..]);
     match tail {
         Some(t) if peer.len() > 16 && peer.is_ascii() => std::borrow::Cow::Owned(format!("…{t}")),
         _ => one_line(peer),
@@ -378,7 +377,10 @@ mod tests {
         assert_eq!(short_peer("a\u{1b}b"), "a\\x1bb");
         let names = Names::new(Some(id.to_owned()));
         assert_eq!(names.peer(id), "me");
-        assert_eq!(names.peer("12D3KooWother000000000000000000012345678"), "…12345678");
+        assert_eq!(
+            names.peer("12D3KooWother000000000000000000012345678"),
+            "…12345678"
+        );
     }
 
     #[test]
