@@ -3,6 +3,10 @@
 //! identity file) and `radio` (which serves or drives a simulated BLE
 //! medium).
 //!
+//! `completions` and `man` print a shell completion script and the man page,
+//! both generated from these clap definitions (clap_complete,
+//! clap_mangen), with no daemon and no data directory.
+//!
 //! This module holds the parser's top (global flags, the command families),
 //! the dispatch and the exit codes; each family lives in its own module
 //! ([`run`], [`node`], [`group`], [`file`], [`radio`]) and prints through
