@@ -253,3 +253,69 @@ async fn libp2p_runs_unchanged_over_ble() {
     // Two one-way latencies of 15 ms at least.
     assert!(rtt >= Duration::from_millis(30), "rtt {rtt:?}");
 }
+
+/// Serves a new, empty medium on `sock` (as a restarted `fogmesh radio
+/// serve` does); cancel the token to stop it.
+fn serve_on(sock: &std::path::Path) -> tokio_util::sync::CancellationToken {
+    let _ = std::fs::remove_file(sock);
+    let listener = tokio::net::UnixListener::bind(sock).expect("bind");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let medium = Medium::new(LinkModel {
+        range_m: 20.0,
+        ..LinkModel::default()
+    });
+    tokio::spawn(fogmesh_ble::sim::serve(listener, medium, stop.clone()));
+    stop
+}
+
+#[tokio::test]
+async fn radios_rejoin_a_restarted_medium() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sock = dir.path().join("radio.sock");
+    let first = serve_on(&sock);
+    let a = SocketRadio::connect(&sock, Position { x: 0.0, y: 0.0 })
+        .await
+        .expect("a joins");
+    let b = SocketRadio::connect(&sock, Position { x: 15.0, y: 0.0 })
+        .await
+        .expect("b joins");
+    let (a_addr, b_addr) = (a.address(), b.address());
+    let mut incoming = a.listen(advert(7)).await.expect("listen");
+    let mut scan = b.scan();
+    assert!(matches!(
+        next_found(&mut scan).await,
+        Neighbour::Found { device, .. } if device == a_addr
+    ));
+
+    // The medium goes away: b loses a, and its scan stays open.
+    first.cancel();
+    assert_eq!(
+        next_found(&mut scan).await,
+        Neighbour::Lost { device: a_addr }
+    );
+    // A new medium on the same socket, joined in the other order: both
+    // keep their addresses, a advertises again, b hears it, they link.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = serve_on(&sock);
+    let found = tokio::time::timeout(Duration::from_secs(20), scan.next())
+        .await
+        .expect("a heard again within the back-off")
+        .expect("scan open");
+    assert!(
+        matches!(found, Neighbour::Found { device, advert: ad, .. } if device == a_addr && ad == advert(7)),
+        "{found:?}"
+    );
+    assert_eq!((a.address(), b.address()), (a_addr, b_addr));
+    let mut out = b.connect(a_addr).await.expect("connect after the restart");
+    let mut inn = tokio::time::timeout(Duration::from_secs(5), incoming.next())
+        .await
+        .expect("incoming in time")
+        .expect("the listener survived")
+        .expect("link");
+    assert_eq!(inn.remote, b_addr);
+    out.io.write_all(b"again").await.expect("write");
+    let mut got = [0u8; 5];
+    inn.io.read_exact(&mut got).await.expect("read");
+    assert_eq!(&got, b"again");
+    second.cancel();
+}

@@ -12,6 +12,35 @@ use serde::de::DeserializeOwned;
 use crate::api::{ENDPOINT_FILE, Endpoint, TOKEN_FILE};
 use crate::types::{ApiError, NodeEvent};
 
+/// Why a request to the daemon did not give an answer; the CLI maps each
+/// kind to its exit code.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// No daemon runs on the data directory, or it does not answer at the
+    /// address it wrote there.
+    #[error("{0}")]
+    NotRunning(String),
+    /// The daemon stopped while a stream (events, `--follow`) was open.
+    #[error("the fogmesh daemon stopped")]
+    Stopped,
+    /// The daemon has no such object (HTTP 404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The daemon refused the request as malformed or not allowed (HTTP
+    /// 4xx): its message says why.
+    #[error("{0}")]
+    Refused(String),
+    /// The daemon failed or was too busy (HTTP 5xx).
+    #[error("{msg} (HTTP {status})")]
+    Failed {
+        /// What it said.
+        msg: String,
+        /// The status code.
+        status: u16,
+    },
+}
+
 /// A client of one daemon's API.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -24,16 +53,16 @@ impl Client {
     /// Finds the daemon running on `data_dir`.
     pub fn from_data_dir(data_dir: &Path) -> anyhow::Result<Self> {
         let not_running = || {
-            anyhow!(
+            ClientError::NotRunning(format!(
                 "no fogmesh daemon is running on data directory {} (start one with `fogmesh run --data-dir {}`)",
                 data_dir.display(),
                 data_dir.display()
-            )
+            ))
         };
         let endpoint_path: PathBuf = data_dir.join(ENDPOINT_FILE);
         let text = match std::fs::read_to_string(&endpoint_path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_running()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_running().into()),
             Err(e) => {
                 return Err(e).with_context(|| format!("cannot read {}", endpoint_path.display()));
             }
@@ -118,10 +147,11 @@ impl Client {
     async fn send(&self, req: reqwest::RequestBuilder) -> anyhow::Result<reqwest::Response> {
         req.bearer_auth(&self.token).send().await.map_err(|e| {
             if e.is_connect() {
-                anyhow!(
+                ClientError::NotRunning(format!(
                     "cannot reach the fogmesh daemon at {} (is it running?)",
                     self.base
-                )
+                ))
+                .into()
             } else {
                 anyhow!("request to the daemon failed: {e}")
             }
@@ -139,10 +169,16 @@ async fn decode<T: DeserializeOwned>(resp: reqwest::Response) -> anyhow::Result<
         let msg = serde_json::from_slice::<ApiError>(&bytes)
             .map(|e| e.error)
             .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-        if status == reqwest::StatusCode::NOT_FOUND {
-            return Err(crate::cli::NothingFound(msg).into());
+        return Err(match status.as_u16() {
+            404 => ClientError::NotFound(msg),
+            s @ 400..=499 => ClientError::Refused(if msg.trim().is_empty() {
+                format!("the daemon refused the request (HTTP {s})")
+            } else {
+                msg
+            }),
+            s => ClientError::Failed { msg, status: s },
         }
-        bail!("{msg} (HTTP {})", status.as_u16());
+        .into());
     }
     serde_json::from_slice(&bytes).context("the daemon's answer is not what this client expects")
 }
@@ -161,7 +197,8 @@ const MAX_EVENT_LINE: usize = 1 << 20;
 
 impl EventStream {
     /// The next event; `None` when the daemon ended the stream (it
-    /// stopped). Events this client does not know are skipped.
+    /// stopped; [`next_or_stopped`](Self::next_or_stopped) makes that an
+    /// error). Events this client does not know are skipped.
     ///
     /// Cancel-safe: dropping the future loses no event (received bytes
     /// stay buffered in `self`).
@@ -180,6 +217,24 @@ impl EventStream {
                 Some(chunk) => self.buf.extend_from_slice(&chunk),
                 None => return Ok(None),
             }
+        }
+    }
+}
+
+impl EventStream {
+    /// The next event; the daemon stopping (the stream ending, or breaking
+    /// as when the daemon was killed) is [`ClientError::Stopped`].
+    /// Cancel-safe, as [`next`](Self::next).
+    pub async fn next_or_stopped(&mut self) -> anyhow::Result<NodeEvent> {
+        match self.next().await {
+            Ok(Some(ev)) => Ok(ev),
+            Ok(None) => Err(ClientError::Stopped.into()),
+            // The connection broke (not a bad line): the daemon is gone.
+            Err(e) if e.chain().any(|c| c.is::<reqwest::Error>()) => {
+                tracing::debug!("event stream: {e:#}");
+                Err(ClientError::Stopped.into())
+            }
+            Err(e) => Err(e),
         }
     }
 }

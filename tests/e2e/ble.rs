@@ -502,3 +502,46 @@ fn observe_gateway(gw: &Daemon, target: &str) -> Heard {
         heard
     })
 }
+
+/// `fogmesh radio serve` restarted under running nodes: they rejoin the
+/// new medium by themselves (same device addresses), link again, and a
+/// group message and a direct message go through.
+#[test]
+fn nodes_rejoin_a_restarted_radio_medium() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let medium = Medium::start(tmp.path(), &["--range", "30"]);
+    let a = offline(&tmp.path().join("a"), &medium, "0,0");
+    let b = offline(&tmp.path().join("b"), &medium, "12,5");
+    wait_ble_link(&a, &b);
+    let gid = group_create(&a, &[&b]);
+    wait_member(&b, &gid);
+    let (dev_a, dev_b) = (device(&a), device(&b));
+
+    drop(medium);
+    eventually(T, "the nodes to notice the medium is gone", || {
+        (ble_peers(&a).is_empty() && ble_peers(&b).is_empty()).then_some(())
+    });
+    let medium = Medium::start(tmp.path(), &["--range", "30"]);
+    wait_ble_link(&a, &b);
+    assert_eq!((device(&a), device(&b)), (dev_a, dev_b), "addresses kept");
+    let out = medium.radio(&["list", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).expect("radio list --json");
+    assert_eq!(list["devices"].as_array().map(Vec::len), Some(2), "{list}");
+
+    send(&a, &gid, "after the restart");
+    wait_texts(&b, &gid, &["after the restart"]);
+    let sent = b.json(&["send", &a.peer_id, "direct, after the restart"]);
+    let id = sent["message_id"].as_str().expect("message_id").to_owned();
+    eventually(T, "the direct message delivered", || {
+        let m = b.json_or_nothing(&["messages", &a.peer_id]);
+        m.as_array()?
+            .iter()
+            .any(|m| m["id"] == id.as_str() && m["state"] == "delivered")
+            .then_some(())
+    });
+    assert!(
+        a.stderr().contains("rejoined the radio medium"),
+        "{}",
+        a.stderr()
+    );
+}

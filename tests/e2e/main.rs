@@ -3,6 +3,7 @@
 //! the CLI and the local API the way an operator drives them.
 
 mod ble;
+mod cli;
 mod files;
 mod groups;
 mod messages;

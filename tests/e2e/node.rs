@@ -195,9 +195,11 @@ fn bad_arguments_exit_2_with_a_clear_message() {
     let out = run(&["no-such-command"]);
     assert_eq!(out.status.code(), Some(2));
 
-    // A client command with no daemon says so.
+    // A client command with no daemon says so, with its own exit code
+    // (not 2, which a script would read as a usage error).
     let out = run(&["status"]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: "));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no fogmesh daemon is running"));
 
     // A broken config file is named.

@@ -49,10 +49,15 @@ fn commands_printing_into_a_closed_pipe_exit_0() {
     assert!(!err.contains("panicked") && !err.contains("error"), "{err}");
 
     let a = Daemon::start(&tmp.path().join("a"), &[]);
+    // `peers | head -1` needs a peer to print.
+    let b = Daemon::start(&tmp.path().join("b"), &["--bootstrap", &a.tcp_addr()]);
+    a.wait_connected(&b.peer_id, Duration::from_secs(60));
     for args in [
         &["status"][..],
         &["status", "--json"],
         &["group", "list", "--json"],
+        &["peers"],
+        &["peers", "--json"],
     ] {
         let out = fogmesh()
             .args(args)
@@ -83,6 +88,7 @@ fn followers_stop_when_their_reader_leaves() {
         &["events"][..],
         &["events", "--json"],
         &["group", "messages", &gid, "--follow"],
+        &["messages", "--follow"],
     ] {
         let (reader, writer) = std::io::pipe().expect("pipe");
         let mut child = fogmesh()

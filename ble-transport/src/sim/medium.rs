@@ -240,11 +240,43 @@ impl Medium {
     /// across restarts).
     pub fn join_counted(&self, pos: Position, sent: Arc<AtomicU64>) -> SimRadio {
         let mut st = self.state();
-        let n = st.next_device;
-        st.next_device += 1;
-        let b = n.to_be_bytes();
-        // A "random static" address: the two top bits set.
-        let addr = DeviceAddr([0xc0, 0x00, b[0], b[1], b[2], b[3]]);
+        // The next address no device holds (one may have asked for its
+        // own with `join_as`).
+        let addr = loop {
+            let n = st.next_device;
+            st.next_device = st.next_device.wrapping_add(1);
+            let b = n.to_be_bytes();
+            // A "random static" address: the two top bits set.
+            let addr = DeviceAddr([0xc0, 0x00, b[0], b[1], b[2], b[3]]);
+            if !st.devices.contains_key(&addr) {
+                break addr;
+            }
+        };
+        Self::add_locked(&mut st, addr, pos, sent);
+        drop(st);
+        SimRadio {
+            medium: self.clone(),
+            addr,
+        }
+    }
+
+    /// Adds a device at `pos` with the address `addr` (a radio that
+    /// rejoins a medium keeps its address); `None` when a device on the
+    /// medium holds it.
+    pub fn join_as(&self, addr: DeviceAddr, pos: Position) -> Option<SimRadio> {
+        let mut st = self.state();
+        if st.devices.contains_key(&addr) {
+            return None;
+        }
+        Self::add_locked(&mut st, addr, pos, Arc::default());
+        drop(st);
+        Some(SimRadio {
+            medium: self.clone(),
+            addr,
+        })
+    }
+
+    fn add_locked(st: &mut State, addr: DeviceAddr, pos: Position, sent: Arc<AtomicU64>) {
         st.devices.insert(
             addr,
             Dev {
@@ -255,11 +287,6 @@ impl Medium {
                 scanners: Vec::new(),
             },
         );
-        drop(st);
-        SimRadio {
-            medium: self.clone(),
-            addr,
-        }
     }
 
     /// Every device, with its position and links.

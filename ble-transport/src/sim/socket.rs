@@ -16,6 +16,17 @@
 //! - `{"admin":{..}}` asks one question (`list`, `move`, `drop`) and gets
 //!   one JSON answer.
 //!
+//!   A radio that rejoins adds `"device":ADDR` to keep its address; the
+//!   server answers `{"failed":{"req":0,..}}` and closes if a device holds
+//!   it.
+//!
+//! A [`SocketRadio`] whose connection to the medium breaks (the medium
+//! restarted) reports every neighbour lost, fails the requests in flight,
+//! and rejoins with back-off (250 ms doubling to 5 s), keeping its address,
+//! its position, its scanners and its listener (it advertises again): the
+//! node above sees neighbours leave and come back, as when walking out of
+//! range and back.
+//!
 //! Lines are capped at [`MAX_LINE`] bytes.
 
 use std::collections::HashMap;
@@ -45,8 +56,17 @@ pub const MAX_LINE: usize = 64 * 1024;
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 enum Opening {
-    Hello { position: Position },
-    Attach { link: u64, token: u64 },
+    Hello {
+        position: Position,
+        /// The address a rejoining radio asks to keep (it had it before the
+        /// medium restarted or the connection broke).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        device: Option<String>,
+    },
+    Attach {
+        link: u64,
+        token: u64,
+    },
     Admin(AdminRequest),
 }
 
@@ -174,8 +194,28 @@ async fn handle(
             let _ = tokio::io::copy_bidirectional(&mut conn, &mut link).await;
             Ok(())
         }
-        Opening::Hello { position } => {
-            let radio = medium.join(position);
+        Opening::Hello { position, device } => {
+            let radio = match device {
+                None => medium.join(position),
+                Some(d) => {
+                    let claimed = d
+                        .parse::<DeviceAddr>()
+                        .ok()
+                        .and_then(|d| medium.join_as(d, position));
+                    let Some(radio) = claimed else {
+                        // Taken (its old session may not have left yet) or
+                        // malformed: the client tries again later.
+                        let no = ServerMsg::Failed {
+                            req: 0,
+                            error: format!("device {d} is not free on this medium"),
+                        };
+                        wr.write_all(format!("{}\n", to_line(&no)).as_bytes())
+                            .await?;
+                        return wr.shutdown().await;
+                    };
+                    radio
+                }
+            };
             let (out_tx, out_rx) = mpsc::unbounded::<String>();
             let send = |m: ServerMsg| {
                 let _ = out_tx.unbounded_send(to_line(&m));
@@ -402,22 +442,31 @@ pub async fn admin(socket: &Path, req: AdminRequest) -> io::Result<serde_json::V
 /// `listen`, or the medium's error.
 type Answer = Result<Option<(u64, u64)>, String>;
 
-#[derive(Default)]
 struct ClientState {
     next_req: u64,
     waiting: HashMap<u64, oneshot::Sender<Answer>>,
     incoming: Option<mpsc::Sender<io::Result<Link>>>,
     scanners: Vec<mpsc::UnboundedSender<Neighbour>>,
     heard: HashMap<DeviceAddr, Advert>,
-    closed: bool,
+    /// The lines to the medium, while connected; `None` while rejoining.
+    out: Option<mpsc::UnboundedSender<String>>,
+    /// Where the radio is (sent again on rejoining).
+    position: Position,
+    /// What it advertises, once listening (advertised again on
+    /// rejoining).
+    advert: Option<Advert>,
 }
+
+/// First back-off before rejoining a medium, doubled per failed attempt.
+const REJOIN_FIRST: std::time::Duration = std::time::Duration::from_millis(250);
+/// Longest back-off between attempts to rejoin a medium.
+const REJOIN_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A radio on a medium served by another process.
 pub struct SocketRadio {
     addr: DeviceAddr,
     limits: LinkLimits,
     socket: PathBuf,
-    out: mpsc::UnboundedSender<String>,
     state: Arc<Mutex<ClientState>>,
     _session: tokio_util::sync::DropGuard,
 }
@@ -431,104 +480,196 @@ impl std::fmt::Debug for SocketRadio {
     }
 }
 
-impl SocketRadio {
-    /// Joins the medium at `socket`, at `position`.
-    pub async fn connect(socket: &Path, position: Position) -> io::Result<SocketRadio> {
-        let conn = UnixStream::connect(socket).await.map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!(
-                    "cannot reach the radio medium at {} (is `fogmesh radio serve` running?): {e}",
-                    socket.display()
-                ),
-            )
-        })?;
-        let (rd, mut wr) = conn.into_split();
-        wr.write_all(format!("{}\n", to_line(&Opening::Hello { position })).as_bytes())
-            .await?;
-        let mut lines = FramedRead::new(rd, LinesCodec::new_with_max_length(MAX_LINE));
-        let first = lines
-            .next()
-            .await
-            .ok_or_else(|| bad("the medium closed the connection"))?
-            .map_err(|e| bad(e.to_string()))?;
-        let (addr, model) = match serde_json::from_str(&first) {
-            Ok(ServerMsg::Welcome { device, model }) => (
-                device
-                    .parse::<DeviceAddr>()
-                    .map_err(|e| bad(e.to_string()))?,
-                model,
+/// One control session's socket, once welcomed.
+struct Session {
+    device: DeviceAddr,
+    model: LinkModel,
+    lines: FramedRead<tokio::net::unix::OwnedReadHalf, LinesCodec>,
+    wr: tokio::net::unix::OwnedWriteHalf,
+}
+
+/// Opens a control session with the medium at `socket`: for a new radio
+/// (`device` `None`), or for one that rejoins with its address.
+async fn open(
+    socket: &Path,
+    position: Position,
+    device: Option<DeviceAddr>,
+) -> io::Result<Session> {
+    let conn = UnixStream::connect(socket).await.map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot reach the radio medium at {} (is `fogmesh radio serve` running?): {e}",
+                socket.display()
             ),
-            _ => return Err(bad("the medium did not welcome us")),
-        };
-        let (out, out_rx) = mpsc::unbounded::<String>();
-        let state: Arc<Mutex<ClientState>> = Arc::default();
-        let session = CancellationToken::new();
-        let s = session.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = s.cancelled() => {}
-                _ = write_lines(wr, out_rx) => {}
-            }
-        });
-        let st = state.clone();
-        let s = session.clone();
-        let sock = socket.to_path_buf();
-        tokio::spawn(async move {
-            loop {
-                let line = tokio::select! {
-                    _ = s.cancelled() => break,
-                    l = lines.next() => match l { Some(Ok(l)) => l, _ => break },
-                };
-                match serde_json::from_str::<ServerMsg>(&line) {
-                    Ok(m) => on_server_msg(&st, &sock, m),
-                    Err(e) => tracing::debug!("radio medium sent a bad line: {e}"),
-                }
-            }
-            // The medium is gone: every neighbour with it.
-            let mut g = st.lock().unwrap_or_else(|e| e.into_inner());
-            g.closed = true;
-            let heard: Vec<DeviceAddr> = g.heard.drain().map(|(d, _)| d).collect();
-            for d in heard {
-                g.scanners
-                    .retain(|tx| tx.unbounded_send(Neighbour::Lost { device: d }).is_ok());
-            }
-            g.scanners.clear();
-            g.incoming = None;
-            for (_, w) in g.waiting.drain() {
-                let _ = w.send(Err("the radio medium closed".into()));
-            }
-            tracing::warn!("lost the connection to the radio medium");
-        });
+        )
+    })?;
+    let (rd, mut wr) = conn.into_split();
+    let hello = Opening::Hello {
+        position,
+        device: device.map(|d| d.to_string()),
+    };
+    wr.write_all(format!("{}\n", to_line(&hello)).as_bytes())
+        .await?;
+    let mut lines = FramedRead::new(rd, LinesCodec::new_with_max_length(MAX_LINE));
+    let first = lines
+        .next()
+        .await
+        .ok_or_else(|| bad("the medium closed the connection"))?
+        .map_err(|e| bad(e.to_string()))?;
+    match serde_json::from_str(&first) {
+        Ok(ServerMsg::Welcome { device, model }) => Ok(Session {
+            device: device
+                .parse::<DeviceAddr>()
+                .map_err(|e| bad(e.to_string()))?,
+            model,
+            lines,
+            wr,
+        }),
+        Ok(ServerMsg::Failed { error, .. }) => Err(bad(format!("the medium refused us: {error}"))),
+        _ => Err(bad("the medium did not welcome us")),
+    }
+}
+
+impl SocketRadio {
+    /// Joins the medium at `socket`, at `position`. If the connection
+    /// breaks later (the medium restarted), the radio rejoins by itself.
+    pub async fn connect(socket: &Path, position: Position) -> io::Result<SocketRadio> {
+        let session = open(socket, position, None).await?;
+        let addr = session.device;
+        let limits = session.model.limits();
+        let state = Arc::new(Mutex::new(ClientState {
+            next_req: 0,
+            waiting: HashMap::new(),
+            incoming: None,
+            scanners: Vec::new(),
+            heard: HashMap::new(),
+            out: None,
+            position,
+            advert: None,
+        }));
+        let stop = CancellationToken::new();
+        let lines = start(&state, session);
+        tokio::spawn(supervise(
+            state.clone(),
+            socket.to_path_buf(),
+            addr,
+            lines,
+            stop.clone(),
+        ));
         Ok(SocketRadio {
             addr,
-            limits: model.limits(),
+            limits,
             socket: socket.to_path_buf(),
-            out,
             state,
-            _session: session.drop_guard(),
+            _session: stop.drop_guard(),
         })
     }
 
     /// Moves this radio.
     pub fn set_position(&self, position: Position) {
-        let _ = self
-            .out
-            .unbounded_send(to_line(&ClientMsg::Move { position }));
+        let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        g.position = position;
+        if let Some(out) = &g.out {
+            let _ = out.unbounded_send(to_line(&ClientMsg::Move { position }));
+        }
     }
 
     fn request(&self, make: impl FnOnce(u64) -> ClientMsg) -> oneshot::Receiver<Answer> {
         let (tx, rx) = oneshot::channel();
         let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if g.closed {
-            let _ = tx.send(Err("the radio medium closed".into()));
+        let Some(out) = g.out.clone() else {
+            let _ = tx.send(Err("the radio medium closed (rejoining)".into()));
             return rx;
-        }
+        };
         g.next_req += 1;
         let req = g.next_req;
         g.waiting.insert(req, tx);
-        let _ = self.out.unbounded_send(to_line(&make(req)));
+        let _ = out.unbounded_send(to_line(&make(req)));
         rx
+    }
+}
+
+/// Puts a welcomed session to use: its writer task, and the radio's
+/// advertisement again if it listens. Returns the session's lines, which
+/// the caller reads.
+fn start(
+    state: &Arc<Mutex<ClientState>>,
+    session: Session,
+) -> FramedRead<tokio::net::unix::OwnedReadHalf, LinesCodec> {
+    let (out, out_rx) = mpsc::unbounded::<String>();
+    let mut g = state.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(advert) = g.advert {
+        // No one waits for this answer: a failure is only logged.
+        g.next_req += 1;
+        let req = g.next_req;
+        let _ = out.unbounded_send(to_line(&ClientMsg::Listen {
+            req,
+            advert: hex::encode(advert.encode()),
+        }));
+    }
+    g.out = Some(out);
+    drop(g);
+    // The writer ends when the sender (in the state) is dropped or
+    // replaced, or the socket fails.
+    tokio::spawn(write_lines(session.wr, out_rx));
+    session.lines
+}
+
+/// Reads the medium's lines; when the connection breaks, reports the
+/// neighbours lost and rejoins with back-off, until `stop`.
+async fn supervise(
+    state: Arc<Mutex<ClientState>>,
+    socket: PathBuf,
+    addr: DeviceAddr,
+    mut lines: FramedRead<tokio::net::unix::OwnedReadHalf, LinesCodec>,
+    stop: CancellationToken,
+) {
+    loop {
+        loop {
+            let line = tokio::select! {
+                _ = stop.cancelled() => return,
+                l = lines.next() => match l { Some(Ok(l)) => l, _ => break },
+            };
+            match serde_json::from_str::<ServerMsg>(&line) {
+                Ok(m) => on_server_msg(&state, &socket, m),
+                Err(e) => tracing::debug!("radio medium sent a bad line: {e}"),
+            }
+        }
+        lost(&state);
+        tracing::warn!("lost the connection to the radio medium; rejoining");
+        let mut wait = REJOIN_FIRST;
+        let session = loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                () = tokio::time::sleep(wait) => {}
+            }
+            let position = state.lock().unwrap_or_else(|e| e.into_inner()).position;
+            match open(&socket, position, Some(addr)).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    tracing::debug!("cannot rejoin the radio medium yet: {e}");
+                    wait = (wait * 2).min(REJOIN_MAX);
+                }
+            }
+        };
+        tracing::info!(device = %addr, "rejoined the radio medium");
+        lines = start(&state, session);
+    }
+}
+
+/// The medium is gone: every neighbour with it, every request in flight
+/// fails; scanners and the listener stay for the next session.
+fn lost(state: &Arc<Mutex<ClientState>>) {
+    let mut g = state.lock().unwrap_or_else(|e| e.into_inner());
+    g.out = None;
+    let heard: Vec<DeviceAddr> = g.heard.drain().map(|(d, _)| d).collect();
+    for d in heard {
+        g.scanners
+            .retain(|tx| tx.unbounded_send(Neighbour::Lost { device: d }).is_ok());
+    }
+    for (_, w) in g.waiting.drain() {
+        let _ = w.send(Err("the radio medium closed".into()));
     }
 }
 
@@ -618,10 +759,11 @@ impl Radio for SocketRadio {
 
     fn listen(&self, advert: Advert) -> BoxFuture<'static, io::Result<Incoming>> {
         let (tx, rx) = mpsc::channel(16);
-        self.state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .incoming = Some(tx);
+        {
+            let mut g = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            g.incoming = Some(tx);
+            g.advert = Some(advert);
+        }
         let answer = self.request(|req| ClientMsg::Listen {
             req,
             advert: hex::encode(advert.encode()),

@@ -10,9 +10,9 @@ use clap::Subcommand;
 use serde::{Deserialize, Serialize};
 
 use super::NothingFound;
-use super::output::{self, Human, Output};
+use super::output::{self, Human, Output, plural};
 use crate::client::Client;
-use crate::files::FileStatus;
+use crate::files::{FileState, FileStatus};
 use crate::types::{GetFile, ShareFile};
 
 /// How often `file get` asks the daemon how the download is going.
@@ -159,49 +159,151 @@ async fn get(
     let mut st: FileStatus = client
         .post(&format!("files/{file_id}/get"), &request)
         .await?;
-    let bar = progress_bar(st.bytes_total);
+    let mut progress = Progress::new(file_id);
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
     loop {
         match st.state.as_str() {
             "complete" => break,
             "failed" => {
-                bar.abandon();
+                progress.abandon();
                 let why = st.error.unwrap_or_default();
                 anyhow::bail!("download of {file_id} failed: {why}");
             }
             "searching" if start.elapsed() > timeout => {
-                bar.abandon();
+                progress.abandon();
                 let secs = timeout.as_secs();
                 return Err(NothingFound(format!(
-                    "no peer with file {file_id} found in {secs} s (the node keeps looking; run this again to wait)"
+                    "no peer with file {file_id} found in {secs} s (the node keeps looking: run this again to wait, or `fogmesh file cancel {file_id}` to stop)"
                 ))
                 .into());
             }
             _ => {}
         }
-        bar.set_length(st.bytes_total);
-        bar.set_position(st.bytes_have);
-        bar.set_message(format!("{} sources", st.sources));
-        tokio::time::sleep(POLL_INTERVAL).await;
+        progress.show(&st);
+        tokio::select! {
+            () = tokio::time::sleep(POLL_INTERVAL) => {}
+            _ = &mut interrupted => return interrupt(client, file_id, &mut progress).await,
+        }
         st = client.get(&format!("files/{file_id}")).await?;
     }
-    bar.finish_and_clear();
+    progress.finish();
     Ok(st)
 }
 
-/// A progress bar on stderr; indicatif draws it only when stderr is a
-/// terminal.
-fn progress_bar(total: u64) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::with_draw_target(
-        Some(total),
-        indicatif::ProgressDrawTarget::stderr(),
-    );
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar
+/// Ctrl-C under `file get`: a search that found nothing yet is cancelled
+/// (nothing of it is worth keeping); a download under way goes on in the
+/// daemon and `file get` continues it later.
+async fn interrupt(
+    client: &Client,
+    file_id: &str,
+    progress: &mut Progress,
+) -> anyhow::Result<FileStatus> {
+    progress.abandon();
+    let st: FileStatus = client.get(&format!("files/{file_id}")).await?;
+    if st.state == FileState::Searching {
+        let _: FileStatus = client.delete(&format!("files/{file_id}")).await?;
+        eprintln!("interrupted: the search for {file_id} is cancelled");
+    } else {
+        eprintln!(
+            "interrupted: the download of {file_id} goes on in the daemon (`fogmesh file cancel {file_id}` stops it)"
+        );
+    }
+    Err(Interrupted.into())
+}
+
+/// `file get` was interrupted (Ctrl-C); the message is already printed.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+pub(super) struct Interrupted;
+
+/// What `file get` shows on stderr: "searching for providers" until a
+/// manifest arrives, then a progress bar (bytes, rate, ETA, sources).
+/// indicatif draws only when stderr is a terminal; elsewhere (a log file)
+/// the search and the start of the transfer are one line each.
+struct Progress {
+    bar: indicatif::ProgressBar,
+    file_id: String,
+    /// What was last shown: nothing yet, the search, or the transfer.
+    phase: Phase,
+    terminal: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Nothing,
+    Searching,
+    Transfer,
+}
+
+impl Progress {
+    fn new(file_id: &str) -> Self {
+        let bar =
+            indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+        Progress {
+            bar,
+            file_id: file_id.to_owned(),
+            phase: Phase::Nothing,
+            terminal: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        }
+    }
+
+    fn show(&mut self, st: &FileStatus) {
+        // Searching: no manifest, so no size to draw a bar against.
+        let phase = if st.state == FileState::Searching {
+            Phase::Searching
+        } else {
+            Phase::Transfer
+        };
+        if phase != self.phase {
+            self.phase = phase;
+            match phase {
+                Phase::Searching => {
+                    self.bar.set_style(style("{spinner} {msg} ({elapsed})"));
+                    self.bar.set_message("searching for providers");
+                    self.bar.enable_steady_tick(Duration::from_millis(120));
+                    if !self.terminal {
+                        eprintln!("searching for providers of {}", self.file_id);
+                    }
+                }
+                Phase::Transfer => {
+                    self.bar.disable_steady_tick();
+                    self.bar.set_style(style(
+                        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+                    ));
+                    self.bar.reset_elapsed();
+                    if !self.terminal {
+                        eprintln!(
+                            "fetching {} ({}) from {}",
+                            self.file_id,
+                            indicatif::HumanBytes(st.bytes_total),
+                            plural(st.sources, "source", "sources")
+                        );
+                    }
+                }
+                Phase::Nothing => {}
+            }
+        }
+        if phase == Phase::Transfer {
+            self.bar.set_length(st.bytes_total);
+            self.bar.set_position(st.bytes_have);
+            self.bar
+                .set_message(plural(st.sources, "source", "sources"));
+        }
+    }
+
+    fn abandon(&mut self) {
+        self.bar.abandon();
+    }
+
+    fn finish(&mut self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+fn style(template: &str) -> indicatif::ProgressStyle {
+    indicatif::ProgressStyle::with_template(template)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
 }
 
 fn write_status(w: Human<'_>, st: &FileStatus) -> io::Result<()> {

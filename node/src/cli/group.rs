@@ -6,7 +6,7 @@ use std::io;
 
 use clap::Subcommand;
 
-use super::output::{self, Human, Output, StdoutClosed};
+use super::output::{self, Human, Names, Output, StdoutClosed, plural};
 use crate::client::Client;
 use crate::types::{
     CreateGroup, GroupAck, GroupInfo, GroupInvite, GroupMessage, MemberRequest, NodeEvent,
@@ -136,8 +136,10 @@ pub(super) async fn run(client: Client, cmd: GroupCommand, out: Output) -> anyho
             follow: false,
         } => {
             let msgs: Vec<GroupMessage> = client.get(&messages_path(&group_id, limit)).await?;
+            let names = super::names(&client, out).await;
             out.show(&msgs, |w, msgs| {
-                msgs.iter().try_for_each(|m| write_message(&mut *w, m))
+                msgs.iter()
+                    .try_for_each(|m| write_message(&mut *w, m, &names))
             })
         }
         GroupCommand::Messages {
@@ -147,7 +149,8 @@ pub(super) async fn run(client: Client, cmd: GroupCommand, out: Output) -> anyho
         } => follow(&client, &group_id, limit, out).await,
         GroupCommand::Invites => {
             let invites: Vec<GroupInvite> = client.get("groups/invites").await?;
-            out.list(&invites, write_invite, "invitations")
+            let names = super::names(&client, out).await;
+            out.list(&invites, |w, i| write_invite(w, i, &names), "invitations")
         }
         GroupCommand::Accept { group_id } => {
             let path = format!("groups/{group_id}/accept");
@@ -160,20 +163,21 @@ pub(super) async fn run(client: Client, cmd: GroupCommand, out: Output) -> anyho
     }
 }
 
-fn write_invite(w: Human<'_>, i: &GroupInvite) -> io::Result<()> {
+fn write_invite(w: Human<'_>, i: &GroupInvite, names: &Names) -> io::Result<()> {
     writeln!(
         w,
         "{}  {:<20} from {} at {}{}",
         i.group_id,
-        i.name,
-        i.inviter,
-        i.received,
+        output::one_line(&i.name),
+        names.peer(&i.inviter),
+        output::local_time(i.received),
         if i.accepted { " (accepted)" } else { "" }
     )
 }
 
 /// `group messages --follow`: the history, then each new delivery, one
-/// item at a time, until the daemon stops or stdout's reader goes away.
+/// item at a time, until stdout's reader goes away (exit 0) or the daemon
+/// stops (an error: exit 3).
 async fn follow(
     client: &Client,
     group_id: &str,
@@ -183,19 +187,20 @@ async fn follow(
     // Subscribe first, then print the history, then new deliveries,
     // skipping what the history already showed: nothing falls in between.
     let mut events = client.events().await?;
+    let names = super::names(client, out).await;
+    let write = |w: Human<'_>, m: &GroupMessage| write_message(w, m, &names);
     let history: Vec<GroupMessage> = client.get(&messages_path(group_id, limit)).await?;
     let mut seen: HashSet<String> = history.iter().map(|m| m.id.clone()).collect();
     for m in &history {
-        out.item(m, write_message)?;
+        out.item(m, write)?;
     }
     let closed = output::closed();
     tokio::pin!(closed);
     loop {
         let ev = tokio::select! {
-            ev = events.next() => ev?,
+            ev = events.next_or_stopped() => ev?,
             () = &mut closed => return Err(StdoutClosed.into()),
         };
-        let Some(ev) = ev else { return Ok(()) };
         if let NodeEvent::GroupMessage {
             group_id: g, id, ..
         } = &ev
@@ -208,7 +213,7 @@ async fn follow(
                 .get(&messages_path(group_id, Some(FOLLOW_WINDOW)))
                 .await?;
             for m in latest.iter().filter(|m| m.id == *id) {
-                out.item(m, write_message)?;
+                out.item(m, write)?;
             }
         }
     }
@@ -229,10 +234,10 @@ fn write_ack(w: Human<'_>, a: &GroupAck) -> io::Result<()> {
 fn write_group_line(w: Human<'_>, g: &GroupInfo) -> io::Result<()> {
     writeln!(
         w,
-        "{}  {:<20} {} members, epoch {}",
+        "{}  {:<20} {}, epoch {}",
         g.group_id,
         output::one_line(&g.name),
-        g.members.len(),
+        plural(g.members.len(), "member", "members"),
         g.epoch
     )
 }
@@ -243,19 +248,32 @@ fn write_group(w: Human<'_>, g: &GroupInfo) -> io::Result<()> {
     writeln!(w, "description: {}", output::one_line(&g.description))?;
     writeln!(w, "admin:       {}", g.admin)?;
     writeln!(w, "epoch:       {}", g.epoch)?;
-    writeln!(w, "member:      {}", g.is_member)?;
-    for m in &g.members {
-        writeln!(w, "member:      {m}")?;
+    writeln!(
+        w,
+        "this node:   {}",
+        if g.is_member {
+            "a member"
+        } else {
+            "not a member (left or removed)"
+        }
+    )?;
+    // Full ids: they are what `group remove` and `send` take.
+    let label = ["members:", ""];
+    for (i, m) in g.members.iter().enumerate() {
+        writeln!(w, "{:<12} {m}", label[usize::from(i > 0)])?;
+    }
+    if g.members.is_empty() {
+        writeln!(w, "members:     -")?;
     }
     Ok(())
 }
 
-fn write_message(w: Human<'_>, m: &GroupMessage) -> io::Result<()> {
+fn write_message(w: Human<'_>, m: &GroupMessage, names: &Names) -> io::Result<()> {
     writeln!(
         w,
         "{}  {}: {}",
-        m.timestamp,
-        m.sender,
+        output::local_time(m.timestamp),
+        names.peer(&m.sender),
         output::one_line(&m.text)
     )
 }

@@ -6,7 +6,7 @@ use std::io;
 
 use clap::Subcommand;
 
-use super::output::{self, Human, Output, StdoutClosed};
+use super::output::{self, Human, Names, Output, StdoutClosed, plural};
 use crate::client::Client;
 use crate::types::{DirectAck, DirectMessage, NodeEvent, SendDirect};
 
@@ -81,7 +81,8 @@ pub(super) async fn run(client: Client, cmd: MessageCommand, out: Output) -> any
         } => {
             let msgs: Vec<DirectMessage> =
                 client.get(&list_path(peer_id.as_deref(), limit)).await?;
-            out.list(&msgs, write_message, "messages")
+            let names = super::names(&client, out).await;
+            out.list(&msgs, |w, m| write_message(w, m, &names), "messages")
         }
         MessageCommand::Messages {
             peer_id,
@@ -90,14 +91,15 @@ pub(super) async fn run(client: Client, cmd: MessageCommand, out: Output) -> any
         } => follow(&client, peer_id.as_deref(), limit, out).await,
         MessageCommand::Outbox => {
             let msgs: Vec<DirectMessage> = client.get("outbox").await?;
-            out.list(&msgs, write_outbox, "messages waiting")
+            let names = super::names(&client, out).await;
+            out.list(&msgs, |w, m| write_outbox(w, m, &names), "messages waiting")
         }
     }
 }
 
 /// `messages --follow`: the history, then each new message and each state
-/// change of an outgoing one, until the daemon stops or stdout's reader
-/// goes away.
+/// change of an outgoing one, until stdout's reader goes away (exit 0) or
+/// the daemon stops (an error: exit 3).
 async fn follow(
     client: &Client,
     peer: Option<&str>,
@@ -105,20 +107,21 @@ async fn follow(
     out: Output,
 ) -> anyhow::Result<()> {
     let mut events = client.events().await?;
+    let names = super::names(client, out).await;
+    let write = |w: Human<'_>, m: &DirectMessage| write_message(w, m, &names);
     let history: Vec<DirectMessage> = client.get(&list_path(peer, limit)).await?;
     let mut seen: HashSet<(String, Option<String>)> = HashSet::new();
     for m in &history {
         seen.insert((m.id.clone(), m.state.clone()));
-        out.item(m, write_message)?;
+        out.item(m, write)?;
     }
     let closed = output::closed();
     tokio::pin!(closed);
     loop {
         let ev = tokio::select! {
-            ev = events.next() => ev?,
+            ev = events.next_or_stopped() => ev?,
             () = &mut closed => return Err(StdoutClosed.into()),
         };
-        let Some(ev) = ev else { return Ok(()) };
         let (id, other) = match &ev {
             NodeEvent::DirectMessage { id, from, .. } => (id, from),
             NodeEvent::DirectMessageState { id, to, .. } => (id, to),
@@ -129,7 +132,7 @@ async fn follow(
         }
         let m: DirectMessage = client.get(&format!("messages/{id}")).await?;
         if seen.insert((m.id.clone(), m.state.clone())) {
-            out.item(&m, write_message)?;
+            out.item(&m, write)?;
         }
     }
 }
@@ -149,7 +152,7 @@ fn list_path(peer: Option<&str>, limit: Option<usize>) -> String {
     }
 }
 
-fn write_message(w: Human<'_>, m: &DirectMessage) -> io::Result<()> {
+fn write_message(w: Human<'_>, m: &DirectMessage, names: &Names) -> io::Result<()> {
     match m.direction.as_str() {
         "out" => {
             let state = m.state.as_deref().unwrap_or("?");
@@ -160,30 +163,31 @@ fn write_message(w: Human<'_>, m: &DirectMessage) -> io::Result<()> {
             writeln!(
                 w,
                 "{}  -> {}: {}  [{how}]",
-                m.timestamp,
-                m.to,
+                output::local_time(m.timestamp),
+                names.peer(&m.to),
                 output::one_line(&m.text)
             )
         }
         _ => writeln!(
             w,
             "{}  <- {}: {}",
-            m.timestamp,
-            m.from,
+            output::local_time(m.timestamp),
+            names.peer(&m.from),
             output::one_line(&m.text)
         ),
     }
 }
 
-fn write_outbox(w: Human<'_>, m: &DirectMessage) -> io::Result<()> {
+fn write_outbox(w: Human<'_>, m: &DirectMessage, names: &Names) -> io::Result<()> {
     let state = m.state.as_deref().unwrap_or("?");
     let tries = m.attempts.as_ref().map_or(0, Vec::len);
     let why = output::one_line(m.waiting.as_deref().unwrap_or(""));
     writeln!(
         w,
-        "{}  to {}  {state}, {tries} attempts, next at {}  {why}",
+        "{}  to {}  {state}, {}, next at {}  {why}",
         m.id,
-        m.to,
-        m.next_attempt.map_or("-".to_owned(), |t| t.to_string()),
+        names.peer(&m.to),
+        plural(tries, "attempt", "attempts"),
+        m.next_attempt.map_or("-".to_owned(), output::local_time),
     )
 }

@@ -3,14 +3,20 @@
 //! identity file) and `radio` (which serves or drives a simulated BLE
 //! medium).
 //!
+//! `completions` and `man` print a shell completion script and the man page,
+//! both generated from these clap definitions (clap_complete,
+//! clap_mangen), with no daemon and no data directory.
+//!
 //! This module holds the parser's top (global flags, the command families),
 //! the dispatch and the exit codes; each family lives in its own module
 //! ([`run`], [`node`], [`group`], [`file`], [`radio`]) and prints through
 //! [`output`].
 //!
 //! Exit codes: 0 success (also when stdout's reader went away, as in
-//! `fogmesh events | head`), 1 nothing found, 2 error or bad usage. Data goes
-//! to stdout, diagnostics to stderr.
+//! `fogmesh events | head`), 1 nothing found (an empty list, an unknown
+//! id), 2 error or bad usage, 3 no daemon running on the data directory (or
+//! it stopped under `events` or `--follow`). Data goes to stdout,
+//! diagnostics to stderr.
 
 mod file;
 mod group;
@@ -28,7 +34,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use crate::client::Client;
+use crate::client::{Client, ClientError};
 use crate::config::{self, LogFormat};
 use output::Output;
 
@@ -75,6 +81,24 @@ enum Command {
     File(file::FileCommand),
     #[command(flatten)]
     Message(message::MessageCommand),
+    /// Print a shell completion script (bash, zsh or fish) on stdout, e.g.
+    /// `fogmesh completions bash > /usr/share/bash-completion/completions/fogmesh`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Print the man page (roff) on stdout, e.g. `fogmesh man >
+    /// /usr/share/man/man1/fogmesh.1`; `fogmesh man | man -l -` reads it.
+    Man,
+}
+
+/// The shells `fogmesh completions` writes for.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Shell {
+    Bash,
+    Zsh,
+    Fish,
 }
 
 /// An error that means "nothing found" (exit code 1) rather than a failure.
@@ -106,25 +130,41 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let code = exit_code_of(&e);
-            match code {
-                0 => {}
-                1 => eprintln!("{e:#}"),
-                _ => eprintln!("error: {e:#}"),
+            if e.is::<file::Interrupted>() {
+                // Its message is printed; 128 + SIGINT, as a shell says.
+                return ExitCode::from(130);
+            }
+            if code != 0 {
+                if e.is::<NothingFound>() {
+                    // An empty answer is no error: "no connected peers".
+                    eprintln!("{e:#}");
+                } else {
+                    eprintln!("error: {e:#}");
+                }
             }
             ExitCode::from(code)
         }
     }
 }
 
+/// Exit code: no daemon runs on the data directory, or it stopped while a
+/// command followed its events.
+pub const EXIT_NO_DAEMON: u8 = 3;
+
 /// The exit code a command's error means: 0 when only stdout's reader went
-/// away, 1 for nothing found, 2 for everything else.
+/// away, 1 for nothing found, [`EXIT_NO_DAEMON`] when the daemon is not
+/// there (any more), 2 for everything else.
 fn exit_code_of(e: &anyhow::Error) -> u8 {
     if output::is_stdout_closed(e) {
-        0
-    } else if e.is::<NothingFound>() {
-        1
-    } else {
-        2
+        return 0;
+    }
+    if e.is::<NothingFound>() {
+        return 1;
+    }
+    match e.chain().find_map(|c| c.downcast_ref::<ClientError>()) {
+        Some(ClientError::NotFound(_)) => 1,
+        Some(ClientError::NotRunning(_) | ClientError::Stopped) => EXIT_NO_DAEMON,
+        _ => 2,
     }
 }
 
@@ -137,7 +177,24 @@ fn found<T>(items: &[T], what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How peers are named in this command's lines for a human: this node's
+/// own id (asked of the daemon) is "me". Nothing is asked with `--json`.
+async fn names(client: &Client, out: Output) -> output::Names {
+    if out.is_json() {
+        return output::Names::default();
+    }
+    let status: Option<crate::types::Status> = client.get("status").await.ok();
+    output::Names::new(status.map(|s| s.peer_id))
+}
+
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    // Neither needs a data directory (there may be no home, as when a
+    // package is built).
+    match cli.command {
+        Command::Completions { shell } => return completions(shell),
+        Command::Man => return man(),
+        _ => {}
+    }
     let data_dir = match cli.global.data_dir {
         Some(d) => d,
         None => config::default_data_dir()?,
@@ -157,6 +214,90 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Group(cmd) => with_client(&data_dir, |c| group::run(c, cmd, out)),
         Command::File(cmd) => with_client(&data_dir, |c| file::run(c, cmd, out)),
         Command::Message(cmd) => with_client(&data_dir, |c| message::run(c, cmd, out)),
+        Command::Completions { .. } | Command::Man => unreachable!("handled before"),
+    }
+}
+
+/// `fogmesh completions SHELL`: the script, from the clap definitions.
+fn completions(shell: Shell) -> anyhow::Result<()> {
+    use clap::CommandFactory as _;
+    let shell = match shell {
+        Shell::Bash => clap_complete::Shell::Bash,
+        Shell::Zsh => clap_complete::Shell::Zsh,
+        Shell::Fish => clap_complete::Shell::Fish,
+    };
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "fogmesh", &mut script);
+    output::raw(&script)
+}
+
+/// `fogmesh man`: the man page (section 1) from the clap definitions:
+/// clap_mangen's page for the top command (name, synopsis, options, the
+/// command list), then one section per command with its full help, so
+/// that every subcommand's arguments are in the one page.
+fn man() -> anyhow::Result<()> {
+    use clap::CommandFactory as _;
+    let mut page = Vec::new();
+    man_page(Cli::command(), &mut page)?;
+    output::raw(&page)
+}
+
+fn man_page(mut cmd: clap::Command, page: &mut Vec<u8>) -> std::io::Result<()> {
+    use std::io::Write as _;
+    cmd.build();
+    let top = clap_mangen::Man::new(cmd.clone()).manual("fogmesh manual");
+    top.render_title(page)?;
+    top.render_name_section(page)?;
+    top.render_synopsis_section(page)?;
+    top.render_description_section(page)?;
+    top.render_options_section(page)?;
+    // clap_mangen's own command list points to a page per command; here
+    // each command is a section of this page.
+    writeln!(page, ".SH COMMANDS")?;
+    for c in cmd.get_subcommands().filter(|c| c.get_name() != "help") {
+        writeln!(page, ".TP\n\\fB{}\\fR", roff_escape(c.get_name()))?;
+        let about = c.get_about().map(|a| a.to_string()).unwrap_or_default();
+        writeln!(page, "{}", roff_line(&about))?;
+    }
+    let mut stack: Vec<(String, clap::Command)> = vec![("fogmesh".into(), cmd)];
+    while let Some((path, mut c)) = stack.pop() {
+        let mut subs: Vec<(String, clap::Command)> = c
+            .get_subcommands()
+            .filter(|s| s.get_name() != "help")
+            .map(|s| (format!("{path} {}", s.get_name()), s.clone()))
+            .collect();
+        if path != "fogmesh" {
+            // The page is the same whatever the environment of the one who
+            // generates it: variables are named, not their values.
+            c = c.mut_args(|a| a.hide_env_values(true));
+            writeln!(page, ".SH \"{}\"", roff_escape(&path.to_uppercase()))?;
+            writeln!(page, ".nf")?;
+            let help = c.render_long_help().to_string();
+            for line in help.lines() {
+                writeln!(page, "{}", roff_line(line))?;
+            }
+            writeln!(page, ".fi")?;
+        }
+        subs.reverse();
+        stack.extend(subs);
+    }
+    top.render_version_section(page)?;
+    Ok(())
+}
+
+/// `s` with roff's escape character escaped.
+fn roff_escape(s: &str) -> String {
+    s.replace('\\', "\\e")
+}
+
+/// One line of text for roff: escaped, and kept from reading as a request
+/// (a line that starts with `.` or `'`).
+fn roff_line(line: &str) -> String {
+    let line = roff_escape(line);
+    if line.starts_with('.') || line.starts_with('\'') {
+        format!("\\&{line}")
+    } else {
+        line
     }
 }
 
@@ -180,8 +321,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn init_logging(format: LogFormat, default_filter: &str) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // Colours only for a terminal: a log file or journald gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -225,10 +369,47 @@ mod tests {
         assert_eq!(
             names,
             [
-                "run", "id", "status", "peers", "connect", "events", "radio", "group", "file",
-                "send", "messages", "outbox"
+                "run",
+                "id",
+                "status",
+                "peers",
+                "connect",
+                "events",
+                "radio",
+                "group",
+                "file",
+                "send",
+                "messages",
+                "outbox",
+                "completions",
+                "man"
             ]
         );
+    }
+
+    #[test]
+    fn man_page_has_every_command() {
+        let mut page = Vec::new();
+        man_page(Cli::command(), &mut page).expect("render");
+        let page = String::from_utf8(page).expect("utf-8");
+        assert!(
+            page.starts_with(".ie") || page.contains(".TH fogmesh 1"),
+            "{page:.200}"
+        );
+        for section in [
+            "FOGMESH GROUP CREATE",
+            "FOGMESH FILE GET",
+            "FOGMESH RADIO SERVE",
+            "FOGMESH SEND",
+        ] {
+            assert!(
+                page.contains(&format!(".SH \"{section}\"")),
+                "{section} missing"
+            );
+        }
+        // A help line that starts with a dot cannot become a request.
+        assert_eq!(roff_line(".x"), "\\&.x");
+        assert_eq!(roff_line("a\\b"), "a\\eb");
     }
 
     #[test]
@@ -236,6 +417,12 @@ mod tests {
         assert_eq!(exit_code_of(&NothingFound("x".into()).into()), 1);
         assert_eq!(exit_code_of(&anyhow::anyhow!("broken")), 2);
         assert_eq!(exit_code_of(&output::StdoutClosed.into()), 0);
+        let e = anyhow::Error::from(ClientError::NotFound("no group x".into()));
+        assert_eq!(exit_code_of(&e), 1);
+        assert_eq!(exit_code_of(&ClientError::Stopped.into()), EXIT_NO_DAEMON);
+        let e = anyhow::Error::from(ClientError::NotRunning("no daemon".into()));
+        assert_eq!(exit_code_of(&e.context("cannot list")), EXIT_NO_DAEMON);
+        assert_eq!(exit_code_of(&ClientError::Refused("bad".into()).into()), 2);
         assert!(found(&[1], "ones").is_ok());
         assert_eq!(
             exit_code_of(&found::<u8>(&[], "ones").expect_err("empty")),

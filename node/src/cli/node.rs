@@ -8,7 +8,7 @@ use anyhow::Context;
 use clap::Subcommand;
 use libp2p::Multiaddr;
 
-use super::output::{self, Human, Output, StdoutClosed, short};
+use super::output::{self, Human, Names, Output, StdoutClosed, plural, short};
 use crate::client::Client;
 use crate::types::{ConnectRequest, ConnectResponse, NodeEvent, PeerInfo, Status};
 
@@ -65,18 +65,19 @@ pub(super) async fn run(client: Client, cmd: NodeCommand, out: Output) -> anyhow
     }
 }
 
-/// Prints events as they come, until the daemon stops or stdout's reader
-/// goes away.
+/// Prints events as they come, until stdout's reader goes away (exit 0) or
+/// the daemon stops (an error: exit 3).
 async fn events(client: &Client, out: Output) -> anyhow::Result<()> {
     let mut events = client.events().await?;
+    let names = super::names(client, out).await;
     let closed = output::closed();
     tokio::pin!(closed);
     loop {
         tokio::select! {
-            ev = events.next() => match ev? {
-                Some(ev) => out.item(&ev, |w, ev| writeln!(w, "{}", describe(ev)))?,
-                None => return Ok(()),
-            },
+            ev = events.next_or_stopped() => {
+                let ev = ev?;
+                out.item(&ev, |w, ev| writeln!(w, "{}", describe(ev, &names)))?;
+            }
             () = &mut closed => return Err(StdoutClosed.into()),
         }
     }
@@ -112,8 +113,10 @@ fn write_status(w: Human<'_>, s: &Status) -> io::Result<()> {
     if let Some(b) = &s.ble {
         writeln!(
             w,
-            "ble:       device {}, {} neighbours heard, {} links",
-            b.device, b.neighbours, b.links
+            "ble:       device {}, {} heard, {}",
+            b.device,
+            plural(b.neighbours, "neighbour", "neighbours"),
+            plural(b.links, "link", "links")
         )?;
     }
     writeln!(w, "uptime:    {} s", s.uptime_secs)?;
@@ -140,7 +143,7 @@ fn write_peer(w: Human<'_>, p: &PeerInfo) -> io::Result<()> {
 }
 
 /// One event as a line for a human.
-fn describe(ev: &NodeEvent) -> String {
+fn describe(ev: &NodeEvent, names: &Names) -> String {
     match ev {
         NodeEvent::ListenAddr { addr } => format!("listening on {addr}"),
         NodeEvent::PeerConnected {
@@ -155,30 +158,52 @@ fn describe(ev: &NodeEvent) -> String {
             group_id,
             sender,
             text,
+            timestamp,
             ..
-        } => format!("[{}] {sender}: {}", short(group_id), output::one_line(text)),
-        NodeEvent::GroupUpdated { group_id, member } => {
-            format!("group {} updated (member: {member})", short(group_id))
-        }
-        NodeEvent::DirectMessage { from, text, .. } => {
-            format!("[dm] {from}: {}", super::output::one_line(text))
-        }
+        } => format!(
+            "{}  [{}] {}: {}",
+            output::local_time(*timestamp),
+            short(group_id),
+            names.peer(sender),
+            output::one_line(text)
+        ),
+        NodeEvent::GroupUpdated { group_id, member } => format!(
+            "group {} updated ({})",
+            short(group_id),
+            if *member {
+                "this node is a member"
+            } else {
+                "this node is not a member"
+            }
+        ),
+        NodeEvent::DirectMessage {
+            from,
+            text,
+            timestamp,
+            ..
+        } => format!(
+            "{}  [dm] {}: {}",
+            output::local_time(*timestamp),
+            names.peer(from),
+            output::one_line(text)
+        ),
         NodeEvent::DirectMessageState {
             id,
             to,
             state,
             route,
         } => match route {
-            Some(r) => format!("[dm {}] to {to}: {state} by {r}", short(id)),
-            None => format!("[dm {}] to {to}: {state}", short(id)),
+            Some(r) => format!("[dm {}] to {}: {state} by {r}", short(id), names.peer(to)),
+            None => format!("[dm {}] to {}: {state}", short(id), names.peer(to)),
         },
         NodeEvent::GroupInvite {
             group_id,
             name,
             inviter,
         } => format!(
-            "invited to group {} ({name:?}) by {inviter}",
-            short(group_id)
+            "invited to group {} ({name:?}) by {}",
+            short(group_id),
+            names.peer(inviter)
         ),
         NodeEvent::Lagged { missed } => format!("(missed {missed} events)"),
     }

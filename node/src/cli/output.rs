@@ -34,6 +34,11 @@ impl Output {
         Output { json }
     }
 
+    /// Whether output is JSON (`--json`): lines for a human need no names.
+    pub(super) fn is_json(&self) -> bool {
+        self.json
+    }
+
     /// Prints a whole answer: as pretty JSON with `--json`, else as `human`
     /// writes it.
     pub(super) fn show<T: Serialize + ?Sized>(
@@ -82,6 +87,11 @@ impl Output {
             write(|w| human(w, value))
         }
     }
+}
+
+/// Writes `bytes` on stdout as they are (a generated script or page).
+pub(super) fn raw(bytes: &[u8]) -> anyhow::Result<()> {
+    write_to(&mut io::stdout().lock(), |w| w.write_all(bytes))
 }
 
 /// Writes lines for a human on stdout through `f`, with control
@@ -180,6 +190,66 @@ fn stdout_error(e: io::Error) -> anyhow::Error {
 /// line for a human.
 pub(super) fn short(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
+}
+
+/// `n` and the noun that agrees with it: "1 source", "2 sources".
+pub(super) fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// A time in milliseconds since the Unix epoch (as the API gives them), as
+/// a human reads it: the date and time in the system's time zone (`TZ`,
+/// else /etc/localtime, else UTC).
+pub(super) fn local_time(ms: u64) -> String {
+    time_in(ms, &jiff::tz::TimeZone::system())
+}
+
+fn time_in(ms: u64, tz: &jiff::tz::TimeZone) -> String {
+    match i64::try_from(ms)
+        .ok()
+        .and_then(|ms| jiff::Timestamp::from_millisecond(ms).ok())
+    {
+        Some(t) => t
+            .to_zoned(tz.clone())
+            .strftime("%Y-%m-%d %H:%M:%S")
+            .to_string(),
+        // Out of jiff's range (a peer's clock can say anything): as given.
+        None => format!("@{ms}ms"),
+    }
+}
+
+/// How peers are named in lines for a human: this node is "me", the
+/// others a short id (see [`short_peer`]). `--json` keeps full ids.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Names {
+    me: Option<String>,
+}
+
+impl Names {
+    /// Names as seen from the node whose peer id is `me`.
+    pub(super) fn new(me: Option<String>) -> Self {
+        Names { me }
+    }
+
+    /// The name of `peer` for a line.
+    pub(super) fn peer<'a>(&self, peer: &'a str) -> std::borrow::Cow<'a, str> {
+        if self.me.as_deref() == Some(peer) {
+            return std::borrow::Cow::Borrowed("me");
+        }
+        short_peer(peer)
+    }
+}
+
+/// A peer id short enough for a line: libp2p's Ed25519 ids all begin with
+/// the same `12D3KooW`, so they are shown as `…` and their last 8
+/// characters (what tells peers apart; `grep` finds the full id by them).
+/// Anything else that is not a plain short token is shown escaped.
+pub(super) fn short_peer(peer: &str) -> std::borrow::Cow<'_, str> {
+    let tail = peer.char_indices().rev().nth(7).map(|(i, _)| &peer[i..]);
+    match tail {
+        Some(t) if peer.len() > 16 && peer.is_ascii() => std::borrow::Cow::Owned(format!("…{t}")),
+        _ => one_line(peer),
+    }
 }
 
 /// Whether `e` (or anything in its chain) is [`StdoutClosed`].
@@ -288,6 +358,29 @@ mod tests {
         let e: anyhow::Result<()> = Err(StdoutClosed.into());
         let e = e.context("printing the events").expect_err("err");
         assert!(is_stdout_closed(&e));
+    }
+
+    #[test]
+    fn human_forms() {
+        assert_eq!(plural(1, "source", "sources"), "1 source");
+        assert_eq!(plural(0, "source", "sources"), "0 sources");
+        assert_eq!(plural(2, "neighbour", "neighbours"), "2 neighbours");
+        let utc = jiff::tz::TimeZone::UTC;
+        assert_eq!(time_in(0, &utc), "1970-01-01 00:00:00");
+        assert_eq!(time_in(1_767_225_599_999, &utc), "2025-12-31 23:59:59");
+        let plus2 = jiff::tz::TimeZone::fixed(jiff::tz::offset(2));
+        assert_eq!(time_in(0, &plus2), "1970-01-01 02:00:00");
+        assert_eq!(time_in(u64::MAX, &utc), format!("@{}ms", u64::MAX));
+        let id = "12D3KooWGzh5ZdPT6WbkCkx2fC7Hm4rRDx7N1Tq8KJ1aHHE3Rk2w";
+        assert_eq!(short_peer(id), "…HHE3Rk2w");
+        assert_eq!(short_peer("abc"), "abc");
+        assert_eq!(short_peer("a\u{1b}b"), "a\\x1bb");
+        let names = Names::new(Some(id.to_owned()));
+        assert_eq!(names.peer(id), "me");
+        assert_eq!(
+            names.peer("12D3KooWother000000000000000000012345678"),
+            "…12345678"
+        );
     }
 
     #[test]
