@@ -11,3 +11,4 @@ mod node;
 mod security;
 mod stdout;
 mod util;
+mod web;

@@ -16,6 +16,7 @@ mod file;
 mod group;
 mod message;
 mod node;
+mod open;
 mod output;
 mod radio;
 mod run;
@@ -75,6 +76,9 @@ enum Command {
     File(file::FileCommand),
     #[command(flatten)]
     Message(message::MessageCommand),
+    /// Open the chat page the daemon serves: prints a one-time login URL
+    /// (and opens it in the desktop's browser, if there is one).
+    Open(open::OpenArgs),
 }
 
 /// An error that means "nothing found" (exit code 1) rather than a failure.
@@ -157,6 +161,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Group(cmd) => with_client(&data_dir, |c| group::run(c, cmd, out)),
         Command::File(cmd) => with_client(&data_dir, |c| file::run(c, cmd, out)),
         Command::Message(cmd) => with_client(&data_dir, |c| message::run(c, cmd, out)),
+        Command::Open(args) => with_client(&data_dir, |c| open::run(c, args, out)),
     }
 }
 
@@ -226,7 +231,7 @@ mod tests {
             names,
             [
                 "run", "id", "status", "peers", "connect", "events", "radio", "group", "file",
-                "send", "messages", "outbox"
+                "send", "messages", "outbox", "open"
             ]
         );
     }
