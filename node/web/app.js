@@ -296,7 +296,9 @@ async function loadFiles() {
     const cancel = el('button', { class: 'small danger', type: 'button', onclick: () => act(async () => {
       await api('DELETE', `/v1/files/${f.file_id}`);
       await loadFiles();
-    }) }, busy ? 'Cancel' : (f.state === 'sharing' || f.state === 'stale' ? 'Stop sharing' : 'Remove'));
+    }),
+      title: busy ? 'stop the download and remove its partial data' : 'remove it from this list; the file stays where it is',
+    }, busy ? 'Cancel' : (f.state === 'sharing' || f.state === 'stale' ? 'Stop sharing' : 'Forget'));
     body.append(el('tr', { 'data-id': f.file_id },
       el('td', { title: f.path || '' }, f.name || ''),
       el('td', { class: 'mono', title: f.file_id }, f.file_id.slice(0, 12) + '…'),

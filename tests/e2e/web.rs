@@ -72,8 +72,29 @@ fn request(
     req.push_str("\r\n");
     req.push_str(body);
     s.write_all(req.as_bytes()).expect("write");
+    // Read until the body is complete: chromedriver keeps the connection
+    // open despite `Connection: close`.
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).expect("read");
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            if len.is_some_and(|n| raw.len() >= split + 4 + n)
+                || (head.contains("chunked") && raw.ends_with(b"0\r\n\r\n"))
+            {
+                break;
+            }
+        }
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("read from {addr}: {e}"),
+        }
+    }
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -188,7 +209,7 @@ impl Browser {
                     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                     "--no-first-run", "--disable-background-networking",
                     "--disable-component-update", "--disable-sync",
-                    "--disable-dev-shm-usage", "--window-size=1280,820",
+                    "--disable-dev-shm-usage", "--window-size=1280,900",
                     format!("--user-data-dir={}", profile.display()),
                 ],
             },
@@ -276,10 +297,12 @@ impl Browser {
         });
     }
 
-    /// Types `text` into the element at `css`.
+    /// Types `text` into the element at `css`, emptied first.
     fn type_into(&self, css: &str, text: &str) {
         eventually(T, &format!("type into {css}"), || {
             let e = self.find(css)?;
+            // A file input cannot be cleared; the others keep no old text.
+            let _ = self.cmd("POST", &format!("/element/{e}/clear"), Some(json!({})));
             self.cmd(
                 "POST",
                 &format!("/element/{e}/value"),
@@ -317,6 +340,7 @@ impl Browser {
     }
 
     fn screenshot(&self, path: &Path) {
+        self.js("document.getElementById('toast').hidden = true", json!([]));
         let v = self.cmd("GET", "/screenshot", None).expect("screenshot");
         let png = base64_decode(v.as_str().expect("base64"));
         std::fs::write(path, png).expect("write screenshot");
@@ -371,7 +395,10 @@ fn log_in(b: &Browser, d: &Daemon) -> String {
     });
     // The one-time token left the address bar.
     let href = b.js("return location.href", json!([]));
-    assert!(!href.as_str().unwrap_or_default().contains("login="), "{href}");
+    assert!(
+        !href.as_str().unwrap_or_default().contains("login="),
+        "{href}"
+    );
     url
 }
 
@@ -432,7 +459,7 @@ fn chat_page_in_a_browser() {
     pb.click(&format!("#invite-list li[data-id='{gid}'] button.accept"));
     pb.wait_text("#group-list", name);
     pb.click(&format!("#group-list li[data-id='{gid}']"));
-    pb.wait_text("#group-members", &short(&b.peer_id));
+    pb.wait_text("#group-members", &format!("{} (admin)", short(&a.peer_id)));
 
     // A message typed in A's page appears in B's, with A's short name.
     let hello = "Meet at the station at 8?";
@@ -488,19 +515,39 @@ fn chat_page_in_a_browser() {
     pb.type_into("#fetch-id", &fid);
     pb.type_into("#fetch-output", &out.display().to_string());
     pb.click("#fetch-submit");
-    pb.wait_text(&format!("#file-list tr[data-id='{fid}'] .state"), "complete");
+    pb.wait_text(
+        &format!("#file-list tr[data-id='{fid}'] .state"),
+        "complete",
+    );
     pb.wait_text(&format!("#file-list tr[data-id='{fid}']"), "source");
     assert_eq!(
         std::fs::read_to_string(&out).expect("fetched file"),
         content
     );
+    // A fetch nobody can serve: "searching for providers", then cancelled.
+    let ghost = "ab".repeat(32);
+    pb.type_into("#fetch-id", &ghost);
+    pb.type_into(
+        "#fetch-output",
+        &tmp.path().join("ghost.bin").display().to_string(),
+    );
+    pb.click("#fetch-submit");
+    let row = format!("#file-list tr[data-id='{ghost}']");
+    pb.wait_text(&row, "searching for providers");
     if let Some(dir) = &shots {
         pb.screenshot(&dir.join("files.png"));
     }
+    pb.click(&format!("{row} button"));
+    eventually(T, "the cancelled fetch leaves the list", || {
+        pb.text(&row).is_empty().then_some(())
+    });
 
     // Peers and status.
     pa.click("#nav-peers");
-    pa.wait_text(&format!("#peer-list tr[data-peer='{}']", b.peer_id), "direct");
+    pa.wait_text(
+        &format!("#peer-list tr[data-peer='{}']", b.peer_id),
+        "direct",
+    );
     pa.wait_text("#status", &a.peer_id);
     if let Some(dir) = &shots {
         pa.screenshot(&dir.join("peers.png"));
@@ -553,7 +600,13 @@ fn chat_page_in_a_browser() {
     let (code, _, _) = request(&a.api, "GET", "/", &[("Host", &evil_host)], None);
     assert_eq!(code, 403, "the page itself needs the right Host");
     // A change without the CSRF token (or with a wrong one) is refused.
-    let (_, _, s) = request(&a.api, "GET", "/v1/web/session", &[("Cookie", &cookie)], None);
+    let (_, _, s) = request(
+        &a.api,
+        "GET",
+        "/v1/web/session",
+        &[("Cookie", &cookie)],
+        None,
+    );
     let csrf = serde_json::from_str::<Value>(&s).expect("session JSON")["csrf"]
         .as_str()
         .expect("csrf")

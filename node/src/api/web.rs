@@ -396,7 +396,10 @@ async fn upload(State(s): State<AppState>, Query(q): Query<UploadQuery>, body: B
     if name.is_empty() {
         return error(StatusCode::BAD_REQUEST, "the upload needs a file name");
     }
-    let dir = s.web.upload_dir.join(random_token().get(..16).unwrap_or("x"));
+    let dir = s
+        .web
+        .upload_dir
+        .join(random_token().get(..16).unwrap_or("x"));
     if let Err(e) = tokio::fs::create_dir_all(&dir).await {
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,
