@@ -4,7 +4,8 @@
 //! Every request needs `Authorization: Bearer <token>`, the token being the
 //! content of `api.token` in the data directory (mode 0600), and a `Host`
 //! naming the API's loopback address, without a foreign `Origin` (a web
-//! page cannot reach the API through the browser). Errors are
+//! page cannot reach the API through the browser; the chat page the API
+//! serves comes in with a session cookie instead, see [`web`]). Errors are
 //! `{"error": "..."}` with a fitting status code. Routes live under `/v1`;
 //! see docs/operator-guide.md for the list.
 

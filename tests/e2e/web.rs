@@ -480,6 +480,12 @@ fn chat_page_in_a_browser() {
     if let Some(dir) = &shots {
         pa.screenshot(&dir.join("conversation.png"));
     }
+    // A removes B in its page: B's page shows the group as left.
+    pa.click(&format!("#group-members li[title='{}'] button", b.peer_id));
+    eventually(T, "B gone from A's member list", || {
+        (!pa.text("#group-members").contains(&short(&b.peer_id))).then_some(())
+    });
+    pb.wait_text(&format!("#group-list li[data-id='{gid}']"), "left");
 
     // A direct message from A's page, its state becoming delivered.
     pa.click("#nav-messages");

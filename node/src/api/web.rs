@@ -407,7 +407,7 @@ async fn upload(State(s): State<AppState>, Query(q): Query<UploadQuery>, body: B
         );
     }
     let path = dir.join(name);
-    match write_capped(&path, body).await {
+    match write_capped(&path, body, MAX_UPLOAD).await {
         Ok(()) => {}
         Err(resp) => {
             let _ = tokio::fs::remove_dir_all(&dir).await;
@@ -417,7 +417,9 @@ async fn upload(State(s): State<AppState>, Query(q): Query<UploadQuery>, body: B
     service_result(s.node.files().share(path, false).await)
 }
 
-async fn write_capped(path: &std::path::Path, body: Body) -> Result<(), Response> {
+/// Writes `body` to a new file at `path`, failing with 413 past `cap`
+/// bytes (the caller removes what was written).
+async fn write_capped(path: &std::path::Path, body: Body, cap: u64) -> Result<(), Response> {
     let io = |e: std::io::Error| {
         error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -430,10 +432,10 @@ async fn write_capped(path: &std::path::Path, body: Body) -> Result<(), Response
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))?;
         written += chunk.len() as u64;
-        if written > MAX_UPLOAD {
+        if written > cap {
             return Err(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!("uploads are limited to {} MiB", MAX_UPLOAD >> 20),
+                format!("uploads are limited to {} MiB", cap >> 20),
             ));
         }
         file.write_all(&chunk).await.map_err(io)?;
@@ -463,6 +465,20 @@ mod tests {
             w.new_login();
         }
         assert!(w.lock().logins.len() <= MAX_LOGIN_TOKENS);
+    }
+
+    #[tokio::test]
+    async fn uploads_stop_at_the_cap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("f");
+        write_capped(&p, Body::from(vec![7u8; 1000]), 1000)
+            .await
+            .expect("at the cap");
+        assert_eq!(std::fs::read(&p).expect("written").len(), 1000);
+        let err = write_capped(&p, Body::from(vec![7u8; 1001]), 1000)
+            .await
+            .expect_err("over the cap");
+        assert_eq!(err.status(), StatusCode::PAYLOAD_TOO_LARGE);
     }
 
     #[test]
