@@ -4,9 +4,12 @@
 //! Every request needs `Authorization: Bearer <token>`, the token being the
 //! content of `api.token` in the data directory (mode 0600), and a `Host`
 //! naming the API's loopback address, without a foreign `Origin` (a web
-//! page cannot reach the API through the browser). Errors are
+//! page cannot reach the API through the browser; the chat page the API
+//! serves comes in with a session cookie instead, see [`web`]). Errors are
 //! `{"error": "..."}` with a fitting status code. Routes live under `/v1`;
 //! see docs/operator-guide.md for the list.
+
+pub mod web;
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -85,6 +88,8 @@ struct AppState {
     api_addr: Arc<str>,
     metrics: NodeMetrics,
     shutdown: CancellationToken,
+    /// The chat page's sessions (see [`web`]).
+    web: Arc<web::Web>,
 }
 
 /// Serves the API on `listener` until `shutdown` is cancelled; open event
@@ -95,9 +100,11 @@ pub async fn serve(
     token: String,
     metrics: NodeMetrics,
     shutdown: CancellationToken,
+    data_dir: PathBuf,
 ) -> std::io::Result<()> {
     let api_addr = listener.local_addr()?.to_string();
     let state = AppState {
+        web: Arc::new(web::Web::new(data_dir, &api_addr)),
         node,
         token: token.into(),
         api_addr: api_addr.into(),
@@ -134,11 +141,16 @@ fn router(state: AppState) -> Router {
         .route("/v1/groups/invites", get(groups_invites))
         .route("/v1/groups/{id}/accept", post(groups_accept))
         .route("/v1/groups/{id}/decline", post(groups_decline))
+        .merge(web::routes())
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such route") })
         .layer(middleware::from_fn_with_state(state.clone(), auth))
+        // The page and the login exchange need no token, but pass the Host
+        // and Origin checks like everything else.
+        .merge(web::public_routes())
         // Outermost, so it runs first: a browser's request is refused
         // before the token is even looked at.
         .layer(middleware::from_fn_with_state(state.clone(), same_host))
+        .layer(middleware::from_fn(web::security_headers))
         .with_state(state)
 }
 
@@ -147,18 +159,30 @@ pub fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(ApiError { error: msg.into() })).into_response()
 }
 
-async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
+async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(t) if constant_time_eq(t.as_bytes(), state.token.as_bytes()) => {
+    let bearer_ok = given.is_some_and(|t| constant_time_eq(t.as_bytes(), state.token.as_bytes()));
+    // Not the bearer token: the page's session cookie (and, for a change,
+    // its CSRF token), if the request carries one.
+    let cookie = if bearer_ok {
+        None
+    } else {
+        web::cookie_auth(&state, &mut req)
+    };
+    match (bearer_ok, cookie) {
+        (true, _) | (false, Some(Ok(()))) => {
             state.metrics.api_requests.inc();
             next.run(req).await
         }
-        _ => {
+        (false, Some(Err(resp))) => {
+            state.metrics.api_unauthorized.inc();
+            resp
+        }
+        (false, None) => {
             state.metrics.api_unauthorized.inc();
             let mut resp = error(
                 StatusCode::UNAUTHORIZED,

@@ -150,6 +150,7 @@ async fn serve_api(
         token,
         metrics,
         shutdown.clone(),
+        settings.data_dir.clone(),
     ));
     Ok((addr, task))
 }

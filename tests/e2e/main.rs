@@ -12,3 +12,4 @@ mod node;
 mod security;
 mod stdout;
 mod util;
+mod web;

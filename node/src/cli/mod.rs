@@ -22,6 +22,7 @@ mod file;
 mod group;
 mod message;
 mod node;
+mod open;
 mod output;
 mod radio;
 mod run;
@@ -91,6 +92,9 @@ enum Command {
     /// Print the man page (roff) on stdout, e.g. `fogmesh man >
     /// /usr/share/man/man1/fogmesh.1`; `fogmesh man | man -l -` reads it.
     Man,
+    /// Open the chat page the daemon serves: prints a one-time login URL
+    /// (and opens it in the desktop's browser, if there is one).
+    Open(open::OpenArgs),
 }
 
 /// The shells `fogmesh completions` writes for.
@@ -214,6 +218,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Group(cmd) => with_client(&data_dir, |c| group::run(c, cmd, out)),
         Command::File(cmd) => with_client(&data_dir, |c| file::run(c, cmd, out)),
         Command::Message(cmd) => with_client(&data_dir, |c| message::run(c, cmd, out)),
+        Command::Open(args) => with_client(&data_dir, |c| open::run(c, args, out)),
         Command::Completions { .. } | Command::Man => unreachable!("handled before"),
     }
 }
@@ -382,7 +387,8 @@ mod tests {
                 "messages",
                 "outbox",
                 "completions",
-                "man"
+                "man",
+                "open"
             ]
         );
     }
