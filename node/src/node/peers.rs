@@ -173,6 +173,26 @@ impl PeerBook {
         }
     }
 
+    /// The direct IP connections (not relayed, not BLE), with the
+    /// addresses to dial each peer at again: what it announced, and the
+    /// address of the connection.
+    pub(super) fn direct_ip_connections(&self) -> Vec<(PeerId, ConnectionId, Vec<Multiaddr>)> {
+        let mut out = Vec::new();
+        for (peer, conns) in &self.connections {
+            for (id, a) in conns {
+                if super::nat::is_relayed(a) || fogmesh_ble::is_ble(a) {
+                    continue;
+                }
+                let mut addrs = self.announced(peer);
+                if !addrs.contains(a) {
+                    addrs.push(a.clone());
+                }
+                out.push((*peer, *id, addrs));
+            }
+        }
+        out
+    }
+
     /// The relayed connections to `peer` once it also has a direct one
     /// (closing them makes every protocol use the direct connection).
     pub(super) fn superseded_relayed(&self, peer: &PeerId) -> Vec<ConnectionId> {
