@@ -420,8 +420,11 @@ impl Behaviour {
             .with_max_pending_incoming(Some(64))
             .with_max_pending_outgoing(Some(64))
             // One connection per transport (TCP, QUIC, BLE), plus one for a
-            // simultaneous dial.
-            .with_max_established_per_peer(Some(4));
+            // simultaneous dial, plus room for AutoNAT: each dial-back is a
+            // new connection (idle ones close after the idle timeout), and a
+            // dial-back refused by this limit reads as "not reachable" to
+            // the peer asking.
+            .with_max_established_per_peer(Some(8));
 
         let identify = identify::Behaviour::new(
             identify::Config::new(IDENTIFY_PROTOCOL.to_owned(), key.public())

@@ -419,7 +419,7 @@ impl EventLoop {
             }
             BehaviourEvent::Ping(ev) => {
                 self.ctx.libp2p_metrics.record(&ev);
-                self.peers.on_ping(ev);
+                self.peers.on_ping(&mut self.swarm, ev);
             }
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,

@@ -27,6 +27,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use libp2p::core::transport::ListenerId;
 use libp2p::multiaddr::Protocol;
@@ -37,6 +38,12 @@ use crate::types::NatReachability;
 
 /// Reservations a private node keeps.
 pub(super) const WANTED_RELAYS: usize = 2;
+
+/// How long after a network change every probe may flip the status.
+const RECHECK_FOR: Duration = Duration::from_secs(180);
+
+/// At most one re-dial of every connection in this time.
+const REBIND_EVERY: Duration = Duration::from_secs(2);
 
 /// IPs peers observed the node at, remembered to notice a new one.
 const MAX_OBSERVED_IPS: usize = 16;
@@ -73,6 +80,16 @@ pub(super) struct NatNet {
     /// AutoNAT has concluded once: a network change after that makes it
     /// re-check (before, it is probing anyway).
     settled: bool,
+    /// Until when the node re-checks after a network change: AutoNAT's
+    /// confidence is kept at zero after every probe (a probe that still
+    /// went over a connection from before the change must not make it
+    /// sure of the old answer again), so the first probe that disagrees
+    /// flips the status.
+    recheck_until: Option<Instant>,
+    /// When the connections were last re-made after an address expired
+    /// (an interface going away expires its TCP and QUIC addresses at once:
+    /// one re-dial is enough).
+    last_rebind: Option<Instant>,
 }
 
 impl NatNet {
@@ -101,6 +118,8 @@ impl NatNet {
             listen: HashSet::new(),
             observed_ips: HashSet::new(),
             settled: false,
+            last_rebind: None,
+            recheck_until: None,
         }
     }
 
@@ -111,8 +130,9 @@ impl NatNet {
         }
     }
 
-    /// A listen address expired; `true` when it was a direct one (the
-    /// connections made from it are likely dead: the caller re-dials).
+    /// A listen address expired; `true` when it was a direct one and the
+    /// connections were not re-made just now (those made from it are
+    /// likely dead: the caller re-dials).
     pub(super) fn on_expired_listen_addr(
         &mut self,
         swarm: &mut Swarm<Behaviour>,
@@ -120,7 +140,14 @@ impl NatNet {
     ) -> bool {
         if is_network_addr(addr) && self.listen.remove(addr) {
             self.network_changed(swarm, "listen address expired");
-            return true;
+            let now = Instant::now();
+            if self
+                .last_rebind
+                .is_none_or(|t| now.duration_since(t) > REBIND_EVERY)
+            {
+                self.last_rebind = Some(now);
+                return true;
+            }
         }
         false
     }
@@ -173,21 +200,29 @@ impl NatNet {
             return;
         };
         tracing::info!(why, reachability = %self.reach, "network changed: re-checking reachability");
+        self.recheck_until = Some(Instant::now() + RECHECK_FOR);
         match autonat.nat_status() {
             autonat::NatStatus::Public(addr) => {
                 // AutoNAT forgets a public status whose address expires,
                 // and probes at once.
                 swarm.remove_external_address(&addr);
             }
-            _ => {
-                // Each candidate costs AutoNAT a point of confidence and
-                // brings its next probe forward to its retry interval.
-                if let Some(c) = candidates.first() {
-                    for _ in 0..autonat.confidence().max(1) {
-                        autonat.probe_address(c.clone());
-                    }
-                }
-            }
+            _ => doubt(autonat, candidates.first()),
+        }
+    }
+
+    /// After a probe, while re-checking: AutoNAT's confidence back to zero.
+    fn keep_doubting(&mut self, swarm: &mut Swarm<Behaviour>) {
+        if self.recheck_until.is_none_or(|t| Instant::now() > t) {
+            self.recheck_until = None;
+            return;
+        }
+        let candidate = self.listen.iter().next().cloned();
+        if let Some(autonat) = swarm.behaviour_mut().autonat.as_mut()
+            && !autonat.nat_status().is_public()
+            && autonat.confidence() > 0
+        {
+            doubt(autonat, candidate.as_ref());
         }
     }
 
@@ -341,7 +376,16 @@ impl NatNet {
                 self.settled |= self.reach != NatReachability::Unknown;
                 self.apply(swarm);
             }
-            autonat::Event::OutboundProbe(ev) => tracing::debug!(?ev, "autonat probe"),
+            autonat::Event::OutboundProbe(ev) => {
+                tracing::debug!(?ev, "autonat probe");
+                if matches!(
+                    ev,
+                    autonat::OutboundProbeEvent::Response { .. }
+                        | autonat::OutboundProbeEvent::Error { .. }
+                ) {
+                    self.keep_doubting(swarm);
+                }
+            }
             autonat::Event::InboundProbe(ev) => tracing::debug!(?ev, "autonat dial-back asked"),
         }
     }
@@ -454,6 +498,17 @@ impl NatNet {
 /// Whether an address goes through a circuit relay.
 pub(super) fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+/// Makes AutoNAT (not public) doubt its status: each candidate address
+/// costs it a point of confidence and brings its next probe forward to its
+/// retry interval; at zero, the next probe that disagrees flips it.
+fn doubt(autonat: &mut autonat::Behaviour, candidate: Option<&Multiaddr>) {
+    if let Some(c) = candidate {
+        for _ in 0..autonat.confidence().max(1) {
+            autonat.probe_address(c.clone());
+        }
+    }
 }
 
 /// Whether a listen address is a direct IP one whose coming or going
