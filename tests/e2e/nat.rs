@@ -371,6 +371,21 @@ fn group_message_arrives(a: &Daemon, b: &Daemon, name: &str, text: &str) {
     });
 }
 
+/// A sends B a direct message; B has it and A has B's receipt.
+fn direct_message_arrives(a: &Daemon, b: &Daemon, text: &str) {
+    let sent = a.json(&["send", &b.peer_id, text]);
+    let id = sent["message_id"].as_str().expect("message_id").to_owned();
+    eventually(T, &format!("B receives {text:?} and A its receipt"), || {
+        let on_b = b.json_or_nothing(&["messages", &a.peer_id]).to_string();
+        let on_a = a.json_or_nothing(&["messages", &b.peer_id]);
+        let delivered = on_a
+            .as_array()?
+            .iter()
+            .any(|m| m["id"] == id.as_str() && m["state"] == "delivered");
+        (on_b.contains(text) && delivered).then_some(())
+    });
+}
+
 fn has_group(d: &Daemon, gid: &str) -> bool {
     d.json_or_nothing(&["group", "list"])
         .as_array()
@@ -624,8 +639,8 @@ fn ten_mib_file_flows(dir: &Path, a: &Daemon, b: &Daemon) {
     );
 }
 
-/// Case 2: B behind a symmetric NAT: hole punching fails, group messages
-/// still flow through the relay, a file transfer is refused while the only
+/// Case 2: B behind a symmetric NAT: hole punching fails, group and direct
+/// messages still flow through the relay, a file transfer is refused while the only
 /// connection is relayed, and nothing hangs.
 #[test]
 fn symmetric_nat_stays_relayed_and_keeps_bulk_off() {
@@ -643,6 +658,7 @@ fn symmetric_nat_stays_relayed_and_keeps_bulk_off() {
     assert_eq!(p["relayed"], true, "{p}");
 
     group_message_arrives(&a, &b, "sym", "over the relay");
+    direct_message_arrives(&a, &b, "a direct message over the relay");
     // Hole punching had its chance by now (3 attempts); the link is still
     // relayed.
     let p = peer_entry(&b, &a.peer_id).expect("B is still connected to A");
@@ -828,7 +844,15 @@ fn reachability_follows_network_changes() {
     let public_ip = "172.16.0.20";
     let inet = t.inet.clone();
     t.net.attach(&inet, &a_ns, &format!("{public_ip}/24"));
-    ip(&["-n", &a_ns, "addr", "del", &format!("{a_ip}/24"), "dev", "eth0"]);
+    ip(&[
+        "-n",
+        &a_ns,
+        "addr",
+        "del",
+        &format!("{a_ip}/24"),
+        "dev",
+        "eth0",
+    ]);
     let moved = Instant::now();
     let s = wait_reachability_within(&a, "public", limit);
     eprintln!(
@@ -847,12 +871,33 @@ fn reachability_follows_network_changes() {
     });
 
     // Back behind the NAT.
-    ip(&["-n", &a_ns, "addr", "add", &format!("{a_ip}/24"), "dev", "eth0"]);
-    ip(&["-n", &a_ns, "route", "replace", "default", "via", "10.0.1.1"]);
-    ip(&["-n", &a_ns, "addr", "del", &format!("{public_ip}/24"), "dev", "wan"]);
+    ip(&[
+        "-n",
+        &a_ns,
+        "addr",
+        "add",
+        &format!("{a_ip}/24"),
+        "dev",
+        "eth0",
+    ]);
+    ip(&[
+        "-n", &a_ns, "route", "replace", "default", "via", "10.0.1.1",
+    ]);
+    ip(&[
+        "-n",
+        &a_ns,
+        "addr",
+        "del",
+        &format!("{public_ip}/24"),
+        "dev",
+        "wan",
+    ]);
     let moved = Instant::now();
     wait_reachability_within(&a, "private", limit);
-    eprintln!("private {:.1} s after the move back", moved.elapsed().as_secs_f64());
+    eprintln!(
+        "private {:.1} s after the move back",
+        moved.elapsed().as_secs_f64()
+    );
     eventually(T, "A is a DHT client with a reservation again", || {
         let s = status(&a);
         (s["kad_mode"] == "client" && s["relayed_addrs"].to_string().contains("p2p-circuit"))
@@ -878,7 +923,10 @@ fn private_sharer_found_through_its_relayed_provider_record() {
     let (a_ns, a_ip) = &t.a;
     let a = start(tmp.path(), "a", a_ns, a_ip, &["--bootstrap".into(), r_addr]);
     wait_reachability(&a, "private");
-    assert!(peer_entry(&a, &b.peer_id).is_none(), "A does not know B yet");
+    assert!(
+        peer_entry(&a, &b.peer_id).is_none(),
+        "A does not know B yet"
+    );
     let out = tmp.path().join("got.bin");
     let st = a.json(&[
         "file",
@@ -890,9 +938,15 @@ fn private_sharer_found_through_its_relayed_provider_record() {
         "90",
     ]);
     assert_eq!(st["state"], "complete", "{st}");
-    assert!(std::fs::read(&out).expect("read") == data, "the file arrived changed");
+    assert!(
+        std::fs::read(&out).expect("read") == data,
+        "the file arrived changed"
+    );
     let p = peer_entry(&a, &b.peer_id).expect("A is connected to B");
-    assert_eq!(p["relayed"], false, "the file came over a direct connection: {p}");
+    assert_eq!(
+        p["relayed"], false,
+        "the file came over a direct connection: {p}"
+    );
     drop((a, b, r));
 }
 

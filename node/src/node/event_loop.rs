@@ -433,9 +433,14 @@ impl EventLoop {
                 result: kad::QueryResult::GetProviders(result),
                 step,
                 ..
-            }) => self
-                .files
-                .on_providers(&mut self.swarm, &self.ctx, &self.peers, id, result, step.last),
+            }) => self.files.on_providers(
+                &mut self.swarm,
+                &self.ctx,
+                &self.peers,
+                id,
+                result,
+                step.last,
+            ),
             BehaviourEvent::Kad(ev) => {
                 self.ctx.libp2p_metrics.record(&ev);
                 if let Some((peer, addrs)) = discovery::on_kad(&mut self.swarm, &self.ctx, ev) {

@@ -169,7 +169,8 @@ impl FilesNet {
                     },
                 ..
             } => {
-                if let Err(held) = ctx.may_answer(&answer_requirements(&request.0), peers.link(&peer))
+                if let Err(held) =
+                    ctx.may_answer(&answer_requirements(&request.0), peers.link(&peer))
                 {
                     tracing::debug!(%peer, "file request not served: {held}");
                     let busy = Response::error(
