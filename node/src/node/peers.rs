@@ -453,7 +453,8 @@ impl PeerBook {
     }
 
     /// A round-trip time was measured, or a ping failed. A failed ping
-    /// on an IP or relayed connection (20 s without an answer) means the
+    /// (not an unsupported one) on an IP or relayed connection (20 s
+    /// without an answer, or a broken stream) means the
     /// connection is dead, which TCP would only notice after many minutes
     /// (the peer moved to another network, its NAT forgot the mapping): it
     /// is closed, so that nothing keeps using it (AutoNAT judges a peer by
@@ -468,6 +469,8 @@ impl PeerBook {
                     self.meta.entry(ev.peer).or_default().rtt = Some(rtt);
                 }
             }
+            // A peer without ping (a minimal implementation) is not dead.
+            Err(ping::Failure::Unsupported) => {}
             Err(e) => {
                 let ble = self
                     .connections
