@@ -243,6 +243,8 @@ pub struct NatConfig {
     pub autonat_boot_delay: Duration,
     /// Interval between AutoNAT probes while the status is not settled.
     pub autonat_retry_interval: Duration,
+    /// How long a reservation on the relay server lasts.
+    pub relay_reservation: Duration,
 }
 
 impl Default for NatConfig {
@@ -253,6 +255,7 @@ impl Default for NatConfig {
             relay_server: false,
             autonat_boot_delay: Duration::from_secs(5),
             autonat_retry_interval: Duration::from_secs(30),
+            relay_reservation: crate::config::DEFAULT_RELAY_RESERVATION,
         }
     }
 }
@@ -417,8 +420,11 @@ impl Behaviour {
             .with_max_pending_incoming(Some(64))
             .with_max_pending_outgoing(Some(64))
             // One connection per transport (TCP, QUIC, BLE), plus one for a
-            // simultaneous dial.
-            .with_max_established_per_peer(Some(4));
+            // simultaneous dial, plus room for AutoNAT: each dial-back is a
+            // new connection (idle ones close after the idle timeout), and a
+            // dial-back refused by this limit reads as "not reachable" to
+            // the peer asking.
+            .with_max_established_per_peer(Some(8));
 
         let identify = identify::Behaviour::new(
             identify::Config::new(IDENTIFY_PROTOCOL.to_owned(), key.public())
@@ -539,9 +545,14 @@ fn nat_behaviours(
         )
     });
     let relay_server = nat.relay_server.then(|| {
-        // relay v2's defaults: 128 reservations (4 per peer) of 1 h, 16
-        // circuits (4 per peer) of at most 2 min and 128 KiB each.
-        let mut r = relay::Behaviour::new(peer_id, relay::Config::default());
+        // relay v2's defaults: 128 reservations (4 per peer) of 1 h (or
+        // `--relay-reservation-secs`), 16 circuits (4 per peer) of at most
+        // 2 min and 128 KiB each.
+        let config = relay::Config {
+            reservation_duration: nat.relay_reservation,
+            ..relay::Config::default()
+        };
+        let mut r = relay::Behaviour::new(peer_id, config);
         // Never offered on the swarm's say-so: the swarm counts relayed
         // addresses as confirmed, which would make a relayed node a relay.
         r.set_status(Some(relay::Status::Disable));

@@ -43,6 +43,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long an undelivered direct message is kept: 7 days.
 pub const DEFAULT_MESSAGE_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long a reservation on a relay server lasts (relay v2's default).
+pub const DEFAULT_RELAY_RESERVATION: Duration = Duration::from_secs(3600);
 
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
@@ -117,6 +119,8 @@ pub struct Settings {
     pub kad_mode: KadMode,
     /// AutoNAT judges private addresses too (test topologies, LANs).
     pub autonat_private_addrs: bool,
+    /// How long a reservation on this node's relay server lasts.
+    pub relay_reservation: Duration,
 }
 
 /// Which BLE radio `--ble` names.
@@ -346,6 +350,10 @@ pub struct Overrides {
         value_parser = FalseyValueParser::new()
     )]
     pub(crate) autonat_private_addrs: Option<bool>,
+    /// How long a reservation on this node's relay server lasts, seconds
+    /// (relay v2's default: 3600); clients renew at three quarters of it.
+    #[arg(long, value_name = "SECS", env = "FOGMESH_RELAY_RESERVATION_SECS")]
+    pub(crate) relay_reservation_secs: Option<u64>,
     /// Accept group invitations from this admin without asking
     /// (repeatable); others wait in `fogmesh group invites`.
     #[arg(
@@ -468,6 +476,11 @@ impl Settings {
                 .autonat_private_addrs
                 .or(file.autonat_private_addrs)
                 .unwrap_or(false),
+            relay_reservation: over
+                .relay_reservation_secs
+                .or(file.relay_reservation_secs)
+                .filter(|s| *s > 0)
+                .map_or(DEFAULT_RELAY_RESERVATION, Duration::from_secs),
         })
     }
 }

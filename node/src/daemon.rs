@@ -204,6 +204,7 @@ fn node_builder(
             nat: NatConfig {
                 relay_server: settings.relay_server,
                 autonat_private_addrs: settings.autonat_private_addrs,
+                relay_reservation: settings.relay_reservation,
                 ..NatConfig::default()
             },
             ..BehaviourConfig::default()

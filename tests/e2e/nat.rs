@@ -14,14 +14,22 @@
 //! ```
 //!
 //! The routers masquerade their LAN behind their WAN address (nftables)
-//! and forward only what their LAN started (conntrack). `Nat::Cone` is
-//! plain `masquerade`: Linux keeps the source port when it can, so the
-//! mapping is endpoint-independent (the same public port for every
-//! destination) while filtering stays address- and port-dependent: the
-//! NAT hole punching is for, and what most home routers do. `Nat::Symmetric`
-//! is `masquerade fully-random`: a new random port per connection, so the
-//! port a relay observes is useless to anyone else and hole punching
-//! fails.
+//! and forward only what their LAN started (conntrack), in three kinds:
+//!
+//! - `Nat::FullCone`: endpoint-independent mapping *and* filtering, built
+//!   the way n0's patchbay does it: a dynamic nftables map records, for
+//!   every packet the LAN host sends out, its source port -> its LAN
+//!   address, and packets arriving on the WAN side for a mapped port are
+//!   sent to that address, whoever sends them. (Masquerade keeps the
+//!   source port: one host per LAN, so the port is never taken.) Such a
+//!   node is reachable on its mapped port: AutoNAT finds it *public*.
+//! - `Nat::PortRestricted`: the same endpoint-independent mapping, but
+//!   only replies from the exact address and port a flow went to come
+//!   in (conntrack): what most home routers do, and the NAT hole
+//!   punching is for. AutoNAT finds the node private.
+//! - `Nat::Symmetric`: `masquerade fully-random`, a new random port per
+//!   connection, so the port a relay observes is useless to anyone else
+//!   and hole punching fails.
 //!
 //! Hole punching is tested over TCP and over QUIC (whichever the nodes use
 //! to reach the relay is what they have observed addresses for).
@@ -52,8 +60,11 @@ const PORT: u16 = 4001;
 /// How a router translates.
 #[derive(Clone, Copy, Debug)]
 enum Nat {
-    /// Endpoint-independent mapping, port-dependent filtering.
-    Cone,
+    /// Endpoint-independent mapping and filtering ("full cone").
+    FullCone,
+    /// Endpoint-independent mapping, address- and port-dependent
+    /// filtering ("port-restricted cone").
+    PortRestricted,
     /// A new random port per connection.
     Symmetric,
 }
@@ -147,31 +158,58 @@ impl Net {
     /// Makes `router` a NAT router for the LAN on its `lan` interface.
     fn nat_router(&self, router: &str, nat: Nat) {
         netns_exec(router, &["sysctl", "-qw", "net.ipv4.ip_forward=1"], None);
-        let masquerade = match nat {
-            Nat::Cone => "masquerade",
-            Nat::Symmetric => "masquerade fully-random",
-        };
-        // The empty prerouting chain is needed: without it the kernel
-        // does not undo the translation on replies.
-        let rules = format!(
-            "table ip nat {{
-                chain prerouting {{ type nat hook prerouting priority dstnat; policy accept; }}
-                chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;
-                    oifname \"wan\" {masquerade}
-                }}
-            }}
-            table ip filter {{
-                chain forward {{ type filter hook forward priority filter; policy drop;
-                    ct state established,related accept
-                    iifname \"lan\" accept
-                }}
-                chain input {{ type filter hook input priority filter; policy accept;
-                    iifname \"wan\" ct state new drop
-                }}
-            }}"
-        );
-        netns_exec(router, &["nft", "-f", "-"], Some(&rules));
+        netns_exec(router, &["nft", "-f", "-"], Some(&nat_rules(nat)));
     }
+}
+
+/// The nftables rules of a NAT router of kind `nat` (WAN interface `wan`,
+/// LAN interface `lan`).
+fn nat_rules(nat: Nat) -> String {
+    let masquerade = match nat {
+        Nat::FullCone | Nat::PortRestricted => "masquerade",
+        Nat::Symmetric => "masquerade fully-random",
+    };
+    // Full cone: every packet out records its source port -> its LAN
+    // address (a filter chain sees every packet, the nat chains only a
+    // flow's first, so mappings stay while used); a packet in for a
+    // recorded port goes to that address, from whoever it comes.
+    let (maps, inbound, admit) = match nat {
+        Nat::FullCone => (
+            "map cone_udp { type inet_service : ipv4_addr; flags dynamic,timeout; timeout 5m; }
+             map cone_tcp { type inet_service : ipv4_addr; flags dynamic,timeout; timeout 5m; }
+             chain record { type filter hook postrouting priority filter; policy accept;
+                 oifname \"wan\" meta l4proto udp update @cone_udp { udp sport timeout 5m : ip saddr }
+                 oifname \"wan\" meta l4proto tcp update @cone_tcp { tcp sport timeout 5m : ip saddr }
+             }",
+            "iifname \"wan\" meta l4proto udp dnat ip to udp dport map @cone_udp
+             iifname \"wan\" meta l4proto tcp dnat ip to tcp dport map @cone_tcp",
+            "ct status dnat accept",
+        ),
+        _ => ("", "", ""),
+    };
+    // The prerouting chain is needed even empty: without it the kernel
+    // does not undo the translation on replies.
+    format!(
+        "table ip nat {{
+            {maps}
+            chain prerouting {{ type nat hook prerouting priority dstnat; policy accept;
+                {inbound}
+            }}
+            chain postrouting {{ type nat hook postrouting priority srcnat; policy accept;
+                oifname \"wan\" {masquerade}
+            }}
+        }}
+        table ip filter {{
+            chain forward {{ type filter hook forward priority filter; policy drop;
+                ct state established,related accept
+                {admit}
+                iifname \"lan\" accept
+            }}
+            chain input {{ type filter hook input priority filter; policy accept;
+                iifname \"wan\" ct state new drop
+            }}
+        }}"
+    )
 }
 
 impl Drop for Net {
@@ -227,8 +265,13 @@ struct Topo {
     /// The NATed nodes A and B: (namespace, LAN address).
     a: (String, String),
     b: (String, String),
+    /// The WAN addresses of A's and B's routers.
+    a_wan: String,
+    b_wan: String,
+    /// The internet's namespace (for plugging more in).
+    inet: String,
     /// Dropped last: removes every namespace.
-    _net: Net,
+    net: Net,
 }
 
 /// Builds the topology with `relays` relays and A, B behind `nat_a`,
@@ -262,13 +305,16 @@ fn topology(mut net: Net, relays: usize, nat_a: Nat, nat_b: Nat) -> Topo {
         net.nat_router(&router, nat);
         (host, addr)
     };
-    let a = lan(&mut net, "a", "2", 1, nat_a);
-    let b = lan(&mut net, "b", "3", 2, nat_b);
+    let (a_ns, a_ip) = lan(&mut net, "a", "2", 1, nat_a);
+    let (b_ns, b_ip) = lan(&mut net, "b", "3", 2, nat_b);
     Topo {
         relays: rs,
-        a,
-        b,
-        _net: net,
+        a: (a_ns, a_ip),
+        b: (b_ns, b_ip),
+        a_wan: "172.16.0.2".into(),
+        b_wan: "172.16.0.3".into(),
+        inet,
+        net,
     }
 }
 
@@ -322,6 +368,21 @@ fn group_message_arrives(a: &Daemon, b: &Daemon, name: &str, text: &str) {
         }
         let m = b.json_or_nothing(&["group", "messages", &gid]);
         m.to_string().contains(text).then_some(())
+    });
+}
+
+/// A sends B a direct message; B has it and A has B's receipt.
+fn direct_message_arrives(a: &Daemon, b: &Daemon, text: &str) {
+    let sent = a.json(&["send", &b.peer_id, text]);
+    let id = sent["message_id"].as_str().expect("message_id").to_owned();
+    eventually(T, &format!("B receives {text:?} and A its receipt"), || {
+        let on_b = b.json_or_nothing(&["messages", &a.peer_id]).to_string();
+        let on_a = a.json_or_nothing(&["messages", &b.peer_id]);
+        let delivered = on_a
+            .as_array()?
+            .iter()
+            .any(|m| m["id"] == id.as_str() && m["state"] == "delivered");
+        (on_b.contains(text) && delivered).then_some(())
     });
 }
 
@@ -424,9 +485,71 @@ fn relay_and_private_node_via(dir: &Path, t: &Topo, via: Via) -> (Daemon, Daemon
     (r, a, r_addr)
 }
 
-/// Case 1: both behind endpoint-independent NATs: B reaches A through the
-/// relay, hole punching upgrades the connection, then a group message and
-/// a 10 MiB file flow over the direct connection.
+/// Case 1 with true full-cone NATs (endpoint-independent mapping and
+/// filtering) on both sides: each node is reachable on its mapped port, so
+/// AutoNAT finds it public at its router's address and the port it
+/// listens on (the mapping is endpoint-independent: the relay saw that
+/// port too), Kademlia serves, no relay is needed: B dials A's confirmed
+/// address, and a group message and a 10 MiB file flow over the direct
+/// connection.
+#[test]
+fn full_cone_nats_connect_directly() {
+    let Some(net) = Net::new("full_cone_nats_connect_directly") else {
+        return;
+    };
+    let t = topology(net, 1, Nat::FullCone, Nat::FullCone);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (r_ns, r_ip) = &t.relays[0];
+    let r = start(tmp.path(), "r", r_ns, r_ip, &["--relay-server".into()]);
+    let r_addr = tcp_addr(&r, r_ip);
+    let (a_ns, a_ip) = &t.a;
+    let a = start(
+        tmp.path(),
+        "a",
+        a_ns,
+        a_ip,
+        &[
+            "--bootstrap".into(),
+            r_addr.clone(),
+            "--relay".into(),
+            r_addr.clone(),
+        ],
+    );
+    let b = start_b(tmp.path(), &t, &r_addr);
+    let sa = wait_reachability(&a, "public");
+    let mapped = format!("/ip4/{}/tcp/{PORT}", t.a_wan);
+    assert!(
+        sa["external_addrs"].to_string().contains(&mapped),
+        "A is reachable on its mapped port {mapped}: {sa}"
+    );
+    eventually(T, "A serves the DHT and holds no reservation", || {
+        let s = status(&a);
+        (s["kad_mode"] == "server" && !s["relayed_addrs"].to_string().contains("p2p-circuit"))
+            .then_some(())
+    });
+    let sb = wait_reachability(&b, "public");
+    assert!(
+        sb["external_addrs"]
+            .to_string()
+            .contains(&format!("/ip4/{}/tcp/{PORT}", t.b_wan)),
+        "B is reachable on its mapped port: {sb}"
+    );
+
+    b.json(&["connect", &format!("{mapped}/p2p/{}", a.peer_id)]);
+    let p = peer_entry(&b, &a.peer_id).expect("B is connected to A");
+    assert_eq!(p["relayed"], false, "{p}");
+    group_message_arrives(&a, &b, "cone", "straight through the cone");
+    ten_mib_file_flows(tmp.path(), &a, &b);
+    let p = peer_entry(&b, &a.peer_id).expect("B is still connected to A");
+    assert_eq!(p["relayed"], false, "{p}");
+    drop((a, b, r));
+}
+
+/// Case 1: both behind endpoint-independent-mapping NATs that filter by
+/// address and port (port-restricted cones: AutoNAT finds both private):
+/// B reaches A through the relay, hole punching upgrades the connection to
+/// a direct one on A's mapped port, then a group message and a 10 MiB file
+/// flow over it.
 #[test]
 fn cone_nats_upgrade_to_direct() {
     if let Some(net) = Net::new("cone_nats_upgrade_to_direct") {
@@ -444,7 +567,7 @@ fn cone_nats_upgrade_to_direct_over_quic() {
 }
 
 fn cone_nats(net: Net, via: Via) {
-    let t = topology(net, 1, Nat::Cone, Nat::Cone);
+    let t = topology(net, 1, Nat::PortRestricted, Nat::PortRestricted);
     let tmp = tempfile::tempdir().expect("tempdir");
     let started = Instant::now();
     let (r, a, r_addr) = relay_and_private_node_via(tmp.path(), &t, via);
@@ -472,21 +595,34 @@ fn cone_nats(net: Net, via: Via) {
     if let Via::Quic = via {
         assert_eq!(direct["transport"], "quic", "punched over QUIC: {direct}");
     }
+    // Endpoint-independent mapping: B meets A on the port the relay saw.
+    let mapped = match via {
+        Via::Tcp => format!("/ip4/{}/tcp/{PORT}", t.a_wan),
+        Via::Quic => format!("/ip4/{}/udp/{PORT}", t.a_wan),
+    };
+    assert!(
+        direct["addrs"].to_string().contains(&mapped),
+        "the direct connection uses A's mapped port {mapped}: {direct}"
+    );
     let on_a = peer_entry(&a, &b.peer_id).expect("A sees B");
     assert_eq!(on_a["relayed"], false, "{on_a}");
 
-    // A group message.
     group_message_arrives(&a, &b, "nat", "through the NAT");
+    ten_mib_file_flows(tmp.path(), &a, &b);
+    drop((a, b, r));
+}
 
-    // A 10 MiB file, over the direct connection.
+/// A shares 10 MiB, B fetches it (over whatever connects them: the
+/// caller checked it is direct).
+fn ten_mib_file_flows(dir: &Path, a: &Daemon, b: &Daemon) {
     let data: Vec<u8> = (0..10 * 1024 * 1024u32)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
-    let src = tmp.path().join("big.bin");
+    let src = dir.join("big.bin");
     std::fs::write(&src, &data).expect("write");
     let shared = a.json(&["file", "share", src.to_str().expect("utf-8")]);
     let fid = shared["file_id"].as_str().expect("file_id").to_owned();
-    let out = tmp.path().join("got.bin");
+    let out = dir.join("got.bin");
     let st = b.json(&[
         "file",
         "get",
@@ -494,25 +630,24 @@ fn cone_nats(net: Net, via: Via) {
         "-o",
         out.to_str().expect("utf-8"),
         "--timeout",
-        "40",
+        "60",
     ]);
     assert_eq!(st["state"], "complete", "{st}");
     assert!(
         std::fs::read(&out).expect("read") == data,
         "the file arrived changed"
     );
-    drop((a, b, r));
 }
 
-/// Case 2: B behind a symmetric NAT: hole punching fails, group messages
-/// still flow through the relay, a file transfer is refused while the only
+/// Case 2: B behind a symmetric NAT: hole punching fails, group and direct
+/// messages still flow through the relay, a file transfer is refused while the only
 /// connection is relayed, and nothing hangs.
 #[test]
 fn symmetric_nat_stays_relayed_and_keeps_bulk_off() {
     let Some(net) = Net::new("symmetric_nat_stays_relayed_and_keeps_bulk_off") else {
         return;
     };
-    let t = topology(net, 1, Nat::Cone, Nat::Symmetric);
+    let t = topology(net, 1, Nat::PortRestricted, Nat::Symmetric);
     let tmp = tempfile::tempdir().expect("tempdir");
     let (r, a, r_addr) = relay_and_private_node(tmp.path(), &t);
     let b = start_b(tmp.path(), &t, &r_addr);
@@ -523,6 +658,7 @@ fn symmetric_nat_stays_relayed_and_keeps_bulk_off() {
     assert_eq!(p["relayed"], true, "{p}");
 
     group_message_arrives(&a, &b, "sym", "over the relay");
+    direct_message_arrives(&a, &b, "a direct message over the relay");
     // Hole punching had its chance by now (3 attempts); the link is still
     // relayed.
     let p = peer_entry(&b, &a.peer_id).expect("B is still connected to A");
@@ -569,7 +705,7 @@ fn private_node_moves_to_another_relay() {
     let Some(net) = Net::new("private_node_moves_to_another_relay") else {
         return;
     };
-    let t = topology(net, 3, Nat::Cone, Nat::Cone);
+    let t = topology(net, 3, Nat::PortRestricted, Nat::PortRestricted);
     let tmp = tempfile::tempdir().expect("tempdir");
     let (r0_ns, r0_ip) = &t.relays[0];
     let r0 = start(tmp.path(), "r0", r0_ns, r0_ip, &["--relay-server".into()]);
@@ -644,7 +780,7 @@ fn nated_node_stays_out_of_routing_tables() {
     let Some(net) = Net::new("nated_node_stays_out_of_routing_tables") else {
         return;
     };
-    let t = topology(net, 1, Nat::Cone, Nat::Cone);
+    let t = topology(net, 1, Nat::PortRestricted, Nat::PortRestricted);
     let tmp = tempfile::tempdir().expect("tempdir");
     let (r, a, _) = relay_and_private_node(tmp.path(), &t);
     let sa = status(&a);
@@ -662,25 +798,349 @@ fn nated_node_stays_out_of_routing_tables() {
     drop((a, r));
 }
 
+/// Waits up to `limit` until `d`'s reachability is `want`.
+fn wait_reachability_within(d: &Daemon, want: &str, limit: Duration) -> Value {
+    eventually(limit, &format!("{} reachability {want}", d.peer_id), || {
+        let s = status(d);
+        (s["reachability"] == want).then_some(s)
+    })
+}
+
+/// Reachability follows the network: A, listening on every interface,
+/// starts behind a (port-restricted) NAT and is private; it is then
+/// plugged straight into the internet and its LAN address removed (a
+/// laptop moving from home to a public network): within two minutes it is
+/// public at its new address, serves the DHT and needs no relay. Moved
+/// back behind the NAT, it is private again within two minutes.
+#[test]
+fn reachability_follows_network_changes() {
+    let Some(net) = Net::new("reachability_follows_network_changes") else {
+        return;
+    };
+    let mut t = topology(net, 1, Nat::PortRestricted, Nat::PortRestricted);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (r_ns, r_ip) = &t.relays[0];
+    let r = start(tmp.path(), "r", r_ns, r_ip, &["--relay-server".into()]);
+    let r_addr = tcp_addr(&r, r_ip);
+    let (a_ns, a_ip) = t.a.clone();
+    let a = start(
+        tmp.path(),
+        "a",
+        &a_ns,
+        "0.0.0.0",
+        &[
+            "--bootstrap".into(),
+            r_addr.clone(),
+            "--relay".into(),
+            r_addr.clone(),
+        ],
+    );
+    wait_reachability(&r, "public");
+    wait_reachability(&a, "private");
+    let limit = Duration::from_secs(120);
+
+    // To the public network: a new interface on the internet, the LAN
+    // address gone.
+    let public_ip = "172.16.0.20";
+    let inet = t.inet.clone();
+    t.net.attach(&inet, &a_ns, &format!("{public_ip}/24"));
+    ip(&[
+        "-n",
+        &a_ns,
+        "addr",
+        "del",
+        &format!("{a_ip}/24"),
+        "dev",
+        "eth0",
+    ]);
+    let moved = Instant::now();
+    let s = wait_reachability_within(&a, "public", limit);
+    eprintln!(
+        "public {:.1} s after the move: {}",
+        moved.elapsed().as_secs_f64(),
+        s["external_addrs"]
+    );
+    assert!(
+        s["external_addrs"].to_string().contains(public_ip),
+        "confirmed at its new address: {s}"
+    );
+    eventually(T, "A serves the DHT and holds no reservation", || {
+        let s = status(&a);
+        (s["kad_mode"] == "server" && !s["relayed_addrs"].to_string().contains("p2p-circuit"))
+            .then_some(())
+    });
+
+    // Back behind the NAT.
+    ip(&[
+        "-n",
+        &a_ns,
+        "addr",
+        "add",
+        &format!("{a_ip}/24"),
+        "dev",
+        "eth0",
+    ]);
+    ip(&[
+        "-n", &a_ns, "route", "replace", "default", "via", "10.0.1.1",
+    ]);
+    ip(&[
+        "-n",
+        &a_ns,
+        "addr",
+        "del",
+        &format!("{public_ip}/24"),
+        "dev",
+        "wan",
+    ]);
+    let moved = Instant::now();
+    wait_reachability_within(&a, "private", limit);
+    eprintln!(
+        "private {:.1} s after the move back",
+        moved.elapsed().as_secs_f64()
+    );
+    eventually(T, "A is a DHT client with a reservation again", || {
+        let s = status(&a);
+        (s["kad_mode"] == "client" && s["relayed_addrs"].to_string().contains("p2p-circuit"))
+            .then_some(())
+    });
+    drop((a, r));
+}
+
+/// A private sharer found through its provider record: B, behind a
+/// port-restricted NAT, shares a file once it holds a relayed address;
+/// A, behind another, fetches it by id alone. A's lookup finds B's
+/// provider record (on the relay, the only DHT server) with B's relayed
+/// address, A reaches B through the relay, hole punching gives a direct
+/// connection, and the file comes over it.
+#[test]
+fn private_sharer_found_through_its_relayed_provider_record() {
+    let Some(net) = Net::new("private_sharer_found_through_its_relayed_provider_record") else {
+        return;
+    };
+    let t = topology(net, 1, Nat::PortRestricted, Nat::PortRestricted);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (r, b, r_addr, fid, data) = private_sharer(tmp.path(), &t);
+    let (a_ns, a_ip) = &t.a;
+    let a = start(tmp.path(), "a", a_ns, a_ip, &["--bootstrap".into(), r_addr]);
+    wait_reachability(&a, "private");
+    assert!(
+        peer_entry(&a, &b.peer_id).is_none(),
+        "A does not know B yet"
+    );
+    let out = tmp.path().join("got.bin");
+    let st = a.json(&[
+        "file",
+        "get",
+        &fid,
+        "-o",
+        out.to_str().expect("utf-8"),
+        "--timeout",
+        "90",
+    ]);
+    assert_eq!(st["state"], "complete", "{st}");
+    assert!(
+        std::fs::read(&out).expect("read") == data,
+        "the file arrived changed"
+    );
+    let p = peer_entry(&a, &b.peer_id).expect("A is connected to B");
+    assert_eq!(
+        p["relayed"], false,
+        "the file came over a direct connection: {p}"
+    );
+    drop((a, b, r));
+}
+
+/// [`private_sharer_found_through_its_relayed_provider_record`] with A
+/// behind a symmetric NAT: A finds B and reaches it through the relay,
+/// hole punching fails, the transfer waits for a direct connection that
+/// never comes, and `file get` gives up on time with nothing received.
+#[test]
+fn private_sharer_behind_symmetric_nat_waits_and_gives_up() {
+    let Some(net) = Net::new("private_sharer_behind_symmetric_nat_waits_and_gives_up") else {
+        return;
+    };
+    let t = topology(net, 1, Nat::Symmetric, Nat::PortRestricted);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (r, b, r_addr, fid, _) = private_sharer(tmp.path(), &t);
+    let (a_ns, a_ip) = &t.a;
+    let a = start(tmp.path(), "a", a_ns, a_ip, &["--bootstrap".into(), r_addr]);
+    wait_reachability(&a, "private");
+    let out = tmp.path().join("got.bin");
+    let started = Instant::now();
+    let res = a.cli(&[
+        "file",
+        "get",
+        &fid,
+        "-o",
+        out.to_str().expect("utf-8"),
+        "--timeout",
+        "20",
+    ]);
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "file get hung for {:?}",
+        started.elapsed()
+    );
+    assert!(!res.status.success(), "the file cannot come over a circuit");
+    let p = peer_entry(&a, &b.peer_id).expect("A reached B through the relay");
+    assert_eq!(p["relayed"], true, "{p}");
+    let st = a.json_or_nothing(&["file", "status", &fid]);
+    assert_eq!(st["bytes_have"], 0, "{st}");
+    assert!(
+        a.stderr()
+            .contains("file transfer waits for a direct connection"),
+        "A held its requests back because the link is relayed"
+    );
+    assert!(!out.exists(), "no file over the relay");
+    drop((a, b, r));
+}
+
+/// The relay R and B (the sharer, behind B's NAT, private, with a relayed
+/// address) sharing 1 MiB: (R, B, R's address, the file id, the bytes).
+fn private_sharer(dir: &Path, t: &Topo) -> (Daemon, Daemon, String, String, Vec<u8>) {
+    let (r_ns, r_ip) = &t.relays[0];
+    let r = start(dir, "r", r_ns, r_ip, &["--relay-server".into()]);
+    let r_addr = tcp_addr(&r, r_ip);
+    let b = start_b(dir, t, &r_addr);
+    wait_reachability(&r, "public");
+    wait_reachability(&b, "private");
+    eventually(T, "B holds a relayed address", || {
+        status(&b)["relayed_addrs"]
+            .to_string()
+            .contains("p2p-circuit")
+            .then_some(())
+    });
+    let data: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let src = dir.join("shared.bin");
+    std::fs::write(&src, &data).expect("write");
+    let shared = b.json(&["file", "share", src.to_str().expect("utf-8")]);
+    let fid = shared["file_id"].as_str().expect("file_id").to_owned();
+    eventually(T, "the relay holds B's provider record", || {
+        (status(&r)["provider_records_for_others"].as_u64() >= Some(1)).then_some(())
+    });
+    (r, b, r_addr, fid, data)
+}
+
+/// Reservations are renewed: with a relay granting 12 s reservations
+/// (clients renew at three quarters), a private node still holds its
+/// relayed address four lifetimes later, and B still reaches it through
+/// the relay.
+#[test]
+fn relayed_address_outlives_its_reservation() {
+    let Some(net) = Net::new("relayed_address_outlives_its_reservation") else {
+        return;
+    };
+    let t = topology(net, 1, Nat::PortRestricted, Nat::Symmetric);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (r_ns, r_ip) = &t.relays[0];
+    let r = start(
+        tmp.path(),
+        "r",
+        r_ns,
+        r_ip,
+        &[
+            "--relay-server".into(),
+            "--relay-reservation-secs".into(),
+            "12".into(),
+        ],
+    );
+    let r_addr = tcp_addr(&r, r_ip);
+    let (a_ns, a_ip) = &t.a;
+    let a = start(
+        tmp.path(),
+        "a",
+        a_ns,
+        a_ip,
+        &[
+            "--bootstrap".into(),
+            r_addr.clone(),
+            "--relay".into(),
+            r_addr.clone(),
+        ],
+    );
+    wait_reachability(&a, "private");
+    let relayed = eventually(T, "A holds a relayed address", || {
+        let s = status(&a)["relayed_addrs"].to_string();
+        s.contains("p2p-circuit").then_some(s)
+    });
+    let since = Instant::now();
+    while since.elapsed() < Duration::from_secs(48) {
+        let s = status(&a)["relayed_addrs"].to_string();
+        assert!(
+            s.contains("p2p-circuit"),
+            "relayed address lost after {:?}: {s} (had {relayed})",
+            since.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        a.stderr().matches("relay reservation accepted").count() >= 4,
+        "the reservation was renewed"
+    );
+    // B (symmetric: no hole punching) reaches A through the relay.
+    let b = start_b(tmp.path(), &t, &r_addr);
+    b.json(&[
+        "connect",
+        &format!("{r_addr}/p2p-circuit/p2p/{}", a.peer_id),
+    ]);
+    let p = peer_entry(&b, &a.peer_id).expect("B reached A through the relay");
+    assert_eq!(p["relayed"], true, "{p}");
+    drop((a, b, r));
+}
+
 /// Benchmark (run by hand, as root: `cargo test -p fogmesh --test e2e
-/// nat::hole_punch_attempts -- --ignored --nocapture`): for each NAT type
-/// on B's side (A behind a cone NAT, already private with a reservation),
-/// 20 times: a fresh B (new identity, new port) starts, dials A through the
-/// relay, and the time from B's start until `peers` shows a direct
-/// connection is taken (15 s limit). Prints the share upgraded and the
-/// times.
+/// nat::hole_punch_attempts -- --ignored --nocapture`): for each pair of
+/// NATs (A's, B's) in one run, 20 times: a fresh B (new identity, new
+/// port) starts behind its NAT and dials A (already settled: through the
+/// relay when A is private, at its confirmed address when a full cone
+/// makes it public), and the time from B's start until `peers` shows a
+/// direct connection is taken (15 s limit). Prints the share upgraded and
+/// the times.
 #[test]
 #[ignore]
 fn hole_punch_attempts() {
-    for nat_b in [Nat::Cone, Nat::Symmetric] {
+    let pairs = [
+        (Nat::FullCone, Nat::FullCone),
+        (Nat::PortRestricted, Nat::PortRestricted),
+        (Nat::PortRestricted, Nat::Symmetric),
+    ];
+    let mut lines = Vec::new();
+    for (nat_a, nat_b) in pairs {
         let Some(net) = Net::new("hole_punch_attempts") else {
             return;
         };
-        let t = topology(net, 1, Nat::Cone, nat_b);
+        let t = topology(net, 1, nat_a, nat_b);
         let tmp = tempfile::tempdir().expect("tempdir");
-        let (_r, a, r_addr) = relay_and_private_node(tmp.path(), &t);
+        let (r_ns, r_ip) = &t.relays[0];
+        let r = start(tmp.path(), "r", r_ns, r_ip, &["--relay-server".into()]);
+        let r_addr = tcp_addr(&r, r_ip);
+        let (a_ns, a_ip) = &t.a;
+        let a = start(
+            tmp.path(),
+            "a",
+            a_ns,
+            a_ip,
+            &[
+                "--bootstrap".into(),
+                r_addr.clone(),
+                "--relay".into(),
+                r_addr.clone(),
+            ],
+        );
+        let target = if let Nat::FullCone = nat_a {
+            wait_reachability(&a, "public");
+            format!("/ip4/{}/tcp/{PORT}/p2p/{}", t.a_wan, a.peer_id)
+        } else {
+            wait_reachability(&a, "private");
+            eventually(T, "A holds a relayed address", || {
+                status(&a)["relayed_addrs"]
+                    .to_string()
+                    .contains("p2p-circuit")
+                    .then_some(())
+            });
+            format!("{r_addr}/p2p-circuit/p2p/{}", a.peer_id)
+        };
         let (b_ns, b_ip) = &t.b;
-        let circuit = format!("{r_addr}/p2p-circuit/p2p/{}", a.peer_id);
         let mut times = Vec::new();
         for i in 0..20u16 {
             let started = Instant::now();
@@ -692,8 +1152,8 @@ fn hole_punch_attempts() {
                 PORT + 1 + i,
                 &["--bootstrap".into(), r_addr.clone()],
             );
-            if !b.cli(&["connect", &circuit]).status.success() {
-                eprintln!("attempt {i}: relayed dial failed");
+            if !b.cli(&["connect", &target]).status.success() {
+                eprintln!("attempt {i}: dial failed");
                 continue;
             }
             let deadline = Instant::now() + Duration::from_secs(15);
@@ -709,14 +1169,19 @@ fn hole_punch_attempts() {
         let pick = |q: f64| {
             times
                 .get(((times.len() as f64 - 1.0) * q).round() as usize)
-                .copied()
+                .map(|t| format!("{t:.2}"))
+                .unwrap_or_else(|| "-".into())
         };
-        eprintln!(
-            "BENCH {nat_b:?}: {}/20 upgraded to direct; start to direct: min {:?} s, median {:?} s, max {:?} s",
+        let line = format!(
+            "BENCH A {nat_a:?} / B {nat_b:?}: {}/20 direct; start to direct: min {} s, median {} s, max {} s",
             times.len(),
             pick(0.0),
             pick(0.5),
             pick(1.0)
         );
+        eprintln!("{line}");
+        lines.push(line);
+        drop((a, r));
     }
+    eprintln!("{}", lines.join("\n"));
 }

@@ -113,7 +113,11 @@ impl Actor for GroupsActor {
                 channel,
             } => {
                 let frame = self.on_sync_request(peer, &frame, now);
-                self.net_send(NetCommand::SyncRespond { channel, frame });
+                self.net_send(NetCommand::SyncRespond {
+                    peer,
+                    channel,
+                    frame,
+                });
             }
             Input::SyncResponse { peer, group, frame } => {
                 self.on_sync_response(peer, group, &frame, now)

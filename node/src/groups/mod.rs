@@ -131,6 +131,8 @@ pub(crate) enum NetCommand {
     },
     /// The answer to an [`Input::SyncRequest`].
     SyncRespond {
+        /// Who asked (the policy checks the link before a large answer).
+        peer: PeerId,
         channel: ResponseChannel<SyncFrame>,
         frame: Vec<u8>,
     },

@@ -81,6 +81,17 @@ impl Ctx {
         }
     }
 
+    /// Whether an answer with `req` may go back to a peer over `link`:
+    /// the responder's half of [`Self::may_request`] (a peer that asks for
+    /// bulk over a circuit, an older node or a race with a closing direct
+    /// connection, is told to ask again later rather than served over it).
+    pub(super) fn may_answer(&self, req: &Requirements, link: PeerLink) -> Result<(), Held> {
+        match self.policy.over_link(req, link) {
+            LinkDecision::Send => Ok(()),
+            LinkDecision::WaitForDirect => Err(Held::WaitForDirect),
+        }
+    }
+
     pub(super) fn route_up(&self, route: Route) -> bool {
         match route {
             Route::Internet => self.reach.internet,
@@ -324,6 +335,7 @@ impl EventLoop {
         match event {
             SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
             SwarmEvent::NewListenAddr { address, .. } => {
+                self.nat.on_new_listen_addr(&mut self.swarm, &address);
                 let hide = self.ble.is_some();
                 self.peers
                     .on_listen_addr(&mut self.swarm, &self.ctx, address, hide);
@@ -364,6 +376,12 @@ impl EventLoop {
                 .on_dial_error(&self.ctx, connection_id, peer_id, &error),
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.swarm.remove_external_address(&address);
+                if self.nat.on_expired_listen_addr(&mut self.swarm, &address) {
+                    self.rebind();
+                }
+            }
+            SwarmEvent::ExternalAddrExpired { address } => {
+                self.nat.on_external_addr_expired(&mut self.swarm, &address);
             }
             SwarmEvent::ListenerError { error, .. } => {
                 tracing::warn!("listener error: {error}");
@@ -401,7 +419,7 @@ impl EventLoop {
             }
             BehaviourEvent::Ping(ev) => {
                 self.ctx.libp2p_metrics.record(&ev);
-                self.peers.on_ping(ev);
+                self.peers.on_ping(&mut self.swarm, ev);
             }
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,
@@ -415,7 +433,14 @@ impl EventLoop {
                 result: kad::QueryResult::GetProviders(result),
                 step,
                 ..
-            }) => self.files.on_providers(id, result, step.last),
+            }) => self.files.on_providers(
+                &mut self.swarm,
+                &self.ctx,
+                &self.peers,
+                id,
+                result,
+                step.last,
+            ),
             BehaviourEvent::Kad(ev) => {
                 self.ctx.libp2p_metrics.record(&ev);
                 if let Some((peer, addrs)) = discovery::on_kad(&mut self.swarm, &self.ctx, ev) {
@@ -432,8 +457,11 @@ impl EventLoop {
                 self.ctx.libp2p_metrics.record(&ev);
                 self.groups.on_gossipsub(&mut self.swarm, ev);
             }
-            BehaviourEvent::GroupSync(ev) => self.groups.on_sync_event(ev),
-            BehaviourEvent::Files(ev) => self.files.on_event(&mut self.swarm, ev),
+            BehaviourEvent::GroupSync(ev) => self.groups.on_sync_event(&self.ctx, &self.peers, ev),
+            BehaviourEvent::Files(ev) => {
+                self.files
+                    .on_event(&mut self.swarm, &self.ctx, &self.peers, ev)
+            }
             BehaviourEvent::Dm(ev) => {
                 self.messages
                     .on_event(&mut self.swarm, &self.ctx, &self.peers, Link::Internet, ev)
@@ -464,6 +492,28 @@ impl EventLoop {
             self.groups.peer_disconnected(peer);
             self.files.peer_disconnected(peer);
             self.nat.on_disconnected(&mut self.swarm, peer);
+        }
+    }
+
+    /// A direct listen address went away (the node left a network): the
+    /// connections made over it are likely dead, yet TCP would hold them
+    /// for minutes. Each direct connection is closed and its peer dialled
+    /// again, over whatever network the node has now (AutoNAT's next probe
+    /// then goes over a connection that shows where the node is).
+    fn rebind(&mut self) {
+        let conns = self.peers.direct_ip_connections();
+        if !conns.is_empty() {
+            tracing::info!(connections = conns.len(), "network changed: reconnecting");
+        }
+        for (peer, id, addrs) in conns {
+            self.swarm.close_connection(id);
+            let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(libp2p::swarm::dial_opts::PeerCondition::Always)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                tracing::debug!(%peer, "not dialled again: {e}");
+            }
         }
     }
 

@@ -9,6 +9,14 @@
 //! with [`Held::WaitForDirect`]; the actor's scheduler treats it like any
 //! failed request and asks again later, by which time hole punching may
 //! have given a direct connection.
+//!
+//! The same rule holds for answers: a manifest or chunk request that comes
+//! in while the asking peer is reachable only through a relay is answered
+//! `Busy` at once (a few bytes), never served over the circuit.
+//!
+//! A provider found through Kademlia is dialled as soon as the lookup
+//! names it: the addresses in its provider record (a private sharer's are
+//! relayed ones) are known to Kademlia only while the lookup runs.
 
 use std::collections::{HashMap, HashSet};
 
@@ -23,7 +31,10 @@ use super::exchange::{Exchange, exchange};
 use super::peers::PeerBook;
 use crate::behaviour::{Behaviour, FileFrame};
 use crate::files::{Asked, FileCommand, FilesHandle, Input, ServeJob};
-use fogmesh_protocols::files::wire::{ErrorCode, Response, encode_response};
+use fogmesh_protocols::files::wire::{
+    ErrorCode, Request, Response, decode_request, encode_response,
+};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 
 /// What a file request moves, for the policy: have-maps are small,
 /// manifests and chunks are bulk.
@@ -31,6 +42,16 @@ fn requirements(asked: &Asked) -> Requirements {
     match asked {
         Asked::Have => Requirements::unicast(),
         Asked::Manifest | Asked::Chunk(_) => Requirements::bulk(),
+    }
+}
+
+/// What answering a peer's request frame moves: the same classes as
+/// [`requirements`]. A frame that does not decode is small: the actor
+/// answers it with an error of a few bytes.
+fn answer_requirements(frame: &[u8]) -> Requirements {
+    match decode_request(frame) {
+        Ok(Request::GetManifest { .. } | Request::GetChunk { .. }) => Requirements::bulk(),
+        _ => Requirements::unicast(),
     }
 }
 
@@ -79,9 +100,15 @@ impl FilesNet {
         }
     }
 
-    /// A step of a provider lookup: the providers found go to the actor.
+    /// A step of a provider lookup: the providers found go to the actor,
+    /// and those not connected are dialled now, while Kademlia still holds
+    /// the addresses of their provider records (it forgets them when the
+    /// lookup ends, and a private provider is in no routing table).
     pub(super) fn on_providers(
         &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        ctx: &Ctx,
+        peers: &PeerBook,
         id: kad::QueryId,
         result: kad::GetProvidersResult,
         last: bool,
@@ -93,6 +120,20 @@ impl FilesNet {
             self.provider_queries.remove(&id);
         }
         if let Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) = result {
+            if ctx.unicast_route().is_some() {
+                let me = *swarm.local_peer_id();
+                for p in providers
+                    .iter()
+                    .filter(|p| **p != me && !peers.has_internet(p))
+                {
+                    let opts = DialOpts::peer_id(*p)
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    if let Err(e) = swarm.dial(opts) {
+                        tracing::debug!(peer = %p, "provider not dialled: {e}");
+                    }
+                }
+            }
             self.offer(Input::Providers {
                 file,
                 peers: providers.into_iter().collect(),
@@ -102,10 +143,13 @@ impl FilesNet {
 
     /// The file protocol's events. A peer's request goes to the serving
     /// queue within the serving limits (`files::gate`), or is answered
-    /// `Busy` here; the end of each exchange frees its share of the limits.
+    /// `Busy` here (also a bulk request from a peer reachable only through
+    /// a relay); the end of each exchange frees its share of the limits.
     pub(super) fn on_event(
         &mut self,
         swarm: &mut Swarm<Behaviour>,
+        ctx: &Ctx,
+        peers: &PeerBook,
         ev: request_response::Event<FileFrame, FileFrame>,
     ) {
         use request_response::{Event, Message};
@@ -125,6 +169,20 @@ impl FilesNet {
                     },
                 ..
             } => {
+                if let Err(held) =
+                    ctx.may_answer(&answer_requirements(&request.0), peers.link(&peer))
+                {
+                    tracing::debug!(%peer, "file request not served: {held}");
+                    let busy = Response::error(
+                        ErrorCode::Busy,
+                        "relayed connection: ask again over a direct one",
+                    );
+                    let _ = swarm
+                        .behaviour_mut()
+                        .files
+                        .send_response(channel, FileFrame(encode_response(&busy)));
+                    return;
+                }
                 let job = ServeJob {
                     peer,
                     id: request_id,
@@ -235,5 +293,16 @@ mod tests {
         assert_eq!(requirements(&Asked::Chunk(3)).volume, Volume::Bulk);
         assert_eq!(requirements(&Asked::Manifest).volume, Volume::Bulk);
         assert_eq!(requirements(&Asked::Have).volume, Volume::Small);
+    }
+
+    #[test]
+    fn answers_to_manifest_and_chunk_requests_are_bulk() {
+        use fogmesh_protocols::files::wire::encode_request;
+        let file = FileId([9; 32]);
+        let volume = |r: Request| answer_requirements(&encode_request(&r)).volume;
+        assert_eq!(volume(Request::GetManifest { file }), Volume::Bulk);
+        assert_eq!(volume(Request::GetChunk { file, index: 0 }), Volume::Bulk);
+        assert_eq!(volume(Request::GetHave { file }), Volume::Small);
+        assert_eq!(answer_requirements(b"garbage").volume, Volume::Small);
     }
 }

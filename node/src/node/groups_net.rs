@@ -9,6 +9,12 @@
 //! policy first: summaries, membership catch-up and fetches of a few
 //! messages may go over a circuit relay, larger fetches wait for a direct
 //! connection (the actor gets a `SyncFailed` and syncs again later).
+//!
+//! The responder keeps the same rule: to a peer reachable only through a
+//! relay it answers neither a large fetch nor anything larger than
+//! [`SMALL_SYNC_RESPONSE`] (a summary's answer may carry many envelopes);
+//! the request fails on the asker's side, which syncs again later, over a
+//! direct connection once hole punching gave one.
 
 use std::collections::HashMap;
 
@@ -33,8 +39,22 @@ use crate::groups::{GroupsHandle, Input, NetCommand};
 /// hole punching worked: nothing is lost.)
 const SMALL_FETCH_MESSAGES: u64 = 16;
 
-/// What a sync request's exchange moves, for the policy. The requester
-/// decides: a responder answers whatever it is asked.
+/// The largest sync answer that may go over a relayed-only link: half a
+/// circuit's 128 KiB budget.
+const SMALL_SYNC_RESPONSE: usize = 64 * 1024;
+
+/// What an encoded sync answer moves, for the policy.
+fn answer_requirements(frame: &[u8]) -> Requirements {
+    if frame.len() <= SMALL_SYNC_RESPONSE {
+        Requirements::unicast()
+    } else {
+        Requirements::bulk()
+    }
+}
+
+/// What a sync request's exchange moves, for the policy: the requester
+/// holds back what it classes as bulk, the responder refuses it over a
+/// relayed-only link too.
 fn sync_requirements(frame: &[u8]) -> Requirements {
     match fogmesh_protocols::groups::wire::decode_sync_request(frame) {
         Ok(SyncRequest::Summary { .. }) => Requirements::unicast(),
@@ -123,18 +143,32 @@ impl GroupsNet {
     }
 
     /// Group sync: requests go to the actor (which answers through
-    /// `SyncRespond`), answers and failures to whoever asked.
-    pub(super) fn on_sync_event(&mut self, ev: request_response::Event<SyncFrame, SyncFrame>) {
+    /// `SyncRespond`), answers and failures to whoever asked. A bulk
+    /// request from a peer reachable only through a relay goes unanswered
+    /// (dropping the channel fails it on the asker's side).
+    pub(super) fn on_sync_event(
+        &mut self,
+        ctx: &Ctx,
+        peers: &PeerBook,
+        ev: request_response::Event<SyncFrame, SyncFrame>,
+    ) {
         match exchange("group sync", ev) {
             Some(Exchange::Request {
                 peer,
                 frame,
                 channel,
-            }) => self.offer(Input::SyncRequest {
-                peer,
-                frame,
-                channel,
-            }),
+            }) => {
+                if let Err(held) = ctx.may_answer(&sync_requirements(&frame), peers.link(&peer)) {
+                    tracing::debug!(%peer, "sync request not answered: {held}");
+                    drop(channel);
+                    return;
+                }
+                self.offer(Input::SyncRequest {
+                    peer,
+                    frame,
+                    channel,
+                })
+            }
             Some(Exchange::Answer {
                 peer,
                 request_id,
@@ -207,7 +241,16 @@ impl GroupsNet {
                     .send_request(&peer, SyncFrame(frame));
                 self.sync_requests.insert(id, group);
             }
-            NetCommand::SyncRespond { channel, frame } => {
+            NetCommand::SyncRespond {
+                peer,
+                channel,
+                frame,
+            } => {
+                if let Err(held) = ctx.may_answer(&answer_requirements(&frame), peers.link(&peer)) {
+                    tracing::debug!(%peer, bytes = frame.len(), "sync answer withheld: {held}");
+                    drop(channel);
+                    return;
+                }
                 if swarm
                     .behaviour_mut()
                     .group_sync
@@ -278,6 +321,18 @@ mod tests {
         assert_eq!(
             sync_requirements(&fetch(None, SMALL_FETCH_MESSAGES)).volume,
             Volume::Small
+        );
+    }
+
+    #[test]
+    fn answers_above_half_a_circuit_are_bulk() {
+        assert_eq!(
+            answer_requirements(&vec![0; SMALL_SYNC_RESPONSE]).volume,
+            Volume::Small
+        );
+        assert_eq!(
+            answer_requirements(&vec![0; SMALL_SYNC_RESPONSE + 1]).volume,
+            Volume::Bulk
         );
     }
 

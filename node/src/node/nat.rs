@@ -15,8 +15,19 @@
 //!   goes away (connection closed, listener closed) is replaced at once by
 //!   another peer that offers the hop protocol, and tried again itself
 //!   after the next maintenance tick.
+//! - Reachability is re-checked when the network changes: a new or
+//!   expired listen address, an expired external address, or peers
+//!   observing the node at an IP they had not seen it at. AutoNAT v1
+//!   re-probes on its own only every 15 minutes once confident, and a
+//!   status it is confident of takes three contrary probes to flip, so
+//!   the node makes it doubt: a public status is dropped (its address is
+//!   expired, which makes AutoNAT probe at once), a private or unknown
+//!   one loses its confidence (a candidate address per point of
+//!   confidence), so the next probe decides.
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use libp2p::core::transport::ListenerId;
 use libp2p::multiaddr::Protocol;
@@ -27,6 +38,15 @@ use crate::types::NatReachability;
 
 /// Reservations a private node keeps.
 pub(super) const WANTED_RELAYS: usize = 2;
+
+/// How long after a network change every probe may flip the status.
+const RECHECK_FOR: Duration = Duration::from_secs(180);
+
+/// At most one re-dial of every connection in this time.
+const REBIND_EVERY: Duration = Duration::from_secs(2);
+
+/// IPs peers observed the node at, remembered to notice a new one.
+const MAX_OBSERVED_IPS: usize = 16;
 
 /// One reservation (asked for or accepted): a listener on
 /// `<relay>/p2p-circuit`. The relay client renews it on its own.
@@ -53,6 +73,23 @@ pub(super) struct NatNet {
     internet_evidence: bool,
     applied_kad: Option<kad::Mode>,
     relay_server_on: bool,
+    /// The node's direct (IP, not relayed, not loopback) listen addresses.
+    listen: HashSet<Multiaddr>,
+    /// IPs peers observed the node at.
+    observed_ips: HashSet<IpAddr>,
+    /// AutoNAT has concluded once: a network change after that makes it
+    /// re-check (before, it is probing anyway).
+    settled: bool,
+    /// Until when the node re-checks after a network change: AutoNAT's
+    /// confidence is kept at zero after every probe (a probe that still
+    /// went over a connection from before the change must not make it
+    /// sure of the old answer again), so the first probe that disagrees
+    /// flips the status.
+    recheck_until: Option<Instant>,
+    /// When the connections were last re-made after an address expired
+    /// (an interface going away expires its TCP and QUIC addresses at once:
+    /// one re-dial is enough).
+    last_rebind: Option<Instant>,
 }
 
 impl NatNet {
@@ -78,6 +115,114 @@ impl NatNet {
             internet_evidence: false,
             applied_kad: None,
             relay_server_on: false,
+            listen: HashSet::new(),
+            observed_ips: HashSet::new(),
+            settled: false,
+            last_rebind: None,
+            recheck_until: None,
+        }
+    }
+
+    /// A listener has a new address: a new direct one is a network change.
+    pub(super) fn on_new_listen_addr(&mut self, swarm: &mut Swarm<Behaviour>, addr: &Multiaddr) {
+        if is_network_addr(addr) && self.listen.insert(addr.clone()) {
+            self.network_changed(swarm, "new listen address");
+        }
+    }
+
+    /// A listen address expired; `true` when it was a direct one and the
+    /// connections were not re-made just now (those made from it are
+    /// likely dead: the caller re-dials).
+    pub(super) fn on_expired_listen_addr(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        addr: &Multiaddr,
+    ) -> bool {
+        if is_network_addr(addr) && self.listen.remove(addr) {
+            self.network_changed(swarm, "listen address expired");
+            let now = Instant::now();
+            if self
+                .last_rebind
+                .is_none_or(|t| now.duration_since(t) > REBIND_EVERY)
+            {
+                self.last_rebind = Some(now);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// An external address expired. When it was the one AutoNAT's public
+    /// status rests on, AutoNAT drops the status and probes at once by
+    /// itself (so also when the node withdrew it in
+    /// [`Self::network_changed`]); another one expiring while the node is
+    /// public is a change worth a re-check.
+    pub(super) fn on_external_addr_expired(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        addr: &Multiaddr,
+    ) {
+        let still_public = swarm
+            .behaviour()
+            .autonat
+            .as_ref()
+            .is_some_and(|a| a.nat_status().is_public());
+        if !is_relayed(addr) && still_public {
+            self.network_changed(swarm, "external address expired");
+        }
+    }
+
+    /// Identify told us where a peer sees us: a new IP means the way out
+    /// changed (another NAT, another uplink).
+    fn on_observed(&mut self, swarm: &mut Swarm<Behaviour>, observed: &Multiaddr) {
+        if is_relayed(observed) || self.observed_ips.len() >= MAX_OBSERVED_IPS {
+            return;
+        }
+        let ip = match observed.iter().next() {
+            Some(Protocol::Ip4(ip)) if !ip.is_loopback() => IpAddr::V4(ip),
+            Some(Protocol::Ip6(ip)) if !ip.is_loopback() => IpAddr::V6(ip),
+            _ => return,
+        };
+        let first = self.observed_ips.is_empty();
+        if self.observed_ips.insert(ip) && !first {
+            self.network_changed(swarm, "peers see the node at a new IP");
+        }
+    }
+
+    /// Makes AutoNAT re-check now rather than at its next refresh, and
+    /// flip on the first probe that disagrees.
+    fn network_changed(&mut self, swarm: &mut Swarm<Behaviour>, why: &str) {
+        if !self.settled {
+            return;
+        }
+        let candidates: Vec<Multiaddr> = self.listen.iter().cloned().collect();
+        let Some(autonat) = swarm.behaviour_mut().autonat.as_mut() else {
+            return;
+        };
+        tracing::info!(why, reachability = %self.reach, "network changed: re-checking reachability");
+        self.recheck_until = Some(Instant::now() + RECHECK_FOR);
+        match autonat.nat_status() {
+            autonat::NatStatus::Public(addr) => {
+                // AutoNAT forgets a public status whose address expires,
+                // and probes at once.
+                swarm.remove_external_address(&addr);
+            }
+            _ => doubt(autonat, candidates.first()),
+        }
+    }
+
+    /// After a probe, while re-checking: AutoNAT's confidence back to zero.
+    fn keep_doubting(&mut self, swarm: &mut Swarm<Behaviour>) {
+        if self.recheck_until.is_none_or(|t| Instant::now() > t) {
+            self.recheck_until = None;
+            return;
+        }
+        let candidate = self.listen.iter().next().cloned();
+        if let Some(autonat) = swarm.behaviour_mut().autonat.as_mut()
+            && !autonat.nat_status().is_public()
+            && autonat.confidence() > 0
+        {
+            doubt(autonat, candidate.as_ref());
         }
     }
 
@@ -196,6 +341,7 @@ impl NatNet {
         peer: PeerId,
         info: &libp2p::identify::Info,
     ) {
+        self.on_observed(swarm, &info.observed_addr);
         if info.protocols.contains(&relay::HOP_PROTOCOL_NAME) {
             let retry = self.failed.remove(&peer);
             let addrs: Vec<Multiaddr> = info
@@ -227,9 +373,19 @@ impl NatNet {
                     autonat::NatStatus::Private => NatReachability::Private,
                     autonat::NatStatus::Unknown => NatReachability::Unknown,
                 };
+                self.settled |= self.reach != NatReachability::Unknown;
                 self.apply(swarm);
             }
-            autonat::Event::OutboundProbe(ev) => tracing::debug!(?ev, "autonat probe"),
+            autonat::Event::OutboundProbe(ev) => {
+                tracing::debug!(?ev, "autonat probe");
+                if matches!(
+                    ev,
+                    autonat::OutboundProbeEvent::Response { .. }
+                        | autonat::OutboundProbeEvent::Error { .. }
+                ) {
+                    self.keep_doubting(swarm);
+                }
+            }
             autonat::Event::InboundProbe(ev) => tracing::debug!(?ev, "autonat dial-back asked"),
         }
     }
@@ -344,6 +500,29 @@ pub(super) fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }
 
+/// Makes AutoNAT (not public) doubt its status: each candidate address
+/// costs it a point of confidence and brings its next probe forward to its
+/// retry interval; at zero, the next probe that disagrees flips it.
+fn doubt(autonat: &mut autonat::Behaviour, candidate: Option<&Multiaddr>) {
+    if let Some(c) = candidate {
+        for _ in 0..autonat.confidence().max(1) {
+            autonat.probe_address(c.clone());
+        }
+    }
+}
+
+/// Whether a listen address is a direct IP one whose coming or going
+/// changes the node's reachability (not relayed, not loopback, not
+/// unspecified, not BLE).
+fn is_network_addr(addr: &Multiaddr) -> bool {
+    let ip_ok = match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => !ip.is_loopback() && !ip.is_unspecified(),
+        Some(Protocol::Ip6(ip)) => !ip.is_loopback() && !ip.is_unspecified(),
+        _ => false,
+    };
+    ip_ok && !is_relayed(addr) && !fogmesh_ble::is_ble(addr)
+}
+
 /// Whether an address starts with a public IP (what AutoNAT v1 judges by
 /// default).
 fn is_global_ip(addr: &Multiaddr) -> bool {
@@ -383,6 +562,18 @@ mod tests {
             "/ip4/1.2.3.4/tcp/1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN/p2p-circuit"
         )));
         assert!(!is_relayed(&ma("/ip4/1.2.3.4/tcp/1")));
+    }
+
+    #[test]
+    fn network_addresses() {
+        assert!(is_network_addr(&ma("/ip4/10.0.1.2/tcp/4001")));
+        assert!(is_network_addr(&ma("/ip6/2001:db9::1/udp/1/quic-v1")));
+        assert!(!is_network_addr(&ma("/ip4/127.0.0.1/tcp/4001")));
+        assert!(!is_network_addr(&ma("/ip4/0.0.0.0/tcp/4001")));
+        assert!(!is_network_addr(&ma(
+            "/ip4/1.2.3.4/tcp/1/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN/p2p-circuit"
+        )));
+        assert!(!is_network_addr(&ma("/memory/4")));
     }
 
     #[test]

@@ -173,6 +173,26 @@ impl PeerBook {
         }
     }
 
+    /// The direct IP connections (not relayed, not BLE), with the
+    /// addresses to dial each peer at again: what it announced, and the
+    /// address of the connection.
+    pub(super) fn direct_ip_connections(&self) -> Vec<(PeerId, ConnectionId, Vec<Multiaddr>)> {
+        let mut out = Vec::new();
+        for (peer, conns) in &self.connections {
+            for (id, a) in conns {
+                if super::nat::is_relayed(a) || fogmesh_ble::is_ble(a) {
+                    continue;
+                }
+                let mut addrs = self.announced(peer);
+                if !addrs.contains(a) {
+                    addrs.push(a.clone());
+                }
+                out.push((*peer, *id, addrs));
+            }
+        }
+        out
+    }
+
     /// The relayed connections to `peer` once it also has a direct one
     /// (closing them makes every protocol use the direct connection).
     pub(super) fn superseded_relayed(&self, peer: &PeerId) -> Vec<ConnectionId> {
@@ -318,6 +338,14 @@ impl PeerBook {
     ) -> bool {
         let (addr, direction) = match endpoint {
             ConnectedPoint::Dialer { address, .. } => (address.clone(), Direction::Outbound),
+            // A circuit accepted through a reservation: the relay client
+            // gives `/p2p/<peer>` as the send-back address, with nothing
+            // saying it is relayed; the local address (the relay's,
+            // `/p2p-circuit`) does.
+            ConnectedPoint::Listener { local_addr, .. } if endpoint.is_relayed() => (
+                local_addr.clone().with(Protocol::P2p(peer)),
+                Direction::Inbound,
+            ),
             ConnectedPoint::Listener { send_back_addr, .. } => {
                 (send_back_addr.clone(), Direction::Inbound)
             }
@@ -424,12 +452,36 @@ impl PeerBook {
         self.save(peer_id, addrs, Some(info.agent_version));
     }
 
-    /// A round-trip time was measured.
-    pub(super) fn on_ping(&mut self, ev: ping::Event) {
-        if let Ok(rtt) = ev.result {
-            // Only for connected peers: a late ping must not resurrect one.
-            if self.connections.contains_key(&ev.peer) {
-                self.meta.entry(ev.peer).or_default().rtt = Some(rtt);
+    /// A round-trip time was measured, or a ping failed. A failed ping
+    /// (not an unsupported one) on an IP or relayed connection (20 s
+    /// without an answer, or a broken stream) means the
+    /// connection is dead, which TCP would only notice after many minutes
+    /// (the peer moved to another network, its NAT forgot the mapping): it
+    /// is closed, so that nothing keeps using it (AutoNAT judges a peer by
+    /// any of its connections' addresses). BLE links, slow by nature, are
+    /// left to their own timeouts.
+    pub(super) fn on_ping(&mut self, swarm: &mut Swarm<Behaviour>, ev: ping::Event) {
+        match ev.result {
+            Ok(rtt) => {
+                // Only for connected peers: a late ping must not resurrect
+                // one.
+                if self.connections.contains_key(&ev.peer) {
+                    self.meta.entry(ev.peer).or_default().rtt = Some(rtt);
+                }
+            }
+            // A peer without ping (a minimal implementation) is not dead.
+            Err(ping::Failure::Unsupported) => {}
+            Err(e) => {
+                let ble = self
+                    .connections
+                    .get(&ev.peer)
+                    .into_iter()
+                    .flatten()
+                    .any(|(id, a)| *id == ev.connection && fogmesh_ble::is_ble(a));
+                if !ble {
+                    tracing::info!(peer = %ev.peer, "ping failed ({e}): closing the connection");
+                    swarm.close_connection(ev.connection);
+                }
             }
         }
     }
