@@ -5,6 +5,7 @@
 mod ble;
 mod files;
 mod groups;
+mod mailbox;
 mod messages;
 mod nat;
 mod node;

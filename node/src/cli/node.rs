@@ -181,5 +181,13 @@ fn describe(ev: &NodeEvent) -> String {
             short(group_id)
         ),
         NodeEvent::Lagged { missed } => format!("(missed {missed} events)"),
+        NodeEvent::MailDeposited { id, to, holders } => format!(
+            "[dm {}] to {to}: deposited with {} mailbox holder(s)",
+            short(id),
+            holders.len()
+        ),
+        NodeEvent::MailPickedUp { holder, count } => {
+            format!("picked up {count} envelope(s) of mail from {holder}")
+        }
     }
 }
