@@ -48,8 +48,9 @@ pub(super) struct MessagesActor {
     anchor: (Instant, u64),
     /// The network's mailbox side: deposits, deletes (none: no mailboxes).
     mailbox: Option<mpsc::Sender<crate::mailbox::Command>>,
-    /// Deposits sent and not yet answered.
+    /// Deposits sent and not yet answered: messages, and receipts.
     depositing: std::collections::HashSet<MessageId>,
+    receipts_depositing: usize,
 }
 
 impl MessagesActor {
@@ -78,6 +79,7 @@ impl MessagesActor {
             anchor: (Instant::now(), now_ms()),
             mailbox: None,
             depositing: Default::default(),
+            receipts_depositing: 0,
         })
     }
 

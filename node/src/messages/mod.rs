@@ -100,9 +100,10 @@ pub(crate) enum Input {
     /// holder's copy is deleted and the receipt is also deposited for the
     /// sender.
     Picked { env: Envelope, holder: PeerId },
-    /// What became of a deposit of message `id` (envelope `env_id`).
+    /// What became of a deposit of message `id` (envelope `env_id`), or
+    /// of a receipt (`None`).
     Deposited {
-        id: MessageId,
+        id: Option<MessageId>,
         env_id: fogmesh_protocols::mailbox::wire::Id,
         holders: Vec<PeerId>,
         errors: Vec<String>,

@@ -251,7 +251,7 @@ impl EventLoop {
                 _ = tick.tick() => {
                     let short = self.peers.connected() < self.ctx.min_peers || self.nat.wants_relays();
                     discovery::maintain(&mut self.swarm, short);
-                    self.mailbox.tick(&mut self.swarm, &self.ctx);
+                    self.mailbox.tick(&mut self.swarm, &self.ctx, &self.peers);
                     self.nat.tick(&mut self.swarm);
                 }
                 n = ble::next_neighbour(&mut self.ble) => self.on_neighbour(n),
@@ -354,7 +354,7 @@ impl EventLoop {
                 let ble_link = fogmesh_ble::is_ble(endpoint.get_remote_address());
                 self.messages.wake((!ble_link).then_some(peer_id));
                 self.mailbox
-                    .peer_connected(&mut self.swarm, &self.ctx, peer_id);
+                    .peer_connected(&mut self.swarm, &self.ctx, &self.peers, peer_id);
                 self.nat
                     .on_established(&mut self.swarm, endpoint.get_remote_address());
                 if !endpoint.is_relayed() {

@@ -43,6 +43,8 @@ use crate::types::{MailboxStatus, NodeEvent};
 const PICKUP_MS: u64 = 60_000;
 /// Least time between two fetches from one peer.
 const REFETCH_MS: u64 = 10_000;
+/// Least time between two fetches from one peer on new connections.
+const CONNECT_REFETCH_MS: u64 = 1_000;
 /// Requests one peer may send this node per second, sustained (bursts
 /// of four times as many).
 const PEER_RATE: u64 = 10;
@@ -290,9 +292,8 @@ impl MailboxNet {
             return;
         };
         tracing::debug!(to = %fan.to, holders = fan.holders.len(), "mailbox deposit settled");
-        if let Some(id) = fan.id
-            && let Err(e) = self.messages.offer(Input::Deposited {
-                id,
+        if let Err(e) = self.messages.offer(Input::Deposited {
+                id: fan.id,
                 env_id: fan.env_id,
                 holders: fan.holders,
                 errors: fan.errors,
@@ -304,16 +305,27 @@ impl MailboxNet {
 
     /// A connection came up: ask the peer for mail (a courier in range, a
     /// holder met again), and look the holders up if that is due.
-    pub(super) fn peer_connected(&mut self, swarm: &mut Swarm<Behaviour>, ctx: &Ctx, peer: PeerId) {
-        self.fetch(swarm, peer, false);
-        self.tick(swarm, ctx);
+    pub(super) fn peer_connected(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        ctx: &Ctx,
+        peers: &PeerBook,
+        peer: PeerId,
+    ) {
+        // A new connection is worth a fetch even if the last one was
+        // recent (a courier back in range): only simultaneous connections
+        // (TCP and QUIC at once) share one.
+        let now = now_ms();
+        let recent = self
+            .fetched_at
+            .get(&peer)
+            .is_some_and(|t| now.saturating_sub(*t) < CONNECT_REFETCH_MS);
+        self.fetch(swarm, peer, !recent);
+        self.tick(swarm, ctx, peers);
     }
 
     /// Periodic: look up this node's holders and ask them for mail.
-    pub(super) fn tick(&mut self, swarm: &mut Swarm<Behaviour>, ctx: &Ctx) {
-        if !ctx.route_up(Route::Internet) {
-            return;
-        }
+    pub(super) fn tick(&mut self, swarm: &mut Swarm<Behaviour>, ctx: &Ctx, peers: &PeerBook) {
         let now = now_ms();
         if self
             .last_pickup
@@ -322,6 +334,16 @@ impl MailboxNet {
             return;
         }
         self.last_pickup = Some(now);
+        // Couriers around may have come by a link that is older than
+        // their load.
+        if ctx.route_up(Route::Ble) {
+            for p in peers.ble_neighbours() {
+                self.fetch(swarm, p, false);
+            }
+        }
+        if !ctx.route_up(Route::Internet) {
+            return;
+        }
         for k in keys_to_check(&self.me, now) {
             let q = swarm.behaviour_mut().kad.get_closest_peers(k.to_vec());
             self.lookups.insert(q, Lookup::Pickup);

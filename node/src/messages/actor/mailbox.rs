@@ -68,8 +68,11 @@ impl MessagesActor {
     /// The node is about to stop: every waiting message without a holder
     /// is deposited now. Returns the deposits still unanswered.
     pub(super) fn mailbox_flush(&mut self, now: u64) -> usize {
-        if self.mailbox.is_none() || self.cfg.mailbox_after.is_none() {
+        if self.mailbox.is_none() {
             return 0;
+        }
+        if self.cfg.mailbox_after.is_none() {
+            return self.receipts_depositing;
         }
         let due: Vec<MessageId> = self
             .pending
@@ -83,7 +86,7 @@ impl MessagesActor {
             self.deposit(*id, now);
         }
         self.save(&due);
-        self.depositing.len()
+        self.depositing.len() + self.receipts_depositing
     }
 
     /// Seals message `id` once more for its holders and hands it to the
@@ -135,12 +138,19 @@ impl MessagesActor {
     /// The holders of a deposit answered.
     pub(super) fn on_deposited(
         &mut self,
-        id: MessageId,
+        id: Option<MessageId>,
         env_id: Id,
         holders: Vec<PeerId>,
         errors: Vec<String>,
         now: u64,
     ) {
+        let Some(id) = id else {
+            self.receipts_depositing = self.receipts_depositing.saturating_sub(1);
+            if holders.is_empty() {
+                tracing::debug!("a receipt found no mailbox holder: {}", errors.join("; "));
+            }
+            return;
+        };
         self.depositing.remove(&id);
         let Some(rec) = self.pending.get_mut(&id) else {
             // Delivered meanwhile: the new copies are not needed.
@@ -215,21 +225,24 @@ impl MessagesActor {
         }
     }
 
-    fn deposit_receipt(&self, to: PeerId, ids: Vec<(MessageId, u32)>) {
+    fn deposit_receipt(&mut self, to: PeerId, ids: Vec<(MessageId, u32)>) {
         match messages::seal(
             &mut rand::rng(),
             &self.keypair,
             &to,
             &Payload::Receipt(Receipt { ids }),
         ) {
-            Ok(body) => self.mailbox_send(Command::Deposit {
-                id: None,
-                env: Envelope {
-                    to,
-                    ttl: DEFAULT_TTL,
-                    body,
-                },
-            }),
+            Ok(body) => {
+                self.receipts_depositing += 1;
+                self.mailbox_send(Command::Deposit {
+                    id: None,
+                    env: Envelope {
+                        to,
+                        ttl: DEFAULT_TTL,
+                        body,
+                    },
+                });
+            }
             Err(e) => tracing::warn!("cannot seal a receipt: {e}"),
         }
     }
