@@ -42,15 +42,19 @@ fn outbox_entry(d: &Daemon, id: &str) -> Option<Value> {
 /// Waits until message `id` was deposited with at least `n` holders;
 /// returns them.
 fn wait_deposited(d: &Daemon, id: &str, n: usize) -> Vec<String> {
-    eventually(T, &format!("message {id} deposited with {n} holders"), || {
-        let m = outbox_entry(d, id)?;
-        let holders: Vec<String> = m["mailbox"]["holders"]
-            .as_array()?
-            .iter()
-            .filter_map(|h| h.as_str().map(str::to_owned))
-            .collect();
-        (holders.len() >= n).then_some(holders)
-    })
+    eventually(
+        T,
+        &format!("message {id} deposited with {n} holders"),
+        || {
+            let m = outbox_entry(d, id)?;
+            let holders: Vec<String> = m["mailbox"]["holders"]
+                .as_array()?
+                .iter()
+                .filter_map(|h| h.as_str().map(str::to_owned))
+                .collect();
+            (holders.len() >= n).then_some(holders)
+        },
+    )
 }
 
 /// Texts `d` received from `from`.
@@ -114,7 +118,12 @@ fn a_message_waits_at_holders_until_its_recipient_comes_and_the_receipt_returns(
     let hs = holders(root);
     let mut a = Daemon::start(
         &root.join("a"),
-        &["--bootstrap", &hs[0].tcp_addr(), "--mailbox-after-secs", "2"],
+        &[
+            "--bootstrap",
+            &hs[0].tcp_addr(),
+            "--mailbox-after-secs",
+            "2",
+        ],
     );
     a.wait_connected(&hs[0].peer_id, T);
     eventually(T, "a knows the three holders", || {

@@ -104,8 +104,7 @@ impl HolderActor {
             }
             Err(_) => return Response::Refused(Refusal::Malformed),
         };
-        if fogmesh_protocols::groups::crypto::ed25519_key(&env.to).is_err() || env.to == self.me
-        {
+        if fogmesh_protocols::groups::crypto::ed25519_key(&env.to).is_err() || env.to == self.me {
             // Mail for this node itself comes by the direct route.
             return Response::Refused(Refusal::Malformed);
         }

@@ -31,8 +31,6 @@ use crate::behaviour::MailboxFrame;
 use crate::storage::{Store, StoreError};
 use crate::types::{MailboxDeposit, MailboxStatus};
 
-
-
 /// The attempt number a deposited letter carries: its receipt says the
 /// mailbox delivered it.
 pub(crate) const MAILBOX_ATTEMPT: u32 = u32::MAX;

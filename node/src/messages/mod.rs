@@ -147,6 +147,8 @@ pub(crate) enum NetCommand {
 
 /// Opens the tables and starts the actor thread, which restores the
 /// outbox before its first input.
+// One argument per channel and setting the actor is wired with.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn start(
     keypair: Keypair,
     store: Store,

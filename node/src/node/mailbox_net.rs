@@ -23,7 +23,9 @@ use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use fogmesh_protocols::mailbox::wire::{Id, MAX_DELETE_IDS, decode_envelope};
-use fogmesh_protocols::mailbox::{HOLDERS, MAX_DEPOSIT, Refusal, Request, Response, key, keys_to_check};
+use fogmesh_protocols::mailbox::{
+    HOLDERS, MAX_DEPOSIT, Refusal, Request, Response, key, keys_to_check,
+};
 use fogmesh_protocols::messages::MessageId;
 use fogmesh_protocols::policy::Route;
 use fogmesh_protocols::rate::{RateTable, TokenBucket};
@@ -293,12 +295,11 @@ impl MailboxNet {
         };
         tracing::debug!(to = %fan.to, holders = fan.holders.len(), "mailbox deposit settled");
         if let Err(e) = self.messages.offer(Input::Deposited {
-                id: fan.id,
-                env_id: fan.env_id,
-                holders: fan.holders,
-                errors: fan.errors,
-            })
-        {
+            id: fan.id,
+            env_id: fan.env_id,
+            holders: fan.holders,
+            errors: fan.errors,
+        }) {
             tracing::debug!("deposit result dropped: {e}");
         }
     }
@@ -471,7 +472,8 @@ impl MailboxNet {
         let Some(sent) = self.requests.remove(&request_id) else {
             return;
         };
-        let resp = result.and_then(|f| Response::decode(&f).map_err(|e| format!("bad answer: {e}")));
+        let resp =
+            result.and_then(|f| Response::decode(&f).map_err(|e| format!("bad answer: {e}")));
         match sent {
             Sent::Deposit(n) => {
                 if let Some(fan) = self.fans.get_mut(&n) {
@@ -494,7 +496,9 @@ impl MailboxNet {
                             // it deliver someone else's.
                             Ok(env) if env.to == self.me && Id::of(&env) == item.id => {
                                 count += 1;
-                                if let Err(e) = self.messages.offer(Input::Picked { env, holder: peer }) {
+                                if let Err(e) =
+                                    self.messages.offer(Input::Picked { env, holder: peer })
+                                {
                                     tracing::debug!("picked-up mail dropped: {e}");
                                 }
                             }

@@ -7,7 +7,9 @@
 //! deletes its copies.
 
 use fogmesh_protocols::mailbox::wire::Id;
-use fogmesh_protocols::messages::{self, DEFAULT_TTL, Envelope, Letter, MessageId, Payload, Receipt};
+use fogmesh_protocols::messages::{
+    self, DEFAULT_TTL, Envelope, Letter, MessageId, Payload, Receipt,
+};
 use fogmesh_protocols::policy::Route;
 use libp2p::PeerId;
 use tokio::sync::mpsc;
@@ -78,7 +80,9 @@ impl MessagesActor {
             .pending
             .values()
             .filter(|r| {
-                !r.out.is_final() && r.mailbox.holders.is_empty() && !self.depositing.contains(&r.id)
+                !r.out.is_final()
+                    && r.mailbox.holders.is_empty()
+                    && !self.depositing.contains(&r.id)
             })
             .map(|r| r.id)
             .collect();
@@ -111,7 +115,12 @@ impl MessagesActor {
             sent_at_ms: rec.timestamp,
             text: rec.text.clone(),
         };
-        let sealed = messages::seal(&mut rand::rng(), &self.keypair, &to, &Payload::Letter(letter));
+        let sealed = messages::seal(
+            &mut rand::rng(),
+            &self.keypair,
+            &to,
+            &Payload::Letter(letter),
+        );
         let Some(rec) = self.pending.get_mut(&id) else {
             return;
         };
