@@ -185,5 +185,20 @@ fn write_outbox(w: Human<'_>, m: &DirectMessage) -> io::Result<()> {
         m.id,
         m.to,
         m.next_attempt.map_or("-".to_owned(), |t| t.to_string()),
-    )
+    )?;
+    write_deposit(w, m)
+}
+
+/// Where a waiting message was deposited, under its outbox line.
+fn write_deposit(w: Human<'_>, m: &DirectMessage) -> io::Result<()> {
+    let Some(d) = &m.mailbox else {
+        return Ok(());
+    };
+    if !d.holders.is_empty() {
+        writeln!(w, "    deposited with {}", d.holders.join(", "))?;
+    }
+    if let Some(note) = &d.note {
+        writeln!(w, "    mailbox: {}", output::one_line(note))?;
+    }
+    Ok(())
 }

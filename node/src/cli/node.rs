@@ -117,10 +117,28 @@ fn write_status(w: Human<'_>, s: &Status) -> io::Result<()> {
         )?;
     }
     writeln!(w, "uptime:    {} s", s.uptime_secs)?;
+    write_mailbox_status(w, &s.mailbox)?;
     for a in &s.listen_addrs {
         writeln!(w, "listen:    {a}")?;
     }
     Ok(())
+}
+
+/// What the node holds for others as a mailbox holder.
+fn write_mailbox_status(w: Human<'_>, m: &crate::types::MailboxStatus) -> io::Result<()> {
+    if m.enabled {
+        writeln!(
+            w,
+            "mailbox:   holding {} envelopes, {} of {} bytes, for others",
+            m.envelopes, m.bytes, m.quota_bytes
+        )
+    } else {
+        writeln!(
+            w,
+            "mailbox:   off (--no-mailbox); still holding {} envelopes",
+            m.envelopes
+        )
+    }
 }
 
 fn write_peer(w: Human<'_>, p: &PeerInfo) -> io::Result<()> {
