@@ -271,6 +271,26 @@ pub struct MailboxDeposit {
     /// Why the last deposit found no holder, if it did not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// The ids of the deposited envelopes (hex), as holders know them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub envelope_ids: Vec<String>,
+}
+
+/// `POST /v1/mailbox/delete`: ask a holder to drop envelopes. It drops
+/// only those addressed to, or deposited by, this node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MailboxDeleteRequest {
+    /// The holder's peer id.
+    pub holder: String,
+    /// Envelope ids (32 hex digits each), at most 64.
+    pub ids: Vec<String>,
+}
+
+/// `POST /v1/mailbox/delete` answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MailboxDeleteResponse {
+    /// How many the holder dropped.
+    pub deleted: u32,
 }
 
 fn unknown_reachability() -> NatReachability {

@@ -169,14 +169,13 @@ fn a_holder_killed_with_kill_9_still_delivers_after_restart() {
     let root = tmp.path();
     let b_id = identity_of(&root.join("b"));
     let mut h = Daemon::start(&root.join("h"), &[]);
-    let mut a = Daemon::start(
-        &root.join("a"),
-        &["--bootstrap", &h.tcp_addr(), "--mailbox-after-secs", "1"],
-    );
+    let mut a = Daemon::start(&root.join("a"), &["--bootstrap", &h.tcp_addr()]);
     a.wait_connected(&h.peer_id, T);
-    let id = send(&a, &b_id, "kept through a crash");
-    assert_eq!(wait_deposited(&a, &id, 1), vec![h.peer_id.clone()]);
+    // A stops right after sending (long before the default 30 s): it
+    // deposits the waiting message on its way out.
+    send(&a, &b_id, "kept through a crash");
     a.terminate();
+    assert_eq!(held(&h), 1);
 
     h.kill9();
     let h = Daemon::start(&root.join("h"), &[]);
@@ -250,11 +249,17 @@ fn a_node_that_is_not_the_recipient_cannot_take_its_mail() {
     let root = tmp.path();
     let b_id = identity_of(&root.join("b"));
     let h = Daemon::start(&root.join("h"), &[]);
-    let mut a = Daemon::start(&root.join("a"), &["--bootstrap", &h.tcp_addr()]);
+    let mut a = Daemon::start(
+        &root.join("a"),
+        &["--bootstrap", &h.tcp_addr(), "--mailbox-after-secs", "1"],
+    );
     a.wait_connected(&h.peer_id, T);
-    // A stops right after sending (long before the default 30 s): it
-    // deposits the waiting message on its way out.
-    send(&a, &b_id, "for bob only");
+    let id = send(&a, &b_id, "for bob only");
+    wait_deposited(&a, &id, 1);
+    let envelope = outbox_entry(&a, &id).expect("waiting")["mailbox"]["envelope_ids"][0]
+        .as_str()
+        .expect("an envelope id")
+        .to_owned();
     a.terminate();
     assert_eq!(held(&h), 1);
 
@@ -268,6 +273,10 @@ fn a_node_that_is_not_the_recipient_cannot_take_its_mail() {
         assert!(received(&m, &a.peer_id).is_empty());
         std::thread::sleep(Duration::from_millis(500));
     }
+    // Knowing the envelope's id is not enough to delete it.
+    let deleted = m.json(&["mailbox-delete", &h.peer_id, &envelope]);
+    assert_eq!(deleted["deleted"], 0);
+    assert_eq!(held(&h), 1);
     let b = Daemon::start(&root.join("b"), &["--bootstrap", &h.tcp_addr()]);
     wait_received(&b, &a.peer_id, &["for bob only"]);
 }

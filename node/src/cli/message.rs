@@ -41,6 +41,16 @@ pub(super) enum MessageCommand {
     /// Outgoing direct messages not yet delivered: state, next attempt and
     /// why they wait (exit 1 when none).
     Outbox,
+    /// Ask a mailbox holder to drop envelopes (their ids are in `outbox
+    /// --json`'s `mailbox.envelope_ids`); it drops only this node's: those
+    /// addressed to it or deposited by it. Prints how many it dropped.
+    MailboxDelete {
+        /// The holder's peer id.
+        holder: String,
+        /// Envelope ids (32 hex digits each).
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
 }
 
 /// Runs a direct-message command against the daemon.
@@ -91,6 +101,12 @@ pub(super) async fn run(client: Client, cmd: MessageCommand, out: Output) -> any
         MessageCommand::Outbox => {
             let msgs: Vec<DirectMessage> = client.get("outbox").await?;
             out.list(&msgs, write_outbox, "messages waiting")
+        }
+        MessageCommand::MailboxDelete { holder, ids } => {
+            let req = crate::types::MailboxDeleteRequest { holder, ids };
+            let r: crate::types::MailboxDeleteResponse =
+                client.post("mailbox/delete", &req).await?;
+            out.show(&r, |w, r| writeln!(w, "{}", r.deleted))
         }
     }
 }

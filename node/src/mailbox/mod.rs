@@ -98,6 +98,7 @@ impl Deposits {
             holders: self.holders.iter().map(|p| p.to_string()).collect(),
             deposited_at: self.at_ms,
             note: self.note.clone(),
+            envelope_ids: self.ids.iter().map(|i| i.to_string()).collect(),
         })
     }
 

@@ -277,6 +277,10 @@ impl EventLoop {
             Command::Connect { addr, reply } => {
                 self.peers.connect(&mut self.swarm, &self.ctx, addr, reply)
             }
+            Command::MailboxDelete { holder, ids, reply } => {
+                self.mailbox
+                    .user_delete(&mut self.swarm, holder, ids, reply)
+            }
         }
     }
 

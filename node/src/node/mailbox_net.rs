@@ -69,6 +69,8 @@ enum Sent {
     Deposit(u64),
     Fetch,
     Delete,
+    /// A delete the user asked for, and where its answer goes.
+    UserDelete(tokio::sync::oneshot::Sender<Result<u32, String>>),
 }
 
 /// What a Kademlia lookup is for.
@@ -259,6 +261,26 @@ impl MailboxNet {
             .mailbox
             .send_request(&holder, MailboxFrame(Request::Delete { ids }.encode()));
         self.requests.insert(r, Sent::Delete);
+    }
+
+    /// The user's delete (`fogmesh mailbox-delete`): answered with the
+    /// holder's count.
+    pub(super) fn user_delete(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        holder: PeerId,
+        ids: Vec<Id>,
+        reply: tokio::sync::oneshot::Sender<Result<u32, String>>,
+    ) {
+        if holder == self.me {
+            let _ = reply.send(Err("this node is not its own holder".into()));
+            return;
+        }
+        let r = swarm
+            .behaviour_mut()
+            .mailbox
+            .send_request(&holder, MailboxFrame(Request::Delete { ids }.encode()));
+        self.requests.insert(r, Sent::UserDelete(reply));
     }
 
     fn fetch(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId, force: bool) {
@@ -520,6 +542,14 @@ impl MailboxNet {
                 Ok(_) => {}
                 Err(e) => tracing::debug!(%peer, "fetch failed: {e}"),
             },
+            Sent::UserDelete(reply) => {
+                let _ = reply.send(match resp {
+                    Ok(Response::Deleted { count }) => Ok(count),
+                    Ok(Response::Refused(r)) => Err(format!("{peer} refused: {r}")),
+                    Ok(_) => Err(format!("{peer}: unexpected answer")),
+                    Err(e) => Err(format!("{peer}: {e}")),
+                });
+            }
             Sent::Delete => {
                 if let Err(e) = &resp {
                     tracing::debug!(%peer, "mailbox delete failed: {e}");

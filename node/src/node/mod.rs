@@ -128,6 +128,11 @@ enum Command {
         addr: Multiaddr,
         reply: oneshot::Sender<Result<ConnectResponse, ConnectError>>,
     },
+    MailboxDelete {
+        holder: PeerId,
+        ids: Vec<fogmesh_protocols::mailbox::wire::Id>,
+        reply: oneshot::Sender<Result<u32, String>>,
+    },
 }
 
 /// A cloneable handle to a running node.
@@ -167,6 +172,24 @@ impl NodeHandle {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Connect { addr, reply: tx }).await?;
         rx.await.map_err(|_| ConnectError::Stopped)?
+    }
+
+    /// Asks mailbox holder `holder` to drop envelopes `ids`; answers how
+    /// many it dropped (it drops only this node's: addressed to it or
+    /// deposited by it).
+    pub async fn mailbox_delete(
+        &self,
+        holder: PeerId,
+        ids: Vec<fogmesh_protocols::mailbox::wire::Id>,
+    ) -> Result<Result<u32, String>, ConnectError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::MailboxDelete {
+            holder,
+            ids,
+            reply: tx,
+        })
+        .await?;
+        rx.await.map_err(|_| ConnectError::Stopped)
     }
 
     /// The group chat actor.
