@@ -225,8 +225,19 @@ mod tests {
         assert_eq!(
             names,
             [
-                "run", "id", "status", "peers", "connect", "events", "radio", "group", "file",
-                "send", "messages", "outbox"
+                "run",
+                "id",
+                "status",
+                "peers",
+                "connect",
+                "events",
+                "radio",
+                "group",
+                "file",
+                "send",
+                "messages",
+                "outbox",
+                "mailbox-delete"
             ]
         );
     }
