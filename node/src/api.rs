@@ -138,6 +138,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/messages", get(dm_list).post(dm_send))
         .route("/v1/messages/{id}", get(dm_get))
         .route("/v1/outbox", get(dm_outbox))
+        .route("/v1/mailbox/delete", post(mailbox_delete))
         .route("/v1/groups/invites", get(groups_invites))
         .route("/v1/groups/{id}/accept", post(groups_accept))
         .route("/v1/groups/{id}/decline", post(groups_decline))
@@ -298,6 +299,45 @@ async fn connect(
         Err(ConnectError::Stopped) => stopped(),
         Err(e @ ConnectError::NoRoute) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         Err(e) => error(StatusCode::BAD_GATEWAY, e.to_string()),
+    }
+}
+
+/// `POST /v1/mailbox/delete`: asks a holder to drop envelopes.
+async fn mailbox_delete(
+    State(state): State<AppState>,
+    body: Result<Json<crate::types::MailboxDeleteRequest>, JsonRejection>,
+) -> Response {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    let holder: libp2p::PeerId = match req.holder.parse() {
+        Ok(p) => p,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("{:?} is not a peer id: {e}", req.holder),
+            );
+        }
+    };
+    if req.ids.is_empty() || req.ids.len() > fogmesh_protocols::mailbox::wire::MAX_DELETE_IDS {
+        return error(StatusCode::BAD_REQUEST, "give 1 to 64 envelope ids");
+    }
+    let mut ids = Vec::with_capacity(req.ids.len());
+    for s in &req.ids {
+        let mut b = [0u8; 16];
+        if hex::decode_to_slice(s, &mut b).is_err() {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("{s:?} is not an envelope id (32 hex digits)"),
+            );
+        }
+        ids.push(fogmesh_protocols::mailbox::wire::Id(b));
+    }
+    match state.node.mailbox_delete(holder, ids).await {
+        Ok(Ok(deleted)) => Json(crate::types::MailboxDeleteResponse { deleted }).into_response(),
+        Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, e),
+        Err(_) => stopped(),
     }
 }
 

@@ -172,6 +172,28 @@ impl Frame for DmFrame {
     }
 }
 
+/// One frame of the mailbox protocol: an encoded
+/// `fogmesh_protocols::mailbox::Request` or `Response`, decoded with that
+/// crate's size-checked decoders.
+#[derive(Debug, Clone)]
+pub struct MailboxFrame(pub Vec<u8>);
+
+impl Frame for MailboxFrame {
+    fn from_bytes(bytes: Vec<u8>) -> Self {
+        MailboxFrame(bytes)
+    }
+    fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+/// Mailboxes: deposits, fetches and deletes at holders and couriers.
+pub const MAILBOX_PROTOCOL: StreamProtocol =
+    StreamProtocol::new(fogmesh_protocols::mailbox::PROTOCOL);
+
 /// Direct messages over internet connections.
 pub const DM_PROTOCOL: StreamProtocol = StreamProtocol::new(fogmesh_protocols::messages::PROTOCOL);
 /// Direct messages over BLE connections.
@@ -400,6 +422,11 @@ mod composed {
         pub dm_ble: crate::only_on::OnlyOn<
             request_response::Behaviour<crate::codec::FrameCodec<super::DmFrame, super::DmFrame>>,
         >,
+        /// Mailboxes: sealed envelopes held for offline recipients (any
+        /// connection: holders over the internet, couriers over BLE).
+        pub mailbox: request_response::Behaviour<
+            crate::codec::FrameCodec<super::MailboxFrame, super::MailboxFrame>,
+        >,
     }
 }
 
@@ -486,6 +513,7 @@ impl Behaviour {
             files,
             dm: crate::only_on::OnlyOn::new(dm, |a| !fogmesh_ble::is_ble(a)),
             dm_ble: crate::only_on::OnlyOn::new(dm_ble, fogmesh_ble::is_ble),
+            mailbox: mailbox_behaviour(cfg),
         })
     }
 }
@@ -517,6 +545,21 @@ fn dm_behaviours(cfg: &BehaviourConfig) -> (DmBehaviour, DmBehaviour) {
             .with_max_concurrent_streams(32),
     );
     (dm, dm_ble)
+}
+
+/// The mailbox request-response behaviour: a deposit of up to 16 KiB or
+/// a fetch answer of up to 16 of them must fit one timeout over BLE too.
+fn mailbox_behaviour(
+    cfg: &BehaviourConfig,
+) -> request_response::Behaviour<FrameCodec<MailboxFrame, MailboxFrame>> {
+    use fogmesh_protocols::mailbox::{MAX_REQUEST, MAX_RESPONSE};
+    request_response::Behaviour::with_codec(
+        FrameCodec::new(MAX_REQUEST, MAX_RESPONSE),
+        [(MAILBOX_PROTOCOL, ProtocolSupport::Full)],
+        request_response::Config::default()
+            .with_request_timeout(cfg.dm_ble_timeout.max(Duration::from_secs(30)))
+            .with_max_concurrent_streams(32),
+    )
 }
 
 /// AutoNAT v1 and, with `--relay-server`, the relay server (disabled until

@@ -163,6 +163,7 @@ impl NodeBuilder {
                 groups: GroupsConfig::default(),
                 files: FilesConfig::default(),
                 messages: crate::messages::MessagesConfig::default(),
+                mailbox: crate::mailbox::MailboxConfig::default(),
                 maintenance_interval: MAINTENANCE_INTERVAL,
                 ble: None,
                 relays: Vec::new(),
@@ -236,6 +237,12 @@ impl NodeBuilder {
     /// Direct message settings (before dilation).
     pub fn messages(mut self, cfg: crate::messages::MessagesConfig) -> Self {
         self.node.messages = cfg;
+        self
+    }
+
+    /// Mailbox settings (holding for others, quotas).
+    pub fn mailbox(mut self, cfg: crate::mailbox::MailboxConfig) -> Self {
+        self.node.mailbox = cfg;
         self
     }
 

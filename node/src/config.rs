@@ -45,6 +45,11 @@ pub const DEFAULT_MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MESSAGE_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long a reservation on a relay server lasts (relay v2's default).
 pub const DEFAULT_RELAY_RESERVATION: Duration = Duration::from_secs(3600);
+/// Bytes held for others as a mailbox holder, by default.
+pub const DEFAULT_MAILBOX_QUOTA: u64 = 64 * 1024 * 1024;
+/// How long a direct message waits for its recipient before it is
+/// deposited with mailbox holders, by default.
+pub const DEFAULT_MAILBOX_AFTER: Duration = Duration::from_secs(30);
 
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
@@ -121,6 +126,13 @@ pub struct Settings {
     pub autonat_private_addrs: bool,
     /// How long a reservation on this node's relay server lasts.
     pub relay_reservation: Duration,
+    /// Hold sealed messages for others (`--no-mailbox` turns it off).
+    pub mailbox: bool,
+    /// Bytes held for others at most.
+    pub mailbox_quota: u64,
+    /// How long a message waits for its recipient before it is deposited
+    /// with mailbox holders; `None`: never.
+    pub mailbox_after: Option<Duration>,
 }
 
 /// Which BLE radio `--ble` names.
@@ -365,6 +377,37 @@ pub struct Overrides {
     )]
     #[serde(deserialize_with = "from_str::trust")]
     pub(crate) trust: Option<Vec<libp2p::PeerId>>,
+    /// Hold no sealed messages for others (deposits are refused; config
+    /// key `mailbox = false`).
+    #[arg(
+        long = "no-mailbox",
+        env = "FOGMESH_NO_MAILBOX",
+        num_args = 0,
+        default_missing_value = "true",
+        value_parser = switched_off()
+    )]
+    pub(crate) mailbox: Option<bool>,
+    #[arg(
+        long,
+        value_name = "BYTES",
+        env = "FOGMESH_MAILBOX_QUOTA",
+        value_parser = parse_rate,
+        help = with_default(
+            "Bytes of sealed messages held for others as a mailbox holder, e.g. 64MiB (a depositor gets a quarter, a recipient half)",
+            DEFAULT_MAILBOX_QUOTA,
+        )
+    )]
+    #[serde(deserialize_with = "from_str::rate")]
+    pub(crate) mailbox_quota: Option<u64>,
+    #[arg(
+        long,
+        value_name = "SECS",
+        help = with_default(
+            "Seconds a direct message waits for its recipient before it is deposited with mailbox holders (0: never)",
+            DEFAULT_MAILBOX_AFTER.as_secs(),
+        )
+    )]
+    pub(crate) mailbox_after_secs: Option<u64>,
 }
 
 /// Parses `--trust` (and the `trust` key): a peer id.
@@ -481,6 +524,16 @@ impl Settings {
                 .or(file.relay_reservation_secs)
                 .filter(|s| *s > 0)
                 .map_or(DEFAULT_RELAY_RESERVATION, Duration::from_secs),
+            mailbox: over.mailbox.or(file.mailbox).unwrap_or(true),
+            mailbox_quota: over
+                .mailbox_quota
+                .or(file.mailbox_quota)
+                .unwrap_or(DEFAULT_MAILBOX_QUOTA),
+            mailbox_after: match over.mailbox_after_secs.or(file.mailbox_after_secs) {
+                Some(0) => None,
+                Some(s) => Some(Duration::from_secs(s)),
+                None => Some(DEFAULT_MAILBOX_AFTER),
+            },
         })
     }
 }

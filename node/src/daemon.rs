@@ -62,6 +62,9 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
     let peer_id = key.public().to_peer_id();
     let radio = open_radio(&settings).await?;
     let mut builder = node_builder(&settings, key, store, radio);
+    // The node stops after `shutdown`, once waiting messages are
+    // deposited with mailbox holders.
+    let node_shutdown = CancellationToken::new();
     if let Some(path) = &settings.event_log {
         builder = builder.event_log(EventLog::open(path, &peer_id)?);
     }
@@ -69,7 +72,7 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
         running,
         registry,
         metrics: node_metrics,
-    } = builder.start(shutdown.clone()).await?;
+    } = builder.start(node_shutdown.clone()).await?;
 
     let (api_addr, api_task) = serve_api(&settings, &running, node_metrics, &shutdown).await?;
     let metrics_task = match settings.metrics {
@@ -102,6 +105,8 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
 
     shutdown.cancelled().await;
     tracing::info!("shutting down");
+    deposit_before_stopping(running.handle.messages()).await;
+    node_shutdown.cancel();
     let teardown = async {
         if let Ok(Err(e)) = api_task.await {
             tracing::warn!("API server: {e}");
@@ -120,6 +125,27 @@ pub async fn run_until(settings: Settings, shutdown: CancellationToken) -> anyho
     let _ = std::fs::remove_file(&endpoint_file);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The longest a stopping node waits for its last deposits.
+const DEPOSIT_BEFORE_STOPPING: Duration = Duration::from_secs(5);
+
+/// Deposits every waiting message that has no mailbox holder yet, and
+/// waits (at most [`DEPOSIT_BEFORE_STOPPING`]) for the holders' answers:
+/// the recipient may come while this node is down.
+async fn deposit_before_stopping(messages: &crate::messages::MessagesHandle) {
+    let deadline = tokio::time::Instant::now() + DEPOSIT_BEFORE_STOPPING;
+    loop {
+        match messages.mailbox_flush().await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => tracing::debug!(n, "waiting for mailbox deposits"),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::info!("stopping with mailbox deposits unanswered");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 type Task<T> = tokio::task::JoinHandle<T>;
@@ -218,6 +244,11 @@ fn node_builder(
             timeouts: message_timeouts(settings.message_timeout),
             lifetime: settings.message_lifetime,
             ..MessagesConfig::default()
+        })
+        .mailbox(crate::mailbox::MailboxConfig {
+            enabled: settings.mailbox,
+            quotas: fogmesh_protocols::mailbox::Quotas::from_total(settings.mailbox_quota),
+            deposit_after: settings.mailbox_after,
         })
         .files(FilesConfig {
             max_upload_rate: settings.max_upload_rate,

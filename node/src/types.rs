@@ -173,6 +173,23 @@ pub enum NodeEvent {
         /// The admin, who added this node.
         inviter: String,
     },
+    /// An undelivered outgoing direct message was deposited with mailbox
+    /// holders (or couriers).
+    MailDeposited {
+        /// The message id (hex).
+        id: String,
+        /// The recipient's peer id.
+        to: String,
+        /// The holders that accepted it.
+        holders: Vec<String>,
+    },
+    /// Mail waiting at a holder was picked up and delivered here.
+    MailPickedUp {
+        /// The holder it came from.
+        holder: String,
+        /// How many envelopes (letters and receipts).
+        count: u64,
+    },
     /// Events were dropped because the consumer was too slow.
     Lagged {
         /// How many.
@@ -223,6 +240,57 @@ pub struct Status {
     /// see docs/SECURITY.md).
     #[serde(default)]
     pub provider_records_for_others: usize,
+    /// Sealed direct messages this node holds for others as a mailbox
+    /// holder or courier (see docs/protocols/mailbox.md).
+    #[serde(default)]
+    pub mailbox: MailboxStatus,
+}
+
+/// `status.mailbox`: what this node holds for others.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MailboxStatus {
+    /// Whether it accepts deposits (`--no-mailbox` turns it off).
+    pub enabled: bool,
+    /// Envelopes held.
+    pub envelopes: u64,
+    /// Bytes held.
+    pub bytes: u64,
+    /// The quota, bytes (`--mailbox-quota`).
+    pub quota_bytes: u64,
+}
+
+/// Outgoing messages: where the message was deposited for a recipient
+/// that is offline.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MailboxDeposit {
+    /// The holders (peer ids) that accepted a copy.
+    pub holders: Vec<String>,
+    /// When it was last deposited, ms since the epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deposited_at: Option<u64>,
+    /// Why the last deposit found no holder, if it did not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// The ids of the deposited envelopes (hex), as holders know them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub envelope_ids: Vec<String>,
+}
+
+/// `POST /v1/mailbox/delete`: ask a holder to drop envelopes. It drops
+/// only those addressed to, or deposited by, this node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MailboxDeleteRequest {
+    /// The holder's peer id.
+    pub holder: String,
+    /// Envelope ids (32 hex digits each), at most 64.
+    pub ids: Vec<String>,
+}
+
+/// `POST /v1/mailbox/delete` answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MailboxDeleteResponse {
+    /// How many the holder dropped.
+    pub deleted: u32,
 }
 
 fn unknown_reachability() -> NatReachability {
@@ -451,6 +519,9 @@ pub struct DirectMessage {
     /// Outgoing and not final: when it expires, ms since the epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<u64>,
+    /// Outgoing only: the mailbox holders it was deposited with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mailbox: Option<MailboxDeposit>,
 }
 
 /// An invitation to a group, in `GET /v1/groups/invites` and `fogmesh

@@ -298,11 +298,18 @@ fn fault_nodes(
     let quiet: Vec<usize> = (1..n).filter(|i| !publishers.contains(i)).collect();
     let churn = (s.faults.churn.iter())
         .map(|c| {
-            let k = (n as f64 * c.fraction).round() as usize;
+            // Publishers' churn stops a fraction of the publishers; other
+            // churn a fraction of all nodes, among the quiet ones.
+            let (pool, of) = if c.publishers {
+                (publishers, publishers.len())
+            } else {
+                (quiet.as_slice(), n)
+            };
+            let k = (of as f64 * c.fraction).round() as usize;
             FaultNodes {
                 start_ms: c.at_secs * 1000.0,
                 end_ms: (c.at_secs + c.down_secs) * 1000.0,
-                nodes: sorted(quiet.sample(rng, k.min(quiet.len())).copied().collect()),
+                nodes: sorted(pool.sample(rng, k.min(pool.len())).copied().collect()),
             }
         })
         .collect();

@@ -42,6 +42,30 @@ pub struct Scenario {
     /// Nodes on a simulated BLE radio, placed in space (none when absent).
     #[serde(default)]
     pub ble: Option<Ble>,
+    /// Mailboxes: whether waiting direct messages are deposited with
+    /// holders (on by default, as in the daemon), and after how long.
+    #[serde(default)]
+    pub mailbox: MailboxKnob,
+}
+
+/// `[mailbox]`: the direct-message mailbox knob.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MailboxKnob {
+    /// Deposit waiting messages with holders, and hold for others.
+    pub enabled: bool,
+    /// Model seconds a message waits for its recipient before it is
+    /// deposited.
+    pub after_secs: f64,
+}
+
+impl Default for MailboxKnob {
+    fn default() -> Self {
+        MailboxKnob {
+            enabled: true,
+            after_secs: 30.0,
+        }
+    }
 }
 
 /// Nodes on the radio. Node indices are laid out as: internet-only nodes
@@ -334,6 +358,10 @@ pub struct Churn {
     pub down_secs: f64,
     /// Fraction of nodes.
     pub fraction: f64,
+    /// Stop a fraction of the publishers instead (of the publishers, not of
+    /// all nodes): senders that leave.
+    #[serde(default)]
+    pub publishers: bool,
 }
 
 impl Scenario {
@@ -393,9 +421,15 @@ impl Scenario {
                 .map_err(|e| anyhow::anyhow!("ble.link: {e}"))?;
         }
         for c in &self.faults.churn {
-            if !(0.0..1.0).contains(&c.fraction) {
+            if c.publishers && !(0.0..=1.0).contains(&c.fraction) {
+                bail!("a publishers' churn fraction must be in [0, 1]");
+            }
+            if !c.publishers && !(0.0..1.0).contains(&c.fraction) {
                 bail!("a churn fraction must be in [0, 1)");
             }
+        }
+        if !(self.mailbox.after_secs >= 0.0 && self.mailbox.after_secs.is_finite()) {
+            bail!("mailbox.after_secs must be a number of seconds");
         }
         Ok(())
     }

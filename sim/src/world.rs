@@ -67,6 +67,8 @@ struct Shared {
     min_peers: usize,
     dilation: f64,
     taps: Taps,
+    /// The scenario's mailbox knob.
+    mailbox: crate::scenario::MailboxKnob,
 }
 
 /// The network, the medium and the nodes.
@@ -116,6 +118,7 @@ impl World {
             min_peers: s.min_peers(),
             dilation,
             taps,
+            mailbox: s.mailbox.clone(),
         };
         let data = data_dirs()?;
         let mut nodes = Vec::with_capacity(s.nodes);
@@ -353,6 +356,13 @@ fn builder(shared: &Shared, node: &SimNode, store: Store) -> NodeBuilder {
             // Simulated nodes have no user to accept invitations.
             trust_everyone: true,
             ..GroupsConfig::default()
+        })
+        .mailbox(fogmesh::mailbox::MailboxConfig {
+            enabled: shared.mailbox.enabled,
+            deposit_after: shared.mailbox.enabled.then(|| {
+                Duration::from_secs_f64(shared.mailbox.after_secs.max(0.0) * shared.dilation)
+            }),
+            ..fogmesh::mailbox::MailboxConfig::default()
         })
         .time_dilation(shared.dilation)
         .observe_gossip(shared.taps.wire_observer(index))

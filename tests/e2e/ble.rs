@@ -60,7 +60,7 @@ impl Medium {
     }
 
     /// Moves a device on the medium.
-    fn move_to(&self, device: &str, pos: &str) {
+    pub(crate) fn move_to(&self, device: &str, pos: &str) {
         let out = self.radio(&["move", device, pos]);
         assert!(
             out.status.success(),
@@ -79,6 +79,11 @@ impl Drop for Medium {
 
 /// An offline node on the medium at `pos`.
 pub(crate) fn offline(dir: &Path, medium: &Medium, pos: &str) -> Daemon {
+    offline_with(dir, medium, pos, &[])
+}
+
+/// [`offline`] with `extra` arguments.
+pub(crate) fn offline_with(dir: &Path, medium: &Medium, pos: &str, extra: &[&str]) -> Daemon {
     let args: Vec<String> = [
         "--api",
         "127.0.0.1:0",
@@ -89,12 +94,13 @@ pub(crate) fn offline(dir: &Path, medium: &Medium, pos: &str) -> Daemon {
         pos,
     ]
     .iter()
+    .chain(extra)
     .map(|s| s.to_string())
     .collect();
     Daemon::start_with(dir, &args)
 }
 
-fn device(d: &Daemon) -> String {
+pub(crate) fn device(d: &Daemon) -> String {
     d.json(&["status"])["ble"]["device"]
         .as_str()
         .expect("status shows the BLE device")

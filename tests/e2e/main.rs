@@ -6,6 +6,7 @@ mod ble;
 mod cli;
 mod files;
 mod groups;
+mod mailbox;
 mod messages;
 mod nat;
 mod node;

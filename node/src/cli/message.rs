@@ -41,6 +41,16 @@ pub(super) enum MessageCommand {
     /// Outgoing direct messages not yet delivered: state, next attempt and
     /// why they wait (exit 1 when none).
     Outbox,
+    /// Ask a mailbox holder to drop envelopes (their ids are in `outbox
+    /// --json`'s `mailbox.envelope_ids`); it drops only this node's: those
+    /// addressed to it or deposited by it. Prints how many it dropped.
+    MailboxDelete {
+        /// The holder's peer id.
+        holder: String,
+        /// Envelope ids (32 hex digits each).
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
 }
 
 /// Runs a direct-message command against the daemon.
@@ -93,6 +103,12 @@ pub(super) async fn run(client: Client, cmd: MessageCommand, out: Output) -> any
             let msgs: Vec<DirectMessage> = client.get("outbox").await?;
             let names = super::names(&client, out).await;
             out.list(&msgs, |w, m| write_outbox(w, m, &names), "messages waiting")
+        }
+        MessageCommand::MailboxDelete { holder, ids } => {
+            let req = crate::types::MailboxDeleteRequest { holder, ids };
+            let r: crate::types::MailboxDeleteResponse =
+                client.post("mailbox/delete", &req).await?;
+            out.show(&r, |w, r| writeln!(w, "{}", r.deleted))
         }
     }
 }
@@ -189,5 +205,20 @@ fn write_outbox(w: Human<'_>, m: &DirectMessage, names: &Names) -> io::Result<()
         names.peer(&m.to),
         plural(tries, "attempt", "attempts"),
         m.next_attempt.map_or("-".to_owned(), output::local_time),
-    )
+    )?;
+    write_deposit(w, m)
+}
+
+/// Where a waiting message was deposited, under its outbox line.
+fn write_deposit(w: Human<'_>, m: &DirectMessage) -> io::Result<()> {
+    let Some(d) = &m.mailbox else {
+        return Ok(());
+    };
+    if !d.holders.is_empty() {
+        writeln!(w, "    deposited with {}", d.holders.join(", "))?;
+    }
+    if let Some(note) = &d.note {
+        writeln!(w, "    mailbox: {}", output::one_line(note))?;
+    }
+    Ok(())
 }

@@ -386,6 +386,7 @@ mod tests {
                 "send",
                 "messages",
                 "outbox",
+                "mailbox-delete",
                 "completions",
                 "man",
                 "open"

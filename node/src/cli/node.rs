@@ -120,10 +120,28 @@ fn write_status(w: Human<'_>, s: &Status) -> io::Result<()> {
         )?;
     }
     writeln!(w, "uptime:    {} s", s.uptime_secs)?;
+    write_mailbox_status(w, &s.mailbox)?;
     for a in &s.listen_addrs {
         writeln!(w, "listen:    {a}")?;
     }
     Ok(())
+}
+
+/// What the node holds for others as a mailbox holder.
+fn write_mailbox_status(w: Human<'_>, m: &crate::types::MailboxStatus) -> io::Result<()> {
+    if m.enabled {
+        writeln!(
+            w,
+            "mailbox:   holding {} envelopes, {} of {} bytes, for others",
+            m.envelopes, m.bytes, m.quota_bytes
+        )
+    } else {
+        writeln!(
+            w,
+            "mailbox:   off (--no-mailbox); still holding {} envelopes",
+            m.envelopes
+        )
+    }
 }
 
 fn write_peer(w: Human<'_>, p: &PeerInfo) -> io::Result<()> {
@@ -206,5 +224,13 @@ fn describe(ev: &NodeEvent, names: &Names) -> String {
             names.peer(inviter)
         ),
         NodeEvent::Lagged { missed } => format!("(missed {missed} events)"),
+        NodeEvent::MailDeposited { id, to, holders } => format!(
+            "[dm {}] to {to}: deposited with {} mailbox holder(s)",
+            short(id),
+            holders.len()
+        ),
+        NodeEvent::MailPickedUp { holder, count } => {
+            format!("picked up {count} envelope(s) of mail from {holder}")
+        }
     }
 }

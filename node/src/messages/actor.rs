@@ -22,6 +22,8 @@ use crate::actor::{Actor, ServiceError};
 use crate::storage::StoreError;
 use crate::types::{DirectAck, NodeEvent};
 
+mod mailbox;
+
 /// Senders whose rate is tracked at once; the least recently seen are
 /// forgotten beyond this.
 const MAX_TRACKED_SENDERS: usize = 4096;
@@ -44,6 +46,11 @@ pub(super) struct MessagesActor {
     /// read at: every time this actor uses is derived from the two, so
     /// deadlines and the times they are compared with never disagree.
     anchor: (Instant, u64),
+    /// The network's mailbox side: deposits, deletes (none: no mailboxes).
+    mailbox: Option<mpsc::Sender<crate::mailbox::Command>>,
+    /// Deposits sent and not yet answered: messages, and receipts.
+    depositing: std::collections::HashSet<MessageId>,
+    receipts_depositing: usize,
 }
 
 impl MessagesActor {
@@ -70,6 +77,9 @@ impl MessagesActor {
             inboxes: HashMap::new(),
             rates: RateTable::new(MAX_TRACKED_SENDERS),
             anchor: (Instant::now(), now_ms()),
+            mailbox: None,
+            depositing: Default::default(),
+            receipts_depositing: 0,
         })
     }
 
@@ -130,6 +140,9 @@ impl MessagesActor {
                 let _ = reply.send(found.and_then(|m| {
                     m.ok_or_else(|| ServiceError::NotFound(format!("no message {id} on this node")))
                 }));
+            }
+            ApiCall::MailboxFlush { reply } => {
+                let _ = reply.send(Ok(self.mailbox_flush(now)));
             }
             ApiCall::Outbox { reply } => {
                 let mut recs: Vec<&OutRecord> = self.pending.values().collect();
@@ -196,6 +209,7 @@ impl MessagesActor {
             timestamp: now,
             seq,
             out: messages::Outgoing::new(plan, note, now, lifetime),
+            mailbox: Default::default(),
         })?;
         let ack = DirectAck {
             message_id: id.to_string(),
@@ -418,7 +432,7 @@ impl MessagesActor {
 
     fn on_receipt(&mut self, from: PeerId, receipt: Receipt) {
         let mut done = Vec::new();
-        for (id, n) in receipt.ids {
+        for (id, n) in receipt.ids.iter().copied() {
             // Only the recipient's own signature delivers a message.
             if let Some(rec) = self.pending.get_mut(&id)
                 && rec.to == from
@@ -427,6 +441,7 @@ impl MessagesActor {
                 done.push(id);
             }
         }
+        self.mailbox_delivered(&done, &receipt.ids);
         self.save(&done);
     }
 
@@ -464,6 +479,13 @@ impl Actor for MessagesActor {
             Input::Envelope { env, via } => self.on_envelope(env, via, now),
             Input::Attempt { id, n, result } => self.on_attempt(id, n, result, now),
             Input::Wake(peer) => self.wake(peer, now),
+            Input::Picked { env, holder } => self.on_picked(env, holder, now),
+            Input::Deposited {
+                id,
+                env_id,
+                holders,
+                errors,
+            } => self.on_deposited(id, env_id, holders, errors, now),
         }
     }
 
@@ -472,11 +494,13 @@ impl Actor for MessagesActor {
             .pending
             .values()
             .filter_map(|r| r.out.deadline())
+            .chain(self.mailbox_deadline())
             .min()?;
         Some(self.instant(next))
     }
 
     fn on_deadline(&mut self, now: Instant) {
         self.poll(self.ms(now));
+        self.mailbox_poll(self.ms(now));
     }
 }

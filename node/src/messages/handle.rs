@@ -40,6 +40,11 @@ pub(crate) enum ApiCall {
     Outbox {
         reply: Reply<Vec<DirectMessage>>,
     },
+    /// The node is stopping: deposit what was never deposited; answers
+    /// how many deposits are still unanswered.
+    MailboxFlush {
+        reply: Reply<usize>,
+    },
 }
 
 impl MessagesHandle {
@@ -106,5 +111,13 @@ impl MessagesHandle {
     /// Outgoing messages not yet delivered (nor expired).
     pub async fn outbox(&self) -> Result<Vec<DirectMessage>, ServiceError> {
         self.mailbox.call(|reply| ApiCall::Outbox { reply }).await
+    }
+
+    /// Deposits every waiting message that has no mailbox holder yet (the
+    /// node is about to stop); answers how many deposits are unanswered.
+    pub async fn mailbox_flush(&self) -> Result<usize, ServiceError> {
+        self.mailbox
+            .call(|reply| ApiCall::MailboxFlush { reply })
+            .await
     }
 }

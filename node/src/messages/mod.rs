@@ -61,6 +61,9 @@ pub struct MessagesConfig {
     /// four times as many pass); beyond, letters are not acknowledged and
     /// their senders retry.
     pub sender_rate: f64,
+    /// How long a message waits for its recipient before it is deposited
+    /// with mailbox holders; `None`: never (`--mailbox-after-secs`).
+    pub mailbox_after: Option<Duration>,
 }
 
 impl Default for MessagesConfig {
@@ -70,6 +73,7 @@ impl Default for MessagesConfig {
             lifetime: Duration::from_secs(7 * 24 * 3600),
             max_outbox_per_peer: 1000,
             sender_rate: 20.0,
+            mailbox_after: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -91,6 +95,19 @@ pub(crate) enum Input {
     /// for it. `None`: a way to anyone may have appeared (a BLE neighbour,
     /// a gateway).
     Wake(Option<PeerId>),
+    /// An envelope addressed to this node, picked up from a mailbox
+    /// holder (or courier): delivered like a direct one, then the
+    /// holder's copy is deleted and the receipt is also deposited for the
+    /// sender.
+    Picked { env: Envelope, holder: PeerId },
+    /// What became of a deposit of message `id` (envelope `env_id`), or
+    /// of a receipt (`None`).
+    Deposited {
+        id: Option<MessageId>,
+        env_id: fogmesh_protocols::mailbox::wire::Id,
+        holders: Vec<PeerId>,
+        errors: Vec<String>,
+    },
 }
 
 impl From<ApiCall> for Input {
@@ -130,6 +147,8 @@ pub(crate) enum NetCommand {
 
 /// Opens the tables and starts the actor thread, which restores the
 /// outbox before its first input.
+// One argument per channel and setting the actor is wired with.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn start(
     keypair: Keypair,
     store: Store,
@@ -137,12 +156,14 @@ pub(crate) fn start(
     events: broadcast::Sender<NodeEvent>,
     reach: Reachability,
     cfg: MessagesConfig,
+    mailbox: Option<mpsc::Sender<crate::mailbox::Command>>,
     shutdown: CancellationToken,
 ) -> Result<(MessagesHandle, std::thread::JoinHandle<()>), StoreError> {
     let store = store::DmStore::open(store)?;
     let channel = Channel::bounded(INPUT_QUEUE);
     let handle = MessagesHandle::new(channel.mailbox.clone());
-    let actor = actor::MessagesActor::new(keypair, store, net, events, reach, cfg)?;
+    let mut actor = actor::MessagesActor::new(keypair, store, net, events, reach, cfg)?;
+    actor.set_mailbox(mailbox);
     let thread = crate::actor::spawn("fogmesh-messages", actor, channel, shutdown)
         .map_err(|e| StoreError::Db(format!("cannot start the messages thread: {e}")))?;
     Ok((handle, thread))

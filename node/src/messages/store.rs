@@ -43,6 +43,9 @@ pub(crate) struct OutRecord {
     /// Its number towards `to`.
     pub(crate) seq: u64,
     pub(crate) out: Outgoing,
+    /// Its copies at mailbox holders (none until it waited long enough).
+    #[serde(default)]
+    pub(crate) mailbox: crate::mailbox::Deposits,
 }
 
 impl OutRecord {
@@ -56,12 +59,17 @@ impl OutRecord {
             timestamp: self.timestamp,
             direction: "out".into(),
             state: Some(self.out.state.as_str().into()),
-            route: self.out.delivered_by.map(|r| r.as_str().into()),
+            route: self
+                .out
+                .delivered_by
+                .map(|r| r.as_str().into())
+                .or_else(|| self.mailbox.delivered.then(|| "mailbox".into())),
             route_plan: Some(self.out.plan.iter().map(|r| r.as_str().into()).collect()),
             attempts: Some(self.out.attempts.clone()),
             waiting: if live { self.out.waiting.clone() } else { None },
             next_attempt: (live && !self.out.plan.is_empty()).then_some(self.out.retry_at_ms),
             expires_at: live.then_some(self.out.expires_at_ms),
+            mailbox: self.mailbox.to_api(),
         }
     }
 }
@@ -91,6 +99,7 @@ impl InLetter {
             waiting: None,
             next_attempt: None,
             expires_at: None,
+            mailbox: None,
         }
     }
 }

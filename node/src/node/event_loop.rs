@@ -20,6 +20,7 @@ use super::ble::{self, BleNet};
 use super::discovery;
 use super::files_net::FilesNet;
 use super::groups_net::GroupsNet;
+use super::mailbox_net::MailboxNet;
 use super::messages_net::{Link, MessagesNet};
 use super::nat::{self, NatNet};
 use super::peers::PeerBook;
@@ -128,6 +129,7 @@ pub(super) struct Parts {
     pub(super) groups: GroupsNet,
     pub(super) files: FilesNet,
     pub(super) messages: MessagesNet,
+    pub(super) mailbox: MailboxNet,
     pub(super) ble: Option<BleNet>,
     pub(super) nat: NatNet,
 }
@@ -141,6 +143,7 @@ pub(super) struct EventLoop {
     groups: GroupsNet,
     files: FilesNet,
     messages: MessagesNet,
+    mailbox: MailboxNet,
     ble: Option<BleNet>,
     nat: NatNet,
     maintenance_interval: Duration,
@@ -165,6 +168,7 @@ impl EventLoop {
             groups: parts.groups,
             files: parts.files,
             messages: parts.messages,
+            mailbox: parts.mailbox,
             ble: parts.ble,
             nat: parts.nat,
             maintenance_interval: parts.maintenance_interval,
@@ -251,10 +255,14 @@ impl EventLoop {
                 Some(cmd) = self.messages.next_command() => {
                     self.messages.on_command(&mut self.swarm, &self.ctx, &self.peers, cmd)
                 }
+                Some(work) = self.mailbox.next_work() => {
+                    self.mailbox.on_work(&mut self.swarm, &self.ctx, &self.peers, work)
+                }
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
                 _ = tick.tick() => {
                     let short = self.peers.connected() < self.ctx.min_peers || self.nat.wants_relays();
                     discovery::maintain(&mut self.swarm, short);
+                    self.mailbox.tick(&mut self.swarm, &self.ctx, &self.peers);
                     self.nat.tick(&mut self.swarm);
                 }
                 n = ble::next_neighbour(&mut self.ble) => self.on_neighbour(n),
@@ -279,6 +287,10 @@ impl EventLoop {
             }
             Command::Connect { addr, reply } => {
                 self.peers.connect(&mut self.swarm, &self.ctx, addr, reply)
+            }
+            Command::MailboxDelete { holder, ids, reply } => {
+                self.mailbox
+                    .user_delete(&mut self.swarm, holder, ids, reply)
             }
         }
     }
@@ -326,6 +338,7 @@ impl EventLoop {
                 .kad
                 .store_mut()
                 .records_for_others(),
+            mailbox: self.mailbox.status(),
         }
     }
 
@@ -356,6 +369,8 @@ impl EventLoop {
                 // A new BLE neighbour may carry a message to anyone.
                 let ble_link = fogmesh_ble::is_ble(endpoint.get_remote_address());
                 self.messages.wake((!ble_link).then_some(peer_id));
+                self.mailbox
+                    .peer_connected(&mut self.swarm, &self.ctx, &self.peers, peer_id);
                 self.nat
                     .on_established(&mut self.swarm, endpoint.get_remote_address());
                 if !endpoint.is_relayed() {
@@ -430,6 +445,13 @@ impl EventLoop {
             }
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 id,
+                result: kad::QueryResult::GetClosestPeers(result),
+                ..
+            }) if self.mailbox.owns_lookup(id) => {
+                self.mailbox.on_lookup(&mut self.swarm, id, result)
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                id,
                 result: kad::QueryResult::GetProviders(result),
                 step,
                 ..
@@ -470,6 +492,7 @@ impl EventLoop {
                 self.messages
                     .on_event(&mut self.swarm, &self.ctx, &self.peers, Link::Ble, ev)
             }
+            BehaviourEvent::Mailbox(ev) => self.mailbox.on_event(&mut self.swarm, &self.ctx, ev),
             BehaviourEvent::Autonat(ev) => self.nat.on_autonat(&mut self.swarm, ev),
             BehaviourEvent::RelayClient(ev) => self.nat.on_relay_client(ev),
             BehaviourEvent::RelayServer(ev) => {

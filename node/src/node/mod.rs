@@ -31,6 +31,7 @@ mod event_loop;
 mod exchange;
 mod files_net;
 mod groups_net;
+mod mailbox_net;
 mod messages_net;
 mod nat;
 mod peers;
@@ -86,6 +87,8 @@ pub struct NodeConfig {
     pub files: FilesConfig,
     /// Direct message settings.
     pub messages: MessagesConfig,
+    /// Mailbox settings.
+    pub mailbox: crate::mailbox::MailboxConfig,
     /// How often the node checks that it has enough peers
     /// ([`MAINTENANCE_INTERVAL`] by default).
     pub maintenance_interval: Duration,
@@ -124,6 +127,11 @@ enum Command {
     Connect {
         addr: Multiaddr,
         reply: oneshot::Sender<Result<ConnectResponse, ConnectError>>,
+    },
+    MailboxDelete {
+        holder: PeerId,
+        ids: Vec<fogmesh_protocols::mailbox::wire::Id>,
+        reply: oneshot::Sender<Result<u32, String>>,
     },
 }
 
@@ -164,6 +172,24 @@ impl NodeHandle {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Connect { addr, reply: tx }).await?;
         rx.await.map_err(|_| ConnectError::Stopped)?
+    }
+
+    /// Asks mailbox holder `holder` to drop envelopes `ids`; answers how
+    /// many it dropped (it drops only this node's: addressed to it or
+    /// deposited by it).
+    pub async fn mailbox_delete(
+        &self,
+        holder: PeerId,
+        ids: Vec<fogmesh_protocols::mailbox::wire::Id>,
+    ) -> Result<Result<u32, String>, ConnectError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::MailboxDelete {
+            holder,
+            ids,
+            reply: tx,
+        })
+        .await?;
+        rx.await.map_err(|_| ConnectError::Stopped)
     }
 
     /// The group chat actor.
@@ -240,6 +266,7 @@ pub(crate) async fn start(
             groups: actors.groups_net,
             files: actors.files_net,
             messages: actors.messages_net,
+            mailbox: actors.mailbox_net,
             ble: cfg
                 .ble
                 .as_ref()
@@ -266,7 +293,7 @@ pub(crate) async fn start(
         commands: cmd_tx,
         events,
     };
-    let [groups_thread, files_thread, messages_thread] = actors.threads;
+    let [groups_thread, files_thread, messages_thread, mailbox_thread] = actors.threads;
     let task = tokio::spawn(run(
         el,
         shutdown,
@@ -275,6 +302,7 @@ pub(crate) async fn start(
             groups_thread,
             files_thread,
             messages_thread,
+            mailbox_thread,
         ],
     ));
     Ok(RunningNode {
@@ -292,7 +320,8 @@ struct Actors {
     groups_net: groups_net::GroupsNet,
     files_net: files_net::FilesNet,
     messages_net: messages_net::MessagesNet,
-    threads: [(&'static str, std::thread::JoinHandle<()>); 3],
+    mailbox_net: mailbox_net::MailboxNet,
+    threads: [(&'static str, std::thread::JoinHandle<()>); 4],
 }
 
 /// Starts the groups and files actors, each with the command channel its
@@ -308,15 +337,21 @@ fn start_actors(
     let peer_id = key.public().to_peer_id();
     let (net_tx, net_rx) = mpsc::channel(COMMAND_QUEUE);
     let (dm_tx, dm_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (mb_tx, mb_rx) = mpsc::channel(COMMAND_QUEUE);
+    let mut messages_cfg = cfg.messages.clone();
+    messages_cfg.mailbox_after = cfg.mailbox.deposit_after;
     let (messages, messages_thread) = messages::start(
         key.clone(),
         store.clone(),
         dm_tx,
         events.clone(),
         cfg.reachability,
-        cfg.messages.clone(),
+        messages_cfg,
+        Some(mb_tx),
         shutdown.clone(),
     )?;
+    let (holder, mailbox_thread) =
+        crate::mailbox::start(peer_id, store.clone(), &cfg.mailbox, shutdown.clone())?;
     let (groups, groups_thread) = groups::start(
         key,
         store.clone(),
@@ -339,6 +374,7 @@ fn start_actors(
         groups_net: groups_net::GroupsNet::new(groups.clone(), net_rx),
         files_net: files_net::FilesNet::new(files.clone(), file_rx),
         messages_net: messages_net::MessagesNet::new(messages.clone(), dm_rx, peer_id),
+        mailbox_net: mailbox_net::MailboxNet::new(peer_id, holder, mb_rx, messages.clone()),
         groups,
         files,
         messages,
@@ -346,6 +382,7 @@ fn start_actors(
             ("groups", groups_thread),
             ("files", files_thread),
             ("messages", messages_thread),
+            ("mailbox", mailbox_thread),
         ],
     })
 }

@@ -690,3 +690,68 @@ pub(super) fn dm_letter_seeds() -> Vec<Vec<u8>> {
     v.push([vec![1], pad(b"\xa0")].concat());
     v
 }
+
+// ---- mailboxes ----------------------------------------------------------
+
+pub(super) fn mailbox_request(data: &[u8]) {
+    use crate::mailbox::wire::{MAX_DELETE_IDS, MAX_DEPOSIT, MAX_REQUEST, Request};
+    if let Some(req) = stable(data, Request::decode, Request::encode, MAX_REQUEST) {
+        match req {
+            Request::Deposit { envelope } => assert!(envelope.len() <= MAX_DEPOSIT),
+            Request::Delete { ids } => assert!(ids.len() <= MAX_DELETE_IDS),
+            Request::Fetch => {}
+        }
+    }
+}
+
+pub(super) fn mailbox_request_seeds() -> Vec<Vec<u8>> {
+    use crate::mailbox::wire::{Id, Request};
+    let env = Envelope {
+        to: peer(9),
+        ttl: 7,
+        body: vec![1; 560],
+    };
+    vec![
+        Request::Deposit {
+            envelope: env.encode(),
+        }
+        .encode(),
+        Request::Fetch.encode(),
+        Request::Delete {
+            ids: vec![Id::of(&env), Id([7; 16])],
+        }
+        .encode(),
+    ]
+}
+
+pub(super) fn mailbox_response(data: &[u8]) {
+    use crate::mailbox::wire::{MAX_DEPOSIT, MAX_FETCH_ITEMS, MAX_RESPONSE, Response};
+    if let Some(Response::Fetched { items, .. }) =
+        stable(data, Response::decode, Response::encode, MAX_RESPONSE)
+    {
+        assert!(items.len() <= MAX_FETCH_ITEMS);
+        assert!(items.iter().all(|i| i.envelope.len() <= MAX_DEPOSIT));
+    }
+}
+
+pub(super) fn mailbox_response_seeds() -> Vec<Vec<u8>> {
+    use crate::mailbox::wire::{Id, Item, Refusal as MRefusal, Response};
+    let env = Envelope {
+        to: peer(9),
+        ttl: 7,
+        body: vec![1; 560],
+    };
+    vec![
+        Response::Deposited.encode(),
+        Response::Refused(MRefusal::OverQuota).encode(),
+        Response::Fetched {
+            items: vec![Item {
+                id: Id::of(&env),
+                envelope: env.encode(),
+            }],
+            more: false,
+        }
+        .encode(),
+        Response::Deleted { count: 1 }.encode(),
+    ]
+}

@@ -84,6 +84,16 @@ pub const TARGETS: &[Target] = &[
         decoders::dm_letter_plain_seeds,
     ),
     Target::new(
+        "mailbox_request",
+        decoders::mailbox_request,
+        decoders::mailbox_request_seeds,
+    ),
+    Target::new(
+        "mailbox_response",
+        decoders::mailbox_response,
+        decoders::mailbox_response_seeds,
+    ),
+    Target::new(
         "groups_membership",
         stateful::groups_membership,
         stateful::groups_membership_seeds,

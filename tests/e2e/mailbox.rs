@@ -1,0 +1,314 @@
+//! Mailboxes and couriers: a message reaches a recipient that is never
+//! online together with its sender, through holders on the internet (the
+//! peers closest to the recipient's mailbox key) or a BLE courier; holders
+//! survive `kill -9`, keep to their quotas, and hand mail only to its
+//! recipient.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::ble::{Medium, ble_peers, offline_with, wait_ble_link};
+use crate::util::{Daemon, eventually, files_containing};
+
+const T: Duration = Duration::from_secs(120);
+
+/// The peer id of a node that is not running: started once (alone) and
+/// stopped, so that its data directory holds its identity.
+fn identity_of(dir: &Path) -> String {
+    let mut d = Daemon::start(dir, &[]);
+    let id = d.peer_id.clone();
+    d.terminate();
+    id
+}
+
+fn send(d: &Daemon, to: &str, text: &str) -> String {
+    d.json(&["send", to, text])["message_id"]
+        .as_str()
+        .expect("message_id")
+        .to_owned()
+}
+
+/// The outbox entry of message `id`, if still waiting.
+fn outbox_entry(d: &Daemon, id: &str) -> Option<Value> {
+    d.json_or_nothing(&["outbox"])
+        .as_array()?
+        .iter()
+        .find(|m| m["id"] == id)
+        .cloned()
+}
+
+/// Waits until message `id` was deposited with at least `n` holders;
+/// returns them.
+fn wait_deposited(d: &Daemon, id: &str, n: usize) -> Vec<String> {
+    eventually(
+        T,
+        &format!("message {id} deposited with {n} holders"),
+        || {
+            let m = outbox_entry(d, id)?;
+            let holders: Vec<String> = m["mailbox"]["holders"]
+                .as_array()?
+                .iter()
+                .filter_map(|h| h.as_str().map(str::to_owned))
+                .collect();
+            (holders.len() >= n).then_some(holders)
+        },
+    )
+}
+
+/// Texts `d` received from `from`.
+fn received(d: &Daemon, from: &str) -> Vec<String> {
+    d.json_or_nothing(&["messages", from])
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|m| m["direction"] == "in")
+                .filter_map(|m| m["text"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn wait_received(d: &Daemon, from: &str, want: &[&str]) {
+    eventually(T, &format!("{} receives {want:?}", d.peer_id), || {
+        (received(d, from) == want).then_some(())
+    });
+}
+
+/// Waits until `d`'s message `id` is delivered; returns it.
+fn wait_delivered(d: &Daemon, id: &str) -> Value {
+    eventually(T, &format!("message {id} delivered"), || {
+        d.json(&["messages", "--limit", "1000"])
+            .as_array()?
+            .iter()
+            .find(|m| m["id"] == id && m["state"] == "delivered")
+            .cloned()
+    })
+}
+
+/// Envelopes `d` holds for others (`status.mailbox.envelopes`).
+fn held(d: &Daemon) -> u64 {
+    d.json(&["status"])["mailbox"]["envelopes"]
+        .as_u64()
+        .expect("status.mailbox.envelopes")
+}
+
+/// Three holders in one network, the first one's TCP address to bootstrap.
+fn holders(root: &Path) -> Vec<Daemon> {
+    let h0 = Daemon::start(&root.join("h0"), &[]);
+    let mut hs = vec![];
+    for i in 1..3 {
+        let h = Daemon::start(
+            &root.join(format!("h{i}")),
+            &["--bootstrap", &h0.tcp_addr()],
+        );
+        h.wait_connected(&h0.peer_id, T);
+        hs.push(h);
+    }
+    hs.insert(0, h0);
+    hs
+}
+
+#[test]
+fn a_message_waits_at_holders_until_its_recipient_comes_and_the_receipt_returns() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let b_id = identity_of(&root.join("b"));
+    let hs = holders(root);
+    let mut a = Daemon::start(
+        &root.join("a"),
+        &[
+            "--bootstrap",
+            &hs[0].tcp_addr(),
+            "--mailbox-after-secs",
+            "2",
+        ],
+    );
+    a.wait_connected(&hs[0].peer_id, T);
+    eventually(T, "a knows the three holders", || {
+        (a.json(&["status"])["routing_table_peers"].as_u64()? >= 3).then_some(())
+    });
+
+    let secret = "a letter that waits for bob";
+    let id = send(&a, &b_id, secret);
+    let deposited = wait_deposited(&a, &id, 3);
+    for h in &hs {
+        assert!(deposited.contains(&h.peer_id), "{deposited:?}");
+    }
+    eventually(T, "each holder holds the envelope", || {
+        hs.iter().all(|h| held(h) == 1).then_some(())
+    });
+    // A stops; nothing readable is at the holders.
+    a.terminate();
+    for h in &hs {
+        let hits = files_containing(&h.data_dir, secret.as_bytes());
+        assert!(hits.is_empty(), "{secret:?} found in {hits:?}");
+    }
+
+    // B comes later, knowing only one holder, and gets the letter.
+    let mut b = Daemon::start(&root.join("b"), &["--bootstrap", &hs[1].tcp_addr()]);
+    assert_eq!(b.peer_id, b_id);
+    wait_received(&b, &a.peer_id, &[secret]);
+    b.terminate();
+
+    // A returns while B is gone: the receipt waited in A's mailbox.
+    let a = Daemon::start(&root.join("a"), &["--bootstrap", &hs[2].tcp_addr()]);
+    let m = wait_delivered(&a, &id);
+    assert_eq!(m["route"], "mailbox");
+    // Every copy is gone from the holders: the letter's (deleted by B),
+    // the receipt's (deleted by A).
+    eventually(T, "the holders hold nothing", || {
+        hs.iter().all(|h| held(h) == 0).then_some(())
+    });
+}
+
+#[test]
+fn a_holder_killed_with_kill_9_still_delivers_after_restart() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let b_id = identity_of(&root.join("b"));
+    let mut h = Daemon::start(&root.join("h"), &[]);
+    let mut a = Daemon::start(&root.join("a"), &["--bootstrap", &h.tcp_addr()]);
+    a.wait_connected(&h.peer_id, T);
+    // A stops right after sending (long before the default 30 s): it
+    // deposits the waiting message on its way out.
+    send(&a, &b_id, "kept through a crash");
+    a.terminate();
+    assert_eq!(held(&h), 1);
+
+    h.kill9();
+    let h = Daemon::start(&root.join("h"), &[]);
+    assert_eq!(held(&h), 1);
+    let b = Daemon::start(&root.join("b"), &["--bootstrap", &h.tcp_addr()]);
+    wait_received(&b, &a.peer_id, &["kept through a crash"]);
+    eventually(T, "the holder drops the delivered copy", || {
+        (held(&h) == 0).then_some(())
+    });
+}
+
+#[test]
+fn a_depositor_over_its_quota_is_refused_while_others_are_served() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let r_id = identity_of(&root.join("r"));
+    // 3000 bytes: a depositor may have 750 held (one small envelope), a
+    // recipient 1500.
+    let h = Daemon::start(&root.join("h"), &["--mailbox-quota", "3000"]);
+    let d1 = Daemon::start(
+        &root.join("d1"),
+        &[
+            "--bootstrap",
+            &h.tcp_addr(),
+            "--mailbox-after-secs",
+            "1",
+            "--no-mailbox",
+        ],
+    );
+    let d2 = Daemon::start(
+        &root.join("d2"),
+        &[
+            "--bootstrap",
+            &h.tcp_addr(),
+            "--mailbox-after-secs",
+            "1",
+            "--no-mailbox",
+        ],
+    );
+    d1.wait_connected(&h.peer_id, T);
+    d2.wait_connected(&h.peer_id, T);
+    assert_eq!(
+        h.json(&["status"])["mailbox"]["quota_bytes"].as_u64(),
+        Some(3000)
+    );
+
+    let first = send(&d1, &r_id, "one");
+    assert_eq!(wait_deposited(&d1, &first, 1), vec![h.peer_id.clone()]);
+    let second = send(&d1, &r_id, "two");
+    let note = eventually(T, "the second deposit is refused", || {
+        let m = outbox_entry(&d1, &second)?;
+        m["mailbox"]["note"].as_str().map(str::to_owned)
+    });
+    assert!(note.contains("over quota"), "{note}");
+    assert!(
+        outbox_entry(&d1, &second).expect("waiting")["mailbox"]["holders"]
+            .as_array()
+            .is_none_or(|a| a.is_empty())
+    );
+    // Another depositor is still served.
+    let other = send(&d2, &r_id, "three");
+    assert!(wait_deposited(&d2, &other, 1).contains(&h.peer_id));
+    assert_eq!(held(&h), 2);
+    // The node that holds for nobody says so.
+    assert_eq!(d1.json(&["status"])["mailbox"]["enabled"], false);
+}
+
+#[test]
+fn a_node_that_is_not_the_recipient_cannot_take_its_mail() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let b_id = identity_of(&root.join("b"));
+    let h = Daemon::start(&root.join("h"), &[]);
+    let mut a = Daemon::start(
+        &root.join("a"),
+        &["--bootstrap", &h.tcp_addr(), "--mailbox-after-secs", "1"],
+    );
+    a.wait_connected(&h.peer_id, T);
+    let id = send(&a, &b_id, "for bob only");
+    wait_deposited(&a, &id, 1);
+    let envelope = outbox_entry(&a, &id).expect("waiting")["mailbox"]["envelope_ids"][0]
+        .as_str()
+        .expect("an envelope id")
+        .to_owned();
+    a.terminate();
+    assert_eq!(held(&h), 1);
+
+    // M connects and asks the holder for its mail (at every connection):
+    // it gets nothing of B's, and B's copy stays.
+    let m = Daemon::start(&root.join("m"), &["--bootstrap", &h.tcp_addr()]);
+    m.wait_connected(&h.peer_id, T);
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < until {
+        assert_eq!(held(&h), 1);
+        assert!(received(&m, &a.peer_id).is_empty());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Knowing the envelope's id is not enough to delete it.
+    let deleted = m.json(&["mailbox-delete", &h.peer_id, &envelope]);
+    assert_eq!(deleted["deleted"], 0);
+    assert_eq!(held(&h), 1);
+    let b = Daemon::start(&root.join("b"), &["--bootstrap", &h.tcp_addr()]);
+    wait_received(&b, &a.peer_id, &["for bob only"]);
+}
+
+#[test]
+fn a_ble_courier_carries_a_message_to_a_recipient_it_meets() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let medium = Medium::start(root, &[]);
+    let fast = ["--mailbox-after-secs", "2"];
+    let x = offline_with(&root.join("x"), &medium, "0,0", &fast);
+    let y = offline_with(&root.join("y"), &medium, "10,0", &fast);
+    let z = offline_with(&root.join("z"), &medium, "200,0", &fast);
+    wait_ble_link(&x, &y);
+    assert!(!ble_peers(&z).contains(&y.peer_id));
+
+    // Z is out of everyone's reach: X gives the message to Y to carry.
+    let id = send(&x, &z.peer_id, "carried by hand");
+    assert_eq!(wait_deposited(&x, &id, 1), vec![y.peer_id.clone()]);
+    assert_eq!(held(&y), 1);
+
+    // Y walks out of X's range into Z's, and hands it over.
+    medium.move_to(&crate::ble::device(&y), "190,0");
+    wait_ble_link(&y, &z);
+    wait_received(&z, &x.peer_id, &["carried by hand"]);
+    assert!(received(&y, &x.peer_id).is_empty());
+    // Z gave its receipt to Y to carry back (X is out of reach).
+    eventually(T, "Y carries Z's receipt", || (held(&y) == 1).then_some(()));
+
+    // Y carries Z's receipt back when it walks back to X.
+    medium.move_to(&crate::ble::device(&y), "10,0");
+    wait_ble_link(&x, &y);
+    let m = wait_delivered(&x, &id);
+    assert_eq!(m["route"], "mailbox");
+}
