@@ -11,5 +11,6 @@ mod frame;
 pub mod fuzz;
 pub mod groups;
 pub mod messages;
+pub mod onion;
 pub mod policy;
 pub mod rate;
