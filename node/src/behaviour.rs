@@ -397,6 +397,10 @@ mod composed {
         pub dm_ble: crate::only_on::OnlyOn<
             request_response::Behaviour<crate::codec::FrameCodec<super::DmFrame, super::DmFrame>>,
         >,
+        /// The onion route's mix streams (`/fogmesh/mix/1`), on internet
+        /// connections only; the onion task drives them through a
+        /// `libp2p_stream::Control`.
+        pub mix: crate::only_on::OnlyOn<libp2p_stream::Behaviour>,
     }
 }
 
@@ -480,6 +484,9 @@ impl Behaviour {
             files,
             dm: crate::only_on::OnlyOn::new(dm, |a| !fogmesh_ble::is_ble(a)),
             dm_ble: crate::only_on::OnlyOn::new(dm_ble, fogmesh_ble::is_ble),
+            mix: crate::only_on::OnlyOn::new(libp2p_stream::Behaviour::new(), |a| {
+                !fogmesh_ble::is_ble(a)
+            }),
         })
     }
 }

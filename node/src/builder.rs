@@ -168,6 +168,7 @@ impl NodeBuilder {
                 relays: Vec::new(),
                 kad_mode: KadMode::default(),
                 nat: NatConfig::default(),
+                onion: crate::onion::OnionConfig::default(),
             },
             idle_timeout: Duration::from_secs(60),
             dilation: 1.0,
@@ -236,6 +237,12 @@ impl NodeBuilder {
     /// Direct message settings (before dilation).
     pub fn messages(mut self, cfg: crate::messages::MessagesConfig) -> Self {
         self.node.messages = cfg;
+        self
+    }
+
+    /// The onion route's settings (mix relaying, hops, delays, cover).
+    pub fn onion(mut self, cfg: crate::onion::OnionConfig) -> Self {
+        self.node.onion = cfg;
         self
     }
 
@@ -321,7 +328,10 @@ impl NodeBuilder {
         node.reachability = Reachability {
             internet: !matches!(internet, Internet::Off),
             ble: radio.is_some(),
-            onion: false,
+            // The onion route runs over internet connections; whether
+            // enough mix nodes are known is the route's own answer to each
+            // attempt (the message waits with that reason).
+            onion: !matches!(internet, Internet::Off),
         };
         node.ble = radio.clone();
         node.kad_mode = behaviour.kad_mode;

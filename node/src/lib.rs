@@ -25,6 +25,7 @@ pub mod kad_store;
 pub mod messages;
 pub mod metrics;
 pub mod node;
+pub mod onion;
 pub mod only_on;
 pub mod storage;
 pub mod types;

@@ -8,6 +8,7 @@ mod groups;
 mod messages;
 mod nat;
 mod node;
+mod onion;
 mod security;
 mod stdout;
 mod util;

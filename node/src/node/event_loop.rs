@@ -344,6 +344,9 @@ impl EventLoop {
                 // A new BLE neighbour may carry a message to anyone.
                 let ble_link = fogmesh_ble::is_ble(endpoint.get_remote_address());
                 self.messages.wake((!ble_link).then_some(peer_id));
+                if !ble_link {
+                    self.messages.onion.connected(peer_id);
+                }
                 self.nat
                     .on_established(&mut self.swarm, endpoint.get_remote_address());
                 if !endpoint.is_relayed() {
@@ -442,6 +445,7 @@ impl EventLoop {
                 self.messages
                     .on_event(&mut self.swarm, &self.ctx, &self.peers, Link::Ble, ev)
             }
+            BehaviourEvent::Mix(()) => {}
             BehaviourEvent::Autonat(ev) => self.nat.on_autonat(&mut self.swarm, ev),
             BehaviourEvent::RelayClient(ev) => self.nat.on_relay_client(ev),
             BehaviourEvent::RelayServer(ev) => {
@@ -464,6 +468,7 @@ impl EventLoop {
             self.groups.peer_disconnected(peer);
             self.files.peer_disconnected(peer);
             self.nat.on_disconnected(&mut self.swarm, peer);
+            self.messages.onion.closed(peer);
         }
     }
 
