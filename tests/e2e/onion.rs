@@ -81,9 +81,24 @@ fn received(d: &Daemon, from: &str) -> Vec<String> {
         .collect()
 }
 
+/// `s` without ANSI colour sequences.
+fn plain(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut esc = false;
+    for c in s.chars() {
+        match (esc, c) {
+            (false, '\u{1b}') => esc = true,
+            (true, 'm') => esc = false,
+            (true, _) => {}
+            (false, c) => out.push(c),
+        }
+    }
+    out
+}
+
 /// The (from, to) pairs a relay logged for the packets it queued.
 fn relay_hops(d: &Daemon) -> Vec<(String, String)> {
-    d.stderr()
+    plain(&d.stderr())
         .lines()
         .filter(|l| l.contains("mix: queued a packet"))
         .filter_map(|l| {
