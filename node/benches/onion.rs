@@ -91,7 +91,10 @@ fn main() {
     );
 
     // 2. Build times.
-    for (label, hops) in [("3 mix hops + recipient", 4), ("4 mix hops + recipient (5 layers)", 5)] {
+    for (label, hops) in [
+        ("3 mix hops + recipient", 4),
+        ("4 mix hops + recipient (5 layers)", 5),
+    ] {
         let route: Vec<Hop> = nodes[1..=hops].iter().map(hop).collect();
         let delays = vec![0; hops];
         let times: Vec<Duration> = (0..n / 4)
@@ -128,7 +131,10 @@ fn main() {
         let (tx, next_rx) = mpsc::channel::<Vec<u8>>();
         handles.push(std::thread::spawn(move || {
             for p in rx {
-                if let Ok(Processed::Forward { delay_ms, packet, .. }) = r.mixer.process(&p) {
+                if let Ok(Processed::Forward {
+                    delay_ms, packet, ..
+                }) = r.mixer.process(&p)
+                {
                     std::thread::sleep(Duration::from_millis(delay_ms));
                     if tx.send(packet).is_err() {
                         return;

@@ -173,7 +173,9 @@ fn a_private_message_waits_for_three_mixes_then_crosses_them_and_the_surb_ack_de
     assert!(metric(first[0], "fogmesh_onion_tampered_dropped_total") >= 1.0);
     // It learnt the packet from the sender: it was the first hop.
     assert!(
-        relay_hops(first[0]).iter().any(|(from, _)| *from == s.peer_id),
+        relay_hops(first[0])
+            .iter()
+            .any(|(from, _)| *from == s.peer_id),
         "{:?}",
         relay_hops(first[0])
     );

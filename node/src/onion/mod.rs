@@ -108,9 +108,21 @@ impl OnionMetrics {
     pub fn register(&self, r: &mut Registry) {
         let r = r.sub_registry_with_prefix("onion");
         let all: [(&str, &str, &Counter); 10] = [
-            ("packets_received", "Onion packets read from peers", &self.packets_received),
-            ("packets_relayed", "Onion packets relayed to a successor", &self.packets_relayed),
-            ("replays_dropped", "Onion packets dropped as replays", &self.replays_dropped),
+            (
+                "packets_received",
+                "Onion packets read from peers",
+                &self.packets_received,
+            ),
+            (
+                "packets_relayed",
+                "Onion packets relayed to a successor",
+                &self.packets_relayed,
+            ),
+            (
+                "replays_dropped",
+                "Onion packets dropped as replays",
+                &self.replays_dropped,
+            ),
             (
                 "tampered_dropped",
                 "Onion packets dropped as tampered (header MAC)",
@@ -121,15 +133,27 @@ impl OnionMetrics {
                 "Onion packets dropped otherwise (malformed, rate, queues, not a mix)",
                 &self.packets_dropped,
             ),
-            ("packets_sent", "Onion packets sent (data, replies, cover)", &self.packets_sent),
+            (
+                "packets_sent",
+                "Onion packets sent (data, replies, cover)",
+                &self.packets_sent,
+            ),
             (
                 "messages_received",
                 "Private messages reassembled and delivered here",
                 &self.messages_received,
             ),
-            ("acks_received", "SURB acknowledgements received", &self.acks_received),
+            (
+                "acks_received",
+                "SURB acknowledgements received",
+                &self.acks_received,
+            ),
             ("cover_sent", "Loop cover packets sent", &self.cover_sent),
-            ("cover_returned", "Loop cover packets come back", &self.cover_returned),
+            (
+                "cover_returned",
+                "Loop cover packets come back",
+                &self.cover_returned,
+            ),
         ];
         for (name, help, c) in all {
             r.register(name, help, c.clone());

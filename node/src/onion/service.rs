@@ -215,7 +215,10 @@ impl Service {
                     // Our descriptor and the ones we know, so that the
                     // network learns the mix nodes by word of mouth.
                     let list = self.share_list();
-                    self.write(peer, wire::descriptors_frame(list.iter().map(Vec::as_slice)));
+                    self.write(
+                        peer,
+                        wire::descriptors_frame(list.iter().map(Vec::as_slice)),
+                    );
                 }
             }
             Command::Closed(peer) => {
@@ -243,7 +246,12 @@ impl Service {
             .values()
             .filter(|d| d.descriptor.valid_at(now))
             .collect();
-        list.sort_by_key(|d| (d.descriptor.role != Role::Mix, Reverse(d.descriptor.valid_from_ms)));
+        list.sort_by_key(|d| {
+            (
+                d.descriptor.role != Role::Mix,
+                Reverse(d.descriptor.valid_from_ms),
+            )
+        });
         self.own
             .iter()
             .chain(list)
@@ -259,7 +267,12 @@ impl Service {
         }
         let tx = self.writers.entry(peer).or_insert_with(|| {
             let (tx, rx) = mpsc::channel(wire::WRITER_QUEUE);
-            tokio::spawn(wire::writer(self.control.clone(), peer, rx, self.events.clone()));
+            tokio::spawn(wire::writer(
+                self.control.clone(),
+                peer,
+                rx,
+                self.events.clone(),
+            ));
             tx
         });
         match tx.try_send(frame) {
@@ -486,7 +499,11 @@ impl Service {
             epoch,
             valid_from_ms: valid.0,
             valid_until_ms: valid.1,
-            role: if self.cfg.mix { Role::Mix } else { Role::Endpoint },
+            role: if self.cfg.mix {
+                Role::Mix
+            } else {
+                Role::Endpoint
+            },
         };
         match d.sign(&self.key) {
             Ok(s) => {
@@ -650,11 +667,7 @@ impl Service {
         let mut fresh = Vec::new();
         let mut new_mix = false;
         for bytes in list.into_iter().take(SHARE_MAX) {
-            if self
-                .descriptors
-                .values()
-                .any(|d| d.bytes == bytes)
-            {
+            if self.descriptors.values().any(|d| d.bytes == bytes) {
                 continue;
             }
             let d = match SignedDescriptor::verify(&bytes, now) {
@@ -668,11 +681,15 @@ impl Service {
             if peer == self.me {
                 continue;
             }
-            let newer = self
-                .descriptors
-                .get(&peer)
-                .is_none_or(|old| d.descriptor.epoch > old.descriptor.epoch || d.descriptor.role != old.descriptor.role && d.descriptor.epoch >= old.descriptor.epoch);
-            if !newer || (!self.descriptors.contains_key(&peer) && self.descriptors.len() >= MAX_DESCRIPTORS) {
+            let newer = self.descriptors.get(&peer).is_none_or(|old| {
+                d.descriptor.epoch > old.descriptor.epoch
+                    || d.descriptor.role != old.descriptor.role
+                        && d.descriptor.epoch >= old.descriptor.epoch
+            });
+            if !newer
+                || (!self.descriptors.contains_key(&peer)
+                    && self.descriptors.len() >= MAX_DESCRIPTORS)
+            {
                 continue;
             }
             new_mix |= d.descriptor.role == Role::Mix;

@@ -208,9 +208,7 @@ fn charge(ctx: &ReaderCtx, peer: PeerId) -> bool {
         return false;
     };
     let rate = ctx.peer_rate.max(1);
-    rates.try_take(peer, 1, Instant::now(), || {
-        TokenBucket::new(rate, rate * 4)
-    })
+    rates.try_take(peer, 1, Instant::now(), || TokenBucket::new(rate, rate * 4))
 }
 
 #[cfg(test)]

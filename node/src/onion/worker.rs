@@ -7,8 +7,8 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
 use std::time::Duration;
 
 use fogmesh_protocols::messages::MessageId;
-use fogmesh_protocols::onion::packet::{self, Hop, Mixer, PacketError, Piece, Processed};
 use fogmesh_protocols::onion::ReplyBlock;
+use fogmesh_protocols::onion::packet::{self, Hop, Mixer, PacketError, Piece, Processed};
 use libp2p::PeerId;
 use tokio::sync::mpsc;
 

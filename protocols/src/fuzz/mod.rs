@@ -106,7 +106,11 @@ pub const TARGETS: &[Target] = &[
     ),
     Target::new("onion_piece", onion::onion_piece, onion::onion_piece_seeds),
     Target::new("onion_surb", onion::onion_surb, onion::onion_surb_seeds),
-    Target::new("onion_packet", onion::onion_packet, onion::onion_packet_seeds),
+    Target::new(
+        "onion_packet",
+        onion::onion_packet,
+        onion::onion_packet_seeds,
+    ),
 ];
 
 /// The target called `name`.

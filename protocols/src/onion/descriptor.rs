@@ -107,8 +107,8 @@ impl Descriptor {
             return Err(DescriptorError::NotOurs);
         }
         let body = cbor(&self);
-        let sig = crypto::sign(keypair, SIGN_DOMAIN, &body)
-            .map_err(|_| DescriptorError::BadSignature)?;
+        let sig =
+            crypto::sign(keypair, SIGN_DOMAIN, &body).map_err(|_| DescriptorError::BadSignature)?;
         let bytes = encode(VERSION, &Wire { body, sig });
         Ok(SignedDescriptor {
             descriptor: self,

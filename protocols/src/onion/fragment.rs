@@ -213,7 +213,10 @@ mod tests {
             if i > 0 {
                 assert!(got.is_none());
                 // A duplicate fragment changes nothing.
-                assert!(r.insert([1; 16], i as u16, n, c.to_vec(), None, 5).is_none());
+                assert!(
+                    r.insert([1; 16], i as u16, n, c.to_vec(), None, 5)
+                        .is_none()
+                );
             } else {
                 out = got;
             }
@@ -223,19 +226,28 @@ mod tests {
         assert_eq!(out.surb.map(|s| s.surb), Some(vec![9; 10]));
         assert!(r.is_empty() && r.bytes() == 0);
         // A late duplicate of a finished message is ignored.
-        assert!(r.insert([1; 16], 0, n, parts[0].to_vec(), None, 6).is_none());
+        assert!(
+            r.insert([1; 16], 0, n, parts[0].to_vec(), None, 6)
+                .is_none()
+        );
         assert!(r.is_empty());
     }
 
     #[test]
     fn limits_hold() {
-        assert_eq!(split(&vec![0; MAX_MESSAGE + 1]), Err(TooLarge(MAX_MESSAGE + 1)));
+        assert_eq!(
+            split(&vec![0; MAX_MESSAGE + 1]),
+            Err(TooLarge(MAX_MESSAGE + 1))
+        );
         assert_eq!(split(&[]).expect("empty").len(), 1);
         let mut r = Reassembler::default();
         assert!(r.insert([2; 16], 3, 3, vec![0; 10], None, 0).is_none());
         assert!(r.insert([2; 16], 0, 0, vec![0; 10], None, 0).is_none());
         assert!(r.insert([2; 16], 0, 65, vec![0; 10], None, 0).is_none());
-        assert!(r.insert([2; 16], 0, 2, vec![0; CHUNK + 1], None, 0).is_none());
+        assert!(
+            r.insert([2; 16], 0, 2, vec![0; CHUNK + 1], None, 0)
+                .is_none()
+        );
         assert!(r.is_empty());
         // Partial messages are bounded in number and expire.
         for i in 0..(MAX_PARTIAL + 10) {

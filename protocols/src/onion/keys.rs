@@ -113,9 +113,7 @@ impl MixKeys {
         let start = self.current.epoch.saturating_mul(self.epoch_ms);
         (
             start,
-            start
-                .saturating_add(self.epoch_ms)
-                .saturating_add(GRACE_MS),
+            start.saturating_add(self.epoch_ms).saturating_add(GRACE_MS),
         )
     }
 

@@ -169,7 +169,9 @@ fn delays(ms: &[u64]) -> Vec<Delay> {
 
 fn nodes(route: &[Hop]) -> Result<(Vec<Node>, DestinationAddressBytes), PacketError> {
     let nodes = route.iter().map(Hop::node).collect::<Result<Vec<_>, _>>()?;
-    let last = route.last().ok_or(PacketError::Sphinx("empty route".into()))?;
+    let last = route
+        .last()
+        .ok_or(PacketError::Sphinx("empty route".into()))?;
     let dest = address_of(&last.peer).ok_or(PacketError::BadAddress)?;
     Ok((nodes, DestinationAddressBytes::from_bytes(dest)))
 }
@@ -356,7 +358,8 @@ impl Mixer {
                     });
                 }
                 let plain = payload.recover_plaintext().map_err(sphinx)?;
-                let piece = Piece::decode(&plain).map_err(|e| PacketError::Payload(e.to_string()))?;
+                let piece =
+                    Piece::decode(&plain).map_err(|e| PacketError::Payload(e.to_string()))?;
                 Ok(Processed::Deliver(piece))
             }
         }
@@ -414,15 +417,24 @@ mod tests {
 
     /// Runs `packet` from `nodes[first]` until a final hop; returns the
     /// final node's index, its result and the peers each hop sent to.
-    fn run(nodes: &mut [Node], mut at: usize, mut packet: Vec<u8>) -> (usize, Processed, Vec<PeerId>) {
+    fn run(
+        nodes: &mut [Node],
+        mut at: usize,
+        mut packet: Vec<u8>,
+    ) -> (usize, Processed, Vec<PeerId>) {
         let mut trail = Vec::new();
         loop {
             let out = nodes[at].mixer.process(&packet).expect("processes");
             match out {
-                Processed::Forward { next, packet: p, .. } => {
+                Processed::Forward {
+                    next, packet: p, ..
+                } => {
                     assert_eq!(p.len(), PACKET_SIZE, "the size never changes");
                     trail.push(next);
-                    at = nodes.iter().position(|n| n.peer == next).expect("on the path");
+                    at = nodes
+                        .iter()
+                        .position(|n| n.peer == next)
+                        .expect("on the path");
                     packet = p;
                 }
                 other => return (at, other, trail),
@@ -446,7 +458,11 @@ mod tests {
             surb: Some(serde_bytes::ByteBuf::from(rb.surb.clone())),
             reply_to: Some(nodes[0].peer),
         };
-        assert!(piece.encode().len() <= PLAINTEXT_SIZE, "{}", piece.encode().len());
+        assert!(
+            piece.encode().len() <= PLAINTEXT_SIZE,
+            "{}",
+            piece.encode().len()
+        );
         let route: Vec<Hop> = [1, 2, 3, 4].iter().map(|i| hop(&nodes[*i])).collect();
         let packet = build(&piece, &route, &[5, 6, 7, 0]).expect("builds");
         assert_eq!(packet.len(), PACKET_SIZE);
@@ -458,7 +474,10 @@ mod tests {
         };
         assert_eq!(got, piece);
         // The first relay refuses the same packet again.
-        assert_eq!(nodes[1].mixer.process(&packet).err(), Some(PacketError::Replay));
+        assert_eq!(
+            nodes[1].mixer.process(&packet).err(),
+            Some(PacketError::Replay)
+        );
 
         // The recipient answers through the SURB.
         let Piece::Fragment { surb: Some(s), .. } = got else {
@@ -485,10 +504,16 @@ mod tests {
         for at in [40, 100, 340] {
             let mut bad = packet.clone();
             bad[at] ^= 1;
-            assert_eq!(nodes[1].mixer.process(&bad).err(), Some(PacketError::Tampered));
+            assert_eq!(
+                nodes[1].mixer.process(&bad).err(),
+                Some(PacketError::Tampered)
+            );
         }
         // A packet for another node's key is tampered to this one.
-        assert_eq!(nodes[2].mixer.process(&packet).err(), Some(PacketError::Tampered));
+        assert_eq!(
+            nodes[2].mixer.process(&packet).err(),
+            Some(PacketError::Tampered)
+        );
         assert_eq!(
             nodes[1].mixer.process(&packet[..100]).err(),
             Some(PacketError::Size(100))
@@ -523,8 +548,13 @@ mod tests {
         let p2 = build(&piece, &route, &[0, 0]).expect("builds");
         assert!(nodes[1].mixer.rotate(DEFAULT_EPOCH_MS));
         assert!(nodes[1].mixer.process(&p1).is_ok());
-        nodes[1].mixer.rotate(DEFAULT_EPOCH_MS + crate::onion::keys::GRACE_MS);
-        assert_eq!(nodes[1].mixer.process(&p2).err(), Some(PacketError::Tampered));
+        nodes[1]
+            .mixer
+            .rotate(DEFAULT_EPOCH_MS + crate::onion::keys::GRACE_MS);
+        assert_eq!(
+            nodes[1].mixer.process(&p2).err(),
+            Some(PacketError::Tampered)
+        );
     }
 
     #[test]

@@ -16,9 +16,7 @@ use super::MAX_DELAY_MS;
 #[non_exhaustive]
 pub enum PathError {
     /// Fewer usable mix nodes than the path needs.
-    #[error(
-        "private: waiting for onion mix nodes: {known} known, the path needs {needed}"
-    )]
+    #[error("private: waiting for onion mix nodes: {known} known, the path needs {needed}")]
     TooFewMixes {
         /// Usable mix nodes known.
         known: usize,
@@ -143,7 +141,11 @@ mod tests {
                 needed: 3
             })
         );
-        assert!(err.unwrap_err().to_string().contains("2 known, the path needs 3"));
+        assert!(
+            err.unwrap_err()
+                .to_string()
+                .contains("2 known, the path needs 3")
+        );
     }
 
     #[test]
