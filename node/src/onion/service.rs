@@ -186,7 +186,7 @@ impl Service {
     /// When the next loop cover packet is due (exponential gaps, Poisson
     /// at `cover_rate`), if cover traffic is on.
     fn cover_due(&self) -> Option<Instant> {
-        if !(self.cfg.cover_rate > 0.0) {
+        if self.cfg.cover_rate.is_nan() || self.cfg.cover_rate <= 0.0 {
             return None;
         }
         let mean_ms = (1000.0 / self.cfg.cover_rate).max(1.0) as u64;

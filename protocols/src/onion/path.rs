@@ -142,7 +142,7 @@ mod tests {
             })
         );
         assert!(
-            err.unwrap_err()
+            err.expect_err("too few")
                 .to_string()
                 .contains("2 known, the path needs 3")
         );
