@@ -354,7 +354,7 @@ impl Service {
             })
         else {
             return Err(
-                "private: waiting for the recipient's onion descriptor (it announces one to the peers it connects to)"
+                "waiting for the recipient's onion descriptor (it announces one to the peers it connects to)"
                     .into(),
             );
         };
@@ -362,7 +362,7 @@ impl Service {
             peer: self.me,
             key: d.descriptor.mix_key,
         }) else {
-            return Err("private: this node has no mix key yet".into());
+            return Err("waiting for this node's mix key".into());
         };
         let data = env.encode();
         let chunks = fragment::split(&data).map_err(|e| e.to_string())?;
@@ -387,7 +387,7 @@ impl Service {
         }
         let surb = self.path(&env.to, own)?;
         if self.recoveries.len() >= MAX_RECOVERIES {
-            return Err("private: too many messages waiting for their acknowledgement".into());
+            return Err("too many onion messages waiting for their acknowledgement".into());
         }
         self.work
             .try_send(WorkIn::Build {

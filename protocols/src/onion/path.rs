@@ -16,7 +16,7 @@ use super::MAX_DELAY_MS;
 #[non_exhaustive]
 pub enum PathError {
     /// Fewer usable mix nodes than the path needs.
-    #[error("private: waiting for onion mix nodes: {known} known, the path needs {needed}")]
+    #[error("waiting for onion mix nodes: {known} known, the path needs {needed}")]
     TooFewMixes {
         /// Usable mix nodes known.
         known: usize,
