@@ -427,6 +427,10 @@ mod composed {
         pub mailbox: request_response::Behaviour<
             crate::codec::FrameCodec<super::MailboxFrame, super::MailboxFrame>,
         >,
+        /// The onion route's mix streams (`/fogmesh/mix/1`), on internet
+        /// connections only; the onion task drives them through a
+        /// `libp2p_stream::Control`.
+        pub mix: crate::only_on::OnlyOn<libp2p_stream::Behaviour>,
     }
 }
 
@@ -514,6 +518,9 @@ impl Behaviour {
             dm: crate::only_on::OnlyOn::new(dm, |a| !fogmesh_ble::is_ble(a)),
             dm_ble: crate::only_on::OnlyOn::new(dm_ble, fogmesh_ble::is_ble),
             mailbox: mailbox_behaviour(cfg),
+            mix: crate::only_on::OnlyOn::new(libp2p_stream::Behaviour::new(), |a| {
+                !fogmesh_ble::is_ble(a)
+            }),
         })
     }
 }

@@ -169,6 +169,7 @@ impl NodeBuilder {
                 relays: Vec::new(),
                 kad_mode: KadMode::default(),
                 nat: NatConfig::default(),
+                onion: crate::onion::OnionConfig::default(),
             },
             idle_timeout: Duration::from_secs(60),
             dilation: 1.0,
@@ -243,6 +244,12 @@ impl NodeBuilder {
     /// Mailbox settings (holding for others, quotas).
     pub fn mailbox(mut self, cfg: crate::mailbox::MailboxConfig) -> Self {
         self.node.mailbox = cfg;
+        self
+    }
+
+    /// The onion route's settings (mix relaying, hops, delays, cover).
+    pub fn onion(mut self, cfg: crate::onion::OnionConfig) -> Self {
+        self.node.onion = cfg;
         self
     }
 
@@ -328,7 +335,10 @@ impl NodeBuilder {
         node.reachability = Reachability {
             internet: !matches!(internet, Internet::Off),
             ble: radio.is_some(),
-            onion: false,
+            // The onion route runs over internet connections; whether
+            // enough mix nodes are known is the route's own answer to each
+            // attempt (the message waits with that reason).
+            onion: !matches!(internet, Internet::Off),
         };
         node.ble = radio.clone();
         node.kad_mode = behaviour.kad_mode;

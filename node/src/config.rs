@@ -133,6 +133,8 @@ pub struct Settings {
     /// How long a message waits for its recipient before it is deposited
     /// with mailbox holders; `None`: never.
     pub mailbox_after: Option<Duration>,
+    /// The onion route: mix relaying, hops, delays, cover traffic.
+    pub onion: crate::onion::OnionConfig,
 }
 
 /// Which BLE radio `--ble` names.
@@ -408,6 +410,46 @@ pub struct Overrides {
         )
     )]
     pub(crate) mailbox_after_secs: Option<u64>,
+    /// Relay onion packets for others (a mix node). Default: off (see
+    /// docs/protocols/onion.md, "Who relays").
+    #[arg(
+        long,
+        env = "FOGMESH_MIX",
+        num_args = 0,
+        default_missing_value = "true",
+        value_parser = FalseyValueParser::new()
+    )]
+    pub(crate) mix: Option<bool>,
+    #[arg(
+        long,
+        value_name = "N",
+        env = "FOGMESH_ONION_HOPS",
+        help = with_default(
+            "Mix hops of an onion path, 1 to 4 (the recipient is the hop after them)",
+            fogmesh_protocols::onion::DEFAULT_HOPS,
+        )
+    )]
+    pub(crate) onion_hops: Option<usize>,
+    #[arg(
+        long,
+        value_name = "MS",
+        env = "FOGMESH_MIX_DELAY_MS",
+        help = with_default(
+            "Mean per-hop mixing delay of onion packets, ms (exponential; 0 is the fast profile, weaker)",
+            fogmesh_protocols::onion::DEFAULT_DELAY_MS,
+        )
+    )]
+    pub(crate) mix_delay_ms: Option<u64>,
+    /// Loop cover packets per second sent through the mix nodes (0, the
+    /// default, turns cover traffic off; keep it off on metered links).
+    #[arg(long, value_name = "PER_SEC", env = "FOGMESH_COVER_RATE")]
+    pub(crate) cover_rate: Option<f64>,
+    /// Test hook (debug builds only): each private message's first packet
+    /// is also sent as a replay and tampered.
+    #[cfg(debug_assertions)]
+    #[arg(long, hide = true, num_args = 0, default_missing_value = "true")]
+    #[serde(skip)]
+    pub(crate) onion_test_replay_tamper: Option<bool>,
 }
 
 /// Parses `--trust` (and the `trust` key): a peer id.
@@ -451,6 +493,7 @@ impl Settings {
     /// (`config.toml`), which beats the defaults. `data_dir` is already
     /// resolved.
     pub fn resolve(data_dir: PathBuf, file: Overrides, over: Overrides) -> anyhow::Result<Self> {
+        let onion = onion_settings(&file, &over)?;
         let ble = over.ble.or(file.ble);
         let internet = over.internet.or(file.internet).unwrap_or(true);
         let listen = match over.listen.or(file.listen) {
@@ -475,6 +518,7 @@ impl Settings {
             );
         }
         Ok(Settings {
+            onion,
             data_dir,
             listen,
             bootstrap: over.bootstrap.or(file.bootstrap).unwrap_or_default(),
@@ -536,6 +580,36 @@ impl Settings {
             },
         })
     }
+}
+
+/// The onion route's settings, checked.
+fn onion_settings(file: &Overrides, over: &Overrides) -> anyhow::Result<crate::onion::OnionConfig> {
+    use fogmesh_protocols::onion::{MAX_DELAY_MS, MAX_HOPS, MIN_HOPS};
+    let mut cfg = crate::onion::OnionConfig::default();
+    cfg.mix = over.mix.or(file.mix).unwrap_or(false);
+    cfg.hops = over.onion_hops.or(file.onion_hops).unwrap_or(cfg.hops);
+    if !(MIN_HOPS..=MAX_HOPS).contains(&cfg.hops) {
+        bail!(
+            "--onion-hops must be between {MIN_HOPS} and {MAX_HOPS} (Sphinx carries 5 layers and the recipient takes one), not {}",
+            cfg.hops
+        );
+    }
+    cfg.mean_delay_ms = over
+        .mix_delay_ms
+        .or(file.mix_delay_ms)
+        .unwrap_or(cfg.mean_delay_ms);
+    if cfg.mean_delay_ms > MAX_DELAY_MS {
+        bail!("--mix-delay-ms must be at most {MAX_DELAY_MS}");
+    }
+    cfg.cover_rate = over.cover_rate.or(file.cover_rate).unwrap_or(0.0);
+    if !(cfg.cover_rate.is_finite() && (0.0..=100.0).contains(&cfg.cover_rate)) {
+        bail!("--cover-rate must be between 0 and 100 packets per second");
+    }
+    #[cfg(debug_assertions)]
+    {
+        cfg.test_replay_tamper = over.onion_test_replay_tamper.unwrap_or(false);
+    }
+    Ok(cfg)
 }
 
 /// Refuses transport settings that leave the node without a transport or

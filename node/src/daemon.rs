@@ -255,6 +255,7 @@ fn node_builder(
             max_download_rate: settings.max_download_rate,
             ..FilesConfig::default()
         })
+        .onion(settings.onion.clone())
 }
 
 /// The receipt timeout of each route, from the internet's: BLE three

@@ -26,6 +26,7 @@ pub mod mailbox;
 pub mod messages;
 pub mod metrics;
 pub mod node;
+pub mod onion;
 pub mod only_on;
 pub mod storage;
 pub mod types;

@@ -52,6 +52,8 @@ pub struct NodeMetrics {
     pub dm_envelopes_sent: Counter,
     /// Of those, the copies relayed for others (BLE flooding, gateways).
     pub dm_envelopes_relayed: Counter,
+    /// The onion route's counters (`fogmesh_onion_*`).
+    pub onion: crate::onion::OnionMetrics,
 }
 
 impl NodeMetrics {
@@ -139,6 +141,7 @@ impl NodeMetrics {
             "Direct-message envelopes relayed for others",
             m.dm_envelopes_relayed.clone(),
         );
+        m.onion.register(r);
         m
     }
 }

@@ -12,5 +12,6 @@ pub mod fuzz;
 pub mod groups;
 pub mod mailbox;
 pub mod messages;
+pub mod onion;
 pub mod policy;
 pub mod rate;

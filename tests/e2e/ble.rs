@@ -370,9 +370,13 @@ fn ble_addresses_never_reach_internet_peers() {
     let net = Daemon::start(&tmp.path().join("net"), &["--bootstrap", &gw.tcp_addr()]);
     net.wait_connected(&gw.peer_id, T);
 
-    // The gateway listens on both, and reports both routes.
+    // The gateway listens on both, and reports both routes (and the onion
+    // route, which runs over the internet).
     let st = gw.json(&["status"]);
-    assert_eq!(st["routes"], serde_json::json!(["internet", "ble"]));
+    assert_eq!(
+        st["routes"],
+        serde_json::json!(["internet", "ble", "onion"])
+    );
     // A group across the two worlds works through the gateway.
     let gid = group_create(&net, &[&gw, &off]);
     wait_member(&gw, &gid);

@@ -10,6 +10,7 @@ mod mailbox;
 mod messages;
 mod nat;
 mod node;
+mod onion;
 mod security;
 mod stdout;
 mod util;

@@ -123,24 +123,39 @@ impl Daemon {
     /// Starts `fogmesh run` with exactly `args` inside the network
     /// namespace `netns`; its client commands run there too.
     pub fn start_in_netns(netns: &str, data_dir: &Path, args: &[String]) -> Daemon {
-        match Self::try_start_in(Some(netns), data_dir, args) {
+        match Self::try_start_in(Some(netns), data_dir, args, None) {
             Ok(d) => d,
             Err(msg) => panic!("daemon in {netns} did not start: {msg}"),
         }
     }
 
     fn try_start_with(data_dir: &Path, args: &[String]) -> Result<Daemon, String> {
-        Self::try_start_in(None, data_dir, args)
+        Self::try_start_in(None, data_dir, args, None)
+    }
+
+    /// Like `start`, with the daemon's log filter (`RUST_LOG`) set to
+    /// `filter`.
+    pub fn start_logging(data_dir: &Path, extra: &[&str], filter: &str) -> Daemon {
+        let mut args = loopback_args();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        match Self::try_start_in(None, data_dir, &args, Some(filter)) {
+            Ok(d) => d,
+            Err(msg) => panic!("daemon did not start: {msg}"),
+        }
     }
 
     fn try_start_in(
         netns: Option<&str>,
         data_dir: &Path,
         args: &[String],
+        log: Option<&str>,
     ) -> Result<Daemon, String> {
         let stderr_log = data_dir.with_extension("stderr.log");
         let stderr = std::fs::File::create(&stderr_log).expect("create stderr log");
         let mut cmd = fogmesh_in(netns);
+        if let Some(filter) = log {
+            cmd.env("RUST_LOG", filter);
+        }
         cmd.arg("run")
             .arg("--data-dir")
             .arg(data_dir)

@@ -188,7 +188,7 @@ impl MessagesActor {
         let plan = Policy::default().plan(&req, &self.reach).routes;
         let note = plan.is_empty().then(|| match (preference, private) {
             (_, true) | (Preference::Only(Route::Onion), _) => {
-                "private: waiting for a privacy (onion) route, which this node does not have yet"
+                "private: the onion route needs the internet, which is off on this node (--no-internet)"
                     .to_owned()
             }
             (Preference::Only(Route::Ble), _) => {

@@ -371,6 +371,9 @@ impl EventLoop {
                 self.messages.wake((!ble_link).then_some(peer_id));
                 self.mailbox
                     .peer_connected(&mut self.swarm, &self.ctx, &self.peers, peer_id);
+                if !ble_link {
+                    self.messages.onion.connected(peer_id);
+                }
                 self.nat
                     .on_established(&mut self.swarm, endpoint.get_remote_address());
                 if !endpoint.is_relayed() {
@@ -493,6 +496,7 @@ impl EventLoop {
                     .on_event(&mut self.swarm, &self.ctx, &self.peers, Link::Ble, ev)
             }
             BehaviourEvent::Mailbox(ev) => self.mailbox.on_event(&mut self.swarm, &self.ctx, ev),
+            BehaviourEvent::Mix(()) => {}
             BehaviourEvent::Autonat(ev) => self.nat.on_autonat(&mut self.swarm, ev),
             BehaviourEvent::RelayClient(ev) => self.nat.on_relay_client(ev),
             BehaviourEvent::RelayServer(ev) => {
@@ -515,6 +519,7 @@ impl EventLoop {
             self.groups.peer_disconnected(peer);
             self.files.peer_disconnected(peer);
             self.nat.on_disconnected(&mut self.swarm, peer);
+            self.messages.onion.closed(peer);
         }
     }
 

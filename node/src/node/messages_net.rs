@@ -101,6 +101,8 @@ pub(super) struct MessagesNet {
     /// when each recipient was last looked up.
     lookups: HashMap<kad::QueryId, PeerId>,
     looked_up: HashMap<PeerId, u64>,
+    /// The onion route (`Route::Onion`): see `onion_net.rs`.
+    pub(super) onion: super::onion_net::OnionNet,
 }
 
 impl MessagesNet {
@@ -120,6 +122,7 @@ impl MessagesNet {
             redial: HashMap::new(),
             lookups: HashMap::new(),
             looked_up: HashMap::new(),
+            onion: Default::default(),
         }
     }
 
@@ -153,6 +156,20 @@ impl MessagesNet {
         cmd: NetCommand,
     ) {
         match cmd {
+            NetCommand::Send {
+                id,
+                n,
+                route: Route::Onion,
+                env,
+            } => {
+                if let Err(result) = self.onion.send(id, n, env) {
+                    self.offer(Input::Attempt { id, n, result });
+                }
+            }
+            NetCommand::Receipt {
+                env,
+                prefer: Route::Onion,
+            } => self.onion.receipt(env),
             NetCommand::Send { id, n, route, env } => {
                 self.seen.insert(env.id(), now_ms());
                 let sent = match route {
@@ -164,7 +181,7 @@ impl MessagesNet {
                         Err("BLE is off on this node".to_owned())
                     }
                     Route::Ble => self.carry_ble(swarm, peers, &env, None),
-                    _ => Err("no onion route yet".to_owned()),
+                    _ => Err(format!("route {route} is not carried here")),
                 };
                 let result = match sent {
                     Ok(reqs) => {

@@ -34,6 +34,7 @@ mod groups_net;
 mod mailbox_net;
 mod messages_net;
 mod nat;
+mod onion_net;
 mod peers;
 
 use std::collections::HashSet;
@@ -102,6 +103,8 @@ pub struct NodeConfig {
     pub kad_mode: KadMode,
     /// AutoNAT and relay settings (the behaviour's).
     pub nat: NatConfig,
+    /// The onion route's settings (used when `reachability.onion`).
+    pub onion: crate::onion::OnionConfig,
 }
 
 /// Why a connect failed.
@@ -250,7 +253,23 @@ pub(crate) async fn start(
 
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (events, _) = broadcast::channel(EVENT_QUEUE);
-    let actors = start_actors(key, &store, &cfg, &events, &metrics, &shutdown)?;
+    let onion_key = key.clone();
+    let mut actors = start_actors(key, &store, &cfg, &events, &metrics, &shutdown)?;
+    if cfg.reachability.onion {
+        // The onion task and its Sphinx thread end on their own at
+        // shutdown (the task with the token, the thread once its queue's
+        // senders are gone): nothing to join.
+        let control = swarm.behaviour().mix.inner().new_control();
+        let (handle, _thread) = crate::onion::start(
+            onion_key,
+            control,
+            actors.messages.clone(),
+            metrics.onion.clone(),
+            cfg.onion.clone(),
+            shutdown.clone(),
+        )?;
+        actors.messages_net.onion = onion_net::OnionNet::new(handle);
+    }
     let (peer_book, writer) = peers::PeerBook::start(store.clone(), metrics.clone())?;
     let mut el = event_loop::EventLoop::new(
         swarm,

@@ -61,6 +61,20 @@ where
     Some(value)
 }
 
+/// [`stable`] for the other target modules.
+pub(super) fn stable_pub<T, E>(
+    data: &[u8],
+    decode: impl Fn(&[u8]) -> Result<T, E>,
+    encode: impl Fn(&T) -> Vec<u8>,
+    max: usize,
+) -> Option<T>
+where
+    T: PartialEq + Debug,
+    E: Debug,
+{
+    stable(data, decode, encode, max)
+}
+
 /// Frames every target's seeds share: a `v`/`m` head with nothing after.
 fn frame_heads() -> Vec<Vec<u8>> {
     vec![vec![0xa2, 0x61, b'v', 0x01, 0x61, b'm', 0xf6]]

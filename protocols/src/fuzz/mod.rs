@@ -17,6 +17,7 @@
 mod decoders;
 mod fixtures;
 mod harness;
+mod onion;
 mod stateful;
 
 pub use harness::{FuzzRng, Replayed, Target, mutate, replay};
@@ -107,6 +108,18 @@ pub const TARGETS: &[Target] = &[
         "files_scheduler",
         stateful::files_scheduler,
         stateful::files_scheduler_seeds,
+    ),
+    Target::new(
+        "onion_descriptor",
+        onion::onion_descriptor,
+        onion::onion_descriptor_seeds,
+    ),
+    Target::new("onion_piece", onion::onion_piece, onion::onion_piece_seeds),
+    Target::new("onion_surb", onion::onion_surb, onion::onion_surb_seeds),
+    Target::new(
+        "onion_packet",
+        onion::onion_packet,
+        onion::onion_packet_seeds,
     ),
 ];
 

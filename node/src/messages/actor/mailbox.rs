@@ -34,7 +34,7 @@ impl MessagesActor {
 
     /// When `rec` is due for a deposit, if ever.
     fn deposit_due(&self, rec: &OutRecord) -> Option<u64> {
-        if self.mailbox.is_none() || rec.out.is_final() {
+        if self.mailbox.is_none() || rec.out.is_final() || !may_deposit(rec) {
             return None;
         }
         let after = u64::try_from(self.cfg.mailbox_after?.as_millis()).unwrap_or(u64::MAX);
@@ -81,6 +81,7 @@ impl MessagesActor {
             .values()
             .filter(|r| {
                 !r.out.is_final()
+                    && may_deposit(r)
                     && r.mailbox.holders.is_empty()
                     && !self.depositing.contains(&r.id)
             })
@@ -279,4 +280,12 @@ impl MessagesActor {
             self.mailbox_send(cmd);
         }
     }
+}
+
+/// Whether a message may go to mailbox holders at all: only one whose
+/// plan has a non-private route. A private message (or one sent with
+/// `--route onion`) never does: a holder would learn that its depositor
+/// writes to its recipient, which is what the onion route hides.
+fn may_deposit(rec: &OutRecord) -> bool {
+    (rec.out.plan.iter()).any(|r| *r != fogmesh_protocols::policy::Route::Onion)
 }

@@ -1,0 +1,229 @@
+//! Frames of `/fogmesh/mix/1` and the tasks that read and write them.
+//!
+//! A stream carries frames `kind (1 byte) || length (4 bytes, big endian)
+//! || body`, in one direction (each side opens its own stream to write):
+//! kind 1 is one packet (exactly `PACKET_SIZE` bytes), kind 2 a batch of
+//! descriptors (`length (2 bytes) || descriptor` each, at most
+//! [`MAX_BATCH`] bytes). Lengths are checked before anything is read into
+//! memory; anything else ends the stream.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fogmesh_protocols::onion::PACKET_SIZE;
+use fogmesh_protocols::onion::descriptor::MAX_DESCRIPTOR;
+use fogmesh_protocols::rate::{RateTable, TokenBucket};
+use futures::{AsyncReadExt, AsyncWriteExt};
+use libp2p::{PeerId, Stream, StreamProtocol};
+use tokio::sync::mpsc;
+
+use super::OnionMetrics;
+use super::worker::WorkIn;
+
+/// The protocol.
+pub(super) const PROTOCOL: StreamProtocol = StreamProtocol::new(fogmesh_protocols::onion::PROTOCOL);
+/// Frame kinds.
+const PACKET: u8 = 1;
+const DESCRIPTORS: u8 = 2;
+/// Largest descriptor batch, bytes.
+pub(super) const MAX_BATCH: usize = 128 * (MAX_DESCRIPTOR + 2);
+/// Frames queued for one neighbour; beyond, packets are dropped.
+pub(super) const WRITER_QUEUE: usize = 512;
+/// Inbound streams read at once (all peers).
+const MAX_READERS: usize = 1024;
+/// How long opening a stream (and dialling) may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a reader or writer tells the onion task.
+#[derive(Debug)]
+pub(super) enum StreamEvent {
+    /// Descriptors a neighbour sent.
+    Descriptors { from: PeerId, list: Vec<Vec<u8>> },
+    /// The stream to a neighbour could not be opened or broke.
+    WriterDown { peer: PeerId, why: String },
+}
+
+/// A packet frame.
+pub(super) fn packet_frame(packet: &[u8]) -> Vec<u8> {
+    frame(PACKET, packet)
+}
+
+/// A descriptor batch frame (descriptors beyond the limit are left out).
+pub(super) fn descriptors_frame<'a>(list: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut body = Vec::new();
+    for d in list {
+        if d.len() > MAX_DESCRIPTOR || body.len() + 2 + d.len() > MAX_BATCH {
+            continue;
+        }
+        body.extend_from_slice(&(d.len() as u16).to_be_bytes());
+        body.extend_from_slice(d);
+    }
+    frame(DESCRIPTORS, &body)
+}
+
+fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(5 + body.len());
+    f.push(kind);
+    f.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    f.extend_from_slice(body);
+    f
+}
+
+/// Splits a descriptor batch; `None` when it is malformed.
+fn split_batch(mut body: &[u8]) -> Option<Vec<Vec<u8>>> {
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        let [a, b, rest @ ..] = body else {
+            return None;
+        };
+        let n = usize::from(u16::from_be_bytes([*a, *b]));
+        if n > MAX_DESCRIPTOR || rest.len() < n {
+            return None;
+        }
+        out.push(rest[..n].to_vec());
+        body = &rest[n..];
+    }
+    Some(out)
+}
+
+/// Writes `rx`'s frames to `peer` on one stream, opened first (dialling
+/// if need be). Ends when the queue closes or the stream breaks.
+pub(super) async fn writer(
+    mut control: libp2p_stream::Control,
+    peer: PeerId,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    events: mpsc::Sender<StreamEvent>,
+) {
+    let opened = tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, PROTOCOL)).await;
+    let mut stream = match opened {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            let _ = events.try_send(StreamEvent::WriterDown {
+                peer,
+                why: e.to_string(),
+            });
+            return;
+        }
+        Err(_) => {
+            let _ = events.try_send(StreamEvent::WriterDown {
+                peer,
+                why: "timed out opening the mix stream".into(),
+            });
+            return;
+        }
+    };
+    while let Some(f) = rx.recv().await {
+        let sent = async {
+            stream.write_all(&f).await?;
+            stream.flush().await
+        };
+        if let Err(e) = sent.await {
+            let _ = events.try_send(StreamEvent::WriterDown {
+                peer,
+                why: e.to_string(),
+            });
+            return;
+        }
+    }
+    let _ = stream.close().await;
+}
+
+/// What every reader shares.
+#[derive(Clone)]
+pub(super) struct ReaderCtx {
+    pub(super) work: std::sync::mpsc::SyncSender<WorkIn>,
+    pub(super) events: mpsc::Sender<StreamEvent>,
+    pub(super) rates: Arc<Mutex<RateTable<PeerId>>>,
+    pub(super) peer_rate: u64,
+    pub(super) metrics: Arc<OnionMetrics>,
+    pub(super) readers: Arc<AtomicUsize>,
+}
+
+/// Reads one inbound stream until it ends or misbehaves.
+pub(super) async fn reader(ctx: ReaderCtx, peer: PeerId, mut stream: Stream) {
+    if ctx.readers.fetch_add(1, Ordering::Relaxed) >= MAX_READERS {
+        ctx.readers.fetch_sub(1, Ordering::Relaxed);
+        return;
+    }
+    let why = read_frames(&ctx, peer, &mut stream).await;
+    tracing::debug!(%peer, "mix stream ended: {why}");
+    ctx.readers.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn read_frames(ctx: &ReaderCtx, peer: PeerId, stream: &mut Stream) -> String {
+    let mut head = [0u8; 5];
+    loop {
+        if let Err(e) = stream.read_exact(&mut head).await {
+            return e.to_string();
+        }
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        match head[0] {
+            PACKET if len == PACKET_SIZE => {
+                let mut body = vec![0u8; len];
+                if let Err(e) = stream.read_exact(&mut body).await {
+                    return e.to_string();
+                }
+                ctx.metrics.packets_received.inc();
+                if !charge(ctx, peer) {
+                    ctx.metrics.packets_dropped.inc();
+                    continue;
+                }
+                match ctx.work.try_send(WorkIn::Packet {
+                    from: peer,
+                    bytes: body,
+                }) {
+                    Ok(()) => {}
+                    Err(std::sync::mpsc::TrySendError::Full(_)) => {
+                        ctx.metrics.packets_dropped.inc();
+                    }
+                    Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                        return "the worker stopped".into();
+                    }
+                }
+            }
+            DESCRIPTORS if len <= MAX_BATCH => {
+                let mut body = vec![0u8; len];
+                if let Err(e) = stream.read_exact(&mut body).await {
+                    return e.to_string();
+                }
+                let Some(list) = split_batch(&body) else {
+                    return "malformed descriptor batch".into();
+                };
+                if ctx
+                    .events
+                    .try_send(StreamEvent::Descriptors { from: peer, list })
+                    .is_err()
+                {
+                    tracing::debug!(%peer, "descriptor batch dropped: the onion task is busy");
+                }
+            }
+            kind => return format!("bad frame (kind {kind}, {len} bytes)"),
+        }
+    }
+}
+
+fn charge(ctx: &ReaderCtx, peer: PeerId) -> bool {
+    let Ok(mut rates) = ctx.rates.lock() else {
+        return false;
+    };
+    let rate = ctx.peer_rate.max(1);
+    rates.try_take(peer, 1, Instant::now(), || TokenBucket::new(rate, rate * 4))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptor_batches_round_trip_and_bad_ones_are_refused() {
+        let a = vec![1u8; 100];
+        let b = vec![2u8; 300];
+        let f = descriptors_frame([a.as_slice(), b.as_slice()].into_iter());
+        assert_eq!(f[0], DESCRIPTORS);
+        assert_eq!(split_batch(&f[5..]), Some(vec![a, b]));
+        assert_eq!(split_batch(&[0, 5, 1]), None);
+        assert_eq!(split_batch(&[0xff, 0xff]), None);
+        assert_eq!(split_batch(&[]), Some(vec![]));
+    }
+}
