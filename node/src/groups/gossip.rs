@@ -134,10 +134,8 @@ impl GroupsActor {
                     delivered: delivered.iter().map(to_message).collect(),
                     ..Batch::default()
                 };
-                match self.store.commit(&gid, batch) {
-                    Ok(d) => self.announce(&gid, d),
-                    Err(e) => tracing::error!("cannot store a group message: {e}"),
-                }
+                // Committed with what arrives with it; acknowledged after.
+                self.stage(gid, batch);
                 Ok(())
             }
             // Not this peer's fault: we lack the key (we were removed, or

@@ -133,7 +133,7 @@ impl GroupsNet {
             }) => self.offer(Input::SyncRequest {
                 peer,
                 frame,
-                channel,
+                channel: channel.into(),
             }),
             Some(Exchange::Answer {
                 peer,
