@@ -111,7 +111,7 @@ pub(crate) fn record_link_keys(
             .range((group, sender, 0)..=(group, sender, u64::MAX))
             .map_err(db_err)?
             .count() as u64;
-        mine > MAX_LINK_KEYS_PER_SENDER {
+        if mine > MAX_LINK_KEYS_PER_SENDER {
             let first = by_sender
                 .range((group, sender, 0)..=(group, sender, u64::MAX))
                 .map_err(db_err)?
@@ -124,7 +124,7 @@ pub(crate) fn record_link_keys(
             }
         }
         let total = count.get(group).map_err(db_err)?.map_or(0, |v| v.value());
-        total > MAX_LINK_KEYS_PER_GROUP {
+        if total > MAX_LINK_KEYS_PER_GROUP {
             let first = order
                 .range((group, 0)..=(group, u64::MAX))
                 .map_err(db_err)?
