@@ -145,7 +145,17 @@ mod tests {
 
     #[test]
     fn prefixes_are_those_of_unsigned_varint() {
-        for len in [0usize, 1, 127, 128, 255, 16_384, 1 << 21, (1 << 35) + 3, usize::MAX] {
+        for len in [
+            0usize,
+            1,
+            127,
+            128,
+            255,
+            16_384,
+            1 << 21,
+            (1 << 35) + 3,
+            usize::MAX,
+        ] {
             let mut a = unsigned_varint::encode::usize_buffer();
             let mut b = [0u8; MAX_PREFIX_LEN];
             let theirs = unsigned_varint::encode::usize(len, &mut a);

@@ -135,7 +135,10 @@ mod tests {
             Err(PrefixError::Overflow)
         );
         assert_eq!(
-            parse_prefix(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02], usize::MAX),
+            parse_prefix(
+                &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02],
+                usize::MAX
+            ),
             Err(PrefixError::Overflow)
         );
         assert_eq!(

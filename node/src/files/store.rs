@@ -100,7 +100,9 @@ pub(crate) fn record_link_keys(
             Some(e) => e.map_err(db_err)?.0.value().1 + 1,
             None => 0,
         };
-        order.insert((group, next), (file, sender)).map_err(db_err)?;
+        order
+            .insert((group, next), (file, sender))
+            .map_err(db_err)?;
         by_sender
             .insert((group, sender, next), file)
             .map_err(db_err)?;
@@ -120,7 +122,16 @@ pub(crate) fn record_link_keys(
                 .map_err(db_err)?
                 .map(|(k, v)| (k.value().2, v.value().to_vec()));
             if let Some((at, f)) = first {
-                drop_link_key(&mut keys, &mut order, &mut by_sender, &mut count, group, at, &f, sender)?;
+                drop_link_key(
+                    &mut keys,
+                    &mut order,
+                    &mut by_sender,
+                    &mut count,
+                    group,
+                    at,
+                    &f,
+                    sender,
+                )?;
             }
         }
         let total = count.get(group).map_err(db_err)?.map_or(0, |v| v.value());
@@ -136,7 +147,16 @@ pub(crate) fn record_link_keys(
                     (k.value().1, f.to_vec(), s.to_owned())
                 });
             if let Some((at, f, s)) = first {
-                drop_link_key(&mut keys, &mut order, &mut by_sender, &mut count, group, at, &f, &s)?;
+                drop_link_key(
+                    &mut keys,
+                    &mut order,
+                    &mut by_sender,
+                    &mut count,
+                    group,
+                    at,
+                    &f,
+                    &s,
+                )?;
             }
         }
     }
@@ -462,7 +482,11 @@ mod tests {
     }
 
     fn record(fs: &FileStore, group: &[u8], sender: &str, text: &str) {
-        let tx = fs.store.db().begin_write().unwrap_or_else(|e| panic!("{e}"));
+        let tx = fs
+            .store
+            .db()
+            .begin_write()
+            .unwrap_or_else(|e| panic!("{e}"));
         record_link_keys(&tx, group, sender, text).unwrap_or_else(|e| panic!("{e}"));
         tx.commit().unwrap_or_else(|e| panic!("{e}"));
     }

@@ -55,8 +55,8 @@ use crate::storage::{Store, StoreError};
 use crate::types::NodeEvent;
 use handle::ApiCall;
 pub use handle::GroupsHandle;
-pub(crate) use responder::SyncReply;
 pub use responder::SYNC_QUEUE;
+pub(crate) use responder::SyncReply;
 
 /// Inputs waiting for the actor; when full, gossip is dropped (and comes
 /// back through sync) and API calls get "busy".

@@ -407,14 +407,16 @@ fn gossip_arriving_together_is_committed_in_one_transaction_and_forwarded_after(
     let before = f.actor.store.commits();
     for i in 0..n {
         let env = message(&mut g, &mut f.rng, "more");
-        f.actor.on_input(gossip(admin_id, 1000 + i, &env), Instant::now());
+        f.actor
+            .on_input(gossip(admin_id, 1000 + i, &env), Instant::now());
     }
     f.actor.end_of_pass(Instant::now());
     assert_eq!(f.actor.store.commits(), before + 3);
     assert_eq!(accepted(&f.drain()), n);
     // An API call sees what was received before it, committed.
     let env = message(&mut g, &mut f.rng, "last");
-    f.actor.on_input(gossip(admin_id, 9999, &env), Instant::now());
+    f.actor
+        .on_input(gossip(admin_id, 9999, &env), Instant::now());
     let (reply, answer) = tokio::sync::oneshot::channel();
     f.actor.on_input(
         super::handle::ApiCall::Messages {
@@ -472,7 +474,12 @@ fn api_calls_are_answered_while_a_peers_sync_is_served() {
     let channel = crate::actor::Channel::bounded(4096);
     let mailbox = channel.mailbox.clone();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let thread = ok(crate::actor::spawn("test-groups", actor, channel, shutdown.clone()));
+    let thread = ok(crate::actor::spawn(
+        "test-groups",
+        actor,
+        channel,
+        shutdown.clone(),
+    ));
     let read = |limit| {
         let (reply, answer) = tokio::sync::oneshot::channel();
         ok(mailbox.offer(
@@ -520,7 +527,10 @@ fn api_calls_are_answered_while_a_peers_sync_is_served() {
     eprintln!("API answered in {api:?}; {asks} sync answers took {sync:?}");
     assert_eq!(full, asks, "every answer carries every message");
     // Answered inline, the read would have waited for all 40 answers.
-    assert!(api * 4 < sync, "API {api:?} waited for the sync answers ({sync:?})");
+    assert!(
+        api * 4 < sync,
+        "API {api:?} waited for the sync answers ({sync:?})"
+    );
 }
 
 /// Received messages per second into one group: `FOGMESH_BENCH_N` (2000)
@@ -545,17 +555,33 @@ fn receive_throughput() {
     f.drain();
     let frames: Vec<super::Input> = (0..n)
         .map(|i| {
-            let env = message(&mut g, &mut f.rng, &format!("message {i} of the flood, about a hundred bytes of text like a chat line"));
+            let env = message(
+                &mut g,
+                &mut f.rng,
+                &format!(
+                    "message {i} of the flood, about a hundred bytes of text like a chat line"
+                ),
+            );
             gossip(admin_id, i, &env)
         })
         .collect();
-    let Fixture { actor, mut net, _dir, .. } = f;
+    let Fixture {
+        actor,
+        mut net,
+        _dir,
+        ..
+    } = f;
     let commits = actor.store.clone();
     let before = commits.commits();
     let channel = crate::actor::Channel::bounded(super::INPUT_QUEUE);
     let mailbox = channel.mailbox.clone();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let thread = ok(crate::actor::spawn("bench-groups", actor, channel, shutdown.clone()));
+    let thread = ok(crate::actor::spawn(
+        "bench-groups",
+        actor,
+        channel,
+        shutdown.clone(),
+    ));
     let start = Instant::now();
     let feeder = std::thread::spawn(move || {
         for input in frames {

@@ -395,7 +395,10 @@ mod tests {
         let mut w = World::new(2);
         w.send(1, 0, 1, 0);
         let shortest = w.stored.values().map(Vec::len).min();
-        assert!(shortest.is_some_and(|n| n >= MIN_ENVELOPE_LEN), "{shortest:?}");
+        assert!(
+            shortest.is_some_and(|n| n >= MIN_ENVELOPE_LEN),
+            "{shortest:?}"
+        );
     }
 
     #[test]
