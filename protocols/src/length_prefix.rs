@@ -82,9 +82,12 @@ pub fn encode_prefix(len: usize, buf: &mut [u8; MAX_PREFIX_LEN]) -> &[u8] {
     }
 }
 
+/// A frame's body and the bytes after it.
+pub type Split<'a> = (&'a [u8], &'a [u8]);
+
 /// One whole frame at the start of `bytes`: its body and what follows, or
 /// `Ok(None)` when `bytes` holds less than a whole frame.
-pub fn split_frame(bytes: &[u8], max: usize) -> Result<Option<(&[u8], &[u8])>, PrefixError> {
+pub fn split_frame(bytes: &[u8], max: usize) -> Result<Option<Split<'_>>, PrefixError> {
     let Some((len, at)) = parse_prefix(bytes, max)? else {
         return Ok(None);
     };

@@ -53,7 +53,9 @@ pub(crate) const MAX_LINK_KEYS_PER_GROUP: u64 = 4096;
 
 /// (group, order) to (file id, sender): the group's received keys, oldest
 /// first.
-const LINK_ORDER: TableDefinition<(&[u8], u64), (&[u8], &str)> =
+type OrderKey<'a> = (&'a [u8], u64);
+type OrderValue<'a> = (&'a [u8], &'a str);
+const LINK_ORDER: TableDefinition<OrderKey, OrderValue> =
     TableDefinition::new("file_link_keys_order");
 /// (group, sender, order) to file id: one sender's received keys in a
 /// group, oldest first.
@@ -167,7 +169,7 @@ pub(crate) fn record_link_keys(
 #[allow(clippy::too_many_arguments)]
 fn drop_link_key(
     keys: &mut redb::Table<'_, LinkKey<'static>, &'static [u8]>,
-    order: &mut redb::Table<'_, (&'static [u8], u64), (&'static [u8], &'static str)>,
+    order: &mut redb::Table<'_, OrderKey<'static>, OrderValue<'static>>,
     by_sender: &mut redb::Table<'_, (&'static [u8], &'static str, u64), &'static [u8]>,
     count: &mut redb::Table<'_, &'static [u8], u64>,
     group: &[u8],

@@ -448,7 +448,8 @@ impl GroupsActor {
             let frame = responder::answer(&self.store, plan);
             return responder::deliver(&self.net, reply, frame);
         };
-        if let Err((plan, reply)) = worker.submit(plan, reply) {
+        if let Err(back) = worker.submit(plan, reply) {
+            let (plan, reply) = *back;
             tracing::debug!(%peer, "sync worker busy: answering without envelopes");
             let frame = encode_sync_response(&plan.fill(|_| None).response);
             responder::deliver(&self.net, reply, frame);

@@ -107,12 +107,16 @@ impl SyncWorker {
 
     /// Queues a plan; gives it back when the queue is full (or the worker
     /// is gone).
-    pub(super) fn submit(&self, plan: Plan, reply: SyncReply) -> Result<(), (Plan, SyncReply)> {
+    pub(super) fn submit(
+        &self,
+        plan: Plan,
+        reply: SyncReply,
+    ) -> Result<(), Box<(Plan, SyncReply)>> {
         self.tx.try_send(Job { plan, reply }).map_err(|e| {
             let job = match e {
                 std_mpsc::TrySendError::Full(j) | std_mpsc::TrySendError::Disconnected(j) => j,
             };
-            (job.plan, job.reply)
+            Box::new((job.plan, job.reply))
         })
     }
 }
