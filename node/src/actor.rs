@@ -168,6 +168,11 @@ pub trait Actor: Send + 'static {
     /// Handles one input.
     fn on_input(&mut self, input: Self::Input, now: Instant);
 
+    /// Runs after each pass over the queued inputs (up to `MAX_BATCH` of
+    /// them), before timed work: the place to commit what the pass
+    /// gathered in one transaction.
+    fn end_of_pass(&mut self, _now: Instant) {}
+
     /// When timed work is next due; `None` when nothing is.
     fn next_deadline(&self) -> Option<Instant>;
 
@@ -214,6 +219,7 @@ fn run<A: Actor>(actor: &mut A, rx: &std_mpsc::Receiver<A::Input>, shutdown: &Ca
                 for input in rx.try_iter().take(MAX_BATCH) {
                     actor.on_input(input, Instant::now());
                 }
+                actor.end_of_pass(Instant::now());
             }
             Err(std_mpsc::RecvTimeoutError::Timeout) => {}
             Err(std_mpsc::RecvTimeoutError::Disconnected) => break,

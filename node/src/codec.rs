@@ -2,6 +2,9 @@
 //! files): one frame each way, an unsigned-varint length then that many
 //! bytes, as libp2p's own protocols frame their messages.
 //!
+//! The framing itself is `fogmesh_protocols::length_prefix` (sans-IO,
+//! fuzzed as `rr_frame`); this module reads and writes it on a stream.
+//!
 //! The frames are already encoded by `fogmesh_protocols` (versioned CBOR
 //! with size-checked decoders); the codec only delimits them, with a limit
 //! per direction checked before anything is allocated. A length over the
@@ -10,6 +13,7 @@
 use std::io;
 use std::marker::PhantomData;
 
+use fogmesh_protocols::length_prefix::{MAX_PREFIX_LEN, encode_prefix, parse_prefix};
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use libp2p::request_response;
@@ -55,20 +59,21 @@ impl<Req, Resp> FrameCodec<Req, Resp> {
     }
 }
 
-/// Reads one frame of at most `max` bytes.
+/// Reads one frame of at most `max` bytes: the prefix byte by byte
+/// (`fogmesh_protocols::length_prefix`, which the fuzz target `rr_frame`
+/// runs), the length checked before the body is allocated.
 pub async fn read_frame<T: AsyncRead + Unpin>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
-    let len = unsigned_varint::aio::read_usize(&mut *io)
-        .await
-        .map_err(|e| match e {
-            unsigned_varint::io::ReadError::Io(e) => e,
-            other => io::Error::new(io::ErrorKind::InvalidData, other),
-        })?;
-    if len > max {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes is over the limit of {max}"),
-        ));
-    }
+    let mut prefix = [0u8; MAX_PREFIX_LEN];
+    let mut n = 0;
+    let len = loop {
+        io.read_exact(&mut prefix[n..=n]).await?;
+        n += 1;
+        match parse_prefix(&prefix[..n], max) {
+            Ok(Some((len, _))) => break len,
+            Ok(None) => {}
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+    };
     let mut buf = vec![0; len];
     io.read_exact(&mut buf).await?;
     Ok(buf)
@@ -87,9 +92,8 @@ pub async fn write_frame<T: AsyncWrite + Unpin>(
             format!("frame of {} bytes is over the limit of {max}", frame.len()),
         ));
     }
-    let mut len = unsigned_varint::encode::usize_buffer();
-    io.write_all(unsigned_varint::encode::usize(frame.len(), &mut len))
-        .await?;
+    let mut len = [0u8; MAX_PREFIX_LEN];
+    io.write_all(encode_prefix(frame.len(), &mut len)).await?;
     io.write_all(frame).await?;
     io.close().await
 }
@@ -139,6 +143,30 @@ impl<Req: Frame, Resp: Frame> request_response::Codec for FrameCodec<Req, Resp> 
 mod tests {
     use super::*;
 
+    #[test]
+    fn prefixes_are_those_of_unsigned_varint() {
+        for len in [
+            0usize,
+            1,
+            127,
+            128,
+            255,
+            16_384,
+            1 << 21,
+            (1 << 35) + 3,
+            usize::MAX,
+        ] {
+            let mut a = unsigned_varint::encode::usize_buffer();
+            let mut b = [0u8; MAX_PREFIX_LEN];
+            let theirs = unsigned_varint::encode::usize(len, &mut a);
+            assert_eq!(encode_prefix(len, &mut b), theirs);
+            assert_eq!(
+                parse_prefix(theirs, usize::MAX),
+                Ok(Some((len, theirs.len())))
+            );
+        }
+    }
+
     #[tokio::test]
     async fn frames_round_trip_and_limits_hold() {
         let mut wire = Vec::new();
@@ -167,6 +195,12 @@ mod tests {
         // A truncated body is an error, not a short frame.
         assert!(
             read_frame(&mut futures::io::Cursor::new(b"\x05hel"), 16)
+                .await
+                .is_err()
+        );
+        // A non-minimal prefix is refused.
+        assert!(
+            read_frame(&mut futures::io::Cursor::new(b"\x85\x00hello"), 16)
                 .await
                 .is_err()
         );

@@ -10,6 +10,7 @@ mod frame;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod groups;
+pub mod length_prefix;
 pub mod mailbox;
 pub mod messages;
 pub mod onion;

@@ -21,7 +21,9 @@ const FOLLOW_WINDOW: usize = 64;
 pub(super) enum GroupCommand {
     /// Create a group; this node is its admin.
     Create {
-        /// The group's name (at most 64 bytes; never sent in clear).
+        /// The group's name (at most 64 bytes). Not end-to-end encrypted:
+        /// it is in the group's first op, which members (and peers invited)
+        /// receive over the encrypted transport and keep.
         name: String,
         /// A member to add (repeatable).
         #[arg(long = "member", value_name = "PEER_ID")]

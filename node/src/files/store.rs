@@ -14,6 +14,11 @@
 //! - `file_link_keys`: (file id, group, sender) to the key of a link that
 //!   sender posted in that group. Keys from different senders never
 //!   overwrite each other; a download uses the key of the link fetched.
+//!   At most [`MAX_LINK_KEYS_PER_SENDER`] per (group, sender) and
+//!   [`MAX_LINK_KEYS_PER_GROUP`] per group, oldest dropped, tracked in
+//!   `file_link_keys_order`, `file_link_keys_by_sender` and
+//!   `file_link_keys_count` (keys recorded before these existed are
+//!   outside the count and never dropped).
 //!
 //! `file_keys` (file id to a key, written from any group message) is the
 //! table before link version 2: a peer could overwrite a sharer's key in
@@ -39,9 +44,32 @@ const SHARE_KEYS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("file_sha
 type LinkKey<'a> = (&'a [u8], &'a [u8], &'a str);
 const LINK_KEYS: TableDefinition<LinkKey, &[u8]> = TableDefinition::new("file_link_keys");
 
+/// Received link keys kept per (group, sender): beyond it, that sender's
+/// oldest is dropped (a member flooding links only cycles its own).
+pub(crate) const MAX_LINK_KEYS_PER_SENDER: u64 = 256;
+/// Received link keys kept per group, all senders together: beyond it, the
+/// group's oldest is dropped.
+pub(crate) const MAX_LINK_KEYS_PER_GROUP: u64 = 4096;
+
+/// (group, order) to (file id, sender): the group's received keys, oldest
+/// first.
+type OrderKey<'a> = (&'a [u8], u64);
+type OrderValue<'a> = (&'a [u8], &'a str);
+const LINK_ORDER: TableDefinition<OrderKey, OrderValue> =
+    TableDefinition::new("file_link_keys_order");
+/// (group, sender, order) to file id: one sender's received keys in a
+/// group, oldest first.
+const LINK_BY_SENDER: TableDefinition<(&[u8], &str, u64), &[u8]> =
+    TableDefinition::new("file_link_keys_by_sender");
+/// Group to how many received keys it holds.
+const LINK_COUNT: TableDefinition<&[u8], u64> = TableDefinition::new("file_link_keys_count");
+
 /// Records the key of every file link in a group message `text` from
 /// `sender` in `group`, under (file, group, sender): part of the groups'
-/// transaction that delivers the message.
+/// transaction that delivers the message. A new key beyond
+/// [`MAX_LINK_KEYS_PER_SENDER`] or [`MAX_LINK_KEYS_PER_GROUP`] drops the
+/// sender's (or the group's) oldest; a key for a (file, group, sender)
+/// already held replaces it in place.
 pub(crate) fn record_link_keys(
     tx: &redb::WriteTransaction,
     group: &[u8],
@@ -52,16 +80,108 @@ pub(crate) fn record_link_keys(
     if links.iter().all(|l| l.key.is_none()) {
         return Ok(());
     }
-    let mut t = tx.open_table(LINK_KEYS).map_err(db_err)?;
+    let mut keys = tx.open_table(LINK_KEYS).map_err(db_err)?;
+    let mut order = tx.open_table(LINK_ORDER).map_err(db_err)?;
+    let mut by_sender = tx.open_table(LINK_BY_SENDER).map_err(db_err)?;
+    let mut count = tx.open_table(LINK_COUNT).map_err(db_err)?;
     for link in links {
-        if let Some(k) = link.key {
-            t.insert(
-                (link.id.0.as_slice(), group, sender),
-                k.to_bytes().as_slice(),
-            )
+        let Some(k) = link.key else { continue };
+        let file = link.id.0.as_slice();
+        let old = keys
+            .insert((file, group, sender), k.to_bytes().as_slice())
+            .map_err(db_err)?
+            .is_some();
+        if old {
+            continue;
+        }
+        let next = match order
+            .range((group, 0)..=(group, u64::MAX))
+            .map_err(db_err)?
+            .next_back()
+        {
+            Some(e) => e.map_err(db_err)?.0.value().1 + 1,
+            None => 0,
+        };
+        order
+            .insert((group, next), (file, sender))
             .map_err(db_err)?;
+        by_sender
+            .insert((group, sender, next), file)
+            .map_err(db_err)?;
+        let n = count.get(group).map_err(db_err)?.map_or(0, |v| v.value()) + 1;
+        count.insert(group, n).map_err(db_err)?;
+        // The sender's oldest, then the group's.
+        let mine = by_sender
+            .range((group, sender, 0)..=(group, sender, u64::MAX))
+            .map_err(db_err)?
+            .count() as u64;
+        if mine > MAX_LINK_KEYS_PER_SENDER {
+            let first = by_sender
+                .range((group, sender, 0)..=(group, sender, u64::MAX))
+                .map_err(db_err)?
+                .next()
+                .transpose()
+                .map_err(db_err)?
+                .map(|(k, v)| (k.value().2, v.value().to_vec()));
+            if let Some((at, f)) = first {
+                drop_link_key(
+                    &mut keys,
+                    &mut order,
+                    &mut by_sender,
+                    &mut count,
+                    group,
+                    at,
+                    &f,
+                    sender,
+                )?;
+            }
+        }
+        let total = count.get(group).map_err(db_err)?.map_or(0, |v| v.value());
+        if total > MAX_LINK_KEYS_PER_GROUP {
+            let first = order
+                .range((group, 0)..=(group, u64::MAX))
+                .map_err(db_err)?
+                .next()
+                .transpose()
+                .map_err(db_err)?
+                .map(|(k, v)| {
+                    let (f, s) = v.value();
+                    (k.value().1, f.to_vec(), s.to_owned())
+                });
+            if let Some((at, f, s)) = first {
+                drop_link_key(
+                    &mut keys,
+                    &mut order,
+                    &mut by_sender,
+                    &mut count,
+                    group,
+                    at,
+                    &f,
+                    &s,
+                )?;
+            }
         }
     }
+    Ok(())
+}
+
+/// Forgets one received key (its row and its two index entries).
+#[allow(clippy::too_many_arguments)]
+fn drop_link_key(
+    keys: &mut redb::Table<'_, LinkKey<'static>, &'static [u8]>,
+    order: &mut redb::Table<'_, OrderKey<'static>, OrderValue<'static>>,
+    by_sender: &mut redb::Table<'_, (&'static [u8], &'static str, u64), &'static [u8]>,
+    count: &mut redb::Table<'_, &'static [u8], u64>,
+    group: &[u8],
+    at: u64,
+    file: &[u8],
+    sender: &str,
+) -> Result<(), StoreError> {
+    keys.remove((file, group, sender)).map_err(db_err)?;
+    order.remove((group, at)).map_err(db_err)?;
+    by_sender.remove((group, sender, at)).map_err(db_err)?;
+    let n = count.get(group).map_err(db_err)?.map_or(0, |v| v.value());
+    count.insert(group, n.saturating_sub(1)).map_err(db_err)?;
     Ok(())
 }
 
@@ -143,6 +263,9 @@ impl FileStore {
         tx.open_table(LEGACY_KEYS).map_err(db_err)?;
         tx.open_table(SHARE_KEYS).map_err(db_err)?;
         tx.open_table(LINK_KEYS).map_err(db_err)?;
+        tx.open_table(LINK_ORDER).map_err(db_err)?;
+        tx.open_table(LINK_BY_SENDER).map_err(db_err)?;
+        tx.open_table(LINK_COUNT).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
         Ok(FileStore { store })
     }
@@ -332,5 +455,100 @@ impl FileStore {
             Ok(Response::Have { bits }) => Ok(Some(bits)),
             _ => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fogmesh_protocols::files::{FileLink, KeyScheme};
+
+    use super::*;
+
+    fn link(i: u32, key: u8) -> String {
+        let mut id = [0u8; 32];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        FileLink {
+            id: FileId(id),
+            key: Some(FileKey {
+                bytes: [key; 32],
+                scheme: KeyScheme::Sealed,
+            }),
+        }
+        .to_string()
+    }
+
+    fn file(i: u32) -> FileId {
+        let mut id = [0u8; 32];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        FileId(id)
+    }
+
+    fn record(fs: &FileStore, group: &[u8], sender: &str, text: &str) {
+        let tx = fs
+            .store
+            .db()
+            .begin_write()
+            .unwrap_or_else(|e| panic!("{e}"));
+        record_link_keys(&tx, group, sender, text).unwrap_or_else(|e| panic!("{e}"));
+        tx.commit().unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn count(fs: &FileStore, group: &[u8], sender: Option<&str>, files: u32) -> usize {
+        (0..files)
+            .flat_map(|i| fs.link_keys(&file(i)).unwrap_or_else(|e| panic!("{e}")))
+            .filter(|k| k.group == group && sender.is_none_or(|s| k.sender == s))
+            .count()
+    }
+
+    #[test]
+    fn received_link_keys_are_capped_per_sender_and_per_group() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let fs = FileStore::open(Store::open(dir.path()).unwrap_or_else(|e| panic!("{e}")))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let g: &[u8] = &[1; 32];
+        // An honest member's key, then a flood from another member (16
+        // links per message, as many as a message may carry).
+        record(&fs, g, "honest", &link(0, 9));
+        let flood = MAX_LINK_KEYS_PER_SENDER as u32 + 100;
+        for chunk in (1..=flood).collect::<Vec<_>>().chunks(16) {
+            let text: Vec<String> = chunk.iter().map(|i| link(*i, 1)).collect();
+            record(&fs, g, "flooder", &text.join(" "));
+        }
+        let files = flood + 1;
+        assert_eq!(
+            count(&fs, g, Some("flooder"), files),
+            MAX_LINK_KEYS_PER_SENDER as usize
+        );
+        // The flooder's oldest went, its newest and the honest key stayed.
+        assert!(fs.link_keys(&file(1)).is_ok_and(|k| k.is_empty()));
+        assert_eq!(fs.link_keys(&file(flood)).map(|k| k.len()).ok(), Some(1));
+        assert_eq!(count(&fs, g, Some("honest"), 1), 1);
+        // Re-posting a held file replaces its key in place.
+        record(&fs, g, "flooder", &link(flood, 2));
+        assert_eq!(
+            count(&fs, g, Some("flooder"), files),
+            MAX_LINK_KEYS_PER_SENDER as usize
+        );
+        // Many senders: the group keeps its newest MAX_LINK_KEYS_PER_GROUP.
+        let senders = (MAX_LINK_KEYS_PER_GROUP / MAX_LINK_KEYS_PER_SENDER) as u32 + 2;
+        let per = MAX_LINK_KEYS_PER_SENDER as u32;
+        let base = files;
+        for s in 0..senders {
+            let name = format!("member{s}");
+            let ids: Vec<u32> = (0..per).map(|i| base + s * per + i).collect();
+            for chunk in ids.chunks(16) {
+                let text: Vec<String> = chunk.iter().map(|i| link(*i, 3)).collect();
+                record(&fs, g, &name, &text.join(" "));
+            }
+        }
+        let all = base + senders * per;
+        assert_eq!(count(&fs, g, None, all), MAX_LINK_KEYS_PER_GROUP as usize);
+        // The oldest (the honest key among them) went first.
+        assert_eq!(count(&fs, g, Some("honest"), 1), 0);
+        assert_eq!(fs.link_keys(&file(all - 1)).map(|k| k.len()).ok(), Some(1));
+        // Another group is untouched by all this.
+        let other: &[u8] = &[2; 32];
+        record(&fs, other, "honest", &link(0, 9));
+        assert_eq!(count(&fs, other, Some("honest"), 1), 1);
     }
 }

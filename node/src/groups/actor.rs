@@ -11,16 +11,17 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use fogmesh_protocols::groups::wire::{self, decode_op};
+use fogmesh_protocols::groups::wire::{self, decode_op, encode_sync_response};
 use fogmesh_protocols::groups::{Delivered, Group, GroupId, MessageId, Op};
 use fogmesh_protocols::rate::{RateTable, TokenBucket};
 use libp2p::PeerId;
-use libp2p::gossipsub::MessageAcceptance;
+use libp2p::gossipsub::{self, MessageAcceptance};
 use libp2p::identity::Keypair;
 use tokio::sync::{broadcast, mpsc};
 
+use super::responder::{self, SyncWorker};
 use super::store::{Batch, GroupStore};
-use super::{GroupsConfig, Input, NetCommand};
+use super::{GroupsConfig, Input, MAX_COMMIT_BATCH, NetCommand};
 use crate::actor::{Actor, ServiceError};
 use crate::metrics::NodeMetrics;
 use crate::storage::StoreError;
@@ -71,6 +72,16 @@ pub(super) struct GroupsActor {
     pub(super) publishing: HashMap<MessageId, Instant>,
     pub(super) cfg: GroupsConfig,
     pub(super) rng: rand::rngs::StdRng,
+    /// Received messages validated and applied but not committed yet, per
+    /// group (see [`MAX_COMMIT_BATCH`]), and how many envelopes they hold.
+    staged: Vec<(GroupId, Batch)>,
+    staged_envelopes: usize,
+    /// Gossip accepted but held until the staged messages are committed:
+    /// its verdict forwards it, which must not happen before.
+    held: Vec<(gossipsub::MessageId, PeerId)>,
+    /// Completes answers to peers' sync requests off this thread (`None`
+    /// if its thread could not start: then they are completed here).
+    pub(super) responder: Option<SyncWorker>,
     /// When the periodic sync and the outbox flush are next due (set in
     /// `start`).
     next_sync: Option<Instant>,
@@ -91,7 +102,11 @@ impl Actor for GroupsActor {
 
     fn on_input(&mut self, input: Input, now: Instant) {
         match input {
-            Input::Api(call) => self.on_api(call, now),
+            Input::Api(call) => {
+                // The user reads (and writes after) what was received.
+                self.flush();
+                self.on_api(call, now)
+            }
             Input::Gossip {
                 source,
                 message_id,
@@ -101,23 +116,28 @@ impl Actor for GroupsActor {
                 if matches!(acceptance, MessageAcceptance::Reject) {
                     self.metrics.group_messages_rejected.inc();
                 }
-                self.net_send(NetCommand::Validation {
-                    message_id,
-                    source,
-                    acceptance,
-                });
+                if matches!(acceptance, MessageAcceptance::Accept) && !self.staged.is_empty() {
+                    // Forwarded once committed (with what else is staged).
+                    self.held.push((message_id, source));
+                    if self.held.len() >= MAX_COMMIT_BATCH {
+                        self.flush();
+                    }
+                } else {
+                    self.net_send(NetCommand::Validation {
+                        message_id,
+                        source,
+                        acceptance,
+                    });
+                }
             }
             Input::SyncRequest {
                 peer,
                 frame,
                 channel,
             } => {
-                let frame = self.on_sync_request(peer, &frame, now);
-                self.net_send(NetCommand::SyncRespond {
-                    peer,
-                    channel,
-                    frame,
-                });
+                // Answers are read from the database: commit first.
+                self.flush();
+                self.answer_sync_request(peer, &frame, channel, now);
             }
             Input::SyncResponse { peer, group, frame } => {
                 self.on_sync_response(peer, group, &frame, now)
@@ -153,7 +173,12 @@ impl Actor for GroupsActor {
             .min()
     }
 
+    fn end_of_pass(&mut self, _now: Instant) {
+        self.flush();
+    }
+
     fn on_deadline(&mut self, now: Instant) {
+        self.flush();
         if self.next_sync.is_some_and(|t| now >= t) {
             self.next_sync = Some(now + self.cfg.sync_interval);
             self.periodic_sync();
@@ -165,6 +190,7 @@ impl Actor for GroupsActor {
     }
 
     fn stop(&mut self, _now: Instant) {
+        self.flush();
         tracing::debug!("groups actor stopped");
     }
 }
@@ -178,6 +204,13 @@ impl GroupsActor {
         metrics: NodeMetrics,
         cfg: GroupsConfig,
     ) -> Self {
+        let responder = match SyncWorker::start(store.clone(), net.clone()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::error!("cannot start the group sync thread, answering inline: {e}");
+                None
+            }
+        };
         GroupsActor {
             local: keypair.public().to_peer_id(),
             keypair,
@@ -199,6 +232,10 @@ impl GroupsActor {
             publishing: HashMap::new(),
             cfg,
             rng: rand::make_rng(),
+            staged: Vec::new(),
+            staged_envelopes: 0,
+            held: Vec::new(),
+            responder,
             next_sync: None,
             next_outbox: None,
         }
@@ -347,6 +384,78 @@ impl GroupsActor {
         let _ = self.events.send(ev);
     }
 
+    /// Stages a received message's batch for the next commit (at the end
+    /// of the actor's pass, before the next API call or sync answer, or
+    /// once [`MAX_COMMIT_BATCH`] envelopes are staged).
+    pub(super) fn stage(&mut self, gid: GroupId, batch: Batch) {
+        self.staged_envelopes += batch.envelopes.len();
+        match self.staged.iter_mut().find(|(g, _)| *g == gid) {
+            Some((_, b)) => b.extend(batch),
+            None => self.staged.push((gid, batch)),
+        }
+        if self.staged_envelopes >= MAX_COMMIT_BATCH {
+            self.flush();
+        }
+    }
+
+    /// Commits what is staged in one transaction, then announces what it
+    /// delivered and sends the held gossip verdicts: `Accept` once
+    /// committed, `Ignore` (not forwarded) if the commit failed.
+    pub(super) fn flush(&mut self) {
+        if self.staged.is_empty() && self.held.is_empty() {
+            return;
+        }
+        let staged = std::mem::take(&mut self.staged);
+        self.staged_envelopes = 0;
+        let mut acceptance = MessageAcceptance::Accept;
+        if !staged.is_empty() {
+            match self.store.commit_many(staged) {
+                Ok(done) => {
+                    for (gid, delivered) in done {
+                        self.announce(&gid, delivered);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!("cannot store received group messages: {e}");
+                    acceptance = MessageAcceptance::Ignore;
+                }
+            }
+        }
+        for (message_id, source) in std::mem::take(&mut self.held) {
+            self.net_send(NetCommand::Validation {
+                message_id,
+                source,
+                acceptance,
+            });
+        }
+    }
+
+    /// Sends the answer to a sync request: planned here, completed by the
+    /// sync worker (here if its thread did not start; without envelopes if
+    /// its queue is full).
+    fn answer_sync_request(
+        &mut self,
+        peer: PeerId,
+        frame: &[u8],
+        reply: responder::SyncReply,
+        now: Instant,
+    ) {
+        let plan = match self.plan_sync_answer(peer, frame, now) {
+            Ok(plan) => plan,
+            Err(frame) => return responder::deliver(&self.net, reply, frame),
+        };
+        let Some(worker) = &self.responder else {
+            let frame = responder::answer(&self.store, plan);
+            return responder::deliver(&self.net, reply, frame);
+        };
+        if let Err(back) = worker.submit(plan, reply) {
+            let (plan, reply) = *back;
+            tracing::debug!(%peer, "sync worker busy: answering without envelopes");
+            let frame = encode_sync_response(&plan.fill(|_| None).response);
+            responder::deliver(&self.net, reply, frame);
+        }
+    }
+
     /// Persists the group's newest `ops` (and what they delivered).
     pub(super) fn commit_ops(
         &mut self,
@@ -354,6 +463,8 @@ impl GroupsActor {
         ops: Vec<Op>,
         delivered: Vec<Delivered>,
     ) -> Result<(), ServiceError> {
+        // In order: what was received before these ops first.
+        self.flush();
         let Some(group) = self.groups.get(&id) else {
             return Ok(());
         };

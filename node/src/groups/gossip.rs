@@ -134,10 +134,8 @@ impl GroupsActor {
                     delivered: delivered.iter().map(to_message).collect(),
                     ..Batch::default()
                 };
-                match self.store.commit(&gid, batch) {
-                    Ok(d) => self.announce(&gid, d),
-                    Err(e) => tracing::error!("cannot store a group message: {e}"),
-                }
+                // Committed with what arrives with it; acknowledged after.
+                self.stage(gid, batch);
                 Ok(())
             }
             // Not this peer's fault: we lack the key (we were removed, or
@@ -192,7 +190,12 @@ impl GroupsActor {
         if !new_ops.is_empty() || !delivered.is_empty() {
             let changed = !new_ops.is_empty();
             if let Err(e) = self.commit_ops(gid, new_ops, delivered) {
+                // Not stored: not forwarded either (it comes back by sync
+                // after a restart).
                 tracing::error!("cannot store group ops: {e}");
+                if verdict.is_ok() {
+                    verdict = Err(MessageAcceptance::Ignore);
+                }
             }
             if was_member && !is_member {
                 tracing::info!(group = %gid.to_hex(), "this node was removed from the group");

@@ -23,14 +23,16 @@
 //!   added while offline, catches up, with no resend by the authors.
 //!
 //! The modules: `handle` (the typed calls), `actor` (state, dispatch,
-//! deadlines, storage glue), `api` (what the calls do), `gossip`
-//! (validation, and receiving ops and messages), `sync`, `store` (the redb
-//! tables).
+//! deadlines, storage glue, the batched commit of received messages),
+//! `api` (what the calls do), `gossip` (validation, and receiving ops and
+//! messages), `sync`, `responder` (the thread that completes answers to
+//! peers' sync requests), `store` (the redb tables).
 
 mod actor;
 mod api;
 mod gossip;
 mod handle;
+mod responder;
 pub(crate) mod store;
 mod sync;
 #[cfg(test)]
@@ -53,6 +55,8 @@ use crate::storage::{Store, StoreError};
 use crate::types::NodeEvent;
 use handle::ApiCall;
 pub use handle::GroupsHandle;
+pub use responder::SYNC_QUEUE;
+pub(crate) use responder::SyncReply;
 
 /// Inputs waiting for the actor; when full, gossip is dropped (and comes
 /// back through sync) and API calls get "busy".
@@ -70,11 +74,13 @@ pub(crate) enum Input {
         message_id: gossipsub::MessageId,
         data: Vec<u8>,
     },
-    /// A peer's sync request, to answer through [`NetCommand::SyncRespond`].
+    /// A peer's sync request, to answer through [`NetCommand::SyncRespond`]
+    /// (the answer is completed on the sync worker's thread, see
+    /// `responder`).
     SyncRequest {
         peer: PeerId,
         frame: Vec<u8>,
-        channel: ResponseChannel<SyncFrame>,
+        channel: SyncReply,
     },
     /// The answer to a sync request this node sent about `group`.
     SyncResponse {
@@ -191,6 +197,11 @@ pub const SYNC_REQUEST_RATE: u64 = 200;
 /// Sync requests one peer may send at once (a neighbour that connects
 /// sends a summary per shared group, up to [`MAX_GROUPS`]).
 pub const SYNC_REQUEST_BURST: u64 = 2 * MAX_GROUPS as u64;
+/// Received messages committed in one write transaction at most: what
+/// arrives together (gossip and sync answers queued for the actor) is
+/// committed together, one fsync for up to this many, and nothing of it is
+/// acknowledged (forwarded, announced) before the commit.
+pub const MAX_COMMIT_BATCH: usize = 256;
 /// Senders whose gossip rate is tracked; beyond it the table starts over.
 pub const MAX_RATE_SENDERS: usize = 4096;
 

@@ -17,9 +17,12 @@
 //! At start, rows of groups this node does not hold (no genesis op, or a
 //! log that does not restore) are collected.
 //!
-//! Every change that follows one input (a received op or message, a local
-//! send) is one write transaction, committed before anything is
-//! acknowledged, so `kill -9` at any point loses nothing acknowledged.
+//! Every change that follows one input (a received op, a local send) is one
+//! write transaction, committed before anything is acknowledged, so `kill
+//! -9` at any point loses nothing acknowledged. Received messages that
+//! arrive together are committed together ([`GroupStore::commit_many`]:
+//! one transaction, one fsync), and nothing of them is acknowledged (the
+//! gossip verdict that forwards them, the event) before that commit.
 
 use fogmesh_protocols::groups::wire;
 use fogmesh_protocols::groups::{GroupId, MessageId, Op};
@@ -69,6 +72,14 @@ impl Batch {
         }
     }
 
+    /// Appends `other` (applied after what is in `self`).
+    pub(crate) fn extend(&mut self, other: Batch) {
+        self.ops.extend(other.ops);
+        self.envelopes.extend(other.envelopes);
+        self.delivered.extend(other.delivered);
+        self.outbox_add.extend(other.outbox_add);
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.ops.is_empty()
             && self.envelopes.is_empty()
@@ -81,6 +92,63 @@ impl Batch {
 #[derive(Debug, Clone)]
 pub(crate) struct GroupStore {
     store: Store,
+    commits: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Writes one group's batch into `tx`; returns the delivered messages with
+/// their delivery index set, skipping any already delivered (in an earlier
+/// transaction or earlier in this one).
+fn write_batch(
+    tx: &redb::WriteTransaction,
+    group: &GroupId,
+    batch: Batch,
+) -> Result<Vec<GroupMessage>, StoreError> {
+    let g: &[u8] = &group.0;
+    let mut delivered = Vec::with_capacity(batch.delivered.len());
+    let mut ops = tx.open_table(OPS).map_err(db_err)?;
+    for (index, bytes) in &batch.ops {
+        ops.insert((g, *index), bytes.as_slice()).map_err(db_err)?;
+    }
+    let mut envs = tx.open_table(ENVELOPES).map_err(db_err)?;
+    for (id, bytes) in &batch.envelopes {
+        envs.insert((g, id.0.as_slice()), bytes.as_slice())
+            .map_err(db_err)?;
+    }
+    let mut history = tx.open_table(HISTORY).map_err(db_err)?;
+    let mut seen = tx.open_table(DELIVERED).map_err(db_err)?;
+    let mut next = match history
+        .range((g, 0)..=(g, u64::MAX))
+        .map_err(db_err)?
+        .next_back()
+    {
+        Some(entry) => entry.map_err(db_err)?.0.value().1 + 1,
+        None => 0,
+    };
+    for mut msg in batch.delivered {
+        let id = hex_id(&msg.id)?;
+        if seen.get((g, id.as_slice())).map_err(db_err)?.is_some() {
+            continue;
+        }
+        msg.index = next;
+        let json = serde_json::to_vec(&msg).map_err(db_err)?;
+        history.insert((g, next), json.as_slice()).map_err(db_err)?;
+        seen.insert((g, id.as_slice()), next).map_err(db_err)?;
+        next += 1;
+        delivered.push(msg);
+    }
+    // File links with keys in delivered messages, kept per (file, group,
+    // sender): how a member later fetches and decrypts a file shared with
+    // the group (see files::store).
+    for msg in &delivered {
+        crate::files::store::record_link_keys(tx, g, &msg.sender, &msg.text)?;
+    }
+    let mut outbox = tx.open_table(OUTBOX).map_err(db_err)?;
+    for (id, frame) in &batch.outbox_add {
+        outbox
+            .insert((g, id.0.as_slice()), frame.as_slice())
+            .map_err(db_err)?;
+    }
+    Ok(delivered)
 }
 
 impl GroupStore {
@@ -94,7 +162,10 @@ impl GroupStore {
         tx.open_table(INVITES).map_err(db_err)?;
         tx.open_table(DECLINED).map_err(db_err)?;
         tx.commit().map_err(db_err)?;
-        Ok(GroupStore { store })
+        Ok(GroupStore {
+            store,
+            commits: Default::default(),
+        })
     }
 
     /// Commits `batch` for `group`; returns the delivered messages with
@@ -104,56 +175,54 @@ impl GroupStore {
         group: &GroupId,
         batch: Batch,
     ) -> Result<Vec<GroupMessage>, StoreError> {
-        let g: &[u8] = &group.0;
+        let mut out = self.commit_many(vec![(*group, batch)])?;
+        Ok(out.pop().map(|(_, d)| d).unwrap_or_default())
+    }
+
+    /// Commits several groups' batches in one write transaction (one
+    /// fsync for a burst of received messages); returns each group's
+    /// delivered messages as [`commit`](Self::commit) does, in order.
+    pub(crate) fn commit_many(
+        &self,
+        batches: Vec<(GroupId, Batch)>,
+    ) -> Result<Vec<(GroupId, Vec<GroupMessage>)>, StoreError> {
         let tx = self.store.db().begin_write().map_err(db_err)?;
-        let mut delivered = Vec::with_capacity(batch.delivered.len());
-        {
-            let mut ops = tx.open_table(OPS).map_err(db_err)?;
-            for (index, bytes) in &batch.ops {
-                ops.insert((g, *index), bytes.as_slice()).map_err(db_err)?;
-            }
-            let mut envs = tx.open_table(ENVELOPES).map_err(db_err)?;
-            for (id, bytes) in &batch.envelopes {
-                envs.insert((g, id.0.as_slice()), bytes.as_slice())
-                    .map_err(db_err)?;
-            }
-            let mut history = tx.open_table(HISTORY).map_err(db_err)?;
-            let mut seen = tx.open_table(DELIVERED).map_err(db_err)?;
-            let mut next = match history
-                .range((g, 0)..=(g, u64::MAX))
-                .map_err(db_err)?
-                .next_back()
-            {
-                Some(entry) => entry.map_err(db_err)?.0.value().1 + 1,
-                None => 0,
-            };
-            for mut msg in batch.delivered {
-                let id = hex_id(&msg.id)?;
-                if seen.get((g, id.as_slice())).map_err(db_err)?.is_some() {
-                    continue;
-                }
-                msg.index = next;
-                let json = serde_json::to_vec(&msg).map_err(db_err)?;
-                history.insert((g, next), json.as_slice()).map_err(db_err)?;
-                seen.insert((g, id.as_slice()), next).map_err(db_err)?;
-                next += 1;
-                delivered.push(msg);
-            }
-            // File links with keys in delivered messages, kept per (file,
-            // group, sender): how a member later fetches and decrypts a
-            // file shared with the group (see files::store).
-            for msg in &delivered {
-                crate::files::store::record_link_keys(&tx, g, &msg.sender, &msg.text)?;
-            }
-            let mut outbox = tx.open_table(OUTBOX).map_err(db_err)?;
-            for (id, frame) in &batch.outbox_add {
-                outbox
-                    .insert((g, id.0.as_slice()), frame.as_slice())
-                    .map_err(db_err)?;
-            }
+        let mut out = Vec::with_capacity(batches.len());
+        for (group, batch) in batches {
+            let delivered = write_batch(&tx, &group, batch)?;
+            out.push((group, delivered));
         }
         tx.commit().map_err(db_err)?;
-        Ok(delivered)
+        self.commits
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(out)
+    }
+
+    /// Write transactions committed by [`commit_many`](Self::commit_many)
+    /// since the store was opened (for tests and benchmarks).
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn commits(&self) -> u64 {
+        self.commits.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Runs `f` with a lookup of `group`'s stored envelopes, all read in
+    /// one read transaction (redb serves readers alongside the writer: the
+    /// sync worker answers peers while the actor commits).
+    pub(crate) fn with_envelopes<R>(
+        &self,
+        group: &GroupId,
+        f: impl FnOnce(&mut dyn FnMut(&MessageId) -> Option<Vec<u8>>) -> R,
+    ) -> Result<R, StoreError> {
+        let tx = self.store.db().begin_read().map_err(db_err)?;
+        let envs = tx.open_table(ENVELOPES).map_err(db_err)?;
+        let g: &[u8] = &group.0;
+        let mut lookup = |id: &MessageId| {
+            envs.get((g, id.0.as_slice()))
+                .ok()
+                .flatten()
+                .map(|v| v.value().to_vec())
+        };
+        Ok(f(&mut lookup))
     }
 
     /// Removes a published frame from the outbox.
@@ -238,20 +307,6 @@ impl GroupStore {
             }
         }
         Ok(out)
-    }
-
-    /// One stored envelope.
-    pub(crate) fn envelope(
-        &self,
-        group: &GroupId,
-        id: &MessageId,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        let tx = self.store.db().begin_read().map_err(db_err)?;
-        let envs = tx.open_table(ENVELOPES).map_err(db_err)?;
-        Ok(envs
-            .get((group.0.as_slice(), id.0.as_slice()))
-            .map_err(db_err)?
-            .map(|v| v.value().to_vec()))
     }
 
     /// The last `limit` delivered messages (all with `None`), oldest first.

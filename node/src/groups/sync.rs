@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use fogmesh_protocols::groups::exchange::{next_request, pick_sync_peer, respond};
+use fogmesh_protocols::groups::exchange::{Plan, next_request, pick_sync_peer, plan};
 use fogmesh_protocols::groups::wire::{
     MAX_SYNC_RESPONSE_SIZE, decode_sync_request, decode_sync_response, encode_sync_request,
     encode_sync_response,
@@ -94,19 +94,26 @@ impl GroupsActor {
         }
     }
 
-    /// Answers a peer's sync request; returns the encoded response.
-    pub(super) fn on_sync_request(&mut self, peer: PeerId, frame: &[u8], now: Instant) -> Vec<u8> {
+    /// Plans the answer to a peer's sync request (the sync worker
+    /// completes it, see `responder`); an answer with nothing to look up
+    /// (refused, over the rate, unknown group) comes back encoded.
+    pub(super) fn plan_sync_answer(
+        &mut self,
+        peer: PeerId,
+        frame: &[u8],
+        now: Instant,
+    ) -> Result<Plan, Vec<u8>> {
         if !self.allow_sync_request(peer, now) {
             // Over its rate: an empty answer, which it takes for "nothing
             // to exchange"; its next periodic sync asks again.
             tracing::debug!(%peer, "sync request over the per-peer rate");
-            return encode_sync_response(&SyncResponse::empty(GroupId([0; 32])));
+            return Err(encode_sync_response(&SyncResponse::empty(GroupId([0; 32]))));
         }
         let req = match decode_sync_request(frame) {
             Ok(r) => r,
             Err(e) => {
                 tracing::debug!(%peer, "bad sync request: {e}");
-                return encode_sync_response(&SyncResponse::empty(GroupId([0; 32])));
+                return Err(encode_sync_response(&SyncResponse::empty(GroupId([0; 32]))));
             }
         };
         let gid = req.group_id();
@@ -114,21 +121,29 @@ impl GroupsActor {
             if req.summary().is_some() {
                 self.ask_for_invitation(peer, gid, now);
             }
-            return encode_sync_response(&SyncResponse::empty(gid));
+            return Err(encode_sync_response(&SyncResponse::empty(gid)));
         };
         // A member that sent a summary knows the group.
         let knows = req.summary().is_some() && group.membership().is_member(&peer);
-        let store = &self.store;
-        let lookup = |id: &_| store.envelope(&gid, id).ok().flatten();
-        let answer = respond(group, &peer, &req, lookup, MAX_SYNC_RESPONSE_SIZE);
+        let planned = plan(group, &peer, &req, MAX_SYNC_RESPONSE_SIZE);
         if knows {
             self.knows.entry(gid).or_default().insert(peer);
         }
         // What we lack from them: asked in a request of our own.
-        if let Some(ask) = answer.ask {
-            self.send_request(peer, ask);
+        if let Some(ask) = planned.ask() {
+            self.send_request(peer, ask.clone());
         }
-        encode_sync_response(&answer.response)
+        Ok(planned)
+    }
+
+    /// Answers a peer's sync request here, in full; returns the encoded
+    /// response (the daemon completes answers on the sync worker).
+    #[cfg(test)]
+    pub(super) fn on_sync_request(&mut self, peer: PeerId, frame: &[u8], now: Instant) -> Vec<u8> {
+        match self.plan_sync_answer(peer, frame, now) {
+            Ok(p) => super::responder::answer(&self.store, p),
+            Err(frame) => frame,
+        }
     }
 
     /// A peer told us of a group we do not know: we may have been added

@@ -320,6 +320,7 @@ fn a_group_at_its_storage_quota_refuses_new_messages() {
         .actor
         .on_gossip(admin_id, &encode_gossip_message(&second), Instant::now());
     assert!(matches!(verdict, MessageAcceptance::Ignore));
+    f.actor.flush();
     assert_eq!(ok(f.actor.store.history(&gid, None)).len(), 1);
     // A local post gets a clear refusal.
     let (reply, answer) = tokio::sync::oneshot::channel();
@@ -336,5 +337,277 @@ fn a_group_at_its_storage_quota_refuses_new_messages() {
     assert!(
         matches!(&refused, Ok(Err(crate::actor::ServiceError::Forbidden(m))) if m.contains("quota")),
         "{refused:?}"
+    );
+}
+
+/// A node (key 1) in a group of `admin` it trusts, joined.
+fn joined(f: &mut Fixture, admin: &Keypair) -> (Group, GroupId) {
+    let admin_id = admin.public().to_peer_id();
+    let (g, genesis) = f.invited_by(admin, &[]);
+    f.actor.cfg.trust.push(admin_id);
+    let gid = f.log_arrives(admin_id, vec![genesis]);
+    assert!(f.actor.groups.contains_key(&gid));
+    (g, gid)
+}
+
+fn gossip(source: PeerId, i: usize, env: &SignedEnvelope) -> super::Input {
+    super::Input::Gossip {
+        source,
+        message_id: libp2p::gossipsub::MessageId::new(&i.to_be_bytes()),
+        data: encode_gossip_message(env),
+    }
+}
+
+fn accepted(cmds: &[NetCommand]) -> usize {
+    cmds.iter()
+        .filter(|c| {
+            matches!(
+                c,
+                NetCommand::Validation {
+                    acceptance: MessageAcceptance::Accept,
+                    ..
+                }
+            )
+        })
+        .count()
+}
+
+#[test]
+fn gossip_arriving_together_is_committed_in_one_transaction_and_forwarded_after() {
+    let mut f = node(GroupsConfig {
+        sender_rate: 10_000.0,
+        ..GroupsConfig::default()
+    });
+    let admin = kp(2);
+    let admin_id = admin.public().to_peer_id();
+    let (mut g, gid) = joined(&mut f, &admin);
+    f.drain();
+    let before = f.actor.store.commits();
+    let n = 100;
+    for i in 0..n {
+        let env = message(&mut g, &mut f.rng, &format!("m{i}"));
+        f.actor.on_input(gossip(admin_id, i, &env), Instant::now());
+    }
+    // Nothing forwarded (accepted) or announced before it is committed.
+    assert_eq!(accepted(&f.drain()), 0, "accepted before the commit");
+    assert!(ok(f.actor.store.history(&gid, None)).is_empty());
+    assert_eq!(f.actor.store.commits(), before);
+    // The actor's pass ends: one transaction, then the verdicts.
+    f.actor.end_of_pass(Instant::now());
+    assert_eq!(f.actor.store.commits(), before + 1);
+    assert_eq!(ok(f.actor.store.history(&gid, None)).len(), n);
+    assert_eq!(accepted(&f.drain()), n);
+    let mut events = 0;
+    while let Ok(ev) = f.events.try_recv() {
+        events += usize::from(matches!(ev, NodeEvent::GroupMessage { .. }));
+    }
+    assert_eq!(events, n);
+    // A long burst: one transaction per MAX_COMMIT_BATCH messages.
+    let n = 2 * super::MAX_COMMIT_BATCH + 10;
+    let before = f.actor.store.commits();
+    for i in 0..n {
+        let env = message(&mut g, &mut f.rng, "more");
+        f.actor
+            .on_input(gossip(admin_id, 1000 + i, &env), Instant::now());
+    }
+    f.actor.end_of_pass(Instant::now());
+    assert_eq!(f.actor.store.commits(), before + 3);
+    assert_eq!(accepted(&f.drain()), n);
+    // An API call sees what was received before it, committed.
+    let env = message(&mut g, &mut f.rng, "last");
+    f.actor
+        .on_input(gossip(admin_id, 9999, &env), Instant::now());
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    f.actor.on_input(
+        super::handle::ApiCall::Messages {
+            group: gid,
+            limit: Some(1),
+            reply,
+        }
+        .into(),
+        Instant::now(),
+    );
+    let last = answer.blocking_recv();
+    assert!(
+        matches!(&last, Ok(Ok(m)) if m.len() == 1 && m[0].text == "last"),
+        "{last:?}"
+    );
+}
+
+#[test]
+fn api_calls_are_answered_while_a_peers_sync_is_served() {
+    let mut f = node(GroupsConfig::default());
+    let peer = kp(3).public().to_peer_id();
+    let (reply, created) = tokio::sync::oneshot::channel();
+    f.actor.on_input(
+        super::handle::ApiCall::Create {
+            name: "g".into(),
+            description: String::new(),
+            members: vec![peer],
+            reply,
+        }
+        .into(),
+        Instant::now(),
+    );
+    let gid = match created.blocking_recv() {
+        Ok(Ok(ack)) => ok(super::handle::parse_group(&ack.group_id)),
+        other => panic!("{other:?}"),
+    };
+    // 150 messages of 16 KiB: each full answer reads and decodes 2.4 MB.
+    let n = 150u64;
+    let text = "x".repeat(16 * 1024);
+    for _ in 0..n {
+        let (reply, sent) = tokio::sync::oneshot::channel();
+        f.actor.on_input(
+            super::handle::ApiCall::Send {
+                group: gid,
+                text: text.clone(),
+                reply,
+            }
+            .into(),
+            Instant::now(),
+        );
+        assert!(matches!(sent.blocking_recv(), Ok(Ok(_))));
+    }
+    let local = f.local();
+    let Fixture { actor, _dir, .. } = f;
+    let channel = crate::actor::Channel::bounded(4096);
+    let mailbox = channel.mailbox.clone();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let thread = ok(crate::actor::spawn(
+        "test-groups",
+        actor,
+        channel,
+        shutdown.clone(),
+    ));
+    let read = |limit| {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        ok(mailbox.offer(
+            super::handle::ApiCall::Messages {
+                group: gid,
+                limit: Some(limit),
+                reply,
+            }
+            .into(),
+        ));
+        answer.blocking_recv()
+    };
+    // Once the actor has restored the group (its first answer)...
+    assert!(matches!(read(1), Ok(Ok(m)) if m.len() == 1));
+    // ...a peer asks for everything, 40 times, then the user reads.
+    let req = encode_sync_request(&SyncRequest::Fetch {
+        group_id: gid,
+        want: Want {
+            ranges: vec![(local, 1, n)],
+            ..Want::default()
+        },
+    });
+    let asks = 40;
+    let (tx, rx) = std::sync::mpsc::channel();
+    for _ in 0..asks {
+        ok(mailbox.offer(super::Input::SyncRequest {
+            peer,
+            frame: req.clone(),
+            channel: super::SyncReply::Test(tx.clone()),
+        }));
+    }
+    let start = Instant::now();
+    let got = read(5);
+    let api = start.elapsed();
+    assert!(matches!(&got, Ok(Ok(m)) if m.len() == 5), "{got:?}");
+    let mut full = 0;
+    for _ in 0..asks {
+        let frame = ok(rx.recv_timeout(Duration::from_secs(120)));
+        let resp = ok(decode_sync_response(&frame));
+        full += usize::from(resp.messages.len() as u64 == n);
+    }
+    let sync = start.elapsed();
+    shutdown.cancel();
+    let _ = thread.join();
+    eprintln!("API answered in {api:?}; {asks} sync answers took {sync:?}");
+    assert_eq!(full, asks, "every answer carries every message");
+    // Answered inline, the read would have waited for all 40 answers.
+    assert!(
+        api * 4 < sync,
+        "API {api:?} waited for the sync answers ({sync:?})"
+    );
+}
+
+/// Received messages per second into one group: `FOGMESH_BENCH_N` (2000)
+/// gossip messages from one member queued for the actor on its thread, timed
+/// until every verdict is out (each verdict follows the message's commit).
+/// A measurement, not a check (docs/BENCHMARKS.md):
+/// `cargo test -p fogmesh --lib groups::tests::receive_throughput -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement; see docs/BENCHMARKS.md"]
+fn receive_throughput() {
+    let n: usize = std::env::var("FOGMESH_BENCH_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
+    let mut f = node(GroupsConfig {
+        sender_rate: 1e9,
+        ..GroupsConfig::default()
+    });
+    let admin = kp(2);
+    let admin_id = admin.public().to_peer_id();
+    let (mut g, _gid) = joined(&mut f, &admin);
+    f.drain();
+    let frames: Vec<super::Input> = (0..n)
+        .map(|i| {
+            let env = message(
+                &mut g,
+                &mut f.rng,
+                &format!(
+                    "message {i} of the flood, about a hundred bytes of text like a chat line"
+                ),
+            );
+            gossip(admin_id, i, &env)
+        })
+        .collect();
+    let Fixture {
+        actor,
+        mut net,
+        _dir,
+        ..
+    } = f;
+    let commits = actor.store.clone();
+    let before = commits.commits();
+    let channel = crate::actor::Channel::bounded(super::INPUT_QUEUE);
+    let mailbox = channel.mailbox.clone();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let thread = ok(crate::actor::spawn(
+        "bench-groups",
+        actor,
+        channel,
+        shutdown.clone(),
+    ));
+    let start = Instant::now();
+    let feeder = std::thread::spawn(move || {
+        for input in frames {
+            if mailbox.send_blocking(input).is_err() {
+                return;
+            }
+        }
+    });
+    let mut got = 0;
+    while got < n {
+        match net.blocking_recv() {
+            Some(NetCommand::Validation { acceptance, .. }) => {
+                assert!(matches!(acceptance, MessageAcceptance::Accept));
+                got += 1;
+            }
+            Some(_) => {}
+            None => panic!("actor gone"),
+        }
+    }
+    let took = start.elapsed();
+    let _ = feeder.join();
+    shutdown.cancel();
+    let _ = thread.join();
+    eprintln!(
+        "received {n} messages into one group in {took:?}: {:.0} msg/s, {} write transactions",
+        n as f64 / took.as_secs_f64(),
+        commits.commits() - before
     );
 }

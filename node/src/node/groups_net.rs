@@ -29,7 +29,7 @@ use super::event_loop::Ctx;
 use super::exchange::{Exchange, exchange};
 use super::peers::PeerBook;
 use crate::behaviour::{Behaviour, SyncFrame};
-use crate::groups::{GroupsHandle, Input, NetCommand};
+use crate::groups::{GroupsHandle, Input, NetCommand, SyncReply};
 
 /// Messages a fetch may ask for and still count as small. A chat message
 /// is typically well under 1 KiB (at most 64 KiB), a membership op about
@@ -166,7 +166,7 @@ impl GroupsNet {
                 self.offer(Input::SyncRequest {
                     peer,
                     frame,
-                    channel,
+                    channel: SyncReply::Net(peer, channel),
                 })
             }
             Some(Exchange::Answer {

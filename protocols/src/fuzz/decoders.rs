@@ -769,3 +769,61 @@ pub(super) fn mailbox_response_seeds() -> Vec<Vec<u8>> {
         Response::Deleted { count: 1 }.encode(),
     ]
 }
+
+// ---- the node's request-response framing ---------------------------------
+
+/// The length-prefixed frames of the node's request-response codec
+/// (`node/src/codec.rs` reads through these functions). The first byte
+/// picks the limit (1 B to 16 MiB); the rest is the stream.
+pub(super) fn rr_frame(data: &[u8]) {
+    use crate::length_prefix::{MAX_PREFIX_LEN, PrefixError, frame, parse_prefix, split_frame};
+    let Some((&pick, stream)) = data.split_first() else {
+        return;
+    };
+    let max = 1usize << (pick % 25);
+    let whole = parse_prefix(stream, max);
+    // Byte by byte, as the codec reads: incomplete until the prefix's last
+    // byte, then the same answer as the whole.
+    let mut bytewise = Ok(None);
+    for i in 1..=stream.len().min(MAX_PREFIX_LEN) {
+        bytewise = parse_prefix(&stream[..i], max);
+        if !matches!(bytewise, Ok(None)) {
+            break;
+        }
+    }
+    assert_eq!(bytewise, whole);
+    match whole {
+        Ok(Some((len, at))) => {
+            assert!(len <= max && (1..=MAX_PREFIX_LEN).contains(&at));
+            match split_frame(stream, max) {
+                Ok(Some((body, rest))) => {
+                    assert_eq!(body.len(), len);
+                    // Minimal prefixes: re-framing gives back the same bytes.
+                    let again = frame(body, max);
+                    assert_eq!(again.as_deref().ok(), Some(&stream[..at + len]));
+                    assert_eq!(rest, &stream[at + len..]);
+                }
+                Ok(None) => assert!(stream.len() < at + len),
+                Err(e) => panic!("prefix parsed, frame refused: {e}"),
+            }
+        }
+        Ok(None) => assert!(stream.len() < MAX_PREFIX_LEN),
+        Err(PrefixError::TooLong { len, max: m }) => assert!(m == max && len > max as u64),
+        Err(PrefixError::Overflow | PrefixError::NotMinimal) => {}
+    }
+}
+
+pub(super) fn rr_frame_seeds() -> Vec<Vec<u8>> {
+    let mut seeds = Vec::new();
+    for (pick, body) in [(4u8, &b"hello"[..]), (24, &[7; 300][..]), (0, &b""[..])] {
+        let mut s = vec![pick];
+        s.extend(crate::length_prefix::frame(body, 1 << 24).unwrap_or_default());
+        seeds.push(s);
+    }
+    seeds.push(vec![20, 0x81, 0x00]);
+    seeds.push(vec![
+        24, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+    ]);
+    seeds.push(vec![2, 0x05, b'h']);
+    seeds
+}

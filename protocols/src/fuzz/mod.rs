@@ -84,6 +84,7 @@ pub const TARGETS: &[Target] = &[
         decoders::dm_letter_plain,
         decoders::dm_letter_plain_seeds,
     ),
+    Target::new("rr_frame", decoders::rr_frame, decoders::rr_frame_seeds),
     Target::new(
         "mailbox_request",
         decoders::mailbox_request,

@@ -66,9 +66,84 @@ pub fn respond(
     lookup: impl FnMut(&MessageId) -> Option<Vec<u8>>,
     budget: usize,
 ) -> Answer {
+    plan(group, requester, request, budget).fill(lookup)
+}
+
+/// The smallest a stored (valid, signed) envelope encodes to: its
+/// signature alone is 64 bytes and its group id 32. Bounds how many
+/// envelopes a [`Plan`] lists: no more than fit in the budget.
+pub const MIN_ENVELOPE_LEN: usize = 96;
+
+/// The first half of [`respond`], which needs the group but not the stored
+/// envelopes: the summary, the ops and the request of our own, and the ids
+/// of the envelopes to look up, in order. The node computes it where the
+/// group lives and [`fill`](Plan::fill)s it elsewhere (reading the
+/// envelopes from disk and encoding them is the costly part), so that a
+/// peer's sync does not hold up the local user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    answer: Answer,
+    /// Ids per range, each in sequence order, up to the first sequence
+    /// number the group does not have; at most `budget /
+    /// MIN_ENVELOPE_LEN` in all.
+    ranges: Vec<Vec<MessageId>>,
+    used: usize,
+    budget: usize,
+}
+
+impl Plan {
+    /// The request of the responder's own (see [`Answer::ask`]).
+    pub fn ask(&self) -> Option<&SyncRequest> {
+        self.answer.ask.as_ref()
+    }
+
+    /// The group the answer is about.
+    pub fn group_id(&self) -> super::GroupId {
+        self.answer.response.group_id
+    }
+
+    /// Whether the answer needs no envelope looked up.
+    pub fn needs_lookup(&self) -> bool {
+        self.ranges.iter().any(|r| !r.is_empty())
+    }
+
+    /// Completes the answer with the envelopes `lookup` finds, each range in
+    /// order until the first it does not have, while they fit the budget.
+    pub fn fill(self, mut lookup: impl FnMut(&MessageId) -> Option<Vec<u8>>) -> Answer {
+        let Plan {
+            mut answer,
+            ranges,
+            mut used,
+            budget,
+        } = self;
+        for ids in ranges {
+            for id in ids {
+                let Some(bytes) = lookup(&id) else { break };
+                if used + bytes.len() > budget {
+                    return answer;
+                }
+                if let Ok(env) = decode_envelope(&bytes) {
+                    used += bytes.len();
+                    answer.response.messages.push(env);
+                }
+            }
+        }
+        answer
+    }
+}
+
+/// Plans the answer to `request` from `requester` about `group` (see
+/// [`respond`], which is `plan(..).fill(lookup)`).
+pub fn plan(group: &Group, requester: &PeerId, request: &SyncRequest, budget: usize) -> Plan {
     let group_id = group.id();
+    let nothing = |answer| Plan {
+        answer,
+        ranges: Vec::new(),
+        used: 0,
+        budget,
+    };
     if request.group_id() != group_id || !group.membership().is_member(requester) {
-        return Answer::nothing(group_id);
+        return nothing(Answer::nothing(group_id));
     }
     let mine = group.summary();
     let mut answer = Answer::nothing(group_id);
@@ -102,15 +177,13 @@ pub fn respond(
     if let Some(from) = ops_from {
         add_ops(group, from, budget, &mut used, &mut answer.response);
     }
-    add_messages(
-        group,
-        &want,
-        lookup,
+    let ranges = message_ids(group, &want, budget.saturating_sub(used) / MIN_ENVELOPE_LEN);
+    Plan {
+        answer,
+        ranges,
+        used,
         budget,
-        &mut used,
-        &mut answer.response,
-    );
-    answer
+    }
 }
 
 /// Adds the ops from index `from` on, in order, while they fit.
@@ -126,33 +199,34 @@ fn add_ops(group: &Group, from: u64, budget: usize, used: &mut usize, resp: &mut
     }
 }
 
-/// Adds the envelopes of `ranges`, each range in order until a gap, while
-/// they fit.
-fn add_messages(
+/// The ids of the envelopes of `ranges`, each range in order until a gap,
+/// at most `most` in all.
+fn message_ids(
     group: &Group,
     ranges: &[(PeerId, u64, u64)],
-    mut lookup: impl FnMut(&MessageId) -> Option<Vec<u8>>,
-    budget: usize,
-    used: &mut usize,
-    resp: &mut SyncResponse,
-) {
+    mut most: usize,
+) -> Vec<Vec<MessageId>> {
+    let mut out = Vec::with_capacity(ranges.len().min(most));
     for (sender, from, to) in ranges {
+        if most == 0 {
+            break;
+        }
+        let mut ids = Vec::new();
         for seq in *from..=*to {
             // The requester delivers per sender without gaps: past a
             // missing one, the rest of the range is of no use to it.
             let Some(id) = group.causal().id_of(sender, seq) else {
                 break;
             };
-            let Some(bytes) = lookup(&id) else { break };
-            if *used + bytes.len() > budget {
-                return;
+            if most == 0 {
+                break;
             }
-            if let Ok(env) = decode_envelope(&bytes) {
-                *used += bytes.len();
-                resp.messages.push(env);
-            }
+            most -= 1;
+            ids.push(id);
         }
+        out.push(ids);
     }
+    out
 }
 
 /// What to ask a peer next, given the local summary and the peer's: a full
@@ -314,6 +388,40 @@ mod tests {
                 need_full_summary: false,
             },
         }
+    }
+
+    #[test]
+    fn no_envelope_is_shorter_than_a_plan_assumes() {
+        let mut w = World::new(2);
+        w.send(1, 0, 1, 0);
+        let shortest = w.stored.values().map(Vec::len).min();
+        assert!(
+            shortest.is_some_and(|n| n >= MIN_ENVELOPE_LEN),
+            "{shortest:?}"
+        );
+    }
+
+    #[test]
+    fn a_plan_lists_no_more_ids_than_can_fit() {
+        let mut w = World::new(2);
+        w.send(1, 0, 50, 0);
+        let gid = w.groups[0].id();
+        let req = fetch(gid, None, vec![(w.peer(1), 1, u64::MAX)]);
+        // Room for ten of the smallest envelopes after the overhead.
+        let budget = RESPONSE_OVERHEAD + 10 * MIN_ENVELOPE_LEN;
+        let p = plan(&w.groups[0], &w.peer(1), &req, budget);
+        assert_eq!(p.ranges.iter().map(Vec::len).sum::<usize>(), 10);
+        assert!(p.needs_lookup());
+        // Filled, it is what `respond` answers.
+        let filled = p.fill(|id| w.stored.get(id).cloned());
+        let direct = respond(
+            &w.groups[0],
+            &w.peer(1),
+            &req,
+            |id| w.stored.get(id).cloned(),
+            budget,
+        );
+        assert_eq!(filled, direct);
     }
 
     #[test]

@@ -61,7 +61,7 @@ use sha2::{Digest, Sha256};
 
 pub use causal::{CausalBuffer, CausalError, CausalOrder, MessageId};
 pub use crypto::{CryptoError, EpochKey, GroupKeys, SealedKey};
-pub use exchange::{Answer, next_request, pick_sync_peer, respond};
+pub use exchange::{Answer, Plan, next_request, pick_sync_peer, plan, respond};
 pub use gossip::{
     GossipError, GossipFrame, decode_gossip, encode_gossip_message, encode_gossip_op,
 };
