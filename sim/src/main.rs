@@ -122,34 +122,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             seed,
             out,
             time_dilation,
-        } => {
-            let text = std::fs::read_to_string(&scenario)
-                .with_context(|| format!("cannot read {}", scenario.display()))?;
-            let mut s = scenario::Scenario::load(&scenario)?;
-            if let Some(f) = time_dilation {
-                s.time_dilation = f;
-            }
-            s.check()?;
-            let seed = seed.unwrap_or(s.seed);
-            let out = out.unwrap_or_else(|| PathBuf::from(format!("sim-out/{}-{seed}", s.name)));
-            let opts = run::Options {
-                seed,
-                dilation: s.time_dilation,
-                out: out.clone(),
-            };
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the runtime")?;
-            let record = rt.block_on(run::run(&s, &text, &opts))?;
-            // Stop the runtime's leftover tasks (link forwarders) before the
-            // report, which runs on this thread.
-            rt.shutdown_timeout(std::time::Duration::from_secs(5));
-            let summary = report::write_report(&record, &out)?;
-            println!("{}", serde_json::to_string_pretty(&summary)?);
-            eprintln!("outputs in {}", out.display());
-            Ok(())
-        }
+        } => run_scenario(&scenario, seed, out, time_dilation),
         Command::ExportShadow {
             scenario,
             seed,
@@ -157,58 +130,109 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             fogmesh,
             join_secs,
             local_port,
-        } => {
-            let text = std::fs::read_to_string(&scenario)
-                .with_context(|| format!("cannot read {}", scenario.display()))?;
-            let s = scenario::Scenario::load(&scenario)?;
-            s.check()?;
-            let me = std::env::current_exe().context("cannot find this program's path")?;
-            let fogmesh = match fogmesh {
-                Some(p) => std::path::absolute(p)?,
-                None => me.with_file_name("fogmesh"),
-            };
-            let opts = shadow::ExportOptions {
-                seed: seed.unwrap_or(s.seed),
-                out: out.clone(),
-                fogmesh,
-                fogmesh_sim: me,
-                join_secs,
-                local_port,
-            };
-            let info = shadow::export(&s, &text, &opts)?;
-            eprintln!(
-                "{} nodes exported to {}; run `shadow {}/shadow.yaml` there, then \
-                 `fogmesh-sim analyse {}`",
-                info.nodes.len(),
-                out.display(),
-                out.display(),
-                out.display()
-            );
-            Ok(())
-        }
-        Command::Drive { dir, node } => {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .context("cannot start the runtime")?;
-            rt.block_on(shadow::drive(&dir, node))
-        }
-        Command::Analyse { dir, out } => {
-            let (record, gaps) = analyse::analyse(&dir)?;
-            if !gaps.missing_logs.is_empty() {
-                eprintln!("warning: no event log for nodes {:?}", gaps.missing_logs);
-            }
-            if gaps.bad_lines + gaps.unplanned > 0 {
-                eprintln!(
-                    "warning: {} unreadable lines, {} published messages beyond the plan",
-                    gaps.bad_lines, gaps.unplanned
-                );
-            }
-            let out = out.unwrap_or_else(|| dir.join("report"));
-            let summary = report::write_report(&record, &out)?;
-            println!("{}", serde_json::to_string_pretty(&summary)?);
-            eprintln!("outputs in {}", out.display());
-            Ok(())
-        }
+        } => export_shadow(&scenario, seed, out, fogmesh, join_secs, local_port),
+        Command::Drive { dir, node } => drive(&dir, node),
+        Command::Analyse { dir, out } => analyse_dir(&dir, out),
     }
+}
+
+/// `fogmesh-sim run`: runs the scenario and writes its report.
+fn run_scenario(
+    scenario: &std::path::Path,
+    seed: Option<u64>,
+    out: Option<PathBuf>,
+    time_dilation: Option<f64>,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(scenario)
+        .with_context(|| format!("cannot read {}", scenario.display()))?;
+    let mut s = scenario::Scenario::load(scenario)?;
+    if let Some(f) = time_dilation {
+        s.time_dilation = f;
+    }
+    s.check()?;
+    let seed = seed.unwrap_or(s.seed);
+    let out = out.unwrap_or_else(|| PathBuf::from(format!("sim-out/{}-{seed}", s.name)));
+    let opts = run::Options {
+        seed,
+        dilation: s.time_dilation,
+        out: out.clone(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    let record = rt.block_on(run::run(&s, &text, &opts))?;
+    // Stop the runtime's leftover tasks (link forwarders) before the
+    // report, which runs on this thread.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    let summary = report::write_report(&record, &out)?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    eprintln!("outputs in {}", out.display());
+    Ok(())
+}
+
+/// `fogmesh-sim export-shadow`: writes a Shadow run of the scenario.
+fn export_shadow(
+    scenario: &std::path::Path,
+    seed: Option<u64>,
+    out: PathBuf,
+    fogmesh: Option<PathBuf>,
+    join_secs: u64,
+    local_port: Option<u16>,
+) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(scenario)
+        .with_context(|| format!("cannot read {}", scenario.display()))?;
+    let s = scenario::Scenario::load(scenario)?;
+    s.check()?;
+    let me = std::env::current_exe().context("cannot find this program's path")?;
+    let fogmesh = match fogmesh {
+        Some(p) => std::path::absolute(p)?,
+        None => me.with_file_name("fogmesh"),
+    };
+    let opts = shadow::ExportOptions {
+        seed: seed.unwrap_or(s.seed),
+        out: out.clone(),
+        fogmesh,
+        fogmesh_sim: me,
+        join_secs,
+        local_port,
+    };
+    let info = shadow::export(&s, &text, &opts)?;
+    eprintln!(
+        "{} nodes exported to {}; run `shadow {}/shadow.yaml` there, then \
+         `fogmesh-sim analyse {}`",
+        info.nodes.len(),
+        out.display(),
+        out.display(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// `fogmesh-sim drive`: node `node`'s part of an export's workload.
+fn drive(dir: &std::path::Path, node: usize) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    rt.block_on(shadow::drive(dir, node))
+}
+
+/// `fogmesh-sim analyse`: the report of a Shadow run from its event logs.
+fn analyse_dir(dir: &std::path::Path, out: Option<PathBuf>) -> anyhow::Result<()> {
+    let (record, gaps) = analyse::analyse(dir)?;
+    if !gaps.missing_logs.is_empty() {
+        eprintln!("warning: no event log for nodes {:?}", gaps.missing_logs);
+    }
+    if gaps.bad_lines + gaps.unplanned > 0 {
+        eprintln!(
+            "warning: {} unreadable lines, {} published messages beyond the plan",
+            gaps.bad_lines, gaps.unplanned
+        );
+    }
+    let out = out.unwrap_or_else(|| dir.join("report"));
+    let summary = report::write_report(&record, &out)?;
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    eprintln!("outputs in {}", out.display());
+    Ok(())
 }

@@ -154,24 +154,7 @@ pub fn node_ip(i: usize) -> Ipv4Addr {
 /// Writes the Shadow export of scenario `s` (`text` is its file) into
 /// `opts.out`.
 pub fn export(s: &Scenario, text: &str, opts: &ExportOptions) -> anyhow::Result<ExportInfo> {
-    if s.ble.is_some() {
-        bail!(
-            "scenario {}: Shadow has no radio, so scenarios with BLE nodes cannot be exported",
-            s.name
-        );
-    }
-    if s.workload.kind != WorkloadKind::Group {
-        bail!(
-            "scenario {}: only group workloads can be exported so far",
-            s.name
-        );
-    }
-    if !(s.faults.partition.is_empty() && s.faults.churn.is_empty()) {
-        bail!(
-            "scenario {}: faults (partition, churn) cannot be exported so far",
-            s.name
-        );
-    }
+    exportable(s, opts)?;
     let out = absolute(&opts.out)?;
     if out.exists() && out.read_dir()?.next().is_some() {
         bail!("{} is not empty", out.display());
@@ -184,38 +167,10 @@ pub fn export(s: &Scenario, text: &str, opts: &ExportOptions) -> anyhow::Result<
         Some(_) => SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
         None => SHADOW_EPOCH_UNIX_S,
     };
-    let port = |i: usize| opts.local_port.map_or(P2P_PORT, |base| base + i as u16);
-    if let Some(base) = opts.local_port
-        && usize::from(base) + 2 * s.nodes > usize::from(u16::MAX)
-    {
-        bail!("--local-port {base} leaves no room for {} nodes", s.nodes);
-    }
-    let api = |i: usize| match opts.local_port {
-        Some(base) => format!("127.0.0.1:{}", base as usize + s.nodes + i),
-        None => API_ADDR.to_owned(),
-    };
-
-    let nodes: Vec<ExportNode> = (0..s.nodes)
-        .map(|i| {
-            let data_dir = out.join("nodes").join(format!("n{i}"));
-            ExportNode {
-                index: i,
-                peer_id: plan.topology.nodes[i].peer_id.clone(),
-                host: format!("n{i}"),
-                ip: if opts.local_port.is_some() {
-                    Ipv4Addr::LOCALHOST
-                } else {
-                    node_ip(i)
-                },
-                port: port(i),
-                event_log: data_dir.join("events.ndjson"),
-                data_dir,
-            }
-        })
-        .collect();
+    let nodes = layout(s, &plan, &out, opts.local_port);
     let admin = plan.workload.members.first().copied().unwrap_or(0);
     for (i, node) in nodes.iter().enumerate() {
-        prepare_node(s, &plan, &nodes, i, admin, api(i))
+        prepare_node(s, &plan, &nodes, i, admin, api_addr(s, opts.local_port, i))
             .with_context(|| format!("preparing node {i} in {}", node.data_dir.display()))?;
     }
 
@@ -257,6 +212,66 @@ pub fn export(s: &Scenario, text: &str, opts: &ExportOptions) -> anyhow::Result<
     let config = shadow_config(&plan, &info, &out, opts, stop_s);
     write(&out.join("shadow.yaml"), &yaml_serde::to_string(&config)?)?;
     Ok(info)
+}
+
+/// Refuses what an export cannot carry.
+fn exportable(s: &Scenario, opts: &ExportOptions) -> anyhow::Result<()> {
+    if s.ble.is_some() {
+        bail!(
+            "scenario {}: Shadow has no radio, so scenarios with BLE nodes cannot be exported",
+            s.name
+        );
+    }
+    if s.workload.kind != WorkloadKind::Group {
+        bail!(
+            "scenario {}: only group workloads can be exported so far",
+            s.name
+        );
+    }
+    if !(s.faults.partition.is_empty() && s.faults.churn.is_empty()) {
+        bail!(
+            "scenario {}: faults (partition, churn) cannot be exported so far",
+            s.name
+        );
+    }
+    if let Some(base) = opts.local_port
+        && usize::from(base) + 2 * s.nodes > usize::from(u16::MAX)
+    {
+        bail!("--local-port {base} leaves no room for {} nodes", s.nodes);
+    }
+    Ok(())
+}
+
+/// Each node's host, address, port, data directory and event log: on
+/// Shadow's network, or on loopback from port `local_port`.
+fn layout(s: &Scenario, plan: &Plan, out: &Path, local_port: Option<u16>) -> Vec<ExportNode> {
+    (0..s.nodes)
+        .map(|i| {
+            let data_dir = out.join("nodes").join(format!("n{i}"));
+            ExportNode {
+                index: i,
+                peer_id: plan.topology.nodes[i].peer_id.clone(),
+                host: format!("n{i}"),
+                ip: if local_port.is_some() {
+                    Ipv4Addr::LOCALHOST
+                } else {
+                    node_ip(i)
+                },
+                port: local_port.map_or(P2P_PORT, |base| base + i as u16),
+                event_log: data_dir.join("events.ndjson"),
+                data_dir,
+            }
+        })
+        .collect()
+}
+
+/// Node `i`'s API address: each Shadow host has its own loopback; on this
+/// host's, the ports after the p2p ones.
+fn api_addr(s: &Scenario, local_port: Option<u16>, i: usize) -> String {
+    match local_port {
+        Some(base) => format!("127.0.0.1:{}", base as usize + s.nodes + i),
+        None => API_ADDR.to_owned(),
+    }
 }
 
 /// Settings the in-process simulator applies and the daemons cannot be
