@@ -91,3 +91,12 @@ fn discovered(ctx: &Ctx, peer: PeerId, addrs: &[Multiaddr], via: DiscoveredVia) 
         via,
     });
 }
+
+/// The peers a closest-peers lookup found, also when it timed out (what it
+/// had found by then).
+pub(super) fn closest_found(result: kad::GetClosestPeersResult) -> Vec<kad::PeerInfo> {
+    match result {
+        Ok(ok) => ok.peers,
+        Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+    }
+}

@@ -389,10 +389,7 @@ impl MailboxNet {
         let Some(what) = self.lookups.remove(&id) else {
             return;
         };
-        let found = match result {
-            Ok(ok) => ok.peers,
-            Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
-        };
+        let found = super::discovery::closest_found(result);
         let mut closest = Vec::new();
         for info in found {
             if info.peer_id == self.me {

@@ -339,10 +339,7 @@ impl MessagesNet {
         let Some(peer) = self.lookups.remove(&id) else {
             return;
         };
-        let found = match result {
-            Ok(ok) => ok.peers,
-            Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
-        };
+        let found = super::discovery::closest_found(result);
         let Some(info) = found.into_iter().find(|p| p.peer_id == peer) else {
             tracing::debug!(%peer, "recipient not found in the DHT");
             return;
