@@ -563,7 +563,12 @@ async fn files_get(
     b: Result<Json<GetFile>, JsonRejection>,
 ) -> Response {
     let req = body!(b);
-    let output = match absolute(&req.output) {
+    let output = if req.output.is_empty() {
+        s.web.download_path(&id).await
+    } else {
+        absolute(&req.output)
+    };
+    let output = match output {
         Ok(p) => p,
         Err(r) => return r,
     };

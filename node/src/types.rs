@@ -448,7 +448,9 @@ pub struct ShareFile {
 /// `POST /v1/files/{id}/get` body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GetFile {
-    /// Absolute path to write the file to.
+    /// Absolute path to write the file to; empty (or absent): `downloads/<id>`
+    /// in the daemon's data directory.
+    #[serde(default)]
     pub output: String,
     /// The link fetched (`fogmesh-file:<id>#<key>`), whose key decrypts
     /// the file; absent: the one key received for the file, if any.

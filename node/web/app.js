@@ -306,7 +306,10 @@ async function loadFiles() {
       el('td', {}, progress),
       el('td', {}, f.sources === 1 ? '1 source' : `${f.sources} sources`),
       el('td', {}, busy ? bytes(f.rate_bps) + '/s' : ''),
-      el('td', {}, cancel)));
+      el('td', {}, (f.state === 'complete' || f.state === 'sharing')
+        ? el('a', { class: 'small', href: `/v1/files/${encodeURIComponent(f.file_id)}/content`, download: f.name || f.file_id,
+          title: 'save a copy from the node to this browser' }, 'Download ')
+        : '', cancel)));
   }
   if (!(files || []).length) body.append(el('tr', {}, el('td', { colspan: 7, class: 'sub' }, 'Nothing shared or fetched yet.')));
   clearTimeout(state.filesTimer);

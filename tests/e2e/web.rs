@@ -526,6 +526,7 @@ fn chat_page_in_a_browser() {
         "complete",
     );
     pb.wait_text(&format!("#file-list tr[data-id='{fid}']"), "source");
+    pb.wait_text(&format!("#file-list tr[data-id='{fid}']"), "Download");
     assert_eq!(
         std::fs::read_to_string(&out).expect("fetched file"),
         content
@@ -585,6 +586,20 @@ fn chat_page_in_a_browser() {
     let origin = format!("http://{}", a.api);
     let (code, _, _) = request(&a.api, "GET", "/v1/status", &[("Cookie", &cookie)], None);
     assert_eq!(code, 200, "the cookie authenticates");
+    // The page's download link: the shared file's bytes, as an attachment.
+    let (code, hdrs, body) = request(
+        &a.api,
+        "GET",
+        &format!("/v1/files/{fid}/content"),
+        &[("Cookie", &cookie)],
+        None,
+    );
+    assert_eq!(code, 200, "download: {body:.200}");
+    assert_eq!(
+        header(&hdrs, "content-disposition"),
+        Some("attachment; filename=\"route-map.txt\"")
+    );
+    assert!(body == content, "the downloaded bytes are the file's");
     // Foreign Origin or Host: refused, cookie or not.
     let (code, _, _) = request(
         &a.api,
@@ -684,5 +699,108 @@ fn chat_page_in_a_browser() {
     // Without a cookie or token: 401 as before; the CLI's bearer token
     // still works (every `a.json` above used it).
     let (code, _, _) = request(&a.api, "GET", "/v1/status", &[], None);
+    assert_eq!(code, 401);
+}
+
+/// `file get` without a place to write it (what the page's fetch does when
+/// its path is left empty) lands in the daemon's `downloads/`, and the page's
+/// download route reads it back; a download that is not complete, an
+/// unknown id and a name that is not an id are refused. No browser needed.
+#[test]
+fn fetches_without_a_path_land_in_downloads_and_read_back() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start(&tmp.path().join("a"), &[]);
+    let b = Daemon::start(&tmp.path().join("b"), &["--bootstrap", &a.tcp_addr()]);
+    a.wait_connected(&b.peer_id, T);
+    let src = tmp.path().join("notes.txt");
+    let content: String = (0..5_000).map(|i| format!("note {i}\n")).collect();
+    std::fs::write(&src, &content).expect("write file");
+    let shared = a.json(&["file", "share", &src.display().to_string()]);
+    let fid = shared["file_id"].as_str().expect("file id").to_owned();
+
+    let token = std::fs::read_to_string(b.data_dir.join("api.token")).expect("token");
+    let auth = format!("Bearer {}", token.trim());
+    let (code, _, body) = request(
+        &b.api,
+        "POST",
+        &format!("/v1/files/{fid}/get"),
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        Some("{}"),
+    );
+    assert_eq!(code, 200, "{body}");
+    let done = eventually(T, "the download completes", || {
+        let st = b.json(&["file", "status", &fid]);
+        (st["state"] == "complete").then_some(st)
+    });
+    let path = b.data_dir.join("downloads").join(&fid);
+    assert_eq!(done["path"].as_str(), Some(path.to_str().expect("utf-8")));
+    assert_eq!(std::fs::read_to_string(&path).expect("downloaded"), content);
+    let (code, hdrs, body) = request(
+        &b.api,
+        "GET",
+        &format!("/v1/files/{fid}/content"),
+        &[("Authorization", &auth)],
+        None,
+    );
+    assert_eq!(code, 200, "{body:.200}");
+    assert_eq!(
+        header(&hdrs, "content-disposition"),
+        Some("attachment; filename=\"notes.txt\"")
+    );
+    assert!(body == content, "the content route serves the file");
+
+    // Nobody has this one: it searches, and cannot be read yet.
+    let ghost = "cd".repeat(32);
+    let (code, _, body) = request(
+        &b.api,
+        "POST",
+        &format!("/v1/files/{ghost}/get"),
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        Some(r#"{"output":""}"#),
+    );
+    assert_eq!(code, 200, "{body}");
+    let (code, _, body) = request(
+        &b.api,
+        "GET",
+        &format!("/v1/files/{ghost}/content"),
+        &[("Authorization", &auth)],
+        None,
+    );
+    assert_eq!(code, 409, "{body}");
+    // Unknown ids, and names that are not ids, change nothing.
+    let (code, _, _) = request(
+        &b.api,
+        "GET",
+        &format!("/v1/files/{}/content", "ef".repeat(32)),
+        &[("Authorization", &auth)],
+        None,
+    );
+    assert_eq!(code, 404);
+    let (code, _, body) = request(
+        &b.api,
+        "POST",
+        "/v1/files/..%2F..%2Fetc/get",
+        &[
+            ("Authorization", &auth),
+            ("Content-Type", "application/json"),
+        ],
+        Some("{}"),
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(!tmp.path().join("etc").exists());
+    // Without the token, nothing is served.
+    let (code, _, _) = request(
+        &b.api,
+        "GET",
+        &format!("/v1/files/{fid}/content"),
+        &[],
+        None,
+    );
     assert_eq!(code, 401);
 }

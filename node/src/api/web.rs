@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Extension, Query, Request, State};
+use axum::extract::{Extension, Path as UrlPath, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -38,6 +38,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::{AppState, constant_time_eq, error, service_result};
+use crate::files::{FileState, FileStatus};
 
 const INDEX_HTML: &str = include_str!("../../web/index.html");
 const APP_JS: &str = include_str!("../../web/app.js");
@@ -60,6 +61,7 @@ pub const CSRF_HEADER: &str = "x-csrf-token";
 #[derive(Debug)]
 pub(super) struct Web {
     upload_dir: PathBuf,
+    download_dir: PathBuf,
     cookie_name: String,
     inner: Mutex<Sessions>,
 }
@@ -96,9 +98,29 @@ impl Web {
         let port = api_addr.rsplit_once(':').map(|(_, p)| p).unwrap_or("0");
         Web {
             upload_dir: data_dir.join("uploads"),
+            download_dir: data_dir.join("downloads"),
             cookie_name: format!("fogmesh_session_{port}"),
             inner: Mutex::new(Sessions::default()),
         }
+    }
+
+    /// Where a download asked for without an output path goes:
+    /// `downloads/<id>` in the data directory (created). The id must look
+    /// like one (hex), so it cannot name another place.
+    pub(super) async fn download_path(&self, id: &str) -> Result<PathBuf, Response> {
+        if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                format!("{id:?} is not a file id"),
+            ));
+        }
+        if let Err(e) = tokio::fs::create_dir_all(&self.download_dir).await {
+            return Err(error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot create {}: {e}", self.download_dir.display()),
+            ));
+        }
+        Ok(self.download_dir.join(id))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Sessions> {
@@ -248,6 +270,7 @@ pub(super) fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/web/login", post(login_token))
         .route("/v1/files/upload", post(upload))
+        .route("/v1/files/{id}/content", get(content))
 }
 
 /// Adds the page's security headers to every answer.
@@ -417,6 +440,73 @@ async fn upload(State(s): State<AppState>, Query(q): Query<UploadQuery>, body: B
     service_result(s.node.files().share(path, false).await)
 }
 
+/// `GET /v1/files/{id}/content`: the bytes of a shared or completely
+/// downloaded file, as an attachment named after its manifest's name.
+/// Anything else (a download under way, a share changed on disk) is 409.
+async fn content(State(s): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
+    let st = match s.node.files().status(&id).await {
+        Ok(st) => st,
+        Err(e) => return service_result::<FileStatus>(Err(e)),
+    };
+    let path = match (st.state, &st.path) {
+        (FileState::Sharing | FileState::Complete, Some(p)) => PathBuf::from(p),
+        (state, _) => {
+            return error(
+                StatusCode::CONFLICT,
+                format!("file {id} is {state}: only a shared or complete file can be read"),
+            );
+        }
+    };
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => {
+            return error(
+                StatusCode::GONE,
+                format!("cannot read {}: {e}", path.display()),
+            );
+        }
+    };
+    let len = file.metadata().await.map(|m| m.len()).ok();
+    let name = attachment_name(st.name.as_deref().unwrap_or(&st.file_id));
+    let mut resp = Body::from_stream(tokio_util::io::ReaderStream::new(file)).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Some(len) = len {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{name}\"")) {
+        h.insert(header::CONTENT_DISPOSITION, v);
+    }
+    resp
+}
+
+/// A file name that is safe in a `Content-Disposition` header: ASCII
+/// letters, digits, `.`, `-` and `_`; anything else becomes `_`; no
+/// leading dot; at most 128 characters.
+fn attachment_name(name: &str) -> String {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or_default();
+    let clean: String = base
+        .chars()
+        .take(128)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let clean = clean.trim_start_matches('.');
+    if clean.is_empty() {
+        "file".to_owned()
+    } else {
+        clean.to_owned()
+    }
+}
+
 /// Writes `body` to a new file at `path`, failing with 413 past `cap`
 /// bytes (the caller removes what was written).
 async fn write_capped(path: &std::path::Path, body: Body, cap: u64) -> Result<(), Response> {
@@ -479,6 +569,20 @@ mod tests {
             .await
             .expect_err("over the cap");
         assert_eq!(err.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[test]
+    fn attachment_names_stay_in_their_header() {
+        assert_eq!(attachment_name("report.pdf"), "report.pdf");
+        assert_eq!(attachment_name("../../etc/passwd"), "passwd");
+        assert_eq!(
+            attachment_name("a\"b\r\nSet-Cookie: x"),
+            "a_b__Set-Cookie__x"
+        );
+        assert_eq!(attachment_name(".hidden"), "hidden");
+        assert_eq!(attachment_name("été 2026.txt"), "_t__2026.txt");
+        assert_eq!(attachment_name(""), "file");
+        assert_eq!(attachment_name(&"x".repeat(500)).len(), 128);
     }
 
     #[test]
