@@ -4,7 +4,7 @@
 //! refusal or a failure is replaced by the next candidate; peers already
 //! known to hold the envelope count without being asked.
 //!
-//! Pure bookkeeping: the node sends the deposits [`Placement::next`]
+//! Pure bookkeeping: the node sends the deposits [`Placement::to_ask`]
 //! names and reports each answer with [`Placement::answered`].
 
 use std::collections::{HashSet, VecDeque};
@@ -64,7 +64,7 @@ impl Placement {
 
     /// The peers to ask now: the next candidates, as many as are missing
     /// to reach `want` with those already asked and unanswered.
-    pub fn next(&mut self) -> Vec<PeerId> {
+    pub fn to_ask(&mut self) -> Vec<PeerId> {
         let mut out = Vec::new();
         while self.held.len() + self.accepted.len() + self.outstanding.len() < self.want
             && self.asked < self.max_asks
@@ -119,18 +119,18 @@ mod tests {
         let peers: Vec<PeerId> = (0..6).map(|_| PeerId::random()).collect();
         let mut p = Placement::new(3, MAX_ASKS);
         p.add_candidates(peers.iter().copied());
-        assert_eq!(p.next(), peers[..3].to_vec());
-        assert!(p.next().is_empty(), "three are asked and unanswered");
+        assert_eq!(p.to_ask(), peers[..3].to_vec());
+        assert!(p.to_ask().is_empty(), "three are asked and unanswered");
         p.answered(peers[0], Ok(()));
         p.answered(peers[1], Err("full".into()));
         // The refusal is replaced by the fourth closest.
-        assert_eq!(p.next(), vec![peers[3]]);
+        assert_eq!(p.to_ask(), vec![peers[3]]);
         p.answered(peers[2], Err("gone".into()));
         p.answered(peers[3], Ok(()));
-        assert_eq!(p.next(), vec![peers[4]]);
+        assert_eq!(p.to_ask(), vec![peers[4]]);
         assert!(!p.done());
         p.answered(peers[4], Ok(()));
-        assert!(p.next().is_empty());
+        assert!(p.to_ask().is_empty());
         assert!(p.done());
         assert_eq!(p.accepted(), &[peers[0], peers[3], peers[4]]);
         assert_eq!(p.failed().len(), 2);
@@ -144,28 +144,28 @@ mod tests {
         let peers: Vec<PeerId> = (0..5).map(|_| PeerId::random()).collect();
         let mut p = Placement::new(3, 2);
         p.add_candidates(peers.iter().copied());
-        assert_eq!(p.next().len(), 2);
+        assert_eq!(p.to_ask().len(), 2);
         p.answered(peers[0], Err("no".into()));
         p.answered(peers[1], Err("no".into()));
-        assert!(p.next().is_empty(), "the allowance of asks is used up");
+        assert!(p.to_ask().is_empty(), "the allowance of asks is used up");
         assert!(p.done());
 
         let mut p = Placement::new(3, MAX_ASKS);
         p.already_held(peers[0]);
         p.already_held(peers[1]);
         p.add_candidates(peers.iter().copied());
-        assert_eq!(p.next(), vec![peers[2]], "two already hold it");
+        assert_eq!(p.to_ask(), vec![peers[2]], "two already hold it");
         p.answered(peers[2], Err("no".into()));
-        assert_eq!(p.next(), vec![peers[3]]);
+        assert_eq!(p.to_ask(), vec![peers[3]]);
         p.answered(peers[3], Err("no".into()));
-        assert_eq!(p.next(), vec![peers[4]]);
+        assert_eq!(p.to_ask(), vec![peers[4]]);
         p.answered(peers[4], Err("no".into()));
-        assert!(p.next().is_empty());
+        assert!(p.to_ask().is_empty());
         assert!(p.done(), "no candidate is left");
         assert!(p.accepted().is_empty());
 
         let mut empty = Placement::new(3, MAX_ASKS);
-        assert!(empty.next().is_empty());
+        assert!(empty.to_ask().is_empty());
         assert!(empty.done());
     }
 }
