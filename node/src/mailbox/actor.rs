@@ -12,7 +12,7 @@ use libp2p::PeerId;
 use tokio::sync::mpsc;
 
 use super::store::HolderStore;
-use super::{HeldCopy, Held, HolderAnswer, HolderInput, HolderOut, HolderRequest, MailboxConfig};
+use super::{Held, HeldCopy, HolderAnswer, HolderInput, HolderOut, HolderRequest, MailboxConfig};
 use crate::actor::Actor;
 use crate::messages::now_ms;
 use crate::storage::StoreError;
@@ -205,8 +205,7 @@ impl Actor for HolderActor {
             }
             HolderInput::Walk { cursor, max } => self.walk(cursor, max),
         };
-        if self.answers.blocking_send(out).is_err()
-        {
+        if self.answers.blocking_send(out).is_err() {
             tracing::debug!("event loop gone; mailbox answer dropped");
         }
     }

@@ -369,7 +369,11 @@ impl MailboxNet {
                 {
                     self.duties.remove(&oldest);
                 }
-                let life = if id.is_some() { DUTY_MS } else { RECEIPT_DUTY_MS };
+                let life = if id.is_some() {
+                    DUTY_MS
+                } else {
+                    RECEIPT_DUTY_MS
+                };
                 let mut duty = Duty {
                     id,
                     to: env.to,
@@ -655,7 +659,7 @@ impl MailboxNet {
     /// due.
     fn duties_poll(&mut self, swarm: &mut Swarm<Behaviour>, ctx: &Ctx, peers: &PeerBook, now: u64) {
         self.duties.retain(|_, d| d.until > now);
-        if self.duties.is_empty() {
+        if self.duties.is_empty() || self.fans.len() >= MAX_FANS {
             return;
         }
         let mut fans = Vec::new();
@@ -890,9 +894,11 @@ impl MailboxNet {
                             // A full queue drops the request with its
                             // channel: the peer sees a closed stream and
                             // tries again later.
-                            if let Err(e) = self.holder.mailbox.offer(HolderInput::Peer(
-                                HolderRequest { peer, req, channel },
-                            )) {
+                            if let Err(e) = self
+                                .holder
+                                .mailbox
+                                .offer(HolderInput::Peer(HolderRequest { peer, req, channel }))
+                            {
                                 tracing::debug!(%peer, "mailbox request dropped: {e}");
                             }
                             return;

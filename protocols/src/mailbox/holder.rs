@@ -272,10 +272,7 @@ impl Ledger {
                 .range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded)),
             None => self.order.range(..),
         };
-        let out: Vec<&Stored> = range
-            .take(max)
-            .filter_map(|id| self.held.get(id))
-            .collect();
+        let out: Vec<&Stored> = range.take(max).filter_map(|id| self.held.get(id)).collect();
         let next = if out.len() < max {
             None
         } else {
@@ -371,9 +368,15 @@ mod tests {
         }
         l.remove(&id(3));
         let (a, next) = l.walk(None, 2);
-        assert_eq!(a.iter().map(|s| s.id).collect::<Vec<_>>(), vec![id(1), id(2)]);
+        assert_eq!(
+            a.iter().map(|s| s.id).collect::<Vec<_>>(),
+            vec![id(1), id(2)]
+        );
         let (b, next) = l.walk(next, 2);
-        assert_eq!(b.iter().map(|s| s.id).collect::<Vec<_>>(), vec![id(4), id(5)]);
+        assert_eq!(
+            b.iter().map(|s| s.id).collect::<Vec<_>>(),
+            vec![id(4), id(5)]
+        );
         let (c, next) = l.walk(next, 2);
         assert!(c.is_empty());
         assert_eq!(next, None);
