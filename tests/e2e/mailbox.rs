@@ -478,3 +478,52 @@ fn a_ble_neighbour_met_later_gets_a_courier_copy() {
     assert_eq!(held(&w), 1);
     assert_eq!(held(&y), 1);
 }
+
+#[test]
+fn holders_that_refuse_are_replaced_by_the_next_closest() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let (_, b_id) = new_identity(&root.join("b"));
+    // Four peers; the three closest to B's key hold nothing for others.
+    let mut ids: Vec<(String, std::path::PathBuf)> = (0..4)
+        .map(|i| {
+            let dir = root.join(format!("p{i}"));
+            (new_identity(&dir).1, dir)
+        })
+        .collect();
+    ids.sort_by_key(|(id, _)| distance_to_mailbox(id, &b_id));
+    let mut ps: Vec<Daemon> = Vec::new();
+    for (i, (id, dir)) in ids.iter().enumerate() {
+        let mut args: Vec<String> = Vec::new();
+        if let Some(first) = ps.first() {
+            args.extend(["--bootstrap".to_owned(), first.tcp_addr()]);
+        }
+        if i < 3 {
+            args.push("--no-mailbox".to_owned());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let p = Daemon::start(dir, &args);
+        assert_eq!(&p.peer_id, id);
+        ps.push(p);
+    }
+    let a = Daemon::start(
+        &root.join("a"),
+        &[
+            "--bootstrap",
+            &ps[0].tcp_addr(),
+            "--mailbox-after-secs",
+            "2",
+        ],
+    );
+    eventually(T, "a knows the four peers", || {
+        (a.json(&["status"])["routing_table_peers"].as_u64()? >= 4).then_some(())
+    });
+    let id = send(&a, &b_id, "held by the fourth closest");
+    // The three closest refuse; the fourth takes their place, and the
+    // outbox says so.
+    assert_eq!(wait_deposited(&a, &id, 1), vec![ps[3].peer_id.clone()]);
+    assert_eq!(held(&ps[3]), 1);
+    for p in &ps[..3] {
+        assert_eq!(held(p), 0);
+    }
+}
