@@ -647,6 +647,10 @@ impl MailboxNet {
             .collect();
         for p in due {
             if peers.has_ble(&p) || peers.has_internet(&p) {
+                // Awaiting this fetch's answer: not due again before it.
+                if let Some(r) = self.refetch.get_mut(&p) {
+                    r.0 = u64::MAX;
+                }
                 self.fetch(swarm, p, true);
             } else {
                 self.refetch.remove(&p);
@@ -990,8 +994,13 @@ impl MailboxNet {
                         self.more.insert(peer);
                     }
                 }
-                Ok(Response::Refused(r)) => tracing::debug!(%peer, "fetch refused: {r}"),
-                Ok(_) => {}
+                Ok(Response::Refused(r)) => {
+                    self.refetch.remove(&peer);
+                    tracing::debug!(%peer, "fetch refused: {r}")
+                }
+                Ok(_) => {
+                    self.refetch.remove(&peer);
+                }
                 Err(e) => {
                     // The stream or the connection closed under it (a
                     // duplicate link closed, a link that just came up
