@@ -396,6 +396,9 @@ impl MailboxNet {
                     // Those around now are offered a copy by this deposit
                     // only; the duty offers one to those met later.
                     duty.tried.extend(couriers.iter().copied());
+                    if couriers.is_empty() && !ctx.route_up(Route::Internet) {
+                        fan.errors.push("no BLE neighbour to carry it (yet)".into());
+                    }
                     fan.ble = Placement::new(HOLDERS, MAX_COURIERS);
                     fan.ble.add_candidates(couriers);
                     any = true;
