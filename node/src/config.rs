@@ -50,6 +50,8 @@ pub const DEFAULT_MAILBOX_QUOTA: u64 = 64 * 1024 * 1024;
 /// How long a direct message waits for its recipient before it is
 /// deposited with mailbox holders, by default.
 pub const DEFAULT_MAILBOX_AFTER: Duration = Duration::from_secs(30);
+/// Default of `--mailbox-recheck-secs`.
+pub const DEFAULT_MAILBOX_RECHECK: Duration = crate::mailbox::DEFAULT_RECHECK;
 
 /// How logs are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
@@ -133,6 +135,9 @@ pub struct Settings {
     /// How long a message waits for its recipient before it is deposited
     /// with mailbox holders; `None`: never.
     pub mailbox_after: Option<Duration>,
+    /// How often deposits and held envelopes are re-checked against the
+    /// peers closest to their keys.
+    pub mailbox_recheck: Duration,
     /// The onion route: mix relaying, hops, delays, cover traffic.
     pub onion: crate::onion::OnionConfig,
 }
@@ -410,6 +415,16 @@ pub struct Overrides {
         )
     )]
     pub(crate) mailbox_after_secs: Option<u64>,
+    #[arg(
+        long,
+        value_name = "SECS",
+        value_parser = clap::value_parser!(u64).range(1..),
+        help = with_default(
+            "Seconds between re-checks of mailbox copies: a sender's undelivered deposits and a holder's held envelopes go to the peers now closest to their keys",
+            DEFAULT_MAILBOX_RECHECK.as_secs(),
+        )
+    )]
+    pub(crate) mailbox_recheck_secs: Option<u64>,
     /// Relay onion packets for others (a mix node). Default: off (see
     /// docs/protocols/onion.md, "Who relays").
     #[arg(
@@ -578,6 +593,10 @@ impl Settings {
                 Some(s) => Some(Duration::from_secs(s)),
                 None => Some(DEFAULT_MAILBOX_AFTER),
             },
+            mailbox_recheck: over
+                .mailbox_recheck_secs
+                .or(file.mailbox_recheck_secs)
+                .map_or(DEFAULT_MAILBOX_RECHECK, |s| Duration::from_secs(s.max(1))),
         })
     }
 }

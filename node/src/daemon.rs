@@ -249,6 +249,7 @@ fn node_builder(
             enabled: settings.mailbox,
             quotas: fogmesh_protocols::mailbox::Quotas::from_total(settings.mailbox_quota),
             deposit_after: settings.mailbox_after,
+            recheck: settings.mailbox_recheck,
         })
         .files(FilesConfig {
             max_upload_rate: settings.max_upload_rate,

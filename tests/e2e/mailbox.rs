@@ -312,3 +312,218 @@ fn a_ble_courier_carries_a_message_to_a_recipient_it_meets() {
     let m = wait_delivered(&x, &id);
     assert_eq!(m["route"], "mailbox");
 }
+
+/// A new identity written into `dir` (the daemon started there uses it).
+fn new_identity(dir: &Path) -> (libp2p::identity::Keypair, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    std::fs::create_dir_all(dir).expect("data dir");
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let bytes = key.to_protobuf_encoding().expect("encode the identity");
+    std::fs::write(dir.join("identity.key"), bytes).expect("write the identity");
+    let id = key.public().to_peer_id().to_string();
+    (key, id)
+}
+
+/// The Kademlia distance of `peer` to `recipient`'s mailbox key of today.
+fn distance_to_mailbox(peer: &str, recipient: &str) -> libp2p::kad::KBucketDistance {
+    let peer: libp2p::PeerId = peer.parse().expect("a peer id");
+    let recipient: libp2p::PeerId = recipient.parse().expect("a peer id");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as u64;
+    let key = fogmesh_protocols::mailbox::key(&recipient, fogmesh_protocols::mailbox::day(now));
+    libp2p::kad::KBucketKey::from(peer).distance(&libp2p::kad::KBucketKey::new(key.to_vec()))
+}
+
+#[test]
+fn a_courier_that_gains_internet_hands_the_mail_to_the_recipients_holders() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let (_, z_id) = new_identity(&root.join("z"));
+    let hs = holders(root);
+    let medium = Medium::start(root, &[]);
+    let mut x = offline_with(
+        &root.join("x"),
+        &medium,
+        "0,0",
+        &["--mailbox-after-secs", "2"],
+    );
+    // Y has BLE and internet, but knows nobody on the internet yet.
+    let y = Daemon::start(
+        &root.join("y"),
+        &["--ble", &medium.arg(), "--ble-position", "10,0"],
+    );
+    wait_ble_link(&x, &y);
+
+    // Offline X gives the message for Z to Y over BLE, and stops.
+    let secret = "carried into the internet";
+    let id = send(&x, &z_id, secret);
+    assert_eq!(wait_deposited(&x, &id, 1), vec![y.peer_id.clone()]);
+    x.terminate();
+    assert_eq!(held(&y), 1);
+    assert!(hs.iter().all(|h| held(h) == 0));
+
+    // Y reaches the internet: it deposits the sealed envelope with the
+    // peers closest to Z's key, which are the three holders.
+    y.json(&["connect", &hs[0].tcp_addr()]);
+    eventually(T, "Z's internet holders hold the envelope", || {
+        hs.iter().all(|h| held(h) == 1).then_some(())
+    });
+    for h in &hs {
+        let hits = files_containing(&h.data_dir, secret.as_bytes());
+        assert!(hits.is_empty(), "{secret:?} found in {hits:?}");
+    }
+
+    // Z, only ever on the internet, comes later and gets it, once.
+    let z = Daemon::start(&root.join("z"), &["--bootstrap", &hs[1].tcp_addr()]);
+    assert_eq!(z.peer_id, z_id);
+    wait_received(&z, &x.peer_id, &[secret]);
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < until {
+        assert_eq!(received(&z, &x.peer_id), vec![secret.to_owned()]);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn copies_follow_the_peers_closest_to_the_key_when_holders_leave() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let (_, b_id) = new_identity(&root.join("b"));
+    let recheck = ["--mailbox-recheck-secs", "5"];
+    let h0 = Daemon::start(&root.join("h0"), &recheck);
+    let mut hs = vec![h0];
+    for i in 1..3 {
+        let mut args = vec!["--bootstrap".to_owned(), hs[0].tcp_addr()];
+        args.extend(recheck.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let h = Daemon::start(&root.join(format!("h{i}")), &args);
+        h.wait_connected(&hs[0].peer_id, T);
+        hs.push(h);
+    }
+    let mut a = Daemon::start(
+        &root.join("a"),
+        &[
+            "--bootstrap",
+            &hs[0].tcp_addr(),
+            "--mailbox-after-secs",
+            "2",
+        ],
+    );
+    eventually(T, "a knows the three holders", || {
+        (a.json(&["status"])["routing_table_peers"].as_u64()? >= 3).then_some(())
+    });
+    let id = send(&a, &b_id, "follows the key");
+    wait_deposited(&a, &id, 3);
+    a.terminate();
+
+    // Three new peers, each closer to B's key than every first holder.
+    let nearest = hs
+        .iter()
+        .map(|h| distance_to_mailbox(&h.peer_id, &b_id))
+        .min()
+        .expect("three holders");
+    let mut ns = Vec::new();
+    for i in 0..3 {
+        let dir = root.join(format!("n{i}"));
+        let n_id = loop {
+            let (_, n_id) = new_identity(&dir);
+            if distance_to_mailbox(&n_id, &b_id) < nearest {
+                break n_id;
+            }
+        };
+        let n = Daemon::start(&dir, &["--bootstrap", &hs[0].tcp_addr()]);
+        assert_eq!(n.peer_id, n_id);
+        ns.push(n);
+    }
+    // The holders pass their copies on to the new closest peers.
+    eventually(T, "the new closest peers hold the envelope", || {
+        ns.iter().all(|n| held(n) == 1).then_some(())
+    });
+
+    // Every first holder leaves; B comes later and still gets the letter.
+    for h in &mut hs {
+        h.terminate();
+    }
+    let b = Daemon::start(&root.join("b"), &["--bootstrap", &ns[0].tcp_addr()]);
+    assert_eq!(b.peer_id, b_id);
+    wait_received(&b, &a.peer_id, &["follows the key"]);
+}
+
+#[test]
+fn a_ble_neighbour_met_later_gets_a_courier_copy() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let medium = Medium::start(root, &[]);
+    let fast = ["--mailbox-after-secs", "2"];
+    let x = offline_with(&root.join("x"), &medium, "0,0", &fast);
+    let y = offline_with(&root.join("y"), &medium, "10,0", &fast);
+    let w = offline_with(&root.join("w"), &medium, "400,0", &fast);
+    wait_ble_link(&x, &y);
+    // Z never comes: the message stays undelivered.
+    let z = libp2p::identity::Keypair::generate_ed25519()
+        .public()
+        .to_peer_id()
+        .to_string();
+    let id = send(&x, &z, "for whoever meets Z");
+    assert_eq!(wait_deposited(&x, &id, 1), vec![y.peer_id.clone()]);
+
+    // W comes into X's range after the deposit: it gets a copy too.
+    medium.move_to(&crate::ble::device(&w), "0,10");
+    wait_ble_link(&x, &w);
+    let holders = wait_deposited(&x, &id, 2);
+    assert!(holders.contains(&w.peer_id), "{holders:?}");
+    assert_eq!(held(&w), 1);
+    assert_eq!(held(&y), 1);
+}
+
+#[test]
+fn holders_that_refuse_are_replaced_by_the_next_closest() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let root = tmp.path();
+    let (_, b_id) = new_identity(&root.join("b"));
+    // Four peers; the three closest to B's key hold nothing for others.
+    let mut ids: Vec<(String, std::path::PathBuf)> = (0..4)
+        .map(|i| {
+            let dir = root.join(format!("p{i}"));
+            (new_identity(&dir).1, dir)
+        })
+        .collect();
+    ids.sort_by_key(|(id, _)| distance_to_mailbox(id, &b_id));
+    let mut ps: Vec<Daemon> = Vec::new();
+    for (i, (id, dir)) in ids.iter().enumerate() {
+        let mut args: Vec<String> = Vec::new();
+        if let Some(first) = ps.first() {
+            args.extend(["--bootstrap".to_owned(), first.tcp_addr()]);
+        }
+        if i < 3 {
+            args.push("--no-mailbox".to_owned());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let p = Daemon::start(dir, &args);
+        assert_eq!(&p.peer_id, id);
+        ps.push(p);
+    }
+    let a = Daemon::start(
+        &root.join("a"),
+        &[
+            "--bootstrap",
+            &ps[0].tcp_addr(),
+            "--mailbox-after-secs",
+            "2",
+        ],
+    );
+    eventually(T, "a knows the four peers", || {
+        (a.json(&["status"])["routing_table_peers"].as_u64()? >= 4).then_some(())
+    });
+    let id = send(&a, &b_id, "held by the fourth closest");
+    // The three closest refuse; the fourth takes their place, and the
+    // outbox says so.
+    assert_eq!(wait_deposited(&a, &id, 1), vec![ps[3].peer_id.clone()]);
+    assert_eq!(held(&ps[3]), 1);
+    for p in &ps[..3] {
+        assert_eq!(held(p), 0);
+    }
+}

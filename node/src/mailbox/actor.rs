@@ -12,7 +12,7 @@ use libp2p::PeerId;
 use tokio::sync::mpsc;
 
 use super::store::HolderStore;
-use super::{Held, HolderAnswer, HolderRequest, MailboxConfig};
+use super::{Held, HeldCopy, HolderAnswer, HolderInput, HolderOut, HolderRequest, MailboxConfig};
 use crate::actor::Actor;
 use crate::messages::now_ms;
 use crate::storage::StoreError;
@@ -22,7 +22,7 @@ pub(super) struct HolderActor {
     store: HolderStore,
     ledger: Ledger,
     enabled: bool,
-    answers: mpsc::Sender<HolderAnswer>,
+    answers: mpsc::Sender<HolderOut>,
     held: Arc<Held>,
     /// Wall clock at start and the instant it was read.
     anchor: (Instant, u64),
@@ -33,7 +33,7 @@ impl HolderActor {
         me: PeerId,
         store: HolderStore,
         cfg: &MailboxConfig,
-        answers: mpsc::Sender<HolderAnswer>,
+        answers: mpsc::Sender<HolderOut>,
         held: Arc<Held>,
     ) -> Result<Self, StoreError> {
         let mut ledger = Ledger::new(cfg.quotas);
@@ -67,30 +67,70 @@ impl HolderActor {
         self.held.bytes.store(bytes, Ordering::Relaxed);
     }
 
-    fn answer(&mut self, peer: PeerId, req: Request, now: u64) -> Response {
+    /// The answer to `peer`'s request, whether it stored a new envelope,
+    /// and what it removed.
+    fn answer(&mut self, peer: PeerId, req: Request, now: u64) -> (Response, bool, Vec<Id>) {
         match req {
-            Request::Deposit { envelope } => self.deposit(peer, envelope, now),
-            Request::Fetch => {
-                let (ids, more) = self.ledger.fetch(&peer, MAX_FETCH_ITEMS);
-                match self.store.get(&ids) {
-                    Ok(found) => Response::Fetched {
-                        items: found
-                            .into_iter()
-                            .map(|(id, envelope)| Item { id, envelope })
-                            .collect(),
-                        more,
-                    },
-                    Err(e) => {
-                        tracing::error!("cannot read held mail: {e}");
-                        Response::Refused(Refusal::Busy)
-                    }
-                }
+            Request::Deposit { envelope } => {
+                let before = self.ledger.totals().0;
+                let resp = self.deposit(peer, envelope, now);
+                let stored = self.ledger.totals().0 > before;
+                (resp, stored, Vec::new())
             }
+            Request::Fetch => (self.fetch(&peer), false, Vec::new()),
             Request::Delete { ids } => {
                 let ids = self.ledger.deletable(&peer, &ids);
-                self.remove(&ids)
+                let resp = self.remove(&ids);
+                let dropped = match resp {
+                    Response::Deleted { .. } => ids,
+                    _ => Vec::new(),
+                };
+                (resp, false, dropped)
             }
         }
+    }
+
+    fn fetch(&mut self, peer: &PeerId) -> Response {
+        let (ids, more) = self.ledger.fetch(peer, MAX_FETCH_ITEMS);
+        match self.store.get(&ids) {
+            Ok(found) => Response::Fetched {
+                items: found
+                    .into_iter()
+                    .map(|(id, envelope)| Item { id, envelope })
+                    .collect(),
+                more,
+            },
+            Err(e) => {
+                tracing::error!("cannot read held mail: {e}");
+                Response::Refused(Refusal::Busy)
+            }
+        }
+    }
+
+    /// A step of the node's pass over what it holds.
+    fn walk(&self, cursor: Option<Id>, max: usize) -> HolderOut {
+        let (held, next) = self.ledger.walk(cursor, max);
+        let ids: Vec<Id> = held.iter().map(|s| s.id).collect();
+        let frames = match self.store.get(&ids) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::error!("cannot read held mail: {e}");
+                Vec::new()
+            }
+        };
+        let items = frames
+            .into_iter()
+            .filter_map(|(id, frame)| {
+                let s = held.iter().find(|s| s.id == id)?;
+                Some(HeldCopy {
+                    id,
+                    recipient: s.recipient,
+                    depositor: s.depositor,
+                    frame,
+                })
+            })
+            .collect();
+        HolderOut::Walked { items, next }
     }
 
     fn deposit(&mut self, peer: PeerId, envelope: Vec<u8>, now: u64) -> Response {
@@ -147,22 +187,25 @@ impl HolderActor {
 }
 
 impl Actor for HolderActor {
-    type Input = HolderRequest;
+    type Input = HolderInput;
 
-    fn on_input(&mut self, input: HolderRequest, now: Instant) {
+    fn on_input(&mut self, input: HolderInput, now: Instant) {
         let now = self.ms(now);
-        let HolderRequest { peer, req, channel } = input;
-        let resp = self.answer(peer, req, now);
-        self.publish();
-        if self
-            .answers
-            .blocking_send(HolderAnswer {
-                peer,
-                resp,
-                channel,
-            })
-            .is_err()
-        {
+        let out = match input {
+            HolderInput::Peer(HolderRequest { peer, req, channel }) => {
+                let (resp, stored, dropped) = self.answer(peer, req, now);
+                self.publish();
+                HolderOut::Answer(HolderAnswer {
+                    peer,
+                    resp,
+                    channel,
+                    stored,
+                    dropped,
+                })
+            }
+            HolderInput::Walk { cursor, max } => self.walk(cursor, max),
+        };
+        if self.answers.blocking_send(out).is_err() {
             tracing::debug!("event loop gone; mailbox answer dropped");
         }
     }

@@ -36,9 +36,13 @@ use crate::types::{MailboxDeposit, MailboxStatus};
 pub(crate) const MAILBOX_ATTEMPT: u32 = u32::MAX;
 /// A deposit that found no holder is tried again after this long.
 pub(crate) const RETRY_MS: u64 = 60_000;
-/// A deposited message still undelivered is deposited again after this
-/// long (the mailbox key changes every UTC day).
+/// A deposited message still undelivered is sealed and deposited anew
+/// after this long (the network side re-checks its holders far more
+/// often, see `MailboxConfig::recheck`; this bounds how long one
+/// envelope is used).
 pub(crate) const REDEPOSIT_MS: u64 = 12 * 3600 * 1000;
+/// Default of `MailboxConfig::recheck` (`--mailbox-recheck-secs`).
+pub const DEFAULT_RECHECK: Duration = Duration::from_secs(300);
 /// Requests queued for the holder thread; beyond, peers get `Busy`.
 const HOLDER_QUEUE: usize = 256;
 
@@ -53,6 +57,10 @@ pub struct MailboxConfig {
     /// How long an outgoing message waits for its recipient before it is
     /// deposited (`--mailbox-after-secs`); `None`: never deposit.
     pub deposit_after: Option<Duration>,
+    /// How often a depositor re-checks the holders of its undelivered
+    /// messages, and a holder the peers closest to the keys it holds
+    /// (`--mailbox-recheck-secs`).
+    pub recheck: Duration,
 }
 
 impl Default for MailboxConfig {
@@ -61,6 +69,7 @@ impl Default for MailboxConfig {
             enabled: true,
             quotas: Quotas::default(),
             deposit_after: Some(Duration::from_secs(30)),
+            recheck: DEFAULT_RECHECK,
         }
     }
 }
@@ -133,8 +142,44 @@ pub(crate) enum Command {
     /// A picked-up envelope is committed (or worthless): the holder may
     /// drop it.
     Picked { holder: PeerId, id: Id },
-    /// The message is delivered: drop its copies.
-    Delivered { holders: Vec<PeerId>, ids: Vec<Id> },
+    /// The message (`id`, when it is one of this node's) is delivered:
+    /// drop its copies and end its deposit duty.
+    Delivered {
+        id: Option<MessageId>,
+        holders: Vec<PeerId>,
+        ids: Vec<Id>,
+    },
+}
+
+/// What the holder thread is asked.
+#[derive(Debug)]
+pub(crate) enum HolderInput {
+    /// A peer's request.
+    Peer(HolderRequest),
+    /// The node's own pass over what it holds: up to `max` envelopes
+    /// after `cursor`.
+    Walk { cursor: Option<Id>, max: usize },
+}
+
+/// What the holder thread hands back to the event loop.
+#[derive(Debug)]
+pub(crate) enum HolderOut {
+    /// An answer to a peer.
+    Answer(HolderAnswer),
+    /// A step of a pass: held envelopes, and where to go on from.
+    Walked {
+        items: Vec<HeldCopy>,
+        next: Option<Id>,
+    },
+}
+
+/// One held envelope, for a holder's pass (replication, hand-off).
+#[derive(Debug, Clone)]
+pub(crate) struct HeldCopy {
+    pub(crate) id: Id,
+    pub(crate) recipient: PeerId,
+    pub(crate) depositor: PeerId,
+    pub(crate) frame: Vec<u8>,
 }
 
 /// A request from a peer, for the holder thread.
@@ -151,6 +196,10 @@ pub(crate) struct HolderAnswer {
     pub(crate) peer: PeerId,
     pub(crate) resp: Response,
     pub(crate) channel: ResponseChannel<MailboxFrame>,
+    /// A new envelope was stored by this request.
+    pub(crate) stored: bool,
+    /// Envelopes this request removed (a delete).
+    pub(crate) dropped: Vec<Id>,
 }
 
 /// What the holder holds, read by `status` without asking the thread.
@@ -163,8 +212,8 @@ pub(crate) struct Held {
 /// The holder side, as the event loop sees it.
 #[derive(Debug)]
 pub(crate) struct Holder {
-    pub(crate) mailbox: Mailbox<HolderRequest>,
-    pub(crate) answers: mpsc::Receiver<HolderAnswer>,
+    pub(crate) mailbox: Mailbox<HolderInput>,
+    pub(crate) answers: mpsc::Receiver<HolderOut>,
     pub(crate) held: Arc<Held>,
     pub(crate) enabled: bool,
     pub(crate) quota: u64,

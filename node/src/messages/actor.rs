@@ -51,6 +51,10 @@ pub(super) struct MessagesActor {
     /// Deposits sent and not yet answered: messages, and receipts.
     depositing: std::collections::HashSet<MessageId>,
     receipts_depositing: usize,
+    /// Messages deposited since this node started: the network side has
+    /// their deposit duty (it lives in memory, so a message deposited
+    /// before a restart is deposited once more).
+    deposited_run: std::collections::HashSet<MessageId>,
 }
 
 impl MessagesActor {
@@ -80,6 +84,7 @@ impl MessagesActor {
             mailbox: None,
             depositing: Default::default(),
             receipts_depositing: 0,
+            deposited_run: Default::default(),
         })
     }
 

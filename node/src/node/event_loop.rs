@@ -236,6 +236,10 @@ impl EventLoop {
         let mut tick = tokio::time::interval(self.maintenance_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut ble_tick = tokio::time::interval(ble::TICK);
+        // The mailbox side's timers (pickups, deposit duties, passes over
+        // what is held) are checked every second.
+        let mut mailbox_tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        mailbox_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ble_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -262,8 +266,10 @@ impl EventLoop {
                 _ = tick.tick() => {
                     let short = self.peers.connected() < self.ctx.min_peers || self.nat.wants_relays();
                     discovery::maintain(&mut self.swarm, short);
-                    self.mailbox.tick(&mut self.swarm, &self.ctx, &self.peers);
                     self.nat.tick(&mut self.swarm);
+                }
+                _ = mailbox_tick.tick() => {
+                    self.mailbox.tick(&mut self.swarm, &self.ctx, &self.peers);
                 }
                 n = ble::next_neighbour(&mut self.ble) => self.on_neighbour(n),
                 _ = ble_tick.tick(), if self.ble.is_some() => self.ble_maintain(),

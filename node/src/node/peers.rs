@@ -152,6 +152,20 @@ impl PeerBook {
             .collect()
     }
 
+    /// BLE neighbours that are gateways (identify lists the gateway
+    /// protocol: they have internet too).
+    pub(super) fn ble_gateways(&self) -> Vec<PeerId> {
+        self.ble_neighbours()
+            .into_iter()
+            .filter(|p| self.meta.get(p).is_some_and(|m| m.gateway))
+            .collect()
+    }
+
+    /// Whether any peer is connected over something other than BLE.
+    pub(super) fn any_internet(&self) -> bool {
+        self.connections.keys().any(|p| self.has_internet(p))
+    }
+
     /// Connected gateways (peers with internet and BLE), reachable over
     /// the internet.
     pub(super) fn gateways(&self) -> Vec<PeerId> {

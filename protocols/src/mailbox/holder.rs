@@ -110,6 +110,8 @@ pub struct Ledger {
     quotas: Quotas,
     held: HashMap<Id, Stored>,
     by_recipient: HashMap<PeerId, BTreeSet<(u64, Id)>>,
+    /// Every held id, in order (a holder's passes walk it).
+    order: BTreeSet<Id>,
     depositors: HashMap<PeerId, Count>,
     recipients: HashMap<PeerId, Count>,
     total: Count,
@@ -190,12 +192,14 @@ impl Ledger {
             .entry(s.recipient)
             .or_default()
             .insert((s.held_at_ms, s.id));
+        self.order.insert(s.id);
         self.held.insert(s.id, s);
     }
 
     /// Forgets a held envelope (after it was removed from storage).
     pub fn remove(&mut self, id: &Id) -> Option<Stored> {
         let s = self.held.remove(id)?;
+        self.order.remove(id);
         self.total.sub(s.size);
         for (map, peer) in [
             (&mut self.depositors, s.depositor),
@@ -256,6 +260,25 @@ impl Ledger {
     /// When the next envelope expires.
     pub fn next_expiry(&self) -> Option<u64> {
         self.held.values().map(|s| s.expires_at_ms).min()
+    }
+
+    /// Up to `max` held envelopes in id order, starting after `cursor`
+    /// (from the first when `None`), and the cursor to go on from
+    /// (`None` once the end is reached).
+    pub fn walk(&self, cursor: Option<Id>, max: usize) -> (Vec<&Stored>, Option<Id>) {
+        let range = match cursor {
+            Some(c) => self
+                .order
+                .range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded)),
+            None => self.order.range(..),
+        };
+        let out: Vec<&Stored> = range.take(max).filter_map(|id| self.held.get(id)).collect();
+        let next = if out.len() < max {
+            None
+        } else {
+            out.last().map(|s| s.id)
+        };
+        (out, next)
     }
 
     /// Which recipients have envelopes held here.
@@ -334,6 +357,29 @@ mod tests {
         assert!(l.deletable(&m, &[id(1), id(2)]).is_empty());
         assert_eq!(l.deletable(&r, &[id(1), id(1), id(7)]), vec![id(1)]);
         assert_eq!(l.deletable(&d, &[id(2)]), vec![id(2)]);
+    }
+
+    #[test]
+    fn a_walk_visits_every_held_envelope_once_in_bounded_steps() {
+        let mut l = Ledger::new(Quotas::default());
+        let (d, r) = (PeerId::random(), PeerId::random());
+        for n in 1..=5 {
+            store(&mut l, d, r, n, 600, 0);
+        }
+        l.remove(&id(3));
+        let (a, next) = l.walk(None, 2);
+        assert_eq!(
+            a.iter().map(|s| s.id).collect::<Vec<_>>(),
+            vec![id(1), id(2)]
+        );
+        let (b, next) = l.walk(next, 2);
+        assert_eq!(
+            b.iter().map(|s| s.id).collect::<Vec<_>>(),
+            vec![id(4), id(5)]
+        );
+        let (c, next) = l.walk(next, 2);
+        assert!(c.is_empty());
+        assert_eq!(next, None);
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //! - [`holder`]: what a holder accepts and keeps: the quotas (bytes,
 //!   envelopes per depositor and per recipient, envelope size, lifetime)
 //!   and who may fetch or delete what.
+//! - [`placement`]: where one envelope goes: candidates asked in order
+//!   until enough hold it, a refusal replaced by the next candidate.
 //!
 //! A holder learns the recipient's peer id (it is in every envelope's
 //! clear header), the depositor's peer id (the Noise-authenticated
@@ -24,10 +26,12 @@
 
 pub mod holder;
 pub mod key;
+pub mod placement;
 pub mod wire;
 
 pub use holder::{Admit, Ledger, Quotas, Stored};
 pub use key::{MailboxKey, day, key, keys_to_check};
+pub use placement::Placement;
 pub use wire::{Item, MAX_DEPOSIT, MAX_REQUEST, MAX_RESPONSE, Refusal, Request, Response};
 
 /// Protocol name of mailbox requests.

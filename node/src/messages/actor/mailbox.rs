@@ -38,11 +38,15 @@ impl MessagesActor {
             return None;
         }
         let after = u64::try_from(self.cfg.mailbox_after?.as_millis()).unwrap_or(u64::MAX);
-        Some(
-            rec.mailbox
-                .next_ms
-                .unwrap_or(rec.timestamp.saturating_add(after)),
-        )
+        let first = rec.timestamp.saturating_add(after);
+        let next = rec.mailbox.next_ms.unwrap_or(first);
+        if self.deposited_run.contains(&rec.id) {
+            Some(next)
+        } else {
+            // Deposited before a restart: the duty of re-checking its
+            // holders was lost with the old process; deposit it anew.
+            Some(next.min(first))
+        }
     }
 
     /// The next deposit due.
@@ -135,6 +139,7 @@ impl MessagesActor {
             }
         };
         self.depositing.insert(id);
+        self.deposited_run.insert(id);
         self.mailbox_send(Command::Deposit {
             id: Some(id),
             env: Envelope {
@@ -164,12 +169,11 @@ impl MessagesActor {
         self.depositing.remove(&id);
         let Some(rec) = self.pending.get_mut(&id) else {
             // Delivered meanwhile: the new copies are not needed.
-            if !holders.is_empty() {
-                self.mailbox_send(Command::Delivered {
-                    holders,
-                    ids: vec![env_id],
-                });
-            }
+            self.mailbox_send(Command::Delivered {
+                id: Some(id),
+                holders,
+                ids: vec![env_id],
+            });
             return;
         };
         if holders.is_empty() {
@@ -180,14 +184,26 @@ impl MessagesActor {
             });
             rec.mailbox.next_ms = Some(now.saturating_add(RETRY_MS));
         } else {
+            let new: Vec<String> = holders
+                .iter()
+                .filter(|h| !rec.mailbox.holders.contains(h))
+                .map(|h| h.to_string())
+                .collect();
+            // A later report of the same envelope (a courier met later, a
+            // re-check of the holders) keeps the envelope's time.
+            let again = rec.mailbox.ids.contains(&env_id);
             rec.mailbox.accepted(&holders, env_id, now);
-            rec.mailbox.next_ms = Some(now.saturating_add(REDEPOSIT_MS));
-            let ev = NodeEvent::MailDeposited {
-                id: id.to_string(),
-                to: rec.to.to_string(),
-                holders: holders.iter().map(|h| h.to_string()).collect(),
-            };
-            self.emit(ev);
+            if !again {
+                rec.mailbox.next_ms = Some(now.saturating_add(REDEPOSIT_MS));
+            }
+            if !new.is_empty() {
+                let ev = NodeEvent::MailDeposited {
+                    id: id.to_string(),
+                    to: rec.to.to_string(),
+                    holders: new,
+                };
+                self.emit(ev);
+            }
         }
         self.save(&[id]);
     }
@@ -269,8 +285,10 @@ impl MessagesActor {
             if ids.iter().any(|(i, n)| i == id && *n == MAILBOX_ATTEMPT) {
                 rec.mailbox.delivered = true;
             }
-            if !rec.mailbox.holders.is_empty() {
+            if self.deposited_run.remove(id) || !rec.mailbox.holders.is_empty() {
+                // Ends the deposit duty too.
                 deletes.push(Command::Delivered {
+                    id: Some(*id),
                     holders: rec.mailbox.holders.clone(),
                     ids: rec.mailbox.ids.clone(),
                 });
