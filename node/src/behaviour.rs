@@ -319,6 +319,11 @@ pub struct BehaviourConfig {
     /// Announce [`DM_GATEWAY_PROTOCOL`]: this node has internet and BLE and
     /// carries direct messages between them (set by the builder).
     pub dm_gateway: bool,
+    /// How often each connection is pinged (libp2p's 15 s by default).
+    pub ping_interval: Duration,
+    /// How long a ping may take before it fails, and the connection with
+    /// it (libp2p's 20 s by default; stretched by the time dilation).
+    pub ping_timeout: Duration,
 }
 
 /// Stretches the timeouts of a configuration to a BLE link's speed: a full
@@ -360,6 +365,8 @@ impl Default for BehaviourConfig {
             nat: NatConfig::default(),
             dm_ble_timeout: Duration::from_secs(30),
             dm_gateway: false,
+            ping_interval: Duration::from_secs(15),
+            ping_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -509,7 +516,11 @@ impl Behaviour {
             dcutr: dcutr.into(),
             limits: connection_limits::Behaviour::new(limits),
             identify,
-            ping: ping::Behaviour::new(ping::Config::new()),
+            ping: ping::Behaviour::new(
+                ping::Config::new()
+                    .with_interval(cfg.ping_interval)
+                    .with_timeout(cfg.ping_timeout),
+            ),
             kad,
             mdns: mdns.into(),
             gossipsub,

@@ -19,7 +19,7 @@
 //! bandwidths divided by it, so that a slow host can run the model slower
 //! than real time; reported times are divided by it again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -397,6 +397,12 @@ impl Deliver for Frames {
 
 /// Forwards frames from `from` (sent by node `src`) to `to` (towards node
 /// `dst`) when the link model says they arrive.
+///
+/// The link is a pipe: a frame is taken from the sender as soon as its
+/// uplink is free (a busy uplink holds the sender back, as a full socket
+/// buffer does) and is then in flight for one latency while the next ones
+/// follow it. Frames arrive in order; a lost frame's retransmission holds
+/// back everything behind it.
 async fn forward<S, D>(mut from: S, mut to: D, net: Arc<SimNet>, src: usize, dst: usize)
 where
     S: Stream<Item = Vec<u8>> + Unpin,
@@ -408,33 +414,56 @@ where
     let bps = net.uplink_bps[src] / f;
     let mut rng = rand::rngs::StdRng::seed_from_u64(net.seed ^ ((src as u64) << 32) ^ dst as u64);
     let mut uplink_free = Instant::now();
+    let mut last_due = Instant::now();
+    let mut in_flight: VecDeque<(Instant, Vec<u8>)> = VecDeque::new();
+    let mut sending = true;
     let mut changes = net.changes.subscribe();
-    loop {
-        let frame = tokio::select! {
-            f = from.next() => match f {
-                Some(f) => f,
-                None => break,
-            },
-            r = changes.changed() => {
-                if r.is_err() || net.blocked(src, dst) { break; }
-                continue;
+    while sending || !in_flight.is_empty() {
+        let head_due = in_flight.front().map(|(due, _)| *due);
+        let uplink_busy = uplink_free > Instant::now();
+        tokio::select! {
+            // Arrivals first: they free the receiver's side.
+            _ = sleep_until_some(head_due), if head_due.is_some() => {
+                let Some((_, frame)) = in_flight.pop_front() else { continue };
+                if !to.deliver(frame).await {
+                    break;
+                }
             }
-        };
-        if net.blocked(src, dst) {
-            break;
-        }
-        net.sent[src].fetch_add(frame.len() as u64, Ordering::Relaxed);
-        let now = Instant::now();
-        let start = now.max(uplink_free);
-        uplink_free = start + Duration::from_secs_f64(frame.len() as f64 / bps);
-        let mut due = uplink_free + latency;
-        if net.loss > 0.0 && rng.random::<f64>() < net.loss {
-            due += Duration::from_secs_f64(RTO_MS * f / 1000.0) + rtt;
-        }
-        tokio::time::sleep_until(due).await;
-        if !to.deliver(frame).await {
-            break;
+            _ = tokio::time::sleep_until(uplink_free), if sending && uplink_busy => {}
+            next = from.next(), if sending && !uplink_busy => {
+                let Some(frame) = next else {
+                    sending = false;
+                    continue;
+                };
+                if net.blocked(src, dst) {
+                    break;
+                }
+                net.sent[src].fetch_add(frame.len() as u64, Ordering::Relaxed);
+                let start = Instant::now().max(uplink_free);
+                uplink_free = start + Duration::from_secs_f64(frame.len() as f64 / bps);
+                let mut due = uplink_free + latency;
+                if net.loss > 0.0 && rng.random::<f64>() < net.loss {
+                    due += Duration::from_secs_f64(RTO_MS * f / 1000.0) + rtt;
+                }
+                // In order: nothing overtakes a retransmitted frame.
+                due = due.max(last_due);
+                last_due = due;
+                in_flight.push_back((due, frame));
+            }
+            r = changes.changed() => {
+                if r.is_err() || net.blocked(src, dst) {
+                    break;
+                }
+            }
         }
     }
     to.finish().await;
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => futures::future::pending().await,
+    }
 }
