@@ -324,6 +324,10 @@ pub struct BehaviourConfig {
     /// How long a ping may take before it fails, and the connection with
     /// it (libp2p's 20 s by default; stretched by the time dilation).
     pub ping_timeout: Duration,
+    /// Peers per Kademlia bucket (k, 20 by default). Kademlia allocates
+    /// all 256 buckets whole at start (about 1.6 MB at k = 20): the
+    /// simulator, which runs a thousand nodes in one process, keeps fewer.
+    pub kad_bucket_size: std::num::NonZeroUsize,
 }
 
 /// Stretches the timeouts of a configuration to a BLE link's speed: a full
@@ -367,6 +371,7 @@ impl Default for BehaviourConfig {
             dm_gateway: false,
             ping_interval: Duration::from_secs(15),
             ping_timeout: Duration::from_secs(20),
+            kad_bucket_size: kad::K_VALUE,
         }
     }
 }
@@ -628,7 +633,8 @@ fn kademlia(peer_id: libp2p::PeerId, cfg: &BehaviourConfig) -> kad::Behaviour<Pr
     let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
     kad_cfg
         .set_query_timeout(Duration::from_secs(30))
-        .set_periodic_bootstrap_interval(cfg.kad_bootstrap_interval);
+        .set_periodic_bootstrap_interval(cfg.kad_bootstrap_interval)
+        .set_kbucket_size(cfg.kad_bucket_size);
 
     // One provider record per shared file, without a cap; the records
     // held for other peers are capped (ADD_PROVIDER from strangers).

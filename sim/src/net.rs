@@ -348,8 +348,9 @@ fn shape(channel: Channel<Vec<u8>>, net: Arc<SimNet>, local: usize, remote: usiz
     // Inbound: bytes from the remote, as frames, through its uplink and the
     // latency remote -> local.
     // One read buffer per connection, reused: allocating it on every poll
-    // was most of the simulator's CPU.
-    let mut buf = vec![0u8; 64 * 1024];
+    // was most of the simulator's CPU. 16 KiB (a large Noise frame is read
+    // in four): thousands of connections share the host's memory.
+    let mut buf = vec![0u8; 16 * 1024];
     let frames =
         futures::stream::poll_fn(
             move |cx| match Pin::new(&mut inner_rd).poll_read(cx, &mut buf) {
