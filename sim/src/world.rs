@@ -33,7 +33,7 @@ use crate::plan::Plan;
 use crate::scenario::{Ble, Scenario};
 
 /// How many topology dials may be under way at once.
-const MAX_CONCURRENT_DIALS: usize = 1024;
+const MAX_CONCURRENT_DIALS: usize = 256;
 /// A simulated node's database page cache (a hundred nodes share a host).
 const STORE_CACHE_BYTES: usize = 1 << 20;
 /// Peers per Kademlia bucket of a simulated node (the daemon's 20 cost
