@@ -416,12 +416,21 @@ mod tests {
         let (tx, rx) = bounded::<u8>(2);
         assert!(tx.try_send(1).is_ok());
         assert!(tx.clone().try_send(2).is_ok());
-        assert!(matches!(tx.try_send(3), Err(std_mpsc::TrySendError::Full(3))));
+        assert!(matches!(
+            tx.try_send(3),
+            Err(std_mpsc::TrySendError::Full(3))
+        ));
         assert_eq!(rx.try_recv(), Ok(1));
         assert!(tx.try_send(3).is_ok());
         assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![2, 3]);
-        assert_eq!(rx.recv_timeout(Duration::from_millis(1)), Err(std_mpsc::RecvTimeoutError::Timeout));
+        assert_eq!(
+            rx.recv_timeout(Duration::from_millis(1)),
+            Err(std_mpsc::RecvTimeoutError::Timeout)
+        );
         drop(rx);
-        assert!(matches!(tx.try_send(4), Err(std_mpsc::TrySendError::Disconnected(4))));
+        assert!(matches!(
+            tx.try_send(4),
+            Err(std_mpsc::TrySendError::Disconnected(4))
+        ));
     }
 }

@@ -468,3 +468,39 @@ async fn sleep_until_some(at: Option<Instant>) {
         None => futures::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Frames sent together arrive together, one latency later: a link is
+    /// a pipe, not one frame per latency (as it was before December 2026).
+    #[tokio::test]
+    async fn frames_are_in_flight_together() {
+        let latency_ms = 100.0;
+        let net = SimNet::new(
+            vec![1, 2],
+            vec![0, 1],
+            vec![vec![2.0, latency_ms], vec![latency_ms, 2.0]],
+            vec![1e9, 1e9],
+            0.0,
+            1.0,
+            1,
+        );
+        let (mut tx, rx) = mpsc::channel::<Vec<u8>>(16);
+        let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(16);
+        tokio::spawn(forward(rx, Frames(out_tx), net, 0, 1));
+        let start = Instant::now();
+        for i in 0..10u8 {
+            tx.send(vec![i; 100]).await.expect("forwarder runs");
+        }
+        for i in 0..10u8 {
+            assert_eq!(out_rx.next().await, Some(vec![i; 100]), "in order");
+        }
+        let took = start.elapsed();
+        // One latency (100 ms), with room for a loaded host; one frame
+        // per latency would be a whole second.
+        assert!(took >= Duration::from_millis(100), "{took:?}");
+        assert!(took < Duration::from_millis(600), "{took:?}");
+    }
+}
