@@ -24,6 +24,8 @@
 //! other failure is one [`ServiceError`] that the API maps to a status code
 //! in one place.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
@@ -95,10 +97,121 @@ pub enum MailboxError {
     Stopping,
 }
 
+/// A bounded queue between threads that allocates as it fills:
+/// `std::sync::mpsc::sync_channel` allocates a slot for every place up
+/// front (an actor's 4096 inputs of a few hundred bytes each are about
+/// 1 MB per node, idle or not, and the simulator runs a thousand nodes).
+/// The same calls as `sync_channel`'s ends.
+pub fn bounded<T>(capacity: usize) -> (BoundedSender<T>, BoundedReceiver<T>) {
+    let (tx, rx) = std_mpsc::channel();
+    let len = Arc::new(AtomicUsize::new(0));
+    let closed = Arc::new(AtomicBool::new(false));
+    (
+        BoundedSender {
+            tx,
+            len: len.clone(),
+            closed: closed.clone(),
+            capacity,
+        },
+        BoundedReceiver { rx, len, closed },
+    )
+}
+
+/// The sending side of [`bounded`]. Cloneable.
+#[derive(Debug)]
+pub struct BoundedSender<T> {
+    tx: std_mpsc::Sender<T>,
+    /// Items sent and not yet received.
+    len: Arc<AtomicUsize>,
+    /// Set when the receiver is dropped.
+    closed: Arc<AtomicBool>,
+    capacity: usize,
+}
+
+impl<T> Clone for BoundedSender<T> {
+    fn clone(&self) -> Self {
+        BoundedSender {
+            tx: self.tx.clone(),
+            len: self.len.clone(),
+            closed: self.closed.clone(),
+            capacity: self.capacity,
+        }
+    }
+}
+
+impl<T> BoundedSender<T> {
+    /// Queues `t` if there is room.
+    pub fn try_send(&self, t: T) -> Result<(), std_mpsc::TrySendError<T>> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(std_mpsc::TrySendError::Disconnected(t));
+        }
+        if self.len.fetch_add(1, Ordering::SeqCst) >= self.capacity {
+            self.len.fetch_sub(1, Ordering::SeqCst);
+            return Err(std_mpsc::TrySendError::Full(t));
+        }
+        self.tx.send(t).map_err(|e| {
+            self.len.fetch_sub(1, Ordering::SeqCst);
+            std_mpsc::TrySendError::Disconnected(e.0)
+        })
+    }
+
+    /// Queues `t`, waiting for room (threads only, never async tasks).
+    pub fn send(&self, mut t: T) -> Result<(), std_mpsc::SendError<T>> {
+        loop {
+            match self.try_send(t) {
+                Ok(()) => return Ok(()),
+                Err(std_mpsc::TrySendError::Full(back)) => {
+                    t = back;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(std_mpsc::TrySendError::Disconnected(back)) => {
+                    return Err(std_mpsc::SendError(back));
+                }
+            }
+        }
+    }
+}
+
+/// The receiving side of [`bounded`].
+#[derive(Debug)]
+pub struct BoundedReceiver<T> {
+    rx: std_mpsc::Receiver<T>,
+    len: Arc<AtomicUsize>,
+    closed: Arc<AtomicBool>,
+}
+
+impl<T> Drop for BoundedReceiver<T> {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+}
+
+impl<T> BoundedReceiver<T> {
+    fn took(&self, t: T) -> T {
+        self.len.fetch_sub(1, Ordering::SeqCst);
+        t
+    }
+
+    /// The next item, waiting at most `wait`.
+    pub fn recv_timeout(&self, wait: Duration) -> Result<T, std_mpsc::RecvTimeoutError> {
+        self.rx.recv_timeout(wait).map(|t| self.took(t))
+    }
+
+    /// The next item if one is queued.
+    pub fn try_recv(&self) -> Result<T, std_mpsc::TryRecvError> {
+        self.rx.try_recv().map(|t| self.took(t))
+    }
+
+    /// The queued items, without waiting.
+    pub fn try_iter(&self) -> impl Iterator<Item = T> + '_ {
+        std::iter::from_fn(|| self.try_recv().ok())
+    }
+}
+
 /// The sending side of an actor's bounded mailbox. Cloneable.
 #[derive(Debug)]
 pub struct Mailbox<I> {
-    tx: std_mpsc::SyncSender<I>,
+    tx: BoundedSender<I>,
 }
 
 impl<I> Clone for Mailbox<I> {
@@ -142,13 +255,13 @@ impl<I> Mailbox<I> {
 pub struct Channel<I> {
     /// The sending side, to clone for callers.
     pub mailbox: Mailbox<I>,
-    rx: std_mpsc::Receiver<I>,
+    rx: BoundedReceiver<I>,
 }
 
 impl<I> Channel<I> {
     /// A mailbox holding at most `capacity` inputs.
     pub fn bounded(capacity: usize) -> Self {
-        let (tx, rx) = std_mpsc::sync_channel(capacity);
+        let (tx, rx) = bounded(capacity);
         Channel {
             mailbox: Mailbox { tx },
             rx,
@@ -204,7 +317,7 @@ pub fn spawn<A: Actor>(
         })
 }
 
-fn run<A: Actor>(actor: &mut A, rx: &std_mpsc::Receiver<A::Input>, shutdown: &CancellationToken) {
+fn run<A: Actor>(actor: &mut A, rx: &BoundedReceiver<A::Input>, shutdown: &CancellationToken) {
     while !shutdown.is_cancelled() {
         let now = Instant::now();
         let wait = actor
@@ -296,5 +409,28 @@ mod tests {
         let mb = ch.mailbox.clone();
         drop(ch);
         assert_eq!(mb.offer(3), Err(MailboxError::Stopping));
+    }
+
+    #[test]
+    fn a_bounded_queue_frees_its_places_as_items_leave() {
+        let (tx, rx) = bounded::<u8>(2);
+        assert!(tx.try_send(1).is_ok());
+        assert!(tx.clone().try_send(2).is_ok());
+        assert!(matches!(
+            tx.try_send(3),
+            Err(std_mpsc::TrySendError::Full(3))
+        ));
+        assert_eq!(rx.try_recv(), Ok(1));
+        assert!(tx.try_send(3).is_ok());
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(
+            rx.recv_timeout(Duration::from_millis(1)),
+            Err(std_mpsc::RecvTimeoutError::Timeout)
+        );
+        drop(rx);
+        assert!(matches!(
+            tx.try_send(4),
+            Err(std_mpsc::TrySendError::Disconnected(4))
+        ));
     }
 }

@@ -319,6 +319,15 @@ pub struct BehaviourConfig {
     /// Announce [`DM_GATEWAY_PROTOCOL`]: this node has internet and BLE and
     /// carries direct messages between them (set by the builder).
     pub dm_gateway: bool,
+    /// How often each connection is pinged (libp2p's 15 s by default).
+    pub ping_interval: Duration,
+    /// How long a ping may take before it fails, and the connection with
+    /// it (libp2p's 20 s by default; stretched by the time dilation).
+    pub ping_timeout: Duration,
+    /// Peers per Kademlia bucket (k, 20 by default). Kademlia allocates
+    /// all 256 buckets whole at start (about 1.6 MB at k = 20): the
+    /// simulator, which runs a thousand nodes in one process, keeps fewer.
+    pub kad_bucket_size: std::num::NonZeroUsize,
 }
 
 /// Stretches the timeouts of a configuration to a BLE link's speed: a full
@@ -360,6 +369,9 @@ impl Default for BehaviourConfig {
             nat: NatConfig::default(),
             dm_ble_timeout: Duration::from_secs(30),
             dm_gateway: false,
+            ping_interval: Duration::from_secs(15),
+            ping_timeout: Duration::from_secs(20),
+            kad_bucket_size: kad::K_VALUE,
         }
     }
 }
@@ -509,7 +521,11 @@ impl Behaviour {
             dcutr: dcutr.into(),
             limits: connection_limits::Behaviour::new(limits),
             identify,
-            ping: ping::Behaviour::new(ping::Config::new()),
+            ping: ping::Behaviour::new(
+                ping::Config::new()
+                    .with_interval(cfg.ping_interval)
+                    .with_timeout(cfg.ping_timeout),
+            ),
             kad,
             mdns: mdns.into(),
             gossipsub,
@@ -617,7 +633,8 @@ fn kademlia(peer_id: libp2p::PeerId, cfg: &BehaviourConfig) -> kad::Behaviour<Pr
     let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
     kad_cfg
         .set_query_timeout(Duration::from_secs(30))
-        .set_periodic_bootstrap_interval(cfg.kad_bootstrap_interval);
+        .set_periodic_bootstrap_interval(cfg.kad_bootstrap_interval)
+        .set_kbucket_size(cfg.kad_bucket_size);
 
     // One provider record per shared file, without a cap; the records
     // held for other peers are capped (ADD_PROVIDER from strangers).

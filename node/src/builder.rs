@@ -311,6 +311,10 @@ impl NodeBuilder {
         behaviour.gossip.heartbeat = scale(behaviour.gossip.heartbeat);
         behaviour.gossip.heartbeat_initial_delay = scale(behaviour.gossip.heartbeat_initial_delay);
         behaviour.sync_timeout = scale(behaviour.sync_timeout);
+        // A ping that fails closes its connection: undilated, the slowed
+        // model's farthest round trips (with a busy host) lost connections.
+        behaviour.ping_interval = scale(behaviour.ping_interval);
+        behaviour.ping_timeout = scale(behaviour.ping_timeout);
         node.groups.sync_interval = scale(node.groups.sync_interval);
         node.groups.outbox_interval = scale(node.groups.outbox_interval);
         node.maintenance_interval = scale(node.maintenance_interval);

@@ -19,7 +19,7 @@
 //! bandwidths divided by it, so that a slow host can run the model slower
 //! than real time; reported times are divided by it again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -348,8 +348,9 @@ fn shape(channel: Channel<Vec<u8>>, net: Arc<SimNet>, local: usize, remote: usiz
     // Inbound: bytes from the remote, as frames, through its uplink and the
     // latency remote -> local.
     // One read buffer per connection, reused: allocating it on every poll
-    // was most of the simulator's CPU.
-    let mut buf = vec![0u8; 64 * 1024];
+    // was most of the simulator's CPU. 16 KiB (a large Noise frame is read
+    // in four): thousands of connections share the host's memory.
+    let mut buf = vec![0u8; 16 * 1024];
     let frames =
         futures::stream::poll_fn(
             move |cx| match Pin::new(&mut inner_rd).poll_read(cx, &mut buf) {
@@ -397,6 +398,12 @@ impl Deliver for Frames {
 
 /// Forwards frames from `from` (sent by node `src`) to `to` (towards node
 /// `dst`) when the link model says they arrive.
+///
+/// The link is a pipe: a frame is taken from the sender as soon as its
+/// uplink is free (a busy uplink holds the sender back, as a full socket
+/// buffer does) and is then in flight for one latency while the next ones
+/// follow it. Frames arrive in order; a lost frame's retransmission holds
+/// back everything behind it.
 async fn forward<S, D>(mut from: S, mut to: D, net: Arc<SimNet>, src: usize, dst: usize)
 where
     S: Stream<Item = Vec<u8>> + Unpin,
@@ -408,33 +415,92 @@ where
     let bps = net.uplink_bps[src] / f;
     let mut rng = rand::rngs::StdRng::seed_from_u64(net.seed ^ ((src as u64) << 32) ^ dst as u64);
     let mut uplink_free = Instant::now();
+    let mut last_due = Instant::now();
+    let mut in_flight: VecDeque<(Instant, Vec<u8>)> = VecDeque::new();
+    let mut sending = true;
     let mut changes = net.changes.subscribe();
-    loop {
-        let frame = tokio::select! {
-            f = from.next() => match f {
-                Some(f) => f,
-                None => break,
-            },
-            r = changes.changed() => {
-                if r.is_err() || net.blocked(src, dst) { break; }
-                continue;
+    while sending || !in_flight.is_empty() {
+        let head_due = in_flight.front().map(|(due, _)| *due);
+        let uplink_busy = uplink_free > Instant::now();
+        tokio::select! {
+            // Arrivals first: they free the receiver's side.
+            _ = sleep_until_some(head_due), if head_due.is_some() => {
+                let Some((_, frame)) = in_flight.pop_front() else { continue };
+                if !to.deliver(frame).await {
+                    break;
+                }
             }
-        };
-        if net.blocked(src, dst) {
-            break;
-        }
-        net.sent[src].fetch_add(frame.len() as u64, Ordering::Relaxed);
-        let now = Instant::now();
-        let start = now.max(uplink_free);
-        uplink_free = start + Duration::from_secs_f64(frame.len() as f64 / bps);
-        let mut due = uplink_free + latency;
-        if net.loss > 0.0 && rng.random::<f64>() < net.loss {
-            due += Duration::from_secs_f64(RTO_MS * f / 1000.0) + rtt;
-        }
-        tokio::time::sleep_until(due).await;
-        if !to.deliver(frame).await {
-            break;
+            _ = tokio::time::sleep_until(uplink_free), if sending && uplink_busy => {}
+            next = from.next(), if sending && !uplink_busy => {
+                let Some(frame) = next else {
+                    sending = false;
+                    continue;
+                };
+                if net.blocked(src, dst) {
+                    break;
+                }
+                net.sent[src].fetch_add(frame.len() as u64, Ordering::Relaxed);
+                let start = Instant::now().max(uplink_free);
+                uplink_free = start + Duration::from_secs_f64(frame.len() as f64 / bps);
+                let mut due = uplink_free + latency;
+                if net.loss > 0.0 && rng.random::<f64>() < net.loss {
+                    due += Duration::from_secs_f64(RTO_MS * f / 1000.0) + rtt;
+                }
+                // In order: nothing overtakes a retransmitted frame.
+                due = due.max(last_due);
+                last_due = due;
+                in_flight.push_back((due, frame));
+            }
+            r = changes.changed() => {
+                if r.is_err() || net.blocked(src, dst) {
+                    break;
+                }
+            }
         }
     }
     to.finish().await;
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => futures::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Frames sent together arrive together, one latency later: a link is
+    /// a pipe, not one frame per latency (as it was before December 2026).
+    #[tokio::test]
+    async fn frames_are_in_flight_together() {
+        let latency_ms = 100.0;
+        let net = SimNet::new(
+            vec![1, 2],
+            vec![0, 1],
+            vec![vec![2.0, latency_ms], vec![latency_ms, 2.0]],
+            vec![1e9, 1e9],
+            0.0,
+            1.0,
+            1,
+        );
+        let (mut tx, rx) = mpsc::channel::<Vec<u8>>(16);
+        let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(16);
+        tokio::spawn(forward(rx, Frames(out_tx), net, 0, 1));
+        let start = Instant::now();
+        for i in 0..10u8 {
+            tx.send(vec![i; 100]).await.expect("forwarder runs");
+        }
+        for i in 0..10u8 {
+            assert_eq!(out_rx.next().await, Some(vec![i; 100]), "in order");
+        }
+        let took = start.elapsed();
+        // One latency (100 ms), with room for a loaded host; one frame
+        // per latency would be a whole second.
+        assert!(took >= Duration::from_millis(100), "{took:?}");
+        assert!(took < Duration::from_millis(600), "{took:?}");
+    }
 }

@@ -36,6 +36,9 @@ use crate::scenario::{Ble, Scenario};
 const MAX_CONCURRENT_DIALS: usize = 256;
 /// A simulated node's database page cache (a hundred nodes share a host).
 const STORE_CACHE_BYTES: usize = 1 << 20;
+/// Peers per Kademlia bucket of a simulated node (the daemon's 20 cost
+/// 1.6 MB of buckets per node, allocated whole at start).
+const KAD_BUCKET_SIZE: std::num::NonZeroUsize = std::num::NonZeroUsize::MIN.saturating_add(7);
 
 /// One node: what survives its restarts, and the running node if it is up.
 struct SimNode {
@@ -347,6 +350,7 @@ fn builder(shared: &Shared, node: &SimNode, store: Store) -> NodeBuilder {
             mdns: false,
             max_connections: 1000,
             kad_bootstrap_interval: None,
+            kad_bucket_size: KAD_BUCKET_SIZE,
             gossip: shared.gossip.clone(),
             ..BehaviourConfig::default()
         })

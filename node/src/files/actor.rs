@@ -31,7 +31,7 @@ const SERVE_BATCH: usize = 64;
 
 /// The receiving side of the serving queue.
 pub(crate) struct ServeInbox {
-    pub(crate) rx: std::sync::mpsc::Receiver<super::ServeJob>,
+    pub(crate) rx: crate::actor::BoundedReceiver<super::ServeJob>,
     pub(crate) woken: Arc<AtomicBool>,
     pub(crate) queued: Arc<AtomicUsize>,
     pub(crate) gate: ServeGate,

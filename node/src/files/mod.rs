@@ -252,7 +252,7 @@ pub(crate) struct ServeJob {
 /// in the mailbox wakes the actor for them.
 #[derive(Debug, Clone)]
 struct ServeQueue {
-    tx: std::sync::mpsc::SyncSender<ServeJob>,
+    tx: crate::actor::BoundedSender<ServeJob>,
     /// An [`Input::Serve`] is in the mailbox.
     woken: Arc<AtomicBool>,
     /// Jobs queued.
@@ -452,7 +452,7 @@ pub(crate) fn start(
     let store = FileStore::open(store)?;
     let channel = Channel::bounded(INPUT_QUEUE);
     let mailbox = channel.mailbox.clone();
-    let (tx, rx) = std::sync::mpsc::sync_channel(gate::SERVE_QUEUE);
+    let (tx, rx) = crate::actor::bounded(gate::SERVE_QUEUE);
     let serving = ServeQueue {
         tx,
         woken: Arc::default(),

@@ -133,7 +133,7 @@ struct Service {
     down: HashMap<PeerId, u64>,
     connected: HashSet<PeerId>,
     writers: HashMap<PeerId, mpsc::Sender<Vec<u8>>>,
-    work: std::sync::mpsc::SyncSender<WorkIn>,
+    work: crate::actor::BoundedSender<WorkIn>,
     events: mpsc::Sender<StreamEvent>,
     /// Packets waiting out their delay: (due, seq) and by seq.
     delayed: BinaryHeap<Reverse<(Instant, u64)>>,

@@ -132,7 +132,7 @@ pub(super) async fn writer(
 /// What every reader shares.
 #[derive(Clone)]
 pub(super) struct ReaderCtx {
-    pub(super) work: std::sync::mpsc::SyncSender<WorkIn>,
+    pub(super) work: crate::actor::BoundedSender<WorkIn>,
     pub(super) events: mpsc::Sender<StreamEvent>,
     pub(super) rates: Arc<Mutex<RateTable<PeerId>>>,
     pub(super) peer_rate: u64,

@@ -3,7 +3,7 @@
 //! node sends. One thread, fed by a bounded queue (readers drop packets
 //! when it is full), so Sphinx work never runs on an async task.
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::Duration;
 
 use fogmesh_protocols::messages::MessageId;
@@ -12,6 +12,7 @@ use fogmesh_protocols::onion::packet::{self, Hop, Mixer, PacketError, Piece, Pro
 use libp2p::PeerId;
 use tokio::sync::mpsc;
 
+use crate::actor::{BoundedReceiver as Receiver, BoundedSender as SyncSender};
 use crate::messages::now_ms;
 
 /// Jobs queued for the thread; beyond, packets from peers are dropped.
@@ -207,5 +208,5 @@ fn build(
 
 /// The queue the readers and the onion task feed.
 pub(super) fn queue() -> (SyncSender<WorkIn>, Receiver<WorkIn>) {
-    std::sync::mpsc::sync_channel(WORK_QUEUE)
+    crate::actor::bounded(WORK_QUEUE)
 }
