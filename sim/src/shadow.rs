@@ -810,8 +810,8 @@ message_size = 64
         assert_eq!(gml_float(0.0), "0.0");
         assert_eq!(gml_float(0.001), "0.001");
         assert_eq!(gml_float(1.0), "1.0");
-        let s: Scenario = toml::from_str(&SCENARIO.replace("loss = 0.001", "loss = 0.0"))
-            .expect("scenario");
+        let s: Scenario =
+            toml::from_str(&SCENARIO.replace("loss = 0.001", "loss = 0.0")).expect("scenario");
         let gml = gml(&s, &plan(&s, 7));
         assert!(gml.contains("packet_loss 0.0\n"), "{gml}");
         assert!(!gml.contains("packet_loss 0\n"), "{gml}");
