@@ -387,12 +387,24 @@ fn gml(s: &Scenario, plan: &Plan) -> String {
                 g,
                 "  edge [\n    source {a}\n    target {b}\n    latency \"{} us\"\n    packet_loss {}\n  ]",
                 (plan.latency[a][b] * 1000.0).round() as u64,
-                s.link.loss
+                gml_float(s.link.loss)
             );
         }
     }
     g.push_str("]\n");
     g
+}
+
+/// A float as Shadow's GML parser takes it: always with a decimal point
+/// (it reads `packet_loss 0` as an integer and refuses the graph).
+fn gml_float(x: f64) -> String {
+    // `{:?}` of an f64 always has a point or an exponent ("0.0", "0.001").
+    let text = format!("{x:?}");
+    if text.contains(['.', 'e', 'E']) {
+        text
+    } else {
+        format!("{text}.0")
+    }
 }
 
 /// `shadow.yaml`, as a value.
@@ -789,6 +801,20 @@ message_size = 64
             local_port: None,
         };
         assert!(export(&s, SCENARIO, &again).is_err());
+    }
+
+    /// Shadow 3.3 refuses `packet_loss 0` ("Edge 'packet_loss' is not a
+    /// float"): a loss-free scenario's graph must say `0.0`.
+    #[test]
+    fn gml_floats_have_a_point() {
+        assert_eq!(gml_float(0.0), "0.0");
+        assert_eq!(gml_float(0.001), "0.001");
+        assert_eq!(gml_float(1.0), "1.0");
+        let s: Scenario =
+            toml::from_str(&SCENARIO.replace("loss = 0.001", "loss = 0.0")).expect("scenario");
+        let gml = gml(&s, &plan(&s, 7));
+        assert!(gml.contains("packet_loss 0.0\n"), "{gml}");
+        assert!(!gml.contains("packet_loss 0\n"), "{gml}");
     }
 
     #[test]
