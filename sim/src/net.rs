@@ -68,6 +68,8 @@ pub struct SimNet {
 
 /// Retransmission timeout floor for a lost frame, model ms.
 const RTO_MS: f64 = 200.0;
+/// Frames on their way on one direction of a connection at most.
+const MAX_IN_FLIGHT: usize = 256;
 
 impl SimNet {
     /// A network of `ports.len()` nodes.
@@ -409,32 +411,54 @@ where
     let mut rng = rand::rngs::StdRng::seed_from_u64(net.seed ^ ((src as u64) << 32) ^ dst as u64);
     let mut uplink_free = Instant::now();
     let mut changes = net.changes.subscribe();
-    loop {
-        let frame = tokio::select! {
-            f = from.next() => match f {
-                Some(f) => f,
-                None => break,
+    // Frames on their way, in order, each with when it arrives: a frame
+    // does not wait for the previous one to arrive, only for the uplink
+    // (and a lost one holds up those behind it, as on a TCP connection).
+    let mut in_flight: std::collections::VecDeque<(Instant, Vec<u8>)> = Default::default();
+    let mut open = true;
+    while open || !in_flight.is_empty() {
+        let head_due = in_flight.front().map(|(due, _)| *due);
+        tokio::select! {
+            // Bounded: beyond, the sender waits (backpressure, as before).
+            next = from.next(), if open && in_flight.len() < MAX_IN_FLIGHT => match next {
+                Some(frame) => {
+                    if net.blocked(src, dst) {
+                        break;
+                    }
+                    net.sent[src].fetch_add(frame.len() as u64, Ordering::Relaxed);
+                    let now = Instant::now();
+                    let start = now.max(uplink_free);
+                    uplink_free = start + Duration::from_secs_f64(frame.len() as f64 / bps);
+                    let mut due = uplink_free + latency;
+                    if net.loss > 0.0 && rng.random::<f64>() < net.loss {
+                        due += Duration::from_secs_f64(RTO_MS * f / 1000.0) + rtt;
+                    }
+                    if let Some((last, _)) = in_flight.back() {
+                        due = due.max(*last);
+                    }
+                    in_flight.push_back((due, frame));
+                }
+                None => open = false,
             },
-            r = changes.changed() => {
+            r = changes.changed(), if open => {
                 if r.is_err() || net.blocked(src, dst) { break; }
-                continue;
             }
-        };
-        if net.blocked(src, dst) {
-            break;
-        }
-        net.sent[src].fetch_add(frame.len() as u64, Ordering::Relaxed);
-        let now = Instant::now();
-        let start = now.max(uplink_free);
-        uplink_free = start + Duration::from_secs_f64(frame.len() as f64 / bps);
-        let mut due = uplink_free + latency;
-        if net.loss > 0.0 && rng.random::<f64>() < net.loss {
-            due += Duration::from_secs_f64(RTO_MS * f / 1000.0) + rtt;
-        }
-        tokio::time::sleep_until(due).await;
-        if !to.deliver(frame).await {
-            break;
+            _ = sleep_until_due(head_due) => {
+                if let Some((_, frame)) = in_flight.pop_front()
+                    && !to.deliver(frame).await
+                {
+                    break;
+                }
+            }
         }
     }
     to.finish().await;
+}
+
+/// Sleeps until `due`, or forever.
+async fn sleep_until_due(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
 }
