@@ -348,6 +348,43 @@ mod tests {
         }
     }
 
+    /// Mix traces become `Mix Sent` / `Mix Relayed` lines with the
+    /// packet hashes and the time in the pool, and parse back; other lines
+    /// carry no `mix` field.
+    #[test]
+    fn mix_traces_are_lines_with_hashes_and_pool_times() {
+        use crate::onion::{MixOrigin, MixTrace, packet_hash};
+        let departed = std::time::Instant::now();
+        let arrived = departed - std::time::Duration::from_millis(42);
+        let sent = Line::of_mix(&MixTrace::Sent {
+            origin: MixOrigin::Cover,
+            packet: packet_hash(b"a"),
+            at: arrived,
+        });
+        let relayed = Line::of_mix(&MixTrace::Relayed {
+            packet_in: packet_hash(b"a"),
+            packet_out: packet_hash(b"b"),
+            arrived,
+            departed,
+        });
+        assert_eq!((sent.msg, sent.id.as_str()), (Msg::MixSent, "cover"));
+        assert_eq!(packet_hash(b"a").len(), 16);
+        assert_eq!(relayed.msg, Msg::MixRelayed);
+        assert_eq!(relayed.id, packet_hash(b"a"));
+        let mix = relayed.mix.clone().unwrap_or_else(|| MixFields {
+            out: String::new(),
+            held_us: None,
+        });
+        assert_eq!(mix.out, packet_hash(b"b"));
+        assert_eq!(mix.held_us, Some(42_000));
+        let text = serde_json::to_string(&relayed).unwrap_or_default();
+        assert!(text.contains(r#""msg":"Mix Relayed""#), "{text}");
+        let back: Result<Line, _> = serde_json::from_str(&text);
+        assert_eq!(back.ok(), Some(relayed));
+        let plain = serde_json::to_string(&Line::new(SystemTime::now(), Msg::Received, "x"));
+        assert!(!plain.unwrap_or_default().contains("mix"));
+    }
+
     #[test]
     fn only_group_messages_have_a_received_id() {
         assert_eq!(received_message_id(&[]), None);

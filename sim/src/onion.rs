@@ -44,7 +44,12 @@ impl OnionSetup {
     pub fn new(s: &Scenario, plan: &Plan, seed: u64) -> Option<Self> {
         let knob = s.onion.clone()?;
         let mut mix = vec![false; s.nodes];
-        for i in mix_nodes(s.internet_nodes(), &plan.workload.publishers, knob.mix_nodes, seed) {
+        for i in mix_nodes(
+            s.internet_nodes(),
+            &plan.workload.publishers,
+            knob.mix_nodes,
+            seed,
+        ) {
             mix[i] = true;
         }
         Some(OnionSetup {

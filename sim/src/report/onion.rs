@@ -188,7 +188,10 @@ fn anonymity(packets: &[MixRecord]) -> Anonymity {
     for p in packets {
         match p.origin.as_deref() {
             Some(o @ ("reply" | "cover")) => {
-                origin_of.insert(&p.packet_out, Origin::Other(format!("{o}:{}", p.packet_out)));
+                origin_of.insert(
+                    &p.packet_out,
+                    Origin::Other(format!("{o}:{}", p.packet_out)),
+                );
             }
             Some(id) => {
                 origin_of.insert(&p.packet_out, Origin::Message(id.to_owned()));
@@ -329,7 +332,10 @@ mod tests {
         let e = a.entropy_bits;
         assert_eq!(e.min, Some(0.0));
         assert!((e.p50.unwrap_or_default() - 0.9183).abs() < 1e-3, "{e:?}");
-        assert!((e.max.unwrap_or_default() - 3f64.log2()).abs() < 1e-9, "{e:?}");
+        assert!(
+            (e.max.unwrap_or_default() - 3f64.log2()).abs() < 1e-9,
+            "{e:?}"
+        );
 
         // In the summary, with the direct records: "a" delivered at 100
         // and acked at 150, "b" neither; a message not sent privately
@@ -362,9 +368,16 @@ mod tests {
         };
         let s = summary(&rec).expect("onion figures");
         assert_eq!((s.private_messages, s.delivered, s.acked), (2, 1, 1));
-        assert_eq!((s.delivery_ms.p50, s.ack_ms.p50), (Some(100.0), Some(150.0)));
         assert_eq!(
-            (s.packets_sent.data, s.packets_sent.reply, s.packets_sent.cover),
+            (s.delivery_ms.p50, s.ack_ms.p50),
+            (Some(100.0), Some(150.0))
+        );
+        assert_eq!(
+            (
+                s.packets_sent.data,
+                s.packets_sent.reply,
+                s.packets_sent.cover
+            ),
             (3, 0, 1)
         );
         assert_eq!(s.relay_passes, 6);
