@@ -110,6 +110,10 @@ pub(super) fn spawn(
     Ok(thread)
 }
 
+/// A packet waiting out its delay: its successor, its bytes and, when mix
+/// packets are traced, its hash as it arrived and when it entered the queue.
+type Delayed = (PeerId, Vec<u8>, Option<(String, std::time::Instant)>);
+
 /// One of our reply blocks waiting for its reply.
 struct Pending {
     id: MessageId,
@@ -139,7 +143,7 @@ struct Service {
     delayed: BinaryHeap<Reverse<(Instant, u64)>>,
     /// With, when mix packets are traced, the arriving packet's hash and
     /// when it entered the queue.
-    delayed_packets: HashMap<u64, (PeerId, Vec<u8>, Option<(String, std::time::Instant)>)>,
+    delayed_packets: HashMap<u64, Delayed>,
     seq: u64,
     /// Our reply blocks by identifier.
     recoveries: HashMap<[u8; 16], Pending>,
