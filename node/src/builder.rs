@@ -304,6 +304,11 @@ impl NodeBuilder {
         let peer_id = key.public().to_peer_id();
         if let Some(log) = &event_log {
             observers.push(log.observer());
+            let tracer = log.mix_tracer();
+            node.onion.trace = Some(match node.onion.trace.take() {
+                Some(t) => t.and(tracer),
+                None => tracer,
+            });
         }
         behaviour.gossip_observer = merge_observers(behaviour.gossip_observer.take(), observers);
 
@@ -323,6 +328,8 @@ impl NodeBuilder {
         t.internet_ms = scale_ms(t.internet_ms);
         t.ble_ms = scale_ms(t.ble_ms);
         t.onion_ms = scale_ms(t.onion_ms);
+        node.onion.mean_delay_ms = scale_ms(node.onion.mean_delay_ms);
+        node.onion.cover_rate /= dilation;
         behaviour.dm_ble_timeout = scale(behaviour.dm_ble_timeout);
         // A whole connection set-up must finish within this: libp2p's 10 s
         // (dilated: between the farthest regions of a slowed model a

@@ -25,7 +25,12 @@
 //!   delivered (must never happen; only the simulator checks for it);
 //! - `Published Message`: the node published the message. `--event-log`
 //!   writes it when the node has stored its own message (before
-//!   `group send` returns); the simulator when it called `group send`.
+//!   `group send` returns); the simulator when it called `group send`;
+//! - `Mix Sent` and `Mix Relayed` (research traces of the onion route,
+//!   only with `--event-log`; see [`MixFields`]): a packet this node built
+//!   left for its first hop (`id`: what it carries, the direct message's id,
+//!   `reply` or `cover`), or a packet this node relayed left its delay
+//!   queue (`id`: the packet's hash as it arrived). With the `mix` field.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -59,6 +64,26 @@ pub enum Msg {
     /// The node published the message.
     #[serde(rename = "Published Message")]
     Published,
+    /// A mix packet this node built left for its first hop.
+    #[serde(rename = "Mix Sent")]
+    MixSent,
+    /// A mix packet this node relayed left its delay queue.
+    #[serde(rename = "Mix Relayed")]
+    MixRelayed,
+}
+
+/// The `mix` field of `Mix Sent` and `Mix Relayed` lines: enough to chain
+/// one packet through the relays and to know which packets a relay held at
+/// once. Packets are named by [`crate::onion::packet_hash`] (8 bytes of
+/// SHA-256, hex), which is all a trace reveals of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MixFields {
+    /// The packet's hash as it left this node.
+    pub out: String,
+    /// `Mix Relayed`: how long it stayed in the delay queue, µs (it
+    /// entered at `time` minus this).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_us: Option<u64>,
 }
 
 /// One line of the event log (see the module documentation for the exact
@@ -78,6 +103,9 @@ pub struct Line {
     /// The node's index in the simulated network (simulator only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<usize>,
+    /// `Mix Sent` and `Mix Relayed` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mix: Option<MixFields>,
 }
 
 impl Line {
@@ -89,6 +117,42 @@ impl Line {
             id: id.into(),
             t_ms: None,
             node: None,
+            mix: None,
+        }
+    }
+
+    /// The line of a mix trace.
+    pub fn of_mix(trace: &crate::onion::MixTrace) -> Self {
+        use crate::onion::{MixOrigin, MixTrace};
+        let now = (SystemTime::now(), std::time::Instant::now());
+        let wall = |at: std::time::Instant| now.0 - now.1.saturating_duration_since(at);
+        match trace {
+            MixTrace::Sent { origin, packet, at } => {
+                let id = match origin {
+                    MixOrigin::Message(id) => id.as_str(),
+                    MixOrigin::Reply => "reply",
+                    MixOrigin::Cover => "cover",
+                };
+                Line {
+                    mix: Some(MixFields {
+                        out: packet.clone(),
+                        held_us: None,
+                    }),
+                    ..Line::new(wall(*at), Msg::MixSent, id)
+                }
+            }
+            MixTrace::Relayed {
+                packet_in,
+                packet_out,
+                arrived,
+                departed,
+            } => Line {
+                mix: Some(MixFields {
+                    out: packet_out.clone(),
+                    held_us: Some(departed.saturating_duration_since(*arrived).as_micros() as u64),
+                }),
+                ..Line::new(wall(*departed), Msg::MixRelayed, packet_in.as_str())
+            },
         }
     }
 
@@ -206,11 +270,20 @@ impl EventLog {
     }
 
     fn write(&self, msg: Msg, id: &str) {
-        let line = Line::new(SystemTime::now(), msg, id);
+        self.write_line(&Line::new(SystemTime::now(), msg, id));
+    }
+
+    fn write_line(&self, line: &Line) {
         if let Ok(mut out) = self.out.lock() {
             // A full disk must not stop the node; the log is best effort.
-            let _ = out.write(&line);
+            let _ = out.write(line);
         }
+    }
+
+    /// The onion route's tracer that logs `Mix Sent` and `Mix Relayed`.
+    pub fn mix_tracer(&self) -> crate::onion::MixTracer {
+        let log = self.clone();
+        crate::onion::MixTracer(Arc::new(move |t| log.write_line(&Line::of_mix(&t))))
     }
 
     /// The gossip observer that logs `Received Message`.
@@ -273,6 +346,47 @@ mod tests {
             let back: Result<Line, _> = serde_json::from_str(line);
             assert_eq!(back.ok().as_ref(), Some(want));
         }
+    }
+
+    /// Mix traces become `Mix Sent` / `Mix Relayed` lines with the
+    /// packet hashes and the time in the pool, and parse back; other lines
+    /// carry no `mix` field.
+    #[test]
+    fn mix_traces_are_lines_with_hashes_and_pool_times() {
+        use crate::onion::{MixOrigin, MixTrace, packet_hash};
+        let departed = std::time::Instant::now();
+        let arrived = departed - std::time::Duration::from_millis(42);
+        let sent = Line::of_mix(&MixTrace::Sent {
+            origin: MixOrigin::Cover,
+            packet: packet_hash(b"a"),
+            at: arrived,
+        });
+        let relayed = Line::of_mix(&MixTrace::Relayed {
+            packet_in: packet_hash(b"a"),
+            packet_out: packet_hash(b"b"),
+            arrived,
+            departed,
+        });
+        assert_eq!((sent.msg, sent.id.as_str()), (Msg::MixSent, "cover"));
+        assert_eq!(packet_hash(b"a").len(), 16);
+        assert_eq!(relayed.msg, Msg::MixRelayed);
+        assert_eq!(relayed.id, packet_hash(b"a"));
+        let mix = relayed.mix.clone().unwrap_or_else(|| MixFields {
+            out: String::new(),
+            held_us: None,
+        });
+        assert_eq!(mix.out, packet_hash(b"b"));
+        assert_eq!(mix.held_us, Some(42_000));
+        let text = serde_json::to_string(&relayed).unwrap_or_default();
+        assert!(text.contains(r#""msg":"Mix Relayed""#), "{text}");
+        // Back as it was, `time` to the microsecond.
+        let back: Option<Line> = serde_json::from_str(&text).ok();
+        let same = |l: &Line| (l.msg, l.id.clone(), l.mix.clone());
+        assert_eq!(back.as_ref().map(same), Some(same(&relayed)));
+        let gap = back.and_then(|b| relayed.time.duration_since(b.time).ok());
+        assert!(gap.is_some_and(|g| g < std::time::Duration::from_micros(1)));
+        let plain = serde_json::to_string(&Line::new(SystemTime::now(), Msg::Received, "x"));
+        assert!(!plain.unwrap_or_default().contains("mix"));
     }
 
     #[test]

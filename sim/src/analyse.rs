@@ -91,7 +91,7 @@ pub fn analyse(dir: &Path) -> anyhow::Result<(RunRecord, Gaps)> {
                 continue;
             };
             let kind = match l.msg {
-                Msg::PeerId => continue,
+                Msg::PeerId | Msg::MixSent | Msg::MixRelayed => continue,
                 Msg::Published => {
                     let Some(&size) = sizes.next() else {
                         gaps.unplanned += 1;

@@ -9,6 +9,7 @@ mod clock;
 mod collector;
 mod faults;
 mod net;
+mod onion;
 mod plan;
 mod record;
 mod report;

@@ -162,6 +162,39 @@ pub struct RunRecord {
     /// figures are then left out rather than computed from zeros.
     #[serde(default)]
     pub wire_sizes_unknown: bool,
+    /// The onion route's mix nodes and packet traces (a scenario with an
+    /// `[onion]` section; `None` otherwise).
+    #[serde(default)]
+    pub onion: Option<OnionRecord>,
+}
+
+/// What a run with mix nodes records of the onion route.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct OnionRecord {
+    /// The nodes started with `--mix`.
+    pub mix_nodes: Vec<usize>,
+    /// Every mix packet event of every node (the nodes' mix traces, as in
+    /// `--event-log`), in model time.
+    pub packets: Vec<MixRecord>,
+}
+
+/// One mix packet event (a node's mix trace, [`fogmesh::onion::MixTrace`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MixRecord {
+    /// The node.
+    pub node: usize,
+    /// A packet the node built and sent: what it carries (a direct
+    /// message's id, `reply` or `cover`); `None` for a relayed packet.
+    pub origin: Option<String>,
+    /// A relayed packet: its hash as it arrived.
+    pub packet_in: Option<String>,
+    /// The packet's hash as it left the node.
+    pub packet_out: String,
+    /// A relayed packet: when it entered the node's delay queue (its pool),
+    /// model ms.
+    pub arrived_ms: Option<f64>,
+    /// When it left the node (sent, or left the pool), model ms.
+    pub t_ms: f64,
 }
 
 /// The internet link model of a run: what the direct path between two

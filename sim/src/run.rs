@@ -73,7 +73,14 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
     lag.measure();
     let events_path = opts.out.join("events.ndjson");
     let collector = Collector::create(&events_path, clock, &plan.topology.nodes, members.clone())?;
-    let publishes = workload::publish_all(&world, &plan.workload.messages, &gid, clock, opts.seed);
+    let publishes = workload::publish_all(
+        &world,
+        &plan.workload.messages,
+        &gid,
+        clock,
+        opts.seed,
+        s.workload.private,
+    );
     let (faults, fault_windows) = faults::schedule(&plan.workload);
     let mut workload = Workload {
         clock,
@@ -94,6 +101,10 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
     let (dm_envelopes_sent, dm_envelopes_relayed) = world.dm_envelopes();
     let lag_ms = lag.finish();
     world.stop_all().await;
+    let onion = world.onion().map(|o| o.record(&clock));
+    if let Some(o) = &onion {
+        crate::onion::write_log(&opts.out.join("mix.ndjson"), o, &clock, dilation)?;
+    }
     let (published, receipts) = workload.collector.finish(workload.receipts)?;
     Ok(RunRecord {
         scenario: s.name.clone(),
@@ -114,6 +125,7 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
         direct,
         link: Some(link_record(s, &plan)),
         wire_sizes_unknown: false,
+        onion,
     })
 }
 

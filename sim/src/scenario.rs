@@ -46,6 +46,38 @@ pub struct Scenario {
     /// holders (on by default, as in the daemon), and after how long.
     #[serde(default)]
     pub mailbox: MailboxKnob,
+    /// The onion route: mix nodes, hops, delays, cover traffic (absent: no
+    /// node relays, and mix packets are not traced).
+    #[serde(default)]
+    pub onion: Option<OnionKnob>,
+}
+
+/// `[onion]`: mix nodes and the onion route's settings (docs/protocols/
+/// onion.md), for every node with the internet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OnionKnob {
+    /// How many nodes relay (`--mix`): internet nodes drawn with the seed,
+    /// senders last.
+    pub mix_nodes: usize,
+    /// Mix hops of a path (`--onion-hops`, 1 to 4).
+    pub hops: usize,
+    /// Mean per-hop delay, model ms (`--mix-delay-ms`; 0 is the fast
+    /// profile).
+    pub mix_delay_ms: u64,
+    /// Loop cover packets per model second, per node (`--cover-rate`).
+    pub cover_rate: f64,
+}
+
+impl Default for OnionKnob {
+    fn default() -> Self {
+        OnionKnob {
+            mix_nodes: 0,
+            hops: fogmesh_protocols::onion::DEFAULT_HOPS,
+            mix_delay_ms: fogmesh_protocols::onion::DEFAULT_DELAY_MS,
+            cover_rate: 0.0,
+        }
+    }
 }
 
 /// `[mailbox]`: the direct-message mailbox knob.
@@ -294,6 +326,9 @@ pub struct Workload {
     /// Model seconds after every member knows the group before the first
     /// message (lets the gossip mesh form).
     pub warmup_secs: f64,
+    /// Direct messages only: send them privately (`send --private`: the
+    /// onion route, through the `[onion]` section's mix nodes).
+    pub private: bool,
 }
 
 /// What kind of messages the workload sends (`workload.kind`).
@@ -318,6 +353,7 @@ impl Default for Workload {
             rate_per_sec: 10.0,
             message_size: 256,
             warmup_secs: 5.0,
+            private: false,
         }
     }
 }
@@ -430,6 +466,24 @@ impl Scenario {
         }
         if !(self.mailbox.after_secs >= 0.0 && self.mailbox.after_secs.is_finite()) {
             bail!("mailbox.after_secs must be a number of seconds");
+        }
+        if self.workload.private && self.workload.kind != WorkloadKind::Direct {
+            bail!("workload.private needs workload.kind = \"direct\"");
+        }
+        if let Some(o) = &self.onion {
+            use fogmesh_protocols::onion::{MAX_DELAY_MS, MAX_HOPS, MIN_HOPS};
+            if o.mix_nodes > self.internet_nodes() {
+                bail!("onion.mix_nodes is more than the nodes with the internet");
+            }
+            if !(MIN_HOPS..=MAX_HOPS).contains(&o.hops) {
+                bail!("onion.hops must be between {MIN_HOPS} and {MAX_HOPS}");
+            }
+            if o.mix_delay_ms > MAX_DELAY_MS {
+                bail!("onion.mix_delay_ms must be at most {MAX_DELAY_MS}");
+            }
+            if !(o.cover_rate >= 0.0 && o.cover_rate.is_finite()) {
+                bail!("onion.cover_rate must be a rate (0 or more per second)");
+            }
         }
         Ok(())
     }

@@ -114,13 +114,15 @@ pub struct PublishOutcome {
 /// a group message to group `gid`, a direct message (one with a
 /// recipient) through the sender's messages handle. The outcomes arrive on
 /// the returned channel, which closes after the last. The texts are random
-/// letters drawn from `seed`.
+/// letters drawn from `seed`. `private`: direct messages are sent
+/// privately (the onion route).
 pub fn publish_all(
     world: &World,
     messages: &[PlannedMessage],
     gid: &str,
     clock: ModelClock,
     seed: u64,
+    private: bool,
 ) -> mpsc::UnboundedReceiver<PublishOutcome> {
     // Unbounded, but holding at most one outcome per planned message.
     let (outcomes, rx) = mpsc::unbounded_channel();
@@ -141,7 +143,7 @@ pub fn publish_all(
                         to: peer,
                         text,
                         route: None,
-                        private: false,
+                        private,
                     })
                     .await
                     .map(|ack| ack.message_id)

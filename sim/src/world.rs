@@ -72,6 +72,8 @@ struct Shared {
     taps: Taps,
     /// The scenario's mailbox knob.
     mailbox: crate::scenario::MailboxKnob,
+    /// The onion route's settings and traces (an `[onion]` section).
+    onion: Option<crate::onion::OnionSetup>,
 }
 
 /// The network, the medium and the nodes.
@@ -122,6 +124,7 @@ impl World {
             dilation,
             taps,
             mailbox: s.mailbox.clone(),
+            onion: crate::onion::OnionSetup::new(s, plan, seed),
         };
         let data = data_dirs()?;
         let mut nodes = Vec::with_capacity(s.nodes);
@@ -180,6 +183,11 @@ impl World {
     /// Node `i`'s handle, while it runs.
     pub fn handle(&self, i: usize) -> Option<NodeHandle> {
         self.nodes[i].handle.clone()
+    }
+
+    /// The onion route's settings and traces, with an `[onion]` section.
+    pub fn onion(&self) -> Option<&crate::onion::OnionSetup> {
+        self.shared.onion.as_ref()
     }
 
     /// Node `i`'s peer id.
@@ -336,8 +344,11 @@ fn builder(shared: &Shared, node: &SimNode, store: Store) -> NodeBuilder {
     } else {
         (Internet::Off, Vec::new())
     };
-    NodeBuilder::new(node.key.clone(), store)
-        .internet(internet)
+    let mut b = NodeBuilder::new(node.key.clone(), store);
+    if let Some(o) = &shared.onion {
+        b = b.onion(o.config(index));
+    }
+    b.internet(internet)
         .radio(radio)
         .listen(listen)
         .min_peers(shared.min_peers)

@@ -62,6 +62,9 @@ pub struct OnionConfig {
     /// byte flipped, so the first relay's replay and tamper checks can be
     /// observed end to end.
     pub test_replay_tamper: bool,
+    /// Research traces of mix packets (`--event-log`, the simulator): off
+    /// (`None`) by default, and then nothing is hashed or recorded.
+    pub trace: Option<MixTracer>,
 }
 
 impl Default for OnionConfig {
@@ -74,8 +77,78 @@ impl Default for OnionConfig {
             epoch_ms: fogmesh_protocols::onion::keys::DEFAULT_EPOCH_MS,
             peer_rate: 200,
             test_replay_tamper: false,
+            trace: None,
         }
     }
+}
+
+/// What a packet this node built carries, for a [`MixTrace::Sent`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MixOrigin {
+    /// A fragment of the direct message with this id (hex).
+    Message(String),
+    /// An acknowledgement sent back through a sender's reply block.
+    Reply,
+    /// A loop cover packet.
+    Cover,
+}
+
+/// One mix packet event: research-only ground truth for measuring
+/// anonymity (which packets a relay held together). Packets are named by
+/// [`packet_hash`] of their bytes, so that a trace can chain one packet's
+/// successive forms through relays. Only produced when
+/// [`OnionConfig::trace`] is set.
+#[derive(Debug, Clone)]
+pub enum MixTrace {
+    /// This node sent a packet it built to its first hop.
+    Sent {
+        /// What the packet carries.
+        origin: MixOrigin,
+        /// Hash of the packet sent.
+        packet: String,
+        /// When it was handed to the first hop's writer.
+        at: std::time::Instant,
+    },
+    /// This node relayed a packet: it entered the delay queue (its pool)
+    /// at `arrived` and left it at `departed`.
+    Relayed {
+        /// Hash of the packet as it arrived.
+        packet_in: String,
+        /// Hash of the packet as it left (one layer peeled).
+        packet_out: String,
+        /// When it entered the delay queue (after Sphinx processing).
+        arrived: std::time::Instant,
+        /// When it left the delay queue for its successor.
+        departed: std::time::Instant,
+    },
+}
+
+/// Receives a node's [`MixTrace`]s (called on the onion task; must not
+/// block).
+#[derive(Clone)]
+pub struct MixTracer(pub Arc<dyn Fn(MixTrace) + Send + Sync>);
+
+impl std::fmt::Debug for MixTracer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MixTracer")
+    }
+}
+
+impl MixTracer {
+    /// One tracer calling `self`, then `other`.
+    pub fn and(self, other: MixTracer) -> MixTracer {
+        MixTracer(Arc::new(move |t: MixTrace| {
+            (self.0)(t.clone());
+            (other.0)(t);
+        }))
+    }
+}
+
+/// A short name of a packet for traces: the first 8 bytes of the SHA-256
+/// of its bytes, in hex.
+pub fn packet_hash(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(&sha2::Sha256::digest(bytes)[..8])
 }
 
 /// The onion route's counters, on `/metrics` with the node's.

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, ReaderCtx, StreamEvent};
 use super::worker::{self, Leg, WorkIn, WorkOut};
-use super::{Command, OnionConfig, OnionMetrics};
+use super::{Command, MixOrigin, MixTrace, OnionConfig, OnionMetrics};
 use crate::messages::{AttemptResult, Input, MessagesHandle, now_ms};
 
 /// Descriptors kept (verified, newest per peer); beyond, new peers' are
@@ -69,7 +69,7 @@ pub(super) fn spawn(
     let valid = mixer.keys().validity();
     let (work_tx, work_rx) = worker::queue();
     let (out_tx, out_rx) = mpsc::channel(worker::WORK_QUEUE);
-    let thread = worker::spawn(mixer, work_rx, out_tx)?;
+    let thread = worker::spawn(mixer, cfg.trace.is_some(), work_rx, out_tx)?;
     let incoming = control
         .accept(wire::PROTOCOL)
         .map_err(|e| anyhow::anyhow!("cannot accept mix streams: {e}"))?;
@@ -110,6 +110,10 @@ pub(super) fn spawn(
     Ok(thread)
 }
 
+/// A packet waiting out its delay: its successor, its bytes and, when mix
+/// packets are traced, its hash as it arrived and when it entered the queue.
+type Delayed = (PeerId, Vec<u8>, Option<(String, std::time::Instant)>);
+
 /// One of our reply blocks waiting for its reply.
 struct Pending {
     id: MessageId,
@@ -137,7 +141,9 @@ struct Service {
     events: mpsc::Sender<StreamEvent>,
     /// Packets waiting out their delay: (due, seq) and by seq.
     delayed: BinaryHeap<Reverse<(Instant, u64)>>,
-    delayed_packets: HashMap<u64, (PeerId, Vec<u8>)>,
+    /// With, when mix packets are traced, the arriving packet's hash and
+    /// when it entered the queue.
+    delayed_packets: HashMap<u64, Delayed>,
     seq: u64,
     /// Our reply blocks by identifier.
     recoveries: HashMap<[u8; 16], Pending>,
@@ -407,6 +413,7 @@ impl Service {
                 next,
                 delay_ms,
                 packet,
+                packet_in,
             } => {
                 if !self.cfg.mix {
                     // Not a relay: a packet that is not for this node ends here.
@@ -424,7 +431,9 @@ impl Service {
                 self.seq += 1;
                 let due = Instant::now() + Duration::from_millis(delay_ms);
                 self.delayed.push(Reverse((due, self.seq)));
-                self.delayed_packets.insert(self.seq, (next, packet));
+                let traced = packet_in.map(|h| (h, std::time::Instant::now()));
+                self.delayed_packets
+                    .insert(self.seq, (next, packet, traced));
             }
             WorkOut::Deliver { piece } => self.deliver(piece),
             WorkOut::Reply { id, payload } => self.on_reply(id, &payload),
@@ -447,6 +456,7 @@ impl Service {
                 for (i, (to, p)) in packets.iter().enumerate() {
                     if self.send_packet(*to, p) {
                         sent += 1;
+                        self.trace_sent(MixOrigin::Message(id.to_string()), p);
                     }
                     if test && i == 0 {
                         // The test hook: the same packet again (a replay)
@@ -484,8 +494,10 @@ impl Service {
                 n,
                 result: AttemptResult::Failed(why),
             }),
-            WorkOut::Send { to, packet } => {
-                self.send_packet(to, &packet);
+            WorkOut::Send { to, packet, origin } => {
+                if self.send_packet(to, &packet) {
+                    self.trace_sent(origin, &packet);
+                }
             }
             WorkOut::NewKey { epoch, key, valid } => self.new_key(epoch, key, valid),
         }
@@ -524,11 +536,31 @@ impl Service {
                 break;
             }
             self.delayed.pop();
-            if let Some((next, packet)) = self.delayed_packets.remove(&seq)
-                && self.send_packet(next, &packet)
-            {
-                self.metrics.packets_relayed.inc();
+            if let Some((next, packet, traced)) = self.delayed_packets.remove(&seq) {
+                if self.send_packet(next, &packet) {
+                    self.metrics.packets_relayed.inc();
+                }
+                // It left the pool, sent or dropped.
+                if let (Some(t), Some((packet_in, arrived))) = (&self.cfg.trace, traced) {
+                    (t.0)(MixTrace::Relayed {
+                        packet_in,
+                        packet_out: super::packet_hash(&packet),
+                        arrived,
+                        departed: std::time::Instant::now(),
+                    });
+                }
             }
+        }
+    }
+
+    /// Traces a packet this node built and sent, when traces are on.
+    fn trace_sent(&self, origin: MixOrigin, packet: &[u8]) {
+        if let Some(t) = &self.cfg.trace {
+            (t.0)(MixTrace::Sent {
+                origin,
+                packet: super::packet_hash(packet),
+                at: std::time::Instant::now(),
+            });
         }
     }
 

@@ -12,6 +12,7 @@ use fogmesh_protocols::onion::packet::{self, Hop, Mixer, PacketError, Piece, Pro
 use libp2p::PeerId;
 use tokio::sync::mpsc;
 
+use super::MixOrigin;
 use crate::actor::{BoundedReceiver as Receiver, BoundedSender as SyncSender};
 use crate::messages::now_ms;
 
@@ -56,6 +57,8 @@ pub(super) enum WorkOut {
         next: PeerId,
         delay_ms: u64,
         packet: Vec<u8>,
+        /// The arriving packet's hash, when mix packets are traced.
+        packet_in: Option<String>,
     },
     /// A piece for this node.
     Deliver { piece: Piece },
@@ -74,7 +77,11 @@ pub(super) enum WorkOut {
     /// Attempt `n` of message `id` could not be built.
     BuildFailed { id: MessageId, n: u32, why: String },
     /// Packets to send now (a reply, cover).
-    Send { to: PeerId, packet: Vec<u8> },
+    Send {
+        to: PeerId,
+        packet: Vec<u8>,
+        origin: MixOrigin,
+    },
     /// The mix key changed: the new epoch, public key and validity.
     NewKey {
         epoch: u64,
@@ -83,9 +90,11 @@ pub(super) enum WorkOut {
     },
 }
 
-/// Starts the thread over `mixer`.
+/// Starts the thread over `mixer`; `trace`: hash arriving packets for
+/// the mix trace.
 pub(super) fn spawn(
     mut mixer: Mixer,
+    trace: bool,
     rx: Receiver<WorkIn>,
     out: mpsc::Sender<WorkOut>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -109,7 +118,7 @@ pub(super) fn spawn(
                     }
                 }
                 let Some(job) = job else { continue };
-                for o in run(&mut mixer, job) {
+                for o in run(&mut mixer, job, trace) {
                     if out.blocking_send(o).is_err() {
                         return;
                     }
@@ -118,7 +127,7 @@ pub(super) fn spawn(
         })
 }
 
-fn run(mixer: &mut Mixer, job: WorkIn) -> Vec<WorkOut> {
+fn run(mixer: &mut Mixer, job: WorkIn, trace: bool) -> Vec<WorkOut> {
     match job {
         WorkIn::Packet { from, bytes } => vec![match mixer.process(&bytes) {
             Ok(Processed::Forward {
@@ -130,6 +139,7 @@ fn run(mixer: &mut Mixer, job: WorkIn) -> Vec<WorkOut> {
                 next,
                 delay_ms,
                 packet,
+                packet_in: trace.then(|| super::packet_hash(&bytes)),
             },
             Ok(Processed::Deliver(piece)) => WorkOut::Deliver { piece },
             Ok(Processed::Reply { id, payload }) => WorkOut::Reply { id, payload },
@@ -155,7 +165,11 @@ fn run(mixer: &mut Mixer, job: WorkIn) -> Vec<WorkOut> {
             },
         }],
         WorkIn::Reply { surb, piece } => match packet::use_surb(&surb, &piece) {
-            Ok((to, packet)) => vec![WorkOut::Send { to, packet }],
+            Ok((to, packet)) => vec![WorkOut::Send {
+                to,
+                packet,
+                origin: MixOrigin::Reply,
+            }],
             Err(e) => {
                 tracing::debug!("cannot use a reply block: {e}");
                 Vec::new()
@@ -166,7 +180,11 @@ fn run(mixer: &mut Mixer, job: WorkIn) -> Vec<WorkOut> {
                 return Vec::new();
             };
             match packet::build(&leg.piece, &leg.route, &leg.delays) {
-                Ok(packet) => vec![WorkOut::Send { to: first, packet }],
+                Ok(packet) => vec![WorkOut::Send {
+                    to: first,
+                    packet,
+                    origin: MixOrigin::Cover,
+                }],
                 Err(e) => {
                     tracing::debug!("cannot build a cover packet: {e}");
                     Vec::new()

@@ -88,6 +88,7 @@ pub(super) fn analyse(rec: &RunRecord) -> (Summary, Series) {
         reliability_over_time: deliveries.buckets,
         direct: direct(rec),
         physical_limit: physical_limit(rec, &tally),
+        onion: super::onion::summary(rec),
     };
     let series = Series {
         latencies: deliveries.latencies,

@@ -28,6 +28,7 @@ use serde_json::Value;
 use crate::record::RunRecord;
 
 mod figures;
+mod onion;
 mod plots;
 
 /// The content of `summary.json` (and, flattened, of `summary.csv`).
@@ -116,6 +117,10 @@ pub struct Summary {
     /// Delivery latency against the physical limit of the link model;
     /// `None` when the record has no link model.
     pub physical_limit: Option<PhysicalLimit>,
+    /// The onion route: private-message latencies and the anonymity set
+    /// at one relay (a run with mix nodes; absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub onion: Option<onion::OnionSummary>,
 }
 
 /// How far deliveries are from what the network model allows at best. For
