@@ -198,6 +198,22 @@ struct Duty {
     busy: bool,
 }
 
+impl Duty {
+    /// A fan that deposits this duty's envelope again (not the first
+    /// deposit); the caller says where (couriers or a lookup).
+    fn redeposit(&self, env_id: Id) -> Fan {
+        Fan::new(
+            Why::Deposit {
+                id: self.id,
+                first: false,
+            },
+            self.to,
+            env_id,
+            self.frame.clone(),
+        )
+    }
+}
+
 pub(super) struct MailboxNet {
     me: PeerId,
     holder: Holder,
@@ -691,15 +707,7 @@ impl MailboxNet {
                 offers += fresh.len();
                 d.tried.extend(fresh.iter().copied());
                 d.busy = true;
-                let mut fan = Fan::new(
-                    Why::Deposit {
-                        id: d.id,
-                        first: false,
-                    },
-                    d.to,
-                    *env_id,
-                    d.frame.clone(),
-                );
+                let mut fan = d.redeposit(*env_id);
                 fan.ble = Placement::new(fresh.len(), fresh.len());
                 fan.ble.add_candidates(fresh);
                 fans.push(fan);
@@ -719,15 +727,7 @@ impl MailboxNet {
             checks += 1;
             d.next_check = now.saturating_add(self.recheck_ms);
             d.busy = true;
-            let mut fan = Fan::new(
-                Why::Deposit {
-                    id: d.id,
-                    first: false,
-                },
-                d.to,
-                *env_id,
-                d.frame.clone(),
-            );
+            let mut fan = d.redeposit(*env_id);
             fan.lookup = true;
             fans.push(fan);
         }
