@@ -255,6 +255,10 @@ pub struct MailboxStatus {
     pub envelopes: u64,
     /// Bytes held.
     pub bytes: u64,
+    /// Envelopes deleted at a peer's request since start (their
+    /// recipient picked them up, or their depositor withdrew them).
+    #[serde(default)]
+    pub deleted: u64,
     /// The quota, bytes (`--mailbox-quota`).
     pub quota_bytes: u64,
 }

@@ -174,6 +174,8 @@ impl HolderActor {
                 for id in ids {
                     self.ledger.remove(id);
                 }
+                let n = u64::try_from(ids.len()).unwrap_or(u64::MAX);
+                self.held.deleted.fetch_add(n, Ordering::Relaxed);
                 Response::Deleted {
                     count: u32::try_from(ids.len()).unwrap_or(u32::MAX),
                 }

@@ -207,6 +207,8 @@ pub(crate) struct HolderAnswer {
 pub(crate) struct Held {
     pub(crate) envelopes: AtomicU64,
     pub(crate) bytes: AtomicU64,
+    /// Envelopes deleted at a peer's request since start.
+    pub(crate) deleted: AtomicU64,
 }
 
 /// The holder side, as the event loop sees it.
@@ -225,6 +227,7 @@ impl Holder {
             enabled: self.enabled,
             envelopes: self.held.envelopes.load(Ordering::Relaxed),
             bytes: self.held.bytes.load(Ordering::Relaxed),
+            deleted: self.held.deleted.load(Ordering::Relaxed),
             quota_bytes: self.quota,
         }
     }

@@ -122,7 +122,11 @@ enum Sent {
         ble: bool,
     },
     Fetch,
-    Delete,
+    /// A delete of `ids`, after `failures` failed tries in transit.
+    Delete {
+        ids: Vec<Id>,
+        failures: u8,
+    },
     /// A delete the user asked for, and where its answer goes.
     UserDelete(tokio::sync::oneshot::Sender<Result<u32, String>>),
 }
@@ -228,6 +232,9 @@ pub(super) struct MailboxNet {
     fetched_at: HashMap<PeerId, u64>,
     /// Fetches that failed: when to try again, and how many failed.
     refetch: HashMap<PeerId, (u64, u8)>,
+    /// Deletes that failed in transit, per holder: when to try again,
+    /// after how many failures, and the ids.
+    redelete: HashMap<PeerId, (u64, u8, Vec<Id>)>,
     /// Holders that said more mail waits: fetched again after a delete.
     more: HashSet<PeerId>,
     last_pickup: Option<u64>,
@@ -265,6 +272,7 @@ impl MailboxNet {
             duties: HashMap::new(),
             fetched_at: HashMap::new(),
             refetch: HashMap::new(),
+            redelete: HashMap::new(),
             more: HashSet::new(),
             last_pickup: None,
             rates: RateTable::new(MAX_TRACKED_PEERS),
@@ -324,7 +332,7 @@ impl MailboxNet {
         for id in ans.dropped {
             // This node deposited these copies: its delete is honoured.
             for p in self.placed.remove(&id).into_iter().flatten() {
-                self.delete(swarm, p, vec![id]);
+                self.delete(swarm, p, vec![id], 0);
             }
         }
         if ans.stored && peers.has_ble(&ans.peer) && !peers.has_internet(&ans.peer) {
@@ -432,13 +440,13 @@ impl MailboxNet {
                 self.duties.insert(env_id, duty);
                 self.start(swarm, fan);
             }
-            Command::Picked { holder, id } => self.delete(swarm, holder, vec![id]),
+            Command::Picked { holder, id } => self.delete(swarm, holder, vec![id], 0),
             Command::Delivered { id, holders, ids } => {
                 self.duties
                     .retain(|env_id, d| !(ids.contains(env_id) || (id.is_some() && d.id == id)));
                 for h in holders {
                     for chunk in ids.chunks(MAX_DELETE_IDS) {
-                        self.delete(swarm, h, chunk.to_vec());
+                        self.delete(swarm, h, chunk.to_vec(), 0);
                     }
                 }
             }
@@ -536,15 +544,40 @@ impl MailboxNet {
         }
     }
 
-    fn delete(&mut self, swarm: &mut Swarm<Behaviour>, holder: PeerId, ids: Vec<Id>) {
+    fn delete(&mut self, swarm: &mut Swarm<Behaviour>, holder: PeerId, ids: Vec<Id>, failures: u8) {
         if ids.is_empty() || holder == self.me {
             return;
         }
-        let r = swarm
-            .behaviour_mut()
-            .mailbox
-            .send_request(&holder, MailboxFrame(Request::Delete { ids }.encode()));
-        self.requests.insert(r, Sent::Delete);
+        let r = swarm.behaviour_mut().mailbox.send_request(
+            &holder,
+            MailboxFrame(Request::Delete { ids: ids.clone() }.encode()),
+        );
+        self.requests.insert(r, Sent::Delete { ids, failures });
+    }
+
+    /// A delete failed in transit (the connection closed under it): it
+    /// is tried again soon, or when the holder connects again, so the
+    /// holder does not go on carrying a copy that was picked up.
+    fn delete_failed(&mut self, holder: PeerId, ids: Vec<Id>, failures: u8) {
+        let failures = failures.saturating_add(1);
+        if failures > FETCH_RETRIES {
+            return;
+        }
+        if !self.redelete.contains_key(&holder) && self.redelete.len() >= MAX_TRACKED_PEERS {
+            return;
+        }
+        let due = now_ms().saturating_add(FETCH_RETRY_MS);
+        let e = self
+            .redelete
+            .entry(holder)
+            .or_insert_with(|| (due, failures, Vec::new()));
+        e.0 = e.0.min(due);
+        e.1 = e.1.max(failures);
+        for id in ids {
+            if e.2.len() < MAX_DELETE_IDS && !e.2.contains(&id) {
+                e.2.push(id);
+            }
+        }
     }
 
     /// The user's delete (`fogmesh mailbox-delete`): answered with the
@@ -612,6 +645,10 @@ impl MailboxNet {
             .get(&peer)
             .is_some_and(|t| now.saturating_sub(*t) < CONNECT_REFETCH_MS);
         self.fetch(swarm, peer, !recent);
+        // Deletes that failed go now that the holder is back.
+        if let Some(r) = self.redelete.get_mut(&peer) {
+            r.0 = now;
+        }
         if self.holder.status().envelopes > 0 {
             self.pass_soon();
         }
@@ -622,7 +659,7 @@ impl MailboxNet {
     /// deposit duties, and a holder's pass when one is due.
     pub(super) fn tick(&mut self, swarm: &mut Swarm<Behaviour>, ctx: &Ctx, peers: &PeerBook) {
         let now = now_ms();
-        self.retry_fetches(swarm, peers, now);
+        self.retry_failed(swarm, peers, now);
         self.duties_poll(swarm, ctx, peers, now);
         if self.pass_due <= now && !self.pass_walking {
             self.pass_walking = true;
@@ -659,7 +696,20 @@ impl MailboxNet {
         }
     }
 
-    fn retry_fetches(&mut self, swarm: &mut Swarm<Behaviour>, peers: &PeerBook, now: u64) {
+    /// Fetches and deletes that failed in transit, tried again when due
+    /// (dropped when the peer is gone).
+    fn retry_failed(&mut self, swarm: &mut Swarm<Behaviour>, peers: &PeerBook, now: u64) {
+        let due: Vec<PeerId> = (self.redelete.iter())
+            .filter(|(_, (at, _, _))| *at <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in due {
+            if let Some((_, failures, ids)) = self.redelete.remove(&p)
+                && (peers.has_ble(&p) || peers.has_internet(&p))
+            {
+                self.delete(swarm, p, ids, failures);
+            }
+        }
         let due: Vec<PeerId> = (self.refetch.iter())
             .filter(|(_, (at, _))| *at <= now)
             .map(|(p, _)| *p)
@@ -1028,9 +1078,12 @@ impl MailboxNet {
                     Err(e) => Err(format!("{peer}: {e}")),
                 });
             }
-            Sent::Delete => {
+            Sent::Delete { ids, failures } => {
                 if let Err(e) = &resp {
                     tracing::debug!(%peer, "mailbox delete failed: {e}");
+                    if lost {
+                        self.delete_failed(peer, ids, failures);
+                    }
                 }
                 if self.more.remove(&peer) {
                     self.fetch(swarm, peer, true);
