@@ -32,7 +32,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-/// The longest an actor sleeps without looking at the shutdown token.
+/// The longest an actor sleeps without looking at the shutdown token,
+/// when no runtime can wake it (see [`spawn`]).
 const MAX_SLEEP: Duration = Duration::from_millis(200);
 /// Most queued inputs handled in one pass before deadlines get a turn.
 const MAX_BATCH: usize = 1024;
@@ -101,46 +102,80 @@ pub enum MailboxError {
 /// `std::sync::mpsc::sync_channel` allocates a slot for every place up
 /// front (an actor's 4096 inputs of a few hundred bytes each are about
 /// 1 MB per node, idle or not, and the simulator runs a thousand nodes).
-/// The same calls as `sync_channel`'s ends.
+/// The same calls as `sync_channel`'s ends, and a [`Waker`] that makes the
+/// receiver's wait end early (an actor's shutdown).
 pub fn bounded<T>(capacity: usize) -> (BoundedSender<T>, BoundedReceiver<T>) {
     let (tx, rx) = std_mpsc::channel();
     let len = Arc::new(AtomicUsize::new(0));
     let closed = Arc::new(AtomicBool::new(false));
+    let senders = Arc::new(AtomicUsize::new(1));
     (
         BoundedSender {
-            tx,
+            tx: tx.clone(),
             len: len.clone(),
             closed: closed.clone(),
+            senders: senders.clone(),
             capacity,
         },
-        BoundedReceiver { rx, len, closed },
+        BoundedReceiver {
+            rx,
+            wake: tx,
+            len,
+            closed,
+            senders,
+        },
     )
 }
 
+/// What the queue carries: an item, or a wake-up that carries nothing.
+enum Slot<T> {
+    Item(T),
+    Wake,
+}
+
 /// The sending side of [`bounded`]. Cloneable.
-#[derive(Debug)]
 pub struct BoundedSender<T> {
-    tx: std_mpsc::Sender<T>,
-    /// Items sent and not yet received.
+    tx: std_mpsc::Sender<Slot<T>>,
     len: Arc<AtomicUsize>,
-    /// Set when the receiver is dropped.
     closed: Arc<AtomicBool>,
+    /// Live senders: the receiver wakes and sees the queue disconnected
+    /// when the last one goes (its own waker keeps the std channel open).
+    senders: Arc<AtomicUsize>,
     capacity: usize,
+}
+
+impl<T> std::fmt::Debug for BoundedSender<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundedSender")
+            .field("len", &self.len.load(Ordering::Relaxed))
+            .field("capacity", &self.capacity)
+            .finish()
+    }
 }
 
 impl<T> Clone for BoundedSender<T> {
     fn clone(&self) -> Self {
+        self.senders.fetch_add(1, Ordering::SeqCst);
         BoundedSender {
             tx: self.tx.clone(),
             len: self.len.clone(),
             closed: self.closed.clone(),
+            senders: self.senders.clone(),
             capacity: self.capacity,
         }
     }
 }
 
+impl<T> Drop for BoundedSender<T> {
+    fn drop(&mut self) {
+        if self.senders.fetch_sub(1, Ordering::SeqCst) == 1 {
+            let _ = self.tx.send(Slot::Wake);
+        }
+    }
+}
+
 impl<T> BoundedSender<T> {
-    /// Queues `t` if there is room.
+    /// Queues `t` unless the queue is full or its receiver is gone.
     pub fn try_send(&self, t: T) -> Result<(), std_mpsc::TrySendError<T>> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(std_mpsc::TrySendError::Disconnected(t));
@@ -149,13 +184,16 @@ impl<T> BoundedSender<T> {
             self.len.fetch_sub(1, Ordering::SeqCst);
             return Err(std_mpsc::TrySendError::Full(t));
         }
-        self.tx.send(t).map_err(|e| {
+        self.tx.send(Slot::Item(t)).map_err(|e| {
             self.len.fetch_sub(1, Ordering::SeqCst);
-            std_mpsc::TrySendError::Disconnected(e.0)
+            match e.0 {
+                Slot::Item(t) => std_mpsc::TrySendError::Disconnected(t),
+                Slot::Wake => unreachable!("an item was sent"),
+            }
         })
     }
 
-    /// Queues `t`, waiting for room (threads only, never async tasks).
+    /// Queues `t`, waiting for a free place (a blocking caller only).
     pub fn send(&self, mut t: T) -> Result<(), std_mpsc::SendError<T>> {
         loop {
             match self.try_send(t) {
@@ -173,16 +211,42 @@ impl<T> BoundedSender<T> {
 }
 
 /// The receiving side of [`bounded`].
-#[derive(Debug)]
 pub struct BoundedReceiver<T> {
-    rx: std_mpsc::Receiver<T>,
+    rx: std_mpsc::Receiver<Slot<T>>,
+    wake: std_mpsc::Sender<Slot<T>>,
     len: Arc<AtomicUsize>,
     closed: Arc<AtomicBool>,
+    senders: Arc<AtomicUsize>,
+}
+
+impl<T> std::fmt::Debug for BoundedReceiver<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundedReceiver")
+            .field("len", &self.len.load(Ordering::Relaxed))
+            .finish()
+    }
 }
 
 impl<T> Drop for BoundedReceiver<T> {
     fn drop(&mut self) {
         self.closed.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Ends a [`BoundedReceiver`]'s current (or next) wait early, as if it
+/// timed out. Holding one does not keep the queue connected.
+pub struct Waker<T>(std_mpsc::Sender<Slot<T>>);
+
+impl<T> std::fmt::Debug for Waker<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Waker")
+    }
+}
+
+impl<T> Waker<T> {
+    /// Ends the receiver's wait (a no-op once it is gone).
+    pub fn wake(&self) {
+        let _ = self.0.send(Slot::Wake);
     }
 }
 
@@ -192,17 +256,50 @@ impl<T> BoundedReceiver<T> {
         t
     }
 
-    /// The next item, waiting at most `wait`.
+    /// A handle that wakes this receiver.
+    pub fn waker(&self) -> Waker<T> {
+        Waker(self.wake.clone())
+    }
+
+    /// The next item, waiting at most `wait`; a wake-up ends the wait as
+    /// a timeout does. Disconnected once every sender is gone and the
+    /// queue is empty.
     pub fn recv_timeout(&self, wait: Duration) -> Result<T, std_mpsc::RecvTimeoutError> {
-        self.rx.recv_timeout(wait).map(|t| self.took(t))
+        let r = match Instant::now().checked_add(wait) {
+            Some(deadline) => self.rx.recv_timeout(deadline - Instant::now()),
+            // "Forever".
+            None => self
+                .rx
+                .recv()
+                .map_err(|_| std_mpsc::RecvTimeoutError::Disconnected),
+        };
+        match r {
+            Ok(Slot::Item(t)) => Ok(self.took(t)),
+            Ok(Slot::Wake) | Err(_) => match self.try_recv() {
+                Ok(t) => Ok(t),
+                Err(std_mpsc::TryRecvError::Disconnected) => {
+                    Err(std_mpsc::RecvTimeoutError::Disconnected)
+                }
+                Err(std_mpsc::TryRecvError::Empty) => Err(std_mpsc::RecvTimeoutError::Timeout),
+            },
+        }
     }
 
-    /// The next item if one is queued.
+    /// The next queued item, without waiting (wake-ups are skipped).
     pub fn try_recv(&self) -> Result<T, std_mpsc::TryRecvError> {
-        self.rx.try_recv().map(|t| self.took(t))
+        loop {
+            match self.rx.try_recv() {
+                Ok(Slot::Item(t)) => return Ok(self.took(t)),
+                Ok(Slot::Wake) => continue,
+                Err(_) if self.senders.load(Ordering::SeqCst) == 0 => {
+                    return Err(std_mpsc::TryRecvError::Disconnected);
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
-    /// The queued items, without waiting.
+    /// What is queued now, without waiting.
     pub fn try_iter(&self) -> impl Iterator<Item = T> + '_ {
         std::iter::from_fn(|| self.try_recv().ok())
     }
@@ -299,6 +396,10 @@ pub trait Actor: Send + 'static {
 
 /// Starts `actor` on a thread named `name`, fed by `channel`. The thread
 /// ends once `shutdown` is cancelled or every [`Mailbox`] is dropped.
+///
+/// An idle actor sleeps until its next deadline: called within a tokio
+/// runtime, a task wakes it when `shutdown` is cancelled; outside one, it
+/// looks at the token every [`MAX_SLEEP`].
 pub fn spawn<A: Actor>(
     name: &str,
     mut actor: A,
@@ -308,22 +409,41 @@ pub fn spawn<A: Actor>(
     let rx = channel.rx;
     // The actor's own mailbox must not keep it alive.
     drop(channel.mailbox);
+    let poll = match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            let waker = rx.waker();
+            let token = shutdown.clone();
+            rt.spawn(async move {
+                token.cancelled().await;
+                waker.wake();
+            });
+            None
+        }
+        Err(_) => Some(MAX_SLEEP),
+    };
     std::thread::Builder::new()
         .name(name.to_owned())
         .spawn(move || {
             actor.start(Instant::now());
-            run(&mut actor, &rx, &shutdown);
+            run(&mut actor, &rx, &shutdown, poll);
             actor.stop(Instant::now());
         })
 }
 
-fn run<A: Actor>(actor: &mut A, rx: &BoundedReceiver<A::Input>, shutdown: &CancellationToken) {
+fn run<A: Actor>(
+    actor: &mut A,
+    rx: &BoundedReceiver<A::Input>,
+    shutdown: &CancellationToken,
+    poll: Option<Duration>,
+) {
     while !shutdown.is_cancelled() {
         let now = Instant::now();
-        let wait = actor
+        let mut wait = actor
             .next_deadline()
-            .map_or(MAX_SLEEP, |d| d.saturating_duration_since(now))
-            .min(MAX_SLEEP);
+            .map_or(Duration::MAX, |d| d.saturating_duration_since(now));
+        if let Some(p) = poll {
+            wait = wait.min(p);
+        }
         match rx.recv_timeout(wait) {
             Ok(input) => {
                 actor.on_input(input, Instant::now());
@@ -399,6 +519,58 @@ mod tests {
         assert_eq!(inputs, 2);
         assert!(ticks >= 2, "deadlines ran: {ticks}");
         assert_eq!(mailbox.call(|r| r).await, Err(ServiceError::Stopping));
+    }
+
+    /// Never has a deadline: only a wake-up or its inputs end its wait.
+    struct Idle(std::sync::mpsc::Sender<()>);
+
+    impl Actor for Idle {
+        type Input = ();
+        fn on_input(&mut self, _: (), _now: Instant) {}
+        fn next_deadline(&self) -> Option<Instant> {
+            None
+        }
+        fn on_deadline(&mut self, _now: Instant) {}
+        fn stop(&mut self, _now: Instant) {
+            let _ = self.0.send(());
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_actor_stops_on_shutdown_and_when_its_mailboxes_go() {
+        // Shutdown: the runtime's task wakes the sleeping thread.
+        let (done, stopped) = std::sync::mpsc::channel();
+        let ch = Channel::bounded(4);
+        let _mailbox = ch.mailbox.clone();
+        let shutdown = CancellationToken::new();
+        let t = spawn("idle", Idle(done), ch, shutdown.clone()).expect("spawn");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        shutdown.cancel();
+        let r = tokio::task::spawn_blocking(move || stopped.recv_timeout(Duration::from_secs(30)));
+        assert_eq!(r.await.expect("join"), Ok(()), "stopped on shutdown");
+        assert!(t.join().is_ok());
+
+        // Every mailbox dropped: the last one wakes it.
+        let (done, stopped) = std::sync::mpsc::channel();
+        let ch = Channel::bounded(4);
+        let mailbox = ch.mailbox.clone();
+        let t = spawn("idle", Idle(done), ch, CancellationToken::new()).expect("spawn");
+        assert_eq!(mailbox.offer(()), Ok(()));
+        let again = mailbox.clone();
+        drop(mailbox);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(
+            stopped.try_recv(),
+            Err(std::sync::mpsc::TryRecvError::Empty)
+        );
+        drop(again);
+        let r = tokio::task::spawn_blocking(move || stopped.recv_timeout(Duration::from_secs(30)));
+        assert_eq!(
+            r.await.expect("join"),
+            Ok(()),
+            "stopped when its mailboxes went"
+        );
+        assert!(t.join().is_ok());
     }
 
     #[test]
