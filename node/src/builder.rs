@@ -100,6 +100,47 @@ where
         .boxed())
 }
 
+/// TCP whose every dial leaves from a new ephemeral port: libp2p-tcp
+/// binds a dial to the listening port when the dial asks for port reuse
+/// (the swarm's default), which needs `SO_REUSEPORT`.
+struct NewPorts(tcp::tokio::Transport);
+
+impl Transport for NewPorts {
+    type Output = <tcp::tokio::Transport as Transport>::Output;
+    type Error = <tcp::tokio::Transport as Transport>::Error;
+    type ListenerUpgrade = <tcp::tokio::Transport as Transport>::ListenerUpgrade;
+    type Dial = <tcp::tokio::Transport as Transport>::Dial;
+
+    fn listen_on(
+        &mut self,
+        id: libp2p::core::transport::ListenerId,
+        addr: Multiaddr,
+    ) -> Result<(), libp2p::core::transport::TransportError<Self::Error>> {
+        self.0.listen_on(id, addr)
+    }
+
+    fn remove_listener(&mut self, id: libp2p::core::transport::ListenerId) -> bool {
+        self.0.remove_listener(id)
+    }
+
+    fn dial(
+        &mut self,
+        addr: Multiaddr,
+        mut opts: libp2p::core::transport::DialOpts,
+    ) -> Result<Self::Dial, libp2p::core::transport::TransportError<Self::Error>> {
+        opts.port_use = libp2p::core::transport::PortUse::New;
+        self.0.dial(addr, opts)
+    }
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<libp2p::core::transport::TransportEvent<Self::ListenerUpgrade, Self::Error>>
+    {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
 /// The BLE transport over `radio`, upgraded like any other.
 pub fn ble_transport(key: &Keypair, radio: Arc<dyn Radio>) -> Result<SecuredTransport, BoxError> {
     let local = key.public().to_peer_id();
@@ -118,6 +159,7 @@ pub struct NodeBuilder {
     dilation: f64,
     observers: Vec<GossipObserver>,
     event_log: Option<EventLog>,
+    tcp_port_reuse: bool,
 }
 
 /// A started node and what the caller may serve from it.
@@ -175,7 +217,17 @@ impl NodeBuilder {
             dilation: 1.0,
             observers: Vec::new(),
             event_log: None,
+            tcp_port_reuse: true,
         }
+    }
+
+    /// Whether TCP dials leave from the listening port (the default:
+    /// peers see one address per node, and NAT hole punching needs it)
+    /// or from a new ephemeral port each (for a network without
+    /// `SO_REUSEPORT`, such as the Shadow simulator's).
+    pub fn tcp_port_reuse(mut self, reuse: bool) -> Self {
+        self.tcp_port_reuse = reuse;
+        self
     }
 
     /// How the node reaches internet peers.
@@ -300,6 +352,7 @@ impl NodeBuilder {
             dilation,
             mut observers,
             event_log,
+            tcp_port_reuse,
         } = self;
         let peer_id = key.public().to_peer_id();
         if let Some(log) = &event_log {
@@ -359,7 +412,7 @@ impl NodeBuilder {
         let metrics = NodeMetrics::register(&mut registry);
         let swarm = build_swarm(
             &key,
-            internet,
+            (internet, tcp_port_reuse),
             radio,
             &behaviour,
             idle_timeout,
@@ -409,7 +462,7 @@ fn merge_observers(
 /// distinct types, hence one macro for the common tail.)
 fn build_swarm(
     key: &Keypair,
-    internet: Internet,
+    (internet, tcp_port_reuse): (Internet, bool),
     radio: Option<Arc<dyn Radio>>,
     behaviour: &BehaviourConfig,
     idle_timeout: Duration,
@@ -433,27 +486,40 @@ fn build_swarm(
     let builder = SwarmBuilder::with_existing_identity(key.clone()).with_tokio();
     let swarm = match internet {
         Internet::Host => {
-            let ip = builder
-                .with_tcp(
-                    tcp::Config::default().nodelay(true),
-                    noise::Config::new,
-                    yamux::Config::default,
-                )?
-                .with_quic();
             // The relay client's transport comes after BLE's (a circuit
             // is dialled through an IP connection to the relay) and DNS.
-            match radio {
-                Some(radio) => finish!(
-                    ip.with_other_transport(|key| ble_transport(key, radio))?
-                        .with_dns()?
-                        .with_relay_client(noise::Config::new, yamux::Config::default)?,
-                    |key, relay| make(key, Some(relay))
-                ),
-                None => finish!(
-                    ip.with_dns()?
-                        .with_relay_client(noise::Config::new, yamux::Config::default)?,
-                    |key, relay| make(key, Some(relay))
-                ),
+            macro_rules! host {
+                ($ip:expr) => {
+                    match radio {
+                        Some(radio) => finish!(
+                            $ip.with_other_transport(|key| ble_transport(key, radio))?
+                                .with_dns()?
+                                .with_relay_client(noise::Config::new, yamux::Config::default)?,
+                            |key, relay| make(key, Some(relay))
+                        ),
+                        None => finish!(
+                            $ip.with_dns()?
+                                .with_relay_client(noise::Config::new, yamux::Config::default)?,
+                            |key, relay| make(key, Some(relay))
+                        ),
+                    }
+                };
+            }
+            let tcp = tcp::Config::default().nodelay(true);
+            if tcp_port_reuse {
+                host!(
+                    builder
+                        .with_tcp(tcp, noise::Config::new, yamux::Config::default)?
+                        .with_quic()
+                )
+            } else {
+                host!(builder.with_quic().with_other_transport(move |key| {
+                    secure(
+                        NewPorts(tcp::tokio::Transport::new(tcp)),
+                        key,
+                        connection_timeout,
+                    )
+                })?)
             }
         }
         // A modelled network has no NAT: no relay client.

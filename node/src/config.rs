@@ -87,6 +87,8 @@ pub struct Settings {
     pub api: SocketAddr,
     /// Whether mDNS discovery runs.
     pub mdns: bool,
+    /// Whether TCP dials leave from the listening port.
+    pub tcp_port_reuse: bool,
     /// Address to serve Prometheus metrics on, if any.
     pub metrics: Option<SocketAddr>,
     /// Log format.
@@ -204,6 +206,11 @@ pub struct Overrides {
     /// Serve Prometheus metrics at http://HOST:PORT/metrics.
     #[arg(long, value_name = "HOST:PORT", env = "FOGMESH_METRICS")]
     pub(crate) metrics: Option<SocketAddr>,
+    /// Dial TCP from the listening port (true, the default: one address
+    /// per node, and hole punching needs it) or from a new port per dial
+    /// (false: for networks without SO_REUSEPORT, such as Shadow's).
+    #[arg(long, value_name = "BOOL", env = "FOGMESH_TCP_PORT_REUSE")]
+    pub(crate) tcp_port_reuse: Option<bool>,
     #[arg(
         long,
         value_name = "FORMAT",
@@ -539,6 +546,7 @@ impl Settings {
             bootstrap: over.bootstrap.or(file.bootstrap).unwrap_or_default(),
             api,
             mdns: internet && over.mdns.or(file.mdns).unwrap_or(true),
+            tcp_port_reuse: over.tcp_port_reuse.or(file.tcp_port_reuse).unwrap_or(true),
             metrics: over.metrics.or(file.metrics),
             log_format: over.log_format.or(file.log_format).unwrap_or_default(),
             max_connections: over

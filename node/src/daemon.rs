@@ -217,6 +217,7 @@ fn node_builder(
         } else {
             Internet::Off
         })
+        .tcp_port_reuse(settings.tcp_port_reuse)
         .radio(radio)
         .listen(settings.listen.clone())
         .bootstrap(settings.bootstrap.clone())

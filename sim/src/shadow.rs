@@ -324,6 +324,9 @@ fn prepare_node(
         bootstrap,
         api,
         mdns: false,
+        // Shadow has no SO_REUSEPORT: a dial bound to the listening port
+        // fails with "address in use".
+        tcp_port_reuse: false,
         event_log: node.event_log.clone(),
         kad_mode: "server".to_owned(),
         min_peers: s.min_peers(),
@@ -353,6 +356,7 @@ struct NodeConfig {
     bootstrap: Vec<String>,
     api: String,
     mdns: bool,
+    tcp_port_reuse: bool,
     event_log: PathBuf,
     kad_mode: String,
     min_peers: usize,
@@ -725,6 +729,7 @@ message_size = 64
                 ]
             );
             assert!(!set.mdns);
+            assert!(!set.tcp_port_reuse, "Shadow has no SO_REUSEPORT");
             let mut dialled = Vec::new();
             for addr in &set.bootstrap {
                 let mut ip = None;

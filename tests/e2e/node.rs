@@ -298,3 +298,46 @@ fn metrics_endpoint_serves_libp2p_and_node_metrics() {
     );
     assert!(body.contains("libp2p_bandwidth_bytes_total"), "{body}");
 }
+
+#[test]
+fn tcp_dials_leave_from_the_listening_port_unless_port_reuse_is_off() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let hub = Daemon::start(&tmp.path().join("hub"), &[]);
+    let reuse = Daemon::start(&tmp.path().join("reuse"), &["--bootstrap", &hub.tcp_addr()]);
+    let fresh = Daemon::start(
+        &tmp.path().join("fresh"),
+        &["--bootstrap", &hub.tcp_addr(), "--tcp-port-reuse", "false"],
+    );
+    hub.wait_connected(&reuse.peer_id, CONNECT_TIMEOUT);
+    hub.wait_connected(&fresh.peer_id, CONNECT_TIMEOUT);
+    // The remote addresses the hub sees its two dialers' connections from.
+    let seen_from = |d: &Daemon| -> Vec<String> {
+        let peers = hub.json(&["peers"]);
+        let entry = (peers.as_array().expect("array").iter())
+            .find(|p| p["peer_id"] == d.peer_id.as_str())
+            .expect("listed")
+            .clone();
+        (entry["addrs"].as_array().expect("addrs").iter())
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .filter(|a| a.contains("/tcp/"))
+            .collect()
+    };
+    let listening = |d: &Daemon| d.tcp_addr().split("/p2p/").next().expect("addr").to_owned();
+
+    assert!(
+        seen_from(&reuse).contains(&listening(&reuse)),
+        "port reuse (the default): the dial leaves from {}, seen from {:?}",
+        listening(&reuse),
+        seen_from(&reuse)
+    );
+    let fresh_seen = seen_from(&fresh);
+    assert!(
+        !fresh_seen.is_empty(),
+        "a TCP connection from the fresh dialer"
+    );
+    assert!(
+        !fresh_seen.contains(&listening(&fresh)),
+        "--tcp-port-reuse false: a new port, not {}: {fresh_seen:?}",
+        listening(&fresh)
+    );
+}
