@@ -228,6 +228,12 @@ fn exportable(s: &Scenario, opts: &ExportOptions) -> anyhow::Result<()> {
             s.name
         );
     }
+    if s.onion.is_some() {
+        bail!(
+            "scenario {}: [onion] (mix nodes, cover traffic) cannot be exported so far",
+            s.name
+        );
+    }
     if !(s.faults.partition.is_empty() && s.faults.churn.is_empty()) {
         bail!(
             "scenario {}: faults (partition, churn) cannot be exported so far",
@@ -823,7 +829,7 @@ message_size = 64
     }
 
     #[test]
-    fn radio_scenarios_are_refused() {
+    fn radio_and_onion_scenarios_are_refused() {
         let s: Scenario =
             toml::from_str("name = \"b\"\nnodes = 4\nduration_secs = 5\n[ble]\nnodes = 2\n")
                 .expect("scenario");
@@ -838,5 +844,11 @@ message_size = 64
         };
         let e = export(&s, "", &opts).expect_err("refused");
         assert!(e.to_string().contains("BLE"), "{e}");
+        // Mix nodes and cover traffic are not carried over either.
+        let mut s = s;
+        s.ble = None;
+        s.onion = Some(toml::from_str("mix_nodes = 3").expect("onion"));
+        let e = export(&s, "", &opts).expect_err("refused");
+        assert!(e.to_string().contains("[onion]"), "{e}");
     }
 }

@@ -56,9 +56,20 @@ pub async fn wait_for_members(
     let deadline = Instant::now() + wall(JOIN_DEADLINE_SECS, dilation);
     let mut waiting: Vec<usize> = members.iter().copied().filter(|i| *i != 0).collect();
     let mut last_ask = Instant::now();
+    let mut last_said = Instant::now();
+    let total = waiting.len();
     loop {
         let joined = taps.joined();
         waiting.retain(|i| !joined.contains(i));
+        // A large group's set-up takes minutes: say how far it is.
+        if last_said.elapsed() >= crate::world::PROGRESS_EVERY {
+            last_said = Instant::now();
+            tracing::info!(
+                joined = total - waiting.len(),
+                total,
+                "members that know the group"
+            );
+        }
         if !waiting.is_empty() && last_ask.elapsed() >= ASK_EVERY {
             last_ask = Instant::now();
             waiting = still_unaware(world, gid, waiting).await;

@@ -34,6 +34,9 @@ use crate::scenario::{Ble, Scenario};
 
 /// How many topology dials may be under way at once.
 const MAX_CONCURRENT_DIALS: usize = 256;
+/// How often a long set-up phase (dials, the group reaching its members)
+/// says how far it is.
+pub(crate) const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 /// A simulated node's database page cache (a hundred nodes share a host).
 const STORE_CACHE_BYTES: usize = 1 << 20;
 /// Peers per Kademlia bucket of a simulated node (the daemon's 20 cost
@@ -202,12 +205,29 @@ impl World {
         let dials: Vec<(NodeHandle, Multiaddr)> = (edges.iter())
             .filter_map(|&[from, to]| Some((self.handle(from)?, self.dial_addr(to))))
             .collect();
-        let errors: Vec<String> = futures::stream::iter(dials)
+        let total = dials.len();
+        let started = std::time::Instant::now();
+        let mut last_said = started;
+        let mut done = 0usize;
+        let mut errors: Vec<String> = Vec::new();
+        let mut results = futures::stream::iter(dials)
             .map(|(h, addr)| async move { h.connect(addr).await.err().map(|e| e.to_string()) })
-            .buffer_unordered(MAX_CONCURRENT_DIALS)
-            .filter_map(futures::future::ready)
-            .collect()
-            .await;
+            .buffer_unordered(MAX_CONCURRENT_DIALS);
+        while let Some(r) = results.next().await {
+            done += 1;
+            errors.extend(r);
+            // A large topology takes minutes to dial: say how far it is.
+            if last_said.elapsed() >= PROGRESS_EVERY {
+                last_said = std::time::Instant::now();
+                tracing::info!(done, total, failed = errors.len(), "topology dials");
+            }
+        }
+        tracing::info!(
+            total,
+            failed = errors.len(),
+            secs = started.elapsed().as_secs(),
+            "topology dialled"
+        );
         if errors.is_empty() {
             return;
         }
