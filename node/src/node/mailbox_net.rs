@@ -43,7 +43,7 @@ use fogmesh_protocols::mailbox::wire::{Id, MAX_DELETE_IDS, decode_envelope};
 use fogmesh_protocols::mailbox::{
     HOLDERS, MAX_DEPOSIT, Placement, Refusal, Request, Response, day, key, keys_to_check,
 };
-use fogmesh_protocols::messages::MessageId;
+use fogmesh_protocols::messages::{Envelope, MessageId};
 use fogmesh_protocols::policy::Route;
 use fogmesh_protocols::rate::{RateTable, TokenBucket};
 use libp2p::request_response::{self, OutboundRequestId};
@@ -358,88 +358,7 @@ impl MailboxNet {
         cmd: Command,
     ) {
         match cmd {
-            Command::Deposit { id, env } => {
-                let frame = env.encode();
-                let env_id = Id::of(&env);
-                let now = now_ms();
-                let mut fan = Fan::new(
-                    Why::Deposit { id, first: true },
-                    env.to,
-                    env_id,
-                    frame.clone(),
-                );
-                if frame.len() > MAX_DEPOSIT {
-                    fan.errors
-                        .push("too large for mailboxes (16 KiB at most)".into());
-                    self.finish(fan);
-                    return;
-                }
-                if self.fans.len() >= MAX_FANS {
-                    fan.errors.push("too many deposits under way".into());
-                    self.finish(fan);
-                    return;
-                }
-                // The duty: a new envelope of the same message replaces
-                // the old one's.
-                if id.is_some() {
-                    self.duties.retain(|_, d| d.id != id);
-                }
-                if self.duties.len() >= MAX_DUTIES
-                    && let Some(oldest) = self
-                        .duties
-                        .iter()
-                        .min_by_key(|(_, d)| d.until)
-                        .map(|(k, _)| *k)
-                {
-                    self.duties.remove(&oldest);
-                }
-                let life = if id.is_some() {
-                    DUTY_MS
-                } else {
-                    RECEIPT_DUTY_MS
-                };
-                let mut duty = Duty {
-                    id,
-                    to: env.to,
-                    frame,
-                    tried: HashSet::new(),
-                    couriers: HashSet::new(),
-                    until: now.saturating_add(life),
-                    next_check: now.saturating_add(self.recheck_ms),
-                    busy: true,
-                };
-                let mut any = false;
-                if ctx.route_up(Route::Ble) {
-                    // Couriers: BLE neighbours carry it and hand it over
-                    // when they meet the recipient or gain internet.
-                    let couriers: Vec<PeerId> = peers
-                        .ble_neighbours()
-                        .into_iter()
-                        .filter(|p| *p != env.to && *p != self.me)
-                        .collect();
-                    // Those around now are offered a copy by this deposit
-                    // only; the duty offers one to those met later.
-                    duty.tried.extend(couriers.iter().copied());
-                    if couriers.is_empty() && !ctx.route_up(Route::Internet) {
-                        fan.errors.push("no BLE neighbour to carry it (yet)".into());
-                    }
-                    fan.ble = Placement::new(HOLDERS, MAX_COURIERS);
-                    fan.ble.add_candidates(couriers);
-                    any = true;
-                }
-                if ctx.route_up(Route::Internet) {
-                    let k = key(&env.to, day(now));
-                    let q = swarm.behaviour_mut().kad.get_closest_peers(k.to_vec());
-                    self.lookups.insert(q, Lookup::Deposit(self.next_fan));
-                    fan.lookup = true;
-                    any = true;
-                }
-                if !any {
-                    fan.errors.push("no route is up for mailboxes".into());
-                }
-                self.duties.insert(env_id, duty);
-                self.start(swarm, fan);
-            }
+            Command::Deposit { id, env } => self.deposit(swarm, ctx, peers, id, env),
             Command::Picked { holder, id } => self.delete(swarm, holder, vec![id], 0),
             Command::Delivered { id, holders, ids } => {
                 self.duties
@@ -450,6 +369,102 @@ impl MailboxNet {
                     }
                 }
             }
+        }
+    }
+
+    /// The messages actor's deposit of `env` (a message's, or a receipt
+    /// when `id` is `None`): its first fan (BLE couriers in range, the
+    /// internet holders closest to the recipient's key of today) and the
+    /// duty that goes on while it is undelivered.
+    fn deposit(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        ctx: &Ctx,
+        peers: &PeerBook,
+        id: Option<MessageId>,
+        env: Envelope,
+    ) {
+        let frame = env.encode();
+        let env_id = Id::of(&env);
+        let now = now_ms();
+        let mut fan = Fan::new(
+            Why::Deposit { id, first: true },
+            env.to,
+            env_id,
+            frame.clone(),
+        );
+        if frame.len() > MAX_DEPOSIT {
+            fan.errors
+                .push("too large for mailboxes (16 KiB at most)".into());
+            self.finish(fan);
+            return;
+        }
+        if self.fans.len() >= MAX_FANS {
+            fan.errors.push("too many deposits under way".into());
+            self.finish(fan);
+            return;
+        }
+        let mut duty = self.new_duty(id, env.to, frame, now);
+        let mut any = false;
+        if ctx.route_up(Route::Ble) {
+            // Couriers: BLE neighbours carry it and hand it over
+            // when they meet the recipient or gain internet.
+            let couriers: Vec<PeerId> = peers
+                .ble_neighbours()
+                .into_iter()
+                .filter(|p| *p != env.to && *p != self.me)
+                .collect();
+            // Those around now are offered a copy by this deposit
+            // only; the duty offers one to those met later.
+            duty.tried.extend(couriers.iter().copied());
+            if couriers.is_empty() && !ctx.route_up(Route::Internet) {
+                fan.errors.push("no BLE neighbour to carry it (yet)".into());
+            }
+            fan.ble = Placement::new(HOLDERS, MAX_COURIERS);
+            fan.ble.add_candidates(couriers);
+            any = true;
+        }
+        if ctx.route_up(Route::Internet) {
+            let k = key(&env.to, day(now));
+            let q = swarm.behaviour_mut().kad.get_closest_peers(k.to_vec());
+            self.lookups.insert(q, Lookup::Deposit(self.next_fan));
+            fan.lookup = true;
+            any = true;
+        }
+        if !any {
+            fan.errors.push("no route is up for mailboxes".into());
+        }
+        self.duties.insert(env_id, duty);
+        self.start(swarm, fan);
+    }
+
+    /// The duty of a new deposit, in place of the same message's older
+    /// one (the oldest duty makes room when there are too many).
+    fn new_duty(&mut self, id: Option<MessageId>, to: PeerId, frame: Vec<u8>, now: u64) -> Duty {
+        if id.is_some() {
+            self.duties.retain(|_, d| d.id != id);
+        }
+        if self.duties.len() >= MAX_DUTIES
+            && let Some(oldest) = (self.duties.iter())
+                .min_by_key(|(_, d)| d.until)
+                .map(|(k, _)| *k)
+        {
+            self.duties.remove(&oldest);
+        }
+        let life = if id.is_some() {
+            DUTY_MS
+        } else {
+            RECEIPT_DUTY_MS
+        };
+        Duty {
+            id,
+            to,
+            frame,
+            tried: HashSet::new(),
+            couriers: HashSet::new(),
+            until: now.saturating_add(life),
+            next_check: now.saturating_add(self.recheck_ms),
+            busy: true,
         }
     }
 
@@ -997,79 +1012,8 @@ impl MailboxNet {
         let resp =
             result.and_then(|f| Response::decode(&f).map_err(|e| format!("bad answer: {e}")));
         match sent {
-            Sent::Deposit { fan: n, ble } => {
-                if let Some(fan) = self.fans.get_mut(&n) {
-                    let answer = match resp {
-                        Ok(Response::Deposited) => Ok(()),
-                        Ok(Response::Refused(r)) => Err(format!("refused: {r}")),
-                        Ok(_) => Err("unexpected answer".into()),
-                        Err(e) => Err(e),
-                    };
-                    if ble {
-                        if lost {
-                            fan.ble_lost.push(peer);
-                        }
-                        fan.ble.answered(peer, answer);
-                    } else {
-                        fan.net.answered(peer, answer);
-                    }
-                }
-                // A refusal is replaced by the next candidate.
-                self.ask(swarm, n);
-            }
-            Sent::Fetch => match resp {
-                Ok(Response::Fetched { items, more }) => {
-                    self.refetch.remove(&peer);
-                    let mut count = 0u64;
-                    for item in items {
-                        match decode_envelope(&item.envelope) {
-                            // Only mail for this node: a holder cannot make
-                            // it deliver someone else's.
-                            Ok(env) if env.to == self.me && Id::of(&env) == item.id => {
-                                count += 1;
-                                if let Err(e) =
-                                    self.messages.offer(Input::Picked { env, holder: peer })
-                                {
-                                    tracing::debug!("picked-up mail dropped: {e}");
-                                }
-                            }
-                            _ => tracing::debug!(%peer, "holder handed over mail that is not ours"),
-                        }
-                    }
-                    if count > 0 {
-                        tracing::info!(%peer, count, "picked up mail");
-                        ctx.emit(NodeEvent::MailPickedUp {
-                            holder: peer.to_string(),
-                            count,
-                        });
-                    }
-                    if more {
-                        self.more.insert(peer);
-                    }
-                }
-                Ok(Response::Refused(r)) => {
-                    self.refetch.remove(&peer);
-                    tracing::debug!(%peer, "fetch refused: {r}")
-                }
-                Ok(_) => {
-                    self.refetch.remove(&peer);
-                }
-                Err(e) => {
-                    // The stream or the connection closed under it (a
-                    // duplicate link closed, a link that just came up
-                    // under load): the next regular fetch would be a
-                    // minute away, so try again soon.
-                    tracing::debug!(%peer, "fetch failed: {e}");
-                    self.fetched_at.remove(&peer);
-                    let failures = self.refetch.get(&peer).map_or(0, |(_, n)| *n) + 1;
-                    if failures > FETCH_RETRIES || self.refetch.len() >= MAX_TRACKED_PEERS {
-                        self.refetch.remove(&peer);
-                    } else {
-                        self.refetch
-                            .insert(peer, (now_ms().saturating_add(FETCH_RETRY_MS), failures));
-                    }
-                }
-            },
+            Sent::Deposit { fan, ble } => self.deposit_answered(swarm, peer, fan, ble, lost, resp),
+            Sent::Fetch => self.fetch_answered(ctx, peer, resp),
             Sent::UserDelete(reply) => {
                 let _ = reply.send(match resp {
                     Ok(Response::Deleted { count }) => Ok(count),
@@ -1089,6 +1033,95 @@ impl MailboxNet {
                     self.fetch(swarm, peer, true);
                 }
             }
+        }
+    }
+
+    /// A holder or courier answered a deposit of fan `n` (or the request
+    /// was `lost` in transit): the fan records it, and a refusal is
+    /// replaced by the next candidate.
+    fn deposit_answered(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        n: u64,
+        ble: bool,
+        lost: bool,
+        resp: Result<Response, String>,
+    ) {
+        if let Some(fan) = self.fans.get_mut(&n) {
+            let answer = match resp {
+                Ok(Response::Deposited) => Ok(()),
+                Ok(Response::Refused(r)) => Err(format!("refused: {r}")),
+                Ok(_) => Err("unexpected answer".into()),
+                Err(e) => Err(e),
+            };
+            if ble {
+                if lost {
+                    fan.ble_lost.push(peer);
+                }
+                fan.ble.answered(peer, answer);
+            } else {
+                fan.net.answered(peer, answer);
+            }
+        }
+        self.ask(swarm, n);
+    }
+
+    /// A holder answered a fetch: this node's mail goes to the messages
+    /// actor; a fetch that failed in transit is tried again soon.
+    fn fetch_answered(&mut self, ctx: &Ctx, peer: PeerId, resp: Result<Response, String>) {
+        let (items, more) = match resp {
+            Ok(Response::Fetched { items, more }) => (items, more),
+            Ok(Response::Refused(r)) => {
+                self.refetch.remove(&peer);
+                tracing::debug!(%peer, "fetch refused: {r}");
+                return;
+            }
+            Ok(_) => {
+                self.refetch.remove(&peer);
+                return;
+            }
+            Err(e) => {
+                // The stream or the connection closed under it (a
+                // duplicate link closed, a link that just came up under
+                // load): the next regular fetch would be a minute away,
+                // so try again soon.
+                tracing::debug!(%peer, "fetch failed: {e}");
+                self.fetched_at.remove(&peer);
+                let failures = self.refetch.get(&peer).map_or(0, |(_, n)| *n) + 1;
+                if failures > FETCH_RETRIES || self.refetch.len() >= MAX_TRACKED_PEERS {
+                    self.refetch.remove(&peer);
+                } else {
+                    self.refetch
+                        .insert(peer, (now_ms().saturating_add(FETCH_RETRY_MS), failures));
+                }
+                return;
+            }
+        };
+        self.refetch.remove(&peer);
+        let mut count = 0u64;
+        for item in items {
+            match decode_envelope(&item.envelope) {
+                // Only mail for this node: a holder cannot make it
+                // deliver someone else's.
+                Ok(env) if env.to == self.me && Id::of(&env) == item.id => {
+                    count += 1;
+                    if let Err(e) = self.messages.offer(Input::Picked { env, holder: peer }) {
+                        tracing::debug!("picked-up mail dropped: {e}");
+                    }
+                }
+                _ => tracing::debug!(%peer, "holder handed over mail that is not ours"),
+            }
+        }
+        if count > 0 {
+            tracing::info!(%peer, count, "picked up mail");
+            ctx.emit(NodeEvent::MailPickedUp {
+                holder: peer.to_string(),
+                count,
+            });
+        }
+        if more {
+            self.more.insert(peer);
         }
     }
 
