@@ -6,7 +6,9 @@
 //! - start-to-ready: from spawn until the `ready` line on stdout, for a
 //!   first start (identity and database created) and for a restart;
 //! - idle RSS: VmRSS and VmHWM from /proc after the node has idled, alone and
-//!   with one connected peer.
+//!   with one connected peer;
+//! - idle wake-ups: context switches per second of all the daemon's
+//!   threads over 20 s alone (each is a thread woken: timers, actors).
 
 mod common;
 
@@ -24,6 +26,21 @@ fn status_kib(pid: u32, key: &str) -> u64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .expect("field")
+}
+
+/// Context switches so far of every thread of process `pid`.
+fn switches(pid: u32) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc tasks");
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|text| {
+            text.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
 }
 
 fn summary(name: &str, mut v: Vec<Duration>) {
@@ -61,6 +78,15 @@ fn main() {
         IDLE.as_secs(),
         status_kib(a.child.id(), "VmRSS:"),
         status_kib(a.child.id(), "VmHWM:")
+    );
+    let window = Duration::from_secs(20);
+    let before = switches(a.child.id());
+    std::thread::sleep(window);
+    let after = switches(a.child.id());
+    println!(
+        "idle wake-ups, alone          {:.1} context switches/s over {}s",
+        (after - before) as f64 / window.as_secs_f64(),
+        window.as_secs()
     );
     let boot = a.bootstrap_addr();
     let b = start(&tmp.path().join("idle-b"), &["--bootstrap", &boot]);
