@@ -201,6 +201,7 @@ impl NodeBuilder {
                 listen: Vec::new(),
                 bootstrap: Vec::new(),
                 min_peers: 8,
+                peer_limits: crate::node::PeerLimits::default(),
                 reachability: Reachability::default(),
                 groups: GroupsConfig::default(),
                 files: FilesConfig::default(),
@@ -268,6 +269,13 @@ impl NodeBuilder {
         self
     }
 
+    /// When idle peers are closed (see [`PeerLimits`](crate::node::PeerLimits);
+    /// the grace before dilation).
+    pub fn peer_limits(mut self, limits: crate::node::PeerLimits) -> Self {
+        self.node.peer_limits = limits;
+        self
+    }
+
     /// How often the node checks that it has enough peers (before
     /// dilation).
     pub fn maintenance_interval(mut self, every: Duration) -> Self {
@@ -293,7 +301,8 @@ impl NodeBuilder {
         self
     }
 
-    /// Mailbox settings (holding for others, quotas).
+    /// Mailbox settings (holding for others, quotas; timers before
+    /// dilation).
     pub fn mailbox(mut self, cfg: crate::mailbox::MailboxConfig) -> Self {
         self.node.mailbox = cfg;
         self
@@ -376,6 +385,13 @@ impl NodeBuilder {
         node.groups.sync_interval = scale(node.groups.sync_interval);
         node.groups.outbox_interval = scale(node.groups.outbox_interval);
         node.maintenance_interval = scale(node.maintenance_interval);
+        node.peer_limits.grace = scale(node.peer_limits.grace);
+        // The mailbox's periodic lookups: undilated, each node's pickups
+        // (two Kademlia lookups a minute) came ten times as often in model
+        // time, and their dials piled up connections.
+        node.mailbox.recheck = scale(node.mailbox.recheck);
+        node.mailbox.pickup = scale(node.mailbox.pickup);
+        node.mailbox.deposit_after = node.mailbox.deposit_after.map(scale);
         let t = &mut node.messages.timeouts;
         let scale_ms = |ms: u64| (ms as f64 * dilation) as u64;
         t.internet_ms = scale_ms(t.internet_ms);

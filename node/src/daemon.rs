@@ -222,6 +222,11 @@ fn node_builder(
         .listen(settings.listen.clone())
         .bootstrap(settings.bootstrap.clone())
         .min_peers(settings.min_peers)
+        .peer_limits(crate::node::PeerLimits {
+            high: settings.peers_high,
+            low: settings.peers_low,
+            grace: settings.idle_timeout,
+        })
         .idle_timeout(settings.idle_timeout)
         .relays(settings.relays.clone())
         .behaviour(BehaviourConfig {
@@ -251,6 +256,7 @@ fn node_builder(
             quotas: fogmesh_protocols::mailbox::Quotas::from_total(settings.mailbox_quota),
             deposit_after: settings.mailbox_after,
             recheck: settings.mailbox_recheck,
+            ..crate::mailbox::MailboxConfig::default()
         })
         .files(FilesConfig {
             max_upload_rate: settings.max_upload_rate,

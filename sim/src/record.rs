@@ -135,6 +135,11 @@ pub struct RunRecord {
     /// Bytes each node sent at the transport level (after Noise and Yamux
     /// framing; everything: gossip, control, identify, Kademlia, sync).
     pub bytes_sent: Vec<u64>,
+    /// Peers each node was connected to at the end of the workload (the
+    /// topology's links and whatever else the nodes dialled: Kademlia
+    /// lookups, group sync); empty when not known (Shadow runs).
+    #[serde(default)]
+    pub connected_peers: Vec<u64>,
     /// Direct-message envelopes all nodes handed to a peer (attempts,
     /// receipts, relayed copies; one per hop), from the nodes' counters.
     #[serde(default)]

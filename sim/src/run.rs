@@ -98,6 +98,7 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
     }
 
     let bytes_sent = world.bytes_sent();
+    let connected_peers = world.connected_peers().await;
     let (dm_envelopes_sent, dm_envelopes_relayed) = world.dm_envelopes();
     let lag_ms = lag.finish();
     world.stop_all().await;
@@ -117,6 +118,7 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
         published,
         receipts,
         bytes_sent,
+        connected_peers,
         dm_envelopes_sent,
         dm_envelopes_relayed,
         lag_ms,

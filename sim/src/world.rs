@@ -16,7 +16,7 @@ use anyhow::Context as _;
 use fogmesh::behaviour::{BehaviourConfig, GossipParams};
 use fogmesh::builder::{Internet, NodeBuilder, RawStream};
 use fogmesh::groups::GroupsConfig;
-use fogmesh::node::NodeHandle;
+use fogmesh::node::{NodeHandle, PeerLimits};
 use fogmesh::storage::Store;
 use fogmesh_ble::Radio;
 use fogmesh_ble::sim::{LinkModel, Medium, Position};
@@ -181,6 +181,18 @@ impl World {
             node.stop.cancel();
         }
         futures::future::join_all(self.nodes.iter_mut().map(stop_node)).await;
+    }
+
+    /// How many peers each running node is connected to (nodes that are
+    /// down or do not answer count none).
+    pub async fn connected_peers(&self) -> Vec<u64> {
+        let status = self.nodes.iter().map(|n| async move {
+            match &n.handle {
+                Some(h) => h.status().await.map_or(0, |s| s.connected_peers as u64),
+                None => 0,
+            }
+        });
+        futures::future::join_all(status).await
     }
 
     /// Node `i`'s handle, while it runs.
@@ -372,6 +384,16 @@ fn builder(shared: &Shared, node: &SimNode, store: Store) -> NodeBuilder {
         .radio(radio)
         .listen(listen)
         .min_peers(shared.min_peers)
+        // Peers dialled beyond the topology (Kademlia's lookups and its
+        // bootstrap while a routing table holds under 20 peers) are closed
+        // once idle, well below the daemon's limits: a simulated node's
+        // topology links are kept (dialled through `connect`), and a
+        // thousand nodes cannot each hold a hundred connections.
+        .peer_limits(PeerLimits {
+            high: 16,
+            low: 8,
+            grace: Duration::from_secs(10),
+        })
         .maintenance_interval(Duration::from_secs(2))
         // The scenario's topology holds; idle links are not its business.
         .idle_timeout(Duration::from_secs(3600))
@@ -394,9 +416,10 @@ fn builder(shared: &Shared, node: &SimNode, store: Store) -> NodeBuilder {
         })
         .mailbox(fogmesh::mailbox::MailboxConfig {
             enabled: shared.mailbox.enabled,
-            deposit_after: shared.mailbox.enabled.then(|| {
-                Duration::from_secs_f64(shared.mailbox.after_secs.max(0.0) * shared.dilation)
-            }),
+            deposit_after: shared
+                .mailbox
+                .enabled
+                .then(|| Duration::from_secs_f64(shared.mailbox.after_secs.max(0.0))),
             ..fogmesh::mailbox::MailboxConfig::default()
         })
         .time_dilation(shared.dilation)

@@ -341,3 +341,48 @@ fn tcp_dials_leave_from_the_listening_port_unless_port_reuse_is_off() {
         listening(&fresh)
     );
 }
+
+#[test]
+fn idle_peers_found_through_kademlia_are_closed_above_peers_high() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let a = Daemon::start(&tmp.path().join("a"), &[]);
+    let b = Daemon::start(&tmp.path().join("b"), &["--bootstrap", &a.tcp_addr()]);
+    b.wait_connected(&a.peer_id, CONNECT_TIMEOUT);
+    // C and D ask for B only and find A through B's DHT. C may hold one
+    // peer: A, which no fogmesh protocol uses, is closed; B, which C asked
+    // for, stays. D, with the default limits and the same idle timeout,
+    // keeps A: libp2p's idle timeout alone does not close it.
+    let args = |extra: &[&'static str]| {
+        let mut v = vec!["--bootstrap", &b.tcp_addr()]
+            .into_iter()
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        v.extend(["--min-peers", "1", "--idle-timeout-secs", "1"].map(str::to_owned));
+        v.extend(extra.iter().map(|s| (*s).to_owned()));
+        v
+    };
+    let c_args = args(&["--peers-high", "1", "--peers-low", "1"]);
+    let c = Daemon::start(
+        &tmp.path().join("c"),
+        &c_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let d_args = args(&[]);
+    let d = Daemon::start(
+        &tmp.path().join("d"),
+        &d_args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    for n in [&c, &d] {
+        n.wait_connected(&b.peer_id, CONNECT_TIMEOUT);
+        n.wait_connected(&a.peer_id, CONNECT_TIMEOUT);
+    }
+    // Pruning runs at the maintenance tick (15 s).
+    eventually(Duration::from_secs(60), "C closes A", || {
+        (!c.connected_peers().contains(&a.peer_id)).then_some(())
+    });
+    assert!(c.connected_peers().contains(&b.peer_id), "C keeps B");
+    assert!(
+        d.connected_peers().contains(&a.peer_id),
+        "D, under its limits, keeps A: {:?}",
+        d.connected_peers()
+    );
+}

@@ -43,6 +43,8 @@ pub(crate) const RETRY_MS: u64 = 60_000;
 pub(crate) const REDEPOSIT_MS: u64 = 12 * 3600 * 1000;
 /// Default of `MailboxConfig::recheck` (`--mailbox-recheck-secs`).
 pub const DEFAULT_RECHECK: Duration = Duration::from_secs(300);
+/// Default of `MailboxConfig::pickup`.
+pub const DEFAULT_PICKUP: Duration = Duration::from_secs(60);
 /// Requests queued for the holder thread; beyond, peers get `Busy`.
 const HOLDER_QUEUE: usize = 256;
 
@@ -61,6 +63,10 @@ pub struct MailboxConfig {
     /// messages, and a holder the peers closest to the keys it holds
     /// (`--mailbox-recheck-secs`).
     pub recheck: Duration,
+    /// How often the node asks the peers closest to its own mailbox keys
+    /// for mail (two Kademlia lookups each time; also once soon after
+    /// start, and from every peer on connecting).
+    pub pickup: Duration,
 }
 
 impl Default for MailboxConfig {
@@ -70,6 +76,7 @@ impl Default for MailboxConfig {
             quotas: Quotas::default(),
             deposit_after: Some(Duration::from_secs(30)),
             recheck: DEFAULT_RECHECK,
+            pickup: DEFAULT_PICKUP,
         }
     }
 }

@@ -178,6 +178,11 @@ impl EventLoop {
     }
 
     /// Adds a peer's addresses to Kademlia's routing table.
+    /// `peer` is on the bootstrap list: its connection is never pruned.
+    pub(super) fn keep(&mut self, peer: PeerId) {
+        self.peers.keep(peer);
+    }
+
     pub(super) fn add_kad_addresses(&mut self, peer: &PeerId, addrs: &[Multiaddr]) {
         for a in addrs {
             self.swarm.behaviour_mut().kad.add_address(peer, a.clone());
@@ -267,6 +272,8 @@ impl EventLoop {
                     let short = self.peers.connected() < self.ctx.min_peers || self.nat.wants_relays();
                     discovery::maintain(&mut self.swarm, short);
                     self.nat.tick(&mut self.swarm);
+                    let nat = &self.nat;
+                    self.peers.prune(&mut self.swarm, |p| nat.protects(p));
                 }
                 _ = mailbox_tick.tick() => {
                     self.mailbox.tick(&mut self.swarm, &self.ctx, &self.peers);
@@ -427,6 +434,18 @@ impl EventLoop {
 
     fn on_behaviour_event(&mut self, event: BehaviourEvent) {
         use libp2p::metrics::Recorder;
+        // What keeps a peer from being pruned as idle: fogmesh's own
+        // protocols, not Kademlia's or identify's chatter.
+        let used = match &event {
+            BehaviourEvent::GroupSync(ev) => rr_peer(ev),
+            BehaviourEvent::Files(ev) => rr_peer(ev),
+            BehaviourEvent::Dm(ev) | BehaviourEvent::DmBle(ev) => rr_peer(ev),
+            BehaviourEvent::Mailbox(ev) => rr_peer(ev),
+            _ => None,
+        };
+        if let Some(peer) = used {
+            self.peers.touch(&peer);
+        }
         match event {
             BehaviourEvent::Identify(ev) => {
                 self.ctx.libp2p_metrics.record(&ev);
@@ -587,5 +606,16 @@ impl EventLoop {
         let Some(ble) = self.ble.as_mut() else { return };
         let links = self.peers.ble_view();
         ble.dial_due(&mut self.swarm, &self.ctx, &links);
+    }
+}
+
+/// The peer a request-response event is about.
+fn rr_peer<Req, Resp>(ev: &libp2p::request_response::Event<Req, Resp>) -> Option<PeerId> {
+    use libp2p::request_response::Event;
+    match ev {
+        Event::Message { peer, .. }
+        | Event::OutboundFailure { peer, .. }
+        | Event::InboundFailure { peer, .. }
+        | Event::ResponseSent { peer, .. } => Some(*peer),
     }
 }

@@ -25,7 +25,7 @@
 //! - **pickup**: the node asks for its mail every peer it connects to
 //!   (at most every [`REFETCH_MS`] per peer: a courier that comes into
 //!   range, a holder met again; a fetch that failed is tried again within
-//!   seconds) and, every [`PICKUP_MS`] and once soon after start, the
+//!   seconds) and, every `MailboxConfig::pickup` (a minute) and once soon after start, the
 //!   peers closest to its own keys of today and yesterday; what they
 //!   hand over goes to the messages actor as `Input::Picked` (the same
 //!   path as a direct envelope), which asks for each holder's copy to be
@@ -60,8 +60,6 @@ use crate::mailbox::{
 use crate::messages::{Input, MessagesHandle, now_ms};
 use crate::types::{MailboxStatus, NodeEvent};
 
-/// How often the node asks its holders for mail.
-const PICKUP_MS: u64 = 60_000;
 /// Least time between two fetches from one peer.
 const REFETCH_MS: u64 = 10_000;
 /// Least time between two fetches from one peer on new connections.
@@ -224,6 +222,8 @@ pub(super) struct MailboxNet {
     commands: mpsc::Receiver<Command>,
     messages: MessagesHandle,
     recheck_ms: u64,
+    /// How often the node asks its holders for mail.
+    pickup_ms: u64,
     requests: HashMap<OutboundRequestId, Sent>,
     lookups: HashMap<kad::QueryId, Lookup>,
     fans: HashMap<u64, Fan>,
@@ -256,15 +256,16 @@ impl MailboxNet {
         commands: mpsc::Receiver<Command>,
         messages: MessagesHandle,
         recheck: Duration,
+        pickup: Duration,
     ) -> Self {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         MailboxNet {
             me,
             holder,
             commands,
             messages,
-            recheck_ms: u64::try_from(recheck.as_millis())
-                .unwrap_or(u64::MAX)
-                .max(1_000),
+            recheck_ms: ms(recheck).max(1_000),
+            pickup_ms: ms(pickup).max(1_000),
             requests: HashMap::new(),
             lookups: HashMap::new(),
             fans: HashMap::new(),
@@ -690,7 +691,7 @@ impl MailboxNet {
         }
         if self
             .last_pickup
-            .is_some_and(|t| now.saturating_sub(t) < PICKUP_MS)
+            .is_some_and(|t| now.saturating_sub(t) < self.pickup_ms)
         {
             return;
         }

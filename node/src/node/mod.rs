@@ -59,7 +59,7 @@ use crate::metrics::NodeMetrics;
 use crate::storage::Store;
 use crate::types::{ConnectResponse, NodeEvent, PeerInfo, Status};
 
-pub use peers::transport_kind;
+pub use peers::{PeerLimits, transport_kind};
 
 /// Capacity of the command channel: callers wait when the loop is busy.
 const COMMAND_QUEUE: usize = 256;
@@ -80,6 +80,8 @@ pub struct NodeConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// Below this many connected peers, discovered peers are dialled.
     pub min_peers: usize,
+    /// When idle peers are closed.
+    pub peer_limits: peers::PeerLimits,
     /// Which routes this node has.
     pub reachability: Reachability,
     /// Group chat settings.
@@ -270,7 +272,8 @@ pub(crate) async fn start(
         )?;
         actors.messages_net.onion = onion_net::OnionNet::new(handle);
     }
-    let (peer_book, writer) = peers::PeerBook::start(store.clone(), metrics.clone())?;
+    let (peer_book, writer) =
+        peers::PeerBook::start(store.clone(), metrics.clone(), cfg.peer_limits)?;
     let mut el = event_loop::EventLoop::new(
         swarm,
         event_loop::Parts {
@@ -399,6 +402,7 @@ fn start_actors(
             mb_rx,
             messages.clone(),
             cfg.mailbox.recheck,
+            cfg.mailbox.pickup,
         ),
         groups,
         files,
@@ -485,6 +489,7 @@ async fn known_peers(
             continue;
         }
         let transport = crate::storage::strip_p2p(addr);
+        el.keep(peer);
         el.add_kad_addresses(&peer, std::slice::from_ref(&transport));
         to_dial.push((peer, vec![transport]));
     }

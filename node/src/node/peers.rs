@@ -3,8 +3,8 @@
 //! peer, and the peer table in the database (written by a thread of its
 //! own, so the loop never waits on a commit).
 
-use std::collections::HashMap;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use fogmesh_protocols::policy::{PeerLink, Route};
@@ -24,6 +24,38 @@ use crate::types::{ConnectResponse, Direction, NodeEvent, PeerInfo, TransportKin
 
 /// Capacity of the queue of peer records waiting to be written.
 const STORE_QUEUE: usize = 1024;
+
+/// When the node closes connections it no longer needs.
+///
+/// libp2p's idle timeout does not close them: gossipsub keeps a stream
+/// open with every peer that speaks it, mesh or not (rust-libp2p issue
+/// 5190), so every peer a Kademlia lookup or bootstrap dialled would stay
+/// connected for good. The node closes them itself: when more than `high`
+/// peers are connected, peers idle for `grace` are disconnected, least
+/// recently used first, until `low` remain. Never closed: peers the user
+/// (or the bootstrap list) asked for, gossipsub mesh peers, BLE links,
+/// relays and peers holding a reservation on this node, and peers that
+/// dialled this node (their side decides).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerLimits {
+    /// Connected peers above which idle ones are closed.
+    pub high: usize,
+    /// How many are left when pruning.
+    pub low: usize,
+    /// How long a peer must have gone unused (no request or answer of a
+    /// fogmesh protocol, no new connection) before it may be closed.
+    pub grace: Duration,
+}
+
+impl Default for PeerLimits {
+    fn default() -> Self {
+        PeerLimits {
+            high: 96,
+            low: 64,
+            grace: Duration::from_secs(60),
+        }
+    }
+}
 
 /// The reply to an explicit connect.
 type ConnectReply = oneshot::Sender<Result<ConnectResponse, ConnectError>>;
@@ -54,6 +86,13 @@ pub(super) struct PeerBook {
     /// The user's dials, answered when the connection is up or failed.
     pending_dials: HashMap<ConnectionId, ConnectReply>,
     store_tx: mpsc::Sender<PeerRecordUpdate>,
+    limits: PeerLimits,
+    /// Peers the user or the bootstrap list asked for: never pruned.
+    kept: HashSet<PeerId>,
+    /// Connections this node dialled.
+    dialled: HashSet<ConnectionId>,
+    /// When each connected peer was last used (see [`PeerLimits`]).
+    used: HashMap<PeerId, Instant>,
 }
 
 impl PeerBook {
@@ -62,6 +101,7 @@ impl PeerBook {
     pub(super) fn start(
         store: Store,
         metrics: NodeMetrics,
+        limits: PeerLimits,
     ) -> anyhow::Result<(Self, std::thread::JoinHandle<()>)> {
         let (store_tx, store_rx) = mpsc::channel(STORE_QUEUE);
         // A thread of its own, not tokio's blocking pool: it lives as long
@@ -76,8 +116,73 @@ impl PeerBook {
             meta: HashMap::new(),
             pending_dials: HashMap::new(),
             store_tx,
+            limits,
+            kept: HashSet::new(),
+            dialled: HashSet::new(),
+            used: HashMap::new(),
         };
         Ok((book, writer))
+    }
+
+    /// `peer` is one the operator asked for (a bootstrap line): never
+    /// pruned.
+    pub(super) fn keep(&mut self, peer: PeerId) {
+        self.kept.insert(peer);
+    }
+
+    /// A fogmesh protocol exchanged something with `peer`.
+    pub(super) fn touch(&mut self, peer: &PeerId) {
+        if let Some(t) = self.used.get_mut(peer) {
+            *t = Instant::now();
+        }
+    }
+
+    /// Closes idle peers beyond [`PeerLimits::high`] (see there); returns
+    /// how many. `protected` names further peers not to close (relays).
+    pub(super) fn prune(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        protected: impl Fn(&PeerId) -> bool,
+    ) -> usize {
+        let connected = self.connections.len();
+        if connected <= self.limits.high {
+            return 0;
+        }
+        let mesh: HashSet<PeerId> = swarm
+            .behaviour()
+            .gossipsub
+            .all_mesh_peers()
+            .copied()
+            .collect();
+        let now = Instant::now();
+        let mut idle: Vec<(Instant, PeerId)> = (self.connections.iter())
+            .filter(|(p, conns)| {
+                !self.kept.contains(p)
+                    && !mesh.contains(p)
+                    && !protected(p)
+                    && conns.iter().all(|(id, addr)| {
+                        self.dialled.contains(id)
+                            && !fogmesh_ble::is_ble(addr)
+                            && !super::nat::is_relayed(addr)
+                    })
+            })
+            .filter_map(|(p, _)| {
+                let used = *self.used.get(p)?;
+                (now.saturating_duration_since(used) >= self.limits.grace).then_some((used, *p))
+            })
+            .collect();
+        idle.sort();
+        let excess = connected.saturating_sub(self.limits.low);
+        let mut closed = 0;
+        for (_, peer) in idle.into_iter().take(excess) {
+            if swarm.disconnect_peer_id(peer).is_ok() {
+                closed += 1;
+            }
+        }
+        if closed > 0 {
+            tracing::debug!(closed, connected, "closed idle peers");
+        }
+        closed
     }
 
     /// Peers with at least one connection.
@@ -370,7 +475,12 @@ impl PeerBook {
         } else {
             Route::Internet
         };
+        if endpoint.is_dialer() {
+            self.dialled.insert(id);
+        }
+        self.used.insert(peer, Instant::now());
         if let Some(reply) = self.pending_dials.remove(&id) {
+            self.kept.insert(peer);
             let _ = reply.send(Ok(ConnectResponse {
                 peer_id: peer.to_base58(),
                 route: route.to_string(),
@@ -405,11 +515,13 @@ impl PeerBook {
             return false;
         };
         conns.retain(|(c, _)| *c != id);
+        self.dialled.remove(&id);
         if !conns.is_empty() {
             return false;
         }
         self.connections.remove(&peer);
         self.meta.remove(&peer);
+        self.used.remove(&peer);
         ctx.metrics
             .connected_peers
             .set(self.connections.len() as i64);

@@ -76,6 +76,7 @@ pub(super) fn analyse(rec: &RunRecord) -> (Summary, Series) {
         app_duplicates: tally.app_duplicates,
         unknown_receipts: tally.unknown_receipts,
         bytes_sent_per_node,
+        connected_peers_per_node: dist(rec.connected_peers.iter().map(|&c| c as f64).collect()),
         payload_bytes_per_node,
         overhead_bytes_per_node,
         overhead_ratio,
