@@ -31,8 +31,9 @@ const STORE_QUEUE: usize = 1024;
 /// open with every peer that speaks it, mesh or not (rust-libp2p issue
 /// 5190), so every peer a Kademlia lookup or bootstrap dialled would stay
 /// connected for good. The node closes them itself: when more than `high`
-/// peers are connected, peers idle for `grace` are disconnected, least
-/// recently used first, until `low` remain. Never closed: peers the user
+/// peers are connected, peers idle for `grace` are disconnected (those
+/// outside Kademlia's routing table first, then least recently used
+/// first) until `low` remain. Never closed: peers the user
 /// (or the bootstrap list) asked for, gossipsub mesh peers, BLE links,
 /// relays and peers holding a reservation on this node, and peers that
 /// dialled this node (their side decides).
@@ -155,7 +156,7 @@ impl PeerBook {
             .copied()
             .collect();
         let now = Instant::now();
-        let mut idle: Vec<(Instant, PeerId)> = (self.connections.iter())
+        let idle: Vec<(Instant, PeerId)> = (self.connections.iter())
             .filter(|(p, conns)| {
                 !self.kept.contains(p)
                     && !mesh.contains(p)
@@ -171,10 +172,23 @@ impl PeerBook {
                 (now.saturating_duration_since(used) >= self.limits.grace).then_some((used, *p))
             })
             .collect();
+        // Peers outside Kademlia's routing table go first: Kademlia dials
+        // a disconnected entry of a full bucket to check that it is alive
+        // when a new peer maps to that bucket, so closing a table peer
+        // tends to bring its connection back.
+        let kad = &mut swarm.behaviour_mut().kad;
+        let mut idle: Vec<(bool, Instant, PeerId)> = (idle.into_iter())
+            .map(|(used, p)| {
+                let in_table = kad
+                    .kbucket(p)
+                    .is_some_and(|b| b.iter().any(|e| *e.node.key.preimage() == p));
+                (in_table, used, p)
+            })
+            .collect();
         idle.sort();
         let excess = connected.saturating_sub(self.limits.low);
         let mut closed = 0;
-        for (_, peer) in idle.into_iter().take(excess) {
+        for (_, _, peer) in idle.into_iter().take(excess) {
             if swarm.disconnect_peer_id(peer).is_ok() {
                 closed += 1;
             }
