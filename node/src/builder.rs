@@ -374,37 +374,12 @@ impl NodeBuilder {
         }
         behaviour.gossip_observer = merge_observers(behaviour.gossip_observer.take(), observers);
 
-        let scale = |d: Duration| d.mul_f64(dilation);
-        behaviour.gossip.heartbeat = scale(behaviour.gossip.heartbeat);
-        behaviour.gossip.heartbeat_initial_delay = scale(behaviour.gossip.heartbeat_initial_delay);
-        behaviour.sync_timeout = scale(behaviour.sync_timeout);
-        // A ping that fails closes its connection: undilated, the slowed
-        // model's farthest round trips (with a busy host) lost connections.
-        behaviour.ping_interval = scale(behaviour.ping_interval);
-        behaviour.ping_timeout = scale(behaviour.ping_timeout);
-        node.groups.sync_interval = scale(node.groups.sync_interval);
-        node.groups.outbox_interval = scale(node.groups.outbox_interval);
-        node.maintenance_interval = scale(node.maintenance_interval);
-        node.peer_limits.grace = scale(node.peer_limits.grace);
-        // The mailbox's periodic lookups: undilated, each node's pickups
-        // (two Kademlia lookups a minute) came ten times as often in model
-        // time, and their dials piled up connections.
-        node.mailbox.recheck = scale(node.mailbox.recheck);
-        node.mailbox.pickup = scale(node.mailbox.pickup);
-        node.mailbox.deposit_after = node.mailbox.deposit_after.map(scale);
-        let t = &mut node.messages.timeouts;
-        let scale_ms = |ms: u64| (ms as f64 * dilation) as u64;
-        t.internet_ms = scale_ms(t.internet_ms);
-        t.ble_ms = scale_ms(t.ble_ms);
-        t.onion_ms = scale_ms(t.onion_ms);
-        node.onion.mean_delay_ms = scale_ms(node.onion.mean_delay_ms);
-        node.onion.cover_rate /= dilation;
-        behaviour.dm_ble_timeout = scale(behaviour.dm_ble_timeout);
+        dilate(&mut behaviour, &mut node, dilation);
         // A whole connection set-up must finish within this: libp2p's 10 s
         // (dilated: between the farthest regions of a slowed model a
         // handshake takes longer), unless a BLE link, whose dial alone may
         // take 20 s, is among the transports.
-        let mut connection_timeout = scale(CONNECTION_TIMEOUT);
+        let mut connection_timeout = CONNECTION_TIMEOUT.mul_f64(dilation);
         if let Some(r) = &radio {
             behaviour = crate::behaviour::scale_for_ble(behaviour, r.limits());
             node.files = node.files.scaled_for_ble(r.limits());
@@ -455,6 +430,37 @@ impl NodeBuilder {
             metrics,
         })
     }
+}
+
+/// Stretches every protocol timer of `behaviour` and `node` by `dilation`
+/// (the simulator's time dilation; 1 leaves them as they are).
+fn dilate(behaviour: &mut BehaviourConfig, node: &mut NodeConfig, dilation: f64) {
+    let scale = |d: Duration| d.mul_f64(dilation);
+    behaviour.gossip.heartbeat = scale(behaviour.gossip.heartbeat);
+    behaviour.gossip.heartbeat_initial_delay = scale(behaviour.gossip.heartbeat_initial_delay);
+    behaviour.sync_timeout = scale(behaviour.sync_timeout);
+    // A ping that fails closes its connection: undilated, the slowed
+    // model's farthest round trips (with a busy host) lost connections.
+    behaviour.ping_interval = scale(behaviour.ping_interval);
+    behaviour.ping_timeout = scale(behaviour.ping_timeout);
+    node.groups.sync_interval = scale(node.groups.sync_interval);
+    node.groups.outbox_interval = scale(node.groups.outbox_interval);
+    node.maintenance_interval = scale(node.maintenance_interval);
+    node.peer_limits.grace = scale(node.peer_limits.grace);
+    // The mailbox's periodic lookups: undilated, each node's pickups
+    // (two Kademlia lookups a minute) came ten times as often in model
+    // time, and their dials piled up connections.
+    node.mailbox.recheck = scale(node.mailbox.recheck);
+    node.mailbox.pickup = scale(node.mailbox.pickup);
+    node.mailbox.deposit_after = node.mailbox.deposit_after.map(scale);
+    let t = &mut node.messages.timeouts;
+    let scale_ms = |ms: u64| (ms as f64 * dilation) as u64;
+    t.internet_ms = scale_ms(t.internet_ms);
+    t.ble_ms = scale_ms(t.ble_ms);
+    t.onion_ms = scale_ms(t.onion_ms);
+    node.onion.mean_delay_ms = scale_ms(node.onion.mean_delay_ms);
+    node.onion.cover_rate /= dilation;
+    behaviour.dm_ble_timeout = scale(behaviour.dm_ble_timeout);
 }
 
 /// One observer calling each of `extra` after `first`.

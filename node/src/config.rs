@@ -539,6 +539,7 @@ impl Settings {
     /// resolved.
     pub fn resolve(data_dir: PathBuf, file: Overrides, over: Overrides) -> anyhow::Result<Self> {
         let onion = onion_settings(&file, &over)?;
+        let (peers_high, peers_low) = peer_limits(&file, &over)?;
         let ble = over.ble.or(file.ble);
         let internet = over.internet.or(file.internet).unwrap_or(true);
         let listen = match over.listen.or(file.listen) {
@@ -552,15 +553,6 @@ impl Settings {
             bail!(
                 "the API address {api} is not a loopback address: the local API must not be reachable from the network"
             );
-        }
-        let limits = crate::node::PeerLimits::default();
-        let peers_high = over.peers_high.or(file.peers_high).unwrap_or(limits.high);
-        let peers_low = over
-            .peers_low
-            .or(file.peers_low)
-            .unwrap_or(limits.low.min(peers_high));
-        if peers_low > peers_high {
-            bail!("--peers-low ({peers_low}) is above --peers-high ({peers_high})");
         }
         let group_rate = over
             .group_rate
@@ -641,6 +633,18 @@ impl Settings {
                 .map_or(DEFAULT_MAILBOX_RECHECK, |s| Duration::from_secs(s.max(1))),
         })
     }
+}
+
+/// `--peers-high` and `--peers-low`, checked (a high mark under the
+/// default low one lowers the low one).
+fn peer_limits(file: &Overrides, over: &Overrides) -> anyhow::Result<(usize, usize)> {
+    let limits = crate::node::PeerLimits::default();
+    let high = over.peers_high.or(file.peers_high).unwrap_or(limits.high);
+    let low = (over.peers_low.or(file.peers_low)).unwrap_or(limits.low.min(high));
+    if low > high {
+        bail!("--peers-low ({low}) is above --peers-high ({high})");
+    }
+    Ok((high, low))
 }
 
 /// The onion route's settings, checked.

@@ -136,8 +136,8 @@ pub struct RunRecord {
     /// framing; everything: gossip, control, identify, Kademlia, sync).
     pub bytes_sent: Vec<u64>,
     /// Peers each node was connected to at the end of the workload (the
-    /// topology's links and whatever else the nodes dialled: Kademlia
-    /// lookups, group sync); empty when not known (Shadow runs).
+    /// topology's links and whatever else the nodes dialled: Kademlia's
+    /// lookups and bootstrap); empty when not known (Shadow runs).
     #[serde(default)]
     pub connected_peers: Vec<u64>,
     /// Direct-message envelopes all nodes handed to a peer (attempts,

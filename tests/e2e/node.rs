@@ -352,25 +352,18 @@ fn idle_peers_found_through_kademlia_are_closed_above_peers_high() {
     // peer: A, which no fogmesh protocol uses, is closed; B, which C asked
     // for, stays. D, with the default limits and the same idle timeout,
     // keeps A: libp2p's idle timeout alone does not close it.
-    let args = |extra: &[&'static str]| {
-        let mut v = vec!["--bootstrap", &b.tcp_addr()]
-            .into_iter()
-            .map(str::to_owned)
-            .collect::<Vec<_>>();
-        v.extend(["--min-peers", "1", "--idle-timeout-secs", "1"].map(str::to_owned));
-        v.extend(extra.iter().map(|s| (*s).to_owned()));
-        v
-    };
-    let c_args = args(&["--peers-high", "1", "--peers-low", "1"]);
-    let c = Daemon::start(
-        &tmp.path().join("c"),
-        &c_args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    let d_args = args(&[]);
-    let d = Daemon::start(
-        &tmp.path().join("d"),
-        &d_args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
+    let b_addr = b.tcp_addr();
+    let common = [
+        "--bootstrap",
+        b_addr.as_str(),
+        "--min-peers",
+        "1",
+        "--idle-timeout-secs",
+        "1",
+    ];
+    let limited = [&common[..], &["--peers-high", "1", "--peers-low", "1"]].concat();
+    let c = Daemon::start(&tmp.path().join("c"), &limited);
+    let d = Daemon::start(&tmp.path().join("d"), &common);
     for n in [&c, &d] {
         n.wait_connected(&b.peer_id, CONNECT_TIMEOUT);
         n.wait_connected(&a.peer_id, CONNECT_TIMEOUT);

@@ -177,12 +177,12 @@ impl EventLoop {
         }
     }
 
-    /// Adds a peer's addresses to Kademlia's routing table.
     /// `peer` is on the bootstrap list: its connection is never pruned.
     pub(super) fn keep(&mut self, peer: PeerId) {
         self.peers.keep(peer);
     }
 
+    /// Adds a peer's addresses to Kademlia's routing table.
     pub(super) fn add_kad_addresses(&mut self, peer: &PeerId, addrs: &[Multiaddr]) {
         for a in addrs {
             self.swarm.behaviour_mut().kad.add_address(peer, a.clone());
@@ -432,18 +432,50 @@ impl EventLoop {
         }
     }
 
+    /// Kademlia: lookup results go to the part that started the lookup;
+    /// the rest is discovery.
+    fn on_kad(&mut self, ev: kad::Event) {
+        use libp2p::metrics::Recorder;
+        match ev {
+            kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetClosestPeers(result),
+                ..
+            } if self.messages.owns_lookup(id) => {
+                self.messages.on_lookup(&mut self.swarm, id, result)
+            }
+            kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetClosestPeers(result),
+                ..
+            } if self.mailbox.owns_lookup(id) => {
+                self.mailbox.on_lookup(&mut self.swarm, id, result)
+            }
+            kad::Event::OutboundQueryProgressed {
+                id,
+                result: kad::QueryResult::GetProviders(result),
+                step,
+                ..
+            } => self.files.on_providers(
+                &mut self.swarm,
+                &self.ctx,
+                &self.peers,
+                id,
+                result,
+                step.last,
+            ),
+            ev => {
+                self.ctx.libp2p_metrics.record(&ev);
+                if let Some((peer, addrs)) = discovery::on_kad(&mut self.swarm, &self.ctx, ev) {
+                    self.dial_discovered(peer, addrs);
+                }
+            }
+        }
+    }
+
     fn on_behaviour_event(&mut self, event: BehaviourEvent) {
         use libp2p::metrics::Recorder;
-        // What keeps a peer from being pruned as idle: fogmesh's own
-        // protocols, not Kademlia's or identify's chatter.
-        let used = match &event {
-            BehaviourEvent::GroupSync(ev) => rr_peer(ev),
-            BehaviourEvent::Files(ev) => rr_peer(ev),
-            BehaviourEvent::Dm(ev) | BehaviourEvent::DmBle(ev) => rr_peer(ev),
-            BehaviourEvent::Mailbox(ev) => rr_peer(ev),
-            _ => None,
-        };
-        if let Some(peer) = used {
+        if let Some(peer) = app_peer(&event) {
             self.peers.touch(&peer);
         }
         match event {
@@ -464,39 +496,7 @@ impl EventLoop {
                 self.ctx.libp2p_metrics.record(&ev);
                 self.peers.on_ping(&mut self.swarm, ev);
             }
-            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
-                id,
-                result: kad::QueryResult::GetClosestPeers(result),
-                ..
-            }) if self.messages.owns_lookup(id) => {
-                self.messages.on_lookup(&mut self.swarm, id, result)
-            }
-            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
-                id,
-                result: kad::QueryResult::GetClosestPeers(result),
-                ..
-            }) if self.mailbox.owns_lookup(id) => {
-                self.mailbox.on_lookup(&mut self.swarm, id, result)
-            }
-            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
-                id,
-                result: kad::QueryResult::GetProviders(result),
-                step,
-                ..
-            }) => self.files.on_providers(
-                &mut self.swarm,
-                &self.ctx,
-                &self.peers,
-                id,
-                result,
-                step.last,
-            ),
-            BehaviourEvent::Kad(ev) => {
-                self.ctx.libp2p_metrics.record(&ev);
-                if let Some((peer, addrs)) = discovery::on_kad(&mut self.swarm, &self.ctx, ev) {
-                    self.dial_discovered(peer, addrs);
-                }
-            }
+            BehaviourEvent::Kad(ev) => self.on_kad(ev),
             BehaviourEvent::Mdns(ev) => {
                 for (peer, addrs) in discovery::on_mdns(&mut self.swarm, &self.ctx, ev) {
                     self.dial_discovered(peer, addrs);
@@ -606,6 +606,19 @@ impl EventLoop {
         let Some(ble) = self.ble.as_mut() else { return };
         let links = self.peers.ble_view();
         ble.dial_due(&mut self.swarm, &self.ctx, &links);
+    }
+}
+
+/// The peer that one of fogmesh's own protocols (group sync, files,
+/// direct messages, mailboxes) exchanged something with: what keeps a peer
+/// from being closed as idle. Kademlia's and identify's chatter does not.
+fn app_peer(event: &BehaviourEvent) -> Option<PeerId> {
+    match event {
+        BehaviourEvent::GroupSync(ev) => rr_peer(ev),
+        BehaviourEvent::Files(ev) => rr_peer(ev),
+        BehaviourEvent::Dm(ev) | BehaviourEvent::DmBle(ev) => rr_peer(ev),
+        BehaviourEvent::Mailbox(ev) => rr_peer(ev),
+        _ => None,
     }
 }
 

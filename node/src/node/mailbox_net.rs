@@ -25,11 +25,11 @@
 //! - **pickup**: the node asks for its mail every peer it connects to
 //!   (at most every [`REFETCH_MS`] per peer: a courier that comes into
 //!   range, a holder met again; a fetch that failed is tried again within
-//!   seconds) and, every `MailboxConfig::pickup` (a minute) and once soon after start, the
-//!   peers closest to its own keys of today and yesterday; what they
-//!   hand over goes to the messages actor as `Input::Picked` (the same
-//!   path as a direct envelope), which asks for each holder's copy to be
-//!   deleted once the letter is committed.
+//!   seconds) and, every `MailboxConfig::pickup` (a minute) and once
+//!   soon after start, the peers closest to its own keys of today and
+//!   yesterday; what they hand over goes to the messages actor as
+//!   `Input::Picked` (the same path as a direct envelope), which asks for
+//!   each holder's copy to be deleted once the letter is committed.
 //!
 //! A holder knows who asks from the Noise-authenticated connection: it
 //! hands out and deletes only the asking peer's mail (or, for deletes,

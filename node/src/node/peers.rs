@@ -156,7 +156,12 @@ impl PeerBook {
             .copied()
             .collect();
         let now = Instant::now();
-        let idle: Vec<(Instant, PeerId)> = (self.connections.iter())
+        // Peers outside Kademlia's routing table go first: Kademlia dials
+        // a disconnected entry of a full bucket to check that it is alive
+        // when a new peer maps to that bucket, so closing a table peer
+        // tends to bring its connection back.
+        let kad = &mut swarm.behaviour_mut().kad;
+        let mut idle: Vec<(bool, Instant, PeerId)> = (self.connections.iter())
             .filter(|(p, conns)| {
                 !self.kept.contains(p)
                     && !mesh.contains(p)
@@ -169,20 +174,13 @@ impl PeerBook {
             })
             .filter_map(|(p, _)| {
                 let used = *self.used.get(p)?;
-                (now.saturating_duration_since(used) >= self.limits.grace).then_some((used, *p))
-            })
-            .collect();
-        // Peers outside Kademlia's routing table go first: Kademlia dials
-        // a disconnected entry of a full bucket to check that it is alive
-        // when a new peer maps to that bucket, so closing a table peer
-        // tends to bring its connection back.
-        let kad = &mut swarm.behaviour_mut().kad;
-        let mut idle: Vec<(bool, Instant, PeerId)> = (idle.into_iter())
-            .map(|(used, p)| {
+                if now.saturating_duration_since(used) < self.limits.grace {
+                    return None;
+                }
                 let in_table = kad
-                    .kbucket(p)
-                    .is_some_and(|b| b.iter().any(|e| *e.node.key.preimage() == p));
-                (in_table, used, p)
+                    .kbucket(*p)
+                    .is_some_and(|b| b.iter().any(|e| e.node.key.preimage() == p));
+                Some((in_table, used, *p))
             })
             .collect();
         idle.sort();
