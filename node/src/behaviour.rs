@@ -406,8 +406,11 @@ mod composed {
         /// LAN discovery, when enabled.
         pub mdns: Toggle<mdns::tokio::Behaviour>,
         /// Group messages: one topic per group, messages validated by the
-        /// groups actor before they are forwarded.
-        pub gossipsub: gossipsub::Behaviour<super::ObservingTransform, super::SubscriptionFilter>,
+        /// groups actor before they are forwarded. Its streams do not keep
+        /// a connection open, its mesh does (see `crate::keep_alive`).
+        pub gossipsub: crate::keep_alive::IdleStreams<
+            gossipsub::Behaviour<super::ObservingTransform, super::SubscriptionFilter>,
+        >,
         /// Group catch-up (anti-entropy): summaries and fetches.
         pub group_sync: request_response::Behaviour<
             crate::codec::FrameCodec<super::SyncFrame, super::SyncFrame>,
@@ -443,6 +446,9 @@ mod composed {
         /// connections only; the onion task drives them through a
         /// `libp2p_stream::Control`.
         pub mix: crate::only_on::OnlyOn<libp2p_stream::Behaviour>,
+        /// Holds open the connections to the peers the operator asked for
+        /// and every BLE link.
+        pub keep: crate::keep_alive::Keep,
     }
 }
 
@@ -487,7 +493,7 @@ impl Behaviour {
             None
         };
 
-        let gossipsub = gossipsub_behaviour(key, cfg)?;
+        let gossipsub = crate::keep_alive::IdleStreams::new(gossipsub_behaviour(key, cfg)?);
         let group_sync = request_response::Behaviour::with_codec(
             FrameCodec::new(MAX_SYNC_REQUEST_SIZE, MAX_SYNC_RESPONSE_SIZE),
             [(GROUP_SYNC_PROTOCOL, ProtocolSupport::Full)],
@@ -537,6 +543,7 @@ impl Behaviour {
             mix: crate::only_on::OnlyOn::new(libp2p_stream::Behaviour::new(), |a| {
                 !fogmesh_ble::is_ble(a)
             }),
+            keep: crate::keep_alive::Keep::default(),
         })
     }
 }
@@ -634,7 +641,9 @@ fn kademlia(peer_id: libp2p::PeerId, cfg: &BehaviourConfig) -> kad::Behaviour<Pr
     kad_cfg
         .set_query_timeout(Duration::from_secs(30))
         .set_periodic_bootstrap_interval(cfg.kad_bootstrap_interval)
-        .set_kbucket_size(cfg.kad_bucket_size);
+        .set_kbucket_size(cfg.kad_bucket_size)
+        // The node puts peers in the table (`node::discovery::kad_add`).
+        .set_kbucket_inserts(kad::BucketInserts::Manual);
 
     // One provider record per shared file, without a cap; the records
     // held for other peers are capped (ADD_PROVIDER from strangers).

@@ -201,7 +201,6 @@ impl NodeBuilder {
                 listen: Vec::new(),
                 bootstrap: Vec::new(),
                 min_peers: 8,
-                peer_limits: crate::node::PeerLimits::default(),
                 reachability: Reachability::default(),
                 groups: GroupsConfig::default(),
                 files: FilesConfig::default(),
@@ -211,6 +210,7 @@ impl NodeBuilder {
                 ble: None,
                 relays: Vec::new(),
                 kad_mode: KadMode::default(),
+                kad_bucket_size: libp2p::kad::K_VALUE.get(),
                 nat: NatConfig::default(),
                 onion: crate::onion::OnionConfig::default(),
             },
@@ -266,13 +266,6 @@ impl NodeBuilder {
     /// Below this many connected peers, discovered peers are dialled.
     pub fn min_peers(mut self, n: usize) -> Self {
         self.node.min_peers = n;
-        self
-    }
-
-    /// When idle peers are closed (see [`PeerLimits`](crate::node::PeerLimits);
-    /// the grace before dilation).
-    pub fn peer_limits(mut self, limits: crate::node::PeerLimits) -> Self {
-        self.node.peer_limits = limits;
         self
     }
 
@@ -375,6 +368,10 @@ impl NodeBuilder {
         behaviour.gossip_observer = merge_observers(behaviour.gossip_observer.take(), observers);
 
         dilate(&mut behaviour, &mut node, dilation);
+        let idle_timeout = idle_timeout.mul_f64(dilation);
+        // A mix stream idle for longer than a connection may be is closed
+        // sooner (see `OnionConfig::stream_idle`).
+        node.onion.stream_idle = node.onion.stream_idle.min(idle_timeout);
         // A whole connection set-up must finish within this: libp2p's 10 s
         // (dilated: between the farthest regions of a slowed model a
         // handshake takes longer), unless a BLE link, whose dial alone may
@@ -397,6 +394,7 @@ impl NodeBuilder {
         };
         node.ble = radio.clone();
         node.kad_mode = behaviour.kad_mode;
+        node.kad_bucket_size = behaviour.kad_bucket_size.get();
         node.nat = behaviour.nat.clone();
 
         let mut registry = libp2p::metrics::Registry::default();
@@ -446,7 +444,6 @@ fn dilate(behaviour: &mut BehaviourConfig, node: &mut NodeConfig, dilation: f64)
     node.groups.sync_interval = scale(node.groups.sync_interval);
     node.groups.outbox_interval = scale(node.groups.outbox_interval);
     node.maintenance_interval = scale(node.maintenance_interval);
-    node.peer_limits.grace = scale(node.peer_limits.grace);
     // The mailbox's periodic lookups: undilated, each node's pickups
     // (two Kademlia lookups a minute) came ten times as often in model
     // time, and their dials piled up connections.
@@ -459,6 +456,7 @@ fn dilate(behaviour: &mut BehaviourConfig, node: &mut NodeConfig, dilation: f64)
     t.ble_ms = scale_ms(t.ble_ms);
     t.onion_ms = scale_ms(t.onion_ms);
     node.onion.mean_delay_ms = scale_ms(node.onion.mean_delay_ms);
+    node.onion.stream_idle = scale(node.onion.stream_idle);
     node.onion.cover_rate /= dilation;
     behaviour.dm_ble_timeout = scale(behaviour.dm_ble_timeout);
 }

@@ -97,11 +97,6 @@ pub struct Settings {
     pub max_connections: u32,
     /// Below this many connected peers, the node dials peers it discovers.
     pub min_peers: usize,
-    /// Above this many connected peers, idle ones are closed
-    /// (`crate::node::PeerLimits`).
-    pub peers_high: usize,
-    /// How many peers pruning leaves.
-    pub peers_low: usize,
     /// How long a connection with no open stream is kept.
     pub idle_timeout: Duration,
     /// Gossiped group messages per second accepted from one sender.
@@ -244,24 +239,6 @@ pub struct Overrides {
         )
     )]
     pub(crate) min_peers: Option<usize>,
-    #[arg(
-        long,
-        value_name = "N",
-        help = with_default(
-            "Above this many connected peers, peers this node dialled that no fogmesh protocol used for the idle timeout are closed (not those asked for, gossip mesh peers, BLE links or relays)",
-            crate::node::PeerLimits::default().high,
-        )
-    )]
-    pub(crate) peers_high: Option<usize>,
-    #[arg(
-        long,
-        value_name = "N",
-        help = with_default(
-            "How many connected peers closing idle ones leaves (at most --peers-high)",
-            crate::node::PeerLimits::default().low,
-        )
-    )]
-    pub(crate) peers_low: Option<usize>,
     #[arg(
         long,
         value_name = "SECS",
@@ -539,7 +516,6 @@ impl Settings {
     /// resolved.
     pub fn resolve(data_dir: PathBuf, file: Overrides, over: Overrides) -> anyhow::Result<Self> {
         let onion = onion_settings(&file, &over)?;
-        let (peers_high, peers_low) = peer_limits(&file, &over)?;
         let ble = over.ble.or(file.ble);
         let internet = over.internet.or(file.internet).unwrap_or(true);
         let listen = match over.listen.or(file.listen) {
@@ -581,8 +557,6 @@ impl Settings {
                 .min_peers
                 .or(file.min_peers)
                 .unwrap_or(DEFAULT_MIN_PEERS),
-            peers_high,
-            peers_low,
             idle_timeout: over
                 .idle_timeout_secs
                 .or(file.idle_timeout_secs)
@@ -633,18 +607,6 @@ impl Settings {
                 .map_or(DEFAULT_MAILBOX_RECHECK, |s| Duration::from_secs(s.max(1))),
         })
     }
-}
-
-/// `--peers-high` and `--peers-low`, checked (a high mark under the
-/// default low one lowers the low one).
-fn peer_limits(file: &Overrides, over: &Overrides) -> anyhow::Result<(usize, usize)> {
-    let limits = crate::node::PeerLimits::default();
-    let high = over.peers_high.or(file.peers_high).unwrap_or(limits.high);
-    let low = (over.peers_low.or(file.peers_low)).unwrap_or(limits.low.min(high));
-    if low > high {
-        bail!("--peers-low ({low}) is above --peers-high ({high})");
-    }
-    Ok((high, low))
 }
 
 /// The onion route's settings, checked.
@@ -877,28 +839,6 @@ mod tests {
             vec!["/ip4/127.0.0.1/tcp/1".parse::<Multiaddr>().expect("ma")]
         );
         assert_eq!(s.min_peers, DEFAULT_MIN_PEERS);
-    }
-
-    #[test]
-    fn peer_limits_resolve_and_low_above_high_is_refused() {
-        let s = resolve(Overrides::default(), Overrides::default()).expect("resolve");
-        let d = crate::node::PeerLimits::default();
-        assert_eq!((s.peers_high, s.peers_low), (d.high, d.low));
-        // A high limit under the default low one lowers the low one.
-        let s = resolve(file("peers_high = 10"), Overrides::default()).expect("resolve");
-        assert_eq!((s.peers_high, s.peers_low), (10, 10));
-        let s = resolve(file("peers_high = 10"), flags(&["--peers-low", "4"])).expect("resolve");
-        assert_eq!((s.peers_high, s.peers_low), (10, 4));
-        let err = resolve(
-            Overrides::default(),
-            flags(&["--peers-high", "4", "--peers-low", "5"]),
-        )
-        .expect_err("low above high");
-        assert!(
-            err.to_string()
-                .contains("--peers-low (5) is above --peers-high (4)"),
-            "{err}"
-        );
     }
 
     #[test]

@@ -222,11 +222,6 @@ fn node_builder(
         .listen(settings.listen.clone())
         .bootstrap(settings.bootstrap.clone())
         .min_peers(settings.min_peers)
-        .peer_limits(crate::node::PeerLimits {
-            high: settings.peers_high,
-            low: settings.peers_low,
-            grace: settings.idle_timeout,
-        })
         .idle_timeout(settings.idle_timeout)
         .relays(settings.relays.clone())
         .behaviour(BehaviourConfig {

@@ -22,6 +22,7 @@ pub mod fsutil;
 pub mod groups;
 pub mod identity;
 pub mod kad_store;
+pub mod keep_alive;
 pub mod mailbox;
 pub mod messages;
 pub mod metrics;

@@ -298,6 +298,12 @@ fn differences(s: &Scenario) -> Vec<String> {
          in-process nodes do neither walk and check every 2 s"
             .to_owned(),
     );
+    d.push(
+        "the daemons hold every connection for the run (idle timeout 3600 s: a topology link is \
+         asked for by its dialler only); in-process nodes hold the topology's links at both ends \
+         and close other idle connections after 10 model seconds"
+            .to_owned(),
+    );
     if s.link.loss > 0.0 {
         d.push(format!(
             "loss {}: Shadow drops packets (TCP retransmits), the in-process model delays \
@@ -336,7 +342,7 @@ fn prepare_node(
         event_log: node.event_log.clone(),
         kad_mode: "server".to_owned(),
         min_peers: s.min_peers(),
-        // As in-process: the topology holds, idle links are not its business.
+        // The topology holds (see `differences`).
         idle_timeout_secs: 3600,
         max_connections: 1000,
         // The workload's rate is the scenario's business, as in-process.

@@ -16,7 +16,7 @@ use anyhow::Context as _;
 use fogmesh::behaviour::{BehaviourConfig, GossipParams};
 use fogmesh::builder::{Internet, NodeBuilder, RawStream};
 use fogmesh::groups::GroupsConfig;
-use fogmesh::node::{NodeHandle, PeerLimits};
+use fogmesh::node::NodeHandle;
 use fogmesh::storage::Store;
 use fogmesh_ble::Radio;
 use fogmesh_ble::sim::{LinkModel, Medium, Position};
@@ -32,6 +32,8 @@ use crate::net::{SimNet, SimTransport};
 use crate::plan::Plan;
 use crate::scenario::{Ble, Scenario};
 
+/// How long a connection nothing holds open stays (model time).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many topology dials may be under way at once.
 const MAX_CONCURRENT_DIALS: usize = 256;
 /// How often a long set-up phase (dials, the group reaching its members)
@@ -214,16 +216,26 @@ impl World {
     /// number: a barrier per batch would make every batch wait for its
     /// slowest (farthest) dial. Failures are summed up in the log.
     pub async fn connect(&self, edges: &[[usize; 2]]) {
-        let dials: Vec<(NodeHandle, Multiaddr)> = (edges.iter())
-            .filter_map(|&[from, to]| Some((self.handle(from)?, self.dial_addr(to))))
+        let dials: Vec<(NodeHandle, Multiaddr, NodeHandle, Multiaddr)> = (edges.iter())
+            .filter_map(|&[from, to]| {
+                let (h, back) = (self.handle(from)?, self.handle(to)?);
+                Some((h, self.dial_addr(to), back, self.dial_addr(from)))
+            })
             .collect();
         let total = dials.len();
         let started = std::time::Instant::now();
         let mut last_said = started;
         let mut done = 0usize;
         let mut errors: Vec<String> = Vec::new();
+        // The far end then asks for the link too (it is up: nothing is
+        // dialled), so that both ends hold it open when idle.
         let mut results = futures::stream::iter(dials)
-            .map(|(h, addr)| async move { h.connect(addr).await.err().map(|e| e.to_string()) })
+            .map(|(h, addr, back, back_addr)| async move {
+                if let Err(e) = h.connect(addr).await {
+                    return Some(e.to_string());
+                }
+                back.connect(back_addr).await.err().map(|e| e.to_string())
+            })
             .buffer_unordered(MAX_CONCURRENT_DIALS);
         while let Some(r) = results.next().await {
             done += 1;
@@ -384,18 +396,11 @@ fn builder(shared: &Shared, node: &SimNode, store: Store) -> NodeBuilder {
         .radio(radio)
         .listen(listen)
         .min_peers(shared.min_peers)
-        // No idle peers closed: a topology link that the other end had
-        // dialled first through Kademlia is that end's to close, and a
-        // gossip-1000 run with limits of 16 and 8 left 12 nodes cut off
-        // from the group (docs/BENCHMARKS.md, "Connections that never
-        // closed").
-        .peer_limits(PeerLimits {
-            high: usize::MAX,
-            ..PeerLimits::default()
-        })
         .maintenance_interval(Duration::from_secs(2))
-        // The scenario's topology holds; idle links are not its business.
-        .idle_timeout(Duration::from_secs(3600))
+        // Connections nothing holds open (Kademlia's, a finished exchange)
+        // close after `IDLE_TIMEOUT`; the topology's links are held open
+        // by both ends (see `connect`).
+        .idle_timeout(IDLE_TIMEOUT)
         .behaviour(BehaviourConfig {
             // No multicast on the modelled network, and no Kademlia walks:
             // the initial dials are the scenario's.

@@ -1207,3 +1207,45 @@ fn removed_member_new_message_in_old_epoch_is_refused() {
     }
     rt.shutdown_background();
 }
+
+#[test]
+fn group_members_stay_connected_past_the_idle_timeout() {
+    // A did not ask for B, and both close idle connections after 1 s:
+    // what holds their link open is the group's gossip mesh.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let idle = ["--idle-timeout-secs", "1"];
+    let a = Daemon::start(&tmp.path().join("a"), &idle);
+    let a_addr = a.tcp_addr();
+    let b_args = [&idle[..], &["--bootstrap", a_addr.as_str()]].concat();
+    let b = Daemon::start(&tmp.path().join("b"), &b_args);
+    b.wait_connected(&a.peer_id, T);
+    let gid = group_create(&a, "held", &[&b.peer_id]);
+    wait_group(&b, &gid);
+    // The mesh is grafted at gossipsub's next heartbeat (1 s).
+    eventually(T, "A and B connected with the group", || {
+        (a.connected_peers().contains(&b.peer_id) && b.connected_peers().contains(&a.peer_id))
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let events = a.spawn_cli(&["events", "--json"]);
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let mut seen = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let Some(line) = events.next_line(left) else {
+            break;
+        };
+        seen.push(serde_json::from_str::<Value>(&line).expect("an event as JSON"));
+    }
+    assert!(
+        !seen
+            .iter()
+            .any(|e| e["type"] == "peer_disconnected" && e["peer_id"] == b.peer_id.as_str()),
+        "six idle timeouts without a message, the link holds: {seen:?}"
+    );
+    assert!(a.connected_peers().contains(&b.peer_id));
+    // And it still carries the group's messages.
+    send(&b, &gid, "still here");
+    eventually(T, "A has B's message", || {
+        (messages(&a, &gid).iter().any(|m| m["text"] == "still here")).then_some(())
+    });
+}

@@ -343,39 +343,77 @@ fn tcp_dials_leave_from_the_listening_port_unless_port_reuse_is_off() {
 }
 
 #[test]
-fn idle_peers_found_through_kademlia_are_closed_above_peers_high() {
+fn idle_connections_close_unless_both_ends_asked_for_them() {
+    // Every node here closes a connection after 1 s without use, unless it
+    // asked for the peer (a bootstrap line, `connect`).
     let tmp = tempfile::tempdir().expect("tempdir");
-    let a = Daemon::start(&tmp.path().join("a"), &[]);
-    let b = Daemon::start(&tmp.path().join("b"), &["--bootstrap", &a.tcp_addr()]);
-    b.wait_connected(&a.peer_id, CONNECT_TIMEOUT);
-    // C and D ask for B only and find A through B's DHT. C may hold one
-    // peer: A, which no fogmesh protocol uses, is closed; B, which C asked
-    // for, stays. D, with the default limits and the same idle timeout,
-    // keeps A: libp2p's idle timeout alone does not close it.
-    let b_addr = b.tcp_addr();
-    let common = [
-        "--bootstrap",
-        b_addr.as_str(),
-        "--min-peers",
-        "1",
-        "--idle-timeout-secs",
-        "1",
-    ];
-    let limited = [&common[..], &["--peers-high", "1", "--peers-low", "1"]].concat();
-    let c = Daemon::start(&tmp.path().join("c"), &limited);
-    let d = Daemon::start(&tmp.path().join("d"), &common);
-    for n in [&c, &d] {
-        n.wait_connected(&b.peer_id, CONNECT_TIMEOUT);
-        n.wait_connected(&a.peer_id, CONNECT_TIMEOUT);
-    }
-    // Pruning runs at the maintenance tick (15 s).
-    eventually(Duration::from_secs(60), "C closes A", || {
-        (!c.connected_peers().contains(&a.peer_id)).then_some(())
-    });
-    assert!(c.connected_peers().contains(&b.peer_id), "C keeps B");
+    let idle = ["--idle-timeout-secs", "1"];
+    let a = Daemon::start(&tmp.path().join("a"), &idle);
+    let events = a.spawn_cli(&["events", "--json"]);
+    let a_addr = a.tcp_addr();
+    let b_args = [&idle[..], &["--bootstrap", a_addr.as_str()]].concat();
+    let b = Daemon::start(&tmp.path().join("b"), &b_args);
+
+    // B asked for A, A did not ask for B: A closes the idle link.
+    let seen = events_until(&events, Duration::from_secs(30), |e| {
+        e["type"] == "peer_disconnected" && e["peer_id"] == b.peer_id.as_str()
+    })
+    .unwrap_or_else(|seen| panic!("A never closed B: {seen:?}"));
     assert!(
-        d.connected_peers().contains(&a.peer_id),
-        "D, under its limits, keeps A: {:?}",
-        d.connected_peers()
+        seen.iter()
+            .any(|e| e["type"] == "peer_connected" && e["peer_id"] == b.peer_id.as_str()),
+        "A saw B connect first: {seen:?}"
     );
+
+    // Now A asks for B as well: the link stays, idle, at both ends.
+    let out = a.cli(&["connect", &b.tcp_addr()]);
+    assert!(out.status.success(), "connect: {out:?}");
+    // C asks for B only and meets A through B's DHT: nobody asked for
+    // the A-C link, which closes.
+    let b_addr = b.tcp_addr();
+    let c_args = [&idle[..], &["--bootstrap", b_addr.as_str()]].concat();
+    let c = Daemon::start(&tmp.path().join("c"), &c_args);
+    let seen = events_until(&events, Duration::from_secs(30), |e| {
+        e["type"] == "peer_disconnected" && e["peer_id"] == c.peer_id.as_str()
+    })
+    .unwrap_or_else(|seen| panic!("A never closed C: {seen:?}"));
+    assert!(
+        seen.iter()
+            .any(|e| e["type"] == "peer_connected" && e["peer_id"] == c.peer_id.as_str()),
+        "C met A through the DHT: {seen:?}"
+    );
+    // Five idle timeouts later A and B are still connected, and always were
+    // since the connect.
+    let later = events_until(&events, Duration::from_secs(5), |_| false).unwrap_err();
+    let b_closed =
+        |e: &&Value| e["type"] == "peer_disconnected" && e["peer_id"] == b.peer_id.as_str();
+    assert!(
+        !seen.iter().chain(&later).any(|e| b_closed(&e)),
+        "A and B, both asking, stay connected: {seen:?} {later:?}"
+    );
+    assert!(a.connected_peers().contains(&b.peer_id));
+    assert!(b.connected_peers().contains(&a.peer_id));
+}
+
+/// The events that arrive on `events` until one matches `until` (the last
+/// one then), or as `Err` all that came within `timeout`.
+fn events_until(
+    events: &crate::util::Lines,
+    timeout: Duration,
+    until: impl Fn(&Value) -> bool,
+) -> Result<Vec<Value>, Vec<Value>> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut seen = Vec::new();
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        let Some(line) = events.next_line(left) else {
+            break;
+        };
+        let e: Value = serde_json::from_str(&line).expect("an event as JSON");
+        let done = until(&e);
+        seen.push(e);
+        if done {
+            return Ok(seen);
+        }
+    }
+    Err(seen)
 }

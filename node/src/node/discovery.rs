@@ -2,9 +2,17 @@
 //! are reported as events and handed back to the loop, which dials them
 //! while the node is short of peers.
 //!
-//! Kademlia adds the address of every connection it sees; a BLE address
-//! must never be handed to internet peers in answers, so it never stays in
-//! the routing table.
+//! The node, not Kademlia, puts peers in the routing table
+//! (`BucketInserts::Manual`), through [`kad_add`]: a new peer goes in only
+//! while its bucket has room. libp2p-kad answers a full bucket by dialling
+//! its least recently seen disconnected entry to check that it is alive;
+//! with idle connections closed (`crate::keep_alive`) most entries are
+//! disconnected, so every new peer brought an old one back, whose own
+//! table then brought back another. A dead entry leaves the table instead
+//! when a lookup fails to reach it.
+//!
+//! A BLE address must never be handed to internet peers in answers, so it
+//! never stays in the routing table.
 
 use std::collections::HashMap;
 
@@ -14,13 +22,39 @@ use super::event_loop::Ctx;
 use crate::behaviour::Behaviour;
 use crate::types::{DiscoveredVia, NodeEvent};
 
+/// Adds `addr` as an address of `peer` in Kademlia's routing table: to its
+/// entry, or as a new entry while the bucket holds fewer than
+/// `bucket_size` (see the module docs).
+pub(super) fn kad_add(
+    swarm: &mut Swarm<Behaviour>,
+    bucket_size: usize,
+    peer: &PeerId,
+    addr: Multiaddr,
+) {
+    let kad = &mut swarm.behaviour_mut().kad;
+    let room = kad.kbucket(*peer).is_some_and(|b| {
+        b.num_entries() < bucket_size || b.iter().any(|e| e.node.key.preimage() == peer)
+    });
+    if room {
+        kad.add_address(peer, addr);
+    }
+}
+
 /// A Kademlia event (other than provider lookups, which the files side
 /// takes); returns a peer new to the routing table, with its addresses.
+/// A peer that answered on a connection this node dialled goes into the
+/// table if there is room (Kademlia only proposes it).
 pub(super) fn on_kad(
     swarm: &mut Swarm<Behaviour>,
     ctx: &Ctx,
     ev: kad::Event,
 ) -> Option<(PeerId, Vec<Multiaddr>)> {
+    if let kad::Event::RoutablePeer { peer, address } = ev {
+        if !fogmesh_ble::is_ble(&address) {
+            kad_add(swarm, ctx.kad_bucket_size, &peer, address);
+        }
+        return None;
+    }
     let kad::Event::RoutingUpdated {
         peer,
         is_new_peer,
@@ -64,7 +98,7 @@ pub(super) fn on_mdns(
     }
     for (peer, addrs) in &by_peer {
         for a in addrs {
-            swarm.behaviour_mut().kad.add_address(peer, a.clone());
+            kad_add(swarm, ctx.kad_bucket_size, peer, a.clone());
         }
         discovered(ctx, *peer, addrs, DiscoveredVia::Mdns);
     }

@@ -39,6 +39,8 @@ pub(super) struct Ctx {
     pub(super) libp2p_metrics: libp2p::metrics::Metrics,
     /// Below this many connected peers, discovered peers are dialled.
     pub(super) min_peers: usize,
+    /// Kademlia's bucket size (see `discovery::kad_add`).
+    pub(super) kad_bucket_size: usize,
 }
 
 impl Ctx {
@@ -124,6 +126,7 @@ pub(super) struct Parts {
     pub(super) libp2p_metrics: libp2p::metrics::Metrics,
     pub(super) reachability: Reachability,
     pub(super) min_peers: usize,
+    pub(super) kad_bucket_size: usize,
     pub(super) maintenance_interval: Duration,
     pub(super) peers: PeerBook,
     pub(super) groups: GroupsNet,
@@ -162,6 +165,7 @@ impl EventLoop {
                 metrics: parts.metrics,
                 libp2p_metrics: parts.libp2p_metrics,
                 min_peers: parts.min_peers,
+                kad_bucket_size: parts.kad_bucket_size,
             },
             commands: parts.commands,
             peers: parts.peers,
@@ -179,13 +183,13 @@ impl EventLoop {
 
     /// `peer` is on the bootstrap list: its connection is never pruned.
     pub(super) fn keep(&mut self, peer: PeerId) {
-        self.peers.keep(peer);
+        self.peers.keep(&mut self.swarm, peer);
     }
 
     /// Adds a peer's addresses to Kademlia's routing table.
     pub(super) fn add_kad_addresses(&mut self, peer: &PeerId, addrs: &[Multiaddr]) {
         for a in addrs {
-            self.swarm.behaviour_mut().kad.add_address(peer, a.clone());
+            discovery::kad_add(&mut self.swarm, self.ctx.kad_bucket_size, peer, a.clone());
         }
     }
 
@@ -272,8 +276,6 @@ impl EventLoop {
                     let short = self.peers.connected() < self.ctx.min_peers || self.nat.wants_relays();
                     discovery::maintain(&mut self.swarm, short);
                     self.nat.tick(&mut self.swarm);
-                    let nat = &self.nat;
-                    self.peers.prune(&mut self.swarm, |p| nat.protects(p));
                 }
                 _ = mailbox_tick.tick() => {
                     self.mailbox.tick(&mut self.swarm, &self.ctx, &self.peers);
@@ -372,9 +374,13 @@ impl EventLoop {
                 endpoint,
                 ..
             } => {
-                let first = self
-                    .peers
-                    .on_established(&self.ctx, peer_id, connection_id, &endpoint);
+                let first = self.peers.on_established(
+                    &mut self.swarm,
+                    &self.ctx,
+                    peer_id,
+                    connection_id,
+                    &endpoint,
+                );
                 if first {
                     self.groups.peer_connected(peer_id);
                     self.files.peer_connected(peer_id);
@@ -475,9 +481,6 @@ impl EventLoop {
 
     fn on_behaviour_event(&mut self, event: BehaviourEvent) {
         use libp2p::metrics::Recorder;
-        if let Some(peer) = app_peer(&event) {
-            self.peers.touch(&peer);
-        }
         match event {
             BehaviourEvent::Identify(ev) => {
                 self.ctx.libp2p_metrics.record(&ev);
@@ -489,7 +492,7 @@ impl EventLoop {
                         self.messages.wake(None);
                     }
                     self.nat.on_identify(&mut self.swarm, peer_id, &info);
-                    self.peers.on_identify(&mut self.swarm, peer_id, info);
+                    (self.peers).on_identify(&mut self.swarm, &self.ctx, peer_id, info);
                 }
             }
             BehaviourEvent::Ping(ev) => {
@@ -606,29 +609,5 @@ impl EventLoop {
         let Some(ble) = self.ble.as_mut() else { return };
         let links = self.peers.ble_view();
         ble.dial_due(&mut self.swarm, &self.ctx, &links);
-    }
-}
-
-/// The peer that one of fogmesh's own protocols (group sync, files,
-/// direct messages, mailboxes) exchanged something with: what keeps a peer
-/// from being closed as idle. Kademlia's and identify's chatter does not.
-fn app_peer(event: &BehaviourEvent) -> Option<PeerId> {
-    match event {
-        BehaviourEvent::GroupSync(ev) => rr_peer(ev),
-        BehaviourEvent::Files(ev) => rr_peer(ev),
-        BehaviourEvent::Dm(ev) | BehaviourEvent::DmBle(ev) => rr_peer(ev),
-        BehaviourEvent::Mailbox(ev) => rr_peer(ev),
-        _ => None,
-    }
-}
-
-/// The peer a request-response event is about.
-fn rr_peer<Req, Resp>(ev: &libp2p::request_response::Event<Req, Resp>) -> Option<PeerId> {
-    use libp2p::request_response::Event;
-    match ev {
-        Event::Message { peer, .. }
-        | Event::OutboundFailure { peer, .. }
-        | Event::InboundFailure { peer, .. }
-        | Event::ResponseSent { peer, .. } => Some(*peer),
     }
 }

@@ -59,7 +59,7 @@ use crate::metrics::NodeMetrics;
 use crate::storage::Store;
 use crate::types::{ConnectResponse, NodeEvent, PeerInfo, Status};
 
-pub use peers::{PeerLimits, transport_kind};
+pub use peers::transport_kind;
 
 /// Capacity of the command channel: callers wait when the loop is busy.
 const COMMAND_QUEUE: usize = 256;
@@ -80,8 +80,6 @@ pub struct NodeConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// Below this many connected peers, discovered peers are dialled.
     pub min_peers: usize,
-    /// When idle peers are closed.
-    pub peer_limits: peers::PeerLimits,
     /// Which routes this node has.
     pub reachability: Reachability,
     /// Group chat settings.
@@ -103,6 +101,8 @@ pub struct NodeConfig {
     pub relays: Vec<Multiaddr>,
     /// Kademlia's mode (`--kad-mode`).
     pub kad_mode: KadMode,
+    /// Kademlia's bucket size (the behaviour's).
+    pub kad_bucket_size: usize,
     /// AutoNAT and relay settings (the behaviour's).
     pub nat: NatConfig,
     /// The onion route's settings (used when `reachability.onion`).
@@ -272,8 +272,7 @@ pub(crate) async fn start(
         )?;
         actors.messages_net.onion = onion_net::OnionNet::new(handle);
     }
-    let (peer_book, writer) =
-        peers::PeerBook::start(store.clone(), metrics.clone(), cfg.peer_limits)?;
+    let (peer_book, writer) = peers::PeerBook::start(store.clone(), metrics.clone())?;
     let mut el = event_loop::EventLoop::new(
         swarm,
         event_loop::Parts {
@@ -283,6 +282,7 @@ pub(crate) async fn start(
             libp2p_metrics,
             reachability: cfg.reachability,
             min_peers: cfg.min_peers,
+            kad_bucket_size: cfg.kad_bucket_size,
             maintenance_interval: cfg.maintenance_interval,
             peers: peer_book,
             groups: actors.groups_net,

@@ -424,12 +424,6 @@ impl NatNet {
         }
     }
 
-    /// `peer` is a relay this node holds (or was told to hold) a
-    /// reservation on.
-    pub(super) fn protects(&self, peer: &PeerId) -> bool {
-        self.reservations.contains_key(peer) || self.configured.iter().any(|(p, _)| p == peer)
-    }
-
     /// A private node short of relays with no untried candidate dials the
     /// peers it discovers whatever its peer count: one may offer relaying.
     pub(super) fn wants_relays(&self) -> bool {

@@ -4,7 +4,7 @@
 //! own, so the loop never waits on a commit).
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use fogmesh_protocols::policy::{PeerLink, Route};
@@ -24,39 +24,6 @@ use crate::types::{ConnectResponse, Direction, NodeEvent, PeerInfo, TransportKin
 
 /// Capacity of the queue of peer records waiting to be written.
 const STORE_QUEUE: usize = 1024;
-
-/// When the node closes connections it no longer needs.
-///
-/// libp2p's idle timeout does not close them: gossipsub keeps a stream
-/// open with every peer that speaks it, mesh or not (rust-libp2p issue
-/// 5190), so every peer a Kademlia lookup or bootstrap dialled would stay
-/// connected for good. The node closes them itself: when more than `high`
-/// peers are connected, peers idle for `grace` are disconnected (those
-/// outside Kademlia's routing table first, then least recently used
-/// first) until `low` remain. Never closed: peers the user
-/// (or the bootstrap list) asked for, gossipsub mesh peers, BLE links,
-/// relays and peers holding a reservation on this node, and peers that
-/// dialled this node (their side decides).
-#[derive(Debug, Clone, Copy)]
-pub struct PeerLimits {
-    /// Connected peers above which idle ones are closed.
-    pub high: usize,
-    /// How many are left when pruning.
-    pub low: usize,
-    /// How long a peer must have gone unused (no request or answer of a
-    /// fogmesh protocol, no new connection) before it may be closed.
-    pub grace: Duration,
-}
-
-impl Default for PeerLimits {
-    fn default() -> Self {
-        PeerLimits {
-            high: 96,
-            low: 64,
-            grace: Duration::from_secs(60),
-        }
-    }
-}
 
 /// The reply to an explicit connect.
 type ConnectReply = oneshot::Sender<Result<ConnectResponse, ConnectError>>;
@@ -87,13 +54,9 @@ pub(super) struct PeerBook {
     /// The user's dials, answered when the connection is up or failed.
     pending_dials: HashMap<ConnectionId, ConnectReply>,
     store_tx: mpsc::Sender<PeerRecordUpdate>,
-    limits: PeerLimits,
-    /// Peers the user or the bootstrap list asked for: never pruned.
+    /// Peers the user or the bootstrap list asked for (their connections
+    /// are held open when idle: `crate::keep_alive`).
     kept: HashSet<PeerId>,
-    /// Connections this node dialled.
-    dialled: HashSet<ConnectionId>,
-    /// When each connected peer was last used (see [`PeerLimits`]).
-    used: HashMap<PeerId, Instant>,
 }
 
 impl PeerBook {
@@ -102,7 +65,6 @@ impl PeerBook {
     pub(super) fn start(
         store: Store,
         metrics: NodeMetrics,
-        limits: PeerLimits,
     ) -> anyhow::Result<(Self, std::thread::JoinHandle<()>)> {
         let (store_tx, store_rx) = mpsc::channel(STORE_QUEUE);
         // A thread of its own, not tokio's blocking pool: it lives as long
@@ -117,84 +79,16 @@ impl PeerBook {
             meta: HashMap::new(),
             pending_dials: HashMap::new(),
             store_tx,
-            limits,
             kept: HashSet::new(),
-            dialled: HashSet::new(),
-            used: HashMap::new(),
         };
         Ok((book, writer))
     }
 
-    /// `peer` is one the operator asked for (a bootstrap line): never
-    /// pruned.
-    pub(super) fn keep(&mut self, peer: PeerId) {
+    /// `peer` is one the operator asked for (a bootstrap line, `connect`):
+    /// its connections are held open when idle.
+    pub(super) fn keep(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) {
         self.kept.insert(peer);
-    }
-
-    /// A fogmesh protocol exchanged something with `peer`.
-    pub(super) fn touch(&mut self, peer: &PeerId) {
-        if let Some(t) = self.used.get_mut(peer) {
-            *t = Instant::now();
-        }
-    }
-
-    /// Closes idle peers beyond [`PeerLimits::high`] (see there); returns
-    /// how many. `protected` names further peers not to close (relays).
-    pub(super) fn prune(
-        &mut self,
-        swarm: &mut Swarm<Behaviour>,
-        protected: impl Fn(&PeerId) -> bool,
-    ) -> usize {
-        let connected = self.connections.len();
-        if connected <= self.limits.high {
-            return 0;
-        }
-        let mesh: HashSet<PeerId> = swarm
-            .behaviour()
-            .gossipsub
-            .all_mesh_peers()
-            .copied()
-            .collect();
-        let now = Instant::now();
-        // Peers outside Kademlia's routing table go first: Kademlia dials
-        // a disconnected entry of a full bucket to check that it is alive
-        // when a new peer maps to that bucket, so closing a table peer
-        // tends to bring its connection back.
-        let kad = &mut swarm.behaviour_mut().kad;
-        let mut idle: Vec<(bool, Instant, PeerId)> = (self.connections.iter())
-            .filter(|(p, conns)| {
-                !self.kept.contains(p)
-                    && !mesh.contains(p)
-                    && !protected(p)
-                    && conns.iter().all(|(id, addr)| {
-                        self.dialled.contains(id)
-                            && !fogmesh_ble::is_ble(addr)
-                            && !super::nat::is_relayed(addr)
-                    })
-            })
-            .filter_map(|(p, _)| {
-                let used = *self.used.get(p)?;
-                if now.saturating_duration_since(used) < self.limits.grace {
-                    return None;
-                }
-                let in_table = kad
-                    .kbucket(*p)
-                    .is_some_and(|b| b.iter().any(|e| e.node.key.preimage() == p));
-                Some((in_table, used, *p))
-            })
-            .collect();
-        idle.sort();
-        let excess = connected.saturating_sub(self.limits.low);
-        let mut closed = 0;
-        for (_, _, peer) in idle.into_iter().take(excess) {
-            if swarm.disconnect_peer_id(peer).is_ok() {
-                closed += 1;
-            }
-        }
-        if closed > 0 {
-            tracing::debug!(closed, connected, "closed idle peers");
-        }
-        closed
+        swarm.behaviour_mut().keep.insert(peer);
     }
 
     /// Peers with at least one connection.
@@ -394,6 +288,7 @@ impl PeerBook {
                 return;
             }
             if swarm.is_connected(&peer) {
+                self.keep(swarm, peer);
                 let _ = reply.send(Ok(ConnectResponse {
                     peer_id: peer.to_base58(),
                     route: route.to_string(),
@@ -462,6 +357,7 @@ impl PeerBook {
     /// A connection is up; `true` when it is the first to that peer.
     pub(super) fn on_established(
         &mut self,
+        swarm: &mut Swarm<Behaviour>,
         ctx: &Ctx,
         peer: PeerId,
         id: ConnectionId,
@@ -487,12 +383,8 @@ impl PeerBook {
         } else {
             Route::Internet
         };
-        if endpoint.is_dialer() {
-            self.dialled.insert(id);
-        }
-        self.used.insert(peer, Instant::now());
         if let Some(reply) = self.pending_dials.remove(&id) {
-            self.kept.insert(peer);
+            self.keep(swarm, peer);
             let _ = reply.send(Ok(ConnectResponse {
                 peer_id: peer.to_base58(),
                 route: route.to_string(),
@@ -527,13 +419,11 @@ impl PeerBook {
             return false;
         };
         conns.retain(|(c, _)| *c != id);
-        self.dialled.remove(&id);
         if !conns.is_empty() {
             return false;
         }
         self.connections.remove(&peer);
         self.meta.remove(&peer);
-        self.used.remove(&peer);
         ctx.metrics
             .connected_peers
             .set(self.connections.len() as i64);
@@ -563,6 +453,7 @@ impl PeerBook {
     pub(super) fn on_identify(
         &mut self,
         swarm: &mut Swarm<Behaviour>,
+        ctx: &Ctx,
         peer_id: PeerId,
         info: identify::Info,
     ) {
@@ -574,7 +465,7 @@ impl PeerBook {
             .collect();
         if info.protocols.contains(&KAD_PROTOCOL) {
             for a in &addrs {
-                swarm.behaviour_mut().kad.add_address(&peer_id, a.clone());
+                super::discovery::kad_add(swarm, ctx.kad_bucket_size, &peer_id, a.clone());
             }
         } else {
             // A Kademlia client (a node that is not reachable, or no longer

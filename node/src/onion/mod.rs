@@ -24,6 +24,7 @@ mod wire;
 mod worker;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use fogmesh_protocols::messages::{Envelope, MessageId};
 use libp2p::PeerId;
@@ -38,6 +39,9 @@ use crate::messages::MessagesHandle;
 /// Commands queued for the onion task; beyond, attempts are answered
 /// "busy" by the messages network side.
 const COMMAND_QUEUE: usize = 1024;
+
+/// See [`OnionConfig::stream_idle`].
+pub const STREAM_IDLE: Duration = Duration::from_secs(30);
 
 /// Settings of the onion route.
 #[derive(Debug, Clone)]
@@ -57,6 +61,11 @@ pub struct OnionConfig {
     /// Packets per second accepted from one peer, sustained (bursts of
     /// four times as many).
     pub peer_rate: u64,
+    /// A mix stream with nothing to write for this long is closed (and
+    /// opened again for the next frame), so that a connection is held
+    /// open by its onion traffic, not by a stream that once carried
+    /// descriptors.
+    pub stream_idle: Duration,
     /// Test hook (debug builds only, hidden flag): each message's first
     /// packet is also sent a second time unchanged and once with a header
     /// byte flipped, so the first relay's replay and tamper checks can be
@@ -76,6 +85,7 @@ impl Default for OnionConfig {
             cover_rate: 0.0,
             epoch_ms: fogmesh_protocols::onion::keys::DEFAULT_EPOCH_MS,
             peer_rate: 200,
+            stream_idle: STREAM_IDLE,
             test_replay_tamper: false,
             trace: None,
         }

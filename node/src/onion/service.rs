@@ -266,29 +266,34 @@ impl Service {
             .collect()
     }
 
-    /// Queues a frame for `peer`, opening its stream first if need be.
-    fn write(&mut self, peer: PeerId, frame: Vec<u8>) -> bool {
+    /// Queues a frame for `peer`, opening its stream first if need be (or
+    /// again, when the last one was closed as idle).
+    fn write(&mut self, peer: PeerId, mut frame: Vec<u8>) -> bool {
         if peer == self.me {
             return false;
         }
-        let tx = self.writers.entry(peer).or_insert_with(|| {
-            let (tx, rx) = mpsc::channel(wire::WRITER_QUEUE);
-            tokio::spawn(wire::writer(
-                self.control.clone(),
-                peer,
-                rx,
-                self.events.clone(),
-            ));
-            tx
-        });
-        match tx.try_send(frame) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => false,
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.writers.remove(&peer);
-                false
+        for _ in 0..2 {
+            let tx = self.writers.entry(peer).or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(wire::WRITER_QUEUE);
+                tokio::spawn(wire::writer(
+                    self.control.clone(),
+                    peer,
+                    rx,
+                    self.events.clone(),
+                    self.cfg.stream_idle,
+                ));
+                tx
+            });
+            match tx.try_send(frame) {
+                Ok(()) => return true,
+                Err(mpsc::error::TrySendError::Full(_)) => return false,
+                Err(mpsc::error::TrySendError::Closed(f)) => {
+                    self.writers.remove(&peer);
+                    frame = f;
+                }
             }
         }
+        false
     }
 
     fn send_packet(&mut self, to: PeerId, packet: &[u8]) -> bool {

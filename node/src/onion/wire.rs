@@ -88,12 +88,16 @@ fn split_batch(mut body: &[u8]) -> Option<Vec<Vec<u8>>> {
 }
 
 /// Writes `rx`'s frames to `peer` on one stream, opened first (dialling
-/// if need be). Ends when the queue closes or the stream breaks.
+/// if need be). Ends when the queue closes, the stream breaks, or nothing
+/// came to write for `idle`: then the queue is closed (the onion task
+/// opens a new writer for the next frame) and what it still held is
+/// written before the stream is closed.
 pub(super) async fn writer(
     mut control: libp2p_stream::Control,
     peer: PeerId,
     mut rx: mpsc::Receiver<Vec<u8>>,
     events: mpsc::Sender<StreamEvent>,
+    idle: Duration,
 ) {
     let opened = tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, PROTOCOL)).await;
     let mut stream = match opened {
@@ -113,7 +117,18 @@ pub(super) async fn writer(
             return;
         }
     };
-    while let Some(f) = rx.recv().await {
+    loop {
+        let f = match tokio::time::timeout(idle, rx.recv()).await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(_) => {
+                rx.close();
+                match rx.try_recv() {
+                    Ok(f) => f,
+                    Err(_) => break,
+                }
+            }
+        };
         let sent = async {
             stream.write_all(&f).await?;
             stream.flush().await
