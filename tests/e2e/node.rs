@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::util::{Daemon, eventually, fogmesh, http};
+use crate::util::{Daemon, eventually, fogmesh, free_port, http};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -393,6 +393,46 @@ fn idle_connections_close_unless_both_ends_asked_for_them() {
     );
     assert!(a.connected_peers().contains(&b.peer_id));
     assert!(b.connected_peers().contains(&a.peer_id));
+}
+
+#[test]
+fn a_peer_asked_for_is_dialled_again_when_it_comes_back() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // A comes back on the same port, with the same identity.
+    let listen = format!("/ip4/127.0.0.1/tcp/{}", free_port());
+    let a_args: Vec<String> = [
+        "--listen",
+        listen.as_str(),
+        "--api",
+        "127.0.0.1:0",
+        "--no-mdns",
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut a = Daemon::start_with(&tmp.path().join("a"), &a_args);
+    // B asks for A only, and does not walk the DHT for want of peers.
+    let a_addr = a.tcp_addr();
+    let b = Daemon::start(
+        &tmp.path().join("b"),
+        &["--bootstrap", &a_addr, "--min-peers", "0"],
+    );
+    b.wait_connected(&a.peer_id, CONNECT_TIMEOUT);
+    a.kill9();
+    eventually(CONNECT_TIMEOUT, "B sees A gone", || {
+        (!b.connected_peers().contains(&a.peer_id)).then_some(())
+    });
+    // Whatever B was doing with A when it went (a dial is tried once)
+    // is over before it comes back.
+    std::thread::sleep(Duration::from_secs(3));
+    // A comes back with its identity but no memory of B (which it would
+    // otherwise dial itself).
+    let again = tmp.path().join("a-again");
+    std::fs::create_dir_all(&again).expect("mkdir");
+    let key = "identity.key";
+    std::fs::copy(tmp.path().join("a").join(key), again.join(key)).expect("copy the identity");
+    let a = Daemon::start_with(&again, &a_args);
+    // B's next maintenance tick (every 15 s) dials A again.
+    b.wait_connected(&a.peer_id, Duration::from_secs(40));
 }
 
 /// The events that arrive on `events` until one matches `until` (the last

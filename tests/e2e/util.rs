@@ -76,6 +76,14 @@ pub struct Daemon {
     netns: Option<String>,
 }
 
+/// A TCP port free on loopback a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 /// The arguments every test daemon gets: loopback, random ports, no mDNS
 /// (multicast would leave loopback and find other tests' nodes).
 pub fn loopback_args() -> Vec<String> {

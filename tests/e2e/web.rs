@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::util::{Daemon, eventually};
+use crate::util::{Daemon, eventually, free_port};
 
 /// Each step's limit: group invitations and history sync take a few
 /// seconds, and the machine may be busy.
@@ -146,13 +146,6 @@ fn header<'a>(hdrs: &'a [(String, String)], name: &str) -> Option<&'a str> {
     hdrs.iter()
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.as_str())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// A chromedriver process; killed when dropped.

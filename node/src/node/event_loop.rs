@@ -181,9 +181,9 @@ impl EventLoop {
         }
     }
 
-    /// `peer` is on the bootstrap list: its connection is never pruned.
-    pub(super) fn keep(&mut self, peer: PeerId) {
-        self.peers.keep(&mut self.swarm, peer);
+    /// `peer`, at `addr`, is on the bootstrap list: kept connected.
+    pub(super) fn keep(&mut self, peer: PeerId, addr: Multiaddr) {
+        self.peers.keep(&mut self.swarm, peer, addr);
     }
 
     /// Adds a peer's addresses to Kademlia's routing table.
@@ -276,6 +276,7 @@ impl EventLoop {
                     let short = self.peers.connected() < self.ctx.min_peers || self.nat.wants_relays();
                     discovery::maintain(&mut self.swarm, short);
                     self.nat.tick(&mut self.swarm);
+                    self.peers.redial_kept(&mut self.swarm, &self.ctx);
                 }
                 _ = mailbox_tick.tick() => {
                     self.mailbox.tick(&mut self.swarm, &self.ctx, &self.peers);

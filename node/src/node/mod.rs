@@ -489,7 +489,7 @@ async fn known_peers(
             continue;
         }
         let transport = crate::storage::strip_p2p(addr);
-        el.keep(peer);
+        el.keep(peer, transport.clone());
         el.add_kad_addresses(&peer, std::slice::from_ref(&transport));
         to_dial.push((peer, vec![transport]));
     }

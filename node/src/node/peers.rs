@@ -3,7 +3,7 @@
 //! peer, and the peer table in the database (written by a thread of its
 //! own, so the loop never waits on a commit).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -54,10 +54,25 @@ pub(super) struct PeerBook {
     /// The user's dials, answered when the connection is up or failed.
     pending_dials: HashMap<ConnectionId, ConnectReply>,
     store_tx: mpsc::Sender<PeerRecordUpdate>,
-    /// Peers the user or the bootstrap list asked for (their connections
-    /// are held open when idle: `crate::keep_alive`).
-    kept: HashSet<PeerId>,
+    /// Peers the user or the bootstrap list asked for: their connections
+    /// are held open when idle (`crate::keep_alive`), and they are dialled
+    /// again when the last one closes.
+    kept: HashMap<PeerId, Kept>,
 }
+
+/// A peer asked for: where to dial it, and the back-off of its redials.
+#[derive(Debug, Default)]
+struct Kept {
+    addrs: Vec<Multiaddr>,
+    /// Redials since it was last connected.
+    fails: u32,
+    /// Maintenance ticks to let pass before the next redial.
+    wait: u32,
+}
+
+/// Redials of a kept peer back off to one every this many maintenance
+/// ticks (32: 8 minutes in the daemon).
+const MAX_REDIAL_TICKS: u32 = 32;
 
 impl PeerBook {
     /// An empty book and its writer thread (which ends, once it has written
@@ -79,16 +94,49 @@ impl PeerBook {
             meta: HashMap::new(),
             pending_dials: HashMap::new(),
             store_tx,
-            kept: HashSet::new(),
+            kept: HashMap::new(),
         };
         Ok((book, writer))
     }
 
     /// `peer` is one the operator asked for (a bootstrap line, `connect`):
     /// its connections are held open when idle.
-    pub(super) fn keep(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId) {
-        self.kept.insert(peer);
+    /// `addr` is where it was reached (without `/p2p`; a BLE neighbour is
+    /// found again by scanning, not redialled here).
+    pub(super) fn keep(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId, addr: Multiaddr) {
+        let kept = self.kept.entry(peer).or_default();
+        if !fogmesh_ble::is_ble(&addr) && !kept.addrs.contains(&addr) {
+            kept.addrs.insert(0, addr);
+            kept.addrs.truncate(crate::storage::MAX_ADDRS_PER_PEER);
+        }
         swarm.behaviour_mut().keep.insert(peer);
+    }
+
+    /// Periodic: dials the kept peers that are not connected, each at
+    /// most every `2^fails` ticks (up to [`MAX_REDIAL_TICKS`]).
+    pub(super) fn redial_kept(&mut self, swarm: &mut Swarm<Behaviour>, ctx: &Ctx) {
+        if ctx.unicast_route().is_none() {
+            return;
+        }
+        for (peer, kept) in &mut self.kept {
+            if self.connections.contains_key(peer) || kept.addrs.is_empty() {
+                continue;
+            }
+            if kept.wait > 0 {
+                kept.wait -= 1;
+                continue;
+            }
+            kept.fails = kept.fails.saturating_add(1);
+            kept.wait = (1u32 << kept.fails.min(5)).min(MAX_REDIAL_TICKS) - 1;
+            tracing::debug!(%peer, fails = kept.fails, "dialling a peer asked for again");
+            let opts = DialOpts::peer_id(*peer)
+                .addresses(kept.addrs.clone())
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            if let Err(e) = swarm.dial(opts) {
+                tracing::debug!(%peer, "not dialling: {e}");
+            }
+        }
     }
 
     /// Peers with at least one connection.
@@ -288,7 +336,7 @@ impl PeerBook {
                 return;
             }
             if swarm.is_connected(&peer) {
-                self.keep(swarm, peer);
+                self.keep(swarm, peer, crate::storage::strip_p2p(&addr));
                 let _ = reply.send(Ok(ConnectResponse {
                     peer_id: peer.to_base58(),
                     route: route.to_string(),
@@ -383,8 +431,11 @@ impl PeerBook {
         } else {
             Route::Internet
         };
+        if let Some(kept) = self.kept.get_mut(&peer) {
+            (kept.fails, kept.wait) = (0, 0);
+        }
         if let Some(reply) = self.pending_dials.remove(&id) {
-            self.keep(swarm, peer);
+            self.keep(swarm, peer, crate::storage::strip_p2p(&addr));
             let _ = reply.send(Ok(ConnectResponse {
                 peer_id: peer.to_base58(),
                 route: route.to_string(),
