@@ -307,12 +307,12 @@ impl NetworkBehaviour for Keep {
     }
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
-        if let FromSwarm::ConnectionClosed(c) = event {
-            if let Some(conns) = self.connections.get_mut(&c.peer_id) {
-                conns.retain(|id| *id != c.connection_id);
-                if conns.is_empty() {
-                    self.connections.remove(&c.peer_id);
-                }
+        if let FromSwarm::ConnectionClosed(c) = event
+            && let Some(conns) = self.connections.get_mut(&c.peer_id)
+        {
+            conns.retain(|id| *id != c.connection_id);
+            if conns.is_empty() {
+                self.connections.remove(&c.peer_id);
             }
         }
     }

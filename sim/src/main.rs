@@ -101,7 +101,11 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("fogmesh_sim=info,warn,libp2p_gossipsub=error")
+        // yamux warns of every connection whose far end went first: with
+        // idle connections closing at both ends, hundreds a run.
+        tracing_subscriber::EnvFilter::new(
+            "fogmesh_sim=info,warn,libp2p_gossipsub=error,yamux=error",
+        )
     });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

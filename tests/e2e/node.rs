@@ -384,7 +384,8 @@ fn idle_connections_close_unless_both_ends_asked_for_them() {
     );
     // Five idle timeouts later A and B are still connected, and always were
     // since the connect.
-    let later = events_until(&events, Duration::from_secs(5), |_| false).unwrap_err();
+    let later = events_until(&events, Duration::from_secs(5), |_| false)
+        .expect_err("nothing matches: all events of the 5 s");
     let b_closed =
         |e: &&Value| e["type"] == "peer_disconnected" && e["peer_id"] == b.peer_id.as_str();
     assert!(
