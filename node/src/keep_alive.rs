@@ -275,8 +275,7 @@ impl Keep {
         }
     }
 
-    fn handler(&mut self, id: ConnectionId, peer: PeerId, remote: &Multiaddr) -> KeepHandler {
-        self.connections.entry(peer).or_default().push(id);
+    fn handler(&self, peer: PeerId, remote: &Multiaddr) -> KeepHandler {
         KeepHandler(self.peers.contains(&peer) || fogmesh_ble::is_ble(remote))
     }
 }
@@ -287,33 +286,42 @@ impl NetworkBehaviour for Keep {
 
     fn handle_established_inbound_connection(
         &mut self,
-        id: ConnectionId,
+        _id: ConnectionId,
         peer: PeerId,
         _local_addr: &Multiaddr,
         remote_addr: &Multiaddr,
     ) -> Result<KeepHandler, ConnectionDenied> {
-        Ok(self.handler(id, peer, remote_addr))
+        Ok(self.handler(peer, remote_addr))
     }
 
     fn handle_established_outbound_connection(
         &mut self,
-        id: ConnectionId,
+        _id: ConnectionId,
         peer: PeerId,
         addr: &Multiaddr,
         _role_override: Endpoint,
         _port_use: PortUse,
     ) -> Result<KeepHandler, ConnectionDenied> {
-        Ok(self.handler(id, peer, addr))
+        Ok(self.handler(peer, addr))
     }
 
+    // Connections are counted from the swarm's events, not when a handler
+    // is made: a connection another behaviour denies gets no
+    // `ConnectionClosed`, and would stay counted.
     fn on_swarm_event(&mut self, event: FromSwarm) {
-        if let FromSwarm::ConnectionClosed(c) = event
-            && let Some(conns) = self.connections.get_mut(&c.peer_id)
-        {
-            conns.retain(|id| *id != c.connection_id);
-            if conns.is_empty() {
-                self.connections.remove(&c.peer_id);
+        match event {
+            FromSwarm::ConnectionEstablished(c) => {
+                (self.connections.entry(c.peer_id).or_default()).push(c.connection_id);
             }
+            FromSwarm::ConnectionClosed(c) => {
+                if let Some(conns) = self.connections.get_mut(&c.peer_id) {
+                    conns.retain(|id| *id != c.connection_id);
+                    if conns.is_empty() {
+                        self.connections.remove(&c.peer_id);
+                    }
+                }
+            }
+            _ => {}
         }
     }
 
