@@ -118,6 +118,7 @@ impl PeerBook {
         if ctx.unicast_route().is_none() {
             return;
         }
+        let mut due = Vec::new();
         for (peer, kept) in &mut self.kept {
             if self.connections.contains_key(peer) || kept.addrs.is_empty() {
                 continue;
@@ -129,13 +130,10 @@ impl PeerBook {
             kept.fails = kept.fails.saturating_add(1);
             kept.wait = (1u32 << kept.fails.min(5)).min(MAX_REDIAL_TICKS) - 1;
             tracing::debug!(%peer, fails = kept.fails, "dialling a peer asked for again");
-            let opts = DialOpts::peer_id(*peer)
-                .addresses(kept.addrs.clone())
-                .condition(PeerCondition::DisconnectedAndNotDialing)
-                .build();
-            if let Err(e) = swarm.dial(opts) {
-                tracing::debug!(%peer, "not dialling: {e}");
-            }
+            due.push((*peer, kept.addrs.clone()));
+        }
+        for (peer, addrs) in due {
+            self.dial_known(swarm, ctx, peer, addrs);
         }
     }
 
