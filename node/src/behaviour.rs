@@ -324,6 +324,10 @@ pub struct BehaviourConfig {
     /// How long a ping may take before it fails, and the connection with
     /// it (libp2p's 20 s by default; stretched by the time dilation).
     pub ping_timeout: Duration,
+    /// The least time a gossipsub or ping stream's protocol negotiation
+    /// may take (libp2p's 10 s; stretched by the time dilation, see
+    /// `crate::keep_alive`).
+    pub negotiation_timeout: Duration,
     /// Peers per Kademlia bucket (k, 20 by default). Kademlia allocates
     /// all 256 buckets whole at start (about 1.6 MB at k = 20): the
     /// simulator, which runs a thousand nodes in one process, keeps fewer.
@@ -371,6 +375,7 @@ impl Default for BehaviourConfig {
             dm_gateway: false,
             ping_interval: Duration::from_secs(15),
             ping_timeout: Duration::from_secs(20),
+            negotiation_timeout: crate::keep_alive::NEGOTIATION_TIMEOUT,
             kad_bucket_size: kad::K_VALUE,
         }
     }
@@ -398,8 +403,10 @@ mod composed {
         pub limits: connection_limits::Behaviour,
         /// Exchanges listen addresses and protocols with every peer.
         pub identify: identify::Behaviour,
-        /// Liveness and round-trip times.
-        pub ping: ping::Behaviour,
+        /// Liveness and round-trip times (its streams never kept a
+        /// connection open; wrapped for the negotiation floor, see
+        /// `crate::keep_alive`).
+        pub ping: crate::keep_alive::IdleStreams<ping::Behaviour>,
         /// Peer and provider discovery; the store caps what it holds for
         /// others (see `crate::kad_store`).
         pub kad: kad::Behaviour<crate::kad_store::ProviderStore>,
@@ -493,7 +500,10 @@ impl Behaviour {
             None
         };
 
-        let gossipsub = crate::keep_alive::IdleStreams::new(gossipsub_behaviour(key, cfg)?);
+        let gossipsub = crate::keep_alive::IdleStreams::new(
+            gossipsub_behaviour(key, cfg)?,
+            cfg.negotiation_timeout,
+        );
         let group_sync = request_response::Behaviour::with_codec(
             FrameCodec::new(MAX_SYNC_REQUEST_SIZE, MAX_SYNC_RESPONSE_SIZE),
             [(GROUP_SYNC_PROTOCOL, ProtocolSupport::Full)],
@@ -527,10 +537,13 @@ impl Behaviour {
             dcutr: dcutr.into(),
             limits: connection_limits::Behaviour::new(limits),
             identify,
-            ping: ping::Behaviour::new(
-                ping::Config::new()
-                    .with_interval(cfg.ping_interval)
-                    .with_timeout(cfg.ping_timeout),
+            ping: crate::keep_alive::IdleStreams::new(
+                ping::Behaviour::new(
+                    ping::Config::new()
+                        .with_interval(cfg.ping_interval)
+                        .with_timeout(cfg.ping_timeout),
+                ),
+                cfg.negotiation_timeout,
             ),
             kad,
             mdns: mdns.into(),

@@ -441,6 +441,9 @@ fn dilate(behaviour: &mut BehaviourConfig, node: &mut NodeConfig, dilation: f64)
     // model's farthest round trips (with a busy host) lost connections.
     behaviour.ping_interval = scale(behaviour.ping_interval);
     behaviour.ping_timeout = scale(behaviour.ping_timeout);
+    // libp2p's fixed 10 s for a stream's negotiation, of gossipsub and of
+    // ping (whose failure closes the connection as well).
+    behaviour.negotiation_timeout = scale(behaviour.negotiation_timeout);
     node.groups.sync_interval = scale(node.groups.sync_interval);
     node.groups.outbox_interval = scale(node.groups.outbox_interval);
     node.maintenance_interval = scale(node.maintenance_interval);

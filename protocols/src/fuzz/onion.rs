@@ -30,9 +30,12 @@ fn hop(n: u8) -> Hop {
 }
 
 pub(super) fn onion_descriptor(data: &[u8]) {
+    let claimed = SignedDescriptor::claimed_peer(data);
     let Ok(d) = SignedDescriptor::decode_unchecked_time(data) else {
         return;
     };
+    // What verifies names the peer it claims.
+    assert_eq!(claimed, Some(d.descriptor.peer));
     assert!(data.len() <= MAX_DESCRIPTOR);
     // What verifies keeps its bytes, and they verify again.
     assert_eq!(d.bytes, data);

@@ -135,6 +135,15 @@ impl SignedDescriptor {
         Ok(descriptor)
     }
 
+    /// The peer a frame says it describes, **unverified**: only for finding
+    /// the descriptor already held for that peer (a frame equal to it byte
+    /// for byte needs no second check). `None` if it does not decode.
+    pub fn claimed_peer(bytes: &[u8]) -> Option<PeerId> {
+        let wire: Wire = decode(bytes, MAX_DESCRIPTOR, VERSION).ok()?;
+        let descriptor: Descriptor = ciborium::from_reader(wire.body.as_slice()).ok()?;
+        Some(descriptor.peer)
+    }
+
     /// [`Self::verify`] without the validity window (the fuzz target and
     /// tests use it); the signature is still checked.
     pub fn decode_unchecked_time(bytes: &[u8]) -> Result<Self, DescriptorError> {
@@ -172,6 +181,22 @@ mod tests {
         assert!(s.bytes.len() <= MAX_DESCRIPTOR, "{}", s.bytes.len());
         let back = SignedDescriptor::verify(&s.bytes, 2_000).expect("verifies");
         assert_eq!(back, s);
+    }
+
+    #[test]
+    fn the_claimed_peer_is_read_without_checking_the_signature() {
+        let k = Keypair::generate_ed25519();
+        let s = desc(&k, 1_000).sign(&k).expect("signs");
+        let peer = k.public().to_peer_id();
+        assert_eq!(SignedDescriptor::claimed_peer(&s.bytes), Some(peer));
+        // A forged signature still names the peer: the claim only finds
+        // what is held, it proves nothing.
+        let mut forged = s.bytes.clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        assert_eq!(SignedDescriptor::claimed_peer(&forged), Some(peer));
+        assert!(SignedDescriptor::verify(&forged, 2_000).is_err());
+        assert_eq!(SignedDescriptor::claimed_peer(b"not a descriptor"), None);
     }
 
     #[test]
