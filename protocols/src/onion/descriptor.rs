@@ -139,17 +139,13 @@ impl SignedDescriptor {
     /// the descriptor already held for that peer (a frame equal to it byte
     /// for byte needs no second check). `None` if it does not decode.
     pub fn claimed_peer(bytes: &[u8]) -> Option<PeerId> {
-        let wire: Wire = decode(bytes, MAX_DESCRIPTOR, VERSION).ok()?;
-        let descriptor: Descriptor = ciborium::from_reader(wire.body.as_slice()).ok()?;
-        Some(descriptor.peer)
+        decode_parts(bytes).ok().map(|(_, d)| d.peer)
     }
 
     /// [`Self::verify`] without the validity window (the fuzz target and
     /// tests use it); the signature is still checked.
     pub fn decode_unchecked_time(bytes: &[u8]) -> Result<Self, DescriptorError> {
-        let wire: Wire = decode(bytes, MAX_DESCRIPTOR, VERSION)?;
-        let descriptor: Descriptor =
-            ciborium::from_reader(wire.body.as_slice()).map_err(|_| DescriptorError::Malformed)?;
+        let (wire, descriptor) = decode_parts(bytes)?;
         crypto::verify(&descriptor.peer, SIGN_DOMAIN, &wire.body, &wire.sig)
             .map_err(|_| DescriptorError::BadSignature)?;
         Ok(SignedDescriptor {
@@ -157,6 +153,15 @@ impl SignedDescriptor {
             bytes: bytes.to_vec(),
         })
     }
+}
+
+/// The frame and the body it carries, decoded within [`MAX_DESCRIPTOR`];
+/// nothing checked.
+fn decode_parts(bytes: &[u8]) -> Result<(Wire, Descriptor), DescriptorError> {
+    let wire: Wire = decode(bytes, MAX_DESCRIPTOR, VERSION)?;
+    let descriptor: Descriptor =
+        ciborium::from_reader(wire.body.as_slice()).map_err(|_| DescriptorError::Malformed)?;
+    Ok((wire, descriptor))
 }
 
 #[cfg(test)]
