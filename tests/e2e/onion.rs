@@ -39,7 +39,8 @@ fn mix(dir: &std::path::Path, others: &[&Daemon], delay_ms: &str) -> Daemon {
     Daemon::start_logging(dir, &args, RELAY_LOG)
 }
 
-/// A plain node bootstrapping off `others`, with `extra` flags.
+/// A plain node bootstrapping off `others`, with `extra` flags (and the
+/// onion route's debug log, shown if the test fails).
 fn node(dir: &std::path::Path, others: &[&Daemon], extra: &[&str]) -> Daemon {
     let addrs: Vec<String> = others.iter().map(|d| d.tcp_addr()).collect();
     let mut args: Vec<&str> = extra.to_vec();
@@ -47,7 +48,7 @@ fn node(dir: &std::path::Path, others: &[&Daemon], extra: &[&str]) -> Daemon {
         args.push("--bootstrap");
         args.push(a);
     }
-    Daemon::start(dir, &args)
+    Daemon::start_logging(dir, &args, RELAY_LOG)
 }
 
 /// `send PEER TEXT --private`; the message id.

@@ -51,6 +51,10 @@ const SURB_KEEP_MS: u64 = 10 * 60_000;
 const MAX_COVER: usize = 1024;
 /// Housekeeping period.
 const TICK: Duration = Duration::from_secs(5);
+/// How long after our packets were queued for a first hop a failure of
+/// that hop's stream fails their attempt at once (the writer gives up on
+/// opening a stream within `wire::OPEN_TIMEOUT`), ms.
+const HANDED_MS: u64 = 30_000;
 
 /// Starts the worker thread and the task; returns the thread (the task
 /// ends with `shutdown` and stops the thread by closing its queue).
@@ -94,7 +98,9 @@ pub(super) fn spawn(
         descriptors: HashMap::new(),
         down: HashMap::new(),
         connected: HashSet::new(),
+        failed_once: HashSet::new(),
         writers: HashMap::new(),
+        handed: HashMap::new(),
         work: work_tx,
         events: ev_tx,
         delayed: BinaryHeap::new(),
@@ -136,7 +142,13 @@ struct Service {
     /// Peers left out of paths until then, ms.
     down: HashMap<PeerId, u64>,
     connected: HashSet<PeerId>,
+    /// Connected peers whose stream already failed once since they
+    /// connected: a second failure leaves them out of paths.
+    failed_once: HashSet<PeerId>,
     writers: HashMap<PeerId, mpsc::Sender<Vec<u8>>>,
+    /// Our attempts whose packets were queued for a first hop, by that
+    /// hop, with when: failed at once if its stream fails.
+    handed: HashMap<PeerId, Vec<(MessageId, u32, u64)>>,
     work: crate::actor::BoundedSender<WorkIn>,
     events: mpsc::Sender<StreamEvent>,
     /// Packets waiting out their delay: (due, seq) and by seq.
@@ -218,6 +230,7 @@ impl Service {
             Command::Connected(peer) => {
                 self.down.remove(&peer);
                 if self.connected.insert(peer) {
+                    self.failed_once.remove(&peer);
                     // Our descriptor and the ones we know, so that the
                     // network learns the mix nodes by word of mouth.
                     let list = self.share_list();
@@ -229,6 +242,7 @@ impl Service {
             }
             Command::Closed(peer) => {
                 self.connected.remove(&peer);
+                self.failed_once.remove(&peer);
                 self.writers.remove(&peer);
                 if self.descriptors.contains_key(&peer) {
                     self.down.insert(peer, now_ms() + DOWN_MS);
@@ -320,11 +334,20 @@ impl Service {
         v
     }
 
-    /// A path of mix hops avoiding `me` and `to`, then `last`.
-    fn path(&self, to: &PeerId, last: Hop) -> Result<(Vec<Hop>, Vec<u64>), String> {
+    /// A path of mix hops avoiding `me` and `to`, then `last`. When this
+    /// node hands the packet to the first hop (`from_here`; not so for a
+    /// reply block, which the recipient uses), that hop is one it is
+    /// connected to if it has any.
+    fn path(
+        &self,
+        to: &PeerId,
+        last: Hop,
+        from_here: bool,
+    ) -> Result<(Vec<Hop>, Vec<u64>), String> {
         let mixes = self.usable_mixes();
         let peers: Vec<PeerId> = mixes.iter().map(|d| d.descriptor.peer).collect();
-        let idx = choose_path(&peers, &self.me, to, self.cfg.hops, &mut rand::rng())
+        let entry = |p: &PeerId| from_here && self.connected.contains(p);
+        let idx = choose_path(&peers, &self.me, to, self.cfg.hops, entry, &mut rand::rng())
             .map_err(|e: PathError| e.to_string())?;
         let mut route: Vec<Hop> = idx
             .into_iter()
@@ -382,7 +405,7 @@ impl Service {
         rand::Rng::fill_bytes(&mut rand::rng(), &mut frag_id);
         let mut legs = Vec::with_capacity(chunks.len());
         for (i, c) in chunks.iter().enumerate() {
-            let (route, delays) = self.path(&env.to, recipient.clone())?;
+            let (route, delays) = self.path(&env.to, recipient.clone(), true)?;
             legs.push(Leg {
                 piece: Piece::Fragment {
                     id: frag_id,
@@ -396,7 +419,7 @@ impl Service {
                 delays,
             });
         }
-        let surb = self.path(&env.to, own)?;
+        let surb = self.path(&env.to, own, false)?;
         if self.recoveries.len() >= MAX_RECOVERIES {
             return Err("too many onion messages waiting for their acknowledgement".into());
         }
@@ -475,6 +498,12 @@ impl Service {
                     }
                 }
                 let result = if sent == packets.len() {
+                    let now = now_ms();
+                    let mut hops: Vec<PeerId> = packets.iter().map(|(to, _)| *to).collect();
+                    hops.dedup();
+                    for hop in hops {
+                        self.handed.entry(hop).or_default().push((id, n, now));
+                    }
                     self.recoveries.insert(
                         block.id,
                         Pending {
@@ -687,13 +716,39 @@ impl Service {
     fn on_stream_event(&mut self, ev: StreamEvent) {
         match ev {
             StreamEvent::Descriptors { from, list } => self.on_descriptors(from, list),
-            StreamEvent::WriterDown { peer, why } => {
-                tracing::debug!(%peer, "mix stream down: {why}");
-                self.writers.remove(&peer);
-                if self.descriptors.contains_key(&peer) {
-                    self.down.insert(peer, now_ms() + DOWN_MS);
-                }
+            StreamEvent::WriterDown { peer, why } => self.on_writer_down(peer, &why),
+        }
+    }
+
+    /// Our stream to `peer` failed: what was queued on it is lost.
+    fn on_writer_down(&mut self, peer: PeerId, why: &str) {
+        tracing::debug!(%peer, "mix stream down: {why}");
+        self.writers.remove(&peer);
+        let now = now_ms();
+        // Our attempts handed to it just now fail at once, so that the
+        // outbox tries again soon rather than after the route's timeout.
+        for (id, n, at) in self.handed.remove(&peer).unwrap_or_default() {
+            if now.saturating_sub(at) < HANDED_MS {
+                self.offer(Input::Attempt {
+                    id,
+                    n,
+                    result: AttemptResult::Failed(format!(
+                        "the first mix hop could not be reached: {why}"
+                    )),
+                });
             }
+        }
+        if self.connected.contains(&peer) && self.failed_once.insert(peer) {
+            // Still connected (the stream may have died with one of two
+            // connections to it): once, open a new stream and send our
+            // descriptors again, which went with the lost frames.
+            let list = self.share_list();
+            self.write(
+                peer,
+                wire::descriptors_frame(list.iter().map(Vec::as_slice)),
+            );
+        } else if self.descriptors.contains_key(&peer) {
+            self.down.insert(peer, now + DOWN_MS);
         }
     }
 
@@ -758,6 +813,10 @@ impl Service {
         let now = now_ms();
         self.descriptors.retain(|_, d| d.descriptor.valid_at(now));
         self.down.retain(|_, t| *t > now);
+        self.handed.retain(|_, v| {
+            v.retain(|(_, _, at)| now.saturating_sub(*at) < HANDED_MS);
+            !v.is_empty()
+        });
         self.recoveries.retain(|_, p| p.until_ms > now);
         self.surbs.retain(|_, q| {
             q.retain(|(_, at)| now.saturating_sub(*at) < SURB_KEEP_MS);
@@ -776,7 +835,7 @@ impl Service {
         }) else {
             return;
         };
-        let Ok((route, delays)) = self.path(&self.me.clone(), own) else {
+        let Ok((route, delays)) = self.path(&self.me.clone(), own, true) else {
             return;
         };
         if self.cover.len() >= MAX_COVER {

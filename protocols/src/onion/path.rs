@@ -2,7 +2,11 @@
 //!
 //! A path is `hops` distinct mix nodes drawn uniformly at random from the
 //! verified descriptors, never the sender or the recipient, followed by the
-//! recipient (no exit node to trust). Each hop's delay is drawn from an
+//! recipient (no exit node to trust). The first hop is drawn among the
+//! mix nodes the sender can hand a packet to now (its entries: those it is
+//! connected to) when it has any, like a Tor client's guards: the first hop
+//! learns who sends anyway, and a packet handed to a node the sender cannot
+//! reach is lost until the attempt times out. Each hop's delay is drawn from an
 //! exponential distribution with the configured mean (Loopix), capped at
 //! [`super::MAX_DELAY_MS`].
 
@@ -26,12 +30,15 @@ pub enum PathError {
 }
 
 /// Picks `hops` distinct indices of `mixes` uniformly at random, skipping
-/// `me` and `to` (and any repeated peer).
+/// `me` and `to` (and any repeated peer). The first is drawn among the
+/// mix nodes for which `entry` holds, when there is one; the others
+/// uniformly among the rest.
 pub fn choose_path(
     mixes: &[PeerId],
     me: &PeerId,
     to: &PeerId,
     hops: usize,
+    entry: impl Fn(&PeerId) -> bool,
     rng: &mut impl Rng,
 ) -> Result<Vec<usize>, PathError> {
     let mut pool: Vec<usize> = Vec::with_capacity(mixes.len());
@@ -46,9 +53,19 @@ pub fn choose_path(
             needed: hops,
         });
     }
-    // Partial Fisher-Yates: the first `hops` entries are a uniform sample
-    // in uniform order.
-    for i in 0..hops {
+    // The first hop among the entries, if any.
+    let entries: Vec<usize> = (0..pool.len())
+        .filter(|k| entry(&mixes[pool[*k]]))
+        .collect();
+    let mut start = 0;
+    if hops > 0 && !entries.is_empty() {
+        let k = usize::try_from(uniform_below(rng, entries.len() as u64)).unwrap_or(0);
+        pool.swap(0, entries[k]);
+        start = 1;
+    }
+    // Partial Fisher-Yates: the next `hops` entries are a uniform sample
+    // of the rest in uniform order.
+    for i in start..hops {
         let left = (pool.len() - i) as u64;
         let j = i + usize::try_from(uniform_below(rng, left)).unwrap_or(0);
         pool.swap(i, j);
@@ -116,7 +133,7 @@ mod tests {
         let mut rng = Lcg(1);
         let mut seen = [0usize; 6];
         for _ in 0..3000 {
-            let p = choose_path(&mixes, &me, &to, 3, &mut rng).expect("enough");
+            let p = choose_path(&mixes, &me, &to, 3, |_| false, &mut rng).expect("enough");
             assert_eq!(p.len(), 3);
             for (a, i) in p.iter().enumerate() {
                 assert!(*i >= 2, "never the sender or the recipient");
@@ -131,9 +148,49 @@ mod tests {
     }
 
     #[test]
+    fn the_first_hop_is_an_entry_when_there_is_one() {
+        let mixes: Vec<PeerId> = (0..7).map(|_| PeerId::random()).collect();
+        let (me, to) = (mixes[0], mixes[1]);
+        // Entries: mixes 2 and 3 (and the recipient, which never counts).
+        let entry = |p: &PeerId| [mixes[1], mixes[2], mixes[3]].contains(p);
+        let mut rng = Lcg(4);
+        let mut first = [0usize; 7];
+        let mut later = [0usize; 7];
+        for _ in 0..4000 {
+            let p = choose_path(&mixes, &me, &to, 3, entry, &mut rng).expect("enough");
+            assert_eq!(p.len(), 3);
+            first[p[0]] += 1;
+            for (a, i) in p.iter().enumerate() {
+                assert!(*i >= 2, "never the sender or the recipient");
+                assert!(!p[a + 1..].contains(i), "no node twice");
+            }
+            for i in &p[1..] {
+                later[*i] += 1;
+            }
+        }
+        // The first hop is one of the two entries, each half the time.
+        assert_eq!(first[2] + first[3], 4000, "{first:?}");
+        assert!((1800..2200).contains(&first[2]), "{first:?}");
+        // The later hops are drawn from all the rest, the other entry too.
+        for n in &later[2..] {
+            assert!(*n > 0, "{later:?}");
+        }
+        // No entry at all: any mix may be first.
+        let p = choose_path(&mixes, &me, &to, 3, |_| false, &mut rng).expect("enough");
+        assert_eq!(p.len(), 3);
+    }
+
+    #[test]
     fn too_few_mixes_is_said_with_the_numbers() {
         let mixes: Vec<PeerId> = (0..3).map(|_| PeerId::random()).collect();
-        let err = choose_path(&mixes, &mixes[0], &PeerId::random(), 3, &mut Lcg(2));
+        let err = choose_path(
+            &mixes,
+            &mixes[0],
+            &PeerId::random(),
+            3,
+            |_| true,
+            &mut Lcg(2),
+        );
         assert_eq!(
             err,
             Err(PathError::TooFewMixes {
