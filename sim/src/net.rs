@@ -52,6 +52,9 @@ pub struct SimNet {
     latency_ms: Vec<Vec<f64>>,
     /// Uplink of each node, bytes per second (model).
     uplink_bps: Vec<f64>,
+    /// When each node's uplink is free: one queue for all the node's
+    /// connections, both the ones it dialled and the ones it accepted.
+    uplink_free: Vec<Mutex<Instant>>,
     /// Probability that a frame is lost (and retransmitted).
     loss: f64,
     /// Time-dilation factor.
@@ -88,6 +91,7 @@ impl SimNet {
             region,
             latency_ms,
             uplink_bps,
+            uplink_free: (0..n).map(|_| Mutex::new(Instant::now())).collect(),
             loss,
             dilation,
             partition: Mutex::new(None),
@@ -105,6 +109,18 @@ impl SimNet {
     /// One-way latency from `a` to `b`, model ms.
     pub fn latency(&self, a: usize, b: usize) -> f64 {
         self.latency_ms[self.region[a]][self.region[b]]
+    }
+
+    /// Queues a frame of `len` bytes on node `i`'s uplink, behind whatever
+    /// its other connections queued; when it has left.
+    fn transmit(&self, i: usize, len: usize) -> Instant {
+        let bps = self.uplink_bps[i] / self.dilation;
+        let mut free = self.uplink_free[i]
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let start = Instant::now().max(*free);
+        *free = start + Duration::from_secs_f64(len as f64 / bps);
+        *free
     }
 
     /// Splits the network: nodes with different sides cannot talk.
@@ -400,7 +416,7 @@ impl Deliver for Frames {
 /// `dst`) when the link model says they arrive.
 ///
 /// The link is a pipe: a frame is taken from the sender as soon as its
-/// uplink is free (a busy uplink holds the sender back, as a full socket
+/// uplink (shared by all of `src`'s connections) is free (a busy uplink holds the sender back, as a full socket
 /// buffer does) and is then in flight for one latency while the next ones
 /// follow it. Frames arrive in order; a lost frame's retransmission holds
 /// back everything behind it.
@@ -412,7 +428,6 @@ where
     let f = net.dilation;
     let latency = Duration::from_secs_f64(net.latency(src, dst) * f / 1000.0);
     let rtt = Duration::from_secs_f64((net.latency(src, dst) + net.latency(dst, src)) * f / 1000.0);
-    let bps = net.uplink_bps[src] / f;
     let mut rng = rand::rngs::StdRng::seed_from_u64(net.seed ^ ((src as u64) << 32) ^ dst as u64);
     let mut uplink_free = Instant::now();
     let mut last_due = Instant::now();
@@ -440,8 +455,7 @@ where
                     break;
                 }
                 net.sent[src].fetch_add(frame.len() as u64, Ordering::Relaxed);
-                let start = Instant::now().max(uplink_free);
-                uplink_free = start + Duration::from_secs_f64(frame.len() as f64 / bps);
+                uplink_free = net.transmit(src, frame.len());
                 let mut due = uplink_free + latency;
                 if net.loss > 0.0 && rng.random::<f64>() < net.loss {
                     due += Duration::from_secs_f64(RTO_MS * f / 1000.0) + rtt;
@@ -502,5 +516,48 @@ mod tests {
         // per latency would be a whole second.
         assert!(took >= Duration::from_millis(100), "{took:?}");
         assert!(took < Duration::from_millis(600), "{took:?}");
+    }
+
+    /// A node's connections share its uplink: two connections sending
+    /// at once take twice as long as one.
+    #[tokio::test]
+    async fn connections_share_their_node_uplink() {
+        // 1 MB/s; 2 ms latency; 20 frames of 10 kB per connection: 200 ms
+        // of uplink each.
+        let net = SimNet::new(
+            vec![1, 2, 3],
+            vec![0, 0, 0],
+            vec![vec![2.0]],
+            vec![1e6, 1e9, 1e9],
+            0.0,
+            1.0,
+            1,
+        );
+        let send_on = |dst: usize| {
+            let (mut tx, rx) = mpsc::channel::<Vec<u8>>(64);
+            let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(64);
+            tokio::spawn(forward(rx, Frames(out_tx), net.clone(), 0, dst));
+            tokio::spawn(async move {
+                for _ in 0..20 {
+                    tx.send(vec![0; 10_000]).await.expect("forwarder runs");
+                }
+            });
+            tokio::spawn(async move {
+                for _ in 0..20 {
+                    out_rx.next().await.expect("a frame");
+                }
+            })
+        };
+        let start = Instant::now();
+        send_on(1).await.expect("one connection");
+        let one = start.elapsed();
+        let start = Instant::now();
+        let (a, b) = (send_on(1), send_on(2));
+        a.await.expect("first");
+        b.await.expect("second");
+        let two = start.elapsed();
+        assert!(one >= Duration::from_millis(200), "{one:?}");
+        assert!(two >= Duration::from_millis(400), "{two:?} (one: {one:?})");
+        assert!(two < Duration::from_millis(1500), "{two:?}");
     }
 }
