@@ -499,8 +499,7 @@ impl Service {
                 }
                 let result = if sent == packets.len() {
                     let now = now_ms();
-                    let mut hops: Vec<PeerId> = packets.iter().map(|(to, _)| *to).collect();
-                    hops.dedup();
+                    let hops: HashSet<PeerId> = packets.iter().map(|(to, _)| *to).collect();
                     for hop in hops {
                         self.handed.entry(hop).or_default().push((id, n, now));
                     }
