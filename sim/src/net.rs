@@ -416,9 +416,9 @@ impl Deliver for Frames {
 /// `dst`) when the link model says they arrive.
 ///
 /// The link is a pipe: a frame is taken from the sender as soon as its
-/// uplink (shared by all of `src`'s connections) is free (a busy uplink holds the sender back, as a full socket
-/// buffer does) and is then in flight for one latency while the next ones
-/// follow it. Frames arrive in order; a lost frame's retransmission holds
+/// uplink (shared by all of `src`'s connections) is free (a busy uplink
+/// holds the sender back, as a full socket buffer does) and is then in
+/// flight for one latency while the next ones follow it. Frames arrive in order; a lost frame's retransmission holds
 /// back everything behind it.
 async fn forward<S, D>(mut from: S, mut to: D, net: Arc<SimNet>, src: usize, dst: usize)
 where

@@ -442,27 +442,7 @@ impl Service {
                 delay_ms,
                 packet,
                 packet_in,
-            } => {
-                if !self.cfg.mix {
-                    // Not a relay: a packet that is not for this node ends here.
-                    self.metrics.packets_dropped.inc();
-                    tracing::debug!(%from, "onion packet to relay, but this node is no mix");
-                    return;
-                }
-                if self.delayed_packets.len() >= MAX_DELAYED {
-                    self.metrics.packets_dropped.inc();
-                    return;
-                }
-                // What a relay knows of a packet: who handed it over, who
-                // gets it next, and the delay.
-                tracing::debug!(%from, to = %next, delay_ms, "mix: queued a packet");
-                self.seq += 1;
-                let due = Instant::now() + Duration::from_millis(delay_ms);
-                self.delayed.push(Reverse((due, self.seq)));
-                let traced = packet_in.map(|h| (h, std::time::Instant::now()));
-                self.delayed_packets
-                    .insert(self.seq, (next, packet, traced));
-            }
+            } => self.queue_forward(from, next, delay_ms, packet, packet_in),
             WorkOut::Deliver { piece } => self.deliver(piece),
             WorkOut::Reply { id, payload } => self.on_reply(id, &payload),
             WorkOut::Dropped { from, error } => {
@@ -478,50 +458,7 @@ impl Service {
                 n,
                 packets,
                 block,
-            } => {
-                let test = self.cfg.test_replay_tamper;
-                let mut sent = 0;
-                for (i, (to, p)) in packets.iter().enumerate() {
-                    if self.send_packet(*to, p) {
-                        sent += 1;
-                        self.trace_sent(MixOrigin::Message(id.to_string()), p);
-                    }
-                    if test && i == 0 {
-                        // The test hook: the same packet again (a replay)
-                        // and one with a header byte flipped (tampered).
-                        self.send_packet(*to, p);
-                        let mut bad = p.clone();
-                        if let Some(b) = bad.get_mut(40) {
-                            *b ^= 1;
-                        }
-                        self.send_packet(*to, &bad);
-                    }
-                }
-                let result = if sent == packets.len() {
-                    let now = now_ms();
-                    let hops: HashSet<PeerId> = packets.iter().map(|(to, _)| *to).collect();
-                    for hop in hops {
-                        self.handed.entry(hop).or_default().push((id, n, now));
-                    }
-                    self.recoveries.insert(
-                        block.id,
-                        Pending {
-                            id,
-                            n,
-                            block,
-                            until_ms: now_ms() + REPLY_WAIT_MS,
-                        },
-                    );
-                    AttemptResult::Accepted
-                } else {
-                    AttemptResult::Failed(format!(
-                        "{} of {} packets could not be queued for their first hop",
-                        packets.len() - sent,
-                        packets.len()
-                    ))
-                };
-                self.offer(Input::Attempt { id, n, result });
-            }
+            } => self.on_built(id, n, &packets, block),
             WorkOut::BuildFailed { id, n, why } => self.offer(Input::Attempt {
                 id,
                 n,
@@ -534,6 +471,89 @@ impl Service {
             }
             WorkOut::NewKey { epoch, key, valid } => self.new_key(epoch, key, valid),
         }
+    }
+
+    /// A packet to relay: held for its delay, then sent to `next`.
+    fn queue_forward(
+        &mut self,
+        from: PeerId,
+        next: PeerId,
+        delay_ms: u64,
+        packet: Vec<u8>,
+        packet_in: Option<String>,
+    ) {
+        if !self.cfg.mix {
+            // Not a relay: a packet that is not for this node ends here.
+            self.metrics.packets_dropped.inc();
+            tracing::debug!(%from, "onion packet to relay, but this node is no mix");
+            return;
+        }
+        if self.delayed_packets.len() >= MAX_DELAYED {
+            self.metrics.packets_dropped.inc();
+            return;
+        }
+        // What a relay knows of a packet: who handed it over, who gets it
+        // next, and the delay.
+        tracing::debug!(%from, to = %next, delay_ms, "mix: queued a packet");
+        self.seq += 1;
+        let due = Instant::now() + Duration::from_millis(delay_ms);
+        self.delayed.push(Reverse((due, self.seq)));
+        let traced = packet_in.map(|h| (h, std::time::Instant::now()));
+        self.delayed_packets
+            .insert(self.seq, (next, packet, traced));
+    }
+
+    /// Attempt `n` of message `id` is built: its packets go to their
+    /// first hops, and the attempt is accepted once all are queued.
+    fn on_built(
+        &mut self,
+        id: MessageId,
+        n: u32,
+        packets: &[(PeerId, Vec<u8>)],
+        block: ReplyBlock,
+    ) {
+        let test = self.cfg.test_replay_tamper;
+        let mut sent = 0;
+        for (i, (to, p)) in packets.iter().enumerate() {
+            if self.send_packet(*to, p) {
+                sent += 1;
+                self.trace_sent(MixOrigin::Message(id.to_string()), p);
+            }
+            if test && i == 0 {
+                // The test hook: the same packet again (a replay) and one
+                // with a header byte flipped (tampered).
+                self.send_packet(*to, p);
+                let mut bad = p.clone();
+                if let Some(b) = bad.get_mut(40) {
+                    *b ^= 1;
+                }
+                self.send_packet(*to, &bad);
+            }
+        }
+        let result = if sent == packets.len() {
+            let now = now_ms();
+            let hops: HashSet<PeerId> = packets.iter().map(|(to, _)| *to).collect();
+            for hop in hops {
+                self.handed.entry(hop).or_default().push((id, n, now));
+            }
+            self.recoveries.insert(
+                block.id,
+                Pending {
+                    id,
+                    n,
+                    block,
+                    until_ms: now + REPLY_WAIT_MS,
+                },
+            );
+            AttemptResult::Accepted
+        } else {
+            AttemptResult::Failed(format!(
+                "{} of {} packets could not be queued for their first hop",
+                packets.len() - sent,
+                packets.len()
+            ))
+        };
+        self.offer(Input::Attempt { id, n, result });
     }
 
     /// Signs and announces a descriptor for the new mix key.
