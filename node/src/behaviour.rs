@@ -324,9 +324,9 @@ pub struct BehaviourConfig {
     /// How long a ping may take before it fails, and the connection with
     /// it (libp2p's 20 s by default; stretched by the time dilation).
     pub ping_timeout: Duration,
-    /// The least time a gossipsub or ping stream's protocol negotiation
-    /// may take (libp2p's 10 s; stretched by the time dilation, see
-    /// `crate::keep_alive`).
+    /// The least time any stream's protocol negotiation may take
+    /// (libp2p's 10 s; stretched by the time dilation, see
+    /// `crate::negotiation`).
     pub negotiation_timeout: Duration,
     /// Peers per Kademlia bucket (k, 20 by default). Kademlia allocates
     /// all 256 buckets whole at start (about 1.6 MB at k = 20): the
@@ -375,13 +375,19 @@ impl Default for BehaviourConfig {
             dm_gateway: false,
             ping_interval: Duration::from_secs(15),
             ping_timeout: Duration::from_secs(20),
-            negotiation_timeout: crate::keep_alive::NEGOTIATION_TIMEOUT,
+            negotiation_timeout: crate::negotiation::NEGOTIATION_TIMEOUT,
             kad_bucket_size: kad::K_VALUE,
         }
     }
 }
 
-pub use composed::{Behaviour, BehaviourEvent};
+pub use composed::{Behaviour as Composed, BehaviourEvent};
+
+/// The swarm's behaviour: every behaviour of a node ([`Composed`]), each
+/// stream's protocol negotiation given at least
+/// [`BehaviourConfig::negotiation_timeout`] (see `crate::negotiation`).
+/// Derefs to [`Composed`].
+pub type Behaviour = crate::negotiation::Floor<Composed>;
 
 // The derive generates `BehaviourEvent` with one undocumented variant per
 // field; the fields' docs say what each is.
@@ -403,9 +409,8 @@ mod composed {
         pub limits: connection_limits::Behaviour,
         /// Exchanges listen addresses and protocols with every peer.
         pub identify: identify::Behaviour,
-        /// Liveness and round-trip times (its streams never kept a
-        /// connection open; wrapped for the negotiation floor, see
-        /// `crate::keep_alive`).
+        /// Liveness and round-trip times (its streams do not keep a
+        /// connection open, see `crate::keep_alive`).
         pub ping: crate::keep_alive::IdleStreams<ping::Behaviour>,
         /// Peer and provider discovery; the store caps what it holds for
         /// others (see `crate::kad_store`).
@@ -459,7 +464,7 @@ mod composed {
     }
 }
 
-impl Behaviour {
+impl Composed {
     /// Builds the behaviour for the node with identity `key`; `relay_client`
     /// is the relay client the swarm builder made with its transport (none
     /// without an IP transport: no relaying, no hole punching).
@@ -500,10 +505,7 @@ impl Behaviour {
             None
         };
 
-        let gossipsub = crate::keep_alive::IdleStreams::new(
-            gossipsub_behaviour(key, cfg)?,
-            cfg.negotiation_timeout,
-        );
+        let gossipsub = crate::keep_alive::IdleStreams::new(gossipsub_behaviour(key, cfg)?);
         let group_sync = request_response::Behaviour::with_codec(
             FrameCodec::new(MAX_SYNC_REQUEST_SIZE, MAX_SYNC_RESPONSE_SIZE),
             [(GROUP_SYNC_PROTOCOL, ProtocolSupport::Full)],
@@ -530,21 +532,18 @@ impl Behaviour {
         let dcutr = relay_client
             .is_some()
             .then(|| dcutr::Behaviour::new(peer_id));
-        Ok(Behaviour {
+        Ok(Composed {
             autonat: autonat.into(),
             relay_client: relay_client.into(),
             relay_server: relay_server.into(),
             dcutr: dcutr.into(),
             limits: connection_limits::Behaviour::new(limits),
             identify,
-            ping: crate::keep_alive::IdleStreams::new(
-                ping::Behaviour::new(
-                    ping::Config::new()
-                        .with_interval(cfg.ping_interval)
-                        .with_timeout(cfg.ping_timeout),
-                ),
-                cfg.negotiation_timeout,
-            ),
+            ping: crate::keep_alive::IdleStreams::new(ping::Behaviour::new(
+                ping::Config::new()
+                    .with_interval(cfg.ping_interval)
+                    .with_timeout(cfg.ping_timeout),
+            )),
             kad,
             mdns: mdns.into(),
             gossipsub,

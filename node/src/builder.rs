@@ -31,7 +31,7 @@ use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId, SwarmBuilder, Transport, noise, tcp, yamux};
 use tokio_util::sync::CancellationToken;
 
-use crate::behaviour::{Behaviour, BehaviourConfig, GossipObserver, KadMode, NatConfig};
+use crate::behaviour::{Behaviour, BehaviourConfig, Composed, GossipObserver, KadMode, NatConfig};
 use crate::eventlog::EventLog;
 use crate::files::FilesConfig;
 use crate::groups::GroupsConfig;
@@ -441,8 +441,8 @@ fn dilate(behaviour: &mut BehaviourConfig, node: &mut NodeConfig, dilation: f64)
     // model's farthest round trips (with a busy host) lost connections.
     behaviour.ping_interval = scale(behaviour.ping_interval);
     behaviour.ping_timeout = scale(behaviour.ping_timeout);
-    // libp2p's fixed 10 s for a stream's negotiation, of gossipsub and of
-    // ping (whose failure closes the connection as well).
+    // libp2p's fixed 10 s for a stream's negotiation, of every protocol
+    // (a failed ping negotiation closes the connection as well).
     behaviour.negotiation_timeout = scale(behaviour.negotiation_timeout);
     node.groups.sync_interval = scale(node.groups.sync_interval);
     node.groups.outbox_interval = scale(node.groups.outbox_interval);
@@ -504,7 +504,9 @@ fn build_swarm(
         };
     }
     let make = |key: &Keypair, relay: Option<libp2p::relay::client::Behaviour>| {
-        Behaviour::new(key, behaviour, relay).map_err(|e| Box::new(e) as BoxError)
+        Composed::new(key, behaviour, relay)
+            .map(|b| Behaviour::new(b, behaviour.negotiation_timeout))
+            .map_err(|e| Box::new(e) as BoxError)
     };
     let builder = SwarmBuilder::with_existing_identity(key.clone()).with_tokio();
     let swarm = match internet {

@@ -18,19 +18,10 @@
 //!
 //! Keeping alive is one-sided: the other end closes a connection it has no
 //! use for after its own idle timeout.
-//!
-//! [`IdleStreams`] also gives the wrapped behaviour's streams a floor on
-//! their protocol negotiation time. libp2p allows 10 s unless a protocol
-//! says otherwise, and a failed ping negotiation closes the connection
-//! (`crate::node::peers`): in the simulator's slowed time that fixed 10 s
-//! is a fraction of a model second, so a busy host lost links it then
-//! dialled again, which made it busier still. The builder stretches the
-//! floor with the time dilation; a daemon keeps libp2p's 10 s.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
 
 use libp2p::PeerId;
 use libp2p::core::upgrade::{DeniedUpgrade, InboundUpgrade, OutboundUpgrade, UpgradeInfo};
@@ -45,19 +36,15 @@ use libp2p::swarm::{
     THandlerOutEvent, ToSwarm,
 };
 
-/// libp2p's default time for a stream's protocol negotiation.
-pub const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A behaviour whose streams do not keep connections open, and whose
-/// streams' negotiations may take at least a given time (see the module
+/// A behaviour whose streams do not keep connections open (see the module
 /// docs). Derefs to the wrapped behaviour.
 #[derive(Debug)]
-pub struct IdleStreams<B>(B, Duration);
+pub struct IdleStreams<B>(B);
 
 impl<B> IdleStreams<B> {
-    /// Wraps `inner`; its negotiations may take at least `negotiation`.
-    pub fn new(inner: B, negotiation: Duration) -> Self {
-        IdleStreams(inner, negotiation)
+    /// Wraps `inner`.
+    pub fn new(inner: B) -> Self {
+        IdleStreams(inner)
     }
 }
 
@@ -97,7 +84,7 @@ impl<B: NetworkBehaviour> NetworkBehaviour for IdleStreams<B> {
     ) -> Result<THandler<Self>, ConnectionDenied> {
         self.0
             .handle_established_inbound_connection(connection_id, peer, local_addr, remote_addr)
-            .map(|h| IdleStreamsHandler(h, self.1))
+            .map(IdleStreamsHandler)
     }
 
     fn handle_pending_outbound_connection(
@@ -131,7 +118,7 @@ impl<B: NetworkBehaviour> NetworkBehaviour for IdleStreams<B> {
                 role_override,
                 port_use,
             )
-            .map(|h| IdleStreamsHandler(h, self.1))
+            .map(IdleStreamsHandler)
     }
 
     fn on_swarm_event(&mut self, event: FromSwarm) {
@@ -156,16 +143,9 @@ impl<B: NetworkBehaviour> NetworkBehaviour for IdleStreams<B> {
     }
 }
 
-/// The handler of [`IdleStreams`]: the wrapped one, its streams marked and
-/// their negotiation time at least the second field.
+/// The handler of [`IdleStreams`]: the wrapped one, its streams marked.
 #[derive(Debug)]
-pub struct IdleStreamsHandler<H>(H, Duration);
-
-/// `p` with its upgrade marked and its timeout at least `floor`.
-fn idle<U, I>(p: SubstreamProtocol<U, I>, floor: Duration) -> SubstreamProtocol<IdleUpgrade<U>, I> {
-    let timeout = (*p.timeout()).max(floor);
-    p.map_upgrade(IdleUpgrade).with_timeout(timeout)
-}
+pub struct IdleStreamsHandler<H>(H);
 
 impl<H: ConnectionHandler> ConnectionHandler for IdleStreamsHandler<H> {
     type FromBehaviour = H::FromBehaviour;
@@ -176,7 +156,7 @@ impl<H: ConnectionHandler> ConnectionHandler for IdleStreamsHandler<H> {
     type OutboundOpenInfo = H::OutboundOpenInfo;
 
     fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol, Self::InboundOpenInfo> {
-        idle(self.0.listen_protocol(), self.1)
+        self.0.listen_protocol().map_upgrade(IdleUpgrade)
     }
 
     fn connection_keep_alive(&self) -> bool {
@@ -189,15 +169,7 @@ impl<H: ConnectionHandler> ConnectionHandler for IdleStreamsHandler<H> {
     ) -> Poll<
         ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, Self::ToBehaviour>,
     > {
-        let floor = self.1;
-        self.0.poll(cx).map(|e| match e {
-            ConnectionHandlerEvent::OutboundSubstreamRequest { protocol } => {
-                ConnectionHandlerEvent::OutboundSubstreamRequest {
-                    protocol: idle(protocol, floor),
-                }
-            }
-            e => e.map_protocol(IdleUpgrade),
-        })
+        self.0.poll(cx).map(|e| e.map_protocol(IdleUpgrade))
     }
 
     fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Option<Self::ToBehaviour>> {
@@ -404,24 +376,4 @@ impl ConnectionHandler for KeepHandler {
     }
 
     fn on_connection_event(&mut self, _: ConnectionEvent<DeniedUpgrade, DeniedUpgrade>) {}
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_negotiation_may_take_at_least_the_floor() {
-        let p = SubstreamProtocol::new(DeniedUpgrade, ());
-        assert_eq!(*p.timeout(), NEGOTIATION_TIMEOUT);
-        // Stretched (the simulator's dilation): the floor wins.
-        let long = Duration::from_secs(100);
-        assert_eq!(*idle(p, long).timeout(), long);
-        // A protocol that asks for longer keeps its own.
-        let own = SubstreamProtocol::new(DeniedUpgrade, ()).with_timeout(Duration::from_secs(60));
-        assert_eq!(
-            *idle(own, NEGOTIATION_TIMEOUT).timeout(),
-            Duration::from_secs(60)
-        );
-    }
 }

@@ -26,6 +26,7 @@ pub mod keep_alive;
 pub mod mailbox;
 pub mod messages;
 pub mod metrics;
+pub mod negotiation;
 pub mod node;
 pub mod onion;
 pub mod only_on;
