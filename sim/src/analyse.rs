@@ -209,6 +209,11 @@ mod tests {
             sum.payload_bytes_per_node, None,
             "frame sizes are not logged"
         );
+        // The handling time under Shadow is what the logs say (its clock
+        // does not move while a daemon computes): 10 ms from the first
+        // wire copy.
+        assert_eq!(sum.handling_ms.count, members);
+        assert_eq!(sum.handling_ms.max.map(f64::round), Some(10.0));
         assert!(!sum.host_limited, "no host lag under Shadow");
         // The physical limit: the model's direct path of each delivered
         // pair, against its 100 ms.

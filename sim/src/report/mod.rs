@@ -103,6 +103,16 @@ pub struct Summary {
     /// Scheduling lag of the simulator's runtime (how late a 10 ms timer
     /// fired), over the `lag_ms` samples, ms.
     pub lag_ms: Dist,
+    /// From a member's first wire copy of a message to its delivery, ms:
+    /// the node's own work (gossip validation, decryption, the commit),
+    /// which in the simulator is wall time on the shared host divided by
+    /// the dilation, and which a node does again at every hop before it
+    /// forwards (a message is forwarded once committed). Over the pairs of
+    /// messages published before the first fault window (later ones may
+    /// wait for an older message a fault kept away: causal order, not the
+    /// host). The lag sampler, a tokio timer, does not see the nodes'
+    /// actor threads queueing for the CPU; this does.
+    pub handling_ms: Dist,
     /// True when the host, not the network model, may have set the
     /// numbers (see `host_limited_rule`); false when there are no samples.
     pub host_limited: bool,
@@ -545,6 +555,64 @@ mod tests {
         );
         assert!(limited(vec![25.0], 500.0), "over 20 ms");
         assert!(!limited(vec![], 1.0), "no samples");
+    }
+
+    /// Ten messages from node 0 to node 1, no fault: node 1 delivers each
+    /// `handling[i]` ms after its first wire copy (a second copy later).
+    fn handled(handling: [f64; 10]) -> RunRecord {
+        let ids: Vec<String> = (0..10).map(|i| format!("m{i}")).collect();
+        let msgs: Vec<Msg<'_>> = (0..10)
+            .map(|i| (ids[i].as_str(), 0, i as f64 * 100.0, 100, &[1usize][..]))
+            .collect();
+        let mut receipts = Vec::new();
+        for (i, h) in handling.iter().enumerate() {
+            let wire = i as f64 * 100.0 + 50.0;
+            receipts.push((wire + 5.0, 1, ids[i].as_str(), Wire));
+            receipts.push((wire, 1, ids[i].as_str(), Wire));
+            receipts.push((wire + h, 1, ids[i].as_str(), Delivered));
+        }
+        RunRecord {
+            lag_ms: vec![1.0],
+            median_link_latency_ms: 100.0,
+            ..record(&msgs, &receipts)
+        }
+    }
+
+    #[test]
+    fn handling_counts_from_the_first_wire_copy_and_limits_the_host() {
+        let s = summarize(&handled([0.5; 10]));
+        assert_eq!(
+            (s.handling_ms.count, s.handling_ms.p90),
+            (10, Some(0.5)),
+            "from the earliest wire copy, not the later one"
+        );
+        assert!(!s.host_limited, "fast handling, no lag");
+        // One slow message in ten (p90 is the ninth): still the protocol's.
+        let mut h = [1.0; 10];
+        h[9] = 500.0;
+        assert!(!summarize(&handled(h)).host_limited);
+        // Two in ten over 10 % of the 100 ms link + 2 ms: the host.
+        h[8] = 40.0;
+        let s = summarize(&handled(h));
+        assert_eq!(s.handling_ms.p90, Some(40.0));
+        assert!(s.host_limited, "{}", s.host_limited_rule);
+        assert_eq!(s.advice.as_deref(), Some("raise --time-dilation"));
+    }
+
+    #[test]
+    fn handling_leaves_out_messages_from_the_first_fault_on() {
+        let mut h = [1.0; 10];
+        h[5..].fill(900.0);
+        let rec = RunRecord {
+            faults: serde_json::from_str(
+                r#"[{"kind": "partition", "start_ms": 450, "end_ms": 600}]"#,
+            )
+            .expect("faults"),
+            ..handled(h)
+        };
+        let s = summarize(&rec);
+        assert_eq!((s.handling_ms.count, s.handling_ms.max), (5, Some(1.0)));
+        assert!(!s.host_limited);
     }
 
     #[test]
