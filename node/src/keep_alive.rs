@@ -32,114 +32,31 @@ use libp2p::swarm::handler::{
 };
 use libp2p::swarm::{
     ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm,
-    NetworkBehaviour, NotifyHandler, Stream, SubstreamProtocol, THandler, THandlerInEvent,
-    THandlerOutEvent, ToSwarm,
+    NetworkBehaviour, NotifyHandler, Stream, SubstreamProtocol, ToSwarm,
 };
+
+use crate::wrap::{Wrap, WrapHandler};
 
 /// A behaviour whose streams do not keep connections open (see the module
 /// docs). Derefs to the wrapped behaviour.
-#[derive(Debug)]
-pub struct IdleStreams<B>(B);
+pub type IdleStreams<B> = Wrap<B, Idle>;
 
 impl<B> IdleStreams<B> {
     /// Wraps `inner`.
     pub fn new(inner: B) -> Self {
-        IdleStreams(inner)
+        Wrap::with(inner, Idle)
     }
 }
 
-impl<B> std::ops::Deref for IdleStreams<B> {
-    type Target = B;
-    fn deref(&self) -> &B {
-        &self.0
-    }
-}
+/// Marks the streams of the handlers it wraps (see [`IdleStreams`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Idle;
 
-impl<B> std::ops::DerefMut for IdleStreams<B> {
-    fn deref_mut(&mut self) -> &mut B {
-        &mut self.0
-    }
-}
+impl<H: ConnectionHandler> WrapHandler<H> for Idle {
+    type Handler = IdleStreamsHandler<H>;
 
-impl<B: NetworkBehaviour> NetworkBehaviour for IdleStreams<B> {
-    type ConnectionHandler = IdleStreamsHandler<B::ConnectionHandler>;
-    type ToSwarm = B::ToSwarm;
-
-    fn handle_pending_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> Result<(), ConnectionDenied> {
-        self.0
-            .handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
-    }
-
-    fn handle_established_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.0
-            .handle_established_inbound_connection(connection_id, peer, local_addr, remote_addr)
-            .map(IdleStreamsHandler)
-    }
-
-    fn handle_pending_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        maybe_peer: Option<PeerId>,
-        addresses: &[Multiaddr],
-        effective_role: Endpoint,
-    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
-        self.0.handle_pending_outbound_connection(
-            connection_id,
-            maybe_peer,
-            addresses,
-            effective_role,
-        )
-    }
-
-    fn handle_established_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        addr: &Multiaddr,
-        role_override: Endpoint,
-        port_use: PortUse,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.0
-            .handle_established_outbound_connection(
-                connection_id,
-                peer,
-                addr,
-                role_override,
-                port_use,
-            )
-            .map(IdleStreamsHandler)
-    }
-
-    fn on_swarm_event(&mut self, event: FromSwarm) {
-        self.0.on_swarm_event(event)
-    }
-
-    fn on_connection_handler_event(
-        &mut self,
-        peer_id: PeerId,
-        connection_id: ConnectionId,
-        event: THandlerOutEvent<Self>,
-    ) {
-        self.0
-            .on_connection_handler_event(peer_id, connection_id, event)
-    }
-
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
-        self.0.poll(cx)
+    fn wrap(&self, inner: H) -> IdleStreamsHandler<H> {
+        IdleStreamsHandler(inner)
     }
 }
 

@@ -32,3 +32,4 @@ pub mod onion;
 pub mod only_on;
 pub mod storage;
 pub mod types;
+pub mod wrap;

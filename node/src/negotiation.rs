@@ -21,42 +21,38 @@
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use libp2p::PeerId;
-use libp2p::core::{Endpoint, Multiaddr, transport::PortUse};
 use libp2p::swarm::handler::ConnectionEvent;
-use libp2p::swarm::{
-    ConnectionDenied, ConnectionHandler, ConnectionHandlerEvent, ConnectionId, FromSwarm,
-    NetworkBehaviour, SubstreamProtocol, THandler, THandlerInEvent, THandlerOutEvent, ToSwarm,
-};
+use libp2p::swarm::{ConnectionHandler, ConnectionHandlerEvent, SubstreamProtocol};
+
+use crate::wrap::{Wrap, WrapHandler};
 
 /// libp2p's default time for a stream's protocol negotiation.
 pub const NEGOTIATION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A behaviour whose streams' negotiations may take at least a given time
 /// (see the module docs). Derefs to the wrapped behaviour.
-#[derive(Debug)]
-pub struct Floor<B> {
-    inner: B,
-    floor: Duration,
-}
+pub type Floor<B> = Wrap<B, NegotiationFloor>;
 
 impl<B> Floor<B> {
     /// Wraps `inner`; its negotiations may take at least `floor`.
     pub fn new(inner: B, floor: Duration) -> Self {
-        Floor { inner, floor }
+        Wrap::with(inner, NegotiationFloor(floor))
     }
 }
 
-impl<B> std::ops::Deref for Floor<B> {
-    type Target = B;
-    fn deref(&self) -> &B {
-        &self.inner
-    }
-}
+/// Gives the handlers it wraps a floor on their streams' negotiation time
+/// (see [`Floor`]).
+#[derive(Debug, Clone, Copy)]
+pub struct NegotiationFloor(Duration);
 
-impl<B> std::ops::DerefMut for Floor<B> {
-    fn deref_mut(&mut self) -> &mut B {
-        &mut self.inner
+impl<H: ConnectionHandler> WrapHandler<H> for NegotiationFloor {
+    type Handler = FloorHandler<H>;
+
+    fn wrap(&self, inner: H) -> FloorHandler<H> {
+        FloorHandler {
+            inner,
+            floor: self.0,
+        }
     }
 }
 
@@ -64,90 +60,6 @@ impl<B> std::ops::DerefMut for Floor<B> {
 fn floored<U, I>(p: SubstreamProtocol<U, I>, floor: Duration) -> SubstreamProtocol<U, I> {
     let timeout = (*p.timeout()).max(floor);
     p.with_timeout(timeout)
-}
-
-impl<B: NetworkBehaviour> NetworkBehaviour for Floor<B> {
-    type ConnectionHandler = FloorHandler<B::ConnectionHandler>;
-    type ToSwarm = B::ToSwarm;
-
-    fn handle_pending_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> Result<(), ConnectionDenied> {
-        self.inner
-            .handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
-    }
-
-    fn handle_established_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        let floor = self.floor;
-        self.inner
-            .handle_established_inbound_connection(connection_id, peer, local_addr, remote_addr)
-            .map(|inner| FloorHandler { inner, floor })
-    }
-
-    fn handle_pending_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        maybe_peer: Option<PeerId>,
-        addresses: &[Multiaddr],
-        effective_role: Endpoint,
-    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
-        self.inner.handle_pending_outbound_connection(
-            connection_id,
-            maybe_peer,
-            addresses,
-            effective_role,
-        )
-    }
-
-    fn handle_established_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        addr: &Multiaddr,
-        role_override: Endpoint,
-        port_use: PortUse,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        let floor = self.floor;
-        self.inner
-            .handle_established_outbound_connection(
-                connection_id,
-                peer,
-                addr,
-                role_override,
-                port_use,
-            )
-            .map(|inner| FloorHandler { inner, floor })
-    }
-
-    fn on_swarm_event(&mut self, event: FromSwarm) {
-        self.inner.on_swarm_event(event)
-    }
-
-    fn on_connection_handler_event(
-        &mut self,
-        peer_id: PeerId,
-        connection_id: ConnectionId,
-        event: THandlerOutEvent<Self>,
-    ) {
-        self.inner
-            .on_connection_handler_event(peer_id, connection_id, event)
-    }
-
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
-        self.inner.poll(cx)
-    }
 }
 
 /// The handler of [`Floor`]: the wrapped one, its streams' negotiation
