@@ -74,6 +74,13 @@ enum Command {
         /// counted from now, to check an export with real processes.
         #[arg(long, value_name = "BASE")]
         local_port: Option<u16>,
+        /// Close connections the topology does not hold after SECS idle
+        /// seconds, and have both ends of every topology link hold it, as
+        /// in-process (5 s there). Without it every connection is held for
+        /// the run, which costs each daemon a connection's buffers for
+        /// every peer it ever met: large runs need it to fit in memory.
+        #[arg(long, value_name = "SECS")]
+        idle_timeout_secs: Option<u64>,
     },
     /// The workload driver Shadow runs beside node N's daemon (started by
     /// an export's shadow.yaml, not by hand).
@@ -135,7 +142,16 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             fogmesh,
             join_secs,
             local_port,
-        } => export_shadow(&scenario, seed, out, fogmesh, join_secs, local_port),
+            idle_timeout_secs,
+        } => export_shadow(
+            &scenario,
+            seed,
+            out,
+            fogmesh,
+            join_secs,
+            local_port,
+            idle_timeout_secs,
+        ),
         Command::Drive { dir, node } => drive(&dir, node),
         Command::Analyse { dir, out } => analyse_dir(&dir, out),
     }
@@ -184,6 +200,7 @@ fn export_shadow(
     fogmesh: Option<PathBuf>,
     join_secs: u64,
     local_port: Option<u16>,
+    idle_timeout_secs: Option<u64>,
 ) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(scenario)
         .with_context(|| format!("cannot read {}", scenario.display()))?;
@@ -201,6 +218,7 @@ fn export_shadow(
         fogmesh_sim: me,
         join_secs,
         local_port,
+        idle_timeout_secs,
     };
     let info = shadow::export(&s, &text, &opts)?;
     eprintln!(

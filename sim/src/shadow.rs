@@ -77,6 +77,11 @@ pub struct ExportOptions {
     /// of Shadow's epoch. The processes are then started by whoever runs
     /// the check (see the simulator guide).
     pub local_port: Option<u16>,
+    /// Close connections the topology does not hold after this many idle
+    /// seconds, with both ends of every topology link holding it (as
+    /// in-process). `None`: each link is listed at its dialler only and
+    /// every connection is held for the run (an hour's idle timeout).
+    pub idle_timeout_secs: Option<u64>,
 }
 
 /// What `analyse` needs to know of an export (`export.json`).
@@ -170,11 +175,19 @@ pub fn export(s: &Scenario, text: &str, opts: &ExportOptions) -> anyhow::Result<
     let nodes = layout(s, &plan, &out, opts.local_port);
     let admin = plan.workload.members.first().copied().unwrap_or(0);
     for (i, node) in nodes.iter().enumerate() {
-        prepare_node(s, &plan, &nodes, i, admin, api_addr(s, opts.local_port, i))
-            .with_context(|| format!("preparing node {i} in {}", node.data_dir.display()))?;
+        prepare_node(
+            s,
+            &plan,
+            &nodes,
+            i,
+            admin,
+            api_addr(s, opts.local_port, i),
+            opts,
+        )
+        .with_context(|| format!("preparing node {i} in {}", node.data_dir.display()))?;
     }
 
-    let differences = differences(s);
+    let differences = differences(s, opts.idle_timeout_secs);
     for d in &differences {
         tracing::warn!("{d}");
     }
@@ -282,7 +295,7 @@ fn api_addr(s: &Scenario, local_port: Option<u16>, i: usize) -> String {
 
 /// Settings the in-process simulator applies and the daemons cannot be
 /// given, so the two engines differ there.
-fn differences(s: &Scenario) -> Vec<String> {
+fn differences(s: &Scenario, idle_timeout_secs: Option<u64>) -> Vec<String> {
     let mut d = Vec::new();
     // GossipParams has no PartialEq: its Debug form names every field.
     let daemon = fogmesh::behaviour::GossipParams::default();
@@ -298,12 +311,17 @@ fn differences(s: &Scenario) -> Vec<String> {
          in-process nodes do neither walk and check every 2 s"
             .to_owned(),
     );
-    d.push(
-        "the daemons hold every connection for the run (idle timeout 3600 s: a topology link is \
-         asked for by its dialler only); in-process nodes hold the topology's links at both ends \
-         and close other idle connections after 5 model seconds"
+    d.push(match idle_timeout_secs {
+        None => "the daemons hold every connection for the run (idle timeout 3600 s: a topology \
+                 link is asked for by its dialler only); in-process nodes hold the topology's \
+                 links at both ends and close other idle connections after 5 model seconds"
             .to_owned(),
-    );
+        Some(secs) => format!(
+            "both ends of a topology link dial it when their daemons start, so a link can be \
+             two connections (in-process nodes dial it once); other connections close after \
+             {secs} idle seconds (5 in-process)"
+        ),
+    });
     if s.link.loss > 0.0 {
         d.push(format!(
             "loss {}: Shadow drops packets (TCP retransmits), the in-process model delays \
@@ -322,15 +340,13 @@ fn prepare_node(
     i: usize,
     admin: usize,
     api: String,
+    opts: &ExportOptions,
 ) -> anyhow::Result<()> {
     let node = &nodes[i];
     fogmesh::fsutil::ensure_private_dir(&node.data_dir)?;
     let key = plan.keys[i].to_protobuf_encoding()?;
     fogmesh::fsutil::write_atomic(&fogmesh::identity::path(&node.data_dir), &key, true)?;
-    let bootstrap: Vec<String> = (plan.topology.edges.iter())
-        .filter(|[from, _]| *from == i)
-        .map(|&[_, to]| p2p_addr(&nodes[to]))
-        .collect();
+    let bootstrap = bootstrap_lines(plan, nodes, i, opts.idle_timeout_secs.is_some());
     let config = NodeConfig {
         listen: vec![format!("/ip4/{}/tcp/{}", node.ip, node.port)],
         bootstrap,
@@ -342,11 +358,9 @@ fn prepare_node(
         event_log: node.event_log.clone(),
         kad_mode: "server".to_owned(),
         min_peers: s.min_peers(),
-        // The topology holds (see `differences`): with both ends of
-        // each link listed and the in-process 5 s idle timeout instead,
-        // gossip-100 ran slower and further from the direct path
-        // (docs/simulator-guide.md, "How the two engines differ").
-        idle_timeout_secs: 3600,
+        // Without the option every connection is held (see
+        // `differences`).
+        idle_timeout_secs: opts.idle_timeout_secs.unwrap_or(3600),
         max_connections: 1000,
         // The workload's rate is the scenario's business, as in-process.
         group_rate: 1e9,
@@ -362,6 +376,27 @@ fn prepare_node(
         true,
     )?;
     Ok(())
+}
+
+/// Node `i`'s bootstrap lines: the topology links it dials, and with
+/// `both_ends` also those dialled to it, so that both ends hold each link
+/// open when idle (as in-process, where the far end asks for the link
+/// once it is up). Two daemons starting together may then dial each other
+/// at once and hold two connections for that link.
+fn bootstrap_lines(plan: &Plan, nodes: &[ExportNode], i: usize, both_ends: bool) -> Vec<String> {
+    let mut lines: Vec<String> = Vec::new();
+    for &[from, to] in &plan.topology.edges {
+        let other = match (from == i, to == i) {
+            (true, false) => to,
+            (false, true) if both_ends => from,
+            _ => continue,
+        };
+        let addr = p2p_addr(&nodes[other]);
+        if !lines.contains(&addr) {
+            lines.push(addr);
+        }
+    }
+    lines
 }
 
 /// The `config.toml` an export writes (keys as the daemon reads them).
@@ -705,9 +740,71 @@ message_size = 64
             fogmesh_sim: "/opt/fogmesh-sim".into(),
             join_secs: 30,
             local_port: None,
+            idle_timeout_secs: None,
         };
         let info = export(&s, SCENARIO, &opts).expect("export");
         (s.clone(), plan(&s, 7), info)
+    }
+
+    /// With `--idle-timeout-secs`, both ends of every topology link list
+    /// it, and the daemons take that idle timeout.
+    #[test]
+    fn a_held_topology_lists_both_ends() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("x");
+        let s: Scenario = toml::from_str(SCENARIO).expect("scenario");
+        let opts = ExportOptions {
+            seed: 7,
+            out: dir.clone(),
+            fogmesh: "/opt/fogmesh".into(),
+            fogmesh_sim: "/opt/fogmesh-sim".into(),
+            join_secs: 30,
+            local_port: None,
+            idle_timeout_secs: Some(5),
+        };
+        let info = export(&s, SCENARIO, &opts).expect("export");
+        let plan = plan(&s, 7);
+        let by_peer: HashMap<String, usize> = (info.nodes.iter())
+            .map(|n| (n.peer_id.clone(), n.index))
+            .collect();
+        let mut links = 0;
+        for n in &info.nodes {
+            let file = Overrides::load(&n.data_dir).expect("config.toml");
+            let set = Settings::resolve(n.data_dir.clone(), file, Overrides::default())
+                .expect("the daemon accepts the config");
+            assert_eq!(set.idle_timeout, Duration::from_secs(5));
+            let mut listed: Vec<usize> = (set.bootstrap.iter())
+                .map(|a| match a.iter().last() {
+                    Some(Protocol::P2p(id)) => by_peer[&id.to_base58()],
+                    _ => panic!("no peer id in {a}"),
+                })
+                .collect();
+            listed.sort_unstable();
+            let mut expect: Vec<usize> = (plan.topology.edges.iter())
+                .filter_map(|e| match (e[0] == n.index, e[1] == n.index) {
+                    (true, false) => Some(e[1]),
+                    (false, true) => Some(e[0]),
+                    _ => None,
+                })
+                .collect();
+            expect.sort_unstable();
+            expect.dedup();
+            assert_eq!(listed, expect, "node {}", n.index);
+            links += listed.len();
+        }
+        // Every link is listed at both of its ends.
+        let mut undirected: Vec<[usize; 2]> = (plan.topology.edges.iter())
+            .map(|e| [e[0].min(e[1]), e[0].max(e[1])])
+            .filter(|e| e[0] != e[1])
+            .collect();
+        undirected.sort_unstable();
+        undirected.dedup();
+        assert_eq!(links, 2 * undirected.len());
+        assert!(
+            info.differences
+                .iter()
+                .any(|d| d.contains("5 idle seconds"))
+        );
     }
 
     #[test]
@@ -855,6 +952,7 @@ message_size = 64
             fogmesh_sim: "/opt/fogmesh-sim".into(),
             join_secs: 30,
             local_port: None,
+            idle_timeout_secs: None,
         };
         assert!(export(&s, SCENARIO, &again).is_err());
     }
@@ -886,6 +984,7 @@ message_size = 64
             fogmesh_sim: "/s".into(),
             join_secs: 1,
             local_port: None,
+            idle_timeout_secs: None,
         };
         let e = export(&s, "", &opts).expect_err("refused");
         assert!(e.to_string().contains("BLE"), "{e}");
