@@ -307,8 +307,9 @@ fn differences(s: &Scenario, idle_timeout_secs: Option<u64>) -> Vec<String> {
         );
     }
     d.push(
-        "the daemons walk the DHT (a Kademlia bootstrap every 300 s) and check their peers every 15 s; \
-         in-process nodes do neither walk and check every 2 s"
+        "the daemons walk the DHT every 300 s (a Kademlia bootstrap) and check their peers every \
+         15 s; in-process nodes make no periodic walk and check every 2 s (both make the walks \
+         libp2p-kad starts by itself while a table holds fewer than 20 peers)"
             .to_owned(),
     );
     d.push(match idle_timeout_secs {
