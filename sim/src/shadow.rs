@@ -539,21 +539,20 @@ fn shadow_config(
                 start_time: format!("{DAEMON_START_S}s"),
                 expected_final_state: serde_json::json!("running"),
             };
-            let driver = Process {
-                path: opts.fogmesh_sim.clone(),
-                args: vec![
-                    "drive".into(),
-                    dir.clone(),
-                    "--node".into(),
-                    n.index.to_string(),
-                ],
-                environment: env,
-                start_time: format!("{DRIVER_START_S}s"),
-                expected_final_state: serde_json::json!({"exited": 0}),
-            };
             let mut processes = vec![daemon];
             if has_work(plan, n.index) {
-                processes.push(driver);
+                processes.push(Process {
+                    path: opts.fogmesh_sim.clone(),
+                    args: vec![
+                        "drive".into(),
+                        dir.clone(),
+                        "--node".into(),
+                        n.index.to_string(),
+                    ],
+                    environment: env,
+                    start_time: format!("{DRIVER_START_S}s"),
+                    expected_final_state: serde_json::json!({"exited": 0}),
+                });
             }
             let host = Host {
                 network_node_id: plan.region[n.index],
@@ -732,19 +731,28 @@ message_size = 64
 "#;
 
     pub(crate) fn exported(dir: &Path) -> (Scenario, Plan, ExportInfo) {
+        exported_with(dir, None)
+    }
+
+    /// [`SCENARIO`] exported to `dir` with seed 7 and the given
+    /// `--idle-timeout-secs`.
+    fn exported_with(dir: &Path, idle_timeout_secs: Option<u64>) -> (Scenario, Plan, ExportInfo) {
         let s: Scenario = toml::from_str(SCENARIO).expect("scenario");
         s.check().expect("valid scenario");
-        let opts = ExportOptions {
+        let info = export(&s, SCENARIO, &options(dir, idle_timeout_secs)).expect("export");
+        (s.clone(), plan(&s, 7), info)
+    }
+
+    fn options(dir: &Path, idle_timeout_secs: Option<u64>) -> ExportOptions {
+        ExportOptions {
             seed: 7,
             out: dir.to_owned(),
             fogmesh: "/opt/fogmesh".into(),
             fogmesh_sim: "/opt/fogmesh-sim".into(),
             join_secs: 30,
             local_port: None,
-            idle_timeout_secs: None,
-        };
-        let info = export(&s, SCENARIO, &opts).expect("export");
-        (s.clone(), plan(&s, 7), info)
+            idle_timeout_secs,
+        }
     }
 
     /// With `--idle-timeout-secs`, both ends of every topology link list
@@ -753,18 +761,7 @@ message_size = 64
     fn a_held_topology_lists_both_ends() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("x");
-        let s: Scenario = toml::from_str(SCENARIO).expect("scenario");
-        let opts = ExportOptions {
-            seed: 7,
-            out: dir.clone(),
-            fogmesh: "/opt/fogmesh".into(),
-            fogmesh_sim: "/opt/fogmesh-sim".into(),
-            join_secs: 30,
-            local_port: None,
-            idle_timeout_secs: Some(5),
-        };
-        let info = export(&s, SCENARIO, &opts).expect("export");
-        let plan = plan(&s, 7);
+        let (_, plan, info) = exported_with(&dir, Some(5));
         let by_peer: HashMap<String, usize> = (info.nodes.iter())
             .map(|n| (n.peer_id.clone(), n.index))
             .collect();
@@ -946,16 +943,7 @@ message_size = 64
         assert!(r > 1, "the world model has regions");
 
         // A second export into a non-empty directory is refused.
-        let again = ExportOptions {
-            seed: 7,
-            out: dir.clone(),
-            fogmesh: "/opt/fogmesh".into(),
-            fogmesh_sim: "/opt/fogmesh-sim".into(),
-            join_secs: 30,
-            local_port: None,
-            idle_timeout_secs: None,
-        };
-        assert!(export(&s, SCENARIO, &again).is_err());
+        assert!(export(&s, SCENARIO, &options(&dir, None)).is_err());
     }
 
     /// Shadow 3.3 refuses `packet_loss 0` ("Edge 'packet_loss' is not a
