@@ -397,6 +397,38 @@ fn idle_connections_close_unless_both_ends_asked_for_them() {
 }
 
 #[test]
+fn the_onion_descriptors_sent_on_connecting_do_not_hold_a_connection() {
+    // Each side of a new connection sends the other its onion descriptor
+    // on a mix stream, which then stays open for min(30 s, idle timeout)
+    // in case there is more to write. Only packets may hold a connection:
+    // A, which did not ask for B, closes it one idle timeout after the
+    // first exchanges, not after the descriptor stream's idle time and
+    // then its own (16 s and more here).
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let idle = ["--idle-timeout-secs", "8"];
+    let a = Daemon::start(&tmp.path().join("a"), &idle);
+    let events = a.spawn_cli(&["events", "--json"]);
+    let a_addr = a.tcp_addr();
+    let b_args = [&idle[..], &["--bootstrap", a_addr.as_str()]].concat();
+    let b = Daemon::start(&tmp.path().join("b"), &b_args);
+    let is_b = |e: &Value, kind: &str| e["type"] == kind && e["peer_id"] == b.peer_id.as_str();
+    events_until(&events, Duration::from_secs(30), |e| {
+        is_b(e, "peer_connected")
+    })
+    .unwrap_or_else(|seen| panic!("B never connected: {seen:?}"));
+    let connected = std::time::Instant::now();
+    events_until(&events, Duration::from_secs(40), |e| {
+        is_b(e, "peer_disconnected")
+    })
+    .unwrap_or_else(|seen| panic!("A never closed B: {seen:?}"));
+    let held = connected.elapsed();
+    assert!(
+        held < Duration::from_secs(14),
+        "A held the idle link {held:?}: more than its 8 s idle timeout and the first exchanges"
+    );
+}
+
+#[test]
 fn a_peer_asked_for_is_dialled_again_when_it_comes_back() {
     let tmp = tempfile::tempdir().expect("tempdir");
     // A comes back on the same port, with the same identity.

@@ -87,11 +87,18 @@ fn split_batch(mut body: &[u8]) -> Option<Vec<Vec<u8>>> {
     Some(out)
 }
 
-/// Writes `rx`'s frames to `peer` on one stream, opened first (dialling
-/// if need be). Ends when the queue closes, the stream breaks, or nothing
-/// came to write for `idle`: then the queue is closed (the onion task
-/// opens a new writer for the next frame) and what it still held is
-/// written before the stream is closed.
+/// Writes `rx`'s frames to `peer` on one stream, opened at the first
+/// frame (dialling if need be). Ends when the queue closes, the stream
+/// breaks, or nothing came to write for `idle`: then the queue is closed
+/// (the onion task opens a new writer for the next frame) and what it
+/// still held is written before the stream is closed.
+///
+/// Only packets hold a connection open: a stream opened for descriptors
+/// is left out of the connection's keep-alive (as the reader leaves out
+/// a stream whose first frame is descriptors), and the first packet after
+/// them goes on a new stream that counts. Otherwise every connection,
+/// down to each one a Kademlia lookup opened, was held for `idle` after
+/// each batch of descriptors word of mouth passed along it.
 pub(super) async fn writer(
     mut control: libp2p_stream::Control,
     peer: PeerId,
@@ -99,24 +106,11 @@ pub(super) async fn writer(
     events: mpsc::Sender<StreamEvent>,
     idle: Duration,
 ) {
-    let opened = tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, PROTOCOL)).await;
-    let mut stream = match opened {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            let _ = events.try_send(StreamEvent::WriterDown {
-                peer,
-                why: e.to_string(),
-            });
-            return;
-        }
-        Err(_) => {
-            let _ = events.try_send(StreamEvent::WriterDown {
-                peer,
-                why: "timed out opening the mix stream".into(),
-            });
-            return;
-        }
+    let down = |why: String| {
+        let _ = events.try_send(StreamEvent::WriterDown { peer, why });
     };
+    // The open stream and whether it holds the connection open.
+    let mut current: Option<(Stream, bool)> = None;
     loop {
         let f = match tokio::time::timeout(idle, rx.recv()).await {
             Ok(Some(f)) => f,
@@ -129,19 +123,40 @@ pub(super) async fn writer(
                 }
             }
         };
+        let holds = f.first() == Some(&PACKET);
+        if holds
+            && current.as_ref().is_some_and(|(_, h)| !h)
+            && let Some((mut old, _)) = current.take()
+        {
+            let _ = old.close().await;
+        }
+        let stream = match &mut current {
+            Some((s, _)) => s,
+            None => {
+                let opened =
+                    tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, PROTOCOL)).await;
+                let mut s = match opened {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => return down(e.to_string()),
+                    Err(_) => return down("timed out opening the mix stream".into()),
+                };
+                if !holds {
+                    s.ignore_for_keep_alive();
+                }
+                &mut current.insert((s, holds)).0
+            }
+        };
         let sent = async {
             stream.write_all(&f).await?;
             stream.flush().await
         };
         if let Err(e) = sent.await {
-            let _ = events.try_send(StreamEvent::WriterDown {
-                peer,
-                why: e.to_string(),
-            });
-            return;
+            return down(e.to_string());
         }
     }
-    let _ = stream.close().await;
+    if let Some((mut s, _)) = current {
+        let _ = s.close().await;
+    }
 }
 
 /// What every reader shares.
@@ -168,9 +183,15 @@ pub(super) async fn reader(ctx: ReaderCtx, peer: PeerId, mut stream: Stream) {
 
 async fn read_frames(ctx: &ReaderCtx, peer: PeerId, stream: &mut Stream) -> String {
     let mut head = [0u8; 5];
+    let mut first = true;
     loop {
         if let Err(e) = stream.read_exact(&mut head).await {
             return e.to_string();
+        }
+        // A stream that starts with descriptors does not hold the
+        // connection open (see `writer`).
+        if std::mem::take(&mut first) && head[0] == DESCRIPTORS {
+            stream.ignore_for_keep_alive();
         }
         let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
         match head[0] {
