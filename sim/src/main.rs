@@ -52,36 +52,7 @@ enum Command {
     },
     /// Write what the Shadow network simulator needs to run the scenario
     /// with real fogmesh daemons (see docs/simulator-guide.md).
-    ExportShadow {
-        /// The scenario file (TOML).
-        scenario: PathBuf,
-        /// Seed (default: the scenario's).
-        #[arg(long)]
-        seed: Option<u64>,
-        /// The directory to write (absent or empty).
-        #[arg(long)]
-        out: PathBuf,
-        /// The fogmesh binary Shadow runs (default: the one beside this
-        /// program).
-        #[arg(long, value_name = "PATH")]
-        fogmesh: Option<PathBuf>,
-        /// Simulated seconds the members get to join the group before the
-        /// workload's warm-up.
-        #[arg(long, value_name = "SECS", default_value_t = 60)]
-        join_secs: u64,
-        /// Instead of Shadow's network, lay the nodes out on this host's
-        /// loopback (p2p ports BASE+i, API ports BASE+nodes+i) with times
-        /// counted from now, to check an export with real processes.
-        #[arg(long, value_name = "BASE")]
-        local_port: Option<u16>,
-        /// Close connections the topology does not hold after SECS idle
-        /// seconds, and have both ends of every topology link hold it, as
-        /// in-process (5 s there). Without it every connection is held for
-        /// the run, which costs each daemon a connection's buffers for
-        /// every peer it ever met: large runs need it to fit in memory.
-        #[arg(long, value_name = "SECS")]
-        idle_timeout_secs: Option<u64>,
-    },
+    ExportShadow(ExportArgs),
     /// The workload driver Shadow runs beside node N's daemon (started by
     /// an export's shadow.yaml, not by hand).
     Drive {
@@ -100,6 +71,46 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+/// `fogmesh-sim export-shadow`'s arguments.
+#[derive(Debug, clap::Args)]
+struct ExportArgs {
+    /// The scenario file (TOML).
+    scenario: PathBuf,
+    /// Seed (default: the scenario's).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// The directory to write (absent or empty).
+    #[arg(long)]
+    out: PathBuf,
+    /// The fogmesh binary Shadow runs (default: the one beside this
+    /// program).
+    #[arg(long, value_name = "PATH")]
+    fogmesh: Option<PathBuf>,
+    /// Simulated seconds the members get to join the group before the
+    /// workload's warm-up.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    join_secs: u64,
+    /// Instead of Shadow's network, lay the nodes out on this host's
+    /// loopback (p2p ports BASE+i, API ports BASE+nodes+i) with times
+    /// counted from now, to check an export with real processes.
+    #[arg(long, value_name = "BASE")]
+    local_port: Option<u16>,
+    /// Close connections the topology does not hold after SECS idle
+    /// seconds, and have both ends of every topology link hold it, as
+    /// in-process (5 s there). Without it every connection is held for
+    /// the run, which costs each daemon a connection's buffers for
+    /// every peer it ever met: large runs need it to fit in memory.
+    #[arg(long, value_name = "SECS")]
+    idle_timeout_secs: Option<u64>,
+    /// Start the daemons one after another, evenly over SECS simulated
+    /// seconds, instead of all at once; the group is created 9 s after
+    /// the last. A thousand daemons starting in the same instant all walk
+    /// the DHT at once, and each walk's connections cost both ends their
+    /// buffers.
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    boot_secs: u64,
 }
 
 fn main() -> ExitCode {
@@ -135,23 +146,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             out,
             time_dilation,
         } => run_scenario(&scenario, seed, out, time_dilation),
-        Command::ExportShadow {
-            scenario,
-            seed,
-            out,
-            fogmesh,
-            join_secs,
-            local_port,
-            idle_timeout_secs,
-        } => export_shadow(
-            &scenario,
-            seed,
-            out,
-            fogmesh,
-            join_secs,
-            local_port,
-            idle_timeout_secs,
-        ),
+        Command::ExportShadow(args) => export_shadow(args),
         Command::Drive { dir, node } => drive(&dir, node),
         Command::Analyse { dir, out } => analyse_dir(&dir, out),
     }
@@ -193,32 +188,26 @@ fn run_scenario(
 }
 
 /// `fogmesh-sim export-shadow`: writes a Shadow run of the scenario.
-fn export_shadow(
-    scenario: &std::path::Path,
-    seed: Option<u64>,
-    out: PathBuf,
-    fogmesh: Option<PathBuf>,
-    join_secs: u64,
-    local_port: Option<u16>,
-    idle_timeout_secs: Option<u64>,
-) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(scenario)
-        .with_context(|| format!("cannot read {}", scenario.display()))?;
-    let s = scenario::Scenario::load(scenario)?;
+fn export_shadow(a: ExportArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&a.scenario)
+        .with_context(|| format!("cannot read {}", a.scenario.display()))?;
+    let s = scenario::Scenario::load(&a.scenario)?;
     s.check()?;
     let me = std::env::current_exe().context("cannot find this program's path")?;
-    let fogmesh = match fogmesh {
+    let fogmesh = match a.fogmesh {
         Some(p) => std::path::absolute(p)?,
         None => me.with_file_name("fogmesh"),
     };
+    let out = a.out;
     let opts = shadow::ExportOptions {
-        seed: seed.unwrap_or(s.seed),
+        seed: a.seed.unwrap_or(s.seed),
         out: out.clone(),
         fogmesh,
         fogmesh_sim: me,
-        join_secs,
-        local_port,
-        idle_timeout_secs,
+        join_secs: a.join_secs,
+        local_port: a.local_port,
+        idle_timeout_secs: a.idle_timeout_secs,
+        boot_secs: a.boot_secs,
     };
     let info = shadow::export(&s, &text, &opts)?;
     eprintln!(

@@ -22,9 +22,11 @@
 //! - `scenario.toml`: the scenario, as given.
 //!
 //! Times under Shadow are simulated: its clock starts at 2000-01-01
-//! 00:00:00 UTC ([`SHADOW_EPOCH_UNIX_S`]). The admin creates the group at
-//! `create_at_s`, the members (which trust the admin) join, and the
-//! workload's model time 0 is `start_at_s`.
+//! 00:00:00 UTC ([`SHADOW_EPOCH_UNIX_S`]). The daemons start at 1 s, all
+//! together or one after another over `--boot-secs` ([`start_ms`]); the
+//! admin creates the group at `create_at_s`, once every daemon has had 9 s
+//! to dial its topology links, the members (which trust the admin) join,
+//! and the workload's model time 0 is `start_at_s`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -49,12 +51,13 @@ const P2P_PORT: u16 = 4001;
 /// The API address of every daemon (each Shadow host has its own
 /// loopback).
 const API_ADDR: &str = "127.0.0.1:7070";
-/// When the daemons start, simulated seconds.
+/// When the first daemon starts, simulated seconds.
 const DAEMON_START_S: u64 = 1;
-/// When the drivers start.
-const DRIVER_START_S: u64 = 2;
-/// When the admin creates the group: after every bootstrap dial.
-const CREATE_AT_S: u64 = 10;
+/// How long after its daemon a driver starts.
+const DRIVER_AFTER_MS: u64 = 1000;
+/// When the admin creates the group, after the last daemon's start: after
+/// every bootstrap dial.
+const CREATE_AFTER_BOOT_S: u64 = 9;
 /// Seconds after the end of the workload before Shadow stops.
 const TAIL_S: u64 = 10;
 
@@ -82,6 +85,11 @@ pub struct ExportOptions {
     /// in-process). `None`: each link is listed at its dialler only and
     /// every connection is held for the run (an hour's idle timeout).
     pub idle_timeout_secs: Option<u64>,
+    /// Start the daemons one after another, evenly over this many
+    /// simulated seconds (0: all at once); the group is created after the
+    /// last one. Under Shadow only: with `local_port` whoever starts the
+    /// processes starts them.
+    pub boot_secs: u64,
 }
 
 /// What `analyse` needs to know of an export (`export.json`).
@@ -167,7 +175,8 @@ pub fn export(s: &Scenario, text: &str, opts: &ExportOptions) -> anyhow::Result<
     std::fs::create_dir_all(out.join("nodes"))
         .with_context(|| format!("cannot create {}", out.display()))?;
     let plan = plan(s, opts.seed);
-    let start_at_s = CREATE_AT_S + opts.join_secs + s.workload.warmup_secs.ceil() as u64;
+    let create_at_s = create_at_s(opts.boot_secs);
+    let start_at_s = create_at_s + opts.join_secs + s.workload.warmup_secs.ceil() as u64;
     let epoch_unix_s = match opts.local_port {
         Some(_) => SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs(),
         None => SHADOW_EPOCH_UNIX_S,
@@ -187,7 +196,7 @@ pub fn export(s: &Scenario, text: &str, opts: &ExportOptions) -> anyhow::Result<
         .with_context(|| format!("preparing node {i} in {}", node.data_dir.display()))?;
     }
 
-    let differences = differences(s, opts.idle_timeout_secs);
+    let differences = differences(s, opts);
     for d in &differences {
         tracing::warn!("{d}");
     }
@@ -202,7 +211,7 @@ pub fn export(s: &Scenario, text: &str, opts: &ExportOptions) -> anyhow::Result<
     let drive = DrivePlan {
         seed: opts.seed,
         epoch_unix_s,
-        create_at_s: CREATE_AT_S,
+        create_at_s,
         start_at_s,
         group_name: s.name.chars().take(64).collect(),
         members: plan.workload.members.clone(),
@@ -295,7 +304,7 @@ fn api_addr(s: &Scenario, local_port: Option<u16>, i: usize) -> String {
 
 /// Settings the in-process simulator applies and the daemons cannot be
 /// given, so the two engines differ there.
-fn differences(s: &Scenario, idle_timeout_secs: Option<u64>) -> Vec<String> {
+fn differences(s: &Scenario, opts: &ExportOptions) -> Vec<String> {
     let mut d = Vec::new();
     // GossipParams has no PartialEq: its Debug form names every field.
     let daemon = fogmesh::behaviour::GossipParams::default();
@@ -312,7 +321,7 @@ fn differences(s: &Scenario, idle_timeout_secs: Option<u64>) -> Vec<String> {
          libp2p-kad starts by itself while a table holds fewer than 20 peers)"
             .to_owned(),
     );
-    d.push(match idle_timeout_secs {
+    d.push(match opts.idle_timeout_secs {
         None => "the daemons hold every connection for the run (idle timeout 3600 s: a topology \
                  link is asked for by its dialler only); in-process nodes hold the topology's \
                  links at both ends and close other idle connections after 5 model seconds"
@@ -323,6 +332,14 @@ fn differences(s: &Scenario, idle_timeout_secs: Option<u64>) -> Vec<String> {
              {secs} idle seconds (5 in-process)"
         ),
     });
+    if opts.boot_secs > 0 && opts.local_port.is_none() {
+        d.push(format!(
+            "the daemons start one after another over {} simulated seconds, and the group is \
+             created {CREATE_AFTER_BOOT_S} s after the last; in-process nodes start one after \
+             another as fast as the host builds them, before the workload's clock",
+            opts.boot_secs
+        ));
+    }
     if s.link.loss > 0.0 {
         d.push(format!(
             "loss {}: Shadow drops packets (TCP retransmits), the in-process model delays \
@@ -536,7 +553,7 @@ fn shadow_config(
                 path: opts.fogmesh.clone(),
                 args: vec!["--data-dir".into(), data_dir, "run".into()],
                 environment: env.clone(),
-                start_time: format!("{DAEMON_START_S}s"),
+                start_time: format!("{}ms", start_ms(opts.boot_secs, n.index, info.nodes.len())),
                 expected_final_state: serde_json::json!("running"),
             };
             let mut processes = vec![daemon];
@@ -550,7 +567,10 @@ fn shadow_config(
                         n.index.to_string(),
                     ],
                     environment: env,
-                    start_time: format!("{DRIVER_START_S}s"),
+                    start_time: format!(
+                        "{}ms",
+                        start_ms(opts.boot_secs, n.index, info.nodes.len()) + DRIVER_AFTER_MS
+                    ),
                     expected_final_state: serde_json::json!({"exited": 0}),
                 });
             }
@@ -580,6 +600,22 @@ fn shadow_config(
         },
         hosts,
     }
+}
+
+/// When daemon `index` of `nodes` starts, in simulated milliseconds: all
+/// at [`DAEMON_START_S`], or evenly spread over the next `boot_secs` (so
+/// that a large network does not make every node's first Kademlia walk
+/// at the same instant: each connection costs both of its ends buffers,
+/// and a daemon's heap keeps its peak).
+fn start_ms(boot_secs: u64, index: usize, nodes: usize) -> u64 {
+    let spread = (boot_secs * 1000).saturating_mul(index as u64) / nodes.max(1) as u64;
+    DAEMON_START_S * 1000 + spread
+}
+
+/// When the admin creates the group: [`CREATE_AFTER_BOOT_S`] after the
+/// last daemon's start.
+fn create_at_s(boot_secs: u64) -> u64 {
+    DAEMON_START_S + boot_secs + CREATE_AFTER_BOOT_S
 }
 
 /// Whether node `index` has a part in the workload (it is the admin, or
@@ -752,6 +788,7 @@ message_size = 64
             join_secs: 30,
             local_port: None,
             idle_timeout_secs,
+            boot_secs: 0,
         }
     }
 
@@ -803,6 +840,66 @@ message_size = 64
                 .iter()
                 .any(|d| d.contains("5 idle seconds"))
         );
+    }
+
+    /// With `--boot-secs`, the daemons start one after another over the
+    /// window, each driver a second after its daemon, and the group is
+    /// created after the last daemon's start.
+    #[test]
+    fn boot_secs_spreads_the_starts() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().join("x");
+        let s: Scenario = toml::from_str(SCENARIO).expect("scenario");
+        let opts = ExportOptions {
+            boot_secs: 6,
+            ..options(&dir, Some(5))
+        };
+        let info = export(&s, SCENARIO, &opts).expect("export");
+        let yaml = std::fs::read_to_string(dir.join("shadow.yaml")).expect("yaml");
+        let config: yaml_serde::Value = yaml_serde::from_str(&yaml).expect("valid YAML");
+        let ms = |v: &yaml_serde::Value| -> u64 {
+            let t = v["start_time"].as_str().expect("start_time");
+            t.strip_suffix("ms")
+                .expect("in ms")
+                .parse()
+                .expect("a number")
+        };
+        let mut starts = Vec::new();
+        for n in &info.nodes {
+            let p = &config["hosts"][n.host.as_str()]["processes"];
+            let daemon = ms(&p[0]);
+            if let Some(driver) = p.get(1) {
+                assert_eq!(ms(driver), daemon + 1000, "node {}", n.index);
+            }
+            starts.push((n.index, daemon));
+        }
+        starts.sort_unstable();
+        assert_eq!(starts[0].1, 1000);
+        assert!(starts.windows(2).all(|w| w[1].1 > w[0].1), "{starts:?}");
+        assert_eq!(starts[11].1, 1000 + 6000 * 11 / 12);
+        let drive: DrivePlan =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("drive.json")).expect("plan"))
+                .expect("drive.json");
+        assert_eq!(drive.create_at_s, 1 + 6 + 9);
+        assert!(drive.start_at_s > drive.create_at_s + 30);
+        assert!(
+            info.differences
+                .iter()
+                .any(|d| d.contains("over 6 simulated seconds"))
+        );
+
+        // Without it every daemon starts at 1 s and the group at 10 s.
+        let dir = tmp.path().join("y");
+        exported(&dir);
+        let yaml = std::fs::read_to_string(dir.join("shadow.yaml")).expect("yaml");
+        let config: yaml_serde::Value = yaml_serde::from_str(&yaml).expect("valid YAML");
+        for (_, h) in config["hosts"].as_mapping().expect("hosts") {
+            assert_eq!(ms(&h["processes"][0]), 1000);
+        }
+        let drive: DrivePlan =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("drive.json")).expect("plan"))
+                .expect("drive.json");
+        assert_eq!(drive.create_at_s, 10);
     }
 
     #[test]
@@ -967,13 +1064,8 @@ message_size = 64
                 .expect("scenario");
         let tmp = tempfile::tempdir().expect("tempdir");
         let opts = ExportOptions {
-            seed: 1,
             out: tmp.path().join("y"),
-            fogmesh: "/f".into(),
-            fogmesh_sim: "/s".into(),
-            join_secs: 1,
-            local_port: None,
-            idle_timeout_secs: None,
+            ..options(tmp.path(), None)
         };
         let e = export(&s, "", &opts).expect_err("refused");
         assert!(e.to_string().contains("BLE"), "{e}");
