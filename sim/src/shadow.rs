@@ -549,11 +549,12 @@ fn shadow_config(
             // with mprotect, a system call Shadow handles each time (20k
             // of them per 20 nodes over gossip-100's run; 430 with one).
             env.insert("MALLOC_ARENA_MAX".to_owned(), "1".to_owned());
+            let start = start_ms(opts.boot_secs, n.index, info.nodes.len());
             let daemon = Process {
                 path: opts.fogmesh.clone(),
                 args: vec!["--data-dir".into(), data_dir, "run".into()],
                 environment: env.clone(),
-                start_time: format!("{}ms", start_ms(opts.boot_secs, n.index, info.nodes.len())),
+                start_time: format!("{start}ms"),
                 expected_final_state: serde_json::json!("running"),
             };
             let mut processes = vec![daemon];
@@ -567,10 +568,7 @@ fn shadow_config(
                         n.index.to_string(),
                     ],
                     environment: env,
-                    start_time: format!(
-                        "{}ms",
-                        start_ms(opts.boot_secs, n.index, info.nodes.len()) + DRIVER_AFTER_MS
-                    ),
+                    start_time: format!("{}ms", start + DRIVER_AFTER_MS),
                     expected_final_state: serde_json::json!({"exited": 0}),
                 });
             }
@@ -842,6 +840,12 @@ message_size = 64
         );
     }
 
+    /// The `drive.json` an export wrote into `dir`.
+    fn drive_plan(dir: &Path) -> DrivePlan {
+        let text = std::fs::read_to_string(dir.join("drive.json")).expect("drive.json");
+        serde_json::from_str(&text).expect("a drive plan")
+    }
+
     /// With `--boot-secs`, the daemons start one after another over the
     /// window, each driver a second after its daemon, and the group is
     /// created after the last daemon's start.
@@ -877,9 +881,7 @@ message_size = 64
         assert_eq!(starts[0].1, 1000);
         assert!(starts.windows(2).all(|w| w[1].1 > w[0].1), "{starts:?}");
         assert_eq!(starts[11].1, 1000 + 6000 * 11 / 12);
-        let drive: DrivePlan =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("drive.json")).expect("plan"))
-                .expect("drive.json");
+        let drive = drive_plan(&dir);
         assert_eq!(drive.create_at_s, 1 + 6 + 9);
         assert!(drive.start_at_s > drive.create_at_s + 30);
         assert!(
@@ -896,9 +898,7 @@ message_size = 64
         for (_, h) in config["hosts"].as_mapping().expect("hosts") {
             assert_eq!(ms(&h["processes"][0]), 1000);
         }
-        let drive: DrivePlan =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("drive.json")).expect("plan"))
-                .expect("drive.json");
+        let drive = drive_plan(&dir);
         assert_eq!(drive.create_at_s, 10);
     }
 

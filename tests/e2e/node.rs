@@ -342,17 +342,25 @@ fn tcp_dials_leave_from_the_listening_port_unless_port_reuse_is_off() {
     );
 }
 
+/// Daemon A, the stream of its events, and daemon B, which asks for A (a
+/// bootstrap line) while A does not ask for B; both with `args`, in
+/// `dir/a` and `dir/b`.
+fn b_asks_for_a(dir: &std::path::Path, args: &[&str]) -> (Daemon, crate::util::Lines, Daemon) {
+    let a = Daemon::start(&dir.join("a"), args);
+    let events = a.spawn_cli(&["events", "--json"]);
+    let a_addr = a.tcp_addr();
+    let b_args = [args, &["--bootstrap", a_addr.as_str()]].concat();
+    let b = Daemon::start(&dir.join("b"), &b_args);
+    (a, events, b)
+}
+
 #[test]
 fn idle_connections_close_unless_both_ends_asked_for_them() {
     // Every node here closes a connection after 1 s without use, unless it
     // asked for the peer (a bootstrap line, `connect`).
     let tmp = tempfile::tempdir().expect("tempdir");
     let idle = ["--idle-timeout-secs", "1"];
-    let a = Daemon::start(&tmp.path().join("a"), &idle);
-    let events = a.spawn_cli(&["events", "--json"]);
-    let a_addr = a.tcp_addr();
-    let b_args = [&idle[..], &["--bootstrap", a_addr.as_str()]].concat();
-    let b = Daemon::start(&tmp.path().join("b"), &b_args);
+    let (a, events, b) = b_asks_for_a(tmp.path(), &idle);
 
     // B asked for A, A did not ask for B: A closes the idle link.
     let seen = events_until(&events, Duration::from_secs(30), |e| {
@@ -405,12 +413,7 @@ fn the_onion_descriptors_sent_on_connecting_do_not_hold_a_connection() {
     // first exchanges, not after the descriptor stream's idle time and
     // then its own (16 s and more here).
     let tmp = tempfile::tempdir().expect("tempdir");
-    let idle = ["--idle-timeout-secs", "8"];
-    let a = Daemon::start(&tmp.path().join("a"), &idle);
-    let events = a.spawn_cli(&["events", "--json"]);
-    let a_addr = a.tcp_addr();
-    let b_args = [&idle[..], &["--bootstrap", a_addr.as_str()]].concat();
-    let b = Daemon::start(&tmp.path().join("b"), &b_args);
+    let (_a, events, b) = b_asks_for_a(tmp.path(), &["--idle-timeout-secs", "8"]);
     let is_b = |e: &Value, kind: &str| e["type"] == kind && e["peer_id"] == b.peer_id.as_str();
     events_until(&events, Duration::from_secs(30), |e| {
         is_b(e, "peer_connected")
