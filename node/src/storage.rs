@@ -113,28 +113,39 @@ impl Store {
         addrs: &[Multiaddr],
         agent: Option<&str>,
     ) -> Result<(), StoreError> {
-        let key = peer.to_base58();
+        self.upsert_peers([(peer, addrs, agent)])
+    }
+
+    /// [`Store::upsert_peer`] for each of `seen` in order, in one
+    /// transaction (one commit for a burst of connections).
+    pub fn upsert_peers<'a>(
+        &self,
+        seen: impl IntoIterator<Item = (&'a PeerId, &'a [Multiaddr], Option<&'a str>)>,
+    ) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(db_err)?;
         {
             let mut table = tx.open_table(PEERS).map_err(db_err)?;
-            let mut rec: PeerRecord = match table.get(key.as_str()).map_err(db_err)? {
-                Some(v) => serde_json::from_slice(v.value()).unwrap_or_default(),
-                None => PeerRecord::default(),
-            };
-            for a in addrs.iter().rev() {
-                let a = strip_p2p(a);
-                rec.addrs.retain(|x| x != &a);
-                rec.addrs.insert(0, a);
+            for (peer, addrs, agent) in seen {
+                let key = peer.to_base58();
+                let mut rec: PeerRecord = match table.get(key.as_str()).map_err(db_err)? {
+                    Some(v) => serde_json::from_slice(v.value()).unwrap_or_default(),
+                    None => PeerRecord::default(),
+                };
+                for a in addrs.iter().rev() {
+                    let a = strip_p2p(a);
+                    rec.addrs.retain(|x| x != &a);
+                    rec.addrs.insert(0, a);
+                }
+                rec.addrs.truncate(MAX_ADDRS_PER_PEER);
+                rec.last_seen = unix_now();
+                if let Some(agent) = agent {
+                    rec.agent = Some(agent.chars().take(128).collect());
+                }
+                let bytes = serde_json::to_vec(&rec).map_err(db_err)?;
+                table
+                    .insert(key.as_str(), bytes.as_slice())
+                    .map_err(db_err)?;
             }
-            rec.addrs.truncate(MAX_ADDRS_PER_PEER);
-            rec.last_seen = unix_now();
-            if let Some(agent) = agent {
-                rec.agent = Some(agent.chars().take(128).collect());
-            }
-            let bytes = serde_json::to_vec(&rec).map_err(db_err)?;
-            table
-                .insert(key.as_str(), bytes.as_slice())
-                .map_err(db_err)?;
         }
         tx.commit().map_err(db_err)
     }
@@ -223,6 +234,32 @@ mod tests {
         assert_eq!(peers[0].0, peer);
         assert_eq!(peers[0].1.addrs, vec![a2, a1]);
         assert_eq!(peers[0].1.agent.as_deref(), Some("x"));
+    }
+
+    /// A batch merges as the same updates one by one would, each peer on
+    /// its own record.
+    #[test]
+    fn a_batch_of_peers_is_one_write_with_the_same_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (p, q) = (PeerId::random(), PeerId::random());
+        let a1: Multiaddr = "/ip4/127.0.0.1/tcp/1".parse().expect("ma");
+        let a2: Multiaddr = "/ip4/127.0.0.1/tcp/2".parse().expect("ma");
+        let store = Store::open(dir.path()).expect("open");
+        store
+            .upsert_peers([
+                (&p, std::slice::from_ref(&a1), Some("x")),
+                (&q, std::slice::from_ref(&a2), None),
+                (&p, std::slice::from_ref(&a2), None),
+            ])
+            .expect("upsert");
+        let mut peers = store.peers().expect("peers");
+        peers.sort_by_key(|(peer, _)| *peer != p);
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[0].0, p);
+        assert_eq!(peers[0].1.addrs, vec![a2.clone(), a1]);
+        assert_eq!(peers[0].1.agent.as_deref(), Some("x"));
+        assert_eq!(peers[1].0, q);
+        assert_eq!(peers[1].1.addrs, vec![a2]);
     }
 
     #[test]

@@ -51,14 +51,14 @@ impl OnionNet {
     /// A connection to `peer` came up over the internet.
     pub(super) fn connected(&self, peer: PeerId) {
         if let Some(h) = &self.handle {
-            h.offer(Command::Connected(peer));
+            h.connected(peer);
         }
     }
 
     /// The last connection to `peer` closed.
     pub(super) fn closed(&self, peer: PeerId) {
         if let Some(h) = &self.handle {
-            h.offer(Command::Closed(peer));
+            h.closed(peer);
         }
     }
 }

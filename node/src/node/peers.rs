@@ -24,6 +24,8 @@ use crate::types::{ConnectResponse, Direction, NodeEvent, PeerInfo, TransportKin
 
 /// Capacity of the queue of peer records waiting to be written.
 const STORE_QUEUE: usize = 1024;
+/// How long the writer gathers peer records before it writes them.
+const STORE_LINGER: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The reply to an explicit connect.
 type ConnectReply = oneshot::Sender<Result<ConnectResponse, ConnectError>>;
@@ -580,13 +582,27 @@ impl PeerBook {
     }
 }
 
+/// Writes the queued peer records, what came within [`STORE_LINGER`] of
+/// the first in one transaction: a burst of connections (a Kademlia walk
+/// makes dozens a second) costs one durable commit, not one each. What a
+/// crash loses is at most that long of a cache that is learned again.
 fn write_peers(store: Store, mut rx: mpsc::Receiver<PeerRecordUpdate>, metrics: NodeMetrics) {
-    while let Some(u) = rx.blocking_recv() {
-        match store.upsert_peer(&u.peer, &u.addrs, u.agent.as_deref()) {
+    while let Some(first) = rx.blocking_recv() {
+        std::thread::sleep(STORE_LINGER);
+        let mut batch = vec![first];
+        while batch.len() < STORE_QUEUE
+            && let Ok(u) = rx.try_recv()
+        {
+            batch.push(u);
+        }
+        let seen = batch
+            .iter()
+            .map(|u| (&u.peer, u.addrs.as_slice(), u.agent.as_deref()));
+        match store.upsert_peers(seen) {
             Ok(()) => {
-                metrics.peer_records_written.inc();
+                metrics.peer_records_written.inc_by(batch.len() as u64);
             }
-            Err(e) => tracing::warn!(peer = %u.peer, "cannot save peer: {e}"),
+            Err(e) => tracing::warn!(records = batch.len(), "cannot save peers: {e}"),
         }
     }
 }

@@ -23,7 +23,8 @@ mod service;
 mod wire;
 mod worker;
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fogmesh_protocols::messages::{Envelope, MessageId};
@@ -262,16 +263,56 @@ pub(crate) enum Command {
     Closed(PeerId),
 }
 
+/// The peers the node has an internet connection to, as the event loop
+/// knows them: set before the onion task hears of a connection, cleared
+/// as soon as the last one closes. A writer asks it before it opens a
+/// stream for descriptors, since opening a stream to a peer with no
+/// connection dials that peer.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Linked(Arc<Mutex<HashSet<PeerId>>>);
+
+impl Linked {
+    fn set(&self, peer: PeerId, up: bool) {
+        let mut peers = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if up {
+            peers.insert(peer);
+        } else {
+            peers.remove(&peer);
+        }
+    }
+
+    /// Whether the node has a connection to `peer`.
+    pub(crate) fn contains(&self, peer: &PeerId) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(peer)
+    }
+}
+
 /// The node's handle on the onion task. Cloneable.
 #[derive(Debug, Clone)]
 pub(crate) struct OnionHandle {
     tx: mpsc::Sender<Command>,
+    linked: Linked,
 }
 
 impl OnionHandle {
     /// Queues a command; false when the task is busy or gone.
     pub(crate) fn offer(&self, cmd: Command) -> bool {
         self.tx.try_send(cmd).is_ok()
+    }
+
+    /// A connection to `peer` came up (not over BLE).
+    pub(crate) fn connected(&self, peer: PeerId) {
+        self.linked.set(peer, true);
+        self.offer(Command::Connected(peer));
+    }
+
+    /// The last connection to `peer` closed.
+    pub(crate) fn closed(&self, peer: PeerId) {
+        self.linked.set(peer, false);
+        self.offer(Command::Closed(peer));
     }
 }
 
@@ -286,6 +327,6 @@ pub(crate) fn start(
 ) -> anyhow::Result<(OnionHandle, std::thread::JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let metrics = Arc::new(metrics);
-    let thread = service::spawn(key, control, actor, metrics, cfg, rx, shutdown)?;
-    Ok((OnionHandle { tx }, thread))
+    let (thread, linked) = service::spawn(key, control, actor, metrics, cfg, rx, shutdown)?;
+    Ok((OnionHandle { tx, linked }, thread))
 }

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::wire::{self, ReaderCtx, StreamEvent};
 use super::worker::{self, Leg, WorkIn, WorkOut};
-use super::{Command, MixOrigin, MixTrace, OnionConfig, OnionMetrics};
+use super::{Command, Linked, MixOrigin, MixTrace, OnionConfig, OnionMetrics};
 use crate::messages::{AttemptResult, Input, MessagesHandle, now_ms};
 
 /// Descriptors kept (verified, newest per peer); beyond, new peers' are
@@ -57,7 +57,8 @@ const TICK: Duration = Duration::from_secs(5);
 const HANDED_MS: u64 = 30_000;
 
 /// Starts the worker thread and the task; returns the thread (the task
-/// ends with `shutdown` and stops the thread by closing its queue).
+/// ends with `shutdown` and stops the thread by closing its queue) and
+/// the set of connected peers the node keeps for the task's writers.
 pub(super) fn spawn(
     key: Keypair,
     mut control: libp2p_stream::Control,
@@ -66,8 +67,9 @@ pub(super) fn spawn(
     cfg: OnionConfig,
     commands: mpsc::Receiver<Command>,
     shutdown: CancellationToken,
-) -> anyhow::Result<std::thread::JoinHandle<()>> {
+) -> anyhow::Result<(std::thread::JoinHandle<()>, Linked)> {
     let now = now_ms();
+    let linked = Linked::default();
     let mixer = Mixer::new(MixKeys::new(cfg.epoch_ms, now));
     let (epoch, mix_key) = mixer.keys().current();
     let valid = mixer.keys().validity();
@@ -94,6 +96,7 @@ pub(super) fn spawn(
         actor,
         metrics,
         control,
+        linked: linked.clone(),
         own: None,
         descriptors: HashMap::new(),
         down: HashMap::new(),
@@ -113,7 +116,7 @@ pub(super) fn spawn(
     };
     svc.new_key(epoch, mix_key, valid);
     tokio::spawn(svc.run(commands, out_rx, ev_rx, incoming, readers, shutdown));
-    Ok(thread)
+    Ok((thread, linked))
 }
 
 /// A packet waiting out its delay: its successor, its bytes and, when mix
@@ -135,6 +138,8 @@ struct Service {
     actor: MessagesHandle,
     metrics: Arc<OnionMetrics>,
     control: libp2p_stream::Control,
+    /// Who the node is connected to (descriptors go only to them).
+    linked: Linked,
     /// Our own descriptor.
     own: Option<SignedDescriptor>,
     /// Verified descriptors of others, newest per peer.
@@ -291,6 +296,7 @@ impl Service {
                 let (tx, rx) = mpsc::channel(wire::WRITER_QUEUE);
                 tokio::spawn(wire::writer(
                     self.control.clone(),
+                    self.linked.clone(),
                     peer,
                     rx,
                     self.events.clone(),

@@ -88,7 +88,8 @@ fn split_batch(mut body: &[u8]) -> Option<Vec<Vec<u8>>> {
 }
 
 /// Writes `rx`'s frames to `peer` on one stream, opened at the first
-/// frame (dialling if need be). Ends when the queue closes, the stream
+/// frame (dialling if need be for a packet; descriptors for a peer
+/// `linked` has no connection to are dropped instead). Ends when the queue closes, the stream
 /// breaks, or nothing came to write for `idle`: then the queue is closed
 /// (the onion task opens a new writer for the next frame) and what it
 /// still held is written before the stream is closed.
@@ -101,6 +102,7 @@ fn split_batch(mut body: &[u8]) -> Option<Vec<Vec<u8>>> {
 /// each batch of descriptors word of mouth passed along it.
 pub(super) async fn writer(
     mut control: libp2p_stream::Control,
+    linked: super::Linked,
     peer: PeerId,
     mut rx: mpsc::Receiver<Vec<u8>>,
     events: mpsc::Sender<StreamEvent>,
@@ -132,6 +134,13 @@ pub(super) async fn writer(
         }
         let stream = match &mut current {
             Some((s, _)) => s,
+            None if !holds && !linked.contains(&peer) => {
+                // Descriptors are for a neighbour: opening a stream to a
+                // peer with no connection would dial it (and the new
+                // connection's descriptors would go the same way).
+                tracing::trace!(%peer, "descriptors dropped: no connection");
+                continue;
+            }
             None => {
                 let opened =
                     tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, PROTOCOL)).await;
