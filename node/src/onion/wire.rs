@@ -258,7 +258,172 @@ fn charge(ctx: &ReaderCtx, peer: PeerId) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use futures::StreamExt;
+    use libp2p::core::transport::MemoryTransport;
+    use libp2p::core::{Transport, upgrade};
+    use std::task::{Context, Poll};
+
+    use libp2p::core::transport::PortUse;
+    use libp2p::core::{Endpoint, Multiaddr};
+    use libp2p::swarm::{
+        ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, SwarmEvent, THandlerInEvent,
+        THandlerOutEvent, ToSwarm, dummy,
+    };
+    use libp2p::{Swarm, SwarmBuilder, noise, yamux};
+
     use super::*;
+    use crate::onion::Linked;
+
+    /// Knows one peer's address, as Kademlia or identify would in a
+    /// node, so that a dial for it is attempted rather than refused.
+    struct Book(PeerId, Multiaddr);
+
+    impl NetworkBehaviour for Book {
+        type ConnectionHandler = dummy::ConnectionHandler;
+        type ToSwarm = std::convert::Infallible;
+
+        fn handle_established_inbound_connection(
+            &mut self,
+            _: ConnectionId,
+            _: PeerId,
+            _: &Multiaddr,
+            _: &Multiaddr,
+        ) -> Result<Self::ConnectionHandler, ConnectionDenied> {
+            Ok(dummy::ConnectionHandler)
+        }
+
+        fn handle_established_outbound_connection(
+            &mut self,
+            _: ConnectionId,
+            _: PeerId,
+            _: &Multiaddr,
+            _: Endpoint,
+            _: PortUse,
+        ) -> Result<Self::ConnectionHandler, ConnectionDenied> {
+            Ok(dummy::ConnectionHandler)
+        }
+
+        fn handle_pending_outbound_connection(
+            &mut self,
+            _: ConnectionId,
+            peer: Option<PeerId>,
+            _: &[Multiaddr],
+            _: Endpoint,
+        ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
+            Ok(if peer == Some(self.0) {
+                vec![self.1.clone()]
+            } else {
+                vec![]
+            })
+        }
+
+        fn on_swarm_event(&mut self, _: FromSwarm) {}
+
+        fn on_connection_handler_event(
+            &mut self,
+            _: PeerId,
+            _: ConnectionId,
+            ev: THandlerOutEvent<Self>,
+        ) {
+            match ev {}
+        }
+
+        fn poll(
+            &mut self,
+            _: &mut Context<'_>,
+        ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+            Poll::Pending
+        }
+    }
+
+    #[derive(NetworkBehaviour)]
+    struct Streams {
+        stream: libp2p_stream::Behaviour,
+        book: Book,
+    }
+
+    /// A swarm of [`Streams`] on the memory transport.
+    fn streams(peer: PeerId) -> Swarm<Streams> {
+        SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_other_transport(|key| {
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    MemoryTransport::default()
+                        .upgrade(upgrade::Version::V1)
+                        .authenticate(noise::Config::new(key)?)
+                        .multiplex(yamux::Config::default()),
+                )
+            })
+            .expect("memory transport")
+            .with_behaviour(|_| Streams {
+                stream: libp2p_stream::Behaviour::new(),
+                // Nobody listens there: the dial is made, and fails.
+                book: Book(peer, "/memory/4242".parse().expect("addr")),
+            })
+            .expect("behaviour")
+            .build()
+    }
+
+    /// Runs a writer for `peer` (to which `swarm` has no connection) with
+    /// one frame, driving the swarm for a while: whether the swarm tried
+    /// to dial `peer`, and what the writer told the onion task.
+    async fn write_unconnected(frame: Vec<u8>) -> (bool, Vec<String>) {
+        let peer = PeerId::random();
+        let mut swarm = streams(peer);
+        let (tx, rx) = mpsc::channel(4);
+        let (ev_tx, mut ev_rx) = mpsc::channel(4);
+        let control = swarm.behaviour().stream.new_control();
+        let writer = tokio::spawn(writer(
+            control,
+            Linked::default(),
+            peer,
+            rx,
+            ev_tx,
+            Duration::from_secs(30),
+        ));
+        tx.send(frame).await.expect("queued");
+        drop(tx);
+        let mut dialled = false;
+        let until = tokio::time::sleep(Duration::from_millis(500));
+        tokio::pin!(until);
+        loop {
+            tokio::select! {
+                ev = swarm.select_next_some() => match ev {
+                    SwarmEvent::Dialing { peer_id, .. }
+                    | SwarmEvent::OutgoingConnectionError { peer_id, .. } => {
+                        dialled |= peer_id == Some(peer);
+                    }
+                    _ => {}
+                },
+                _ = &mut until => break,
+            }
+        }
+        tokio::time::timeout(Duration::from_secs(12), writer)
+            .await
+            .expect("the writer ends")
+            .expect("no panic");
+        let mut told = Vec::new();
+        while let Ok(StreamEvent::WriterDown { why, .. }) = ev_rx.try_recv() {
+            told.push(why);
+        }
+        (dialled, told)
+    }
+
+    /// Descriptors are for neighbours: with no connection to the peer the
+    /// writer drops them and opens nothing, since opening a stream dials.
+    /// A packet does dial (the next hop may be a mix node not yet
+    /// connected), which shows the swarm would have seen the dial.
+    #[tokio::test]
+    async fn descriptors_never_dial_a_peer_packets_do() {
+        let descriptors = descriptors_frame([[7u8; 64].as_slice()].into_iter());
+        let (dialled, told) = write_unconnected(descriptors).await;
+        assert!(!dialled, "descriptors dialled the peer");
+        assert!(told.is_empty(), "{told:?}");
+
+        let (dialled, told) = write_unconnected(packet_frame(&[0u8; PACKET_SIZE])).await;
+        assert!(dialled, "a packet did not dial the peer: {told:?}");
+        assert_eq!(told.len(), 1, "{told:?}");
+    }
 
     #[test]
     fn descriptor_batches_round_trip_and_bad_ones_are_refused() {
