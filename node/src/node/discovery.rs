@@ -105,15 +105,70 @@ pub(super) fn on_mdns(
     by_peer.into_iter().collect()
 }
 
-/// Periodic: when short of peers, walk the DHT towards our own id, which
-/// connects to the peers met on the way (with no known peer it fails,
-/// which is fine).
-pub(super) fn maintain(swarm: &mut Swarm<Behaviour>, short_of_peers: bool) {
-    if !short_of_peers {
+/// Walks of the DHT a node short of peers makes, backing off while a walk
+/// leaves it short.
+///
+/// A walk (a Kademlia bootstrap: a lookup of the node's own key, then one
+/// of a random key in each farther bucket) connects to most of a network
+/// of a few hundred nodes. Those connections close once idle, and the
+/// peers met are only held if the node keeps them (bootstrap lines,
+/// `connect`, gossip meshes), so a node with fewer such peers than
+/// `min_peers` is short again at the next tick. Walking again every tick
+/// found nothing new and made every node a dialler of the whole network
+/// four times a minute; so while the node stays short, its walks come 1,
+/// 2, 4, ... ticks apart, at most [`MAX_WALK_TICKS`]; once it is not
+/// short, the next shortage walks at once.
+#[derive(Debug, Default)]
+pub(super) struct Walks {
+    /// Walks made since the node was last not short.
+    made: u32,
+    /// Ticks to let pass before the next walk.
+    wait: u32,
+}
+
+/// Walks back off to one every this many maintenance ticks (20: every 5
+/// minutes in the daemon, the period of libp2p-kad's own bootstrap).
+pub(super) const MAX_WALK_TICKS: u32 = 20;
+
+impl Walks {
+    /// At a maintenance tick: whether to walk now.
+    pub(super) fn due(&mut self, short: bool) -> bool {
+        if !short {
+            *self = Walks::default();
+            return false;
+        }
+        if self.wait > 0 {
+            self.wait -= 1;
+            return false;
+        }
+        self.wait = (1u32 << self.made.min(5)).min(MAX_WALK_TICKS) - 1;
+        self.made = self.made.saturating_add(1);
+        true
+    }
+
+    /// The walk could not start (no peer known): the next tick tries.
+    fn not_started(&mut self) {
+        *self = Walks::default();
+    }
+}
+
+/// Periodic: walk the DHT when short of peers (backing off, see
+/// [`Walks`]) or, private, short of relays (every tick); the walk connects
+/// to the peers met on the way. With no known peer it cannot start, which
+/// is fine.
+pub(super) fn maintain(
+    swarm: &mut Swarm<Behaviour>,
+    walks: &mut Walks,
+    short_of_peers: bool,
+    short_of_relays: bool,
+) {
+    let peers_due = walks.due(short_of_peers);
+    if !peers_due && !short_of_relays {
         return;
     }
     if let Err(e) = swarm.behaviour_mut().kad.bootstrap() {
         tracing::trace!("kad bootstrap not possible: {e:?}");
+        walks.not_started();
     }
 }
 
@@ -132,5 +187,40 @@ pub(super) fn closest_found(result: kad::GetClosestPeersResult) -> Vec<kad::Peer
     match result {
         Ok(ok) => ok.peers,
         Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ticks, of `n`, at which a node short all along walks.
+    fn walks_while_short(n: u32) -> Vec<u32> {
+        let mut w = Walks::default();
+        (0..n).filter(|_| w.due(true)).collect()
+    }
+
+    #[test]
+    fn a_node_that_stays_short_walks_less_and_less_often() {
+        assert_eq!(walks_while_short(64), vec![0, 1, 3, 7, 15, 31, 51]);
+        // Then every MAX_WALK_TICKS.
+        let late = walks_while_short(200);
+        let gaps: Vec<u32> = late.windows(2).map(|p| p[1] - p[0]).collect();
+        assert!(gaps.ends_with(&[MAX_WALK_TICKS; 5]), "{gaps:?}");
+    }
+
+    #[test]
+    fn a_node_short_again_walks_at_once_and_a_node_with_peers_never() {
+        let mut w = Walks::default();
+        for _ in 0..10 {
+            w.due(true);
+        }
+        assert!(!w.due(false));
+        assert!(w.due(true), "short again after having enough peers");
+        assert!(w.due(true));
+        assert!(!w.due(true));
+
+        let mut w = Walks::default();
+        assert!((0..100).all(|_| !w.due(false)));
     }
 }

@@ -149,6 +149,8 @@ pub(super) struct EventLoop {
     mailbox: MailboxNet,
     ble: Option<BleNet>,
     nat: NatNet,
+    /// The DHT walks made when short of peers.
+    walks: discovery::Walks,
     maintenance_interval: Duration,
     started: Instant,
     listeners: Vec<ListenerId>,
@@ -175,6 +177,7 @@ impl EventLoop {
             mailbox: parts.mailbox,
             ble: parts.ble,
             nat: parts.nat,
+            walks: discovery::Walks::default(),
             maintenance_interval: parts.maintenance_interval,
             started: Instant::now(),
             listeners: Vec::new(),
@@ -273,8 +276,12 @@ impl EventLoop {
                 }
                 ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
                 _ = tick.tick() => {
-                    let short = self.peers.connected() < self.ctx.min_peers || self.nat.wants_relays();
-                    discovery::maintain(&mut self.swarm, short);
+                    discovery::maintain(
+                        &mut self.swarm,
+                        &mut self.walks,
+                        self.peers.connected() < self.ctx.min_peers,
+                        self.nat.wants_relays(),
+                    );
                     self.nat.tick(&mut self.swarm);
                     self.peers.redial_kept(&mut self.swarm, &self.ctx);
                 }
