@@ -11,6 +11,7 @@ use fogmesh_protocols::messages::{Envelope, MessageId};
 use fogmesh_protocols::onion::descriptor::{Descriptor, Role, SignedDescriptor};
 use fogmesh_protocols::onion::fragment::{self, ReplyTo};
 use fogmesh_protocols::onion::packet::{self, Hop, MAX_REPLY, Mixer, PacketError, Piece};
+use fogmesh_protocols::onion::sharing::{SHARE_MAX, Sharing};
 use fogmesh_protocols::onion::{
     MixKeys, PathError, Reassembler, ReplyBlock, choose_path, sample_delays,
 };
@@ -31,8 +32,6 @@ use crate::messages::{AttemptResult, Input, MessagesHandle, now_ms};
 /// Descriptors kept (verified, newest per peer); beyond, new peers' are
 /// ignored until old ones expire.
 const MAX_DESCRIPTORS: usize = 4096;
-/// Descriptors sent to a neighbour at once.
-const SHARE_MAX: usize = 128;
 /// Packets waiting out their delay at once; beyond, new ones are dropped.
 const MAX_DELAYED: usize = 8192;
 /// How long a peer whose connection closed (or whose stream failed) is
@@ -102,6 +101,7 @@ pub(super) fn spawn(
         down: HashMap::new(),
         connected: HashSet::new(),
         failed_once: HashSet::new(),
+        sharing: Sharing::default(),
         writers: HashMap::new(),
         handed: HashMap::new(),
         work: work_tx,
@@ -150,6 +150,8 @@ struct Service {
     /// Connected peers whose stream already failed once since they
     /// connected: a second failure leaves them out of paths.
     failed_once: HashSet<PeerId>,
+    /// Whom we asked for their descriptors, and answered.
+    sharing: Sharing,
     writers: HashMap<PeerId, mpsc::Sender<Vec<u8>>>,
     /// Our attempts whose packets were queued for a first hop, by that
     /// hop, with when: failed at once if its stream fails.
@@ -236,13 +238,12 @@ impl Service {
                 self.down.remove(&peer);
                 if self.connected.insert(peer) {
                     self.failed_once.remove(&peer);
-                    // Our descriptor and the ones we know, so that the
-                    // network learns the mix nodes by word of mouth.
-                    let list = self.share_list();
-                    self.write(
-                        peer,
-                        wire::descriptors_frame(list.iter().map(Vec::as_slice)),
-                    );
+                    // Our own descriptor; the ones we know only if asked,
+                    // and we ask while we lack lists (`Sharing`).
+                    self.greet(peer);
+                    if self.sharing.ask(peer, now_ms()) {
+                        self.write(peer, wire::want_frame());
+                    }
                 }
             }
             Command::Closed(peer) => {
@@ -260,6 +261,23 @@ impl Service {
         if let Err(e) = self.actor.offer(input) {
             tracing::debug!("messages input dropped: {e}");
         }
+    }
+
+    /// Sends `peer` our own descriptor, if we have one.
+    fn greet(&mut self, peer: PeerId) {
+        if let Some(own) = &self.own {
+            let frame = wire::descriptors_frame(std::iter::once(own.bytes.as_slice()));
+            self.write(peer, frame);
+        }
+    }
+
+    /// Sends `peer` the descriptors we know.
+    fn send_list(&mut self, peer: PeerId) {
+        let list = self.share_list();
+        self.write(
+            peer,
+            wire::descriptors_frame(list.iter().map(Vec::as_slice)),
+        );
     }
 
     /// The descriptors we pass on: ours first, then mix nodes', then
@@ -741,6 +759,11 @@ impl Service {
     fn on_stream_event(&mut self, ev: StreamEvent) {
         match ev {
             StreamEvent::Descriptors { from, list } => self.on_descriptors(from, list),
+            StreamEvent::Want { from } => {
+                if self.connected.contains(&from) && self.sharing.answer(from, now_ms()) {
+                    self.send_list(from);
+                }
+            }
             StreamEvent::WriterDown { peer, why } => self.on_writer_down(peer, &why),
         }
     }
@@ -765,13 +788,13 @@ impl Service {
         }
         if self.connected.contains(&peer) && self.failed_once.insert(peer) {
             // Still connected (the stream may have died with one of two
-            // connections to it): once, open a new stream and send our
-            // descriptors again, which went with the lost frames.
-            let list = self.share_list();
-            self.write(
-                peer,
-                wire::descriptors_frame(list.iter().map(Vec::as_slice)),
-            );
+            // connections to it): once, open a new stream and send what
+            // may have gone with the lost frames: our descriptor, our list
+            // if it asked lately.
+            self.greet(peer);
+            if self.sharing.answered_lately(&peer, now) {
+                self.send_list(peer);
+            }
         } else if self.descriptors.contains_key(&peer) {
             self.down.insert(peer, now + DOWN_MS);
         }
@@ -781,6 +804,7 @@ impl Service {
     /// on to the other neighbours (flooding ends where they are known).
     fn on_descriptors(&mut self, from: PeerId, list: Vec<Vec<u8>>) {
         let now = now_ms();
+        self.sharing.on_batch(&from, list.len(), now);
         let mut fresh = Vec::new();
         let mut new_mix = false;
         for bytes in list.into_iter().take(SHARE_MAX) {
@@ -836,6 +860,7 @@ impl Service {
 
     fn housekeeping(&mut self) {
         let now = now_ms();
+        self.sharing.expire(now);
         self.descriptors.retain(|_, d| d.descriptor.valid_at(now));
         self.down.retain(|_, t| *t > now);
         self.handed.retain(|_, v| {

@@ -4,7 +4,8 @@
 //! || body`, in one direction (each side opens its own stream to write):
 //! kind 1 is one packet (exactly `PACKET_SIZE` bytes), kind 2 a batch of
 //! descriptors (`length (2 bytes) || descriptor` each, at most
-//! [`MAX_BATCH`] bytes). Lengths are checked before anything is read into
+//! [`MAX_BATCH`] bytes), kind 3 a request for the descriptors the other
+//! side knows (no body). Lengths are checked before anything is read into
 //! memory; anything else ends the stream.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -26,6 +27,7 @@ pub(super) const PROTOCOL: StreamProtocol = StreamProtocol::new(fogmesh_protocol
 /// Frame kinds.
 const PACKET: u8 = 1;
 const DESCRIPTORS: u8 = 2;
+const WANT: u8 = 3;
 /// Largest descriptor batch, bytes.
 pub(super) const MAX_BATCH: usize = 128 * (MAX_DESCRIPTOR + 2);
 /// Frames queued for one neighbour; beyond, packets are dropped.
@@ -40,6 +42,8 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 pub(super) enum StreamEvent {
     /// Descriptors a neighbour sent.
     Descriptors { from: PeerId, list: Vec<Vec<u8>> },
+    /// A neighbour asked for the descriptors we know.
+    Want { from: PeerId },
     /// The stream to a neighbour could not be opened or broke.
     WriterDown { peer: PeerId, why: String },
 }
@@ -47,6 +51,11 @@ pub(super) enum StreamEvent {
 /// A packet frame.
 pub(super) fn packet_frame(packet: &[u8]) -> Vec<u8> {
     frame(PACKET, packet)
+}
+
+/// A request for the descriptors the neighbour knows.
+pub(super) fn want_frame() -> Vec<u8> {
+    frame(WANT, &[])
 }
 
 /// A descriptor batch frame (descriptors beyond the limit are left out).
@@ -197,9 +206,9 @@ async fn read_frames(ctx: &ReaderCtx, peer: PeerId, stream: &mut Stream) -> Stri
         if let Err(e) = stream.read_exact(&mut head).await {
             return e.to_string();
         }
-        // A stream that starts with descriptors does not hold the
-        // connection open (see `writer`).
-        if std::mem::take(&mut first) && head[0] == DESCRIPTORS {
+        // A stream that starts with descriptors or a request for them does
+        // not hold the connection open (see `writer`).
+        if std::mem::take(&mut first) && head[0] != PACKET {
             stream.ignore_for_keep_alive();
         }
         let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
@@ -241,6 +250,15 @@ async fn read_frames(ctx: &ReaderCtx, peer: PeerId, stream: &mut Stream) -> Stri
                     .is_err()
                 {
                     tracing::debug!(%peer, "descriptor batch dropped: the onion task is busy");
+                }
+            }
+            WANT if len == 0 => {
+                if ctx
+                    .events
+                    .try_send(StreamEvent::Want { from: peer })
+                    .is_err()
+                {
+                    tracing::debug!(%peer, "descriptor request dropped: the onion task is busy");
                 }
             }
             kind => return format!("bad frame (kind {kind}, {len} bytes)"),

@@ -21,6 +21,8 @@
 //! - [`replay`]: the per-epoch filter of replay tags.
 //! - [`packet`]: building packets and SURBs, processing one at a relay
 //!   (replayed and tampered packets refused), the final-hop [`Piece`].
+//! - [`sharing`]: when a node asks a neighbour for the descriptors it
+//!   knows, and when it answers.
 //!
 //! See docs/protocols/onion.md for the formats, limits and what the route
 //! does not protect against.
@@ -31,6 +33,7 @@ pub mod keys;
 pub mod packet;
 pub mod path;
 pub mod replay;
+pub mod sharing;
 
 pub use descriptor::{Descriptor, DescriptorError, Role, SignedDescriptor};
 pub use fragment::{Complete, Reassembler, ReplyTo};
@@ -38,6 +41,7 @@ pub use keys::MixKeys;
 pub use packet::{Hop, Mixer, PacketError, Piece, Processed, ReplyBlock};
 pub use path::{PathError, choose_path, sample_delays};
 pub use replay::ReplayFilter;
+pub use sharing::Sharing;
 
 use libp2p_identity::PeerId;
 
