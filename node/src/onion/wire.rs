@@ -1,19 +1,15 @@
-//! Frames of `/fogmesh/mix/1` and the tasks that read and write them.
+//! The tasks that read and write `/fogmesh/mix/1` streams.
 //!
-//! A stream carries frames `kind (1 byte) || length (4 bytes, big endian)
-//! || body`, in one direction (each side opens its own stream to write):
-//! kind 1 is one packet (exactly `PACKET_SIZE` bytes), kind 2 a batch of
-//! descriptors (`length (2 bytes) || descriptor` each, at most
-//! [`MAX_BATCH`] bytes), kind 3 a request for the descriptors the other
-//! side knows (no body). Lengths are checked before anything is read into
-//! memory; anything else ends the stream.
+//! A stream carries frames in one direction (each side opens its own
+//! stream to write); their format is `fogmesh_protocols::onion::stream`.
+//! Headers are checked before anything is read into memory; anything else
+//! ends the stream.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fogmesh_protocols::onion::PACKET_SIZE;
-use fogmesh_protocols::onion::descriptor::MAX_DESCRIPTOR;
+use fogmesh_protocols::onion::stream::{HEADER, Head, PACKET, split_batch};
 use fogmesh_protocols::rate::{RateTable, TokenBucket};
 use futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::{PeerId, Stream, StreamProtocol};
@@ -24,12 +20,7 @@ use super::worker::WorkIn;
 
 /// The protocol.
 pub(super) const PROTOCOL: StreamProtocol = StreamProtocol::new(fogmesh_protocols::onion::PROTOCOL);
-/// Frame kinds.
-const PACKET: u8 = 1;
-const DESCRIPTORS: u8 = 2;
-const WANT: u8 = 3;
-/// Largest descriptor batch, bytes.
-pub(super) const MAX_BATCH: usize = 128 * (MAX_DESCRIPTOR + 2);
+pub(super) use fogmesh_protocols::onion::stream::{descriptors_frame, packet_frame, want_frame};
 /// Frames queued for one neighbour; beyond, packets are dropped.
 pub(super) const WRITER_QUEUE: usize = 512;
 /// Inbound streams read at once (all peers).
@@ -46,54 +37,6 @@ pub(super) enum StreamEvent {
     Want { from: PeerId },
     /// The stream to a neighbour could not be opened or broke.
     WriterDown { peer: PeerId, why: String },
-}
-
-/// A packet frame.
-pub(super) fn packet_frame(packet: &[u8]) -> Vec<u8> {
-    frame(PACKET, packet)
-}
-
-/// A request for the descriptors the neighbour knows.
-pub(super) fn want_frame() -> Vec<u8> {
-    frame(WANT, &[])
-}
-
-/// A descriptor batch frame (descriptors beyond the limit are left out).
-pub(super) fn descriptors_frame<'a>(list: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
-    let mut body = Vec::new();
-    for d in list {
-        if d.len() > MAX_DESCRIPTOR || body.len() + 2 + d.len() > MAX_BATCH {
-            continue;
-        }
-        body.extend_from_slice(&(d.len() as u16).to_be_bytes());
-        body.extend_from_slice(d);
-    }
-    frame(DESCRIPTORS, &body)
-}
-
-fn frame(kind: u8, body: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(5 + body.len());
-    f.push(kind);
-    f.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    f.extend_from_slice(body);
-    f
-}
-
-/// Splits a descriptor batch; `None` when it is malformed.
-fn split_batch(mut body: &[u8]) -> Option<Vec<Vec<u8>>> {
-    let mut out = Vec::new();
-    while !body.is_empty() {
-        let [a, b, rest @ ..] = body else {
-            return None;
-        };
-        let n = usize::from(u16::from_be_bytes([*a, *b]));
-        if n > MAX_DESCRIPTOR || rest.len() < n {
-            return None;
-        }
-        out.push(rest[..n].to_vec());
-        body = &rest[n..];
-    }
-    Some(out)
 }
 
 /// Writes `rx`'s frames to `peer` on one stream, opened at the first
@@ -200,7 +143,7 @@ pub(super) async fn reader(ctx: ReaderCtx, peer: PeerId, mut stream: Stream) {
 }
 
 async fn read_frames(ctx: &ReaderCtx, peer: PeerId, stream: &mut Stream) -> String {
-    let mut head = [0u8; 5];
+    let mut head = [0u8; HEADER];
     let mut first = true;
     loop {
         if let Err(e) = stream.read_exact(&mut head).await {
@@ -211,13 +154,16 @@ async fn read_frames(ctx: &ReaderCtx, peer: PeerId, stream: &mut Stream) -> Stri
         if std::mem::take(&mut first) && head[0] != PACKET {
             stream.ignore_for_keep_alive();
         }
-        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-        match head[0] {
-            PACKET if len == PACKET_SIZE => {
-                let mut body = vec![0u8; len];
-                if let Err(e) = stream.read_exact(&mut body).await {
-                    return e.to_string();
-                }
+        let head = match Head::parse(head) {
+            Ok(h) => h,
+            Err(e) => return e.to_string(),
+        };
+        let mut body = vec![0u8; head.body_len()];
+        if let Err(e) = stream.read_exact(&mut body).await {
+            return e.to_string();
+        }
+        match head {
+            Head::Packet => {
                 ctx.metrics.packets_received.inc();
                 if !charge(ctx, peer) {
                     ctx.metrics.packets_dropped.inc();
@@ -236,11 +182,7 @@ async fn read_frames(ctx: &ReaderCtx, peer: PeerId, stream: &mut Stream) -> Stri
                     }
                 }
             }
-            DESCRIPTORS if len <= MAX_BATCH => {
-                let mut body = vec![0u8; len];
-                if let Err(e) = stream.read_exact(&mut body).await {
-                    return e.to_string();
-                }
+            Head::Descriptors(_) => {
                 let Some(list) = split_batch(&body) else {
                     return "malformed descriptor batch".into();
                 };
@@ -252,7 +194,7 @@ async fn read_frames(ctx: &ReaderCtx, peer: PeerId, stream: &mut Stream) -> Stri
                     tracing::debug!(%peer, "descriptor batch dropped: the onion task is busy");
                 }
             }
-            WANT if len == 0 => {
+            Head::Want => {
                 if ctx
                     .events
                     .try_send(StreamEvent::Want { from: peer })
@@ -261,7 +203,6 @@ async fn read_frames(ctx: &ReaderCtx, peer: PeerId, stream: &mut Stream) -> Stri
                     tracing::debug!(%peer, "descriptor request dropped: the onion task is busy");
                 }
             }
-            kind => return format!("bad frame (kind {kind}, {len} bytes)"),
         }
     }
 }
@@ -276,10 +217,12 @@ fn charge(ctx: &ReaderCtx, peer: PeerId) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::task::{Context, Poll};
+
+    use fogmesh_protocols::onion::PACKET_SIZE;
     use futures::StreamExt;
     use libp2p::core::transport::MemoryTransport;
     use libp2p::core::{Transport, upgrade};
-    use std::task::{Context, Poll};
 
     use libp2p::core::transport::PortUse;
     use libp2p::core::{Endpoint, Multiaddr};
@@ -441,17 +384,5 @@ mod tests {
         let (dialled, told) = write_unconnected(packet_frame(&[0u8; PACKET_SIZE])).await;
         assert!(dialled, "a packet did not dial the peer: {told:?}");
         assert_eq!(told.len(), 1, "{told:?}");
-    }
-
-    #[test]
-    fn descriptor_batches_round_trip_and_bad_ones_are_refused() {
-        let a = vec![1u8; 100];
-        let b = vec![2u8; 300];
-        let f = descriptors_frame([a.as_slice(), b.as_slice()].into_iter());
-        assert_eq!(f[0], DESCRIPTORS);
-        assert_eq!(split_batch(&f[5..]), Some(vec![a, b]));
-        assert_eq!(split_batch(&[0, 5, 1]), None);
-        assert_eq!(split_batch(&[0xff, 0xff]), None);
-        assert_eq!(split_batch(&[]), Some(vec![]));
     }
 }

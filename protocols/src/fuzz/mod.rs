@@ -122,6 +122,11 @@ pub const TARGETS: &[Target] = &[
         onion::onion_packet,
         onion::onion_packet_seeds,
     ),
+    Target::new(
+        "onion_mix_frames",
+        onion::onion_mix_frames,
+        onion::onion_mix_frames_seeds,
+    ),
 ];
 
 /// The target called `name`.

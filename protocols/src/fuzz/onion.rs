@@ -1,5 +1,6 @@
 //! Targets for the onion route's decoders of peer bytes: descriptors,
-//! the final hop's pieces, SURBs, and whole packets through a relay.
+//! the final hop's pieces, SURBs, whole packets through a relay, and the
+//! frames of a mix stream.
 
 use std::sync::OnceLock;
 
@@ -143,4 +144,45 @@ pub(super) fn onion_packet_seeds() -> Vec<Vec<u8>> {
             .collect()
         })
         .clone()
+}
+
+/// A mix stream's bytes, read as a reader does: header, then body, frame
+/// after frame. What passes re-encodes to the same bytes.
+pub(super) fn onion_mix_frames(mut data: &[u8]) {
+    use crate::onion::stream::{
+        HEADER, Head, descriptors_frame, packet_frame, split_batch, want_frame,
+    };
+    while data.len() >= HEADER {
+        let Ok(head) = Head::parse(data[..HEADER].try_into().expect("a header")) else {
+            return;
+        };
+        let n = head.body_len();
+        let Some(frame) = data.get(..HEADER + n) else {
+            return;
+        };
+        let body = &frame[HEADER..];
+        let again = match head {
+            Head::Packet => packet_frame(body),
+            Head::Want => want_frame(),
+            Head::Descriptors(_) => {
+                let Some(list) = split_batch(body) else {
+                    return;
+                };
+                assert!(list.iter().all(|d| d.len() <= MAX_DESCRIPTOR));
+                descriptors_frame(list.iter().map(Vec::as_slice))
+            }
+        };
+        assert_eq!(again, frame);
+        data = &data[HEADER + n..];
+    }
+}
+
+pub(super) fn onion_mix_frames_seeds() -> Vec<Vec<u8>> {
+    use crate::onion::stream::{descriptors_frame, packet_frame, want_frame};
+    let d = onion_descriptor_seeds();
+    let batch = descriptors_frame(d.iter().map(Vec::as_slice));
+    let mut stream = want_frame();
+    stream.extend_from_slice(&batch);
+    stream.extend_from_slice(&packet_frame(&[7; PACKET_SIZE]));
+    vec![want_frame(), batch, stream]
 }

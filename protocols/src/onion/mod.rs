@@ -23,6 +23,8 @@
 //!   (replayed and tampered packets refused), the final-hop [`Piece`].
 //! - [`sharing`]: when a node asks a neighbour for the descriptors it
 //!   knows, and when it answers.
+//! - [`stream`]: the frames of a mix stream (packets, descriptor batches,
+//!   requests), checked header first.
 //!
 //! See docs/protocols/onion.md for the formats, limits and what the route
 //! does not protect against.
@@ -34,6 +36,7 @@ pub mod packet;
 pub mod path;
 pub mod replay;
 pub mod sharing;
+pub mod stream;
 
 pub use descriptor::{Descriptor, DescriptorError, Role, SignedDescriptor};
 pub use fragment::{Complete, Reassembler, ReplyTo};
