@@ -1,9 +1,9 @@
 //! When a node asks a neighbour for the descriptors it knows, and when it
 //! answers such a request.
 //!
-//! Every new connection carries each side's own descriptor (a few hundred
+//! Every new connection carries each side's own descriptor (some 185
 //! bytes). The list of what a node knows (up to [`SHARE_MAX`] descriptors,
-//! about 26 KiB at 128) goes only to a neighbour that asks for it, and a
+//! about 24 KB at 128) goes only to a neighbour that asks for it, and a
 //! node asks only while it has had fewer than [`WANT_LISTS`] lists in the
 //! last [`LIST_FRESH_MS`]: a node starting asks its first few neighbours,
 //! then learns new descriptors as they flood. Sending the whole list both
