@@ -221,11 +221,8 @@ mod tests {
 
     use fogmesh_protocols::onion::PACKET_SIZE;
     use futures::StreamExt;
-    use libp2p::core::transport::MemoryTransport;
-    use libp2p::core::{Transport, upgrade};
-
-    use libp2p::core::transport::PortUse;
-    use libp2p::core::{Endpoint, Multiaddr};
+    use libp2p::core::transport::{MemoryTransport, PortUse};
+    use libp2p::core::{Endpoint, Multiaddr, Transport, upgrade};
     use libp2p::swarm::{
         ConnectionDenied, ConnectionId, FromSwarm, NetworkBehaviour, SwarmEvent, THandlerInEvent,
         THandlerOutEvent, ToSwarm, dummy,

@@ -47,7 +47,7 @@ impl Sharing {
     /// `peer` just connected: whether to ask it for its list (it is then
     /// counted as asked until its list comes or [`ASK_WAIT_MS`] pass).
     pub fn ask(&mut self, peer: PeerId, now_ms: u64) -> bool {
-        self.expire(now_ms);
+        self.expire_requests(now_ms);
         if self.asked.contains_key(&peer) || self.asked.len() + self.lists.len() >= WANT_LISTS {
             return false;
         }
@@ -68,9 +68,16 @@ impl Sharing {
 
     /// `peer` asked for our list: whether to send it now.
     pub fn answer(&mut self, peer: PeerId, now_ms: u64) -> bool {
-        self.expire(now_ms);
-        if self.answered.contains_key(&peer) || self.answered.len() >= MAX_ANSWERED {
+        // Each request costs a lookup; the map is swept only when full
+        // (and by `expire`), not at every request a peer may repeat.
+        if self.answered_lately(&peer, now_ms) {
             return false;
+        }
+        if self.answered.len() >= MAX_ANSWERED {
+            self.expire(now_ms);
+            if self.answered.len() >= MAX_ANSWERED {
+                return false;
+            }
         }
         self.answered.insert(peer, now_ms);
         true
@@ -87,6 +94,13 @@ impl Sharing {
     /// Drops lapsed requests, lists older than [`LIST_FRESH_MS`] and
     /// answers older than [`ANSWER_EVERY_MS`].
     pub fn expire(&mut self, now_ms: u64) {
+        self.expire_requests(now_ms);
+        self.answered
+            .retain(|_, at| now_ms.saturating_sub(*at) < ANSWER_EVERY_MS);
+    }
+
+    /// Drops lapsed requests and stale lists (a few entries each).
+    fn expire_requests(&mut self, now_ms: u64) {
         self.asked.retain(|_, until| *until > now_ms);
         while self
             .lists
@@ -95,8 +109,6 @@ impl Sharing {
         {
             self.lists.pop_front();
         }
-        self.answered
-            .retain(|_, at| now_ms.saturating_sub(*at) < ANSWER_EVERY_MS);
     }
 }
 
