@@ -9,8 +9,9 @@
 //! | field | always | meaning |
 //! |---|---|---|
 //! | `time` | yes | the host's wall clock when the event happened, RFC 3339 in UTC with microseconds (`2025-01-31T12:00:00.123456Z`); under Shadow, Shadow's simulated clock |
-//! | `msg` | yes | what happened ([`Msg`]): `PeerID`, `Received Message`, `Delivered Message`, `Duplicate Delivery` or `Published Message` |
-//! | `id` | yes | for `PeerID` the node's peer id (base58), otherwise the group message id (hex SHA-256 of the signed envelope) |
+//! | `msg` | yes | what happened ([`Msg`]): `PeerID`, `Received Message`, `Delivered Message`, `Duplicate Delivery`, `Published Message`, `Peer Connected`, `Peer Disconnected` (and the mix traces below) |
+//! | `id` | yes | for `PeerID` the node's peer id (base58), for `Peer Connected` and `Peer Disconnected` the other peer's, otherwise the group message id (hex SHA-256 of the signed envelope) |
+//! | `direction` | no | `Peer Connected` only: `inbound` (the peer dialled) or `outbound` |
 //! | `t_ms` | no | model milliseconds since the simulator's workload started (negative before it); only in `fogmesh-sim`'s log |
 //! | `node` | no | the node's index in the simulated network; only in `fogmesh-sim`'s log, which holds every node's lines |
 //!
@@ -26,6 +27,10 @@
 //! - `Published Message`: the node published the message. `--event-log`
 //!   writes it when the node has stored its own message (before
 //!   `group send` returns); the simulator when it called `group send`;
+//! - `Peer Connected` and `Peer Disconnected` (only with `--event-log`):
+//!   the first connection to a peer opened, the last one to it closed
+//!   (so the lines before a time give the peers connected then, as the
+//!   node's status counts them);
 //! - `Mix Sent` and `Mix Relayed` (research traces of the onion route,
 //!   only with `--event-log`; see [`MixFields`]): a packet this node built
 //!   left for its first hop (`id`: what it carries, the direct message's id,
@@ -64,6 +69,12 @@ pub enum Msg {
     /// The node published the message.
     #[serde(rename = "Published Message")]
     Published,
+    /// The first connection to a peer opened.
+    #[serde(rename = "Peer Connected")]
+    PeerConnected,
+    /// The last connection to a peer closed.
+    #[serde(rename = "Peer Disconnected")]
+    PeerDisconnected,
     /// A mix packet this node built left for its first hop.
     #[serde(rename = "Mix Sent")]
     MixSent,
@@ -106,6 +117,9 @@ pub struct Line {
     /// `Mix Sent` and `Mix Relayed` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mix: Option<MixFields>,
+    /// `Peer Connected` only: who dialled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<crate::types::Direction>,
 }
 
 impl Line {
@@ -118,6 +132,7 @@ impl Line {
             t_ms: None,
             node: None,
             mix: None,
+            direction: None,
         }
     }
 
@@ -292,8 +307,9 @@ impl EventLog {
         observe_messages(move |id, _| log.write(Msg::Received, &id))
     }
 
-    /// Logs deliveries and publishes from the node's event stream until it
-    /// ends: the node's own messages are its publishes.
+    /// Logs deliveries and publishes (the node's own messages are its
+    /// publishes) and peers connecting and leaving, from the node's event
+    /// stream until it ends.
     pub async fn follow(self, mut events: broadcast::Receiver<NodeEvent>, local: PeerId) {
         let local = local.to_base58();
         loop {
@@ -305,6 +321,15 @@ impl EventLog {
                         Msg::Delivered
                     };
                     self.write(msg, &id);
+                }
+                Ok(NodeEvent::PeerConnected {
+                    peer_id, direction, ..
+                }) => self.write_line(&Line {
+                    direction: Some(direction),
+                    ..Line::new(SystemTime::now(), Msg::PeerConnected, peer_id)
+                }),
+                Ok(NodeEvent::PeerDisconnected { peer_id }) => {
+                    self.write(Msg::PeerDisconnected, &peer_id)
                 }
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(n)) => {

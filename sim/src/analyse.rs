@@ -13,7 +13,7 @@
 //! (the payload figures are left out; the physical limit takes the text
 //! size as the frame's).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::BufRead as _;
 use std::path::Path;
 use std::time::{Duration, UNIX_EPOCH};
@@ -65,7 +65,12 @@ pub fn analyse(dir: &Path) -> anyhow::Result<(RunRecord, Gaps)> {
     }
     let members = &plan.workload.members;
     let (mut published, mut receipts, mut gaps) = (Vec::new(), Vec::new(), Gaps::default());
+    // Peers each node was connected to when the workload ended (as
+    // in-process, where it is the nodes' status then).
+    let end_ms = s.duration_secs * 1000.0;
+    let mut connected_peers = Vec::new();
     for node in &info.nodes {
+        let mut peers: HashSet<String> = HashSet::new();
         let file = match std::fs::File::open(&node.event_log) {
             Ok(f) => f,
             Err(_) => {
@@ -92,6 +97,15 @@ pub fn analyse(dir: &Path) -> anyhow::Result<(RunRecord, Gaps)> {
             };
             let kind = match l.msg {
                 Msg::PeerId | Msg::MixSent | Msg::MixRelayed => continue,
+                Msg::PeerConnected | Msg::PeerDisconnected if t_ms(&l) > end_ms => continue,
+                Msg::PeerConnected => {
+                    peers.insert(l.id);
+                    continue;
+                }
+                Msg::PeerDisconnected => {
+                    peers.remove(&l.id);
+                    continue;
+                }
                 Msg::Published => {
                     let Some(&size) = sizes.next() else {
                         gaps.unplanned += 1;
@@ -120,6 +134,7 @@ pub fn analyse(dir: &Path) -> anyhow::Result<(RunRecord, Gaps)> {
                 kind,
             });
         }
+        connected_peers.push(peers.len() as u64);
     }
     published.sort_by(|a, b| a.t_ms.total_cmp(&b.t_ms));
     let record = RunRecord {
@@ -134,6 +149,7 @@ pub fn analyse(dir: &Path) -> anyhow::Result<(RunRecord, Gaps)> {
         // On loopback (a local check) the model's latencies do not apply.
         link: (!info.local).then(|| link_record(&s, &plan)),
         wire_sizes_unknown: true,
+        connected_peers,
         ..RunRecord::default()
     };
     Ok((record, gaps))
@@ -152,14 +168,18 @@ mod tests {
     /// published; the first delivered by every other member 100 ms after
     /// it was published, with two wire copies each; the second by one
     /// member only, once twice (an application duplicate); one garbage
-    /// line.
+    /// line. Each logging node met four peers: one left during the
+    /// workload, one after it, one came after it.
     #[test]
     fn known_logs_give_known_figures() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().join("x");
         let (s, plan, info) = exported(&dir);
         let zero = UNIX_EPOCH + Duration::from_secs(info.epoch_unix_s + info.start_at_s);
-        let at = |ms: f64| zero + Duration::from_secs_f64(ms / 1000.0);
+        let at = |ms: f64| match ms {
+            ms if ms < 0.0 => zero - Duration::from_secs_f64(-ms / 1000.0),
+            ms => zero + Duration::from_secs_f64(ms / 1000.0),
+        };
         let msgs: Vec<_> = plan.workload.messages.iter().take(2).collect();
         let mut logs: HashMap<usize, Vec<Line>> = HashMap::new();
         let mut line = |node: usize, t: SystemTime, msg: Msg, id: &str| {
@@ -180,6 +200,18 @@ mod tests {
                     line(n, at(m.t_ms + 200.0), Msg::DuplicateDelivery, &id);
                 }
             }
+        }
+        let end = s.duration_secs * 1000.0;
+        for lines in logs.values_mut() {
+            let peer = |t: f64, msg: Msg, id: &str| Line::new(at(t), msg, id);
+            lines.extend([
+                peer(-5000.0, Msg::PeerConnected, "a"),
+                peer(-5000.0, Msg::PeerConnected, "b"),
+                peer(-4000.0, Msg::PeerConnected, "c"),
+                peer(100.0, Msg::PeerDisconnected, "b"),
+                peer(end + 1000.0, Msg::PeerDisconnected, "c"),
+                peer(end + 1000.0, Msg::PeerConnected, "d"),
+            ]);
         }
         for n in &info.nodes {
             let Some(lines) = logs.get(&n.index) else {
@@ -205,6 +237,18 @@ mod tests {
         assert_eq!(sum.latency_ms.max.map(f64::round), Some(100.0));
         assert_eq!(sum.wire_copies, 2 * members as u64);
         assert_eq!(sum.app_duplicates, 1);
+        assert_eq!(
+            rec.connected_peers,
+            vec![2; logs.len()],
+            "a and c at the end"
+        );
+        assert_eq!(
+            (
+                sum.connected_peers_per_node.p50,
+                sum.connected_peers_per_node.max
+            ),
+            (Some(2.0), Some(2.0))
+        );
         assert_eq!(
             sum.payload_bytes_per_node, None,
             "frame sizes are not logged"

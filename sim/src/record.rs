@@ -137,7 +137,8 @@ pub struct RunRecord {
     pub bytes_sent: Vec<u64>,
     /// Peers each node was connected to at the end of the workload (the
     /// topology's links and whatever else the nodes dialled: Kademlia's
-    /// lookups and bootstrap); empty when not known (Shadow runs).
+    /// lookups and bootstrap); under Shadow, from the daemons' `Peer
+    /// Connected` and `Peer Disconnected` lines (one entry per event log).
     #[serde(default)]
     pub connected_peers: Vec<u64>,
     /// Direct-message envelopes all nodes handed to a peer (attempts,

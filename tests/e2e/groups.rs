@@ -910,7 +910,8 @@ fn file_shared_with_a_group_is_readable_by_members_only() {
 }
 
 /// `--event-log`: the gossipsub-interop style NDJSON a node writes for
-/// studies under Shadow: every wire copy, deliveries and publishes.
+/// studies under Shadow: every wire copy, deliveries and publishes, peers
+/// connecting.
 #[test]
 fn event_log_records_wire_copies_deliveries_and_publishes() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -955,6 +956,13 @@ fn event_log_records_wire_copies_deliveries_and_publishes() {
     });
     let a_events = read(&a_log);
     assert!(has(&a_events, "PeerID", &a.peer_id), "{a_events:?}");
+    // Peers connecting, with who dialled: B dialled A.
+    let connected = |log: &[Value], peer: &str, direction: &str| {
+        log.iter()
+            .any(|e| e["msg"] == "Peer Connected" && e["id"] == peer && e["direction"] == direction)
+    };
+    assert!(connected(&a_events, &b.peer_id, "inbound"), "{a_events:?}");
+    assert!(connected(&read(&b_log), &a.peer_id, "outbound"));
     assert!(has(&a_events, "Published Message", &id), "{a_events:?}");
     assert!(
         !has(&a_events, "Delivered Message", &id),

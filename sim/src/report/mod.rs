@@ -84,7 +84,7 @@ pub struct Summary {
     /// Kademlia, sync), over the entries of `bytes_sent`.
     pub bytes_sent_per_node: Dist,
     /// Peers each node was connected to at the end of the workload, over
-    /// the entries of `connected_peers` (none under Shadow).
+    /// the entries of `connected_peers`.
     pub connected_peers_per_node: Dist,
     /// (Sum over all `Wire` receipts of the message's `wire_size`) / nodes.
     /// Every copy received was sent by someone, so this is the mean gossip
