@@ -7,7 +7,10 @@
 //! From the export it takes the scenario and the seed (so the plan: the
 //! members, the planned messages and the link model) and the times; from
 //! each node's event log its `Published Message`, `Received Message`,
-//! `Delivered Message` and `Duplicate Delivery` lines. What the logs do
+//! `Delivered Message` and `Duplicate Delivery` lines, and from its
+//! `PeerID`, `Peer Connected` and `Peer Disconnected` lines the peers it
+//! was connected to, at the end of the workload (`connected_peers`) and
+//! second by second ([`ConnSample`], `connections.csv`). What the logs do
 //! not hold is left out of the record, not guessed: transport bytes, host
 //! lag (Shadow's clock is simulated: there is none), wire frame sizes
 //! (the payload figures are left out; the physical limit takes the text
@@ -41,8 +44,152 @@ pub struct Gaps {
     pub unplanned: usize,
 }
 
-/// The run record of the export in `dir`, from its nodes' event logs.
-pub fn analyse(dir: &Path) -> anyhow::Result<(RunRecord, Gaps)> {
+/// The most rows `connections.csv` gets (a day of seconds): a clock gone
+/// wrong in one log cannot make it unbounded.
+const MAX_CONN_ROWS: i64 = 86_400;
+
+/// One second of a run of daemons: how many had started and the peers
+/// they were connected to at its end, and the connections made and lost
+/// during it (each connection counts at both of its ends; first
+/// connections to a peer and last ones closed, as the log has them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnSample {
+    /// The second's start, seconds since the workload started (negative
+    /// before), as `t_ms`.
+    pub t_s: i64,
+    /// Daemons whose log had started (`PeerID`) by the second's end.
+    pub up: usize,
+    /// Peers per started daemon: mean, nearest-rank median, largest.
+    pub mean: f64,
+    /// See `mean`.
+    pub p50: usize,
+    /// See `mean`.
+    pub max: usize,
+    /// `Peer Connected` lines in the second, all daemons.
+    pub opened: usize,
+    /// `Peer Disconnected` lines in the second, all daemons.
+    pub closed: usize,
+}
+
+/// `samples` as CSV, a header and one row per second.
+pub fn connections_csv(samples: &[ConnSample]) -> String {
+    let mut out = String::from("t_s,up,mean,p50,max,opened,closed\n");
+    for c in samples {
+        out.push_str(&format!(
+            "{},{},{:.2},{},{},{},{}\n",
+            c.t_s, c.up, c.mean, c.p50, c.max, c.opened, c.closed
+        ));
+    }
+    out
+}
+
+/// One daemon's peers, from its log's `PeerID`, `Peer Connected` and
+/// `Peer Disconnected` lines.
+#[derive(Debug, Default)]
+struct PeerLog {
+    /// When its log started, model ms.
+    start_ms: Option<f64>,
+    /// The peers connected after the lines read so far.
+    now: HashSet<String>,
+    /// How many were connected when the workload ended, once a line
+    /// after its end was read.
+    at_end: Option<usize>,
+    /// Each change: model ms, and whether a peer came (or went).
+    changes: Vec<(f64, bool)>,
+}
+
+impl PeerLog {
+    /// Takes line `l` (at model time `t_ms`) if it is one of the three.
+    fn take(&mut self, l: &Line, t_ms: f64, end_ms: f64) -> bool {
+        let came = match l.msg {
+            Msg::PeerId => {
+                self.start_ms.get_or_insert(t_ms);
+                return true;
+            }
+            Msg::PeerConnected => true,
+            Msg::PeerDisconnected => false,
+            _ => return false,
+        };
+        if t_ms > end_ms && self.at_end.is_none() {
+            self.at_end = Some(self.now.len());
+        }
+        let changed = if came {
+            self.now.insert(l.id.clone())
+        } else {
+            self.now.remove(&l.id)
+        };
+        if changed {
+            self.changes.push((t_ms, came));
+        }
+        true
+    }
+
+    /// Peers connected when the workload ended.
+    fn at_end(&self) -> usize {
+        self.at_end.unwrap_or(self.now.len())
+    }
+}
+
+/// The daemons' peers second by second, from the first log's start to
+/// the last change (at most [`MAX_CONN_ROWS`] rows).
+fn connection_series(logs: &mut [PeerLog]) -> Vec<ConnSample> {
+    let second = |ms: f64| (ms / 1000.0).floor() as i64;
+    let first = logs.iter().filter_map(|l| l.start_ms).map(second).min();
+    let last = (logs.iter())
+        .filter_map(|l| l.changes.iter().map(|c| c.0).reduce(f64::max))
+        .map(second)
+        .max();
+    let (Some(first), Some(last)) = (first, last) else {
+        return Vec::new();
+    };
+    for l in logs.iter_mut() {
+        l.changes.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    let (mut seen, mut count) = (vec![0usize; logs.len()], vec![0i64; logs.len()]);
+    let mut rows = Vec::new();
+    for t in first..=last.min(first.saturating_add(MAX_CONN_ROWS - 1)) {
+        let end = (t + 1) as f64 * 1000.0;
+        let (mut opened, mut closed, mut peers) = (0, 0, Vec::new());
+        for (i, l) in logs.iter().enumerate() {
+            while let Some(&(at, came)) = l.changes.get(seen[i])
+                && at < end
+            {
+                seen[i] += 1;
+                count[i] += if came { 1 } else { -1 };
+                if at >= end - 1000.0 {
+                    *(if came { &mut opened } else { &mut closed }) += 1;
+                }
+            }
+            if l.start_ms.is_some_and(|s| s < end) {
+                peers.push(count[i].max(0) as usize);
+            }
+        }
+        peers.sort_unstable();
+        let up = peers.len();
+        rows.push(ConnSample {
+            t_s: t,
+            up,
+            mean: if up == 0 {
+                0.0
+            } else {
+                peers.iter().sum::<usize>() as f64 / up as f64
+            },
+            p50: if up == 0 {
+                0
+            } else {
+                peers[up.div_ceil(2) - 1]
+            },
+            max: peers.last().copied().unwrap_or(0),
+            opened,
+            closed,
+        });
+    }
+    rows
+}
+
+/// The run record of the export in `dir`, from its nodes' event logs, and
+/// the daemons' connections second by second.
+pub fn analyse(dir: &Path) -> anyhow::Result<(RunRecord, Gaps, Vec<ConnSample>)> {
     let read = |name: &str| {
         let p = dir.join(name);
         std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))
@@ -68,9 +215,9 @@ pub fn analyse(dir: &Path) -> anyhow::Result<(RunRecord, Gaps)> {
     // Peers each node was connected to when the workload ended (as
     // in-process, where it is the nodes' status then).
     let end_ms = s.duration_secs * 1000.0;
-    let mut connected_peers = Vec::new();
+    let mut peer_logs = Vec::new();
     for node in &info.nodes {
-        let mut peers: HashSet<String> = HashSet::new();
+        let mut peers = PeerLog::default();
         let file = match std::fs::File::open(&node.event_log) {
             Ok(f) => f,
             Err(_) => {
@@ -95,17 +242,12 @@ pub fn analyse(dir: &Path) -> anyhow::Result<(RunRecord, Gaps)> {
                 gaps.bad_lines += 1;
                 continue;
             };
+            if peers.take(&l, t_ms(&l), end_ms) {
+                continue;
+            }
             let kind = match l.msg {
-                Msg::PeerId | Msg::MixSent | Msg::MixRelayed => continue,
-                Msg::PeerConnected | Msg::PeerDisconnected if t_ms(&l) > end_ms => continue,
-                Msg::PeerConnected => {
-                    peers.insert(l.id);
-                    continue;
-                }
-                Msg::PeerDisconnected => {
-                    peers.remove(&l.id);
-                    continue;
-                }
+                Msg::PeerId | Msg::PeerConnected | Msg::PeerDisconnected => continue,
+                Msg::MixSent | Msg::MixRelayed => continue,
                 Msg::Published => {
                     let Some(&size) = sizes.next() else {
                         gaps.unplanned += 1;
@@ -134,8 +276,10 @@ pub fn analyse(dir: &Path) -> anyhow::Result<(RunRecord, Gaps)> {
                 kind,
             });
         }
-        connected_peers.push(peers.len() as u64);
+        peer_logs.push(peers);
     }
+    let connected_peers = peer_logs.iter().map(|p| p.at_end() as u64).collect();
+    let connections = connection_series(&mut peer_logs);
     published.sort_by(|a, b| a.t_ms.total_cmp(&b.t_ms));
     let record = RunRecord {
         scenario: s.name.clone(),
@@ -152,7 +296,7 @@ pub fn analyse(dir: &Path) -> anyhow::Result<(RunRecord, Gaps)> {
         connected_peers,
         ..RunRecord::default()
     };
-    Ok((record, gaps))
+    Ok((record, gaps, connections))
 }
 
 #[cfg(test)]
@@ -205,6 +349,7 @@ mod tests {
         for lines in logs.values_mut() {
             let peer = |t: f64, msg: Msg, id: &str| Line::new(at(t), msg, id);
             lines.extend([
+                peer(-6000.0, Msg::PeerId, "me"),
                 peer(-5000.0, Msg::PeerConnected, "a"),
                 peer(-5000.0, Msg::PeerConnected, "b"),
                 peer(-4000.0, Msg::PeerConnected, "c"),
@@ -224,7 +369,7 @@ mod tests {
             writeln!(f, "not json").expect("write");
         }
 
-        let (rec, gaps) = analyse(&dir).expect("analyse");
+        let (rec, gaps, conns) = analyse(&dir).expect("analyse");
         let members = plan.workload.members.len();
         assert_eq!(rec.published.len(), 2);
         assert_eq!(gaps.unplanned, 0);
@@ -242,6 +387,27 @@ mod tests {
             vec![2; logs.len()],
             "a and c at the end"
         );
+        // Second by second: every logging daemon up from -6 s; a and b
+        // came in [-5, -4), c in [-4, -3), b left in [0, 1), c left and d
+        // came in the second after the end.
+        let n = logs.len();
+        let row = |t: i64| conns.iter().find(|c| c.t_s == t).expect("a row");
+        assert_eq!(
+            conns.first().map(|c| (c.t_s, c.up, c.max)),
+            Some((-6, n, 0))
+        );
+        assert_eq!((row(-5).opened, row(-5).mean, row(-5).p50), (2 * n, 2.0, 2));
+        assert_eq!((row(-4).opened, row(-4).max), (n, 3));
+        assert_eq!((row(0).closed, row(0).mean), (n, 2.0));
+        let last = conns.last().expect("rows");
+        let end_s = (end / 1000.0) as i64 + 1;
+        assert_eq!(
+            (last.t_s, last.opened, last.closed, last.mean),
+            (end_s, n, n, 2.0)
+        );
+        let csv = connections_csv(&conns);
+        assert!(csv.starts_with("t_s,up,mean,p50,max,opened,closed\n-6,"));
+        assert_eq!(csv.lines().count(), conns.len() + 1);
         assert_eq!(
             (
                 sum.connected_peers_per_node.p50,

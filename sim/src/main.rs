@@ -63,7 +63,8 @@ enum Command {
         node: usize,
     },
     /// Turn the daemons' event logs of a Shadow run into the report of an
-    /// in-process run (summary.json, summary.csv, plots).
+    /// in-process run (summary.json, summary.csv, plots), and their peers
+    /// second by second (connections.csv).
     Analyse {
         /// The export directory, after Shadow ran it.
         dir: PathBuf,
@@ -232,7 +233,7 @@ fn drive(dir: &std::path::Path, node: usize) -> anyhow::Result<()> {
 
 /// `fogmesh-sim analyse`: the report of a Shadow run from its event logs.
 fn analyse_dir(dir: &std::path::Path, out: Option<PathBuf>) -> anyhow::Result<()> {
-    let (record, gaps) = analyse::analyse(dir)?;
+    let (record, gaps, connections) = analyse::analyse(dir)?;
     if !gaps.missing_logs.is_empty() {
         eprintln!("warning: no event log for nodes {:?}", gaps.missing_logs);
     }
@@ -244,6 +245,11 @@ fn analyse_dir(dir: &std::path::Path, out: Option<PathBuf>) -> anyhow::Result<()
     }
     let out = out.unwrap_or_else(|| dir.join("report"));
     let summary = report::write_report(&record, &out)?;
+    if !connections.is_empty() {
+        let path = out.join("connections.csv");
+        std::fs::write(&path, analyse::connections_csv(&connections))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     println!("{}", serde_json::to_string_pretty(&summary)?);
     eprintln!("outputs in {}", out.display());
     Ok(())
