@@ -328,6 +328,12 @@ pub struct BehaviourConfig {
     /// (libp2p's 10 s; stretched by the time dilation, see
     /// `crate::negotiation`).
     pub negotiation_timeout: Duration,
+    /// How long one Kademlia lookup may run before it ends with the peers
+    /// it found so far (30 s; stretched by the time dilation).
+    pub kad_query_timeout: Duration,
+    /// How long one Kademlia request to one peer may take, stream
+    /// included (libp2p's 10 s; stretched by the time dilation).
+    pub kad_request_timeout: Duration,
     /// Peers per Kademlia bucket (k, 20 by default). Kademlia allocates
     /// all 256 buckets whole at start (about 1.6 MB at k = 20): the
     /// simulator, which runs a thousand nodes in one process, keeps fewer.
@@ -376,6 +382,8 @@ impl Default for BehaviourConfig {
             ping_interval: Duration::from_secs(15),
             ping_timeout: Duration::from_secs(20),
             negotiation_timeout: crate::negotiation::NEGOTIATION_TIMEOUT,
+            kad_query_timeout: Duration::from_secs(30),
+            kad_request_timeout: Duration::from_secs(10),
             kad_bucket_size: kad::K_VALUE,
         }
     }
@@ -651,7 +659,8 @@ fn nat_behaviours(
 fn kademlia(peer_id: libp2p::PeerId, cfg: &BehaviourConfig) -> kad::Behaviour<ProviderStore> {
     let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
     kad_cfg
-        .set_query_timeout(Duration::from_secs(30))
+        .set_query_timeout(cfg.kad_query_timeout)
+        .set_substreams_timeout(cfg.kad_request_timeout)
         .set_periodic_bootstrap_interval(cfg.kad_bootstrap_interval)
         .set_kbucket_size(cfg.kad_bucket_size)
         // The node puts peers in the table (`node::discovery::kad_add`).

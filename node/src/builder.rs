@@ -197,23 +197,7 @@ impl NodeBuilder {
             internet: Internet::Host,
             radio: None,
             behaviour: BehaviourConfig::default(),
-            node: NodeConfig {
-                listen: Vec::new(),
-                bootstrap: Vec::new(),
-                min_peers: 8,
-                reachability: Reachability::default(),
-                groups: GroupsConfig::default(),
-                files: FilesConfig::default(),
-                messages: crate::messages::MessagesConfig::default(),
-                mailbox: crate::mailbox::MailboxConfig::default(),
-                maintenance_interval: MAINTENANCE_INTERVAL,
-                ble: None,
-                relays: Vec::new(),
-                kad_mode: KadMode::default(),
-                kad_bucket_size: libp2p::kad::K_VALUE.get(),
-                nat: NatConfig::default(),
-                onion: crate::onion::OnionConfig::default(),
-            },
+            node: default_node_config(),
             idle_timeout: Duration::from_secs(60),
             dilation: 1.0,
             observers: Vec::new(),
@@ -430,6 +414,27 @@ impl NodeBuilder {
     }
 }
 
+/// A node's settings before the builder's calls.
+fn default_node_config() -> NodeConfig {
+    NodeConfig {
+        listen: Vec::new(),
+        bootstrap: Vec::new(),
+        min_peers: 8,
+        reachability: Reachability::default(),
+        groups: GroupsConfig::default(),
+        files: FilesConfig::default(),
+        messages: crate::messages::MessagesConfig::default(),
+        mailbox: crate::mailbox::MailboxConfig::default(),
+        maintenance_interval: MAINTENANCE_INTERVAL,
+        ble: None,
+        relays: Vec::new(),
+        kad_mode: KadMode::default(),
+        kad_bucket_size: libp2p::kad::K_VALUE.get(),
+        nat: NatConfig::default(),
+        onion: crate::onion::OnionConfig::default(),
+    }
+}
+
 /// Stretches every protocol timer of `behaviour` and `node` by `dilation`
 /// (the simulator's time dilation; 1 leaves them as they are).
 fn dilate(behaviour: &mut BehaviourConfig, node: &mut NodeConfig, dilation: f64) {
@@ -444,6 +449,11 @@ fn dilate(behaviour: &mut BehaviourConfig, node: &mut NodeConfig, dilation: f64)
     // libp2p's fixed 10 s for a stream's negotiation, of every protocol
     // (a failed ping negotiation closes the connection as well).
     behaviour.negotiation_timeout = scale(behaviour.negotiation_timeout);
+    // Kademlia's: undilated, a lookup stopped after 1.5 model seconds at
+    // dilation 20, and a request to a far region, over a new stream, could
+    // not come back within its 10 s (0.5 model seconds).
+    behaviour.kad_query_timeout = scale(behaviour.kad_query_timeout);
+    behaviour.kad_request_timeout = scale(behaviour.kad_request_timeout);
     node.groups.sync_interval = scale(node.groups.sync_interval);
     node.groups.outbox_interval = scale(node.groups.outbox_interval);
     node.maintenance_interval = scale(node.maintenance_interval);
@@ -572,4 +582,27 @@ fn build_swarm(
         },
     };
     Ok(swarm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The simulator's dilation stretches Kademlia's lookup and request
+    /// timeouts with the other protocol timers.
+    #[test]
+    fn dilation_stretches_kademlia_timeouts() {
+        let (mut behaviour, mut node) = (BehaviourConfig::default(), default_node_config());
+        let before = behaviour.clone();
+        dilate(&mut behaviour, &mut node, 20.0);
+        assert_eq!(behaviour.kad_query_timeout, before.kad_query_timeout * 20);
+        assert_eq!(
+            behaviour.kad_request_timeout,
+            before.kad_request_timeout * 20
+        );
+        assert_eq!(behaviour.ping_timeout, before.ping_timeout * 20);
+        let (mut same, mut node) = (BehaviourConfig::default(), default_node_config());
+        dilate(&mut same, &mut node, 1.0);
+        assert_eq!(same.kad_query_timeout, Duration::from_secs(30));
+    }
 }
