@@ -393,6 +393,12 @@ impl NodeBuilder {
             &mut registry,
         )?;
         let libp2p_metrics = libp2p::metrics::Metrics::new(&mut registry);
+        // The event log subscribes before the node starts: its first
+        // connections are made while it does.
+        let events = node::event_channel();
+        if let Some(log) = event_log {
+            tokio::spawn(log.follow(events.subscribe(), peer_id));
+        }
         let running = node::start(
             key,
             swarm,
@@ -400,12 +406,10 @@ impl NodeBuilder {
             node,
             metrics.clone(),
             libp2p_metrics,
+            events,
             shutdown,
         )
         .await?;
-        if let Some(log) = event_log {
-            tokio::spawn(log.follow(running.handle.subscribe(), peer_id));
-        }
         Ok(BuiltNode {
             running,
             registry,

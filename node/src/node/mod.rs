@@ -237,10 +237,19 @@ pub struct RunningNode {
     pub task: tokio::task::JoinHandle<()>,
 }
 
+/// The node's event channel, made before the node starts so that a
+/// subscriber taken from it sees every event (the event log needs the
+/// first connections, made while the node starts).
+pub(crate) fn event_channel() -> broadcast::Sender<NodeEvent> {
+    broadcast::channel(EVENT_QUEUE).0
+}
+
 /// Starts the actors, listens, restores known peers, dials the bootstrap
-/// peers and spawns the event loop. Returns once every listener has
-/// reported an address. (Nodes are assembled by
-/// [`crate::builder::NodeBuilder`], which calls this.)
+/// peers and spawns the event loop, sending its events on `events` (from
+/// [`event_channel`]). Returns once every listener has reported an
+/// address. (Nodes are assembled by [`crate::builder::NodeBuilder`], which
+/// calls this.)
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn start(
     key: Keypair,
     mut swarm: Swarm<Behaviour>,
@@ -248,13 +257,13 @@ pub(crate) async fn start(
     cfg: NodeConfig,
     metrics: NodeMetrics,
     libp2p_metrics: libp2p::metrics::Metrics,
+    events: broadcast::Sender<NodeEvent>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunningNode> {
     let peer_id = *swarm.local_peer_id();
     let listeners = listen(&mut swarm, &cfg)?;
 
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
-    let (events, _) = broadcast::channel(EVENT_QUEUE);
     let onion_key = key.clone();
     let mut actors = start_actors(key, &store, &cfg, &events, &metrics, &shutdown)?;
     if cfg.reachability.onion {
