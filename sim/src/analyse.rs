@@ -26,6 +26,7 @@ use fogmesh::eventlog::{Line, Msg};
 
 use crate::plan::plan;
 use crate::record::{Published, Receipt, ReceiptKind, RunRecord};
+use crate::report::nearest_rank;
 use crate::run::{link_record, median_link_latency_ms};
 use crate::scenario::Scenario;
 use crate::shadow::ExportInfo;
@@ -174,17 +175,88 @@ fn connection_series(logs: &mut [PeerLog]) -> Vec<ConnSample> {
             } else {
                 peers.iter().sum::<usize>() as f64 / up as f64
             },
-            p50: if up == 0 {
-                0
-            } else {
-                peers[up.div_ceil(2) - 1]
-            },
+            p50: nearest_rank(&peers, 50).unwrap_or(0),
             max: peers.last().copied().unwrap_or(0),
             opened,
             closed,
         });
     }
     rows
+}
+
+/// What the nodes' event logs hold, gathered line by line.
+#[derive(Debug, Default)]
+struct Collected {
+    published: Vec<Published>,
+    receipts: Vec<Receipt>,
+    gaps: Gaps,
+    /// Each node's peers, in the order of the export's nodes (those with
+    /// a log).
+    peers: Vec<PeerLog>,
+}
+
+impl Collected {
+    /// Takes line `l` of node `node`'s log (at model time `t_ms`) if it
+    /// is a publish or a receipt: the k-th publish is the node's k-th
+    /// planned message (its size next in `sizes`), sent to the other
+    /// `members`.
+    fn take(
+        &mut self,
+        node: usize,
+        l: Line,
+        t_ms: f64,
+        sizes: &mut impl Iterator<Item = usize>,
+        members: &[usize],
+    ) {
+        let kind = match l.msg {
+            Msg::PeerId | Msg::PeerConnected | Msg::PeerDisconnected => return,
+            Msg::MixSent | Msg::MixRelayed => return,
+            Msg::Published => {
+                let Some(size) = sizes.next() else {
+                    self.gaps.unplanned += 1;
+                    return;
+                };
+                self.published.push(Published {
+                    t_ms,
+                    id: l.id,
+                    publisher: node,
+                    size,
+                    wire_size: size,
+                    recipients: (members.iter().copied()).filter(|m| *m != node).collect(),
+                });
+                return;
+            }
+            Msg::Received => ReceiptKind::Wire,
+            Msg::Delivered => ReceiptKind::Delivered,
+            Msg::DuplicateDelivery => ReceiptKind::DuplicateDelivery,
+        };
+        self.receipts.push(Receipt {
+            t_ms,
+            node,
+            id: l.id,
+            kind,
+        });
+    }
+}
+
+/// The lines of the event log at `path`, `None` if it cannot be opened.
+/// A line that cannot be read, is longer than [`MAX_LINE`] or is not an
+/// event-log line is skipped and counted in `bad_lines`.
+fn log_lines<'a>(path: &Path, bad_lines: &'a mut usize) -> Option<impl Iterator<Item = Line> + 'a> {
+    let file = std::fs::File::open(path).ok()?;
+    Some(
+        std::io::BufReader::new(file)
+            .lines()
+            .filter_map(move |line| {
+                let parsed = (line.ok())
+                    .filter(|l| l.len() <= MAX_LINE)
+                    .and_then(|l| serde_json::from_str::<Line>(&l).ok());
+                if parsed.is_none() {
+                    *bad_lines += 1;
+                }
+                parsed
+            }),
+    )
 }
 
 /// The run record of the export in `dir`, from its nodes' event logs, and
@@ -210,85 +282,38 @@ pub fn analyse(dir: &Path) -> anyhow::Result<(RunRecord, Gaps, Vec<ConnSample>)>
     for m in plan.workload.messages.iter().filter(|m| m.to.is_none()) {
         planned.entry(m.publisher).or_default().push(m.size);
     }
-    let members = &plan.workload.members;
-    let (mut published, mut receipts, mut gaps) = (Vec::new(), Vec::new(), Gaps::default());
-    // Peers each node was connected to when the workload ended (as
-    // in-process, where it is the nodes' status then).
+    // The peers at the end of the workload count as in-process, where
+    // they are the nodes' status then.
     let end_ms = s.duration_secs * 1000.0;
-    let mut peer_logs = Vec::new();
+    let mut c = Collected::default();
     for node in &info.nodes {
-        let mut peers = PeerLog::default();
-        let file = match std::fs::File::open(&node.event_log) {
-            Ok(f) => f,
-            Err(_) => {
-                gaps.missing_logs.push(node.index);
-                continue;
-            }
+        let mut bad = 0;
+        let Some(lines) = log_lines(&node.event_log, &mut bad) else {
+            c.gaps.missing_logs.push(node.index);
+            continue;
         };
-        let mut sizes = planned
-            .get(&node.index)
-            .map(|v| v.iter())
-            .into_iter()
-            .flatten();
-        for line in std::io::BufReader::new(file).lines() {
-            let Ok(line) = line else {
-                gaps.bad_lines += 1;
-                continue;
-            };
-            let parsed = (line.len() <= MAX_LINE)
-                .then(|| serde_json::from_str::<Line>(&line).ok())
-                .flatten();
-            let Some(l) = parsed else {
-                gaps.bad_lines += 1;
-                continue;
-            };
-            if peers.take(&l, t_ms(&l), end_ms) {
-                continue;
+        let mut sizes = planned.get(&node.index).into_iter().flatten().copied();
+        let mut peers = PeerLog::default();
+        for l in lines {
+            let t = t_ms(&l);
+            if !peers.take(&l, t, end_ms) {
+                c.take(node.index, l, t, &mut sizes, &plan.workload.members);
             }
-            let kind = match l.msg {
-                Msg::PeerId | Msg::PeerConnected | Msg::PeerDisconnected => continue,
-                Msg::MixSent | Msg::MixRelayed => continue,
-                Msg::Published => {
-                    let Some(&size) = sizes.next() else {
-                        gaps.unplanned += 1;
-                        continue;
-                    };
-                    published.push(Published {
-                        t_ms: t_ms(&l),
-                        id: l.id,
-                        publisher: node.index,
-                        size,
-                        wire_size: size,
-                        recipients: (members.iter().copied())
-                            .filter(|m| *m != node.index)
-                            .collect(),
-                    });
-                    continue;
-                }
-                Msg::Received => ReceiptKind::Wire,
-                Msg::Delivered => ReceiptKind::Delivered,
-                Msg::DuplicateDelivery => ReceiptKind::DuplicateDelivery,
-            };
-            receipts.push(Receipt {
-                t_ms: t_ms(&l),
-                node: node.index,
-                id: l.id,
-                kind,
-            });
         }
-        peer_logs.push(peers);
+        c.gaps.bad_lines += bad;
+        c.peers.push(peers);
     }
-    let connected_peers = peer_logs.iter().map(|p| p.at_end() as u64).collect();
-    let connections = connection_series(&mut peer_logs);
-    published.sort_by(|a, b| a.t_ms.total_cmp(&b.t_ms));
+    let connected_peers = c.peers.iter().map(|p| p.at_end() as u64).collect();
+    let connections = connection_series(&mut c.peers);
+    c.published.sort_by(|a, b| a.t_ms.total_cmp(&b.t_ms));
     let record = RunRecord {
         scenario: s.name.clone(),
         seed: info.seed,
         nodes: s.nodes,
         time_dilation: 1.0,
-        duration_ms: s.duration_secs * 1000.0,
-        published,
-        receipts,
+        duration_ms: end_ms,
+        published: c.published,
+        receipts: c.receipts,
         median_link_latency_ms: median_link_latency_ms(&plan),
         // On loopback (a local check) the model's latencies do not apply.
         link: (!info.local).then(|| link_record(&s, &plan)),
@@ -296,7 +321,7 @@ pub fn analyse(dir: &Path) -> anyhow::Result<(RunRecord, Gaps, Vec<ConnSample>)>
         connected_peers,
         ..RunRecord::default()
     };
-    Ok((record, gaps, connections))
+    Ok((record, c.gaps, connections))
 }
 
 #[cfg(test)]

@@ -340,7 +340,7 @@ fn rank(pct: usize, n: usize) -> usize {
 }
 
 /// Nearest-rank percentile of sorted values; `None` when empty.
-pub(super) fn nearest_rank<T: Copy>(sorted: &[T], pct: usize) -> Option<T> {
+pub(crate) fn nearest_rank<T: Copy>(sorted: &[T], pct: usize) -> Option<T> {
     sorted.get(rank(pct, sorted.len()) - 1).copied()
 }
 

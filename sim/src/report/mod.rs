@@ -28,6 +28,7 @@ use serde_json::Value;
 use crate::record::RunRecord;
 
 mod figures;
+pub(crate) use figures::nearest_rank;
 mod onion;
 mod plots;
 
