@@ -49,6 +49,13 @@ enum Command {
         /// the scenario's, else 1).
         #[arg(long, value_name = "FACTOR")]
         time_dilation: Option<f64>,
+        /// Simulated seconds from the workload's set-up (the group's
+        /// creation) to the warm-up, at least: the warm-up still waits for
+        /// every member to know the group. Give a Shadow export's
+        /// `--join-secs` to start the workload as late after the set-up as
+        /// the daemons do there.
+        #[arg(long, value_name = "SECS", default_value_t = 0)]
+        join_secs: u64,
     },
     /// Write what the Shadow network simulator needs to run the scenario
     /// with real fogmesh daemons (see docs/simulator-guide.md).
@@ -146,7 +153,8 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             seed,
             out,
             time_dilation,
-        } => run_scenario(&scenario, seed, out, time_dilation),
+            join_secs,
+        } => run_scenario(&scenario, seed, out, time_dilation, join_secs),
         Command::ExportShadow(args) => export_shadow(args),
         Command::Drive { dir, node } => drive(&dir, node),
         Command::Analyse { dir, out } => analyse_dir(&dir, out),
@@ -159,6 +167,7 @@ fn run_scenario(
     seed: Option<u64>,
     out: Option<PathBuf>,
     time_dilation: Option<f64>,
+    join_secs: u64,
 ) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(scenario)
         .with_context(|| format!("cannot read {}", scenario.display()))?;
@@ -173,6 +182,7 @@ fn run_scenario(
         seed,
         dilation: s.time_dilation,
         out: out.clone(),
+        join_secs,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -38,6 +38,9 @@ pub struct Options {
     pub dilation: f64,
     /// Where outputs go.
     pub out: PathBuf,
+    /// Model seconds from the group's creation to the warm-up, at least
+    /// (`run --join-secs`).
+    pub join_secs: u64,
 }
 
 /// Runs the scenario; writes everything but the report into `opts.out`.
@@ -55,6 +58,7 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
     world.connect(&plan.topology.edges).await;
 
     let members = &plan.workload.members;
+    let set_up = tokio::time::Instant::now();
     let gid = match s.workload.kind {
         WorkloadKind::Group => {
             let gid = workload::create_group(&world, &s.name, members).await?;
@@ -66,6 +70,9 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
         // their neighbours and the gateways announce themselves.
         WorkloadKind::Direct => String::new(),
     };
+    // As a Shadow export's daemons: the warm-up starts `join_secs` after
+    // the set-up, whatever happened before.
+    tokio::time::sleep_until(set_up + wall(opts.join_secs as f64, dilation)).await;
     tokio::time::sleep(wall(s.workload.warmup_secs, dilation)).await;
 
     // Model time 0: the workload starts, and so do the measurements.
@@ -178,6 +185,7 @@ fn write_inputs(s: &Scenario, text: &str, opts: &Options, plan: &Plan) -> anyhow
         "scenario": s.name,
         "seed": opts.seed,
         "time_dilation": opts.dilation,
+        "join_secs": opts.join_secs,
         "fogmesh_version": env!("CARGO_PKG_VERSION"),
     });
     write_json(&out.join("run.json"), &run)?;

@@ -149,13 +149,30 @@ fn ten_nodes_deliver_everything_and_the_summary_matches_the_log() {
 }
 
 /// The same seed gives the same topology and workload; another seed does
-/// not.
+/// not. `--join-secs` delays the workload past the set-up and is
+/// recorded.
 #[test]
 fn same_seed_same_topology_and_workload() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     run(&a, 5);
-    run(&b, 5);
+    let o = sim_run(
+        &scenario(),
+        &[
+            "--seed".as_ref(),
+            "5".as_ref(),
+            "--join-secs".as_ref(),
+            "6".as_ref(),
+            "--out".as_ref(),
+            b.as_ref(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(json(&a.join("run.json"))["join_secs"], 0);
+    assert_eq!(json(&b.join("run.json"))["join_secs"], 6);
+    // 6 s of joining, then smoke-10's 2 s warm-up and 5 s workload.
+    let wall = json(&b.join("summary.json"))["wall_secs"].as_f64();
+    assert!(wall.is_some_and(|w| w >= 13.0), "wall_secs {wall:?}");
     for f in ["topology.json", "workload.json"] {
         assert_eq!(
             std::fs::read(a.join(f)).expect("a"),
