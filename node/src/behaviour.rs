@@ -290,7 +290,6 @@ pub struct BehaviourConfig {
     pub mdns: bool,
     /// Established connections allowed in total.
     pub max_connections: u32,
-    /// How often Kademlia re-runs a bootstrap query.
     /// How often Kademlia re-runs a bootstrap query; `None` turns the
     /// periodic walk off (Kademlia still walks when its routing table is
     /// small and a peer is added).

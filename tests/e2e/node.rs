@@ -297,6 +297,12 @@ fn metrics_endpoint_serves_libp2p_and_node_metrics() {
         "{body}"
     );
     assert!(body.contains("libp2p_bandwidth_bytes_total"), "{body}");
+    // A's mailbox pickups at start are Kademlia lookups of its own and
+    // count too.
+    assert!(
+        body.contains(r#"libp2p_kad_query_result_num_requests_count{type="GetClosestPeers"}"#),
+        "{body}"
+    );
 }
 
 #[test]

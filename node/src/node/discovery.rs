@@ -108,9 +108,14 @@ pub(super) fn on_mdns(
 /// Walks of the DHT a node short of peers makes, backing off while a walk
 /// leaves it short.
 ///
-/// A walk (a Kademlia bootstrap: a lookup of the node's own key, then one
-/// of a random key in each farther bucket) connects to most of a network
-/// of a few hundred nodes. Those connections close once idle, and the
+/// A walk is a lookup of the node's own key: the peers closest to it, and
+/// those met on the way (about fifty in a network of a hundred). It used
+/// to be a whole Kademlia bootstrap (that lookup, then one of a random
+/// key in each farther bucket: nine lookups at 300 nodes), which met
+/// most of a network of a few hundred nodes over and again, each request
+/// on a connection of its own; libp2p-kad makes that bootstrap itself
+/// while its table holds fewer than 20 peers and every 5 minutes, which
+/// keeps the buckets fresh. Those connections close once idle, and the
 /// peers met are only held if the node keeps them (bootstrap lines,
 /// `connect`, gossip meshes), so a node with fewer such peers than
 /// `min_peers` is short again at the next tick. Walking again every tick
@@ -154,8 +159,8 @@ impl Walks {
 
 /// Periodic: walk the DHT when short of peers (backing off, see
 /// [`Walks`]) or, private, short of relays (every tick); the walk connects
-/// to the peers met on the way. With no known peer it cannot start, which
-/// is fine.
+/// to the peers met on the way. With no peer in the routing table it
+/// cannot start, which is fine.
 pub(super) fn maintain(
     swarm: &mut Swarm<Behaviour>,
     walks: &mut Walks,
@@ -166,10 +171,14 @@ pub(super) fn maintain(
     if !peers_due && !short_of_relays {
         return;
     }
-    if let Err(e) = swarm.behaviour_mut().kad.bootstrap() {
-        tracing::trace!("kad bootstrap not possible: {e:?}");
+    let me = *swarm.local_peer_id();
+    let kad = &mut swarm.behaviour_mut().kad;
+    if kad.kbuckets().next().is_none() {
+        tracing::trace!("no peer to walk the DHT from");
         walks.not_started();
+        return;
     }
+    kad.get_closest_peers(me);
 }
 
 fn discovered(ctx: &Ctx, peer: PeerId, addrs: &[Multiaddr], via: DiscoveredVia) {
@@ -187,6 +196,18 @@ pub(super) fn closest_found(result: kad::GetClosestPeersResult) -> Vec<kad::Peer
     match result {
         Ok(ok) => ok.peers,
         Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+    }
+}
+
+/// A Kademlia query's kind, for logs.
+pub(super) fn query_kind(result: &kad::QueryResult) -> &'static str {
+    match result {
+        kad::QueryResult::Bootstrap(_) => "bootstrap",
+        kad::QueryResult::GetClosestPeers(_) => "closest peers",
+        kad::QueryResult::GetProviders(_) => "providers",
+        kad::QueryResult::StartProviding(_) | kad::QueryResult::RepublishProvider(_) => "provide",
+        kad::QueryResult::GetRecord(_) => "get record",
+        kad::QueryResult::PutRecord(_) | kad::QueryResult::RepublishRecord(_) => "put record",
     }
 }
 

@@ -450,6 +450,29 @@ impl EventLoop {
     /// the rest is discovery.
     fn on_kad(&mut self, ev: kad::Event) {
         use libp2p::metrics::Recorder;
+        // Every lookup counts in libp2p's metrics, also those a part of
+        // the node started (mailboxes, peer routing, providers).
+        self.ctx.libp2p_metrics.record(&ev);
+        if let kad::Event::OutboundQueryProgressed {
+            result,
+            stats,
+            step,
+            ..
+        } = &ev
+        {
+            // (A bootstrap reports each of its lookups: its own key, then
+            // a key in each farther bucket.)
+            if step.last || matches!(result, kad::QueryResult::Bootstrap(_)) {
+                tracing::debug!(
+                    kind = discovery::query_kind(result),
+                    requests = stats.num_requests(),
+                    answered = stats.num_successes(),
+                    failed = stats.num_failures(),
+                    secs = stats.duration().map(|d| d.as_secs_f64()),
+                    "Kademlia query finished"
+                );
+            }
+        }
         match ev {
             kad::Event::OutboundQueryProgressed {
                 id,
@@ -479,7 +502,6 @@ impl EventLoop {
                 step.last,
             ),
             ev => {
-                self.ctx.libp2p_metrics.record(&ev);
                 if let Some((peer, addrs)) = discovery::on_kad(&mut self.swarm, &self.ctx, ev) {
                     self.dial_discovered(peer, addrs);
                 }

@@ -36,12 +36,14 @@
 //! what the asking peer deposited).
 
 use std::collections::{HashMap, HashSet};
+use std::num::NonZeroUsize;
 use std::time::{Duration, Instant};
 
 use fogmesh_protocols::mailbox::placement::MAX_ASKS;
 use fogmesh_protocols::mailbox::wire::{Id, MAX_DELETE_IDS, decode_envelope};
 use fogmesh_protocols::mailbox::{
-    HOLDERS, MAX_DEPOSIT, Placement, Refusal, Request, Response, day, key, keys_to_check,
+    HOLDERS, MAX_DEPOSIT, MailboxKey, Placement, Refusal, Request, Response, day, key,
+    keys_to_check,
 };
 use fogmesh_protocols::messages::{Envelope, MessageId};
 use fogmesh_protocols::policy::Route;
@@ -59,6 +61,17 @@ use crate::mailbox::{
 };
 use crate::messages::{Input, MessagesHandle, now_ms};
 use crate::types::{MailboxStatus, NodeEvent};
+
+/// Peers a mailbox lookup asks Kademlia for: what its users take at most
+/// (a placement asks [`MAX_ASKS`], skipping the recipient and the peer
+/// that handed the copy over; a pickup asks `HOLDERS + 1`), not
+/// Kademlia's 20. A lookup ends once that many of the closest peers have
+/// answered, and a stalled one has that many requests in flight, each
+/// over a new connection as often as not.
+const LOOKUP_RESULTS: NonZeroUsize = match NonZeroUsize::new(MAX_ASKS + 2) {
+    Some(n) => n,
+    None => NonZeroUsize::MIN,
+};
 
 /// Least time between two fetches from one peer.
 const REFETCH_MS: u64 = 10_000;
@@ -427,7 +440,7 @@ impl MailboxNet {
         }
         if ctx.route_up(Route::Internet) {
             let k = key(&env.to, day(now));
-            let q = swarm.behaviour_mut().kad.get_closest_peers(k.to_vec());
+            let q = lookup(swarm, &k);
             self.lookups.insert(q, Lookup::Deposit(self.next_fan));
             fan.lookup = true;
             any = true;
@@ -707,7 +720,7 @@ impl MailboxNet {
             return;
         }
         for k in keys_to_check(&self.me, now) {
-            let q = swarm.behaviour_mut().kad.get_closest_peers(k.to_vec());
+            let q = lookup(swarm, &k);
             self.lookups.insert(q, Lookup::Pickup);
         }
     }
@@ -800,7 +813,7 @@ impl MailboxNet {
         for fan in fans {
             if fan.lookup {
                 let k = key(&fan.to, day(now));
-                let q = swarm.behaviour_mut().kad.get_closest_peers(k.to_vec());
+                let q = lookup(swarm, &k);
                 self.lookups.insert(q, Lookup::Deposit(self.next_fan));
             }
             self.start(swarm, fan);
@@ -838,7 +851,7 @@ impl MailboxNet {
             let today = day(now);
             for (recipient, items) in by_recipient {
                 let k = key(&recipient, today);
-                let q = swarm.behaviour_mut().kad.get_closest_peers(k.to_vec());
+                let q = lookup(swarm, &k);
                 self.lookups.insert(q, Lookup::Forward(items));
             }
         } else if ctx.route_up(Route::Ble) {
@@ -1132,4 +1145,10 @@ impl MailboxNet {
             TokenBucket::new(PEER_RATE, PEER_RATE * 4)
         })
     }
+}
+
+/// Starts a lookup of the [`LOOKUP_RESULTS`] peers closest to mailbox key
+/// `k`.
+fn lookup(swarm: &mut Swarm<Behaviour>, k: &MailboxKey) -> kad::QueryId {
+    (swarm.behaviour_mut().kad).get_n_closest_peers(k.to_vec(), LOOKUP_RESULTS)
 }
