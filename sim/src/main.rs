@@ -128,9 +128,10 @@ fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         // yamux warns of every connection whose far end went first: with
-        // idle connections closing at both ends, hundreds a run.
+        // idle connections closing at both ends, hundreds a run; and
+        // libp2p-kad that it has no known peers, once a node at start.
         tracing_subscriber::EnvFilter::new(
-            "fogmesh_sim=info,warn,libp2p_gossipsub=error,yamux=error",
+            "fogmesh_sim=info,warn,libp2p_gossipsub=error,yamux=error,libp2p_kad::behaviour=error",
         )
     });
     let _ = tracing_subscriber::fmt()

@@ -65,6 +65,23 @@ fn third_node_finds_the_first_through_kademlia() {
     assert!(c.json(&["status"])["connected_peers"].as_u64().expect("n") >= 2);
 }
 
+/// The first node of a network starts without a warning: none of what it
+/// logs at start calls for the operator.
+#[test]
+fn a_node_started_alone_logs_no_warning() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The daemon's own log filter, not the tests' one.
+    let a = Daemon::start_logging(&tmp.path().join("a"), &[], "");
+    // Kademlia's own bootstrap attempt comes 0.5 s after the listeners.
+    std::thread::sleep(Duration::from_secs(2));
+    let err = a.stderr();
+    let warnings: Vec<&str> = (err.lines())
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:#?}");
+    assert!(err.contains(" INFO "), "{err}");
+}
+
 #[test]
 fn restarted_node_keeps_its_id_and_reconnects_without_bootstrap() {
     let tmp = tempfile::tempdir().expect("tempdir");

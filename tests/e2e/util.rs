@@ -142,7 +142,7 @@ impl Daemon {
     }
 
     /// Like `start`, with the daemon's log filter (`RUST_LOG`) set to
-    /// `filter`.
+    /// `filter`; an empty one leaves the daemon its own default.
     pub fn start_logging(data_dir: &Path, extra: &[&str], filter: &str) -> Daemon {
         let mut args = loopback_args();
         args.extend(extra.iter().map(|s| s.to_string()));
@@ -161,8 +161,10 @@ impl Daemon {
         let stderr_log = data_dir.with_extension("stderr.log");
         let stderr = std::fs::File::create(&stderr_log).expect("create stderr log");
         let mut cmd = fogmesh_in(netns);
-        if let Some(filter) = log {
-            cmd.env("RUST_LOG", filter);
+        match log {
+            Some("") => _ = cmd.env_remove("RUST_LOG"),
+            Some(filter) => _ = cmd.env("RUST_LOG", filter),
+            None => {}
         }
         cmd.arg("run")
             .arg("--data-dir")

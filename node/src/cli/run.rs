@@ -23,9 +23,17 @@ pub(super) struct RunArgs {
 pub(super) fn run(data_dir: PathBuf, args: RunArgs) -> anyhow::Result<()> {
     let file = Overrides::load(&data_dir)?;
     let settings = Settings::resolve(data_dir, file, args.settings)?;
-    init_logging(settings.log_format, "info");
+    init_logging(settings.log_format, DEFAULT_LOG_FILTER);
     runtime()?.block_on(crate::daemon::run(settings))
 }
+
+/// The daemon's log filter unless `RUST_LOG` says otherwise: `info`, with
+/// libp2p-kad's warnings held back. Kademlia tries a bootstrap of its
+/// own when a listen address comes up and no peer is connected, and warns
+/// that it has no known peers: what every node that starts alone (the
+/// first of a network) logged at start. (Its only other warning is about
+/// replicating records, which fogmesh does not store.)
+const DEFAULT_LOG_FILTER: &str = "info,libp2p_kad::behaviour=error";
 
 #[cfg(test)]
 mod tests {
