@@ -199,8 +199,33 @@ pub(super) fn closest_found(result: kad::GetClosestPeersResult) -> Vec<kad::Peer
     }
 }
 
+/// Logs a Kademlia lookup that ended (debug): its kind, requests, answers,
+/// failures and duration. A bootstrap reports each of its lookups: its
+/// own key, then a key in each farther bucket.
+pub(super) fn log_finished(ev: &kad::Event) {
+    let kad::Event::OutboundQueryProgressed {
+        result,
+        stats,
+        step,
+        ..
+    } = ev
+    else {
+        return;
+    };
+    if step.last || matches!(result, kad::QueryResult::Bootstrap(_)) {
+        tracing::debug!(
+            kind = query_kind(result),
+            requests = stats.num_requests(),
+            answered = stats.num_successes(),
+            failed = stats.num_failures(),
+            secs = stats.duration().map(|d| d.as_secs_f64()),
+            "Kademlia query finished"
+        );
+    }
+}
+
 /// A Kademlia query's kind, for logs.
-pub(super) fn query_kind(result: &kad::QueryResult) -> &'static str {
+fn query_kind(result: &kad::QueryResult) -> &'static str {
     match result {
         kad::QueryResult::Bootstrap(_) => "bootstrap",
         kad::QueryResult::GetClosestPeers(_) => "closest peers",

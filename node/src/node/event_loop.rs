@@ -453,26 +453,7 @@ impl EventLoop {
         // Every lookup counts in libp2p's metrics, also those a part of
         // the node started (mailboxes, peer routing, providers).
         self.ctx.libp2p_metrics.record(&ev);
-        if let kad::Event::OutboundQueryProgressed {
-            result,
-            stats,
-            step,
-            ..
-        } = &ev
-        {
-            // (A bootstrap reports each of its lookups: its own key, then
-            // a key in each farther bucket.)
-            if step.last || matches!(result, kad::QueryResult::Bootstrap(_)) {
-                tracing::debug!(
-                    kind = discovery::query_kind(result),
-                    requests = stats.num_requests(),
-                    answered = stats.num_successes(),
-                    failed = stats.num_failures(),
-                    secs = stats.duration().map(|d| d.as_secs_f64()),
-                    "Kademlia query finished"
-                );
-            }
-        }
+        discovery::log_finished(&ev);
         match ev {
             kad::Event::OutboundQueryProgressed {
                 id,
