@@ -38,8 +38,8 @@ pub struct Options {
     pub dilation: f64,
     /// Where outputs go.
     pub out: PathBuf,
-    /// Model seconds from the group's creation to the warm-up, at least
-    /// (`run --join-secs`).
+    /// Model seconds from the workload's set-up (the group's creation) to
+    /// the warm-up, at least (`run --join-secs`).
     pub join_secs: u64,
 }
 
@@ -58,22 +58,7 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
     world.connect(&plan.topology.edges).await;
 
     let members = &plan.workload.members;
-    let set_up = tokio::time::Instant::now();
-    let gid = match s.workload.kind {
-        WorkloadKind::Group => {
-            let gid = workload::create_group(&world, &s.name, members).await?;
-            workload::wait_for_members(&world, &taps, &gid, members, dilation).await?;
-            tracing::info!("every member knows the group");
-            gid
-        }
-        // Direct messages need no group: the warm-up lets the radios find
-        // their neighbours and the gateways announce themselves.
-        WorkloadKind::Direct => String::new(),
-    };
-    // As a Shadow export's daemons: the warm-up starts `join_secs` after
-    // the set-up, whatever happened before.
-    tokio::time::sleep_until(set_up + wall(opts.join_secs as f64, dilation)).await;
-    tokio::time::sleep(wall(s.workload.warmup_secs, dilation)).await;
+    let gid = set_up(&world, &taps, s, members, opts).await?;
 
     // Model time 0: the workload starts, and so do the measurements.
     let clock = ModelClock::start_now(dilation);
@@ -136,6 +121,36 @@ pub async fn run(s: &Scenario, scenario_text: &str, opts: &Options) -> anyhow::R
         wire_sizes_unknown: false,
         onion,
     })
+}
+
+/// The workload's set-up: node 0 creates the group (a group workload)
+/// and every member learns of it, then the join window and the warm-up
+/// pass. Returns the group's id (empty for direct messages).
+async fn set_up(
+    world: &World,
+    taps: &Taps,
+    s: &Scenario,
+    members: &[usize],
+    opts: &Options,
+) -> anyhow::Result<String> {
+    let dilation = opts.dilation;
+    let start = tokio::time::Instant::now();
+    let gid = match s.workload.kind {
+        WorkloadKind::Group => {
+            let gid = workload::create_group(world, &s.name, members).await?;
+            workload::wait_for_members(world, taps, &gid, members, dilation).await?;
+            tracing::info!("every member knows the group");
+            gid
+        }
+        // Direct messages need no group: the warm-up lets the radios find
+        // their neighbours and the gateways announce themselves.
+        WorkloadKind::Direct => String::new(),
+    };
+    // As a Shadow export's daemons: the warm-up starts `join_secs` after
+    // the set-up began, whatever happened before.
+    tokio::time::sleep_until(start + wall(opts.join_secs as f64, dilation)).await;
+    tokio::time::sleep(wall(s.workload.warmup_secs, dilation)).await;
+    Ok(gid)
 }
 
 /// The workload under way: what arrives, what is due, and the record.

@@ -26,16 +26,20 @@ fn sim_run(scenario: &Path, args: &[&std::ffi::OsStr]) -> std::process::Output {
 }
 
 fn run_scenario(scenario: &Path, out: &Path, seed: u64) -> Value {
+    run_scenario_with(scenario, out, seed, &[])
+}
+
+/// `run_scenario` with more arguments; returns the summary.
+fn run_scenario_with(scenario: &Path, out: &Path, seed: u64, more: &[&str]) -> Value {
     let seed = seed.to_string();
-    let o = sim_run(
-        scenario,
-        &[
-            "--seed".as_ref(),
-            seed.as_ref(),
-            "--out".as_ref(),
-            out.as_ref(),
-        ],
-    );
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "--seed".as_ref(),
+        seed.as_ref(),
+        "--out".as_ref(),
+        out.as_ref(),
+    ];
+    args.extend(more.iter().map(std::ffi::OsStr::new));
+    let o = sim_run(scenario, &args);
     assert!(
         o.status.success(),
         "fogmesh-sim failed: {}\n{}",
@@ -156,22 +160,11 @@ fn same_seed_same_topology_and_workload() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     run(&a, 5);
-    let o = sim_run(
-        &scenario(),
-        &[
-            "--seed".as_ref(),
-            "5".as_ref(),
-            "--join-secs".as_ref(),
-            "6".as_ref(),
-            "--out".as_ref(),
-            b.as_ref(),
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let summary = run_scenario_with(&scenario(), &b, 5, &["--join-secs", "6"]);
     assert_eq!(json(&a.join("run.json"))["join_secs"], 0);
     assert_eq!(json(&b.join("run.json"))["join_secs"], 6);
     // 6 s of joining, then smoke-10's 2 s warm-up and 5 s workload.
-    let wall = json(&b.join("summary.json"))["wall_secs"].as_f64();
+    let wall = summary["wall_secs"].as_f64();
     assert!(wall.is_some_and(|w| w >= 13.0), "wall_secs {wall:?}");
     for f in ["topology.json", "workload.json"] {
         assert_eq!(
