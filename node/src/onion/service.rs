@@ -11,7 +11,7 @@ use fogmesh_protocols::messages::{Envelope, MessageId};
 use fogmesh_protocols::onion::descriptor::{Descriptor, Role, SignedDescriptor};
 use fogmesh_protocols::onion::fragment::{self, ReplyTo};
 use fogmesh_protocols::onion::packet::{self, Hop, MAX_REPLY, Mixer, PacketError, Piece};
-use fogmesh_protocols::onion::sharing::{SHARE_MAX, Sharing};
+use fogmesh_protocols::onion::sharing::{SHARE_MAX, Sharing, relay_targets};
 use fogmesh_protocols::onion::{
     MixKeys, PathError, Reassembler, ReplyBlock, choose_path, sample_delays,
 };
@@ -50,6 +50,8 @@ const SURB_KEEP_MS: u64 = 10 * 60_000;
 const MAX_COVER: usize = 1024;
 /// Housekeeping period.
 const TICK: Duration = Duration::from_secs(5);
+/// The messages actor is woken for new descriptors at most this often.
+const WAKE_EVERY: Duration = Duration::from_millis(500);
 /// How long after our packets were queued for a first hop a failure of
 /// that hop's stream fails their attempt at once (the writer gives up on
 /// opening a stream within `wire::OPEN_TIMEOUT`), ms.
@@ -113,6 +115,8 @@ pub(super) fn spawn(
         surbs: HashMap::new(),
         reassembler: Reassembler::default(),
         cover: HashMap::new(),
+        woken: None,
+        wake_due: None,
     };
     svc.new_key(epoch, mix_key, valid);
     tokio::spawn(svc.run(commands, out_rx, ev_rx, incoming, readers, shutdown));
@@ -171,6 +175,10 @@ struct Service {
     reassembler: Reassembler,
     /// Our loop cover nonces outstanding, with when they left.
     cover: HashMap<[u8; 16], u64>,
+    /// When the messages actor was last woken for new descriptors, and
+    /// when it is to be woken again (see `wake_messages`).
+    woken: Option<Instant>,
+    wake_due: Option<Instant>,
 }
 
 impl Service {
@@ -203,6 +211,10 @@ impl Service {
                     next_cover = self.cover_due();
                 }
                 _ = tick.tick() => self.housekeeping(),
+                _ = sleep_until(self.wake_due) => {
+                    self.wake_due = None;
+                    self.wake_messages();
+                }
             }
         }
         tracing::debug!("onion task stopped");
@@ -806,7 +818,6 @@ impl Service {
         let now = now_ms();
         self.sharing.on_batch(&from, list.len(), now);
         let mut fresh = Vec::new();
-        let mut new_mix = false;
         for bytes in list.into_iter().take(SHARE_MAX) {
             // Peers pass on what they hold: most frames are ones already
             // held, found by the peer they name before any signature check.
@@ -838,23 +849,36 @@ impl Service {
             {
                 continue;
             }
-            new_mix |= d.descriptor.role == Role::Mix;
             fresh.push(d.bytes.clone());
             self.descriptors.insert(peer, d);
         }
         if fresh.is_empty() {
             return;
         }
+        // On to a few other neighbours, not all (`relay_targets`).
         let frame = wire::descriptors_frame(fresh.iter().map(Vec::as_slice));
-        for p in self.connected.clone() {
-            if p != from {
-                self.write(p, frame.clone());
-            }
+        for p in relay_targets(self.connected.iter().copied(), &from, &mut rand::rng()) {
+            self.write(p, frame.clone());
         }
-        if new_mix || !fresh.is_empty() {
-            // Private messages waiting for mix nodes or a recipient's
-            // descriptor may go now.
-            self.offer(Input::Wake(None));
+        // Private messages waiting for mix nodes or a recipient's
+        // descriptor may go now.
+        self.wake_messages();
+    }
+
+    /// Wakes the messages actor to retry what waits for descriptors: at
+    /// once, unless it was woken less than [`WAKE_EVERY`] ago (then once
+    /// that has passed). While a network starts a node hears new
+    /// descriptors many times a second; one wake each cost a thread switch.
+    fn wake_messages(&mut self) {
+        let now = Instant::now();
+        match self.woken {
+            Some(at) if now < at + WAKE_EVERY => {
+                self.wake_due.get_or_insert(at + WAKE_EVERY);
+            }
+            _ => {
+                self.woken = Some(now);
+                self.offer(Input::Wake(None));
+            }
         }
     }
 

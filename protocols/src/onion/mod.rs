@@ -44,7 +44,7 @@ pub use keys::MixKeys;
 pub use packet::{Hop, Mixer, PacketError, Piece, Processed, ReplyBlock};
 pub use path::{PathError, choose_path, sample_delays};
 pub use replay::ReplayFilter;
-pub use sharing::Sharing;
+pub use sharing::{RELAY_FANOUT, Sharing, relay_targets};
 
 use libp2p_identity::PeerId;
 

@@ -63,15 +63,21 @@ pub fn choose_path(
         pool.swap(0, entries[k]);
         start = 1;
     }
-    // Partial Fisher-Yates: the next `hops` entries are a uniform sample
-    // of the rest in uniform order.
-    for i in start..hops {
+    sample_tail(&mut pool, start, hops, rng);
+    Ok(pool)
+}
+
+/// Partial Fisher-Yates: leaves `pool[..start]` as it is and makes
+/// `pool[start..n]` a uniform sample of `pool[start..]` in uniform order,
+/// then truncates `pool` to `n` (to its length, if shorter).
+pub(crate) fn sample_tail<T>(pool: &mut Vec<T>, start: usize, n: usize, rng: &mut impl Rng) {
+    let n = n.min(pool.len());
+    for i in start..n {
         let left = (pool.len() - i) as u64;
         let j = i + usize::try_from(uniform_below(rng, left)).unwrap_or(0);
         pool.swap(i, j);
     }
-    pool.truncate(hops);
-    Ok(pool)
+    pool.truncate(n);
 }
 
 /// A uniform integer below `n` (`n > 0`), without modulo bias.
