@@ -460,6 +460,10 @@ fn dilate(behaviour: &mut BehaviourConfig, node: &mut NodeConfig, dilation: f64)
     behaviour.kad_request_timeout = scale(behaviour.kad_request_timeout);
     node.groups.sync_interval = scale(node.groups.sync_interval);
     node.groups.outbox_interval = scale(node.groups.outbox_interval);
+    // Undilated, a member that had not received a group's 172 KB log
+    // within 0.5 model seconds (at dilation 20; 1000 members asking at
+    // once) asked another member, and another.
+    node.groups.join_fetch_retry = scale(node.groups.join_fetch_retry);
     node.maintenance_interval = scale(node.maintenance_interval);
     // The mailbox's periodic lookups: undilated, each node's pickups
     // (two Kademlia lookups a minute) came ten times as often in model
@@ -593,12 +597,15 @@ mod tests {
     use super::*;
 
     /// The simulator's dilation stretches Kademlia's lookup and request
-    /// timeouts with the other protocol timers.
+    /// timeouts, and the wait for a group's log, with the other protocol
+    /// timers.
     #[test]
     fn dilation_stretches_kademlia_timeouts() {
         let (mut behaviour, mut node) = (BehaviourConfig::default(), default_node_config());
         let before = behaviour.clone();
+        let join_fetch_retry = node.groups.join_fetch_retry;
         dilate(&mut behaviour, &mut node, 20.0);
+        assert_eq!(node.groups.join_fetch_retry, join_fetch_retry * 20);
         assert_eq!(behaviour.kad_query_timeout, before.kad_query_timeout * 20);
         assert_eq!(
             behaviour.kad_request_timeout,

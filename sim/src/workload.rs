@@ -63,10 +63,13 @@ pub async fn wait_for_members(
         waiting.retain(|i| !joined.contains(i));
         // A large group's set-up takes minutes: say how far it is.
         if last_said.elapsed() >= crate::world::PROGRESS_EVERY {
+            let (peers_mean, peers_max) = world.peers_now().await;
             last_said = Instant::now();
             tracing::info!(
                 joined = total - waiting.len(),
                 total,
+                peers_mean,
+                peers_max,
                 "members that know the group"
             );
         }

@@ -197,6 +197,15 @@ impl World {
         futures::future::join_all(status).await
     }
 
+    /// Connected peers per running node now: mean and max (for the
+    /// progress lines of a long set-up).
+    pub async fn peers_now(&self) -> (f64, u64) {
+        let peers = self.connected_peers().await;
+        let max = peers.iter().copied().max().unwrap_or(0);
+        let mean = peers.iter().sum::<u64>() as f64 / peers.len().max(1) as f64;
+        ((mean * 10.0).round() / 10.0, max)
+    }
+
     /// Node `i`'s handle, while it runs.
     pub fn handle(&self, i: usize) -> Option<NodeHandle> {
         self.nodes[i].handle.clone()
@@ -242,8 +251,16 @@ impl World {
             errors.extend(r);
             // A large topology takes minutes to dial: say how far it is.
             if last_said.elapsed() >= PROGRESS_EVERY {
+                let (peers_mean, peers_max) = self.peers_now().await;
                 last_said = std::time::Instant::now();
-                tracing::info!(done, total, failed = errors.len(), "topology dials");
+                tracing::info!(
+                    done,
+                    total,
+                    failed = errors.len(),
+                    peers_mean,
+                    peers_max,
+                    "topology dials"
+                );
             }
         }
         tracing::info!(

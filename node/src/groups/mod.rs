@@ -151,6 +151,10 @@ pub struct GroupsConfig {
     pub sync_interval: Duration,
     /// How often unpublished messages are offered to gossipsub again.
     pub outbox_interval: Duration,
+    /// How long a node waits for one member's answer with the membership
+    /// log of a group it learns of before it asks another member (one log
+    /// in flight per group).
+    pub join_fetch_retry: Duration,
     /// Gossiped messages per second accepted from one sender, sustained;
     /// bursts of four times as many pass. Beyond that gossip from the sender
     /// is ignored (and arrives later through sync, at the receiver's pace).
@@ -168,6 +172,7 @@ impl Default for GroupsConfig {
         GroupsConfig {
             sync_interval: Duration::from_secs(2),
             outbox_interval: Duration::from_secs(2),
+            join_fetch_retry: Duration::from_secs(10),
             sender_rate: 50.0,
             trust: Vec::new(),
             trust_everyone: false,

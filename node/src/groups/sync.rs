@@ -7,7 +7,7 @@
 //! with); this module decodes, looks up the group and the stored envelopes,
 //! applies the per-peer limit on invitation fetches, and sends.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use fogmesh_protocols::groups::exchange::{Plan, next_request, pick_sync_peer, plan};
 use fogmesh_protocols::groups::wire::{
@@ -31,9 +31,6 @@ use crate::types::{GroupInvite, NodeEvent};
 /// sustained (bursts of four times as many: enough to learn of 128 groups at
 /// once, not enough for a stranger to keep this node busy).
 const INVITE_FETCH_RATE: f64 = 32.0;
-/// How long a node waits for one member's answer with a group's membership
-/// log before asking another member.
-const JOIN_FETCH_RETRY: Duration = Duration::from_secs(10);
 
 impl GroupsActor {
     /// Sends one sync request (the event loop answers with `SyncResponse`
@@ -163,7 +160,8 @@ impl GroupsActor {
         if waiting || full || self.declined.contains(&gid) {
             return;
         }
-        let recent = |t: &Instant| now.saturating_duration_since(*t) < JOIN_FETCH_RETRY;
+        let retry = self.cfg.join_fetch_retry;
+        let recent = |t: &Instant| now.saturating_duration_since(*t) < retry;
         if self.joining.get(&gid).is_some_and(recent) || !self.allow_invite_fetch(peer, now) {
             return;
         }
@@ -171,9 +169,10 @@ impl GroupsActor {
     }
 
     /// Asks `peer` for the membership log of `gid`, unless it was asked of
-    /// someone within [`JOIN_FETCH_RETRY`] (one log in flight per group).
+    /// someone within `join_fetch_retry` (one log in flight per group).
     pub(super) fn fetch_log(&mut self, peer: PeerId, gid: GroupId, now: Instant) {
-        let recent = |t: &Instant| now.saturating_duration_since(*t) < JOIN_FETCH_RETRY;
+        let retry = self.cfg.join_fetch_retry;
+        let recent = |t: &Instant| now.saturating_duration_since(*t) < retry;
         if self.joining.get(&gid).is_some_and(recent) {
             return;
         }
