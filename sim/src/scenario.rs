@@ -50,6 +50,28 @@ pub struct Scenario {
     /// node relays, and mix packets are not traced).
     #[serde(default)]
     pub onion: Option<OnionKnob>,
+    /// Every node's own settings.
+    #[serde(default)]
+    pub node: NodeKnob,
+}
+
+/// `[node]`: settings of every node, in-process and in a Shadow export
+/// alike.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeKnob {
+    /// Established connections a node holds at most (the daemon's
+    /// `--max-connections`; three quarters of them may be inbound).
+    /// Connections beyond it are refused once their handshake is done.
+    pub max_connections: u32,
+}
+
+impl Default for NodeKnob {
+    fn default() -> Self {
+        NodeKnob {
+            max_connections: 1000,
+        }
+    }
 }
 
 /// `[onion]`: mix nodes and the onion route's settings (docs/protocols/
@@ -425,6 +447,9 @@ impl Scenario {
         if !(0.0..1.0).contains(&self.link.loss) {
             bail!("link.loss must be in [0, 1)");
         }
+        if self.node.max_connections < 8 {
+            bail!("node.max_connections must be at least 8");
+        }
         if self.workload.members > self.nodes {
             bail!("workload.members is more than nodes");
         }
@@ -575,6 +600,18 @@ mod tests {
                 LatencyModel::Uniform,
                 Some(BleLayout::Crowd)
             ))
+        );
+        let capped = parse("[node]\nmax_connections = 64\n").expect("parses");
+        assert_eq!(capped.node.max_connections, 64);
+        assert_eq!(parse("").expect("parses").node.max_connections, 1000);
+        let e = parse("[node]\nmax_connections = 4\n")
+            .expect("parses")
+            .check()
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            e.as_deref(),
+            Some("node.max_connections must be at least 8")
         );
         for (extra, bad) in [
             ("[topology]\nkind = \"star\"\n", "star"),

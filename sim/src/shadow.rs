@@ -379,7 +379,7 @@ fn prepare_node(
         // Without the option every connection is held (see
         // `differences`).
         idle_timeout_secs: opts.idle_timeout_secs.unwrap_or(3600),
-        max_connections: 1000,
+        max_connections: s.node.max_connections,
         // The workload's rate is the scenario's business, as in-process.
         group_rate: 1e9,
         trust: (i != admin)
@@ -762,6 +762,9 @@ members = 12
 publishers = 3
 rate_per_sec = 2
 message_size = 64
+
+[node]
+max_connections = 48
 "#;
 
     pub(crate) fn exported(dir: &Path) -> (Scenario, Plan, ExportInfo) {
@@ -973,6 +976,7 @@ message_size = 64
             );
             assert!(!set.mdns);
             assert!(!set.tcp_port_reuse, "Shadow has no SO_REUSEPORT");
+            assert_eq!(set.max_connections, 48, "the scenario's [node]");
             let mut dialled = Vec::new();
             for addr in &set.bootstrap {
                 let mut ip = None;

@@ -77,6 +77,8 @@ struct Shared {
     taps: Taps,
     /// The scenario's mailbox knob.
     mailbox: crate::scenario::MailboxKnob,
+    /// Connections a node holds at most (the scenario's `[node]`).
+    max_connections: u32,
     /// The onion route's settings and traces (an `[onion]` section).
     onion: Option<crate::onion::OnionSetup>,
 }
@@ -129,6 +131,7 @@ impl World {
             dilation,
             taps,
             mailbox: s.mailbox.clone(),
+            max_connections: s.node.max_connections,
             onion: crate::onion::OnionSetup::new(s, plan, seed),
         };
         let data = data_dirs()?;
@@ -422,7 +425,7 @@ fn builder(shared: &Shared, node: &SimNode, store: Store) -> NodeBuilder {
             // No multicast on the modelled network, and no Kademlia walks:
             // the initial dials are the scenario's.
             mdns: false,
-            max_connections: 1000,
+            max_connections: shared.max_connections,
             kad_bootstrap_interval: None,
             kad_bucket_size: KAD_BUCKET_SIZE,
             gossip: shared.gossip.clone(),
