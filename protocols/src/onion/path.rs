@@ -10,6 +10,8 @@
 //! exponential distribution with the configured mean (Loopix), capped at
 //! [`super::MAX_DELAY_MS`].
 
+use std::collections::HashSet;
+
 use libp2p_identity::PeerId;
 use rand_core::Rng;
 
@@ -42,8 +44,11 @@ pub fn choose_path(
     rng: &mut impl Rng,
 ) -> Result<Vec<usize>, PathError> {
     let mut pool: Vec<usize> = Vec::with_capacity(mixes.len());
+    // A set, not a scan of the pool: up to 4096 mix descriptors are kept,
+    // and a path is drawn for every packet (cover packets included).
+    let mut seen: HashSet<&PeerId> = HashSet::with_capacity(mixes.len());
     for (i, p) in mixes.iter().enumerate() {
-        if p != me && p != to && !pool.iter().any(|j| mixes[*j] == *p) {
+        if p != me && p != to && seen.insert(p) {
             pool.push(i);
         }
     }
@@ -150,6 +155,29 @@ mod tests {
         // Uniform: each of the 4 usable mixes is on 3/4 of the paths.
         for n in &seen[2..] {
             assert!((2000..2500).contains(n), "{seen:?}");
+        }
+    }
+
+    #[test]
+    fn a_peer_listed_twice_counts_once_and_a_full_list_gives_paths() {
+        let a = PeerId::random();
+        let b = PeerId::random();
+        let (me, to) = (PeerId::random(), PeerId::random());
+        let e = choose_path(&[a, a, b, b], &me, &to, 3, |_| false, &mut Lcg(2));
+        assert_eq!(
+            e,
+            Err(PathError::TooFewMixes {
+                known: 2,
+                needed: 3
+            })
+        );
+        // As many mix descriptors as a node keeps: every packet's path is
+        // drawn from them.
+        let many: Vec<PeerId> = (0..4096).map(|_| PeerId::random()).collect();
+        let mut rng = Lcg(3);
+        for _ in 0..50 {
+            let p = choose_path(&many, &me, &to, 3, |_| false, &mut rng).expect("enough");
+            assert_eq!(p.len(), 3);
         }
     }
 
