@@ -478,6 +478,9 @@ fn dilate(behaviour: &mut BehaviourConfig, node: &mut NodeConfig, dilation: f64)
     t.onion_ms = scale_ms(t.onion_ms);
     node.onion.mean_delay_ms = scale_ms(node.onion.mean_delay_ms);
     node.onion.stream_idle = scale(node.onion.stream_idle);
+    // Undilated, opening a mix stream (a dial, for a packet) had half a
+    // model second at dilation 20, less than a far region's round trips.
+    node.onion.open_timeout = scale(node.onion.open_timeout);
     node.onion.cover_rate /= dilation;
     behaviour.dm_ble_timeout = scale(behaviour.dm_ble_timeout);
 }
@@ -606,6 +609,7 @@ mod tests {
         let join_fetch_retry = node.groups.join_fetch_retry;
         dilate(&mut behaviour, &mut node, 20.0);
         assert_eq!(node.groups.join_fetch_retry, join_fetch_retry * 20);
+        assert_eq!(node.onion.open_timeout, crate::onion::OPEN_TIMEOUT * 20);
         assert_eq!(behaviour.kad_query_timeout, before.kad_query_timeout * 20);
         assert_eq!(
             behaviour.kad_request_timeout,

@@ -43,6 +43,8 @@ const COMMAND_QUEUE: usize = 1024;
 
 /// See [`OnionConfig::stream_idle`].
 pub const STREAM_IDLE: Duration = Duration::from_secs(30);
+/// See [`OnionConfig::open_timeout`].
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Settings of the onion route.
 #[derive(Debug, Clone)]
@@ -67,6 +69,9 @@ pub struct OnionConfig {
     /// open by its onion traffic, not by a stream that once carried
     /// descriptors.
     pub stream_idle: Duration,
+    /// How long opening a mix stream to a neighbour (and dialling it, for
+    /// a packet) may take before the neighbour counts as failed.
+    pub open_timeout: Duration,
     /// Test hook (debug builds only, hidden flag): each message's first
     /// packet is also sent a second time unchanged and once with a header
     /// byte flipped, so the first relay's replay and tamper checks can be
@@ -87,6 +92,7 @@ impl Default for OnionConfig {
             epoch_ms: fogmesh_protocols::onion::keys::DEFAULT_EPOCH_MS,
             peer_rate: 200,
             stream_idle: STREAM_IDLE,
+            open_timeout: OPEN_TIMEOUT,
             test_replay_tamper: false,
             trace: None,
         }

@@ -54,7 +54,7 @@ const TICK: Duration = Duration::from_secs(5);
 const WAKE_EVERY: Duration = Duration::from_millis(500);
 /// How long after our packets were queued for a first hop a failure of
 /// that hop's stream fails their attempt at once (the writer gives up on
-/// opening a stream within `wire::OPEN_TIMEOUT`), ms.
+/// opening a stream within `OnionConfig::open_timeout`), ms.
 const HANDED_MS: u64 = 30_000;
 
 /// Starts the worker thread and the task; returns the thread (the task
@@ -331,6 +331,7 @@ impl Service {
                     rx,
                     self.events.clone(),
                     self.cfg.stream_idle,
+                    self.cfg.open_timeout,
                 ));
                 tx
             });

@@ -25,8 +25,6 @@ pub(super) use fogmesh_protocols::onion::stream::{descriptors_frame, packet_fram
 pub(super) const WRITER_QUEUE: usize = 512;
 /// Inbound streams read at once (all peers).
 const MAX_READERS: usize = 1024;
-/// How long opening a stream (and dialling) may take.
-const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a reader or writer tells the onion task.
 #[derive(Debug)]
@@ -59,6 +57,7 @@ pub(super) async fn writer(
     mut rx: mpsc::Receiver<Vec<u8>>,
     events: mpsc::Sender<StreamEvent>,
     idle: Duration,
+    open_timeout: Duration,
 ) {
     let down = |why: String| {
         let _ = events.try_send(StreamEvent::WriterDown { peer, why });
@@ -95,7 +94,7 @@ pub(super) async fn writer(
             }
             None => {
                 let opened =
-                    tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, PROTOCOL)).await;
+                    tokio::time::timeout(open_timeout, control.open_stream(peer, PROTOCOL)).await;
                 let mut s = match opened {
                     Ok(Ok(s)) => s,
                     Ok(Err(e)) => return down(e.to_string()),
@@ -338,6 +337,7 @@ mod tests {
             rx,
             ev_tx,
             Duration::from_secs(30),
+            crate::onion::OPEN_TIMEOUT,
         ));
         tx.send(frame).await.expect("queued");
         drop(tx);
