@@ -160,23 +160,29 @@ impl GroupsActor {
         if waiting || full || self.declined.contains(&gid) {
             return;
         }
-        let retry = self.cfg.join_fetch_retry;
-        let recent = |t: &Instant| now.saturating_duration_since(*t) < retry;
-        if self.joining.get(&gid).is_some_and(recent) || !self.allow_invite_fetch(peer, now) {
+        // In flight already: the peer's fetch budget is not charged.
+        if self.log_asked_lately(gid, now) || !self.allow_invite_fetch(peer, now) {
             return;
         }
         self.fetch_log(peer, gid, now);
     }
 
+    /// Whether the log of `gid` was asked of someone within
+    /// `join_fetch_retry`.
+    fn log_asked_lately(&self, gid: GroupId, now: Instant) -> bool {
+        (self.joining.get(&gid))
+            .is_some_and(|t| now.saturating_duration_since(*t) < self.cfg.join_fetch_retry)
+    }
+
     /// Asks `peer` for the membership log of `gid`, unless it was asked of
     /// someone within `join_fetch_retry` (one log in flight per group).
     pub(super) fn fetch_log(&mut self, peer: PeerId, gid: GroupId, now: Instant) {
-        let retry = self.cfg.join_fetch_retry;
-        let recent = |t: &Instant| now.saturating_duration_since(*t) < retry;
-        if self.joining.get(&gid).is_some_and(recent) {
+        if self.log_asked_lately(gid, now) {
             return;
         }
-        self.joining.retain(|_, t| recent(t));
+        let retry = self.cfg.join_fetch_retry;
+        self.joining
+            .retain(|_, t| now.saturating_duration_since(*t) < retry);
         self.joining.insert(gid, now);
         let want = Want {
             membership_from: Some(0),

@@ -116,7 +116,7 @@ pub(super) fn spawn(
         reassembler: Reassembler::default(),
         cover: HashMap::new(),
         woken: None,
-        wake_due: None,
+        wake_pending: false,
     };
     svc.new_key(epoch, mix_key, valid);
     tokio::spawn(svc.run(commands, out_rx, ev_rx, incoming, readers, shutdown));
@@ -176,9 +176,10 @@ struct Service {
     /// Our loop cover nonces outstanding, with when they left.
     cover: HashMap<[u8; 16], u64>,
     /// When the messages actor was last woken for new descriptors, and
-    /// when it is to be woken again (see `wake_messages`).
+    /// whether new ones came since, within [`WAKE_EVERY`] of it (see
+    /// `wake_messages`).
     woken: Option<Instant>,
-    wake_due: Option<Instant>,
+    wake_pending: bool,
 }
 
 impl Service {
@@ -211,8 +212,8 @@ impl Service {
                     next_cover = self.cover_due();
                 }
                 _ = tick.tick() => self.housekeeping(),
-                _ = sleep_until(self.wake_due) => {
-                    self.wake_due = None;
+                _ = sleep_until(self.wake_due()) => {
+                    self.wake_pending = false;
                     self.wake_messages();
                 }
             }
@@ -873,14 +874,20 @@ impl Service {
     fn wake_messages(&mut self) {
         let now = Instant::now();
         match self.woken {
-            Some(at) if now < at + WAKE_EVERY => {
-                self.wake_due.get_or_insert(at + WAKE_EVERY);
-            }
+            Some(at) if now < at + WAKE_EVERY => self.wake_pending = true,
             _ => {
                 self.woken = Some(now);
                 self.offer(Input::Wake(None));
             }
         }
+    }
+
+    /// When the messages actor is to be woken for descriptors that came
+    /// within [`WAKE_EVERY`] of its last wake, if any did.
+    fn wake_due(&self) -> Option<Instant> {
+        self.woken
+            .filter(|_| self.wake_pending)
+            .map(|at| at + WAKE_EVERY)
     }
 
     fn housekeeping(&mut self) {
