@@ -10,6 +10,7 @@ use std::time::Duration;
 use fogmesh_protocols::messages::{Envelope, MessageId};
 use fogmesh_protocols::onion::descriptor::{Descriptor, Role, SignedDescriptor};
 use fogmesh_protocols::onion::fragment::{self, ReplyTo};
+use fogmesh_protocols::onion::links::{AfterFailure, Links};
 use fogmesh_protocols::onion::packet::{self, Hop, MAX_REPLY, Mixer, PacketError, Piece};
 use fogmesh_protocols::onion::sharing::{SHARE_MAX, Sharing, relay_targets};
 use fogmesh_protocols::onion::{
@@ -34,9 +35,6 @@ use crate::messages::{AttemptResult, Input, MessagesHandle, now_ms};
 const MAX_DESCRIPTORS: usize = 4096;
 /// Packets waiting out their delay at once; beyond, new ones are dropped.
 const MAX_DELAYED: usize = 8192;
-/// How long a peer whose connection closed (or whose stream failed) is
-/// left out of new paths, ms, unless it reconnects.
-const DOWN_MS: u64 = 120_000;
 /// How long a reply block of ours waits for its reply, ms.
 const REPLY_WAIT_MS: u64 = 15 * 60_000;
 /// Reply blocks of ours outstanding at once.
@@ -100,9 +98,7 @@ pub(super) fn spawn(
         linked: linked.clone(),
         own: None,
         descriptors: HashMap::new(),
-        down: HashMap::new(),
-        connected: HashSet::new(),
-        failed_once: HashSet::new(),
+        links: Links::default(),
         sharing: Sharing::default(),
         writers: HashMap::new(),
         handed: HashMap::new(),
@@ -148,12 +144,8 @@ struct Service {
     own: Option<SignedDescriptor>,
     /// Verified descriptors of others, newest per peer.
     descriptors: HashMap<PeerId, SignedDescriptor>,
-    /// Peers left out of paths until then, ms.
-    down: HashMap<PeerId, u64>,
-    connected: HashSet<PeerId>,
-    /// Connected peers whose stream already failed once since they
-    /// connected: a second failure leaves them out of paths.
-    failed_once: HashSet<PeerId>,
+    /// Neighbours, and mix nodes left out of paths for a while.
+    links: Links,
     /// Whom we asked for their descriptors, and answered.
     sharing: Sharing,
     writers: HashMap<PeerId, mpsc::Sender<Vec<u8>>>,
@@ -248,9 +240,7 @@ impl Service {
             }
             Command::Receipt { env } => self.receipt(env),
             Command::Connected(peer) => {
-                self.down.remove(&peer);
-                if self.connected.insert(peer) {
-                    self.failed_once.remove(&peer);
+                if self.links.connected(peer) {
                     // Our own descriptor; the ones we know only if asked,
                     // and we ask while we lack lists (`Sharing`).
                     self.greet(peer);
@@ -260,12 +250,9 @@ impl Service {
                 }
             }
             Command::Closed(peer) => {
-                self.connected.remove(&peer);
-                self.failed_once.remove(&peer);
                 self.writers.remove(&peer);
-                if self.descriptors.contains_key(&peer) {
-                    self.down.insert(peer, now_ms() + DOWN_MS);
-                }
+                let known = self.descriptors.contains_key(&peer);
+                self.links.closed(peer, known, now_ms());
             }
         }
     }
@@ -365,7 +352,7 @@ impl Service {
             .descriptors
             .values()
             .filter(|d| d.descriptor.role == Role::Mix && d.descriptor.valid_at(now))
-            .filter(|d| self.down.get(&d.descriptor.peer).is_none_or(|t| *t <= now))
+            .filter(|d| !self.links.is_down(&d.descriptor.peer, now))
             .collect();
         // A stable order: the choice is uniform over it.
         v.sort_by_key(|d| d.descriptor.peer.to_bytes());
@@ -384,7 +371,7 @@ impl Service {
     ) -> Result<(Vec<Hop>, Vec<u64>), String> {
         let mixes = self.usable_mixes();
         let peers: Vec<PeerId> = mixes.iter().map(|d| d.descriptor.peer).collect();
-        let entry = |p: &PeerId| from_here && self.connected.contains(p);
+        let entry = |p: &PeerId| from_here && self.links.is_connected(p);
         let idx = choose_path(&peers, &self.me, to, self.cfg.hops, entry, &mut rand::rng())
             .map_err(|e: PathError| e.to_string())?;
         let mut route: Vec<Hop> = idx
@@ -612,7 +599,8 @@ impl Service {
             Ok(s) => {
                 let frame = wire::descriptors_frame(std::iter::once(s.bytes.as_slice()));
                 self.own = Some(s);
-                for p in self.connected.clone() {
+                let neighbours: Vec<PeerId> = self.links.neighbours().collect();
+                for p in neighbours {
                     self.write(p, frame.clone());
                 }
             }
@@ -774,7 +762,7 @@ impl Service {
         match ev {
             StreamEvent::Descriptors { from, list } => self.on_descriptors(from, list),
             StreamEvent::Want { from } => {
-                if self.connected.contains(&from) && self.sharing.answer(from, now_ms()) {
+                if self.links.is_connected(&from) && self.sharing.answer(from, now_ms()) {
                     self.send_list(from);
                 }
             }
@@ -800,17 +788,22 @@ impl Service {
                 });
             }
         }
-        if self.connected.contains(&peer) && self.failed_once.insert(peer) {
-            // Still connected (the stream may have died with one of two
-            // connections to it): once, open a new stream and send what
-            // may have gone with the lost frames: our descriptor, our list
-            // if it asked lately.
-            self.greet(peer);
-            if self.sharing.answered_lately(&peer, now) {
-                self.send_list(peer);
+        let known = self.descriptors.contains_key(&peer);
+        match self.links.stream_failed(peer, known, now) {
+            AfterFailure::Reopen => {
+                // Still connected (the stream may have died with one of
+                // two connections to it): open a new stream and send what
+                // may have gone with the lost frames: our descriptor, our
+                // list if it asked lately.
+                self.greet(peer);
+                if self.sharing.answered_lately(&peer, now) {
+                    self.send_list(peer);
+                }
             }
-        } else if self.descriptors.contains_key(&peer) {
-            self.down.insert(peer, now + DOWN_MS);
+            AfterFailure::LeftOut(until) => {
+                tracing::debug!(%peer, left_out_ms = until - now, "mix node left out of new paths");
+            }
+            AfterFailure::Nothing => {}
         }
     }
 
@@ -859,7 +852,7 @@ impl Service {
         }
         // On to a few other neighbours, not all (`relay_targets`).
         let frame = wire::descriptors_frame(fresh.iter().map(Vec::as_slice));
-        for p in relay_targets(self.connected.iter().copied(), &from, &mut rand::rng()) {
+        for p in relay_targets(self.links.neighbours(), &from, &mut rand::rng()) {
             self.write(p, frame.clone());
         }
         // Private messages waiting for mix nodes or a recipient's
@@ -894,7 +887,11 @@ impl Service {
         let now = now_ms();
         self.sharing.expire(now);
         self.descriptors.retain(|_, d| d.descriptor.valid_at(now));
-        self.down.retain(|_, t| *t > now);
+        if self.links.expire(now) {
+            // A mix node is back in the pool: messages waiting for one
+            // may go now rather than at their next back-off.
+            self.wake_messages();
+        }
         self.handed.retain(|_, v| {
             v.retain(|(_, _, at)| now.saturating_sub(*at) < HANDED_MS);
             !v.is_empty()

@@ -21,6 +21,8 @@
 //! - [`replay`]: the per-epoch filter of replay tags.
 //! - [`packet`]: building packets and SURBs, processing one at a relay
 //!   (replayed and tampered packets refused), the final-hop [`Piece`].
+//! - [`links`]: which neighbours are connected, and which mix nodes are
+//!   left out of new paths for a while (unreachable, or refusing streams).
 //! - [`sharing`]: when a node asks a neighbour for the descriptors it
 //!   knows, and when it answers.
 //! - [`stream`]: the frames of a mix stream (packets, descriptor batches,
@@ -32,6 +34,7 @@
 pub mod descriptor;
 pub mod fragment;
 pub mod keys;
+pub mod links;
 pub mod packet;
 pub mod path;
 pub mod replay;
