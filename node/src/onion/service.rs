@@ -240,6 +240,12 @@ impl Service {
             }
             Command::Receipt { env } => self.receipt(env),
             Command::Connected(peer) => {
+                let was_down = self.links.is_down(&peer, now_ms());
+                if was_down {
+                    // Back in the pool of paths: messages waiting for mix
+                    // nodes may go now.
+                    self.wake_messages();
+                }
                 if self.links.connected(peer) {
                     // Our own descriptor; the ones we know only if asked,
                     // and we ask while we lack lists (`Sharing`).
