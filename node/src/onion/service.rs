@@ -54,6 +54,11 @@ const WAKE_EVERY: Duration = Duration::from_millis(500);
 /// that hop's stream fails their attempt at once (the writer gives up on
 /// opening a stream within `OnionConfig::open_timeout`), ms.
 const HANDED_MS: u64 = 30_000;
+/// How long after a connected neighbour's stream failed a new one is
+/// opened: long enough for the connection that failed to be gone (a
+/// stream opens over any of a peer's connections, and the loser of a
+/// peer's simultaneous TCP and QUIC dials closes just after it came up).
+const REOPEN_AFTER: Duration = Duration::from_secs(1);
 
 /// Starts the worker thread and the task; returns the thread (the task
 /// ends with `shutdown` and stops the thread by closing its queue) and
@@ -773,6 +778,16 @@ impl Service {
                 }
             }
             StreamEvent::WriterDown { peer, why } => self.on_writer_down(peer, &why),
+            StreamEvent::Reopen { peer } => {
+                // Send what may have gone with the lost frames: our
+                // descriptor, our list if it asked lately.
+                if self.links.is_connected(&peer) {
+                    self.greet(peer);
+                    if self.sharing.answered_lately(&peer, now_ms()) {
+                        self.send_list(peer);
+                    }
+                }
+            }
         }
     }
 
@@ -798,13 +813,13 @@ impl Service {
         match self.links.stream_failed(peer, known, now) {
             AfterFailure::Reopen => {
                 // Still connected (the stream may have died with one of
-                // two connections to it): open a new stream and send what
-                // may have gone with the lost frames: our descriptor, our
-                // list if it asked lately.
-                self.greet(peer);
-                if self.sharing.answered_lately(&peer, now) {
-                    self.send_list(peer);
-                }
+                // two connections to it): a new stream in a moment, once
+                // that connection is gone.
+                let events = self.events.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(REOPEN_AFTER).await;
+                    let _ = events.send(StreamEvent::Reopen { peer }).await;
+                });
             }
             AfterFailure::LeftOut(until) => {
                 tracing::debug!(%peer, left_out_ms = until - now, "mix node left out of new paths");

@@ -35,6 +35,10 @@ pub(super) enum StreamEvent {
     Want { from: PeerId },
     /// The stream to a neighbour could not be opened or broke.
     WriterDown { peer: PeerId, why: String },
+    /// A neighbour whose stream failed while it stayed connected gets a
+    /// new one now (the onion task sends this to itself a moment after
+    /// the failure).
+    Reopen { peer: PeerId },
 }
 
 /// Writes `rx`'s frames to `peer` on one stream, opened at the first

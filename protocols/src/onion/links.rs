@@ -3,9 +3,9 @@
 //!
 //! A mix node whose last connection closed is left out for [`DOWN_MS`]
 //! unless it connects again. A connected one whose mix stream fails is
-//! given a second stream at once (the first may have died with one of two
-//! simultaneous connections, which is common while nodes start); if that
-//! fails too, it is left out for [`REFUSED_MS`] only: the connection is up,
+//! given a second stream (the first may have died with one of two
+//! simultaneous connections, which is common while nodes start: the
+//! caller waits for that connection to be gone); if that fails too, it is left out for [`REFUSED_MS`] only: the connection is up,
 //! so the failure is more likely passing than lasting, and a sender with
 //! just enough mix nodes for a path would otherwise wait two minutes.
 //!
