@@ -314,14 +314,39 @@ impl MembershipLog {
     /// An op already in the log returns [`Applied::Duplicate`]; a different op
     /// at an existing index is a [`MembershipError::Fork`] and is dropped.
     pub fn apply(&mut self, op: Op) -> Result<Applied, MembershipError> {
+        if let Some(duplicate) = self.check_place(&op)? {
+            return Ok(duplicate);
+        }
+        let b = &op.body;
+        if b.epoch_keys.len() > MAX_MEMBERS {
+            return Err(MembershipError::Limit("epoch keys"));
+        }
+        // Validate everything before verifying the signature (cheap checks
+        // first), and before mutating anything.
+        let mut members = self.members.clone();
+        let (epoch, applied) = self.check_kind(b, &mut members)?;
+        if b.epoch != epoch {
+            return Err(MembershipError::BadEpoch {
+                expected: epoch,
+                got: b.epoch,
+            });
+        }
+        op.verify()?;
+        self.commit(op, &applied, members, epoch);
+        Ok(applied)
+    }
+
+    /// Whether `op` is the next op of this group's log: `Some` if it is
+    /// already in it (gossip redelivers ops, the genesis op included),
+    /// `None` if it comes next; an error for another group's op, a
+    /// different op at an existing index (a fork), a gap, or a wrong `prev`.
+    fn check_place(&self, op: &Op) -> Result<Option<Applied>, MembershipError> {
         let b = &op.body;
         let len = self.len();
         if b.index < len {
-            // Gossip redelivers ops (the genesis op included): equal is fine,
-            // different is a fork or another group's op.
             let existing = usize::try_from(b.index).ok().and_then(|i| self.ops.get(i));
             return match existing {
-                Some(e) if e == &op => Ok(Applied::Duplicate),
+                Some(e) if e == op => Ok(Some(Applied::Duplicate)),
                 _ if b.group_id != Some(self.id) => Err(MembershipError::WrongGroup),
                 _ => Err(MembershipError::Fork { index: b.index }),
             };
@@ -338,20 +363,30 @@ impl MembershipLog {
         if b.prev != self.last_hash {
             return Err(MembershipError::BadPrev(b.index));
         }
-        if b.epoch_keys.len() > MAX_MEMBERS {
-            return Err(MembershipError::Limit("epoch keys"));
-        }
+        Ok(None)
+    }
+
+    /// Checks what the op does against the rules (who may, to whom, the
+    /// epoch keys it must carry) and applies it to `members`, a copy;
+    /// returns the epoch after it and what it does.
+    fn check_kind(
+        &self,
+        b: &OpBody,
+        members: &mut BTreeSet<PeerId>,
+    ) -> Result<(u64, Applied), MembershipError> {
         let is_admin = b.author == self.admin;
         let next_epoch = self.epoch + 1;
-        // Validate everything before verifying the signature (cheap checks
-        // first), and before mutating anything.
-        let mut members = self.members.clone();
-        let (epoch, applied) = match &b.kind {
-            OpKind::Create { .. } => return Err(MembershipError::WrongGroup),
+        let admin_only = || {
+            if is_admin {
+                Ok(())
+            } else {
+                Err(MembershipError::NotAllowed(b.author))
+            }
+        };
+        match &b.kind {
+            OpKind::Create { .. } => Err(MembershipError::WrongGroup),
             OpKind::Add { member } => {
-                if !is_admin {
-                    return Err(MembershipError::NotAllowed(b.author));
-                }
+                admin_only()?;
                 if members.contains(member) {
                     return Err(MembershipError::Invalid("already a member"));
                 }
@@ -361,50 +396,43 @@ impl MembershipLog {
                 crypto::ed25519_key(member)?;
                 check_keys(&b.epoch_keys, &BTreeSet::from([*member]))?;
                 members.insert(*member);
-                (self.epoch, Applied::Added(*member))
+                Ok((self.epoch, Applied::Added(*member)))
             }
             OpKind::Remove { member, .. } => {
-                if !is_admin {
-                    return Err(MembershipError::NotAllowed(b.author));
-                }
+                admin_only()?;
                 if *member == self.admin || !members.remove(member) {
                     return Err(MembershipError::Invalid("not a removable member"));
                 }
-                check_keys(&b.epoch_keys, &members)?;
-                (next_epoch, Applied::Removed(*member))
+                check_keys(&b.epoch_keys, members)?;
+                Ok((next_epoch, Applied::Removed(*member)))
             }
             OpKind::Leave | OpKind::LeaveAt { .. } => {
                 if is_admin || !members.remove(&b.author) {
                     return Err(MembershipError::NotAllowed(b.author));
                 }
                 check_keys(&b.epoch_keys, &BTreeSet::new())?;
-                (self.epoch, Applied::Left(b.author))
+                Ok((self.epoch, Applied::Left(b.author)))
             }
             OpKind::Rotate => {
-                if !is_admin {
-                    return Err(MembershipError::NotAllowed(b.author));
-                }
-                check_keys(&b.epoch_keys, &members)?;
-                (next_epoch, Applied::Rotated(next_epoch))
+                admin_only()?;
+                check_keys(&b.epoch_keys, members)?;
+                Ok((next_epoch, Applied::Rotated(next_epoch)))
             }
-        };
-        if b.epoch != epoch {
-            return Err(MembershipError::BadEpoch {
-                expected: epoch,
-                got: b.epoch,
-            });
         }
-        op.verify()?;
+    }
 
-        // Commit. A removed member may still have written in the epoch it
-        // knew, up to its last sequence number; a leaver keeps the current
-        // key until the admin rotates.
-        let last_seq = match &b.kind {
+    /// Appends a checked op: the new members and epoch, and the tenures.
+    /// A removed member may still have written in the epoch it knew, up
+    /// to its last sequence number; a leaver keeps the current key until
+    /// the admin rotates.
+    fn commit(&mut self, op: Op, applied: &Applied, members: BTreeSet<PeerId>, epoch: u64) {
+        let next_epoch = self.epoch + 1;
+        let last_seq = match &op.body.kind {
             OpKind::Remove { last_seq, .. } => *last_seq,
             OpKind::LeaveAt { last_seq } => Some(*last_seq),
             _ => None,
         };
-        match &applied {
+        match applied {
             Applied::Added(m) => self
                 .tenure
                 .entry(*m)
@@ -424,7 +452,6 @@ impl MembershipLog {
         self.epoch = epoch;
         self.last_hash = op.hash();
         self.ops.push(op);
-        Ok(applied)
     }
 
     fn end_tenure(&mut self, member: &PeerId, until: u64, last_seq: Option<u64>) {
