@@ -171,36 +171,7 @@ impl MessagesNet {
                 prefer: Route::Onion,
             } => self.onion.receipt(env),
             NetCommand::Send { id, n, route, env } => {
-                self.seen.insert(env.id(), now_ms());
-                let sent = match route {
-                    Route::Internet if !ctx.route_up(Route::Internet) => {
-                        Err("the internet route is off on this node".to_owned())
-                    }
-                    Route::Internet => self.carry_internet(swarm, peers, &env, true),
-                    Route::Ble if !ctx.route_up(Route::Ble) => {
-                        Err("BLE is off on this node".to_owned())
-                    }
-                    Route::Ble => self.carry_ble(swarm, peers, &env, None),
-                    _ => Err(format!("route {route} is not carried here")),
-                };
-                let result = match sent {
-                    Ok(reqs) => {
-                        ctx.metrics.dm_envelopes_sent.inc_by(reqs.len() as u64);
-                        self.fans.insert(
-                            (id, n),
-                            Fan {
-                                outstanding: reqs.len(),
-                                ..Fan::default()
-                            },
-                        );
-                        for r in reqs {
-                            self.requests.insert(r, Carried::Attempt(id, n));
-                        }
-                        return;
-                    }
-                    Err(why) => AttemptResult::Unavailable(why),
-                };
-                self.offer(Input::Attempt { id, n, result });
+                self.send(swarm, ctx, peers, (id, n), route, &env);
             }
             NetCommand::NoReceipt { to, route } => {
                 // A connection that cannot carry a few hundred bytes and
@@ -216,30 +187,89 @@ impl MessagesNet {
                 }
             }
             NetCommand::Receipt { env, prefer } => {
-                self.seen.insert(env.id(), now_ms());
-                let order = match prefer {
-                    Route::Ble => [Route::Ble, Route::Internet],
-                    _ => [Route::Internet, Route::Ble],
-                };
-                for route in order {
-                    if !ctx.route_up(route) {
-                        continue;
-                    }
-                    let sent = match route {
-                        Route::Ble => self.carry_ble(swarm, peers, &env, None),
-                        _ => self.carry_internet(swarm, peers, &env, true),
-                    };
-                    if let Ok(reqs) = sent {
-                        ctx.metrics.dm_envelopes_sent.inc_by(reqs.len() as u64);
-                        for r in reqs {
-                            self.requests.insert(r, Carried::Other);
-                        }
-                        return;
-                    }
-                }
-                tracing::debug!(to = %env.to, "no way to send a receipt now; the sender will retry");
+                self.send_receipt(swarm, ctx, peers, &env, prefer);
             }
         }
+    }
+
+    /// Attempt `n` of message `id` over the internet or BLE: the envelope
+    /// goes out (the attempt then waits for the requests' outcomes), or the
+    /// actor hears at once that the route is unavailable.
+    fn send(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        ctx: &Ctx,
+        peers: &PeerBook,
+        (id, n): (MessageId, u32),
+        route: Route,
+        env: &Envelope,
+    ) {
+        self.seen.insert(env.id(), now_ms());
+        let sent = match route {
+            Route::Internet if !ctx.route_up(Route::Internet) => {
+                Err("the internet route is off on this node".to_owned())
+            }
+            Route::Internet => self.carry_internet(swarm, peers, env, true),
+            Route::Ble if !ctx.route_up(Route::Ble) => Err("BLE is off on this node".to_owned()),
+            Route::Ble => self.carry_ble(swarm, peers, env, None),
+            _ => Err(format!("route {route} is not carried here")),
+        };
+        match sent {
+            Ok(reqs) => {
+                ctx.metrics.dm_envelopes_sent.inc_by(reqs.len() as u64);
+                self.fans.insert(
+                    (id, n),
+                    Fan {
+                        outstanding: reqs.len(),
+                        ..Fan::default()
+                    },
+                );
+                for r in reqs {
+                    self.requests.insert(r, Carried::Attempt(id, n));
+                }
+            }
+            Err(why) => {
+                self.offer(Input::Attempt {
+                    id,
+                    n,
+                    result: AttemptResult::Unavailable(why),
+                });
+            }
+        }
+    }
+
+    /// A receipt, over the route its letter came by first (`prefer`),
+    /// else the other; none up, the sender retries and gets another.
+    fn send_receipt(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        ctx: &Ctx,
+        peers: &PeerBook,
+        env: &Envelope,
+        prefer: Route,
+    ) {
+        self.seen.insert(env.id(), now_ms());
+        let order = match prefer {
+            Route::Ble => [Route::Ble, Route::Internet],
+            _ => [Route::Internet, Route::Ble],
+        };
+        for route in order {
+            if !ctx.route_up(route) {
+                continue;
+            }
+            let sent = match route {
+                Route::Ble => self.carry_ble(swarm, peers, env, None),
+                _ => self.carry_internet(swarm, peers, env, true),
+            };
+            if let Ok(reqs) = sent {
+                ctx.metrics.dm_envelopes_sent.inc_by(reqs.len() as u64);
+                for r in reqs {
+                    self.requests.insert(r, Carried::Other);
+                }
+                return;
+            }
+        }
+        tracing::debug!(to = %env.to, "no way to send a receipt now; the sender will retry");
     }
 
     /// Sends `env` towards its recipient over the internet: to the peer
