@@ -80,21 +80,65 @@ pub(crate) fn record_link_keys(
     if links.iter().all(|l| l.key.is_none()) {
         return Ok(());
     }
-    let mut keys = tx.open_table(LINK_KEYS).map_err(db_err)?;
-    let mut order = tx.open_table(LINK_ORDER).map_err(db_err)?;
-    let mut by_sender = tx.open_table(LINK_BY_SENDER).map_err(db_err)?;
-    let mut count = tx.open_table(LINK_COUNT).map_err(db_err)?;
+    let mut t = LinkTables::open(tx)?;
     for link in links {
         let Some(k) = link.key else { continue };
-        let file = link.id.0.as_slice();
-        let old = keys
-            .insert((file, group, sender), k.to_bytes().as_slice())
+        if !t.add(group, sender, link.id.0.as_slice(), &k.to_bytes())? {
+            continue;
+        }
+        // The sender's oldest, then the group's.
+        if t.of_sender(group, sender)? > MAX_LINK_KEYS_PER_SENDER
+            && let Some((at, file)) = t.senders_oldest(group, sender)?
+        {
+            t.drop(group, at, &file, sender)?;
+        }
+        if t.of_group(group)? > MAX_LINK_KEYS_PER_GROUP
+            && let Some((at, file, s)) = t.groups_oldest(group)?
+        {
+            t.drop(group, at, &file, &s)?;
+        }
+    }
+    Ok(())
+}
+
+/// The received keys' table and its three indexes, open in one write
+/// transaction.
+struct LinkTables<'t> {
+    keys: redb::Table<'t, LinkKey<'static>, &'static [u8]>,
+    order: redb::Table<'t, OrderKey<'static>, OrderValue<'static>>,
+    by_sender: redb::Table<'t, (&'static [u8], &'static str, u64), &'static [u8]>,
+    count: redb::Table<'t, &'static [u8], u64>,
+}
+
+impl<'t> LinkTables<'t> {
+    fn open(tx: &'t redb::WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Self {
+            keys: tx.open_table(LINK_KEYS).map_err(db_err)?,
+            order: tx.open_table(LINK_ORDER).map_err(db_err)?,
+            by_sender: tx.open_table(LINK_BY_SENDER).map_err(db_err)?,
+            count: tx.open_table(LINK_COUNT).map_err(db_err)?,
+        })
+    }
+
+    /// Records `key` for (file, group, sender); returns whether it is new
+    /// (a key already held is replaced in place, its order kept).
+    fn add(
+        &mut self,
+        group: &[u8],
+        sender: &str,
+        file: &[u8],
+        key: &[u8],
+    ) -> Result<bool, StoreError> {
+        let old = self
+            .keys
+            .insert((file, group, sender), key)
             .map_err(db_err)?
             .is_some();
         if old {
-            continue;
+            return Ok(false);
         }
-        let next = match order
+        let next = match self
+            .order
             .range((group, 0)..=(group, u64::MAX))
             .map_err(db_err)?
             .next_back()
@@ -102,87 +146,77 @@ pub(crate) fn record_link_keys(
             Some(e) => e.map_err(db_err)?.0.value().1 + 1,
             None => 0,
         };
-        order
+        self.order
             .insert((group, next), (file, sender))
             .map_err(db_err)?;
-        by_sender
+        self.by_sender
             .insert((group, sender, next), file)
             .map_err(db_err)?;
-        let n = count.get(group).map_err(db_err)?.map_or(0, |v| v.value()) + 1;
-        count.insert(group, n).map_err(db_err)?;
-        // The sender's oldest, then the group's.
-        let mine = by_sender
+        let n = self.of_group(group)? + 1;
+        self.count.insert(group, n).map_err(db_err)?;
+        Ok(true)
+    }
+
+    /// Keys held from `sender` in `group`.
+    fn of_sender(&self, group: &[u8], sender: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .by_sender
             .range((group, sender, 0)..=(group, sender, u64::MAX))
             .map_err(db_err)?
-            .count() as u64;
-        if mine > MAX_LINK_KEYS_PER_SENDER {
-            let first = by_sender
-                .range((group, sender, 0)..=(group, sender, u64::MAX))
-                .map_err(db_err)?
-                .next()
-                .transpose()
-                .map_err(db_err)?
-                .map(|(k, v)| (k.value().2, v.value().to_vec()));
-            if let Some((at, f)) = first {
-                drop_link_key(
-                    &mut keys,
-                    &mut order,
-                    &mut by_sender,
-                    &mut count,
-                    group,
-                    at,
-                    &f,
-                    sender,
-                )?;
-            }
-        }
-        let total = count.get(group).map_err(db_err)?.map_or(0, |v| v.value());
-        if total > MAX_LINK_KEYS_PER_GROUP {
-            let first = order
-                .range((group, 0)..=(group, u64::MAX))
-                .map_err(db_err)?
-                .next()
-                .transpose()
-                .map_err(db_err)?
-                .map(|(k, v)| {
-                    let (f, s) = v.value();
-                    (k.value().1, f.to_vec(), s.to_owned())
-                });
-            if let Some((at, f, s)) = first {
-                drop_link_key(
-                    &mut keys,
-                    &mut order,
-                    &mut by_sender,
-                    &mut count,
-                    group,
-                    at,
-                    &f,
-                    &s,
-                )?;
-            }
-        }
+            .count() as u64)
     }
-    Ok(())
-}
 
-/// Forgets one received key (its row and its two index entries).
-#[allow(clippy::too_many_arguments)]
-fn drop_link_key(
-    keys: &mut redb::Table<'_, LinkKey<'static>, &'static [u8]>,
-    order: &mut redb::Table<'_, OrderKey<'static>, OrderValue<'static>>,
-    by_sender: &mut redb::Table<'_, (&'static [u8], &'static str, u64), &'static [u8]>,
-    count: &mut redb::Table<'_, &'static [u8], u64>,
-    group: &[u8],
-    at: u64,
-    file: &[u8],
-    sender: &str,
-) -> Result<(), StoreError> {
-    keys.remove((file, group, sender)).map_err(db_err)?;
-    order.remove((group, at)).map_err(db_err)?;
-    by_sender.remove((group, sender, at)).map_err(db_err)?;
-    let n = count.get(group).map_err(db_err)?.map_or(0, |v| v.value());
-    count.insert(group, n.saturating_sub(1)).map_err(db_err)?;
-    Ok(())
+    /// Keys held in `group`.
+    fn of_group(&self, group: &[u8]) -> Result<u64, StoreError> {
+        Ok(self
+            .count
+            .get(group)
+            .map_err(db_err)?
+            .map_or(0, |v| v.value()))
+    }
+
+    /// The oldest key from `sender` in `group`: its order and file.
+    fn senders_oldest(
+        &self,
+        group: &[u8],
+        sender: &str,
+    ) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        Ok(self
+            .by_sender
+            .range((group, sender, 0)..=(group, sender, u64::MAX))
+            .map_err(db_err)?
+            .next()
+            .transpose()
+            .map_err(db_err)?
+            .map(|(k, v)| (k.value().2, v.value().to_vec())))
+    }
+
+    /// The oldest key in `group`: its order, file and sender.
+    fn groups_oldest(&self, group: &[u8]) -> Result<Option<(u64, Vec<u8>, String)>, StoreError> {
+        Ok(self
+            .order
+            .range((group, 0)..=(group, u64::MAX))
+            .map_err(db_err)?
+            .next()
+            .transpose()
+            .map_err(db_err)?
+            .map(|(k, v)| {
+                let (f, s) = v.value();
+                (k.value().1, f.to_vec(), s.to_owned())
+            }))
+    }
+
+    /// Forgets one received key (its row and its two index entries).
+    fn drop(&mut self, group: &[u8], at: u64, file: &[u8], sender: &str) -> Result<(), StoreError> {
+        self.keys.remove((file, group, sender)).map_err(db_err)?;
+        self.order.remove((group, at)).map_err(db_err)?;
+        self.by_sender.remove((group, sender, at)).map_err(db_err)?;
+        let n = self.of_group(group)?;
+        self.count
+            .insert(group, n.saturating_sub(1))
+            .map_err(db_err)?;
+        Ok(())
+    }
 }
 
 /// A key received in a link: the group and the sender it came from.
