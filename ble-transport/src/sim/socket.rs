@@ -150,6 +150,9 @@ pub async fn serve(listener: UnixListener, medium: Medium, shutdown: Cancellatio
     }
 }
 
+/// The lines of a client's socket, as read.
+type Lines = FramedRead<tokio::net::unix::OwnedReadHalf, LinesCodec>;
+
 async fn handle(
     conn: UnixStream,
     medium: Medium,
@@ -172,28 +175,7 @@ async fn handle(
             wr.write_all(format!("{answer}\n").as_bytes()).await?;
             wr.shutdown().await
         }
-        Opening::Attach { link, token } => {
-            let found = {
-                let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
-                match p.get(&link) {
-                    Some((t, _)) if *t == token => p.remove(&link).map(|(_, l)| l),
-                    _ => None,
-                }
-            };
-            let Some(l) = found else {
-                return Err(bad("attach to an unknown link"));
-            };
-            // Whatever the client sent after its line is already buffered.
-            let buffered = lines.read_buffer().clone();
-            let rd = lines.into_inner();
-            let mut conn = rd.reunite(wr).map_err(|_| bad("socket halves"))?;
-            let mut link = l.io.compat();
-            if !buffered.is_empty() {
-                tokio::io::AsyncWriteExt::write_all(&mut link, &buffered).await?;
-            }
-            let _ = tokio::io::copy_bidirectional(&mut conn, &mut link).await;
-            Ok(())
-        }
+        Opening::Attach { link, token } => serve_attach(lines, wr, &pending, link, token).await,
         Opening::Hello { position, device } => {
             let radio = match device {
                 None => medium.join(position),
@@ -216,140 +198,221 @@ async fn handle(
                     radio
                 }
             };
-            let (out_tx, out_rx) = mpsc::unbounded::<String>();
-            let send = |m: ServerMsg| {
-                let _ = out_tx.unbounded_send(to_line(&m));
+            let session = Served {
+                medium,
+                radio,
+                pending,
+                next,
+                out: None,
+                token: CancellationToken::new(),
             };
-            send(ServerMsg::Welcome {
-                device: radio.address().to_string(),
-                model: medium.model().clone(),
-            });
-            let writer = write_lines(wr, out_rx);
-            let session = CancellationToken::new();
-            let session_guard = session.clone().drop_guard();
-            // Scanning on behalf of the client, for the whole session.
-            {
-                let mut scan = radio.scan();
-                let out = out_tx.clone();
-                let s = session.clone();
+            session.run(lines, wr, shutdown).await
+        }
+    }
+}
+
+/// A client takes over link `link` (registered for it, `token` proving
+/// it): the socket carries the link's bytes both ways from then on.
+async fn serve_attach(
+    lines: Lines,
+    wr: tokio::net::unix::OwnedWriteHalf,
+    pending: &Pending,
+    link: u64,
+    token: u64,
+) -> io::Result<()> {
+    let found = {
+        let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
+        match p.get(&link) {
+            Some((t, _)) if *t == token => p.remove(&link).map(|(_, l)| l),
+            _ => None,
+        }
+    };
+    let Some(l) = found else {
+        return Err(bad("attach to an unknown link"));
+    };
+    // Whatever the client sent after its line is already buffered.
+    let buffered = lines.read_buffer().clone();
+    let rd = lines.into_inner();
+    let mut conn = rd.reunite(wr).map_err(|_| bad("socket halves"))?;
+    let mut link = l.io.compat();
+    if !buffered.is_empty() {
+        tokio::io::AsyncWriteExt::write_all(&mut link, &buffered).await?;
+    }
+    let _ = tokio::io::copy_bidirectional(&mut conn, &mut link).await;
+    Ok(())
+}
+
+/// A client's radio on the medium, for as long as its socket is open:
+/// what the radio finds and the links it is offered go to the client,
+/// and the client's requests (move, listen, connect) are served.
+struct Served {
+    medium: Medium,
+    radio: super::medium::SimRadio,
+    pending: Pending,
+    next: Arc<std::sync::atomic::AtomicU64>,
+    /// The lines to the client (set when the session runs).
+    out: Option<mpsc::UnboundedSender<String>>,
+    /// Cancelled when the session ends: its tasks stop.
+    token: CancellationToken,
+}
+
+impl Served {
+    async fn run(
+        mut self,
+        mut lines: Lines,
+        wr: tokio::net::unix::OwnedWriteHalf,
+        shutdown: CancellationToken,
+    ) -> io::Result<()> {
+        let (out_tx, out_rx) = mpsc::unbounded::<String>();
+        self.out = Some(out_tx.clone());
+        self.send(ServerMsg::Welcome {
+            device: self.radio.address().to_string(),
+            model: self.medium.model().clone(),
+        });
+        let writer = write_lines(wr, out_rx);
+        let _guard = self.token.clone().drop_guard();
+        // Scanning on behalf of the client, for the whole session.
+        tokio::spawn(forward_scan(self.radio.scan(), out_tx, self.token.clone()));
+        let reader = async {
+            while let Some(line) = lines.next().await {
+                let line = line.map_err(|e| bad(e.to_string()))?;
+                match serde_json::from_str::<ClientMsg>(&line) {
+                    Ok(msg) => self.on_request(msg).await,
+                    Err(e) => tracing::debug!("radio medium: bad client line: {e}"),
+                }
+            }
+            Ok::<(), io::Error>(())
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => Ok(()),
+            r = reader => r,
+            _ = writer => Ok(()),
+        }
+    }
+
+    fn send(&self, m: ServerMsg) {
+        if let Some(out) = &self.out {
+            let _ = out.unbounded_send(to_line(&m));
+        }
+    }
+
+    async fn on_request(&self, msg: ClientMsg) {
+        match msg {
+            ClientMsg::Move { position } => {
+                self.medium.set_position(self.radio.address(), position);
+            }
+            ClientMsg::Listen { req, advert } => {
+                let parsed = hex::decode(&advert)
+                    .ok()
+                    .and_then(|b| Advert::decode(&b).ok());
+                let Some(advert) = parsed else {
+                    self.send(ServerMsg::Failed {
+                        req,
+                        error: "bad advertisement".into(),
+                    });
+                    return;
+                };
+                match self.radio.listen(advert).await {
+                    Ok(incoming) => {
+                        self.send(ServerMsg::Ok { req });
+                        tokio::spawn(forward_incoming(
+                            incoming,
+                            self.out.clone(),
+                            self.token.clone(),
+                            self.pending.clone(),
+                            self.next.clone(),
+                        ));
+                    }
+                    Err(e) => self.send(ServerMsg::Failed {
+                        req,
+                        error: e.to_string(),
+                    }),
+                }
+            }
+            ClientMsg::Connect { req, to } => {
+                let Ok(to) = to.parse::<DeviceAddr>() else {
+                    self.send(ServerMsg::Failed {
+                        req,
+                        error: "bad device address".into(),
+                    });
+                    return;
+                };
+                let fut = self.radio.connect(to);
+                let out = self.out.clone();
+                let (pending, next) = (self.pending.clone(), self.next.clone());
                 tokio::spawn(async move {
-                    loop {
-                        let n = tokio::select! {
-                            _ = s.cancelled() => return,
-                            n = scan.next() => match n { Some(n) => n, None => return },
-                        };
-                        let m = match n {
-                            Neighbour::Found { device, advert, .. } => ServerMsg::Found {
-                                device: device.to_string(),
-                                advert: hex::encode(advert.encode()),
-                            },
-                            Neighbour::Lost { device } => ServerMsg::Lost {
-                                device: device.to_string(),
-                            },
-                        };
-                        if out.unbounded_send(to_line(&m)).is_err() {
-                            return;
+                    let m = match fut.await {
+                        Ok(l) => {
+                            let (link, token) = register(&pending, &next, l);
+                            ServerMsg::Connected { req, link, token }
                         }
+                        Err(e) => ServerMsg::Failed {
+                            req,
+                            error: e.to_string(),
+                        },
+                    };
+                    if let Some(out) = out {
+                        let _ = out.unbounded_send(to_line(&m));
                     }
                 });
             }
-            let reader = async {
-                while let Some(line) = lines.next().await {
-                    let line = line.map_err(|e| bad(e.to_string()))?;
-                    let msg: ClientMsg = match serde_json::from_str(&line) {
-                        Ok(m) => m,
-                        Err(e) => {
-                            tracing::debug!("radio medium: bad client line: {e}");
-                            continue;
-                        }
-                    };
-                    match msg {
-                        ClientMsg::Move { position } => {
-                            medium.set_position(radio.address(), position);
-                        }
-                        ClientMsg::Listen { req, advert } => {
-                            let parsed = hex::decode(&advert)
-                                .ok()
-                                .and_then(|b| Advert::decode(&b).ok());
-                            let Some(advert) = parsed else {
-                                send(ServerMsg::Failed {
-                                    req,
-                                    error: "bad advertisement".into(),
-                                });
-                                continue;
-                            };
-                            match radio.listen(advert).await {
-                                Ok(mut incoming) => {
-                                    send(ServerMsg::Ok { req });
-                                    let out = out_tx.clone();
-                                    let s = session.clone();
-                                    let pending = pending.clone();
-                                    let next = next.clone();
-                                    tokio::spawn(async move {
-                                        loop {
-                                            let l = tokio::select! {
-                                                _ = s.cancelled() => return,
-                                                l = incoming.next() => match l {
-                                                    Some(Ok(l)) => l,
-                                                    _ => return,
-                                                },
-                                            };
-                                            let from = l.remote.to_string();
-                                            let (id, token) = register(&pending, &next, l);
-                                            let m = ServerMsg::Incoming {
-                                                link: id,
-                                                token,
-                                                from,
-                                            };
-                                            if out.unbounded_send(to_line(&m)).is_err() {
-                                                return;
-                                            }
-                                        }
-                                    });
-                                }
-                                Err(e) => send(ServerMsg::Failed {
-                                    req,
-                                    error: e.to_string(),
-                                }),
-                            }
-                        }
-                        ClientMsg::Connect { req, to } => {
-                            let Ok(to) = to.parse::<DeviceAddr>() else {
-                                send(ServerMsg::Failed {
-                                    req,
-                                    error: "bad device address".into(),
-                                });
-                                continue;
-                            };
-                            let fut = radio.connect(to);
-                            let out = out_tx.clone();
-                            let (pending, next) = (pending.clone(), next.clone());
-                            tokio::spawn(async move {
-                                let m = match fut.await {
-                                    Ok(l) => {
-                                        let (link, token) = register(&pending, &next, l);
-                                        ServerMsg::Connected { req, link, token }
-                                    }
-                                    Err(e) => ServerMsg::Failed {
-                                        req,
-                                        error: e.to_string(),
-                                    },
-                                };
-                                let _ = out.unbounded_send(to_line(&m));
-                            });
-                        }
-                    }
-                }
-                Ok::<(), io::Error>(())
-            };
-            let r = tokio::select! {
-                _ = shutdown.cancelled() => Ok(()),
-                r = reader => r,
-                _ = writer => Ok(()),
-            };
-            drop(session_guard);
-            drop(radio);
-            r
+        }
+    }
+}
+
+/// What the radio finds and loses, to the client, until the session ends.
+async fn forward_scan(
+    mut scan: BoxStream<'static, Neighbour>,
+    out: mpsc::UnboundedSender<String>,
+    session: CancellationToken,
+) {
+    loop {
+        let n = tokio::select! {
+            _ = session.cancelled() => return,
+            n = scan.next() => match n { Some(n) => n, None => return },
+        };
+        let m = match n {
+            Neighbour::Found { device, advert, .. } => ServerMsg::Found {
+                device: device.to_string(),
+                advert: hex::encode(advert.encode()),
+            },
+            Neighbour::Lost { device } => ServerMsg::Lost {
+                device: device.to_string(),
+            },
+        };
+        if out.unbounded_send(to_line(&m)).is_err() {
+            return;
+        }
+    }
+}
+
+/// Links offered to a listening radio, registered for the client to
+/// attach, until the session ends.
+async fn forward_incoming(
+    mut incoming: Incoming,
+    out: Option<mpsc::UnboundedSender<String>>,
+    session: CancellationToken,
+    pending: Pending,
+    next: Arc<std::sync::atomic::AtomicU64>,
+) {
+    let Some(out) = out else { return };
+    loop {
+        let l = tokio::select! {
+            _ = session.cancelled() => return,
+            l = incoming.next() => match l {
+                Some(Ok(l)) => l,
+                _ => return,
+            },
+        };
+        let from = l.remote.to_string();
+        let (id, token) = register(&pending, &next, l);
+        let m = ServerMsg::Incoming {
+            link: id,
+            token,
+            from,
+        };
+        if out.unbounded_send(to_line(&m)).is_err() {
+            return;
         }
     }
 }
