@@ -418,7 +418,7 @@ impl EventLoop {
                 error,
             } => self
                 .peers
-                .on_dial_error(&self.ctx, connection_id, peer_id, &error),
+                .on_dial_error(&self.swarm, &self.ctx, connection_id, peer_id, &error),
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.swarm.remove_external_address(&address);
                 if self.nat.on_expired_listen_addr(&mut self.swarm, &address) {

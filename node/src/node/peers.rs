@@ -29,6 +29,9 @@ const STORE_LINGER: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The reply to an explicit connect.
 type ConnectReply = oneshot::Sender<Result<ConnectResponse, ConnectError>>;
+/// The user's connects through relays waiting for the node's connection
+/// to their relay, at most.
+const MAX_WAITING_FOR_RELAY: usize = 64;
 
 #[derive(Default)]
 struct PeerMeta {
@@ -55,6 +58,13 @@ pub(super) struct PeerBook {
     meta: HashMap<PeerId, PeerMeta>,
     /// The user's dials, answered when the connection is up or failed.
     pending_dials: HashMap<ConnectionId, ConnectReply>,
+    /// The user's connects through a relay the node was not connected to,
+    /// by relay: dialled once the node's connection to the relay is up.
+    /// The relay client would dial the relay itself, but libp2p refuses
+    /// that dial while another to the relay is under way (the node's
+    /// bootstrap dial, just after start), and the circuit then fails with
+    /// "oneshot canceled".
+    waiting_for_relay: HashMap<PeerId, Vec<(Multiaddr, ConnectReply)>>,
     store_tx: mpsc::Sender<PeerRecordUpdate>,
     /// Peers the user or the bootstrap list asked for: their connections
     /// are held open when idle (`crate::keep_alive`), and they are dialled
@@ -95,6 +105,7 @@ impl PeerBook {
             connections: HashMap::new(),
             meta: HashMap::new(),
             pending_dials: HashMap::new(),
+            waiting_for_relay: HashMap::new(),
             store_tx,
             kept: HashMap::new(),
         };
@@ -324,10 +335,7 @@ impl PeerBook {
             let _ = reply.send(Err(ConnectError::NoRoute));
             return;
         };
-        let peer = match addr.iter().last() {
-            Some(Protocol::P2p(p)) => Some(p),
-            _ => None,
-        };
+        let peer = last_peer(&addr);
         if let Some(peer) = peer {
             if peer == *swarm.local_peer_id() {
                 let _ = reply.send(Err(ConnectError::Dial(
@@ -344,6 +352,63 @@ impl PeerBook {
                 return;
             }
         }
+        if let Some((relay, relay_addr)) = circuit_relay(&addr)
+            && !swarm.is_connected(&relay)
+        {
+            self.connect_via_relay(swarm, ctx, relay, relay_addr, addr, reply);
+            return;
+        }
+        self.dial_for_user(swarm, ctx, addr, peer, reply);
+    }
+
+    /// A connect through `relay`, which the node is not connected to: the
+    /// relay first (unless a dial to it is under way), then the circuit.
+    fn connect_via_relay(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        ctx: &Ctx,
+        relay: PeerId,
+        relay_addr: Multiaddr,
+        addr: Multiaddr,
+        reply: ConnectReply,
+    ) {
+        let waiting: usize = self.waiting_for_relay.values().map(Vec::len).sum();
+        if waiting >= MAX_WAITING_FOR_RELAY {
+            let _ = reply.send(Err(ConnectError::Dial(
+                "too many connects waiting for their relay; try again".into(),
+            )));
+            return;
+        }
+        let opts = DialOpts::peer_id(relay)
+            .addresses(vec![relay_addr])
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        match swarm.dial(opts) {
+            Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {
+                self.waiting_for_relay
+                    .entry(relay)
+                    .or_default()
+                    .push((addr, reply));
+            }
+            Err(e) => {
+                ctx.metrics.dial_failures.inc();
+                let _ = reply.send(Err(ConnectError::Dial(format!(
+                    "cannot reach the relay: {e}"
+                ))));
+            }
+        }
+    }
+
+    /// Dials `addr` for the user, who is answered when the connection is
+    /// up or the dial failed.
+    fn dial_for_user(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        ctx: &Ctx,
+        addr: Multiaddr,
+        peer: Option<PeerId>,
+        reply: ConnectReply,
+    ) {
         let opts = match peer {
             Some(p) => DialOpts::peer_id(p)
                 .addresses(vec![addr])
@@ -434,6 +499,11 @@ impl PeerBook {
         if let Some(kept) = self.kept.get_mut(&peer) {
             (kept.fails, kept.wait) = (0, 0);
         }
+        // Connects through this relay may go now.
+        for (circuit, reply) in self.waiting_for_relay.remove(&peer).unwrap_or_default() {
+            let target = last_peer(&circuit);
+            self.dial_for_user(swarm, ctx, circuit, target, reply);
+        }
         if let Some(reply) = self.pending_dials.remove(&id) {
             self.keep(swarm, peer, crate::storage::strip_p2p(&addr));
             let _ = reply.send(Ok(ConnectResponse {
@@ -487,6 +557,7 @@ impl PeerBook {
     /// A dial failed.
     pub(super) fn on_dial_error(
         &mut self,
+        swarm: &Swarm<Behaviour>,
         ctx: &Ctx,
         id: ConnectionId,
         peer: Option<PeerId>,
@@ -496,6 +567,17 @@ impl PeerBook {
         tracing::debug!(?peer, "dial failed: {error}");
         if let Some(reply) = self.pending_dials.remove(&id) {
             let _ = reply.send(Err(ConnectError::Dial(error.to_string())));
+        }
+        // The relay of waiting connects could not be reached.
+        if let Some(relay) = peer
+            && !swarm.is_connected(&relay)
+            && let Some(waiting) = self.waiting_for_relay.remove(&relay)
+        {
+            for (_, reply) in waiting {
+                let _ = reply.send(Err(ConnectError::Dial(format!(
+                    "cannot reach the relay: {error}"
+                ))));
+            }
         }
     }
 
@@ -633,6 +715,32 @@ pub(super) fn is_dialable(addr: &Multiaddr) -> bool {
     }
 }
 
+/// The relay of a circuit address (`<relay address>/p2p/<relay>/p2p-circuit/...`)
+/// and the relay's own address, if `addr` is one.
+fn circuit_relay(addr: &Multiaddr) -> Option<(PeerId, Multiaddr)> {
+    let mut relay_addr = Multiaddr::empty();
+    let mut relay = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::P2pCircuit => return relay.map(|r| (r, relay_addr)),
+            Protocol::P2p(id) => {
+                relay = Some(id);
+                relay_addr.push(p);
+            }
+            p => relay_addr.push(p),
+        }
+    }
+    None
+}
+
+/// The peer id an address ends with, if any.
+fn last_peer(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(Protocol::P2p(p)) => Some(p),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -645,6 +753,32 @@ mod tests {
         assert_eq!(t("/memory/5"), TransportKind::Memory);
         assert_eq!(t("/ip4/1.2.3.4/udp/1"), TransportKind::Other);
         assert_eq!(t("/ip6zone/ble-02:00:00:00:00:01"), TransportKind::Ble);
+    }
+
+    #[test]
+    fn a_circuit_address_names_its_relay_and_the_relays_address() {
+        let relay = PeerId::random();
+        let target = PeerId::random();
+        let ma = |s: String| s.parse::<Multiaddr>().expect("ma");
+        let circuit = ma(format!(
+            "/ip4/10.0.0.1/tcp/4001/p2p/{relay}/p2p-circuit/p2p/{target}"
+        ));
+        assert_eq!(
+            circuit_relay(&circuit),
+            Some((relay, ma(format!("/ip4/10.0.0.1/tcp/4001/p2p/{relay}"))))
+        );
+        assert_eq!(last_peer(&circuit), Some(target));
+        // Not a circuit, or a circuit without the relay's id: none.
+        assert_eq!(
+            circuit_relay(&ma(format!("/ip4/10.0.0.1/tcp/4001/p2p/{target}"))),
+            None
+        );
+        assert_eq!(
+            circuit_relay(&ma(format!(
+                "/ip4/10.0.0.1/tcp/4001/p2p-circuit/p2p/{target}"
+            ))),
+            None
+        );
     }
 
     #[test]
