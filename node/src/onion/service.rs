@@ -829,7 +829,8 @@ impl Service {
     }
 
     /// Verifies descriptors from a neighbour; new ones are kept and passed
-    /// on to the other neighbours (flooding ends where they are known).
+    /// on to a few other neighbours (`relay_targets`; the relay ends where
+    /// they are known).
     fn on_descriptors(&mut self, from: PeerId, list: Vec<Vec<u8>>) {
         let now = now_ms();
         self.sharing.on_batch(&from, list.len(), now);
