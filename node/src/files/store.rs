@@ -90,12 +90,12 @@ pub(crate) fn record_link_keys(
         if t.of_sender(group, sender)? > MAX_LINK_KEYS_PER_SENDER
             && let Some((at, file)) = t.senders_oldest(group, sender)?
         {
-            t.drop(group, at, &file, sender)?;
+            t.remove_key(group, at, &file, sender)?;
         }
         if t.of_group(group)? > MAX_LINK_KEYS_PER_GROUP
             && let Some((at, file, s)) = t.groups_oldest(group)?
         {
-            t.drop(group, at, &file, &s)?;
+            t.remove_key(group, at, &file, &s)?;
         }
     }
     Ok(())
@@ -207,7 +207,13 @@ impl<'t> LinkTables<'t> {
     }
 
     /// Forgets one received key (its row and its two index entries).
-    fn drop(&mut self, group: &[u8], at: u64, file: &[u8], sender: &str) -> Result<(), StoreError> {
+    fn remove_key(
+        &mut self,
+        group: &[u8],
+        at: u64,
+        file: &[u8],
+        sender: &str,
+    ) -> Result<(), StoreError> {
         self.keys.remove((file, group, sender)).map_err(db_err)?;
         self.order.remove((group, at)).map_err(db_err)?;
         self.by_sender.remove((group, sender, at)).map_err(db_err)?;
