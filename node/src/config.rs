@@ -677,9 +677,9 @@ pub fn default_data_dir() -> anyhow::Result<PathBuf> {
 
 /// Checks that a bootstrap address names its peer (`/p2p/<id>` at the end).
 pub fn check_bootstrap(addr: &Multiaddr) -> Result<(), String> {
-    match addr.iter().last() {
-        Some(Protocol::P2p(_)) => Ok(()),
-        _ => Err(format!(
+    match crate::storage::last_peer(addr) {
+        Some(_) => Ok(()),
+        None => Err(format!(
             "bootstrap address {addr} does not end with /p2p/<peer id>"
         )),
     }

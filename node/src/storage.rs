@@ -201,6 +201,14 @@ pub fn strip_p2p(addr: &Multiaddr) -> Multiaddr {
     a
 }
 
+/// The peer id an address ends with (`.../p2p/<id>`), if any.
+pub fn last_peer(addr: &Multiaddr) -> Option<PeerId> {
+    match addr.iter().last() {
+        Some(libp2p::multiaddr::Protocol::P2p(p)) => Some(p),
+        _ => None,
+    }
+}
+
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
     SystemTime::now()

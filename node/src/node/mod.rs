@@ -46,7 +46,6 @@ use fogmesh_ble::Radio;
 use fogmesh_protocols::policy::Reachability;
 use libp2p::core::transport::ListenerId;
 use libp2p::identity::Keypair;
-use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId, Swarm};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -490,7 +489,7 @@ async fn known_peers(
     let restored = to_dial.len();
     to_dial.truncate(cfg.min_peers.max(1));
     for addr in &cfg.bootstrap {
-        let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+        let Some(peer) = crate::storage::last_peer(addr) else {
             bail!("bootstrap address {addr} does not end with /p2p/<peer id>");
         };
         if peer == local {

@@ -96,9 +96,9 @@ impl NatNet {
     pub(super) fn new(kad_mode: KadMode, nat: NatConfig, relays: Vec<Multiaddr>) -> Self {
         let configured = relays
             .into_iter()
-            .filter_map(|a| match a.iter().last() {
-                Some(Protocol::P2p(p)) => Some((p, a)),
-                _ => {
+            .filter_map(|a| match crate::storage::last_peer(&a) {
+                Some(p) => Some((p, a)),
+                None => {
                     tracing::warn!(addr = %a, "--relay address has no /p2p/<peer id>: ignored");
                     None
                 }

@@ -335,7 +335,7 @@ impl PeerBook {
             let _ = reply.send(Err(ConnectError::NoRoute));
             return;
         };
-        let peer = last_peer(&addr);
+        let peer = crate::storage::last_peer(&addr);
         if let Some(peer) = peer {
             if peer == *swarm.local_peer_id() {
                 let _ = reply.send(Err(ConnectError::Dial(
@@ -501,7 +501,7 @@ impl PeerBook {
         }
         // Connects through this relay may go now.
         for (circuit, reply) in self.waiting_for_relay.remove(&peer).unwrap_or_default() {
-            let target = last_peer(&circuit);
+            let target = crate::storage::last_peer(&circuit);
             self.dial_for_user(swarm, ctx, circuit, target, reply);
         }
         if let Some(reply) = self.pending_dials.remove(&id) {
@@ -733,14 +733,6 @@ fn circuit_relay(addr: &Multiaddr) -> Option<(PeerId, Multiaddr)> {
     None
 }
 
-/// The peer id an address ends with, if any.
-fn last_peer(addr: &Multiaddr) -> Option<PeerId> {
-    match addr.iter().last() {
-        Some(Protocol::P2p(p)) => Some(p),
-        _ => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -767,7 +759,7 @@ mod tests {
             circuit_relay(&circuit),
             Some((relay, ma(format!("/ip4/10.0.0.1/tcp/4001/p2p/{relay}"))))
         );
-        assert_eq!(last_peer(&circuit), Some(target));
+        assert_eq!(crate::storage::last_peer(&circuit), Some(target));
         // Not a circuit, or a circuit without the relay's id: none.
         assert_eq!(
             circuit_relay(&ma(format!("/ip4/10.0.0.1/tcp/4001/p2p/{target}"))),
